@@ -1,0 +1,3 @@
+from memintent.cli import main
+
+raise SystemExit(main())

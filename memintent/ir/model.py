@@ -1,0 +1,264 @@
+"""The Memory Intent IR: the data model shared by the compiler, the passes, the plan file and the runtime.
+
+Glossary
+--------
+step
+    One operation of the traced forward pass (an aten op from torch.export), in execution order. Steps are the
+    unit of time of the IR: lifetimes, urgencies and peaks are stated in step indices.
+stage
+    A maximal run of consecutive steps that execute inside one block's module (or, for ``module == ""``, in
+    glue code of the root module). Stages are the unit at which the runtime acts: a plan's actions fire on
+    entry to a stage (a forward pre-hook on the stage's module), so actions may only sit on stages with a module.
+object
+    A piece of memory: a ``weight`` (parameter or buffer of the model), a ``kv`` block (keys and values of
+    ``kv_block_tokens`` tokens of one layer), a ``buffer`` (the output of a step) or ``workspace`` (scratch that
+    a kernel needs, such as the BLAS workspace).
+block
+    The unit that moves together between host and HBM: the weights of one decoder layer, or of the embedding,
+    a norm, the head. Each weight belongs to exactly one block, stored as one flat buffer at
+    ``Object.block_offset_bytes``.
+visit
+    One stretch of stages during which a block must be resident. A block used by two separate stages (a tied
+    embedding and head) has two visits; a streamed block is copied in once per visit.
+tier
+    Where memory lives: ``host`` (pinned host memory), ``hbm`` (device memory), ``disk`` (reserved).
+residency
+    ``resident``: the block is placed once in its own arena slot and never moves. ``streamed``: the block's home
+    is host memory and each visit copies it into a stream slot.
+arena
+    The single device allocation a plan asks for, cut into slots at fixed offsets: resident blocks, stream
+    slots that streamed blocks take turns in, and the KV cache. Activations are not in the arena; their peak is
+    predicted from buffer lifetimes and added on top.
+urgency
+    The step (and the predicted time from the start of the forward) by which an object must be resident: its
+    first use.
+action
+    What the runtime does on entry to a stage: ``copy_start`` (issue a block's copy into a slot on the copy
+    stream, after the slot's previous reader is done), ``copy_done`` (compute waits until that copy arrived) and
+    ``free`` (the slot's last reader is done; the slot may be overwritten).
+
+Units: sizes in bytes (``_bytes``), times in seconds (``_s``), rates in gigabytes (1e9 bytes) per second
+(``_gbps``) and in 1e12 floating-point operations per second (``_tflops``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+# dtype names used throughout the IR, with their width in bits; int4 packs two values in a byte.
+DTYPE_BITS: dict[str, int] = {
+    "f64": 64, "f32": 32, "bf16": 16, "f16": 16, "i64": 64, "i32": 32, "i16": 16, "i8": 8, "u8": 8, "i4": 4,
+    "bool": 8, "f8e4m3": 8, "f8e5m2": 8, "c64": 64,
+}
+
+
+class _Model(BaseModel):
+    # Forbid unknown fields so that a typo in a plan file is an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ObjectKind(str, enum.Enum):
+    weight = "weight"
+    kv = "kv"
+    buffer = "buffer"
+    workspace = "workspace"
+
+
+class Tier(str, enum.Enum):
+    host = "host"
+    hbm = "hbm"
+    disk = "disk"
+
+
+class Residency(str, enum.Enum):
+    resident = "resident"
+    streamed = "streamed"
+
+
+class Quant(str, enum.Enum):
+    none = "none"   # transferred in the model's own dtype
+    int8 = "int8"   # int8 values, one scale per output channel
+    int4 = "int4"   # int4 values in groups of 128 along the input dimension, one bf16 scale per group
+
+
+class ActionKind(str, enum.Enum):
+    copy_start = "copy_start"
+    copy_done = "copy_done"
+    free = "free"
+
+
+class SlotKind(str, enum.Enum):
+    resident = "resident"
+    stream = "stream"
+    kv = "kv"
+
+
+class ModelRef(_Model):
+    ref: str                      # as the user wrote it: "llama-3-70b", "hf:/path", "py:pkg.mod:factory"
+    kind: Literal["preset", "hf", "py"]
+    dtype: str = "bf16"           # dtype of the weights as traced
+    traced_layers: int | None = None  # decoder layers actually traced when repeated layers were folded
+
+
+class RunShape(_Model):
+    batch: int                    # sequences per forward
+    seq: int                      # tokens per sequence in the traced forward
+    kv_len: int = 0               # tokens of KV cache reserved per sequence (0: no cache)
+    kv_block_tokens: int = 64     # tokens per KV block object
+
+
+class HardwareProfile(_Model):
+    name: str
+    source: str                   # where the figures come from: "measured on ... (date)" or "datasheet"
+    h2d_gbps: float               # pinned host -> device copy bandwidth
+    d2h_gbps: float               # pinned device -> host copy bandwidth
+    hbm_gbps: float               # device memory bandwidth (bytes read + written)
+    bf16_tflops: float            # dense bf16 matmul rate
+    hbm_bytes: int                # device memory capacity
+    launch_overhead_s: float = 5e-6   # fixed host+launch cost per step
+    copy_latency_s: float = 1e-5      # fixed cost per issued copy (descriptor setup, event)
+    dequant_gbps: float = 0.0         # device rate of int8/int4 -> bf16 dequantisation, in output bytes; 0: unknown
+    workspace_bytes: int = 32 << 20   # scratch reserved for kernels (cuBLAS workspace and the like)
+
+
+class Object(_Model):
+    name: str
+    kind: ObjectKind
+    dtype: str
+    shape: list[int]
+    size_bytes: int = Field(ge=0)
+    home: Tier
+    block: str | None = None              # weights: the block that moves it; kv: the layer block it serves
+    block_offset_bytes: int | None = None  # weights: offset inside the block's flat buffer
+    first_use: int | None = None           # step index of the first use or definition
+    last_use: int | None = None            # step index of the last use
+    urgency_step: int | None = None        # step by which it must be resident (its first use)
+    urgency_s: float | None = None         # predicted time from forward start of that step
+    evict_cost_s: float = 0.0              # seconds to write it back before eviction (0: clean)
+    recompute_cost_s: float | None = None  # seconds to recompute instead of keeping it; None: cannot (weights)
+
+
+class Step(_Model):
+    index: int
+    op: str                       # "aten.linear.default"
+    module: str                   # fully qualified name of the innermost owning module ("" for the root)
+    block: str = ""               # the block whose module owns the step ("" for glue in the root)
+    flops: int = 0
+    hbm_bytes: int = 0            # bytes the step reads and writes in device memory
+    time_s: float = 0.0           # predicted compute time
+    uses: list[str] = Field(default_factory=list)   # objects read
+    defs: list[str] = Field(default_factory=list)   # objects written (its outputs)
+
+
+class Block(_Model):
+    name: str
+    module: str                   # fully qualified module name whose forward owns the block
+    size_bytes: int               # bytes of its flat buffer in the model dtype (with alignment padding)
+    weights: list[str]            # object names, in flat-buffer order
+    residency: Residency | None = None
+    quant: Quant = Quant.none
+    transfer_bytes: int | None = None   # bytes a visit copies (after quantization); None until costed
+    slot: int | None = None       # arena slot of a resident block
+
+
+class Stage(_Model):
+    index: int
+    module: str                   # module whose pre-hook fires on entry ("" for root glue: no hook)
+    block: str                    # block owning the module ("" for root glue)
+    first_step: int
+    last_step: int
+    needs: list[str] = Field(default_factory=list)   # blocks whose weights the stage's steps read
+    time_s: float = 0.0           # predicted compute time of its steps
+
+
+class Slot(_Model):
+    index: int
+    kind: SlotKind
+    offset_bytes: int
+    size_bytes: int
+    holds: list[str] = Field(default_factory=list)   # blocks that occupy it (in visit order for stream slots)
+
+
+class Arena(_Model):
+    size_bytes: int
+    alignment_bytes: int = 256
+    slots: list[Slot] = Field(default_factory=list)
+
+
+class Action(_Model):
+    kind: ActionKind
+    stage: int                    # fires on entry to this stage; == len(stages): at the end of the forward
+    block: str
+    slot: int
+    visit_stage: int              # first stage of the visit this action serves
+    next_forward: bool = False    # a copy_start issued in this forward for the next forward's visit
+
+
+class Visit(_Model):
+    block: str
+    first_stage: int
+    last_stage: int
+    slot: int | None = None
+    issue_stage: int | None = None     # stage on whose entry the copy starts (may be in the previous forward)
+    issue_next_forward: bool = False   # the copy is issued during the previous forward's tail
+    arrive_s: float | None = None      # predicted arrival, from forward start (negative: before it)
+    deadline_s: float | None = None    # predicted start of first_stage
+    slack_s: float | None = None       # deadline - arrival (negative: a stall)
+
+
+class Prediction(_Model):
+    step_time_s: float            # one forward, steady state (prefetch for it issued in the previous one)
+    first_step_time_s: float      # the very first forward (no previous forward to prefetch from)
+    compute_s: float
+    stall_s: float                # compute waiting on copies, steady state
+    streamed_bytes: int           # bytes copied host -> device per forward
+    floor_s: float                # max(streamed bytes / h2d bandwidth, compute)
+    resident_bytes: int
+    stream_slot_bytes: int
+    kv_bytes: int
+    activation_peak_bytes: int
+    workspace_bytes: int
+    arena_bytes: int
+    peak_hbm_bytes: int           # arena + activation peak + workspace
+    peak_step: int                # step at which the activation peak occurs
+    prefetch_depth: int           # number of stream slots
+    binding: str = ""             # which constraint binds: "pcie", "compute", "none"
+    notes: list[str] = Field(default_factory=list)
+
+
+class Program(_Model):
+    """A traced model and, once the passes ran, its plan. The plan file is this object as JSON."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    model: ModelRef
+    fingerprint: str              # sha256 of the weights' names, shapes and dtypes
+    shape: RunShape
+    budget_bytes: int | None = None
+    hardware: HardwareProfile | None = None
+    objects: list[Object] = Field(default_factory=list)
+    blocks: list[Block] = Field(default_factory=list)
+    steps: list[Step] = Field(default_factory=list)
+    stages: list[Stage] = Field(default_factory=list)
+    visits: list[Visit] = Field(default_factory=list)
+    arena: Arena | None = None
+    actions: list[Action] = Field(default_factory=list)
+    prediction: Prediction | None = None
+    passes: list[str] = Field(default_factory=list)   # names of the passes that ran, in order
+
+    # Lookups are rebuilt on demand rather than stored, so the serialised form has one source of truth.
+    def object_map(self) -> dict[str, Object]:
+        return {o.name: o for o in self.objects}
+
+    def block_map(self) -> dict[str, Block]:
+        return {b.name: b for b in self.blocks}
+
+
+def dtype_bytes(dtype: str, numel: int) -> int:
+    """Bytes that ``numel`` values of ``dtype`` occupy (int4 rounds up to whole bytes)."""
+    return (DTYPE_BITS[dtype] * numel + 7) // 8
