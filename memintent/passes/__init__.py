@@ -1,0 +1,26 @@
+"""IR -> IR passes, one file each, run in this order by ``schedule_program``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from memintent.ir.model import HardwareProfile, Program
+from memintent.passes.costs import COSTS
+from memintent.passes.evict import EVICT
+from memintent.passes.lifetimes import LIFETIMES
+from memintent.passes.manager import Pass, run_passes
+from memintent.passes.prefetch import PREFETCH
+from memintent.passes.residency import RESIDENCY
+from memintent.passes.verify import VERIFY
+
+PIPELINE: tuple[Pass, ...] = (LIFETIMES, COSTS, RESIDENCY, PREFETCH, EVICT, VERIFY)
+
+
+def schedule_program(program: Program, budget_bytes: int | None, hardware: HardwareProfile,
+                     on_pass: Callable[[str], None] | None = None) -> Program:
+    """Traced program -> verified plan for ``budget_bytes`` of HBM (None: the whole card)."""
+    p = program.model_copy(update={"budget_bytes": budget_bytes, "hardware": hardware})
+    return run_passes(p, PIPELINE, on_pass)
+
+
+__all__ = ["PIPELINE", "schedule_program", "run_passes", "Pass"]

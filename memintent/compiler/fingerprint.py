@@ -1,0 +1,48 @@
+"""A model's structural fingerprint: what a plan was compiled for, so a runtime can refuse a different model."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+# torch dtype -> IR dtype name
+TORCH_TO_IR: dict[torch.dtype, str] = {
+    torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "bool", torch.complex64: "c64",
+}
+IR_TO_TORCH: dict[str, torch.dtype] = {v: k for k, v in TORCH_TO_IR.items()}
+
+
+def ir_dtype(dtype: torch.dtype) -> str:
+    try:
+        return TORCH_TO_IR[dtype]
+    except KeyError:
+        from memintent.errors import MemintentError
+
+        raise MemintentError(f"dtype {dtype} is not supported: use one of {sorted(map(str, TORCH_TO_IR))}") from None
+
+
+def fingerprint_entries(entries: list[tuple[str, list[int] | tuple[int, ...], str]]) -> str:
+    """sha256 over sorted (name, shape, dtype) triples."""
+    h = hashlib.sha256()
+    for name, shape, dtype in sorted((n, tuple(s), d) for n, s, d in entries):
+        h.update(f"{name}:{'x'.join(map(str, shape))}:{dtype};".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def weight_entries(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every parameter and buffer, each shared tensor once under its first name."""
+    seen: set[int] = set()
+    out = []
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out.append((name, tuple(t.shape), ir_dtype(t.dtype)))
+    return out
+
+
+def fingerprint_module(module: torch.nn.Module) -> str:
+    return fingerprint_entries(weight_entries(module))

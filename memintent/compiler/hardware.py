@@ -1,0 +1,69 @@
+"""Hardware profiles: the rates the cost model turns bytes and FLOPs into seconds.
+
+``h100-sxm`` holds figures measured on this project's H100 machine (../shared/ANCHORS.md); the others come from
+vendor datasheets and say so in ``source``. ``memintent profile`` measures a card and writes a JSON file that
+``compile --hw FILE.json`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from memintent.errors import MemintentError
+from memintent.ir.model import HardwareProfile
+
+GiB = 1 << 30
+
+BUILTIN: dict[str, HardwareProfile] = {
+    "h100-sxm": HardwareProfile(
+        name="h100-sxm",
+        source="measured 2026-11-26 on an NVIDIA H100 80GB HBM3 (PCIe gen5 x16 host link), torch 2.11.0+cu130: "
+               "pinned 2 GiB copies, 8192^3 bf16 matmul, device-to-device copy",
+        h2d_gbps=54.8, d2h_gbps=55.0, hbm_gbps=2995.0, bf16_tflops=754.0, hbm_bytes=81559 * (1 << 20),
+        # Dequantisation is a memory-bound elementwise pass: read packed ints, write bf16; a fraction of HBM rate.
+        dequant_gbps=1200.0,
+    ),
+    "h200": HardwareProfile(
+        name="h200",
+        source="datasheet (NVIDIA H200 SXM: 4.8 TB/s HBM3e, 989 dense bf16 TFLOP/s, PCIe gen5 x16 64 GB/s per "
+               "direction); host link derated to the 54.8 GB/s measured on the H100's gen5 link",
+        h2d_gbps=54.8, d2h_gbps=55.0, hbm_gbps=4800.0, bf16_tflops=989.0, hbm_bytes=141 * 10**9,
+        dequant_gbps=1900.0,
+    ),
+    "a100-80g": HardwareProfile(
+        name="a100-80g",
+        source="datasheet (NVIDIA A100 80GB SXM: 2.039 TB/s HBM2e, 312 dense bf16 TFLOP/s, PCIe gen4 x16 "
+               "~25 GB/s achievable per direction)",
+        h2d_gbps=25.0, d2h_gbps=25.0, hbm_gbps=2039.0, bf16_tflops=312.0, hbm_bytes=80 * 10**9,
+        dequant_gbps=800.0,
+    ),
+    "rtx-4090": HardwareProfile(
+        name="rtx-4090",
+        source="datasheet (GeForce RTX 4090: 1.008 TB/s GDDR6X, 165 dense bf16 TFLOP/s, PCIe gen4 x16 "
+               "~25 GB/s achievable per direction)",
+        h2d_gbps=25.0, d2h_gbps=25.0, hbm_gbps=1008.0, bf16_tflops=165.0, hbm_bytes=24 * GiB,
+        dequant_gbps=400.0,
+    ),
+}
+
+
+def load_profile(spec: str) -> HardwareProfile:
+    """A built-in name, or a JSON file written by ``memintent profile``."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    path = Path(spec)
+    if not path.suffix == ".json" and not path.exists():
+        raise MemintentError(
+            f"unknown hardware profile {spec!r}: use one of {', '.join(BUILTIN)} or a profile JSON file")
+    try:
+        return HardwareProfile.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise MemintentError(f"hardware profile file {spec} does not exist: run `memintent profile -o {spec}` "
+                             f"on the GPU, or use one of {', '.join(BUILTIN)}") from None
+    except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        first = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
+        where = ".".join(map(str, first["loc"])) or "file"
+        raise MemintentError(f"hardware profile {spec} is not a valid profile: {where}: {first['msg']}") from None

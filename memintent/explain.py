@@ -1,0 +1,59 @@
+"""``memintent explain``: the plan's decisions as a table a person can read."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from memintent.ir.model import Program, Residency, SlotKind
+from memintent.units import fmt_bytes, fmt_s
+
+
+def explain(p: Program, console: Console) -> None:
+    pr = p.prediction
+    console.print(f"[bold]{p.name}[/bold]  ({p.model.ref}, {p.model.dtype})  fingerprint {p.fingerprint[:19]}...")
+    console.print(f"shape: batch {p.shape.batch} x seq {p.shape.seq}, KV {p.shape.kv_len} tokens/seq in blocks of "
+                  f"{p.shape.kv_block_tokens}; hardware {p.hardware.name if p.hardware else '-'}")
+    if pr is None or p.arena is None:
+        console.print("no plan: this program was traced but not scheduled")
+        return
+    console.print(
+        f"budget {fmt_bytes(p.budget_bytes)}: arena {fmt_bytes(pr.arena_bytes)} (resident {fmt_bytes(pr.resident_bytes)}"
+        f", {pr.prefetch_depth} stream slots {fmt_bytes(pr.stream_slot_bytes)}, KV {fmt_bytes(pr.kv_bytes)}) + "
+        f"activations {fmt_bytes(pr.activation_peak_bytes)} (peak at step {pr.peak_step}) + workspace "
+        f"{fmt_bytes(pr.workspace_bytes)} = peak {fmt_bytes(pr.peak_hbm_bytes)}")
+    console.print(
+        f"predicted forward {fmt_s(pr.step_time_s)} steady, {fmt_s(pr.first_step_time_s)} cold; compute "
+        f"{fmt_s(pr.compute_s)}, stall {fmt_s(pr.stall_s)}; streamed {fmt_bytes(pr.streamed_bytes)}/forward; floor "
+        f"{fmt_s(pr.floor_s)}; binding: {pr.binding}")
+    for note in pr.notes:
+        console.print(f"note: {note}")
+
+    t = Table(show_edge=False, header_style="bold")
+    for col in ("block", "where", "bytes", "moved", "slot", "stages", "issue", "arrive", "deadline", "slack"):
+        t.add_column(col, justify="left" if col in ("block", "where", "stages", "issue") else "right")
+    visits_of: dict[str, list] = {}
+    for v in p.visits:
+        visits_of.setdefault(v.block, []).append(v)
+    first_step = {st.index: st.first_step for st in p.stages}
+    for b in p.blocks:
+        vs = visits_of.get(b.name, [])
+        if b.residency == Residency.resident or not vs:
+            where = "resident" if b.residency == Residency.resident else "host (unused)"
+            stages = ", ".join(f"{v.first_stage}-{v.last_stage}" for v in vs) or "-"
+            t.add_row(b.name, where, fmt_bytes(b.size_bytes), "-", str(b.slot if b.slot is not None else "-"),
+                      stages, "-", "-", "-", "-")
+            continue
+        for v in vs:
+            issue = "-" if v.issue_stage is None else (
+                "end" if v.issue_stage >= len(p.stages) else f"step {first_step[v.issue_stage]}")
+            if v.issue_next_forward:
+                issue += " (prev fwd)"
+            slack = "-" if v.slack_s is None else (
+                f"[red]{fmt_s(v.slack_s)}[/red]" if v.slack_s < 0 else fmt_s(v.slack_s))
+            t.add_row(b.name, f"streamed{'/' + b.quant.value if b.quant.value != 'none' else ''}",
+                      fmt_bytes(b.size_bytes), fmt_bytes(b.transfer_bytes or b.size_bytes), str(v.slot),
+                      f"{v.first_stage}-{v.last_stage}", issue, fmt_s(v.arrive_s), fmt_s(v.deadline_s), slack)
+    console.print(t)
+    n_stream = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
+    console.print(f"{len(p.actions)} actions; {n_stream} stream slots; slack < 0 means compute waits for that copy")

@@ -1,0 +1,91 @@
+"""Costs: seconds from the hardware profile.
+
+Requires: ``lifetimes``; ``program.hardware`` set.
+Ensures: every step, stage and block has a time/transfer size; every used object has an urgency time.
+
+Step time is a roofline, max(FLOPs / matmul rate, bytes / HBM bandwidth), plus a fixed launch overhead for ops that
+launch a kernel (views launch none). A block's copy costs a fixed latency plus its transfer bytes over the pinned
+host-to-device bandwidth; a quantized block adds its dequantisation (output bytes over ``dequant_gbps``).
+"""
+
+from __future__ import annotations
+
+from memintent.ir.model import Block, HardwareProfile, ObjectKind, Program, Quant
+from memintent.passes.manager import Pass
+
+INT4_GROUP = 128  # int4 values per bf16 scale
+
+
+def transfer_bytes(block: Block, program: Program) -> int:
+    """Bytes a visit of ``block`` copies, after quantization of its 2-D weights."""
+    if block.quant == Quant.none:
+        return block.size_bytes
+    objs = program.object_map()
+    total = 0
+    for name in block.weights:
+        o = objs[name]
+        if len(o.shape) != 2:          # norms, biases, tables: moved as they are
+            total += o.size_bytes
+            continue
+        out_ch, in_ch = o.shape
+        if block.quant == Quant.int8:
+            total += out_ch * in_ch + out_ch * 2                     # int8 values + one bf16 scale per row
+        else:
+            total += (out_ch * in_ch + 1) // 2 + out_ch * (-(-in_ch // INT4_GROUP)) * 2
+    return total
+
+
+def copy_time_s(block: Block, hw: HardwareProfile) -> float:
+    return hw.copy_latency_s + (block.transfer_bytes or block.size_bytes) / (hw.h2d_gbps * 1e9)
+
+
+def dequant_time_s(block: Block, hw: HardwareProfile) -> float:
+    if block.quant == Quant.none:
+        return 0.0
+    rate = hw.dequant_gbps or hw.hbm_gbps / 2
+    return block.size_bytes / (rate * 1e9)
+
+
+def step_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile) -> float:
+    if flops == 0 and hbm_bytes == 0:
+        return 0.0
+    return max(flops / (hw.bf16_tflops * 1e12), hbm_bytes / (hw.hbm_gbps * 1e9)) + hw.launch_overhead_s
+
+
+def costs(program: Program) -> Program:
+    p = program.model_copy(deep=True)
+    hw = p.hardware
+    for s in p.steps:
+        s.time_s = step_time_s(s.flops, s.hbm_bytes, hw)
+    start_s = []
+    t = 0.0
+    for s in p.steps:
+        start_s.append(t)
+        t += s.time_s
+    for st in p.stages:
+        st.time_s = sum(p.steps[i].time_s for i in range(st.first_step, st.last_step + 1))
+    for b in p.blocks:
+        b.transfer_bytes = transfer_bytes(b, p)
+    layer_time = {st.block: st.time_s for st in p.stages}
+    for o in p.objects:
+        if o.urgency_step is not None:
+            o.urgency_s = start_s[o.urgency_step]
+        if o.kind == ObjectKind.weight:
+            o.evict_cost_s, o.recompute_cost_s = 0.0, None          # clean: dropping costs nothing
+        elif o.kind == ObjectKind.kv:
+            o.evict_cost_s = o.size_bytes / (hw.d2h_gbps * 1e9)      # dirty: written back before eviction
+            # Recomputing a KV block re-runs its layer for those tokens: the layer's time, pro rata.
+            frac = p.shape.kv_block_tokens / max(p.shape.seq, 1)
+            o.recompute_cost_s = layer_time.get(o.block or "", 0.0) * min(frac, 1.0)
+        else:
+            o.evict_cost_s = o.size_bytes / (hw.d2h_gbps * 1e9)
+            o.recompute_cost_s = p.steps[o.first_use].time_s if o.first_use is not None else 0.0
+    return p
+
+
+def _ensure(p: Program) -> None:
+    assert all(b.transfer_bytes is not None for b in p.blocks)
+    assert all(o.urgency_s is not None for o in p.objects if o.urgency_step is not None)
+
+
+COSTS = Pass("costs", costs, requires=("lifetimes",), ensures=_ensure)

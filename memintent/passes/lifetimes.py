@@ -1,0 +1,91 @@
+"""Lifetimes: object first/last use, urgency step, stages and block visits.
+
+Requires: ``trace`` (steps with uses/defs, blocks).
+Ensures: every used object has ``first_use <= last_use``; stages partition the steps in order; every block that a
+stage needs has a visit covering that stage.
+"""
+
+from __future__ import annotations
+
+from memintent.ir.model import ObjectKind, Program, Stage, Visit
+from memintent.passes.manager import Pass
+
+
+def build_stages(program: Program) -> list[Stage]:
+    """Maximal runs of consecutive steps owned by one block module (or by root glue)."""
+    obj_block = {o.name: o.block for o in program.objects if o.kind == ObjectKind.weight}
+    stages: list[Stage] = []
+    for s in program.steps:
+        if not stages or stages[-1].block != s.block:
+            stages.append(Stage(index=len(stages), module=s.block, block=s.block, first_step=s.index,
+                                last_step=s.index))
+        st = stages[-1]
+        st.last_step = s.index
+        for u in s.uses:
+            b = obj_block.get(u)
+            if b is not None and b not in st.needs:
+                st.needs.append(b)
+    return stages
+
+
+def build_visits(stages: list[Stage], block_order: list[str]) -> list[Visit]:
+    """One visit per maximal run of consecutive stages needing a block, ordered by first stage then block order."""
+    rank = {b: i for i, b in enumerate(block_order)}
+    open_: dict[str, Visit] = {}
+    visits: list[Visit] = []
+    for st in stages:
+        for b in st.needs:
+            v = open_.get(b)
+            if v is not None and v.last_stage == st.index - 1:
+                v.last_stage = st.index
+            else:
+                v = Visit(block=b, first_stage=st.index, last_stage=st.index)
+                open_[b] = v
+                visits.append(v)
+    visits.sort(key=lambda v: (v.first_stage, rank.get(v.block, 0)))
+    return visits
+
+
+def lifetimes(program: Program) -> Program:
+    p = program.model_copy(deep=True)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for s in p.steps:
+        for name in (*s.defs, *s.uses):
+            first.setdefault(name, s.index)
+            last[name] = s.index
+    for o in p.objects:
+        o.first_use = first.get(o.name)
+        o.last_use = last.get(o.name)
+        o.urgency_step = o.first_use
+    p.stages = build_stages(p)
+    p.visits = build_visits(p.stages, [b.name for b in p.blocks])
+    return p
+
+
+def _ensure(p: Program) -> None:
+    for o in p.objects:
+        assert o.first_use is None or o.first_use <= o.last_use, o.name
+    assert [s.first_step for s in p.stages] == sorted(s.first_step for s in p.stages)
+    covered = {(v.block, i) for v in p.visits for i in range(v.first_stage, v.last_stage + 1)}
+    for st in p.stages:
+        for b in st.needs:
+            assert (b, st.index) in covered, (b, st.index)
+
+
+def activation_profile(program: Program) -> list[int]:
+    """Bytes of live buffers (step outputs and inputs) at each step; an object is live from its first to last use."""
+    n = len(program.steps)
+    delta = [0] * (n + 1)
+    for o in program.objects:
+        if o.kind == ObjectKind.buffer and o.first_use is not None:
+            delta[o.first_use] += o.size_bytes
+            delta[o.last_use + 1] -= o.size_bytes
+    live, out = 0, []
+    for i in range(n):
+        live += delta[i]
+        out.append(live)
+    return out
+
+
+LIFETIMES = Pass("lifetimes", lifetimes, requires=("trace",), ensures=_ensure)

@@ -1,0 +1,42 @@
+"""A small pass manager: each pass states what it requires and ensures, and runs as program -> program.
+
+A pass's ``requires`` names the passes that must have run before it (recorded in ``Program.passes``), and its
+``ensures`` checks its own post-condition on the result, so a broken pass fails at its own door rather than three
+passes later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from memintent.errors import MemintentError
+from memintent.ir.model import Program
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[Program], Program]
+    requires: tuple[str, ...] = ()
+    ensures: Callable[[Program], None] | None = None
+    doc: str = field(default="", compare=False)
+
+
+class PassOrderError(MemintentError):
+    pass
+
+
+def run_passes(program: Program, passes: Sequence[Pass], on_pass: Callable[[str], None] | None = None) -> Program:
+    for p in passes:
+        missing = [r for r in p.requires if r not in program.passes]
+        if missing:
+            raise PassOrderError(f"pass {p.name} needs {', '.join(missing)} to run first (ran: {program.passes})")
+        if on_pass:
+            on_pass(p.name)
+        program = p.run(program)
+        if p.ensures:
+            p.ensures(program)
+        if p.name not in program.passes:
+            program.passes.append(p.name)
+    return program

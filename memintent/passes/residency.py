@@ -1,0 +1,179 @@
+"""Residency: which blocks stay resident in HBM and how many stream slots the rest take turns in.
+
+Requires: ``costs``; ``program.budget_bytes`` set.
+Ensures: every block has a residency; the stream slots, resident blocks, KV, activation peak and workspace fit
+the budget; ``program.arena`` holds the chosen number of stream slots (offsets are laid out by ``prefetch``).
+
+Policy. HBM first holds what cannot move: the KV cache, the activation peak, the kernel workspace, and blocks that
+are used before any hook can wait for them (weights of the root module). The rest starts streamed, and blocks
+are made resident greedily by benefit per byte, where the benefit of a block is the reduction of the simulated
+steady-state forward time when it stops streaming (plus a small term for the copy it no longer issues, so that
+a block whose copy is fully hidden still prefers HBM when HBM is free). Blocks that are interchangeable (same
+size, same number of visits: the decoder layers) form a class; within a class the next resident one is the
+member farthest from the resident ones already chosen, which spreads resident compute through the forward and
+gives the copy engine slack where it needs it. The number of stream slots (the prefetch depth) is chosen by
+running this for every depth from 1 up and keeping the fastest plan (the smaller depth on a tie), so the depth
+trades against resident blocks through the same simulated time.
+"""
+
+from __future__ import annotations
+
+from memintent.errors import MemintentError
+from memintent.ir.model import Arena, ObjectKind, Program, Residency, Slot, SlotKind
+from memintent.passes.costs import copy_time_s, dequant_time_s
+from memintent.passes.lifetimes import activation_profile
+from memintent.passes.manager import Pass
+from memintent.passes.simulate import make_schedule, simulate
+from memintent.units import fmt_bytes
+
+ALIGN = 256
+MAX_DEPTH = 8
+COPY_PREFERENCE = 1e-3   # weight of a hidden copy's time in a block's benefit (prefer HBM when it is free)
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def reserved_bytes(program: Program) -> dict[str, int]:
+    """HBM that no residency choice can avoid: KV cache, activation peak, workspace."""
+    prof = activation_profile(program)
+    kv = sum(aligned(o.size_bytes) for o in program.objects if o.kind == ObjectKind.kv)
+    return {"kv": kv, "activations": max(prof, default=0), "workspace": program.hardware.workspace_bytes}
+
+
+def forced_resident(program: Program) -> set[str]:
+    """Blocks no hook can wait for: those needed at a stage with no hookable stage at or before it."""
+    forced = set()
+    for st in program.stages:
+        if not any(s.module for s in program.stages[: st.index + 1]):
+            forced.update(st.needs)
+    forced.update(b.name for b in program.blocks if not b.module)
+    return forced
+
+
+class _Search:
+    def __init__(self, program: Program):
+        self.p = program
+        self.hw = program.hardware
+        self.size = {b.name: aligned(b.size_bytes) for b in program.blocks}
+        self.nvisits = {b.name: 0 for b in program.blocks}
+        for v in program.visits:
+            self.nvisits[v.block] += 1
+        bmap = program.block_map()
+        self.copy_s = {i: copy_time_s(bmap[v.block], self.hw) for i, v in enumerate(program.visits)}
+        self.deq_s = {i: dequant_time_s(bmap[v.block], self.hw) for i, v in enumerate(program.visits)}
+        self.first_stage = {}
+        for v in program.visits:
+            self.first_stage.setdefault(v.block, v.first_stage)
+        self._cache: dict[tuple[frozenset, int], float | None] = {}
+
+    def time(self, streamed: frozenset, k: int) -> float | None:
+        key = (streamed, k)
+        if key not in self._cache:
+            sched = make_schedule(self.p.stages, self.p.visits, set(streamed), k)
+            self._cache[key] = None if sched is None else simulate(
+                self.p.stages, self.p.visits, sched, self.copy_s, self.deq_s).step_time_s
+        return self._cache[key]
+
+    def memory(self, resident: set[str], streamed: frozenset, k: int) -> int:
+        slot = max((self.size[b] for b in streamed), default=0)
+        return sum(self.size[b] for b in resident) + (k * slot if streamed else 0)
+
+    def greedy(self, k: int, forced: set[str], room: int) -> tuple[set[str], frozenset, float] | None:
+        resident = set(forced)
+        streamed = frozenset(b.name for b in self.p.blocks if b.name not in forced and self.nvisits[b.name] > 0)
+        # Blocks no stage reads need no HBM at all; keep them host-side (they are never copied).
+        if self.memory(resident, streamed, k) > room:
+            return None
+        t = self.time(streamed, k)
+        if t is None:
+            return None
+        while streamed:
+            mem_now = self.memory(resident, streamed, k)
+            best, best_key = None, None
+            for cls in self._classes(streamed):
+                b = self._spread_pick(cls, resident)
+                rest = streamed - {b}
+                mem = self.memory(resident | {b}, rest, k)
+                if mem > room:
+                    continue
+                t_new = self.time(rest, k) if rest else sum(s.time_s for s in self.p.stages)
+                if t_new is None:
+                    continue
+                gain = (t - t_new) + COPY_PREFERENCE * self.copy_s[self._visit_of(b)] * self.nvisits[b]
+                extra = mem - mem_now
+                key = (float("inf") if extra <= 0 else gain / extra, gain, -self.first_stage.get(b, 0))
+                if best_key is None or key > best_key:
+                    best, best_key, best_t = b, key, t_new
+            if best is None:
+                break
+            resident.add(best)
+            streamed = streamed - {best}
+            t = best_t
+        return resident, streamed, t
+
+    def _visit_of(self, block: str) -> int:
+        return next(i for i, v in enumerate(self.p.visits) if v.block == block)
+
+    def _classes(self, streamed: frozenset) -> list[list[str]]:
+        classes: dict[tuple[int, int], list[str]] = {}
+        for b in self.p.blocks:
+            if b.name in streamed:
+                classes.setdefault((self.size[b.name], self.nvisits[b.name]), []).append(b.name)
+        return list(classes.values())
+
+    def _spread_pick(self, cls: list[str], resident: set[str]) -> str:
+        anchors = [self.first_stage[r] for r in resident if r in self.first_stage]
+        if not anchors:
+            return cls[0]
+        return max(cls, key=lambda b: (min(abs(self.first_stage[b] - a) for a in anchors), -self.first_stage[b]))
+
+
+def residency(program: Program) -> Program:
+    p = program.model_copy(deep=True)
+    budget = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
+    p.budget_bytes = budget
+    res = reserved_bytes(p)
+    room = budget - sum(res.values())
+    forced = forced_resident(p)
+    search = _Search(p)
+    used = {v.block for v in p.visits}
+    if sum(search.size.values()) <= room:
+        chosen = ({b.name for b in p.blocks}, frozenset(), 0)
+    else:
+        chosen, best_t = None, None
+        for k in range(1, MAX_DEPTH + 1):
+            out = search.greedy(k, forced, room)
+            if out is None:
+                if chosen is not None:
+                    break            # more slots only leave less room from here on
+                continue
+            resident, streamed, t = out
+            if best_t is None or t < best_t * (1 - 1e-6):
+                chosen, best_t = (resident, streamed, min(k, len([v for v in p.visits if v.block in streamed]))), t
+        if chosen is None:
+            streamable = [search.size[b] for b in used - forced]
+            minimum = sum(res.values()) + sum(search.size[b] for b in forced) + max(streamable, default=0)
+            raise MemintentError(
+                f"budget {fmt_bytes(budget)} is below the smallest feasible budget {fmt_bytes(minimum)} "
+                f"({minimum} bytes) for this model and shape: KV {fmt_bytes(res['kv'])}, activations "
+                f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, always-resident "
+                f"blocks {fmt_bytes(sum(search.size[b] for b in forced))}, one stream slot "
+                f"{fmt_bytes(max(streamable, default=0))}; raise --budget or lower --batch/--seq/--kv-len")
+    resident, streamed, k = chosen
+    for b in p.blocks:
+        # A block no stage reads is never copied: it stays host-side as "streamed" with no visit.
+        b.residency = Residency.resident if b.name in resident else Residency.streamed
+    slot_bytes = max((search.size[b] for b in streamed), default=0)
+    p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN,
+                    slots=[Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes)
+                           for i in range(k)])
+    return p
+
+
+def _ensure(p: Program) -> None:
+    assert all(b.residency is not None for b in p.blocks)
+
+
+RESIDENCY = Pass("residency", residency, requires=("costs",), ensures=_ensure)
