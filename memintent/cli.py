@@ -48,7 +48,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     with console.status(f"compiling {args.model}") as status:
         plan = compile_model(
             args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
-            kv_block_tokens=args.kv_block_tokens, dtype=args.dtype, allow_code=True,
+            kv_block_tokens=args.kv_block_tokens, dtype=args.dtype, allow_code=True, depth=args.depth,
             progress=lambda msg: status.update(f"{args.model}: {msg}"))
     save_plan(plan, out)
     pr = plan.prediction
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-block-tokens", type=int, default=64, help="tokens per KV block object (default 64)")
     c.add_argument("--hw", default="h100-sxm", help="hardware profile: h100-sxm, h200, a100-80g, rtx-4090 or FILE.json")
     c.add_argument("--dtype", help="weight dtype override (bf16, f16, f32)")
+    c.add_argument("--depth", type=int, help="force this many stream slots (default: chosen by the cost model)")
     c.add_argument("-o", "--output", help="plan file to write (default MODEL.plan.json)")
     c.set_defaults(fn=cmd_compile)
 

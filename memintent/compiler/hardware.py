@@ -47,6 +47,14 @@ BUILTIN: dict[str, HardwareProfile] = {
         h2d_gbps=25.0, d2h_gbps=25.0, hbm_gbps=1008.0, bf16_tflops=165.0, hbm_bytes=24 * GiB,
         dequant_gbps=400.0,
     ),
+    # The CPU backend: "device" memory is host memory, copies are memcpy. Rough figures for a 2-core CI machine;
+    # `memintent profile --device cpu` measures the real ones. No kernel workspace is reserved.
+    "cpu": HardwareProfile(
+        name="cpu",
+        source="estimate for the CPU backend (memcpy-speed copies, a few cores); measure with `memintent profile`",
+        h2d_gbps=8.0, d2h_gbps=8.0, hbm_gbps=16.0, bf16_tflops=0.2, hbm_bytes=16 * GiB,
+        launch_overhead_s=2e-5, copy_latency_s=2e-6, dequant_gbps=2.0, workspace_bytes=0,
+    ),
 }
 
 

@@ -10,17 +10,21 @@ from memintent.passes.evict import EVICT
 from memintent.passes.lifetimes import LIFETIMES
 from memintent.passes.manager import Pass, run_passes
 from memintent.passes.prefetch import PREFETCH
-from memintent.passes.residency import RESIDENCY
+from memintent.passes.residency import RESIDENCY, residency_pass
 from memintent.passes.verify import VERIFY
 
 PIPELINE: tuple[Pass, ...] = (LIFETIMES, COSTS, RESIDENCY, PREFETCH, EVICT, VERIFY)
 
 
 def schedule_program(program: Program, budget_bytes: int | None, hardware: HardwareProfile,
-                     on_pass: Callable[[str], None] | None = None) -> Program:
-    """Traced program -> verified plan for ``budget_bytes`` of HBM (None: the whole card)."""
+                     on_pass: Callable[[str], None] | None = None, depth: int | None = None) -> Program:
+    """Traced program -> verified plan for ``budget_bytes`` of HBM (None: the whole card).
+
+    ``depth`` forces the number of stream slots; by default the residency pass picks it from the cost model."""
     p = program.model_copy(update={"budget_bytes": budget_bytes, "hardware": hardware})
-    return run_passes(p, PIPELINE, on_pass)
+    pipeline = PIPELINE if depth is None else tuple(residency_pass(depth) if q.name == "residency" else q
+                                                    for q in PIPELINE)
+    return run_passes(p, pipeline, on_pass)
 
 
 __all__ = ["PIPELINE", "schedule_program", "run_passes", "Pass"]

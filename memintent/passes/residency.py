@@ -130,7 +130,8 @@ class _Search:
         return max(cls, key=lambda b: (min(abs(self.first_stage[b] - a) for a in anchors), -self.first_stage[b]))
 
 
-def residency(program: Program) -> Program:
+def residency(program: Program, depth: int | None = None) -> Program:
+    """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose."""
     p = program.model_copy(deep=True)
     budget = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
     p.budget_bytes = budget
@@ -143,7 +144,7 @@ def residency(program: Program) -> Program:
         chosen = ({b.name for b in p.blocks}, frozenset(), 0)
     else:
         chosen, best_t = None, None
-        for k in range(1, MAX_DEPTH + 1):
+        for k in ([depth] if depth else range(1, MAX_DEPTH + 1)):
             out = search.greedy(k, forced, room)
             if out is None:
                 if chosen is not None:
@@ -154,13 +155,15 @@ def residency(program: Program) -> Program:
                 chosen, best_t = (resident, streamed, min(k, len([v for v in p.visits if v.block in streamed]))), t
         if chosen is None:
             streamable = [search.size[b] for b in used - forced]
-            minimum = sum(res.values()) + sum(search.size[b] for b in forced) + max(streamable, default=0)
+            slots = depth or 1
+            minimum = sum(res.values()) + sum(search.size[b] for b in forced) + slots * max(streamable, default=0)
             raise MemintentError(
                 f"budget {fmt_bytes(budget)} is below the smallest feasible budget {fmt_bytes(minimum)} "
                 f"({minimum} bytes) for this model and shape: KV {fmt_bytes(res['kv'])}, activations "
                 f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, always-resident "
-                f"blocks {fmt_bytes(sum(search.size[b] for b in forced))}, one stream slot "
-                f"{fmt_bytes(max(streamable, default=0))}; raise --budget or lower --batch/--seq/--kv-len")
+                f"blocks {fmt_bytes(sum(search.size[b] for b in forced))}, {slots} stream slot(s) of "
+                f"{fmt_bytes(max(streamable, default=0))}; raise --budget or lower --batch/--seq/--kv-len"
+                + (" or --depth" if depth else ""))
     resident, streamed, k = chosen
     for b in p.blocks:
         # A block no stage reads is never copied: it stays host-side as "streamed" with no visit.
@@ -176,4 +179,8 @@ def _ensure(p: Program) -> None:
     assert all(b.residency is not None for b in p.blocks)
 
 
-RESIDENCY = Pass("residency", residency, requires=("costs",), ensures=_ensure)
+def residency_pass(depth: int | None = None) -> Pass:
+    return Pass("residency", lambda p: residency(p, depth), requires=("costs",), ensures=_ensure)
+
+
+RESIDENCY = residency_pass()

@@ -1,0 +1,638 @@
+"""Model references: what the user names on the command line, resolved into something that builds a model.
+
+Three forms:
+
+``NAME``
+    A preset of ``memintent.compiler.models`` (``llama-3-70b``, ``w1``, ...), with deterministic random weights.
+``hf:PATH``
+    A local Hugging Face folder (config.json + *.safetensors, possibly sharded with model.safetensors.index.json)
+    of a decoder-only causal LM that transformers' ``AutoModelForCausalLM`` builds. Weights are read with
+    ``safetensors.safe_open``; nothing is ever unpickled.
+``py:MODULE:FUNCTION``
+    A factory returning ``(nn.Module, example_inputs_tuple)``; MODULE is a dotted module name or a path to a .py
+    file. Importing it runs user code, so it needs ``allow_code=True`` (``--allow-code``).
+
+``resolve`` returns a ``ModelSource``: ``build()`` makes the module (on meta: nothing allocated),
+``example_inputs``/``forward_kwargs`` say how to call it, ``logits`` extracts the last position's logits from its
+output, and ``fill_weights`` writes real values into tensors the runtime allocated.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memintent.compiler import models
+from memintent.compiler.fingerprint import IR_TO_TORCH, TORCH_TO_IR
+from memintent.errors import MemintentError
+
+_DTYPE_ALIASES = {
+    "bf16": "bf16", "bfloat16": "bf16",
+    "f16": "f16", "fp16": "f16", "float16": "f16", "half": "f16",
+    "f32": "f32", "fp32": "f32", "float32": "f32", "float": "f32",
+}
+
+
+def list_presets() -> list[str]:
+    return models.list_presets()
+
+
+def normalize_dtype(dtype: Any) -> str:
+    """IR dtype name of a float dtype given as 'bf16', 'bfloat16', 'torch.bfloat16' or a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        name = TORCH_TO_IR.get(dtype, str(dtype))
+    else:
+        name = str(dtype).lower().removeprefix("torch.")
+    try:
+        return _DTYPE_ALIASES[name]
+    except KeyError:
+        raise MemintentError(f"dtype {dtype!r} is not supported: use one of bf16, f16, f32") from None
+
+
+def _tokens(batch: int, seq: int, vocab: int | None, device) -> torch.Tensor:
+    """Deterministic token ids (batch, seq) int64; on meta just the shape."""
+    if str(device) == "meta":
+        return torch.zeros((batch, seq), dtype=torch.long, device="meta")
+    ids = (torch.arange(batch * seq, dtype=torch.long) * 7919 + 13) % (vocab or 32000)  # (batch*seq,)
+    return ids.view(batch, seq).to(device)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every name of every parameter and buffer, shared tensors under each of their names."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _alias_groups(module: nn.Module) -> dict[str, list[str]]:
+    """name -> all names of the same tensor (tied weights), first name first."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in _named_tensors(module).items():
+        by_id.setdefault(id(t), []).append(name)
+    return {n: names for names in by_id.values() for n in names}
+
+
+def _non_persistent(module: nn.Module) -> set[str]:
+    out = set()
+    for mname, m in module.named_modules(remove_duplicate=False):
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            out.add(f"{mname}.{b}" if mname else b)
+    return out
+
+
+def _find_layers(module: nn.Module, n_layers: int | None = None) -> tuple[str | None, int | None]:
+    """The ModuleList of decoder layers: the shallowest one (of length ``n_layers`` if given), longest first."""
+    best = None
+    for name, m in module.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or not name:
+            continue
+        if n_layers is not None and len(m) != n_layers:
+            continue
+        key = (name.count("."), -len(m), name)
+        if best is None or key < best[0]:
+            best = (key, name, len(m))
+    return (best[1], best[2]) if best else (None, None)
+
+
+def _layer_count(names) -> int:
+    """1 + the highest decoder-layer index that appears in a name ('...layers.12.x' -> 13); 0 if none."""
+    idx = [int(m.group(1)) for n in names for m in [re.search(r"(?:^|\.)layers\.(\d+)\.", n)] if m]
+    return max(idx) + 1 if idx else 0
+
+
+def _check_target(name: str, t: torch.Tensor, expected: torch.Tensor) -> None:
+    if tuple(t.shape) != tuple(expected.shape) or t.dtype != expected.dtype:
+        raise MemintentError(f"tensor for {name} has shape {tuple(t.shape)} {t.dtype}: expected "
+                             f"{tuple(expected.shape)} {expected.dtype}")
+
+
+def _meta_clone(module: nn.Module, device) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are on ``device`` (meta: no data), ties kept."""
+    memo: dict[int, Any] = {}
+    for t in _named_tensors(module).values():
+        if id(t) in memo:
+            continue
+        new = torch.empty_like(t, device="meta") if str(device) == "meta" else t.detach().to(device, copy=True)
+        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(module, memo)
+
+
+class ModelSource:
+    """A resolved model reference. Subclasses implement building and weight loading for each kind."""
+
+    kind: str = ""
+
+    def __init__(self, ref: str, dtype: str, num_layers: int | None, layers_path: str | None,
+                 n_kv_heads: int | None = None, head_dim: int | None = None, vocab_size: int | None = None):
+        self.ref, self.dtype = ref, dtype
+        self.num_layers, self.layers_path = num_layers, layers_path
+        self.n_kv_heads, self.head_dim, self.vocab_size = n_kv_heads, head_dim, vocab_size
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(ref={self.ref!r}, kind={self.kind!r}, dtype={self.dtype!r}, "
+                f"num_layers={self.num_layers}, layers_path={self.layers_path!r})")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return IR_TO_TORCH[self.dtype]
+
+    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+        raise NotImplementedError
+
+    def example_inputs(self, batch: int, seq: int, device="meta") -> tuple:
+        return (_tokens(batch, seq, self.vocab_size, device),)
+
+    def forward_kwargs(self) -> dict:
+        return {}
+
+    def logits(self, output) -> torch.Tensor:
+        """The (B, vocab) logits of the last position from whatever the model returned."""
+        if hasattr(output, "logits"):
+            output = output.logits
+        elif isinstance(output, (tuple, list)):
+            output = output[0]
+        if not isinstance(output, torch.Tensor):
+            raise MemintentError(f"{self.ref}: cannot find logits in a model output of type {type(output).__name__}")
+        return output[:, -1] if output.dim() == 3 else output
+
+    def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def model_ref(self, traced_layers: int | None = None):
+        from memintent.ir.model import ModelRef
+
+        return ModelRef(ref=self.ref, kind=self.kind, dtype=self.dtype, traced_layers=traced_layers)
+
+
+class PresetSource(ModelSource):
+    kind = "preset"
+
+    def __init__(self, ref: str, cfg: models.ModelConfig, seed: int = 0):
+        super().__init__(ref, cfg.dtype, cfg.n_layers, "layers", cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size)
+        self.config, self.seed = cfg, seed
+        # Where init_weight draws: CUDA when there is one (fast; note CPU and CUDA draw different values).
+        self.init_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+        cfg = self.config if num_layers is None else models.with_layers(self.config, num_layers)
+        return models.build(cfg, device).requires_grad_(False)
+
+    def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
+        cfg = models.with_layers(self.config, max(self.config.n_layers, _layer_count(named)))
+        ref = _named_tensors(models.build(cfg, "meta"))
+        rope = None
+        with torch.no_grad():
+            for name, t in named.items():
+                if name not in ref:
+                    raise MemintentError(f"{name} is not a weight of preset {self.ref}")
+                _check_target(name, t, ref[name])
+                if name in ("rope_cos", "rope_sin"):
+                    rope = rope or models.rope_tables(cfg)
+                    t.copy_(rope[0] if name == "rope_cos" else rope[1])
+                    continue
+                if cfg.tie_embeddings and name == "output.weight":
+                    name = "embed.weight"  # the same tensor: same values
+                t.copy_(models.init_weight(name, t.shape, t.dtype, self.init_device, self.seed))
+
+
+class HFSource(ModelSource):
+    kind = "hf"
+
+    def __init__(self, ref: str, path: Path, config, dtype: str, dtype_forced: bool, files: dict[str, Path],
+                 allow_code: bool):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n_heads = getattr(text, "num_attention_heads", None)
+        hidden = getattr(text, "hidden_size", None)
+        head_dim = getattr(text, "head_dim", None) or (hidden // n_heads if hidden and n_heads else None)
+        n_kv = getattr(text, "num_key_value_heads", None) or n_heads
+        super().__init__(ref, dtype, getattr(text, "num_hidden_layers", None), None, n_kv, head_dim,
+                         getattr(text, "vocab_size", None))
+        self.path, self.config, self.files = path, config, files
+        self.dtype_forced, self.allow_code = dtype_forced, allow_code
+        self._meta: dict[int | None, nn.Module] = {}
+        self._buffers: dict[int | None, nn.Module] = {}
+        model = self._build_meta(None)
+        self.layers_path, found = _find_layers(model, self.num_layers)
+        if self.num_layers is None:
+            self.num_layers = found
+        self._kwargs = self._pick_forward_kwargs(model)
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def _config_with_layers(self, num_layers: int | None):
+        cfg = copy.deepcopy(self.config)
+        if num_layers is None or num_layers == self.num_layers:
+            return cfg
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        old = text.num_hidden_layers
+        text.num_hidden_layers = num_layers
+        # Per-layer lists (layer_types and the like) follow the depth: truncated, or extended cyclically.
+        for key, value in list(vars(text).items()):
+            if isinstance(value, list) and len(value) == old and old > 0:
+                setattr(text, key, [value[i % old] for i in range(num_layers)])
+        return cfg
+
+    def _construct(self, cfg):
+        from transformers import AutoModelForCausalLM
+
+        kw = dict(dtype=self.torch_dtype, trust_remote_code=self.allow_code)
+        try:
+            try:
+                model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", **kw)
+            except (ValueError, ImportError):  # this architecture has no SDPA attention
+                model = AutoModelForCausalLM.from_config(cfg, **kw)
+        except MemintentError:
+            raise
+        except Exception as e:
+            raise MemintentError(f"{self.ref}: transformers cannot build the model from config.json: "
+                                 f"{type(e).__name__}: {e}") from None
+        return model.eval().requires_grad_(False)
+
+    def _build_meta(self, num_layers: int | None) -> nn.Module:
+        if num_layers not in self._meta:
+            with torch.device("meta"):
+                self._meta[num_layers] = self._construct(self._config_with_layers(num_layers))
+        return self._meta[num_layers]
+
+    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+        cfg = self._config_with_layers(num_layers)
+        with torch.device(device):
+            return self._construct(cfg)
+
+    def _buffer_model(self, num_layers: int | None) -> nn.Module:
+        """A build whose parameters are on meta and whose buffers are real CPU tensors from the model's own init."""
+        if num_layers not in self._buffers:
+            orig = nn.Module.register_parameter
+
+            def to_meta(mod, name, param):
+                orig(mod, name, param)
+                p = mod._parameters.get(name)
+                if p is not None and p.device.type != "meta":
+                    mod._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+            nn.Module.register_parameter = to_meta
+            try:
+                with torch.device("cpu"):
+                    self._buffers[num_layers] = self._construct(self._config_with_layers(num_layers))
+            finally:
+                nn.Module.register_parameter = orig
+        return self._buffers[num_layers]
+
+    # -- calling ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _pick_forward_kwargs(model: nn.Module) -> dict:
+        params = inspect.signature(type(model).forward).parameters
+        kw: dict[str, Any] = {}
+        if "use_cache" in params:
+            kw["use_cache"] = False
+        # Only the last position's logits: transformers >= 4.50 calls it logits_to_keep, 4.45-4.49 num_logits_to_keep.
+        for key in ("logits_to_keep", "num_logits_to_keep"):
+            if key in params:
+                kw[key] = 1
+                break
+        return kw
+
+    def forward_kwargs(self) -> dict:
+        return dict(self._kwargs)
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def _checkpoint_map(self, model: nn.Module):
+        """How the checkpoint's tensors become the model's weights.
+
+        Returns ``direct`` (model name -> checkpoint key) and ``converted`` (model name -> (converter, target,
+        [(pattern, checkpoint key), ...])). transformers 5 rewrites some layouts while loading (per-expert MoE
+        matrices fused into one 3-D weight, renamed modules); its own conversion table is applied here, so the
+        tensors are read by name from the files and converted exactly as ``from_pretrained`` would.
+        """
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
+                                                         rename_source_key)
+            transforms = get_model_conversion_mapping(model)
+        except Exception:  # another transformers version: names only
+            transforms, dot_natural_key = [], None
+        direct: dict[str, str] = {}
+        converted: dict[str, tuple] = {}
+        if not transforms:
+            for key in self.files:
+                direct.setdefault(key, key)
+                if prefix and key.startswith(prefix + "."):
+                    direct.setdefault(key[len(prefix) + 1:], key)
+                elif prefix:
+                    direct.setdefault(f"{prefix}.{key}", key)
+            return direct, converted
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta_sd = {k: True for k in _named_tensors(model)}
+        groups: dict[str, tuple] = {}
+        for key in sorted(self.files, key=dot_natural_key):
+            target, pattern = rename_source_key(key, renamings, converters, prefix or None, meta_sd)
+            if pattern is None:
+                direct.setdefault(target, key)
+                continue
+            conv = next(c for c in converters if pattern in c.source_patterns)
+            groups.setdefault(target, (conv, target, []))[2].append((pattern, key))
+        for target, (conv, _, items) in groups.items():
+            first = conv.target_patterns[0]
+            for tp in conv.target_patterns:  # a one-to-many converter makes several weights
+                converted[target.replace(first, tp, 1)] = groups[target]
+        return direct, converted
+
+    def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
+        from safetensors import safe_open
+
+        layers = _layer_count(named) or None
+        n_layers = None if layers is None or layers <= (self.num_layers or 0) else layers
+        model = self._build_meta(n_layers)
+        ref = _named_tensors(model)
+        aliases = _alias_groups(model)
+        non_persistent = _non_persistent(model)
+        direct, converted = self._checkpoint_map(model)
+        plan: list[tuple[str, torch.Tensor, str, Any]] = []
+        computed: list[tuple[str, torch.Tensor]] = []
+        for name, t in named.items():
+            if name not in ref:
+                raise MemintentError(f"{name} is not a weight of {self.ref}")
+            _check_target(name, t, ref[name])
+            src = next(((a, direct[a]) for a in aliases[name] if a in direct), None)
+            if src is not None:
+                plan.append((name, t, "direct", src[1]))
+                continue
+            src = next(((a, converted[a]) for a in aliases[name] if a in converted), None)
+            if src is not None:
+                plan.append((name, t, "converted", src))
+            elif name in non_persistent:
+                computed.append((name, t))
+            else:
+                tied = [a for a in aliases[name] if a != name]
+                raise MemintentError(
+                    f"weight {name} is missing from the safetensors files in {self.path}"
+                    + (f" (nor is its tied name {', '.join(tied)} there)" if tied else " and is not tied to one there"))
+        handles: dict[Path, Any] = {}
+
+        def read(key: str) -> torch.Tensor:
+            file = self.files[key]
+            try:
+                if file not in handles:
+                    handles[file] = safe_open(str(file), framework="pt").__enter__()
+                return handles[file].get_tensor(key)
+            except Exception as e:
+                raise MemintentError(f"safetensors file {file} is truncated or malformed: {e}") from None
+
+        done: dict[str, dict[str, torch.Tensor]] = {}
+        try:
+            with torch.no_grad():
+                for name, t, how, src in plan:
+                    if how == "direct":
+                        self._copy(name, src, self.files[src].name, read(src), t)
+                        continue
+                    alias, (conv, target, items) = src
+                    if target not in done:
+                        done[target] = self._convert(conv, target, items, read, model)
+                    out = done[target].get(alias)
+                    if out is None:
+                        raise MemintentError(f"converting {target} from {self.path} did not produce {alias}")
+                    self._copy(name, f"{alias} (converted)", self.files[items[0][1]].name, out, t)
+                if computed:
+                    bufs = _named_tensors(self._buffer_model(n_layers))
+                    for name, t in computed:
+                        t.copy_(bufs[name])
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+
+    def _convert(self, conv, target: str, items, read, model) -> dict[str, torch.Tensor]:
+        """Run one transformers WeightConverter (e.g. stack 8 experts' w1 and w3 into gate_up_proj)."""
+        c = copy.deepcopy(conv)
+        for pattern, key in items:
+            c.add_tensor(target, key, pattern, lambda key=key: read(key))
+        try:
+            return c.convert(target, model=model, config=self.config)
+        except MemintentError:
+            raise
+        except Exception as e:
+            raise MemintentError(f"converting the checkpoint tensors {items[0][1]}... into {target} failed: "
+                                 f"{type(e).__name__}: {e}") from None
+
+    def _copy(self, name: str, key: str, file: str, src: torch.Tensor, t: torch.Tensor) -> None:
+        if tuple(src.shape) != tuple(t.shape):
+            raise MemintentError(f"tensor {key} in {file} has shape {tuple(src.shape)}: the model expects "
+                                 f"{tuple(t.shape)} for {name}")
+        if src.dtype != t.dtype:
+            convertible = src.is_floating_point() and t.is_floating_point()
+            if not (convertible and self.dtype_forced):
+                raise MemintentError(
+                    f"tensor {key} in {file} is {src.dtype}: the model expects {t.dtype} for {name}"
+                    + (" (pass a dtype, --dtype, to convert)" if convertible else ""))
+        t.copy_(src)
+
+
+class PySource(ModelSource):
+    kind = "py"
+
+    def __init__(self, ref: str, factory, dtype: str | None):
+        self.factory = factory
+        try:
+            result = factory()
+        except MemintentError:
+            raise
+        except Exception as e:
+            raise MemintentError(f"{ref}: the factory raised {type(e).__name__}: {e}") from None
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+            raise MemintentError(f"{ref}: the factory must return (nn.Module, example_inputs_tuple), "
+                                 f"got {type(result).__name__}")
+        module, inputs = result
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+        own = normalize_dtype(floats[0]) if floats else "f32"
+        if dtype is not None and dtype != own:
+            module = module.to(IR_TO_TORCH[dtype])
+            inputs = tuple(x.to(IR_TO_TORCH[dtype]) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                           else x for x in inputs)
+        self.module, self.inputs = module.eval().requires_grad_(False), inputs
+        lm = getattr(module, "layers", None)
+        path, n = ("layers", len(lm)) if isinstance(lm, nn.ModuleList) else _find_layers(module)
+        super().__init__(ref, dtype or own, n, path)
+
+    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+        if num_layers is not None and num_layers != self.num_layers:
+            raise MemintentError(f"{self.ref}: a py: factory builds {self.num_layers} layers; it cannot build "
+                                 f"{num_layers}")
+        return _meta_clone(self.module, device)
+
+    def example_inputs(self, batch: int, seq: int, device="meta") -> tuple:
+        """The factory's own example inputs (batch and seq are the factory's, not these), moved to ``device``."""
+        return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in self.inputs)
+
+    def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
+        ref = _named_tensors(self.module)
+        with torch.no_grad():
+            for name, t in named.items():
+                if name not in ref:
+                    raise MemintentError(f"{name} is not a weight of {self.ref}")
+                _check_target(name, t, ref[name])
+                t.copy_(ref[name])
+
+
+# -- resolving ------------------------------------------------------------------------------------------------
+
+def _safetensors_index(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors.index.json or else every *.safetensors header."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MemintentError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from None
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise MemintentError(f"{index} names {f.name}, which is not in {path}")
+        return files
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        raise MemintentError(f"no *.safetensors files in {path}" + (
+            f" (found {', '.join(other[:3])}: memintent does not unpickle checkpoints; convert them to "
+            "safetensors)" if other else ""))
+    files: dict[str, Path] = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for k in f.keys():
+                    files[k] = shard
+        except Exception as e:
+            raise MemintentError(f"safetensors file {shard} is truncated or malformed: {e}") from None
+    return files
+
+
+def _check_shards(files: dict[str, Path]) -> None:
+    """Open every shard's header, so a broken file is reported when resolving rather than mid-load."""
+    from safetensors import safe_open
+
+    for shard in sorted(set(files.values())):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise MemintentError(f"safetensors file {shard} is truncated or malformed: {e}") from None
+
+
+def _resolve_hf(ref: str, dtype: str | None, allow_code: bool) -> HFSource:
+    raw = ref[3:]
+    if not raw:
+        raise MemintentError("hf: needs a folder: write hf:/path/to/model (a local Hugging Face folder)")
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        raise MemintentError(f"{ref}: folder {path} does not exist (hf: takes a local folder; download it first)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise MemintentError(f"{ref}: no config.json in {path}")
+    try:
+        raw_cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise MemintentError(f"{cfg_file} is malformed JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise MemintentError(f"{cfg_file} is not UTF-8 text") from None
+    if not isinstance(raw_cfg, dict) or "model_type" not in raw_cfg:
+        raise MemintentError(f"{cfg_file} has no model_type: not a transformers config")
+    if raw_cfg.get("auto_map") and not allow_code:
+        raise MemintentError(f"{ref}: config.json points at custom model code (auto_map): pass --allow-code to run it")
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise MemintentError("hf: references need transformers: pip install 'memintent[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=allow_code, local_files_only=True)
+    except Exception as e:
+        raise MemintentError(f"{cfg_file} is not a config transformers can read (model_type "
+                             f"{raw_cfg.get('model_type')!r}): {type(e).__name__}: {e}") from None
+    causal = type(config) in AutoModelForCausalLM._model_mapping or (
+        allow_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
+    if not causal or getattr(config, "is_encoder_decoder", False):
+        raise MemintentError(f"{ref}: model_type {config.model_type!r} is not a decoder-only causal LM that "
+                             "AutoModelForCausalLM builds")
+    if dtype is not None:
+        ir, forced = normalize_dtype(dtype), True
+    else:
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or raw_cfg.get("dtype") \
+            or raw_cfg.get("torch_dtype") or "float32"
+        try:
+            ir = normalize_dtype(declared)
+        except MemintentError:
+            raise MemintentError(f"{cfg_file} declares dtype {declared!r}: pass a dtype (bf16, f16 or f32)") from None
+        forced = False
+    files = _safetensors_index(path)
+    _check_shards(files)
+    return HFSource(ref, path, config, ir, forced, files, allow_code)
+
+
+def _load_factory(ref: str):
+    spec = ref[3:]
+    mod_name, sep, func_name = spec.rpartition(":")
+    if not sep or not mod_name or not func_name:
+        raise MemintentError(f"{ref!r} is not py:MODULE:FUNCTION (e.g. py:examples/toy_mlp.py:mlp_stack or "
+                             "py:mypkg.models:build)")
+    try:
+        if mod_name.endswith(".py") or os.sep in mod_name or "/" in mod_name:
+            file = Path(mod_name).expanduser()
+            if not file.is_file():
+                raise MemintentError(f"{ref}: file {file} does not exist")
+            mspec = importlib.util.spec_from_file_location(f"memintent_user_{file.stem}", file)
+            module = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(mod_name)
+            except ModuleNotFoundError as e:
+                if e.name is None or not mod_name.startswith(e.name) or os.getcwd() in sys.path:
+                    raise
+                sys.path.insert(0, os.getcwd())  # console scripts do not put the working directory on sys.path
+                module = importlib.import_module(mod_name)
+    except MemintentError:
+        raise
+    except Exception as e:
+        raise MemintentError(f"{ref}: cannot import {mod_name}: {type(e).__name__}: {e}") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise MemintentError(f"{ref}: {mod_name} has no function {func_name}")
+    return factory
+
+
+def resolve(ref: str, dtype: str | None = None, allow_code: bool = True) -> ModelSource:
+    """Resolve a model reference: a preset name, ``hf:PATH`` or ``py:MODULE:FUNCTION``."""
+    ref = str(ref).strip()
+    ir_dtype = normalize_dtype(dtype) if dtype is not None else None
+    if ref.startswith("hf:"):
+        return _resolve_hf(ref, ir_dtype, allow_code)
+    if ref.startswith("py:"):
+        if not allow_code:
+            raise MemintentError(f"{ref}: py: references import and run your code: pass --allow-code to allow it")
+        return PySource(ref, _load_factory(ref), ir_dtype)
+    if ref in models.PRESETS:
+        cfg = models.ModelConfig.from_name(ref)
+        if ir_dtype is not None:
+            cfg = dataclasses.replace(cfg, dtype=ir_dtype)
+        return PresetSource(ref, cfg)
+    raise MemintentError(f"unknown model {ref!r}: use a preset ({', '.join(models.PRESETS)}), hf:PATH (a local "
+                         "Hugging Face folder) or py:MODULE:FUNCTION (a factory returning (module, inputs); "
+                         "needs --allow-code)")
+
+
+__all__ = ["ModelSource", "PresetSource", "HFSource", "PySource", "resolve", "list_presets", "normalize_dtype"]

@@ -1,0 +1,192 @@
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from memintent.compiler.fingerprint import fingerprint_module
+from memintent.compiler.models import (PRESETS, ModelConfig, build, fill_random, init_weight,
+                                       list_presets)
+from memintent.errors import MemintentError
+
+PUBLISHED = {
+    "llama-3-8b": 8.03e9, "llama-3-70b": 70.55e9, "mistral-7b": 7.24e9, "qwen2-7b": 7.62e9,
+    "opt-13b": 12.85e9, "opt-30b": 29.97e9, "mixtral-8x7b": 46.70e9, "w1": 7.37e9,
+}
+
+
+def tiny(**kw) -> ModelConfig:
+    return dataclasses.replace(ModelConfig.from_name("tiny-llama"), **kw)
+
+
+def ids(batch=2, seq=16, vocab=512, seed=0):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_param_counts_match_published(name):
+    cfg = ModelConfig.from_name(name)
+    assert abs(cfg.num_params() - PUBLISHED[name]) / PUBLISHED[name] < 0.01
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_num_params_matches_meta_build(name):
+    cfg = ModelConfig.from_name(name)
+    m = build(cfg, "meta")
+    assert sum(p.numel() for p in m.parameters()) == cfg.num_params()
+    assert all(p.dtype == cfg.torch_dtype for p in m.parameters())
+
+
+def test_w1_layer_size():
+    cfg = ModelConfig.from_name("w1")
+    m = build(cfg, "meta")
+    layer_bytes = sum(p.numel() * p.element_size() for p in m.layers[0].parameters())
+    assert abs(layer_bytes - 1.711e9) < 0.001e9
+    assert cfg.n_layers == 8 and cfg.vocab_size == 32000 and cfg.dtype == "bf16"
+
+
+def test_module_names():
+    m = build(tiny(), "meta")
+    names = dict(m.named_parameters())
+    for n in ["embed.weight", "layers.0.attention_norm.weight", "layers.0.attention.wq.weight",
+              "layers.0.attention.wk.weight", "layers.0.attention.wv.weight", "layers.0.attention.wo.weight",
+              "layers.0.ffn_norm.weight", "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w2.weight",
+              "layers.0.feed_forward.w3.weight", "norm.weight", "output.weight"]:
+        assert n in names, n
+    assert {n for n, _ in m.named_buffers()} == {"rope_cos", "rope_sin"}
+    assert m.state_dict().keys() == names.keys()  # RoPE tables are non-persistent
+    opt = build(ModelConfig.from_name("opt-13b"), "meta")
+    assert opt.output.weight is opt.embed.weight
+    assert "layers.0.feed_forward.fc1.bias" in dict(opt.named_parameters())
+    assert opt.pos_embed.weight.shape == (2050, 5120)
+    moe = build(ModelConfig.from_name("mixtral-8x7b"), "meta")
+    assert len(moe.layers[0].moe.experts) == 8 and moe.layers[0].moe.gate.weight.shape == (8, 4096)
+    assert ModelConfig.from_name("llama-3-70b").head_dim == 128
+    assert "tiny-llama" in list_presets()
+
+
+def test_unknown_preset():
+    with pytest.raises(MemintentError, match="unknown preset 'nope'.*tiny-llama"):
+        ModelConfig.from_name("nope")
+    with pytest.raises(MemintentError, match="divide"):
+        tiny(n_heads=3)
+
+
+def test_init_weight_deterministic():
+    a = init_weight("layers.0.attention.wq.weight", (8, 8), torch.bfloat16, "cpu")
+    b = init_weight("layers.0.attention.wq.weight", (8, 8), torch.bfloat16, "cpu")
+    c = init_weight("layers.1.attention.wq.weight", (8, 8), torch.bfloat16, "cpu")
+    d = init_weight("layers.0.attention.wq.weight", (8, 8), torch.bfloat16, "cpu", seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+    assert a.dtype == torch.bfloat16 and 0.01 < a.float().std() < 0.03
+    assert torch.equal(init_weight("layers.3.ffn_norm.weight", (8,), torch.float16), torch.ones(8, dtype=torch.float16))
+    assert torch.equal(init_weight("norm.bias", (8,), torch.float32), torch.zeros(8))
+    assert init_weight("layers.0.attention.wq.bias", (64,), torch.float32).abs().max() < 0.1
+
+
+def test_tiny_forward_finite_and_fast():
+    m = fill_random(build(ModelConfig.from_name("tiny-llama"), "cpu"))
+    x = ids()
+    times = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: no OpenMP barrier stalls when a shared CPU is busy
+    try:
+        with torch.inference_mode():
+            for _ in range(5):
+                t = time.perf_counter()
+                out = m(x)
+                times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.shape == (2, 512) and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert min(times) < 0.05  # a few ms in practice
+
+
+def test_bf16_close_to_f64():
+    m = fill_random(build(ModelConfig.from_name("tiny-llama"), "cpu"))
+    m64 = build(ModelConfig.from_name("tiny-llama"), "cpu")
+    m64.load_state_dict(m.state_dict())
+    m64.rope_cos.copy_(m.rope_cos)
+    m64.rope_sin.copy_(m.rope_sin)
+    m64 = m64.double()
+    x = ids()
+    with torch.inference_mode():
+        out, ref = m(x).double(), m64(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "moe"])
+def test_deep_bf16_forward_finite(kind):
+    if kind == "llama":
+        cfg = tiny(n_layers=80, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=176)
+    elif kind == "opt":
+        cfg = dataclasses.replace(ModelConfig.from_name("opt-13b"), dim=64, n_heads=4, n_kv_heads=4, ffn_dim=256,
+                                  vocab_size=512, n_layers=80, dtype="bf16", learned_pos=64)
+    else:
+        cfg = tiny(n_layers=80, dim=64, ffn_dim=64, n_experts=4, top_k=2)
+    m = fill_random(build(cfg, "cpu"))
+    with torch.inference_mode():
+        out = m(ids(seq=8))
+    assert torch.isfinite(out).all() and out.float().std() > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "moe"])
+def test_cached_decode_matches_full_forward(kind):
+    if kind == "opt":
+        cfg = dataclasses.replace(ModelConfig.from_name("opt-13b"), dim=64, n_heads=4, n_kv_heads=4, ffn_dim=128,
+                                  vocab_size=512, n_layers=2, dtype="f32", learned_pos=64)
+    else:
+        cfg = tiny(dtype="f32", n_experts=4 if kind == "moe" else 0)
+    m = fill_random(build(cfg, "cpu")).double()
+    x = ids(seq=12)
+    caches = [(torch.zeros(2, cfg.n_kv_heads, 32, cfg.head_dim, dtype=torch.float64),
+               torch.zeros(2, cfg.n_kv_heads, 32, cfg.head_dim, dtype=torch.float64)) for _ in range(cfg.n_layers)]
+    with torch.inference_mode():
+        m.attach_kv_cache(caches)
+        outs = [m(x[:, :8], torch.arange(8))]
+        for p in range(8, 12):
+            outs.append(m(x[:, p:p + 1], torch.tensor([p])))
+        m.detach_kv_cache()
+        for i, p in enumerate(range(8, 13)):
+            ref = m(x[:, :p])
+            assert torch.allclose(outs[i], ref, atol=1e-5, rtol=1e-5), p
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_kv_cache_stays_out_of_state():
+    m = build(tiny(), "meta")
+    before, fp = set(m.state_dict()), fingerprint_module(m)
+    k = torch.zeros(1, 2, 16, 32, dtype=torch.bfloat16, device="meta")
+    m.attach_kv_cache([(k, k.clone()) for _ in range(4)])
+    assert set(m.state_dict()) == before and fingerprint_module(m) == fp
+    with pytest.raises(MemintentError, match="3 .k, v. pairs for 4 layers"):
+        m.attach_kv_cache([(k, k)] * 3)
+    with pytest.raises(MemintentError, match="expected"):
+        m.attach_kv_cache([(torch.zeros(1, 4, 16, 32, device="meta"),) * 2] * 4)
+    m.detach_kv_cache()
+    assert all(layer.attention.kv_cache is None for layer in m.layers)
+
+
+def _export(m, args):
+    return torch.export.export(m, args, strict=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "moe"])
+def test_export_on_meta(kind):
+    cfg = tiny() if kind == "llama" else tiny(n_experts=8, top_k=2, ffn_dim=128, n_layers=2)
+    m = build(cfg, "meta")
+    ep = _export(m, (torch.zeros(2, 16, dtype=torch.long, device="meta"),))
+    out = [n for n in ep.graph.nodes if n.op == "output"][0].args[0][0]
+    assert tuple(out.meta["val"].shape) == (2, cfg.vocab_size)
+
+
+def test_export_decode_with_cache():
+    cfg = tiny()
+    m = build(cfg, "meta")
+    kv = lambda: torch.zeros(2, cfg.n_kv_heads, 64, cfg.head_dim, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    m.attach_kv_cache([(kv(), kv()) for _ in range(cfg.n_layers)])
+    ep = _export(m, (torch.zeros(2, 1, dtype=torch.long, device="meta"), torch.zeros(1, dtype=torch.long, device="meta")))
+    targets = [str(n.target) for n in ep.graph.nodes]
+    assert sum("index_copy" in t for t in targets) == 2 * cfg.n_layers
+    m.detach_kv_cache()

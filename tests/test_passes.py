@@ -1,0 +1,161 @@
+"""Scheduling passes: hand-worked simulations, residency policy, verification catching broken plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from memintent.compiler.compile import compile_model, trace_ref
+from memintent.compiler.hardware import BUILTIN
+from memintent.errors import MemintentError, PlanVerificationError
+from memintent.ir.model import ActionKind, Residency, RunShape, SlotKind, Stage, Visit
+from memintent.passes.simulate import make_schedule, simulate
+from memintent.passes.verify import verify
+
+GiB = 1 << 30
+CPU = BUILTIN["cpu"]
+H100 = BUILTIN["h100-sxm"]
+
+
+def _chain(n: int, compute_s: float = 1.0) -> tuple[list[Stage], list[Visit]]:
+    stages = [Stage(index=i, module=f"l{i}", block=f"l{i}", first_step=i, last_step=i, needs=[f"l{i}"],
+                    time_s=compute_s) for i in range(n)]
+    visits = [Visit(block=f"l{i}", first_stage=i, last_stage=i) for i in range(n)]
+    return stages, visits
+
+
+def test_simulator_unit_costs_two_slots():
+    # Four layers, each 1 s of compute and a 2 s copy, all streamed through 2 slots.
+    # Slots: v0, v2 -> slot 0; v1, v3 -> slot 1. v2 is issued when v0 is freed (entry of stage 1), v3 at stage 2;
+    # v0 and v1 of the next forward are issued when v2 (stage 3) and v3 (forward end) are freed.
+    # Cold forward: v0 copies 0-2, v1 2-4. Stage 0 waits to 2, runs 2-3. Stage 1: v2 issued at 3, starts when the
+    # engine frees at 4, ends 6; stage 1 waits v1 (4), runs 4-5. Stage 2: v3 copies 6-8; waits v2 (6), runs 6-7.
+    # Stage 3: v0' copies 8-10; waits v3 (8), runs 8-9. End at 9: v1' copies 10-12.  First forward: 9 s.
+    # Steady forward (from 9): stage 0 waits v0' (10) runs 10-11; stage 1: v2 copies 12-14, waits v1' (12)
+    # runs 12-13; stage 2: v3 14-16, runs 14-15; stage 3: v0'' 16-18, runs 16-17. Forward 9..17: 8 s, of
+    # which 4 s compute and 4 s stall: exactly the copy engine's 4 x 2 s (PCIe binds).
+    stages, visits = _chain(4)
+    sched = make_schedule(stages, visits, {f"l{i}" for i in range(4)}, 2)
+    assert [sched.slot[i] for i in range(4)] == [0, 1, 0, 1]
+    assert sched.issue_stage == {0: 3, 1: 4, 2: 1, 3: 2}
+    assert sched.issue_next == {0: True, 1: True, 2: False, 3: False}
+    sim = simulate(stages, visits, sched, {i: 2.0 for i in range(4)})
+    assert sim.first_step_time_s == pytest.approx(9.0)
+    assert sim.step_time_s == pytest.approx(8.0)
+    assert sim.stall_s == pytest.approx(4.0)
+    assert sim.compute_s == pytest.approx(4.0)
+    assert sim.stage_start_s == pytest.approx([1.0, 3.0, 5.0, 7.0])
+
+
+def test_simulator_unit_costs_one_slot_serialises():
+    # One slot: a copy can only start when the previous layer is freed, i.e. when the next stage is entered, so
+    # copy and compute alternate: each stage costs 2 s copy + 1 s compute = 3 s; 4 stages = 12 s steady.
+    stages, visits = _chain(4)
+    sched = make_schedule(stages, visits, {f"l{i}" for i in range(4)}, 1)
+    sim = simulate(stages, visits, sched, {i: 2.0 for i in range(4)})
+    assert sim.step_time_s == pytest.approx(12.0)
+
+
+def test_simulator_compute_bound_hides_copies():
+    # Copies of 0.5 s under 1 s stages: with 2 slots every copy but the cold first one is hidden.
+    stages, visits = _chain(4)
+    sched = make_schedule(stages, visits, {f"l{i}" for i in range(4)}, 2)
+    sim = simulate(stages, visits, sched, {i: 0.5 for i in range(4)})
+    assert sim.step_time_s == pytest.approx(4.0)
+    assert sim.first_step_time_s == pytest.approx(4.5)
+    assert sim.stall_s == pytest.approx(0.0)
+
+
+def test_schedule_refuses_too_few_slots_for_a_stage_needing_two_blocks():
+    stages = [Stage(index=0, module="a", block="a", first_step=0, last_step=0, needs=["a", "b"], time_s=1.0)]
+    visits = [Visit(block="a", first_stage=0, last_stage=0), Visit(block="b", first_stage=0, last_stage=0)]
+    assert make_schedule(stages, visits, {"a", "b"}, 1) is None
+    assert make_schedule(stages, visits, {"a", "b"}, 2) is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_streamed():
+    return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2)
+
+
+def test_large_budget_keeps_everything_resident():
+    plan = compile_model("tiny-llama", budget_bytes=200 * GiB, hardware=H100, batch=1, seq=16)
+    assert all(b.residency == Residency.resident for b in plan.blocks)
+    assert plan.actions == []
+    assert plan.prediction.streamed_bytes == 0
+
+
+def test_streamed_plan_verifies_and_respects_budget(tiny_streamed):
+    p = tiny_streamed
+    assert p.prediction.peak_hbm_bytes <= p.budget_bytes
+    assert sum(1 for s in p.arena.slots if s.kind == SlotKind.stream) == 2
+    streamed = [b for b in p.blocks if b.residency == Residency.streamed]
+    assert streamed, "a 1 MiB budget must stream some layers of tiny-llama"
+    # each streamed visit: one copy_start, one copy_done, one free
+    for kind in ActionKind:
+        assert sum(1 for a in p.actions if a.kind == kind) == sum(
+            1 for v in p.visits if v.block in {b.name for b in streamed})
+    verify(p)
+
+
+def test_budget_below_minimum_states_the_minimum():
+    with pytest.raises(MemintentError, match=r"smallest feasible budget .* \((\d+) bytes\)"):
+        compile_model("tiny-llama", budget_bytes=100_000, hardware=CPU, batch=1, seq=16)
+
+
+def _broken(p, mutate):
+    q = p.model_copy(deep=True)
+    mutate(q)
+    return q
+
+
+def test_verify_catches_early_free(tiny_streamed):
+    def early(q):
+        a = next(a for a in q.actions if a.kind == ActionKind.free and a.stage > 0)
+        a.stage = a.visit_stage   # freed on entry to the stage that still reads it
+        q.actions.sort(key=lambda a: a.stage)
+    with pytest.raises(PlanVerificationError, match="freed before its last use|does not hold it ready"):
+        verify(_broken(tiny_streamed, early))
+
+
+def test_verify_catches_missing_wait(tiny_streamed):
+    def drop(q):
+        i = next(i for i, a in enumerate(q.actions) if a.kind == ActionKind.copy_done)
+        del q.actions[i]
+    with pytest.raises(PlanVerificationError, match="used before its copy arrived|does not hold it ready"):
+        verify(_broken(tiny_streamed, drop))
+
+
+def test_verify_catches_overwrite_in_use(tiny_streamed):
+    def same_slot(q):
+        stream = [s.index for s in q.arena.slots if s.kind == SlotKind.stream]
+        for a in q.actions:
+            a.slot = stream[0]   # every visit into one slot while the schedule assumed two
+    with pytest.raises(PlanVerificationError, match="overwrite|does not hold"):
+        verify(_broken(tiny_streamed, same_slot))
+
+
+def test_verify_catches_budget_lie(tiny_streamed):
+    def shrink(q):
+        q.budget_bytes = q.arena.size_bytes // 2
+    with pytest.raises(PlanVerificationError, match="budget"):
+        verify(_broken(tiny_streamed, shrink))
+
+
+def test_folded_trace_equals_full_trace():
+    """Tracing 2 layers and repeating the second gives the same program as tracing all layers."""
+    from memintent.compiler import frontend
+
+    shape = RunShape(batch=1, seq=8)
+    folded = trace_ref("tiny-llama", shape)
+    assert folded.model.traced_layers == 2
+    orig = frontend._fold
+    try:
+        frontend._fold = lambda *a, **k: []          # force the full trace
+        full = trace_ref("tiny-llama", shape)
+    finally:
+        frontend._fold = orig
+    assert full.model.traced_layers is None
+    strip = lambda p: [(s.op, s.module, s.block, s.flops, s.hbm_bytes, s.uses, s.defs) for s in p.steps]  # noqa: E731
+    assert strip(folded) == strip(full)
+    assert folded.objects == full.objects
+    assert folded.fingerprint == full.fingerprint
