@@ -315,9 +315,13 @@ def trace(spec: TraceSpec, shape: RunShape, progress: Callable[[str], None] | No
 
     protos: list[_Proto] = []
     traced_layers = None
-    if layers_path and n_layers > 2:
+    try:
+        # A source that cannot rebuild itself at another depth (a py: factory) is traced in full.
+        small = spec.build(2) if layers_path and n_layers > 2 else None
+    except MemintentError:
+        small = None
+    if small is not None:
         say(f"tracing 2 of {n_layers} layers (identical layers are folded)")
-        small = spec.build(2)
         protos, outputs = _protos(_export(small, spec.inputs, spec.kwargs), small, layers_path)
         protos = _fold(protos, layers_path, n_layers)
         if protos:

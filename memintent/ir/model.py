@@ -46,9 +46,17 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
+
+# Sizes, counts, indices and durations are never negative; rates are positive.
+NonNeg = Annotated[int, Field(ge=0)]
+Pos = Annotated[int, Field(ge=1)]
+NonNegF = Annotated[float, Field(ge=0.0)]
+PosF = Annotated[float, Field(gt=0.0)]
 
 # dtype names used throughout the IR, with their width in bits; int4 packs two values in a byte.
 DTYPE_BITS: dict[str, int] = {
@@ -59,7 +67,8 @@ DTYPE_BITS: dict[str, int] = {
 
 class _Model(BaseModel):
     # Forbid unknown fields so that a typo in a plan file is an error, not a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # No NaN or infinity in any float: a plan is data a runtime trusts, and NaN compares unequal to itself.
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class ObjectKind(str, enum.Enum):
@@ -106,51 +115,51 @@ class ModelRef(_Model):
 
 
 class RunShape(_Model):
-    batch: int                    # sequences per forward
-    seq: int                      # tokens per sequence in the traced forward
-    kv_len: int = 0               # tokens of KV cache reserved per sequence (0: no cache)
-    kv_block_tokens: int = 64     # tokens per KV block object
+    batch: Pos                    # sequences per forward
+    seq: Pos                      # tokens per sequence in the traced forward
+    kv_len: NonNeg = 0               # tokens of KV cache reserved per sequence (0: no cache)
+    kv_block_tokens: Pos = 64     # tokens per KV block object
 
 
 class HardwareProfile(_Model):
     name: str
     source: str                   # where the figures come from: "measured on ... (date)" or "datasheet"
-    h2d_gbps: float               # pinned host -> device copy bandwidth
-    d2h_gbps: float               # pinned device -> host copy bandwidth
-    hbm_gbps: float               # device memory bandwidth (bytes read + written)
-    bf16_tflops: float            # dense bf16 matmul rate
-    hbm_bytes: int                # device memory capacity
-    launch_overhead_s: float = 5e-6   # fixed host+launch cost per step
-    copy_latency_s: float = 1e-5      # fixed cost per issued copy (descriptor setup, event)
-    dequant_gbps: float = 0.0         # device rate of int8/int4 -> bf16 dequantisation, in output bytes; 0: unknown
-    workspace_bytes: int = 32 << 20   # scratch reserved for kernels (cuBLAS workspace and the like)
+    h2d_gbps: PosF               # pinned host -> device copy bandwidth
+    d2h_gbps: PosF               # pinned device -> host copy bandwidth
+    hbm_gbps: PosF               # device memory bandwidth (bytes read + written)
+    bf16_tflops: PosF            # dense bf16 matmul rate
+    hbm_bytes: Pos                # device memory capacity
+    launch_overhead_s: NonNegF = 5e-6   # fixed host+launch cost per step
+    copy_latency_s: NonNegF = 1e-5      # fixed cost per issued copy (descriptor setup, event)
+    dequant_gbps: NonNegF = 0.0         # device rate of int8/int4 -> bf16 dequantisation, in output bytes; 0: unknown
+    workspace_bytes: NonNeg = 32 << 20   # scratch reserved for kernels (cuBLAS workspace and the like)
 
 
 class Object(_Model):
     name: str
     kind: ObjectKind
     dtype: str
-    shape: list[int]
-    size_bytes: int = Field(ge=0)
+    shape: list[NonNeg]
+    size_bytes: NonNeg
     home: Tier
     block: str | None = None              # weights: the block that moves it; kv: the layer block it serves
-    block_offset_bytes: int | None = None  # weights: offset inside the block's flat buffer
-    first_use: int | None = None           # step index of the first use or definition
-    last_use: int | None = None            # step index of the last use
-    urgency_step: int | None = None        # step by which it must be resident (its first use)
+    block_offset_bytes: NonNeg | None = None  # weights: offset inside the block's flat buffer
+    first_use: NonNeg | None = None           # step index of the first use or definition
+    last_use: NonNeg | None = None            # step index of the last use
+    urgency_step: NonNeg | None = None        # step by which it must be resident (its first use)
     urgency_s: float | None = None         # predicted time from forward start of that step
-    evict_cost_s: float = 0.0              # seconds to write it back before eviction (0: clean)
-    recompute_cost_s: float | None = None  # seconds to recompute instead of keeping it; None: cannot (weights)
+    evict_cost_s: NonNegF = 0.0              # seconds to write it back before eviction (0: clean)
+    recompute_cost_s: NonNegF | None = None  # seconds to recompute instead of keeping it; None: cannot (weights)
 
 
 class Step(_Model):
-    index: int
+    index: NonNeg
     op: str                       # "aten.linear.default"
     module: str                   # fully qualified name of the innermost owning module ("" for the root)
     block: str = ""               # the block whose module owns the step ("" for glue in the root)
-    flops: int = 0
-    hbm_bytes: int = 0            # bytes the step reads and writes in device memory
-    time_s: float = 0.0           # predicted compute time
+    flops: NonNeg = 0
+    hbm_bytes: NonNeg = 0            # bytes the step reads and writes in device memory
+    time_s: NonNegF = 0.0         # predicted compute time
     uses: list[str] = Field(default_factory=list)   # objects read
     defs: list[str] = Field(default_factory=list)   # objects written (its outputs)
 
@@ -158,53 +167,53 @@ class Step(_Model):
 class Block(_Model):
     name: str
     module: str                   # fully qualified module name whose forward owns the block
-    size_bytes: int               # bytes of its flat buffer in the model dtype (with alignment padding)
+    size_bytes: NonNeg            # bytes of its flat buffer in the model dtype (with alignment padding)
     weights: list[str]            # object names, in flat-buffer order
     residency: Residency | None = None
     quant: Quant = Quant.none
-    transfer_bytes: int | None = None   # bytes a visit copies (after quantization); None until costed
-    slot: int | None = None       # arena slot of a resident block
+    transfer_bytes: NonNeg | None = None   # bytes a visit copies (after quantization); None until costed
+    slot: NonNeg | None = None    # arena slot of a resident block
 
 
 class Stage(_Model):
-    index: int
+    index: NonNeg
     module: str                   # module whose pre-hook fires on entry ("" for root glue: no hook)
     block: str                    # block owning the module ("" for root glue)
-    first_step: int
-    last_step: int
+    first_step: NonNeg
+    last_step: NonNeg
     needs: list[str] = Field(default_factory=list)   # blocks whose weights the stage's steps read
-    time_s: float = 0.0           # predicted compute time of its steps
+    time_s: NonNegF = 0.0         # predicted compute time of its steps
 
 
 class Slot(_Model):
-    index: int
+    index: NonNeg
     kind: SlotKind
-    offset_bytes: int
-    size_bytes: int
+    offset_bytes: NonNeg
+    size_bytes: NonNeg
     holds: list[str] = Field(default_factory=list)   # blocks that occupy it (in visit order for stream slots)
 
 
 class Arena(_Model):
-    size_bytes: int
-    alignment_bytes: int = 256
+    size_bytes: NonNeg
+    alignment_bytes: Pos = 256
     slots: list[Slot] = Field(default_factory=list)
 
 
 class Action(_Model):
     kind: ActionKind
-    stage: int                    # fires on entry to this stage; == len(stages): at the end of the forward
+    stage: NonNeg                 # fires on entry to this stage; == len(stages): at the end of the forward
     block: str
-    slot: int
-    visit_stage: int              # first stage of the visit this action serves
+    slot: NonNeg
+    visit_stage: NonNeg              # first stage of the visit this action serves
     next_forward: bool = False    # a copy_start issued in this forward for the next forward's visit
 
 
 class Visit(_Model):
     block: str
-    first_stage: int
-    last_stage: int
-    slot: int | None = None
-    issue_stage: int | None = None     # stage on whose entry the copy starts (may be in the previous forward)
+    first_stage: NonNeg
+    last_stage: NonNeg
+    slot: NonNeg | None = None
+    issue_stage: NonNeg | None = None     # stage on whose entry the copy starts (may be in the previous forward)
     issue_next_forward: bool = False   # the copy is issued during the previous forward's tail
     arrive_s: float | None = None      # predicted arrival, from forward start (negative: before it)
     deadline_s: float | None = None    # predicted start of first_stage
@@ -239,7 +248,7 @@ class Program(_Model):
     model: ModelRef
     fingerprint: str              # sha256 of the weights' names, shapes and dtypes
     shape: RunShape
-    budget_bytes: int | None = None
+    budget_bytes: Pos | None = None
     hardware: HardwareProfile | None = None
     objects: list[Object] = Field(default_factory=list)
     blocks: list[Block] = Field(default_factory=list)

@@ -67,6 +67,7 @@ def costs(program: Program) -> Program:
     for b in p.blocks:
         b.transfer_bytes = transfer_bytes(b, p)
     layer_time = {st.block: st.time_s for st in p.stages}
+    defined = {d for s in p.steps for d in s.defs}
     for o in p.objects:
         if o.urgency_step is not None:
             o.urgency_s = start_s[o.urgency_step]
@@ -79,7 +80,8 @@ def costs(program: Program) -> Program:
             o.recompute_cost_s = layer_time.get(o.block or "", 0.0) * min(frac, 1.0)
         else:
             o.evict_cost_s = o.size_bytes / (hw.d2h_gbps * 1e9)
-            o.recompute_cost_s = p.steps[o.first_use].time_s if o.first_use is not None else 0.0
+            # A step output is recomputed by re-running its step; a model input cannot be recomputed.
+            o.recompute_cost_s = p.steps[o.first_use].time_s if o.name in defined else None
     return p
 
 
