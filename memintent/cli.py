@@ -40,16 +40,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from memintent.units import fmt_bytes, fmt_s, parse_bytes
 
     hw = load_profile(args.hw)
+    args.batch_given = args.batch is not None
+    args.batch = args.batch or 1
     budget = parse_bytes(args.budget, "--budget") if args.budget else None
+    if args.quant not in ("none", "int8", "int4", "auto"):
+        raise MemintentError(f"--quant {args.quant!r}: use none, int8, int4 or auto")
     out = Path(args.output or f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json")
     if not out.parent.exists():
         raise MemintentError(f"output folder {out.parent} does not exist")
     console = _console()
     with console.status(f"compiling {args.model}") as status:
-        plan = compile_model(
-            args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
-            kv_block_tokens=args.kv_block_tokens, dtype=args.dtype, allow_code=True, depth=args.depth,
-            progress=lambda msg: status.update(f"{args.model}: {msg}"))
+        say = lambda msg: status.update(f"{args.model}: {msg}")  # noqa: E731
+        if args.objective:
+            from memintent.compiler.planner import plan_generation
+
+            plan = plan_generation(
+                args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
+                prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
+                batch=args.batch if args.batch_given else None, kv_block_tokens=args.kv_block_tokens, progress=say)
+        else:
+            plan = compile_model(
+                args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
+                kv_block_tokens=args.kv_block_tokens, dtype=args.dtype, allow_code=True, depth=args.depth,
+                quant=args.quant, progress=say)
     save_plan(plan, out)
     pr = plan.prediction
     streamed = sum(1 for b in plan.blocks if b.residency.value == "streamed")
@@ -57,6 +70,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"wrote {out}: {len(plan.steps)} steps, {len(plan.blocks)} blocks ({streamed} streamed, depth "
         f"{pr.prefetch_depth}), peak {fmt_bytes(pr.peak_hbm_bytes)} of {fmt_bytes(plan.budget_bytes)}, "
         f"predicted {fmt_s(pr.step_time_s)} per forward (floor {fmt_s(pr.floor_s)}, binds: {pr.binding})")
+    if plan.generation:
+        g = plan.generation
+        console.print(f"generation: batch {g.batch}, {g.tokens_per_s:.2f} tok/s predicted (prefill {fmt_s(g.prefill_s)}"
+                      f", decode step {fmt_s(g.decode_step_s)}), binds: {g.binding}")
     return 0
 
 
@@ -134,6 +151,128 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# simulate / report / profile
+
+
+def _writable_target(path: str, what: str) -> Path:
+    """``path`` as a Path once its folder exists and is writable (checked before any long work)."""
+    import os
+
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise MemintentError(f"{what} {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MemintentError(f"{what} {out}: folder {folder} is not writable")
+    if out.is_dir():
+        raise MemintentError(f"{what} {out} is a folder: name a file")
+    return out
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from memintent.timeline import build_timeline
+    from memintent.units import fmt_bytes, fmt_s
+
+    trace_out = _writable_target(args.trace, "--trace") if args.trace else None
+    program = _load_any(args.plan)
+    tl = build_timeline(program)
+    pr = program.prediction
+    con = _out_console()
+    peak = tl.peak
+    peak_bytes = peak.total_bytes if peak else pr.peak_hbm_bytes
+    con.print(f"[bold]{tl.name}[/bold] on {tl.hardware}: {len(tl.stages)} stages, {len(tl.copies)} copies per "
+              f"forward in {tl.prefetch_depth} stream slot(s), {fmt_bytes(tl.streamed_bytes)} streamed")
+    con.print(f"step time: steady {fmt_s(tl.step_time_s)}, cold {fmt_s(tl.first_step_time_s)} (compute "
+              f"{fmt_s(tl.compute_s)}, stall {fmt_s(tl.stall_s)})")
+    con.print(f"copy engine busy {tl.copy_busy_frac:.1%} of the steady forward ({fmt_s(tl.copy_busy_s)}); "
+              f"binding: {tl.binding or '-'}")
+    con.print(f"peak HBM {fmt_bytes(peak_bytes)} of {fmt_bytes(tl.budget_bytes)} budget "
+              f"({peak_bytes / tl.budget_bytes:.1%}) at step {peak.step if peak else pr.peak_step}")
+    if abs(tl.step_time_s - pr.step_time_s) > 1e-9 * max(pr.step_time_s, 1e-9):
+        con.print(f"[yellow]note: the plan file records {fmt_s(pr.step_time_s)} per forward; the plan's own "
+                  "schedule simulates differently (was the plan edited?)[/yellow]")
+    t = Table(show_edge=False, header_style="bold")
+    for col in ("stage", "module", "steps", "start", "end", "stall", "copies issued"):
+        t.add_column(col, justify="left" if col in ("module", "steps", "copies issued") else "right")
+    for st in tl.stages:
+        stall = fmt_s(st.stall_s) if st.stall_s > 0 else "-"
+        t.add_row(str(st.index), st.module or "(root glue)", f"{st.first_step}-{st.last_step}", fmt_s(st.start_s),
+                  fmt_s(st.end_s), f"[red]{stall}[/red]" if st.stall_s > 0 else stall, ", ".join(st.issued) or "-")
+    con.print(t)
+    con.print("times from the steady-state forward's start; copies named block@first stage")
+    if trace_out is not None:
+        from memintent.trace import write_trace
+
+        write_trace(trace_out, predicted=tl)
+        _console().print(f"wrote {trace_out} (Chrome trace: open it in https://ui.perfetto.dev)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from memintent.report import write_report
+
+    out = _writable_target(args.output, "-o")
+    program = _load_any(args.plan)
+    measured = None
+    if args.trace:
+        from memintent.trace import read_measured
+
+        measured = read_measured(args.trace)
+    with _console().status(f"writing {out}"):
+        written = write_report(program, out, measured=measured, plan_source=args.plan)
+    pngs = ", ".join(str(p) for p in written[:-1])
+    _console().print(f"wrote {out} (figures also in {pngs})")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from memintent.runtime.profile import profile_device, resolve_device, sizes_for
+    from memintent.trace import write_bytes_atomic
+    from memintent.units import fmt_bytes, fmt_s
+
+    out = _writable_target(args.output, "-o")
+    dev = resolve_device(args.device)
+    sz = sizes_for(dev, args.quick)
+    total = 2 * len(sz.copy_bytes) + 5
+    console = _console()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as prog:
+        task = prog.add_task(f"profiling {dev}", total=total)
+        started = [False]
+
+        def say(msg: str) -> None:
+            # Each message starts the next measurement: the previous one is done.
+            if started[0]:
+                prog.advance(task)
+            started[0] = True
+            prog.update(task, description=f"{dev}: {msg}")
+
+        result = profile_device(str(dev), quick=args.quick, progress=say)
+        prog.advance(task)
+    hw = result.profile
+    write_bytes_atomic(out, (hw.model_dump_json(indent=1) + "\n").encode())
+    con = _out_console()
+    con.print(f"[bold]{result.device_name}[/bold] ({dev}){' quick' if args.quick else ''}")
+    t = Table(show_edge=False, header_style="bold", title="host link, per copy size (GB/s = 1e9 bytes/s)")
+    for col in ("size", "host -> device GB/s", "device -> host GB/s"):
+        t.add_column(col, justify="right")
+    for h, d in zip(result.h2d, result.d2h):
+        t.add_row(fmt_bytes(h.size_bytes), f"{h.gbps:.2f}", f"{d.gbps:.2f}")
+    con.print(t)
+    con.print(f"h2d {hw.h2d_gbps:.2f} GB/s, d2h {hw.d2h_gbps:.2f} GB/s (largest size); device memory "
+              f"{hw.hbm_gbps:.1f} GB/s (read+write); bf16 matmul {hw.bf16_tflops:.3f} TFLOP/s; launch overhead "
+              f"{fmt_s(hw.launch_overhead_s)}; copy latency {fmt_s(hw.copy_latency_s)}; dequant int8->bf16 "
+              f"{hw.dequant_gbps:.1f} GB/s (output bytes); memory {fmt_bytes(hw.hbm_bytes)}")
+    console.print(f"wrote {out}: use it with `memintent compile MODEL --hw {out}`")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,13 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="trace a model and write a verified plan file")
     c.add_argument("model", help="a preset (see `memintent presets`), hf:PATH or py:MODULE:FUNCTION")
     c.add_argument("--budget", help="HBM budget, e.g. 24GiB (default: the profile's whole card)")
-    c.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
+    c.add_argument("--batch", type=int, default=None,
+                   help="sequences per forward (default 1; with --objective: chosen by the planner)")
     c.add_argument("--seq", type=int, default=64, help="tokens per sequence in the traced forward (default 64)")
     c.add_argument("--kv-len", type=int, default=0, help="tokens of KV cache to reserve per sequence (default 0)")
     c.add_argument("--kv-block-tokens", type=int, default=64, help="tokens per KV block object (default 64)")
     c.add_argument("--hw", default="h100-sxm", help="hardware profile: h100-sxm, h200, a100-80g, rtx-4090 or FILE.json")
     c.add_argument("--dtype", help="weight dtype override (bf16, f16, f32)")
     c.add_argument("--depth", type=int, help="force this many stream slots (default: chosen by the cost model)")
+    c.add_argument("--quant", default="none",
+                   help="bit width of streamed weights: none, int8, int4, auto (per block, from the cost model)")
+    c.add_argument("--objective", choices=("throughput", "latency"),
+                   help="plan generation: choose batch, residency and bit widths for tokens/s or step latency")
+    c.add_argument("--context", type=int, default=1024, help="with --objective: KV tokens per sequence (1024)")
+    c.add_argument("--prompt-len", type=int, default=512, help="with --objective: prompt tokens assumed (512)")
+    c.add_argument("--gen-len", type=int, default=32, help="with --objective: generated tokens assumed (32)")
     c.add_argument("-o", "--output", help="plan file to write (default MODEL.plan.json)")
     c.set_defaults(fn=cmd_compile)
 
@@ -180,6 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
     r.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     r.set_defaults(fn=cmd_run)
+
+    sm = sub.add_parser("simulate", help="the plan's predicted timeline: step time, stall, copy engine, per stage")
+    sm.add_argument("plan")
+    sm.add_argument("--trace", metavar="OUT.json", help="also write the predicted timeline as a Chrome trace "
+                                                        "(open in ui.perfetto.dev)")
+    sm.set_defaults(fn=cmd_simulate)
+
+    rp = sub.add_parser("report", help="an HTML page with memory, timeline and stall figures and the plan's choices")
+    rp.add_argument("plan")
+    rp.add_argument("--trace", metavar="RUN.trace.json", help="a run's trace file: show the measured timeline and "
+                                                              "stalls beside the predicted ones")
+    rp.add_argument("-o", "--output", default="report.html",
+                    help="HTML file to write (default report.html); figures go beside it as STEM-*.png")
+    rp.set_defaults(fn=cmd_report)
+
+    pf = sub.add_parser("profile", help="measure this machine's copy, memory and compute rates into a profile "
+                                        "that `compile --hw FILE.json` reads")
+    pf.add_argument("-o", "--output", required=True, metavar="FILE.json", help="profile file to write")
+    pf.add_argument("--device", default=None, help="cpu or cuda (cuda:N) (default: cuda when present)")
+    pf.add_argument("--quick", action="store_true", help="smaller sizes: faster, less accurate")
+    pf.set_defaults(fn=cmd_profile)
     return ap
 
 

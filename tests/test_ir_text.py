@@ -303,6 +303,7 @@ program @toy {
     binding = "pcie"
     notes = ["layers.1 arrives 1.5 us late"]
   }
+  generation none
 }
 '''.lstrip("\n")
 

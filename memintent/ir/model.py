@@ -240,6 +240,22 @@ class Prediction(_Model):
     notes: list[str] = Field(default_factory=list)
 
 
+class GenerationPlan(_Model):
+    """What the generation planner chose (``compile --objective``) and why; the program is the decode step."""
+
+    objective: str                # "throughput" | "latency"
+    batch: Pos                    # sequences decoded together (one wave)
+    context: Pos                  # KV tokens per sequence the plan reserves (prompt + generated)
+    prompt_len: Pos               # tokens per prompt the prefill estimate assumes
+    gen_len: Pos                  # tokens generated per sequence the estimate assumes
+    quant_policy: str             # "none" | "int8" | "int4" | "auto"
+    prefill_s: NonNegF            # predicted prefill of one wave
+    decode_step_s: NonNegF        # predicted decode step (one token for each sequence of the wave)
+    tokens_per_s: NonNegF         # predicted generated tokens/s over a wave (prefill included)
+    binding: str                  # constraint that binds the decode step: "pcie", "compute", "kv capacity"
+    alternatives: list[str] = Field(default_factory=list)   # rejected candidates, each with its reason
+
+
 class Program(_Model):
     """A traced model and, once the passes ran, its plan. The plan file is this object as JSON."""
 
@@ -258,6 +274,7 @@ class Program(_Model):
     arena: Arena | None = None
     actions: list[Action] = Field(default_factory=list)
     prediction: Prediction | None = None
+    generation: GenerationPlan | None = None
     passes: list[str] = Field(default_factory=list)   # names of the passes that ran, in order
 
     # Lookups are rebuilt on demand rather than stored, so the serialised form has one source of truth.

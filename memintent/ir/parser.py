@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from memintent.errors import IRParseError
 from memintent.ir.model import (
     Action, ActionKind, Arena, Block, HardwareProfile, ModelRef, Object, ObjectKind, Prediction, Program, Quant,
+    GenerationPlan,
     Residency, RunShape, Slot, SlotKind, Stage, Step, Tier, Visit,
 )
 
@@ -183,11 +184,11 @@ class _Builder(Transformer):
     """
 
     def start(self, c):
-        name, header, hardware, blocks, objects, arena, body, visits, prediction = c
+        name, header, hardware, blocks, objects, arena, body, visits, prediction, generation = c
         steps, stages, actions = body
         return _build(Program, dict(name=_name(name, 1), **header, hardware=hardware, blocks=blocks,
                                     objects=objects, arena=arena, steps=steps, stages=stages, actions=actions,
-                                    visits=visits, prediction=prediction), {}, name)
+                                    visits=visits, prediction=prediction, generation=generation), {}, name)
 
     def header(self, c):
         (schema, kind, ref, dtype, traced, fingerprint, batch, seq, kv_len, kv_block_tokens, budget, passes) = c
@@ -206,6 +207,9 @@ class _Builder(Transformer):
 
     def prediction(self, c):
         return _fields_model(Prediction, c[0], c[1:])
+
+    def generation(self, c):
+        return _fields_model(GenerationPlan, c[0], c[1:])
 
     def field(self, c):
         return c[0], c[1]

@@ -17,6 +17,7 @@ The format is described in spec/IR.md and its grammar is memintent/ir/memintent.
       }
       visits { @block stages=[...] ... }
       prediction { field = value ... }
+      generation { field = value ... }
     }
 
 Nothing is lost: every field of every model is printed (booleans as a flag that is present when true), floats
@@ -257,5 +258,6 @@ def dump(program: Program) -> str:
     out += _body(p)
     out += _list_section("visits", [_visit(v) for v in p.visits])
     out += _fields("prediction", p.prediction)
+    out += _fields("generation", p.generation)
     out.append("}")
     return "\n".join(out) + "\n"

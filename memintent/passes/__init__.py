@@ -17,13 +17,15 @@ PIPELINE: tuple[Pass, ...] = (LIFETIMES, COSTS, RESIDENCY, PREFETCH, EVICT, VERI
 
 
 def schedule_program(program: Program, budget_bytes: int | None, hardware: HardwareProfile,
-                     on_pass: Callable[[str], None] | None = None, depth: int | None = None) -> Program:
+                     on_pass: Callable[[str], None] | None = None, depth: int | None = None,
+                     quant: str = "none") -> Program:
     """Traced program -> verified plan for ``budget_bytes`` of HBM (None: the whole card).
 
-    ``depth`` forces the number of stream slots; by default the residency pass picks it from the cost model."""
+    ``depth`` forces the number of stream slots; by default the residency pass picks it from the cost model.
+    ``quant`` is the bit-width policy for streamed blocks (none, int8, int4, auto)."""
     p = program.model_copy(update={"budget_bytes": budget_bytes, "hardware": hardware})
-    pipeline = PIPELINE if depth is None else tuple(residency_pass(depth) if q.name == "residency" else q
-                                                    for q in PIPELINE)
+    pipeline = PIPELINE if depth is None and quant == "none" else tuple(
+        residency_pass(depth, quant) if q.name == "residency" else q for q in PIPELINE)
     return run_passes(p, pipeline, on_pass)
 
 

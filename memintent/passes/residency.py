@@ -19,8 +19,8 @@ trades against resident blocks through the same simulated time.
 from __future__ import annotations
 
 from memintent.errors import MemintentError
-from memintent.ir.model import Arena, ObjectKind, Program, Residency, Slot, SlotKind
-from memintent.passes.costs import copy_time_s, dequant_time_s
+from memintent.ir.model import Arena, Block, ObjectKind, Program, Quant, Residency, Slot, SlotKind
+from memintent.passes.costs import copy_time_s, dequant_time_s, transfer_bytes
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
 from memintent.passes.simulate import make_schedule, simulate
@@ -36,10 +36,13 @@ def aligned(n: int) -> int:
 
 
 def reserved_bytes(program: Program) -> dict[str, int]:
-    """HBM that no residency choice can avoid: KV cache, activation peak, workspace."""
+    """HBM that no residency choice can avoid: KV cache, activation peak, workspace (the kernels' scratch plus
+    any workspace objects, such as the extra activations of a prefill that a decode plan must also fit)."""
     prof = activation_profile(program)
     kv = sum(aligned(o.size_bytes) for o in program.objects if o.kind == ObjectKind.kv)
-    return {"kv": kv, "activations": max(prof, default=0), "workspace": program.hardware.workspace_bytes}
+    ws = program.hardware.workspace_bytes + sum(o.size_bytes for o in program.objects
+                                                 if o.kind == ObjectKind.workspace)
+    return {"kv": kv, "activations": max(prof, default=0), "workspace": ws}
 
 
 def forced_resident(program: Program) -> set[str]:
@@ -52,11 +55,21 @@ def forced_resident(program: Program) -> set[str]:
     return forced
 
 
+def slot_need_bytes(b: Block) -> int:
+    """Stream-slot bytes a visit of ``b`` needs: its weights, plus, when quantized, the packed bytes it arrives as
+    (they land at the end of the slot and are unpacked into its start)."""
+    need = aligned(b.size_bytes)
+    if b.quant != Quant.none:
+        need += aligned(b.transfer_bytes or 0)
+    return need
+
+
 class _Search:
     def __init__(self, program: Program):
         self.p = program
         self.hw = program.hardware
         self.size = {b.name: aligned(b.size_bytes) for b in program.blocks}
+        self.need = {b.name: slot_need_bytes(b) for b in program.blocks}
         self.nvisits = {b.name: 0 for b in program.blocks}
         for v in program.visits:
             self.nvisits[v.block] += 1
@@ -77,7 +90,7 @@ class _Search:
         return self._cache[key]
 
     def memory(self, resident: set[str], streamed: frozenset, k: int) -> int:
-        slot = max((self.size[b] for b in streamed), default=0)
+        slot = max((self.need[b] for b in streamed), default=0)
         return sum(self.size[b] for b in resident) + (k * slot if streamed else 0)
 
     def greedy(self, k: int, forced: set[str], room: int) -> tuple[set[str], frozenset, float] | None:
@@ -130,14 +143,45 @@ class _Search:
         return max(cls, key=lambda b: (min(abs(self.first_stage[b] - a) for a in anchors), -self.first_stage[b]))
 
 
-def residency(program: Program, depth: int | None = None) -> Program:
-    """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose."""
+def _set_quant(p: Program, block: Block, q: Quant) -> None:
+    block.quant = q
+    block.transfer_bytes = transfer_bytes(block, p)
+
+
+def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: set[str]) -> None:
+    """``--quant auto``: starting from int4 everywhere, give each streamed block the widest bit width (bf16, then
+    int8) that keeps the simulated forward within 1% of the all-int4 time and the plan within budget. Where PCIe
+    binds nothing widens; where compute hides the copies, blocks go back to bf16 and lose no accuracy."""
+    bmap = p.block_map()
+    t_int4 = _Search(p).time(streamed, k)
+    for name in sorted(streamed, key=lambda n: [b.name for b in p.blocks].index(n)):
+        b = bmap[name]
+        if b.quant == Quant.none:
+            continue
+        for q in (Quant.none, Quant.int8):
+            old = b.quant
+            _set_quant(p, b, q)
+            s = _Search(p)
+            t = s.time(streamed, k)
+            if t is not None and t <= t_int4 * 1.01 and s.memory(resident, streamed, k) <= room:
+                break
+            _set_quant(p, b, old)
+
+
+def residency(program: Program, depth: int | None = None, quant: str = "none") -> Program:
+    """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
+    ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, or auto (chosen per block)."""
     p = program.model_copy(deep=True)
     budget = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
     p.budget_bytes = budget
     res = reserved_bytes(p)
     room = budget - sum(res.values())
     forced = forced_resident(p)
+    policy = Quant.int4 if quant == "auto" else Quant(quant)
+    objs = p.object_map()
+    for b in p.blocks:
+        quantizable = any(len(objs[w].shape) == 2 for w in b.weights)
+        _set_quant(p, b, policy if quantizable and b.name not in forced else Quant.none)
     search = _Search(p)
     used = {v.block for v in p.visits}
     if sum(search.size.values()) <= room:
@@ -168,7 +212,12 @@ def residency(program: Program, depth: int | None = None) -> Program:
     for b in p.blocks:
         # A block no stage reads is never copied: it stays host-side as "streamed" with no visit.
         b.residency = Residency.resident if b.name in resident else Residency.streamed
-    slot_bytes = max((search.size[b] for b in streamed), default=0)
+        if b.residency == Residency.resident:
+            _set_quant(p, b, Quant.none)     # resident weights stay in the model's dtype: nothing to save
+    if quant == "auto" and streamed:
+        _relax_quant(p, streamed, k, room, resident)
+    bmap = p.block_map()
+    slot_bytes = max((slot_need_bytes(bmap[b]) for b in streamed), default=0)
     p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN,
                     slots=[Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes)
                            for i in range(k)])
@@ -179,8 +228,8 @@ def _ensure(p: Program) -> None:
     assert all(b.residency is not None for b in p.blocks)
 
 
-def residency_pass(depth: int | None = None) -> Pass:
-    return Pass("residency", lambda p: residency(p, depth), requires=("costs",), ensures=_ensure)
+def residency_pass(depth: int | None = None, quant: str = "none") -> Pass:
+    return Pass("residency", lambda p: residency(p, depth, quant), requires=("costs",), ensures=_ensure)
 
 
 RESIDENCY = residency_pass()

@@ -16,6 +16,7 @@ from memintent.errors import PlanVerificationError
 from memintent.ir.model import ActionKind, ObjectKind, Program, Residency, SlotKind
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
+from memintent.passes.residency import reserved_bytes, slot_need_bytes
 from memintent.units import fmt_bytes
 
 
@@ -54,9 +55,9 @@ def verify_layout(p: Program) -> None:
             _fail(p, act.stage, f"{act.kind.value} of {act.block} names slot {act.slot}, not a stream slot")
         if act.block not in bmap:
             _fail(p, act.stage, f"{act.kind.value} names unknown block {act.block}")
-        if a.slots[act.slot].size_bytes < bmap[act.block].size_bytes:
-            _fail(p, act.stage, f"block {act.block} ({bmap[act.block].size_bytes} B) does not fit stream slot "
-                                f"{act.slot} ({a.slots[act.slot].size_bytes} B)")
+        if a.slots[act.slot].size_bytes < slot_need_bytes(bmap[act.block]):
+            _fail(p, act.stage, f"block {act.block} ({slot_need_bytes(bmap[act.block])} B with its packed bytes) "
+                                f"does not fit stream slot {act.slot} ({a.slots[act.slot].size_bytes} B)")
         if act.stage > len(p.stages) or act.stage < 0 or (act.stage < len(p.stages) and not p.stages[act.stage].module):
             _fail(p, min(act.stage, len(p.stages)), f"{act.kind.value} of {act.block} is at a stage with no module "
                                                    "hook (actions must sit where the runtime can run them)")
@@ -70,7 +71,7 @@ def verify_memory(p: Program) -> None:
     if p.budget_bytes is None:
         _fail(p, None, "no budget")
     prof = activation_profile(p)
-    fixed = p.arena.size_bytes + (p.hardware.workspace_bytes if p.hardware else 0)
+    fixed = p.arena.size_bytes + reserved_bytes(p)["workspace"]
     if fixed > p.budget_bytes:
         _fail(p, None, f"arena {fmt_bytes(p.arena.size_bytes)} + workspace exceed the budget "
                        f"{fmt_bytes(p.budget_bytes)}")
