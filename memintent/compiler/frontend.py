@@ -29,7 +29,10 @@ from memintent.ir.model import (
 )
 
 ALIGN_BYTES = 256          # every weight starts 256-byte aligned in its block's flat buffer (vectorised copies)
-ROOT_BLOCK = "root"        # weights held by the root module itself (rotary tables and the like): always resident
+ROOT_BLOCK = "root"
+# ops whose eager kernels hold a float32 copy of a 16-bit input while they run
+UPCASTING_OPS = {"aten.rms_norm.default", "aten.layer_norm.default", "aten.native_layer_norm.default",
+                 "aten._fused_rms_norm.default", "aten.softmax.int", "aten._softmax.default"}        # weights held by the root module itself (rotary tables and the like): always resident
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,6 +385,13 @@ def trace(spec: TraceSpec, shape: RunShape, progress: Callable[[str], None] | No
             defs.append(bname)
             objects.append(Object(name=bname, kind=ObjectKind.buffer, dtype=p.out_dtype, shape=p.out_shape,
                                   size_bytes=p.out_bytes, home=Tier.hbm))
+            if p.op in UPCASTING_OPS and p.out_dtype in ("bf16", "f16"):
+                # Eager norms on 16-bit inputs compute in float32: one f32 copy of the input lives during the op
+                # (measured on an H100: W1 at 4x512 peaked 64 MiB above the plan before this was counted).
+                sname = f"t{i}.scratch"
+                defs.append(sname)
+                objects.append(Object(name=sname, kind=ObjectKind.buffer, dtype="f32", shape=p.out_shape,
+                                      size_bytes=2 * p.out_bytes, home=Tier.hbm))
         steps.append(Step(index=i, op=p.op, module=p.module, block=_block_of_module(p.module, block_modules),
                           flops=p.flops, hbm_bytes=p.in_bytes + p.out_bytes, uses=uses, defs=defs))
     # The graph's outputs stay alive to the end: give them a use at the last step.

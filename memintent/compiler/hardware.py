@@ -25,13 +25,16 @@ BUILTIN: dict[str, HardwareProfile] = {
         h2d_gbps=54.8, d2h_gbps=55.0, hbm_gbps=2995.0, bf16_tflops=754.0, hbm_bytes=81559 * (1 << 20),
         # Dequantisation is a memory-bound elementwise pass: read packed ints, write bf16; a fraction of HBM rate.
         dequant_gbps=1200.0,
+        # cuBLAS workspace (32 MiB) plus what the caching allocator rounds up: W1 at 1x64 peaked 2.06 MiB above
+        # arena + activations + 32 MiB on this card.
+        workspace_bytes=36 << 20,
     ),
     "h200": HardwareProfile(
         name="h200",
         source="datasheet (NVIDIA H200 SXM: 4.8 TB/s HBM3e, 989 dense bf16 TFLOP/s, PCIe gen5 x16 64 GB/s per "
                "direction); host link derated to the 54.8 GB/s measured on the H100's gen5 link",
         h2d_gbps=54.8, d2h_gbps=55.0, hbm_gbps=4800.0, bf16_tflops=989.0, hbm_bytes=141 * 10**9,
-        dequant_gbps=1900.0,
+        dequant_gbps=1900.0, workspace_bytes=36 << 20,
     ),
     "a100-80g": HardwareProfile(
         name="a100-80g",

@@ -1,0 +1,209 @@
+"""W1 streamed forward against its floor, in one process (benchmarks/RESULTS.md records the runs).
+
+Measures, on one GPU: pinned host->device bandwidth (2 GiB copies), the resident forward, the forward streamed under
+a plan whose budget streams every decoder layer, the planner's own choice at that budget, a plan whose budget holds
+the whole model (must run within 2% of resident), and Accelerate's ``cpu_offload`` when it is installed. Checks
+that streamed logits are bitwise identical to resident ones and that peak HBM stays under the budget.
+
+    python benchmarks/stream_forward.py --out $OUT                 # on the GPU machine (W1, 1x64 and 4x512)
+    python benchmarks/stream_forward.py --model tiny-llama --device cpu --tokens 1x16 --quick   # smoke test here
+
+Prints a table last and writes ``stream_forward.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memintent.compiler.compile import compile_model  # noqa: E402
+from memintent.compiler.hardware import BUILTIN  # noqa: E402
+from memintent.compiler.refs import resolve  # noqa: E402
+from memintent.ir.model import Residency  # noqa: E402
+from memintent.run import measure_h2d_gbps, resident_model, sync  # noqa: E402
+from memintent.runtime import HostStore, attach  # noqa: E402
+from memintent.units import parse_tokens  # noqa: E402
+
+GiB = 1 << 30
+
+
+def timed(fn, device, repeats):
+    """Steady-state seconds per forward: ``repeats`` forwards back to back after two warm-ups, divided by the wall
+    time until the device is idle. Between forwards only the host waits for nothing: a full device sync there would
+    also wait for the next forward's prefetch and leave the copy engine idle at every forward boundary, which no
+    serving loop does. Returns (seconds per forward, per-forward host-visible times, last output)."""
+    out = fn()
+    out = fn()
+    sync(device)
+    ts = []
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t)
+    sync(device)
+    return (time.perf_counter() - t0) / repeats, ts, out
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_streamed(src, plan, store, device, inputs, repeats, check=False):
+    model = src.build("meta")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    handle = attach(model, plan, device, check=check, host_store=store)
+    try:
+        with torch.no_grad():
+            med, ts, out = timed(lambda: model(*inputs), device, repeats)
+        logits = src.logits(out).float().cpu()
+        stats = handle.stats()[-repeats:]
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    finally:
+        handle.detach()
+        del model
+        free(device)
+    overhead = statistics.median(s.host_overhead_per_block_s for s in stats)
+    stall = [s.stall_s for s in stats if s.stall_s is not None]
+    copy_s = [s.copy_s for s in stats if s.copy_s]
+    return dict(
+        median_s=med, all_s=ts, peak_hbm_bytes=peak, logits=logits,
+        host_overhead_per_block_s=overhead, stall_s=statistics.median(stall) if stall else None,
+        copy_gbps=statistics.median(s.copy_gbps for s in stats if s.copy_gbps) if copy_s else None,
+        bytes_copied=stats[-1].bytes_copied, copies=stats[-1].copies,
+    )
+
+
+def accelerate_offload(src, store, device, inputs, repeats):
+    try:
+        from accelerate import cpu_offload
+    except ImportError:
+        return None
+    model = src.build("meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            try:
+                t.copy_(store.view(name))
+            except KeyError:
+                pass
+    cpu_offload(model, execution_device=device)
+    with torch.no_grad():
+        med, ts, out = timed(lambda: model(*inputs), device, repeats)
+    del model
+    free(device)
+    return dict(median_s=med, all_s=ts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="w1")
+    ap.add_argument("--tokens", nargs="+", default=["1x64", "4x512"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--out", default=None, help="folder for stream_forward.json")
+    ap.add_argument("--quick", action="store_true", help="small smoke test: fewer repeats, no baselines")
+    ap.add_argument("--no-accelerate", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    hw = BUILTIN["h100-sxm"] if device.type == "cuda" else BUILTIN["cpu"]
+    src = resolve(args.model)
+    repeats = 2 if args.quick else args.repeats
+    results = dict(model=args.model, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs=[])
+
+    h2d_gbps = measure_h2d_gbps(device, nbytes=2 * GiB if device.type == "cuda" else 64 << 20)
+    results["h2d_gbps"] = h2d_gbps
+    print(f"pinned H2D: {h2d_gbps:.1f} GB/s", flush=True)
+
+    # One host store for every plan: all plans of a model share the block layout (blocks come from the trace).
+    probe = compile_model(args.model, budget_bytes=None, hardware=hw, batch=1, seq=8)
+    t0 = time.perf_counter()
+    store = HostStore(probe, pin="auto" if device.type == "cuda" else "none")
+    store.fill(src.fill_weights)
+    results["host_fill_s"] = time.perf_counter() - t0
+    layer_bytes = max(b.size_bytes for b in probe.blocks)
+    print(f"host store: {store.nbytes / 1e9:.2f} GB filled in {results['host_fill_s']:.1f} s", flush=True)
+
+    rows = []
+    for tok in args.tokens:
+        batch, seq = parse_tokens(tok)
+        gen = torch.Generator().manual_seed(0)
+        inputs = (torch.randint(0, src.vocab_size, (batch, seq), generator=gen).to(device),)   # (B, S)
+        with torch.no_grad():
+            ref = resident_model(src, store, device)
+            res_s, _, out = timed(lambda: ref(*inputs), device, repeats)
+            ref_logits = src.logits(out).float().cpu()
+            del ref, out
+        free(device)
+        # A budget at which every decoder layer streams: the small blocks plus two layer slots and the reserve.
+        small = sum(b.size_bytes for b in probe.blocks if b.size_bytes < layer_bytes)
+        all_stream_budget = small + 2 * layer_bytes + int(2 * GiB if device.type == "cuda" else 1 << 20)
+        plans = {
+            "stream every layer (depth 2)": compile_model(args.model, budget_bytes=all_stream_budget, hardware=hw,
+                                                          batch=batch, seq=seq, depth=2),
+            "planner's choice, same budget": compile_model(args.model, budget_bytes=all_stream_budget, hardware=hw,
+                                                           batch=batch, seq=seq),
+            "budget holds the model": compile_model(args.model, budget_bytes=(store.nbytes + 8 * GiB) if
+                                                    device.type == "cuda" else None, hardware=hw, batch=batch, seq=seq),
+        }
+        for name, plan in plans.items():
+            r = run_streamed(src, plan, store, device, inputs, repeats)
+            pr = plan.prediction
+            floor_s = max(pr.streamed_bytes / (h2d_gbps * 1e9), res_s)
+            identical = bool(torch.equal(r.pop("logits"), ref_logits))
+            streamed = sum(1 for b in plan.blocks if b.residency == Residency.streamed)
+            row = dict(tokens=tok, plan=name, budget_bytes=plan.budget_bytes, streamed_blocks=streamed,
+                       depth=pr.prefetch_depth, streamed_bytes=pr.streamed_bytes, resident_s=res_s,
+                       floor_s=floor_s, predicted_s=pr.step_time_s, predicted_peak_bytes=pr.peak_hbm_bytes,
+                       ratio_to_floor=r["median_s"] / floor_s, ratio_to_resident=r["median_s"] / res_s,
+                       identical=identical, block_copy_s=layer_bytes / (h2d_gbps * 1e9), **r)
+            row["overhead_pct_of_copy"] = 100 * r["host_overhead_per_block_s"] / row["block_copy_s"]
+            if r["peak_hbm_bytes"]:
+                row["peak_vs_predicted"] = r["peak_hbm_bytes"] / pr.peak_hbm_bytes
+            if name == "budget holds the model":
+                # the same resident model again, right after: tells the runtime's cost from drift of the card
+                with torch.no_grad():
+                    ref = resident_model(src, store, device)
+                    row["resident_again_s"], _, _ = timed(lambda: ref(*inputs), device, repeats)
+                    del ref
+                free(device)
+            rows.append(row)
+            print(f"{tok} {name}: {r['median_s'] * 1e3:.1f} ms (floor {floor_s * 1e3:.1f}, resident {res_s * 1e3:.1f},"
+                  f" predicted {pr.step_time_s * 1e3:.1f}) identical={identical}", flush=True)
+        if device.type == "cuda" and not args.quick and not args.no_accelerate:
+            acc = accelerate_offload(src, store, device, inputs, 2)
+            if acc:
+                rows.append(dict(tokens=tok, plan="accelerate cpu_offload", median_s=acc["median_s"], floor_s=None,
+                                 resident_s=res_s, ratio_to_resident=acc["median_s"] / res_s))
+    results["runs"] = rows
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "stream_forward.json").write_text(json.dumps(results, indent=1, default=str))
+
+    print(f"\n{results['device']}, torch {results['torch']}, pinned H2D {h2d_gbps:.1f} GB/s, {args.model}")
+    print(f"{'tokens':7s} {'plan':31s} {'time':>9s} {'floor':>9s} {'x floor':>8s} {'x resid':>8s} {'pred':>9s} "
+          f"{'peak/pred':>9s} {'peak<=bud':>9s} {'ovh %':>6s} {'same':>5s}")
+    for r in rows:
+        ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}ms"  # noqa: E731
+        print(f"{r['tokens']:7s} {r['plan']:31s} {ms(r['median_s']):>9s} {ms(r.get('floor_s')):>9s} "
+              f"{r.get('ratio_to_floor', 0):8.3f} {r.get('ratio_to_resident', 0):8.3f} {ms(r.get('predicted_s')):>9s} "
+              f"{r.get('peak_vs_predicted', 0):9.3f} "
+              f"{str(r['peak_hbm_bytes'] <= r['budget_bytes']) if r.get('peak_hbm_bytes') else '-':>9s} "
+              f"{r.get('overhead_pct_of_copy', 0):6.2f} {str(r.get('identical', '-')):>5s}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
