@@ -150,6 +150,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from memintent.generate import run_generate
+
+    return run_generate(args)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # simulate / report / profile
 
@@ -264,10 +270,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for h, d in zip(result.h2d, result.d2h):
         t.add_row(fmt_bytes(h.size_bytes), f"{h.gbps:.2f}", f"{d.gbps:.2f}")
     con.print(t)
-    con.print(f"h2d {hw.h2d_gbps:.2f} GB/s, d2h {hw.d2h_gbps:.2f} GB/s (largest size); device memory "
-              f"{hw.hbm_gbps:.1f} GB/s (read+write); bf16 matmul {hw.bf16_tflops:.3f} TFLOP/s; launch overhead "
+    con.print(f"profile: h2d {hw.h2d_gbps:.3g} GB/s, d2h {hw.d2h_gbps:.3g} GB/s (largest size); device memory "
+              f"{hw.hbm_gbps:.3g} GB/s (read+write); bf16 matmul {hw.bf16_tflops:.3g} TFLOP/s; launch overhead "
               f"{fmt_s(hw.launch_overhead_s)}; copy latency {fmt_s(hw.copy_latency_s)}; dequant int8->bf16 "
-              f"{hw.dequant_gbps:.1f} GB/s (output bytes); memory {fmt_bytes(hw.hbm_bytes)}")
+              f"{hw.dequant_gbps:.3g} GB/s (output bytes); memory {fmt_bytes(hw.hbm_bytes)}")
     console.print(f"wrote {out}: use it with `memintent compile MODEL --hw {out}`")
     return 0
 
@@ -326,7 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true", help="also run the resident model and compare logits")
     r.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
     r.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    r.add_argument("--json", help="also write the measurements to this JSON file")
     r.set_defaults(fn=cmd_run)
+
+    g = sub.add_parser("generate", help="prefill and greedy decode under a generation plan (compile --objective)")
+    g.add_argument("plan")
+    g.add_argument("--prompt-len", type=int, help="prompt tokens (default: the plan's)")
+    g.add_argument("--gen-len", type=int, help="tokens to generate per sequence (default: the plan's)")
+    g.add_argument("--requests", type=int, help="prompts to serve, in waves of the planned batch")
+    g.add_argument("--prompts", help="JSON file: a list of equal-length lists of token ids")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument("--check", action="store_true", help="poison freed slots with NaN")
+    g.add_argument("--verify", action="store_true", help="also generate with the resident model and compare tokens")
+    g.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    g.add_argument("--json", help="also write the measurements to this JSON file")
+    g.set_defaults(fn=cmd_generate)
 
     sm = sub.add_parser("simulate", help="the plan's predicted timeline: step time, stall, copy engine, per stage")
     sm.add_argument("plan")

@@ -28,6 +28,19 @@ def explain(p: Program, console: Console) -> None:
         f"{fmt_s(pr.floor_s)}; binding: {pr.binding}")
     for note in pr.notes:
         console.print(f"note: {note}")
+    if p.generation is not None:
+        g = p.generation
+        quant = {q: sum(1 for b in p.blocks if b.residency == Residency.streamed and b.quant.value == q)
+                 for q in ("none", "int8", "int4")}
+        console.print(
+            f"[bold]generation[/bold] ({g.objective}): batch {g.batch}, context {g.context}, prompt {g.prompt_len}, "
+            f"gen {g.gen_len}: predicted {g.tokens_per_s:.2f} tok/s (prefill {fmt_s(g.prefill_s)}, decode step "
+            f"{fmt_s(g.decode_step_s)}); binding: {g.binding}; streamed blocks by bit width: bf16 {quant['none']}, "
+            f"int8 {quant['int8']}, int4 {quant['int4']} (policy {g.quant_policy})")
+        if not any(b.residency == Residency.streamed and any(v.block == b.name for v in p.visits) for b in p.blocks):
+            console.print("nothing streams: the weights and this batch's KV cache fit the budget together")
+        for alt in g.alternatives:
+            console.print(f"  rejected: {alt}")
 
     t = Table(show_edge=False, header_style="bold")
     for col in ("block", "where", "bytes", "moved", "slot", "stages", "issue", "arrive", "deadline", "slack"):

@@ -61,7 +61,9 @@ def prefetch(program: Program) -> Program:
     p.arena = Arena(size_bytes=off, alignment_bytes=ALIGN, slots=slots)
 
     # Visits: slot, issue point, predicted arrival against deadline.
-    arrive = {e.visit: e.end_s for e in sim.copies}
+    # A visit is ready when its copy has arrived and, if quantized, been unpacked: that is what compute waits for.
+    deq_s = {i: dequant_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
+    arrive = {e.visit: e.end_s + deq_s[e.visit] for e in sim.copies}
     for i, v in enumerate(p.visits):
         if i in sched.slot:
             v.slot = first_stream + sched.slot[i]

@@ -86,6 +86,14 @@ def make_schedule(stages: list[Stage], visits: list[Visit], streamed: set[str], 
             # The previous occupant is the last visit of the previous forward that used this slot.
             prev_j = max(jj for jj in range(len(order)) if jj % k == j % k)
             issue[i], nxt[i] = free[order[prev_j]], True
+    # Keep issue order FIFO: copies go out in visit order, those for the next forward last. Round robin can free
+    # a later visit's slot first at the wrap (an odd number of visits over two slots); such a copy waits for its
+    # predecessor's issue rather than overtaking it on the copy engine.
+    seq = [i for i in order if not nxt[i]] + [i for i in order if nxt[i]]
+    running = 0
+    for i in seq:
+        running = max(running, issue[i])
+        issue[i] = running
     for i in order:
         if not nxt[i] and issue[i] > wait[i]:
             return None              # the slot is still in use when its next occupant is needed: too few slots

@@ -1,0 +1,358 @@
+"""``memintent profile``: measure the rates the cost model needs and write them as a ``HardwareProfile``.
+
+Why measure: a plan is only as good as its seconds, and the seconds come from five numbers (host link, device
+memory, matmul rate, per-op and per-copy overheads, dequantisation) that differ between cards, hosts, PCIe
+generations and driver versions, sometimes by 2x from the datasheet. ``compile --hw FILE.json`` then plans for
+the machine the profile was measured on.
+
+What is measured (medians of several repetitions after a warm-up; sizes depend on the backend and ``quick``):
+
+* ``h2d_gbps`` / ``d2h_gbps``: copies between pinned host memory and the device at the block sizes that matter
+  (CUDA: 64 MiB, 256 MiB, 1 GiB, 2 GiB), issued on a side stream as the runtime's copy engine does and timed with
+  CUDA events on that stream; each size is reported, the profile takes the largest size's rate (weight blocks
+  of large models are hundreds of MiB). Bytes copied once per copy, 1e9 bytes/s.
+* ``hbm_gbps``: a large device-to-device copy, counting bytes read plus bytes written.
+* ``bf16_tflops``: one dense bf16 matmul n x n x n (CUDA n = 8192), 2 n^3 floating-point operations.
+* ``launch_overhead_s``: wall time per op of a batch of back-to-back tiny ops (an in-place add on one element)
+  including the final synchronisation: in a long stream of small kernels this is what each one costs, whether
+  the host's launch or the device's kernel turnaround is the limit.
+* ``copy_latency_s``: the same for tiny (4 KiB) host-to-device copies on the side stream.
+* ``dequant_gbps``: int8 -> bf16 with one scale per row (``dequant_int8_rowscale``), in output bytes per second.
+  It calls the runtime's dequantisation kernel (``memintent.runtime.quant.dequantize_int8``: Triton on CUDA when
+  importable, else torch), falling back to the same arithmetic in plain torch where that module is absent.
+* ``hbm_bytes``: the device's total memory (CPU: the machine's physical memory).
+
+On the CPU backend (``device="cpu"``) "host" and "device" are the same memory: the copies are memcpy between
+plain tensors and everything is timed with ``time.perf_counter``; sizes are small so it runs in seconds.
+No timing here is ever asserted on by tests: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Callable
+
+import torch
+
+from memintent.errors import MemintentError
+from memintent.ir.model import HardwareProfile
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """The problem sizes of one profiling run."""
+
+    copy_bytes: tuple[int, ...]       # host<->device copy sizes
+    device_copy_bytes: int            # device-to-device copy size (bytes copied; read+write counts twice)
+    matmul_n: int                     # n of the n x n x n bf16 matmul
+    dequant_rows: int
+    dequant_cols: int
+    repeats: int                      # timed repetitions per measurement (after one warm-up)
+    tiny_ops: int                     # ops per batch for launch overhead and copy latency
+
+
+def sizes_for(device: torch.device, quick: bool) -> Sizes:
+    if device.type == "cuda":
+        if quick:
+            return Sizes((64 * MiB, 256 * MiB), 256 * MiB, 4096, 4096, 4096, 3, 200)
+        return Sizes((64 * MiB, 256 * MiB, 1 * GiB, 2 * GiB), 1 * GiB, 8192, 8192, 8192, 7, 1000)
+    if quick:
+        return Sizes((256 * KiB, 1 * MiB), 2 * MiB, 128, 256, 256, 3, 50)
+    return Sizes((4 * MiB, 16 * MiB, 64 * MiB), 64 * MiB, 512, 1024, 1024, 5, 500)
+
+
+@dataclass(frozen=True, slots=True)
+class SizeRate:
+    size_bytes: int
+    gbps: float                       # median, 1e9 bytes per second
+    samples_s: tuple[float, ...]      # the timed repetitions, seconds
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    profile: HardwareProfile
+    device_name: str
+    sizes: Sizes
+    h2d: list[SizeRate] = field(default_factory=list)
+    d2h: list[SizeRate] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+
+
+class _Clock:
+    """Times callables on the device: CUDA events recorded on the stream the work runs on (device time), else
+    ``perf_counter``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _on(self, stream):
+        # Run on ``stream`` (CUDA side stream) or, without one, on the current stream.
+        return torch.cuda.stream(stream) if (self.cuda and stream is not None) else contextlib.nullcontext()
+
+    def time_s(self, fn: Callable[[], object], repeats: int, stream=None) -> list[float]:
+        """Seconds of each of ``repeats`` calls of ``fn`` after one warm-up call (allocator, kernel selection,
+        page faults)."""
+        with self._on(stream):
+            fn()
+        self.sync()
+        out = []
+        for _ in range(repeats):
+            if self.cuda:
+                s = stream or torch.cuda.current_stream(self.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.stream(s):
+                    start.record(s)
+                    fn()
+                    end.record(s)
+                end.synchronize()
+                out.append(max(start.elapsed_time(end) / 1e3, 1e-9))   # elapsed_time is in milliseconds
+            else:
+                t = perf_counter()
+                fn()
+                out.append(max(perf_counter() - t, 1e-9))
+        return out
+
+    def wall_per_op_s(self, fn: Callable[[], object], ops: int, repeats: int, stream=None) -> float:
+        """Median over ``repeats`` batches of the wall time per op of ``ops`` back-to-back calls plus a sync."""
+        with self._on(stream):
+            fn()
+        self.sync()
+        per = []
+        for _ in range(repeats):
+            t = perf_counter()
+            with self._on(stream):
+                for _ in range(ops):
+                    fn()
+            self.sync()
+            per.append(max(perf_counter() - t, 1e-9) / ops)
+        return statistics.median(per)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the measurements
+
+
+def _dequant_kernel():
+    """The quantization module's int8 dequantisation (Triton on CUDA when available), or None without it."""
+    try:
+        from memintent.runtime.quant import dequantize_int8
+    except ImportError:  # pragma: no cover - a tree without the quantization module
+        return None
+    return dequantize_int8
+
+
+def dequant_kernel_name(device: torch.device) -> str:
+    """What ``dequant_int8_rowscale`` runs on ``device``, for the profile's ``source``."""
+    if _dequant_kernel() is None:
+        return "plain-torch stand-in"
+    from memintent.runtime import quant
+
+    triton = device.type == "cuda" and quant.triton_available()
+    return f"memintent.runtime.quant.dequantize_int8, {'triton' if triton else 'torch'} path"
+
+
+def dequant_int8_rowscale(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """int8 ``q`` [rows, cols] with one bf16 ``scale`` per row -> ``out`` (bf16, same shape), in place.
+
+    Calls the runtime's dequantisation kernel (``memintent.runtime.quant.dequantize_int8``), so the profile
+    measures what a streamed int8 block costs; without that module it falls back to the same arithmetic in plain
+    torch."""
+    kernel = _dequant_kernel()
+    if kernel is not None:
+        return kernel(q, scale, out)
+    out.copy_(q)
+    return out.mul_(scale[:, None])
+
+
+def measure_dequant_gbps(clock: _Clock, rows: int, cols: int, repeats: int) -> float:
+    """Dequantisation throughput in output (bf16) bytes per second, 1e9 units."""
+    dev = clock.device
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, device=dev)
+    scale = torch.rand(rows, dtype=torch.bfloat16, device=dev)
+    out = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
+    times = clock.time_s(lambda: dequant_int8_rowscale(q, scale, out), repeats)
+    return rows * cols * 2 / statistics.median(times) / 1e9
+
+
+def _host_buffer(n: int, cuda: bool) -> torch.Tensor:
+    # Pinned (page-locked) host memory is what the runtime's host store uses and what lets copies run async.
+    return torch.empty(n, dtype=torch.uint8, pin_memory=cuda)
+
+
+def measure_copies(clock: _Clock, sizes_bytes: tuple[int, ...], repeats: int, say: ProgressFn
+                   ) -> tuple[list[SizeRate], list[SizeRate]]:
+    """Host->device and device->host rates per size, timed on a side stream (one pair of buffers, sliced)."""
+    cuda = clock.cuda
+    top = max(sizes_bytes)
+    host = _host_buffer(top, cuda)
+    host.fill_(1)                      # touch every page so the first timed copy does not pay page faults
+    dev = torch.empty(top, dtype=torch.uint8, device=clock.device)
+    dev.fill_(2)
+    stream = torch.cuda.Stream(clock.device) if cuda else None
+    clock.sync()
+    h2d, d2h = [], []
+    for n in sizes_bytes:
+        say(f"host -> device copies of {_fmt_size(n)}")
+        h, d = host[:n], dev[:n]
+        t = clock.time_s(lambda: d.copy_(h, non_blocking=cuda), repeats, stream)
+        h2d.append(SizeRate(n, n / statistics.median(t) / 1e9, tuple(t)))
+        say(f"device -> host copies of {_fmt_size(n)}")
+        t = clock.time_s(lambda: h.copy_(d, non_blocking=cuda), repeats, stream)
+        d2h.append(SizeRate(n, n / statistics.median(t) / 1e9, tuple(t)))
+    del host, dev
+    return h2d, d2h
+
+
+def measure_copy_latency_s(clock: _Clock, ops: int, repeats: int) -> float:
+    cuda = clock.cuda
+    host = _host_buffer(4 * KiB, cuda)
+    dev = torch.empty(4 * KiB, dtype=torch.uint8, device=clock.device)
+    stream = torch.cuda.Stream(clock.device) if cuda else None
+    return clock.wall_per_op_s(lambda: dev.copy_(host, non_blocking=cuda), ops, repeats, stream)
+
+
+def measure_device_gbps(clock: _Clock, nbytes: int, repeats: int) -> float:
+    """Device memory bandwidth from a device-to-device copy: bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=clock.device)
+    src.fill_(3)
+    dst = torch.empty_like(src)
+    t = clock.time_s(lambda: dst.copy_(src), repeats)
+    return 2 * nbytes / statistics.median(t) / 1e9
+
+
+def measure_matmul_tflops(clock: _Clock, n: int, repeats: int) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=clock.device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=clock.device)
+    out = torch.empty(n, n, dtype=torch.bfloat16, device=clock.device)
+    t = clock.time_s(lambda: torch.matmul(a, b, out=out), repeats)
+    return 2 * n**3 / statistics.median(t) / 1e12
+
+
+def measure_launch_overhead_s(clock: _Clock, ops: int, repeats: int) -> float:
+    x = torch.zeros(1, device=clock.device)
+    return clock.wall_per_op_s(lambda: x.add_(1), ops, repeats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole profile
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; None: CUDA when present, else the CPU."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise MemintentError(f"--device {spec!r} is not a device: use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MemintentError(f"--device {spec}: CUDA is not available here (torch {torch.__version__}); "
+                                 "use --device cpu")
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        if idx >= torch.cuda.device_count():
+            raise MemintentError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", idx)
+    if dev.type != "cpu":
+        raise MemintentError(f"--device {spec!r}: profile measures cpu or cuda devices only")
+    return dev
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB                  # unknown: the built-in CPU profile's figure
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n // GiB} GiB" if n >= GiB and n % GiB == 0 else f"{n / MiB:g} MiB"
+
+
+def profile_device(device: str | None = None, quick: bool = False, progress: ProgressFn | None = None
+                   ) -> ProfileResult:
+    """Measure ``device`` and return the profile with the per-size copy rates it was derived from."""
+    say = progress or (lambda msg: None)
+    dev = resolve_device(device)
+    clock = _Clock(dev)
+    sz = sizes_for(dev, quick)
+    if clock.cuda:
+        torch.cuda.set_device(dev)
+        name = torch.cuda.get_device_name(dev)
+        total_bytes = torch.cuda.get_device_properties(dev).total_memory
+        threads = ""
+    else:
+        name = _cpu_name()
+        total_bytes = _physical_memory_bytes()
+        threads = f", {torch.get_num_threads()} threads"
+    try:
+        h2d, d2h = measure_copies(clock, sz.copy_bytes, sz.repeats, say)
+        say("tiny host -> device copies (per-copy latency)")
+        copy_latency_s = measure_copy_latency_s(clock, sz.tiny_ops, sz.repeats)
+        say(f"device-to-device copy of {_fmt_size(sz.device_copy_bytes)}")
+        dev_gbps = measure_device_gbps(clock, sz.device_copy_bytes, sz.repeats)
+        say(f"bf16 matmul {sz.matmul_n}^3")
+        tflops = measure_matmul_tflops(clock, sz.matmul_n, sz.repeats)
+        say("tiny ops (launch overhead)")
+        launch_s = measure_launch_overhead_s(clock, sz.tiny_ops, sz.repeats)
+        say(f"int8 -> bf16 dequantisation {sz.dequant_rows}x{sz.dequant_cols}")
+        deq_gbps = measure_dequant_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        first = (str(e).splitlines() or ["out of memory"])[0]
+        raise MemintentError(f"profiling ran out of memory on {name}: {first}; free the device or try --quick") \
+            from None
+    finally:
+        if clock.cuda:
+            torch.cuda.empty_cache()
+    date = _dt.date.today().isoformat()
+    rates = lambda xs: ", ".join(f"{_fmt_size(r.size_bytes)} {r.gbps:.2f}" for r in xs)  # noqa: E731
+    where = "pinned host memory, side stream, CUDA events" if clock.cuda else "memcpy between plain tensors"
+    source = (f"measured on {name} {date} by memintent profile (torch {torch.__version__}); "
+              f"{'quick; ' if quick else ''}copies ({where}) GB/s by size: h2d {rates(h2d)}; d2h {rates(d2h)}; "
+              f"device copy {_fmt_size(sz.device_copy_bytes)}; matmul {sz.matmul_n}^3 bf16; dequant int8->bf16 "
+              f"{sz.dequant_rows}x{sz.dequant_cols} ({dequant_kernel_name(dev)}){threads}")
+    profile = HardwareProfile(
+        name=_slug(name) if clock.cuda else f"cpu-{_slug(name)}",
+        source=source,
+        # The largest block size: weight blocks of the models worth streaming are large.
+        h2d_gbps=h2d[-1].gbps, d2h_gbps=d2h[-1].gbps,
+        hbm_gbps=dev_gbps, bf16_tflops=tflops, hbm_bytes=int(total_bytes),
+        launch_overhead_s=launch_s, copy_latency_s=copy_latency_s, dequant_gbps=deq_gbps,
+        # Kernel scratch: the default cuBLAS workspace reservation on CUDA; the CPU backend reserves none.
+        workspace_bytes=HardwareProfile.model_fields["workspace_bytes"].default if clock.cuda else 0,
+    )
+    return ProfileResult(profile=profile, device_name=name, sizes=sz, h2d=h2d, d2h=d2h)

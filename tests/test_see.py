@@ -1,0 +1,359 @@
+"""The "See" tools: predicted timeline, Chrome trace, HTML report, hardware profile and their CLI commands.
+
+CPU only and fast; no assertion depends on how fast this machine is (profile numbers are checked for shape and
+sign, never for value).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from memintent.cli import main
+from memintent.compiler.compile import compile_model
+from memintent.compiler.hardware import BUILTIN, load_profile
+from memintent.errors import MemintentError
+from memintent.ir.model import HardwareProfile, SlotKind
+from memintent.ir.plan_file import load_plan, save_plan
+from memintent.passes.verify import verify
+from memintent.report import summarise_measured, write_report
+from memintent.timeline import MEMORY_KINDS, build_timeline
+from memintent.trace import PID_MEASURED, PID_PREDICTED, MeasuredEvent, read_measured, write_trace
+from memintent.units import fmt_s
+
+CPU = BUILTIN["cpu"]
+# A host link so slow that the copies cannot hide behind compute: a plan with stalls.
+SLOW = CPU.model_copy(update={"name": "cpu-slow-link", "h2d_gbps": 0.2})
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2)
+
+
+@pytest.fixture(scope="module")
+def stalling_plan():
+    return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=SLOW, batch=1, seq=16, depth=2)
+
+
+@pytest.fixture(scope="module")
+def kv_plan():
+    return compile_model("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, batch=1, seq=16, kv_len=128, depth=2)
+
+
+@pytest.fixture(scope="module")
+def quant_plan():
+    try:
+        return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, quant="int8")
+    except TypeError:          # a compiler without quantization
+        pytest.skip("compile_model has no quant option")
+
+
+@pytest.fixture(scope="module")
+def plan_file(plan, tmp_path_factory):
+    path = tmp_path_factory.mktemp("see") / "tiny.plan.json"
+    save_plan(plan, path)
+    return path
+
+
+def _measured_from(tl, forwards: int = 3, extra_stall_s: float = 1e-4) -> list[MeasuredEvent]:
+    """Fake measured events shaped like the predicted timeline (what the runtime would record), with an extra
+    stall before the second streamed layer, on an arbitrary clock origin."""
+    out = []
+    t0 = 1000.0
+    for f in range(forwards):
+        base = t0 + f * (tl.step_time_s + extra_stall_s)
+        shift = 0.0
+        for st in tl.stages:
+            if st.index == tl.copies[min(2, len(tl.copies) - 1)].wait_stage:
+                out.append(MeasuredEvent("compute", f"wait {st.block}", base + st.start_s,
+                                         base + st.start_s + extra_stall_s, f, st.block, True))
+                shift = extra_stall_s
+            out.append(MeasuredEvent("compute", st.name, base + st.start_s + shift, base + st.end_s + shift, f))
+        for c in tl.copies:
+            out.append(MeasuredEvent("copy", c.label, base + c.start_s, base + c.end_s, f, c.block))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timeline
+
+
+@pytest.mark.parametrize("which", ["plan", "stalling_plan", "kv_plan", "quant_plan"])
+def test_timeline_reproduces_the_plans_prediction(which, request):
+    p = request.getfixturevalue(which)
+    tl = build_timeline(p)
+    pr = p.prediction
+    assert tl.step_time_s == pr.step_time_s
+    assert tl.first_step_time_s == pr.first_step_time_s
+    assert tl.stall_s == pytest.approx(pr.stall_s, abs=1e-12)
+    assert tl.prefetch_depth == pr.prefetch_depth
+    assert len(tl.stages) == len(p.stages) and len(tl.memory) == len(p.steps)
+    streamed_visits = [v for v in p.visits if v.issue_stage is not None]
+    assert [c.block for c in tl.copies] and len(tl.copies) == len(streamed_visits)
+    for c in tl.copies:
+        v = p.visits[c.visit]
+        assert (c.slot, c.issue_stage, c.next_forward) == (v.slot, v.issue_stage, v.issue_next_forward)
+        assert c.ready_s == pytest.approx(v.arrive_s) and c.ready_slack_s == pytest.approx(v.slack_s)  # unpacked too
+        assert c.ready_slack_s == pytest.approx(c.deadline_s - c.ready_s) and c.ready_s >= c.end_s
+
+
+@pytest.mark.parametrize("which", ["plan", "stalling_plan", "kv_plan", "quant_plan"])
+def test_memory_never_exceeds_budget_and_peak_equals_prediction(which, request):
+    """The exact relation: the allocated kinds at step ``prediction.peak_step`` add up to
+    ``prediction.peak_hbm_bytes`` (= arena + activation peak + workspace), that step is the first maximum of the
+    per-step total, and resident + stream slots + KV = the arena at every step."""
+    p = request.getfixturevalue(which)
+    verify(p)
+    tl = build_timeline(p)
+    pr = p.prediction
+    for m in tl.memory:
+        assert m.total_bytes <= p.budget_bytes
+        assert 0 <= m.stream_occupied_bytes <= m.stream_allocated_bytes
+        assert m.occupied_total_bytes <= m.total_bytes
+        assert m.resident_bytes + m.stream_allocated_bytes + m.kv_bytes == pr.arena_bytes == p.arena.size_bytes
+    at_peak = tl.memory[pr.peak_step]
+    assert sum(getattr(at_peak, attr) for _, attr in MEMORY_KINDS) == pr.peak_hbm_bytes
+    assert at_peak.total_bytes == pr.peak_hbm_bytes
+    assert tl.peak.step == pr.peak_step and tl.peak.total_bytes == pr.peak_hbm_bytes
+    assert at_peak.activation_bytes == pr.activation_peak_bytes
+    if which == "kv_plan":
+        assert at_peak.kv_bytes == pr.kv_bytes > 0
+    # Stream slots are occupied at some step (the plan streams) and never by more visits than there are slots.
+    slot_bytes = [s.size_bytes for s in p.arena.slots if s.kind == SlotKind.stream]
+    if slot_bytes:
+        assert max(m.stream_occupied_bytes for m in tl.memory) > 0
+
+
+@pytest.mark.parametrize("which", ["stalling_plan", "quant_plan"])
+def test_stall_is_attributed_to_blocks_exactly(which, request):
+    tl = build_timeline(request.getfixturevalue(which))
+    assert tl.stall_s > 0
+    assert sum(c.stall_s for c in tl.copies) == pytest.approx(tl.stall_s)
+    assert sum(tl.stall_by_block().values()) == pytest.approx(tl.stall_s)
+    for st in tl.stages:
+        charged = sum(c.stall_s for c in tl.copies if c.wait_stage == st.index)
+        assert charged == pytest.approx(st.stall_s, abs=1e-12)
+        assert st.start_s == pytest.approx(st.entry_s + st.stall_s)
+    for c in tl.copies:
+        # A copy with negative slack made compute wait at least until it was ready.
+        assert c.ready_s <= tl.stages[c.wait_stage].start_s + 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chrome trace
+
+
+def _x_events(doc, pid, lane):
+    tids = {e["tid"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"
+            and e["pid"] == pid and e["args"]["name"] == lane}
+    assert len(tids) == 1
+    return [e for e in doc["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["tid"] in tids]
+
+
+@pytest.mark.parametrize("which", ["plan", "stalling_plan", "quant_plan"])
+def test_trace_has_both_lanes_in_consistent_order(which, request, tmp_path):
+    p = request.getfixturevalue(which)
+    tl = build_timeline(p)
+    path = tmp_path / "pred.trace.json"
+    write_trace(path, predicted=tl)
+    doc = json.loads(path.read_text())
+    names = {(e["pid"], e["name"]): e["args"]["name"] for e in doc["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "process_name"}
+    assert names[(PID_PREDICTED, "process_name")] == "predicted"
+    compute = _x_events(doc, PID_PREDICTED, "compute")
+    copy = _x_events(doc, PID_PREDICTED, "copy")
+    assert compute and copy
+    for e in compute + copy:
+        assert e["dur"] >= 0 and e["ts"] >= 0
+    # The compute lane is one stream: intervals in order, none overlapping.
+    compute.sort(key=lambda e: e["ts"])
+    for a, b in zip(compute, compute[1:]):
+        assert a["ts"] + a["dur"] <= b["ts"] + 1e-6
+    assert [e["args"]["stage"] for e in compute if e["cat"] == "stage"] == list(range(len(p.stages)))
+    # The copy engine is FIFO: each copy starts after the previous one ends.
+    copy.sort(key=lambda e: e["ts"])
+    for a, b in zip(copy, copy[1:]):
+        assert a["ts"] + a["dur"] <= b["ts"] + 1e-6
+    # Each copy lands before compute starts the stage that waits for it.
+    stage_start = {e["args"]["stage"]: e["ts"] for e in compute if e["cat"] == "stage"}
+    for c in tl.copies:
+        ev = next(e for e in copy if e["name"] == c.label)
+        assert ev["ts"] + ev["dur"] <= stage_start[c.wait_stage] + 1e-6
+    # Dequantisation (quantized blocks only) has its own lane, after the copy's arrival.
+    if any(c.ready_s > c.end_s for c in tl.copies):
+        deq = _x_events(doc, PID_PREDICTED, "dequant")
+        assert len(deq) == sum(c.ready_s > c.end_s for c in tl.copies)
+        for e in deq:
+            c = next(c for c in tl.copies if e["name"] == f"dequant {c.label}")
+            arrival = next(x for x in copy if x["name"] == c.label)
+            assert e["ts"] == pytest.approx(arrival["ts"] + arrival["dur"]) and e["dur"] > 0
+    stalls = [e for e in compute if e["cat"] == "stall"]
+    assert bool(stalls) == (tl.stall_s > 0)
+    counters = [e for e in doc["traceEvents"] if e["ph"] == "C"]
+    assert counters and all(e["args"]["allocated"] <= e["args"]["budget"] for e in counters
+                            if e["name"] == "HBM total (bytes)")
+
+
+def test_write_trace_read_measured_round_trip(plan, tmp_path):
+    tl = build_timeline(plan)
+    measured = _measured_from(tl)
+    path = tmp_path / "run.trace.json"
+    write_trace(path, predicted=tl, measured=measured)
+    assert read_measured(path) == measured
+    doc = json.loads(path.read_text())
+    for lane in ("compute", "copy"):
+        evs = _x_events(doc, PID_MEASURED, lane)
+        assert evs and all(e["dur"] >= 0 and e["ts"] >= 0 for e in evs)
+    # measured only, and an empty measured list
+    write_trace(path, measured=measured[:5])
+    assert read_measured(path) == measured[:5]
+    write_trace(path, measured=[])
+    assert read_measured(path) == []
+    # a predicted-only trace holds nothing measured
+    write_trace(path, predicted=tl)
+    with pytest.raises(MemintentError, match="no measured events"):
+        read_measured(path)
+    with pytest.raises(ValueError):
+        MeasuredEvent("gpu", "x", 0.0, 1.0, 0)
+    with pytest.raises(ValueError):
+        MeasuredEvent("copy", "x", 1.0, 0.5, 0)
+
+
+def test_write_trace_is_atomic(plan, tmp_path, monkeypatch):
+    tl = build_timeline(plan)
+    path = tmp_path / "t.json"
+    write_trace(path, predicted=tl)
+    before = path.read_bytes()
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(MemintentError, match="No space left"):
+        write_trace(path, measured=_measured_from(tl, forwards=1))
+    monkeypatch.undo()
+    assert path.read_bytes() == before                 # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]   # no temporary left behind
+    with pytest.raises(MemintentError, match="does not exist"):
+        write_trace(tmp_path / "missing" / "t.json", predicted=tl)
+
+
+def test_read_measured_bad_files(tmp_path):
+    with pytest.raises(MemintentError, match="does not exist"):
+        read_measured(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MemintentError, match="not JSON"):
+        read_measured(bad)
+    bad.write_text('{"something": 1}')
+    with pytest.raises(MemintentError, match="not a Chrome trace"):
+        read_measured(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def test_report_html_and_pngs(plan, tmp_path):
+    out = tmp_path / "report.html"
+    written = write_report(plan, out)
+    assert written[-1] == out
+    html = out.read_text()
+    assert html.count("<img") == 3 and "data:image/png;base64," in html
+    assert plan.name in html and "budget" in html
+    for name in ("memory", "timeline", "stall"):
+        png = tmp_path / f"report-{name}.png"
+        assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for b in plan.blocks:
+        assert f">{b.name}<" in html
+
+
+def test_report_with_measured_trace(stalling_plan, tmp_path):
+    tl = build_timeline(stalling_plan)
+    measured = _measured_from(tl)
+    summary = summarise_measured(measured)
+    assert summary.forwards == [0, 1, 2] and summary.steady == [1, 2] and summary.shown_forward == 2
+    assert summary.stall_s == pytest.approx(1e-4)
+    assert sum(summary.stall_by_block_s.values()) == pytest.approx(1e-4)
+    out = tmp_path / "run.html"
+    write_report(stalling_plan, out, measured=measured)
+    html = out.read_text()
+    assert "measured stall" in html and html.count("<img") == 3
+    assert (tmp_path / "run-timeline.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_simulate_prints_the_plans_step_time(plan_file, tmp_path, capsys):
+    trace = tmp_path / "sim.trace.json"
+    assert main(["simulate", str(plan_file), "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    pr = load_plan(plan_file).prediction
+    steady = next(line for line in out.splitlines() if line.startswith("step time:"))
+    assert f"steady {fmt_s(pr.step_time_s)}," in steady
+    assert f"cold {fmt_s(pr.first_step_time_s)}" in steady
+    assert "copy engine busy" in out and "peak HBM" in out and "layers.0" in out
+    doc = json.loads(trace.read_text())
+    assert _x_events(doc, PID_PREDICTED, "compute") and _x_events(doc, PID_PREDICTED, "copy")
+
+
+def test_cli_report(plan_file, plan, tmp_path, capsys):
+    run = tmp_path / "run.trace.json"
+    write_trace(run, predicted=build_timeline(plan), measured=_measured_from(build_timeline(plan)))
+    out = tmp_path / "r.html"
+    assert main(["report", str(plan_file), "--trace", str(run), "-o", str(out)]) == 0
+    assert "<img" in out.read_text()
+    assert sorted(p.name for p in tmp_path.glob("r-*.png")) == ["r-memory.png", "r-stall.png", "r-timeline.png"]
+
+
+def test_cli_profile_cpu_quick_feeds_compile(tmp_path, capsys):
+    prof = tmp_path / "cpu.profile.json"
+    assert main(["profile", "-o", str(prof), "--device", "cpu", "--quick"]) == 0
+    hw = load_profile(str(prof))
+    assert isinstance(hw, HardwareProfile)
+    assert hw.source.startswith("measured on ") and f"by memintent profile (torch {torch.__version__})" in hw.source
+    for rate in (hw.h2d_gbps, hw.d2h_gbps, hw.hbm_gbps, hw.bf16_tflops, hw.dequant_gbps, hw.hbm_bytes):
+        assert rate > 0
+    assert hw.launch_overhead_s > 0 and hw.copy_latency_s > 0 and hw.workspace_bytes == 0
+    plan_path = tmp_path / "p.plan.json"
+    assert main(["compile", "tiny-llama", "--hw", str(prof), "--budget", "1MiB", "--seq", "16",
+                 "-o", str(plan_path)]) == 0
+    assert load_plan(plan_path).hardware == hw
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("memintent: error:"), err
+    return err[0]
+
+
+def test_cli_bad_input_exits_2_with_one_line(plan_file, plan, tmp_path, capsys):
+    missing = tmp_path / "missing.plan.json"
+    for argv in (["simulate", str(missing)], ["report", str(missing), "-o", str(tmp_path / "r.html")]):
+        assert main(argv) == 2
+        assert "does not exist" in _one_line_error(capsys)
+    # unwritable outputs: a folder that does not exist, a path that is a folder
+    for argv in (["report", str(plan_file), "-o", str(tmp_path / "no" / "r.html")],
+                 ["report", str(plan_file), "-o", str(tmp_path)],
+                 ["simulate", str(plan_file), "--trace", str(tmp_path / "no" / "t.json")],
+                 ["profile", "-o", str(tmp_path / "no" / "p.json"), "--device", "cpu", "--quick"]):
+        assert main(argv) == 2, argv
+        _one_line_error(capsys)
+    # a trace that is not there, and a program without a plan
+    assert main(["report", str(plan_file), "--trace", str(tmp_path / "none.json"), "-o",
+                 str(tmp_path / "r.html")]) == 2
+    _one_line_error(capsys)
+    unplanned = tmp_path / "traced.plan.json"
+    save_plan(plan.model_copy(update={"arena": None, "prediction": None, "actions": []}), unplanned)
+    assert main(["simulate", str(unplanned)]) == 2
+    assert "no plan" in _one_line_error(capsys)
+    if not torch.cuda.is_available():
+        assert main(["profile", "-o", str(tmp_path / "p.json"), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in _one_line_error(capsys)
