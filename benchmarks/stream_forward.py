@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         gen = torch.Generator().manual_seed(0)
         inputs = (torch.randint(0, src.vocab_size, (batch, seq), generator=gen).to(device),)   # (B, S)
         with torch.no_grad():
-            ref = resident_model(src, store, device)
+            ref = resident_model(src, device)
             res_s, _, out = timed(lambda: ref(*inputs), device, repeats)
             ref_logits = src.logits(out).float().cpu()
             del ref, out
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             if name == "budget holds the model":
                 # the same resident model again, right after: tells the runtime's cost from drift of the card
                 with torch.no_grad():
-                    ref = resident_model(src, store, device)
+                    ref = resident_model(src, device)
                     row["resident_again_s"], _, _ = timed(lambda: ref(*inputs), device, repeats)
                     del ref
                 free(device)

@@ -91,42 +91,57 @@ class GenerateReport:
 
 
 def run_generate(args) -> int:
+    """The CLI command: load the plan, generate, print, optionally write JSON; exit 1 on a verify mismatch."""
+    program = load_plan(args.plan)
+    rep, code = generate_plan(program, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                              requests=args.requests, prompts_file=args.prompts, verify=args.verify,
+                              check=args.check, seed=args.seed, allow_code=args.allow_code)
+    if getattr(args, "json", None):
+        write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
+    return code
+
+
+def generate_plan(program: Program, *, device: str | None = None, prompt_len: int | None = None,
+                  gen_len: int | None = None, requests: int | None = None, prompts_file: str | None = None,
+                  verify: bool = False, check: bool = False, seed: int = 0, allow_code: bool = False,
+                  store=None, quiet: bool = False) -> tuple[GenerateReport, int]:
+    """Generate under ``program`` and measure it; ``store``: a filled HostStore to reuse (benchmarks)."""
     from rich.console import Console
 
     from memintent.runtime import HostStore, attach
 
-    program = load_plan(args.plan)
     if program.generation is None:
-        raise MemintentError(f"{args.plan} is not a generation plan: compile it with --objective throughput|latency")
+        raise MemintentError(f"{program.name} is not a generation plan: compile it with --objective throughput|latency")
     g = program.generation
-    device = pick_device(args.device)
-    src = source_for(program, args.allow_code)
-    prompt_len = args.prompt_len or g.prompt_len
-    gen_len = args.gen_len or g.gen_len
+    device = pick_device(device)
+    src = source_for(program, allow_code)
+    prompt_len = prompt_len or g.prompt_len
+    gen_len = gen_len or g.gen_len
     if prompt_len + gen_len - 1 > g.context:
         raise MemintentError(f"prompt {prompt_len} + {gen_len} generated tokens exceed the plan's KV context "
                              f"{g.context}: compile with a larger --context")
     b = g.batch
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.prompts:
+    gen = torch.Generator().manual_seed(seed)
+    if prompts_file:
         try:
-            rows = json.loads(Path(args.prompts).read_text())
+            rows = json.loads(Path(prompts_file).read_text())
             prompts = torch.tensor(rows, dtype=torch.long)
         except (OSError, ValueError, TypeError) as e:
-            raise MemintentError(f"--prompts {args.prompts}: expected a JSON list of equal-length lists of token "
+            raise MemintentError(f"--prompts {prompts_file}: expected a JSON list of equal-length lists of token "
                                  f"ids ({e})") from None
         if prompts.dim() != 2 or prompts.shape[1] + gen_len - 1 > g.context or prompts.max() >= src.vocab_size:
-            raise MemintentError(f"--prompts {args.prompts}: need (N, P) token ids below {src.vocab_size} with P + "
+            raise MemintentError(f"--prompts {prompts_file}: need (N, P) token ids below {src.vocab_size} with P + "
                                  f"gen_len - 1 <= {g.context}")
         requests = prompts.shape[0]
     else:
-        requests = args.requests or b
+        requests = requests or b
         prompts = torch.randint(0, src.vocab_size, (requests, prompt_len), generator=gen)   # (N, P)
     waves = math.ceil(requests / b)
 
     con = Console(stderr=True, highlight=False)
-    store = HostStore(program, pin="auto" if device.type == "cuda" else "none")
-    store.fill(src.fill_weights)
+    if store is None:
+        store = HostStore(program, pin="auto" if device.type == "cuda" else "none")
+        store.fill(src.fill_weights)
     rep = GenerateReport(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", batch=b,
                          prompt_len=prompts.shape[1], gen_len=gen_len, requests=requests,
                          predicted_decode_step_s=g.decode_step_s, predicted_tokens_per_s=g.tokens_per_s,
@@ -137,11 +152,16 @@ def run_generate(args) -> int:
     model = src.build("meta")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    handle = attach(model, program, device, check=args.check, host_store=store)
+    handle = attach(model, program, device, check=check, host_store=store)
     all_tokens = []
     try:
         kv_slot = next(s for s in program.arena.slots if s.kind == SlotKind.kv)
-        model.attach_kv_cache(carve_kv(program, handle.arena.slot(kv_slot.index), src))
+        kv_flat = handle.arena.slot(kv_slot.index)
+        # Unwritten cache positions are masked out, but a masked score still multiplies its value row by zero,
+        # and 0 * NaN is NaN: the cache must start from zeros, never from whatever the arena held (checked mode
+        # fills the arena with NaN on purpose; a fresh CUDA allocation may hold anything).
+        kv_flat.zero_()
+        model.attach_kv_cache(carve_kv(program, kv_flat, src))
         t_all = time.perf_counter()
         for w in range(waves):
             batch_prompts = prompts[w * b:(w + 1) * b]
@@ -164,10 +184,10 @@ def run_generate(args) -> int:
 
     code = 0
     quantized = any(x.quant != Quant.none for x in program.blocks if x.residency == Residency.streamed)
-    if args.verify:
+    if verify:
         ref_tokens = []
         with torch.no_grad():
-            ref = resident_model(src, store, device)
+            ref = resident_model(src, device)
             ctx = g.context
             caches = [(torch.zeros(b, src.n_kv_heads, ctx, src.head_dim, dtype=src.torch_dtype, device=device),
                        torch.zeros(b, src.n_kv_heads, ctx, src.head_dim, dtype=src.torch_dtype, device=device))
@@ -187,10 +207,9 @@ def run_generate(args) -> int:
             con.print("[red]streamed tokens differ from the resident model's; a plan without quantization must "
                       "generate exactly the same tokens[/red]")
             code = 1
-    _print(program, rep, quantized)
-    if getattr(args, "json", None):
-        write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
-    return code
+    if not quiet:
+        _print(program, rep, quantized)
+    return rep, code
 
 
 def _print(program: Program, rep: GenerateReport, quantized: bool) -> None:

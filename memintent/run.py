@@ -70,15 +70,15 @@ def measure_h2d_gbps(device: torch.device, nbytes: int = 1 << 30, repeats: int =
     return nbytes / statistics.median(times) / 1e9
 
 
-def resident_model(src: ModelSource, store, device: torch.device) -> torch.nn.Module:
-    """The whole model on ``device``, its weights copied from the same host store the plan streams from."""
+def resident_model(src: ModelSource, device: torch.device) -> torch.nn.Module:
+    """The whole model on ``device`` in its own dtype, filled from the model source itself (the same values the
+    host store was filled with, before any quantization for transfer)."""
     model = src.build("meta").to_empty(device=device)
+    named: dict[str, torch.Tensor] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        named.setdefault(name, t)       # tied aliases: filled once, under the first name
     with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            try:
-                t.copy_(store.view(name))
-            except KeyError:
-                pass     # a tied alias: filled under its first name
+        src.fill_weights(named)
     return model
 
 
@@ -144,7 +144,7 @@ def run_plan(args) -> int:
     ref_logits = None
     if args.verify:
         with torch.no_grad():
-            ref = resident_model(src, store, device)
+            ref = resident_model(src, device)
             rep.resident_s, out = time_forward(lambda: ref(*inputs, **kwargs), device, max(args.forwards, 1))
             ref_logits = src.logits(out).float().cpu()
             del ref, out

@@ -38,6 +38,12 @@ from memintent.compiler import models
 from memintent.compiler.fingerprint import IR_TO_TORCH, TORCH_TO_IR
 from memintent.errors import MemintentError
 
+# safetensors header dtype names -> torch dtypes (the ones a plan's weights can have)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
 _DTYPE_ALIASES = {
     "bf16": "bf16", "bfloat16": "bf16",
     "f16": "f16", "fp16": "f16", "float16": "f16", "half": "f16",
@@ -169,6 +175,10 @@ class ModelSource:
 
     def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+    def check_checkpoint(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """Refuse stored weights that differ from ``{name: (shape, dtype)}`` before any is read (a checkpoint that
+        changed since compiling). Sources without files (presets, py: factories) have nothing to check."""
 
     def model_ref(self, traced_layers: int | None = None):
         from memintent.ir.model import ModelRef
@@ -349,6 +359,44 @@ class HFSource(ModelSource):
             for tp in conv.target_patterns:  # a one-to-many converter makes several weights
                 converted[target.replace(first, tp, 1)] = groups[target]
         return direct, converted
+
+    def check_checkpoint(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """Compare the safetensors headers with the weights a plan expects (``{name: (shape, dtype)}``) without
+        reading any tensor data, so a checkpoint that changed since the plan was compiled is refused before
+        anything is allocated. Tensors that transformers converts while loading (fused MoE experts and the like)
+        and computed buffers are checked when ``fill_weights`` reads them."""
+        from safetensors import safe_open
+
+        layers = _layer_count(expected) or None
+        n_layers = None if layers is None or layers <= (self.num_layers or 0) else layers
+        model = self._build_meta(n_layers)
+        aliases = _alias_groups(model)
+        direct, _ = self._checkpoint_map(model)
+        handles: dict[Path, Any] = {}
+        try:
+            for name, (shape, dtype) in expected.items():
+                key = next((direct[a] for a in aliases.get(name, [name]) if a in direct), None)
+                if key is None:
+                    continue
+                file = self.files[key]
+                try:
+                    if file not in handles:
+                        handles[file] = safe_open(str(file), framework="pt").__enter__()
+                    sl = handles[file].get_slice(key)
+                    got_shape, got_dtype = tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype())
+                except Exception as e:
+                    raise MemintentError(f"safetensors file {file} is truncated or malformed: {e}") from None
+                if got_shape != tuple(shape):
+                    raise MemintentError(f"tensor {key} in {file.name} has shape {got_shape}: the plan expects "
+                                         f"{tuple(shape)} for {name} (was the checkpoint changed after compiling?)")
+                if got_dtype != dtype:
+                    convertible = got_dtype is not None and got_dtype.is_floating_point and dtype.is_floating_point
+                    if not (convertible and self.dtype_forced):
+                        raise MemintentError(f"tensor {key} in {file.name} is {got_dtype or sl.get_dtype()}: the "
+                                             f"plan expects {dtype} for {name}")
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
 
     def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
         from safetensors import safe_open

@@ -17,22 +17,16 @@ INT4_GROUP = 128  # int4 values per bf16 scale
 
 
 def transfer_bytes(block: Block, program: Program) -> int:
-    """Bytes a visit of ``block`` copies, after quantization of its 2-D weights."""
+    """Bytes a visit of ``block`` copies: what the runtime really copies. Unquantized: the block's flat buffer.
+    Quantized (int8/int4 on its 2-D weights): the packed buffer of ``memintent.runtime.quant.quant_layout``
+    (values and scales of each weight, raw bytes of the others, every part rounded up to 256 bytes), so the
+    planner's copy times, streamed bytes and stream-slot sizes are the runtime's own."""
     if block.quant == Quant.none:
         return block.size_bytes
-    objs = program.object_map()
-    total = 0
-    for name in block.weights:
-        o = objs[name]
-        if len(o.shape) != 2:          # norms, biases, tables: moved as they are
-            total += o.size_bytes
-            continue
-        out_ch, in_ch = o.shape
-        if block.quant == Quant.int8:
-            total += out_ch * in_ch + out_ch * 2                     # int8 values + one bf16 scale per row
-        else:
-            total += (out_ch * in_ch + 1) // 2 + out_ch * (-(-in_ch // INT4_GROUP)) * 2
-    return total
+    # Imported here: memintent.runtime pulls in torch and the executor, which the passes do not otherwise need.
+    from memintent.runtime.quant import quantized_block_bytes
+
+    return quantized_block_bytes(block, program.object_map())
 
 
 def copy_time_s(block: Block, hw: HardwareProfile) -> float:

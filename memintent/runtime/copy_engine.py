@@ -8,6 +8,10 @@ Two backends share one bookkeeping (``CopyEngine``):
 * ``CpuBackend``: copies run synchronously, so every event is reached the moment it is recorded and waits are
   no-ops; the slot/visit state machine is the same, which is what lets CPU tests cover the plan logic.
 
+A quantized visit's copy_done also dequantizes: right after the wait for its arrival, on the compute stream, so the
+dequantization is ordered after the copy (the wait) and before the slot's free event (recorded later on the same
+stream), exactly like a reader of the block (spec/runtime.md, "Quantized blocks").
+
 The state machine faults (``RuntimeFault``) on what would be a silent race on a GPU: a copy into a slot whose
 occupant was never freed, a free before the visit's copy_done, a copy_done whose copy was never started.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -60,6 +64,13 @@ class CpuBackend:
         t0 = perf_counter()
         dst.fill_(POISON_BYTE)
         self.sync_work_s += perf_counter() - t0
+
+    def dequant(self, unpack: Callable[[], None]) -> tuple[Any, Any]:
+        t0 = perf_counter()
+        unpack()   # synchronous: packed region at the slot's end -> weights at its start
+        t1 = perf_counter()
+        self.sync_work_s += t1 - t0
+        return t0, t1
 
     def sync(self, mark: Any) -> None:
         pass
@@ -141,6 +152,21 @@ class CudaBackend:
         after.record(c)
         return before, after
 
+    def dequant(self, unpack: Callable[[], None]) -> tuple[Any, Any]:
+        # Runs right after wait(arrived) in copy_done. unpack() launches its kernels on the current stream, which is
+        # ``compute``: the forward's stream (begin_forward captured it, copy() restores it after every copy; a
+        # forward that switches streams is unsupported). So in compute-stream order: wait for the arrival ->
+        # dequantize (reads the packed region, writes the weights) -> the block's readers -> the slot's free event,
+        # which the next copy into the slot waits for. Timing marks bracket the kernels on the same stream.
+        if not self.timing:
+            unpack()
+            return None, None
+        start, end = self._event(), self._event()
+        start.record(self.compute)
+        unpack()
+        end.record(self.compute)
+        return start, end
+
     def record_free(self, event: Any) -> Any:
         if event is None:
             event = torch.cuda.Event()   # ordering only, never timed
@@ -191,6 +217,12 @@ class ForwardStats:
     stage_entries: hooks that fired (stage pre-hooks plus the root's two).
     max_hook_s: the slowest single hook, same accounting as host_overhead_s.
     visit_stall_s: stall per visit, keyed ``"block@visit_stage"`` (CUDA with timing only).
+    dequants: quantized visits dequantized in this forward (in their copy_done).
+    dequant_s: CUDA with timing: sum of the dequantizations' durations on the compute stream (events just before
+        and after each one's kernels; on the critical path, after the arrival wait). CPU: measured synchronous
+        time. None on CUDA without timing.
+    dequant_host_s: host time spent launching (CUDA) or running (CPU) the dequantizations; on CUDA it is part of
+        host_overhead_s, on CPU it is excluded from it like the copies.
     """
 
     index: int
@@ -204,6 +236,9 @@ class ForwardStats:
     stage_entries: int
     max_hook_s: float
     visit_stall_s: dict[str, float] = field(default_factory=dict)
+    dequants: int = 0
+    dequant_s: float | None = None
+    dequant_host_s: float = 0.0
 
     @property
     def copy_gbps(self) -> float | None:
@@ -220,9 +255,10 @@ class ForwardStats:
             return "-" if t is None else f"{t * 1e3:.3f} ms"
 
         gbps = self.copy_gbps
+        deq = f", dequant {ms(self.dequant_s)} in {self.dequants} blocks" if self.dequants else ""
         return (f"forward {self.index}: host {ms(self.host_wall_s)}, device {ms(self.device_s)}, "
                 f"copied {self.bytes_copied / 1e6:.1f} MB in {self.copies} copies "
-                f"({'-' if gbps is None else f'{gbps:.1f} GB/s'}), stall {ms(self.stall_s)}, "
+                f"({'-' if gbps is None else f'{gbps:.1f} GB/s'}), stall {ms(self.stall_s)}{deq}, "
                 f"host overhead {self.host_overhead_per_block_s * 1e6:.1f} us/block "
                 f"(max hook {self.max_hook_s * 1e6:.1f} us)")
 
@@ -231,7 +267,7 @@ class _Record:
     """Raw marks of one forward until its events have completed and can be turned into ForwardStats."""
 
     __slots__ = ("index", "t0", "host_wall_s", "start", "end", "copies", "waits", "bytes", "overhead_s",
-                 "entries", "max_hook_s")
+                 "entries", "max_hook_s", "dequants", "dequant_host_s")
 
     def __init__(self) -> None:
         self.index = -1
@@ -240,6 +276,8 @@ class _Record:
         self.start = self.end = None
         self.copies: list[tuple[int, Any, Any]] = []    # (visit id, start mark, arrived mark)
         self.waits: list[tuple[int, Any]] = []          # (visit id, (before, after) marks)
+        self.dequants: list[tuple[int, Any, Any]] = []  # (visit id, start mark, end mark)
+        self.dequant_host_s = 0.0
         self.bytes = 0
         self.overhead_s = 0.0
         self.entries = 0
@@ -298,7 +336,8 @@ class CopyEngine:
         rec.copies.append((vid, start, arrived if self.backend.timing else None))
         rec.bytes += nbytes
 
-    def copy_done(self, vid: int) -> None:
+    def copy_done(self, vid: int, unpack: Callable[[], None] | None = None) -> None:
+        """Compute waits for the visit's copy; ``unpack`` (a quantized visit): then dequantize it, on compute."""
         arrived = self.arrival[vid]
         if arrived is None:
             raise RuntimeFault(f"copy_done of {self.labels[vid]} but its copy_start never ran")
@@ -310,6 +349,11 @@ class CopyEngine:
         if not b.timing:
             # cudaStreamWaitEvent binds to the event's latest record at call time: the event is reusable at once.
             b.recycle([arrived])
+        if unpack is not None:
+            t0 = perf_counter()
+            start, end = b.dequant(unpack)   # after the wait, on the compute stream (see CudaBackend.dequant)
+            self._cur.dequant_host_s += perf_counter() - t0
+            self._cur.dequants.append((vid, start, end))
 
     def free(self, vid: int, slot: int, poison: torch.Tensor | None) -> None:
         occ = self.slot_occupant[slot]
@@ -361,6 +405,8 @@ class CopyEngine:
             out += (a, b)
         for _, (a, b) in rec.waits:
             out += (a, b)
+        for _, a, b in rec.dequants:
+            out += (a, b)
         return out
 
     def _finalize(self, rec: _Record) -> ForwardStats:
@@ -370,9 +416,11 @@ class CopyEngine:
         b.sync(rec.end)
         if rec.copies:
             b.sync(rec.copies[-1][2])
-        copy_s, stall_s, per_visit = None, None, {}
+        copy_s, stall_s, per_visit, dequant_s = None, None, {}, None
         if b.timing:
             copy_s = sum(b.elapsed_s(a, e) for _, a, e in rec.copies)
+            # dequantization marks are on the compute stream before rec.end: complete once it is
+            dequant_s = sum(b.elapsed_s(a, e) for _, a, e in rec.dequants)
             if b.measures_stall:
                 stall_s = 0.0
                 for vid, (x, y) in rec.waits:
@@ -383,7 +431,8 @@ class CopyEngine:
             index=rec.index, host_wall_s=rec.host_wall_s, device_s=b.elapsed_s(rec.start, rec.end),
             bytes_copied=rec.bytes, copies=len(rec.copies), copy_s=copy_s, stall_s=stall_s,
             host_overhead_s=rec.overhead_s, stage_entries=rec.entries, max_hook_s=rec.max_hook_s,
-            visit_stall_s=per_visit)
+            visit_stall_s=per_visit, dequants=len(rec.dequants), dequant_s=dequant_s,
+            dequant_host_s=rec.dequant_host_s)
         b.recycle(self._marks(rec))
         return stats
 

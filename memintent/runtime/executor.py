@@ -5,6 +5,11 @@ planned parameter/buffer at device memory (resident: its slot for good; streamed
 visit) and registers a forward pre-hook on each stage module plus a pre- and post-hook on the root. After that
 ``model(...)`` and ``model.generate(...)`` run unchanged, with the plan's copies overlapping compute.
 
+Quantized streamed blocks (``Block.quant`` int8/int4) live packed in the host store; a visit copies the packed
+bytes into the end of its stream slot and copy_done dequantizes them, on the compute stream, into the start of the
+slot, where the block's tensors are bound exactly as for an unquantized block (spec/runtime.md, "Quantized
+blocks").
+
 Hook contract (see spec/runtime.md): the root pre-hook opens a forward (and, on a first forward, issues the copies
 that a previous forward's tail would have issued); each stage module's pre-hook checks that it is the next stage
 the plan expects, then runs that stage's actions in list order; the root post-hook checks that every stage ran and
@@ -13,6 +18,7 @@ runs the end-of-forward actions (frees and next-forward prefetches).
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from time import perf_counter
@@ -22,10 +28,11 @@ import torch
 
 from memintent.compiler.fingerprint import fingerprint_module, weight_entries
 from memintent.errors import MemintentError, RuntimeFault
-from memintent.ir.model import ActionKind, ObjectKind, Program, Quant, Residency, SlotKind, dtype_bytes
-from memintent.runtime.arena import DeviceArena
+from memintent.ir.model import ActionKind, Block, ObjectKind, Program, Quant, Residency, SlotKind, dtype_bytes
+from memintent.runtime.arena import DeviceArena, check_fits
 from memintent.runtime.copy_engine import CopyEngine, CpuBackend, CudaBackend, ForwardStats
 from memintent.runtime.host_store import FillFn, HostStore, fill_from_module, rebind, torch_dtype, typed_view
+from memintent.runtime.quant import prepare_unpack, quantized_block_bytes, run_unpack
 
 _START, _DONE, _FREE = 0, 1, 2
 
@@ -64,12 +71,17 @@ class StreamedModel:
     ``check``: checked mode. The arena starts poisoned (0xFF bytes: NaN in bf16/f16/f32), every ``free`` poisons
     its slot, and each stage entry verifies that the streamed blocks the plan says it reads are bound and not
     freed, so weights used outside their planned residency either fault or turn the output into NaN.
-    ``timing``: CUDA timing events for copy time, stalls and device time (a few microseconds per block).
+    ``timing``: CUDA timing events for copy time, stalls, dequantization and device time (a few microseconds per
+    block).
+    ``dequant_backend``: how quantized blocks are dequantized on arrival (``memintent.runtime.quant``): ``"torch"``
+    (default: elementwise torch ops, the tested reference), ``"auto"`` (the one-pass Triton kernel on CUDA when
+    triton is importable, else torch) or ``"triton"``.
     """
 
     def __init__(self, model: torch.nn.Module, program: Program, device: torch.device | str = "cuda", *,
                  check: bool = False, host_store: HostStore | None = None, fill: FillFn | None = None,
-                 timing: bool = True, pin: str = "auto", progress: bool | None = None):
+                 timing: bool = True, pin: str = "auto", progress: bool | None = None,
+                 dequant_backend: str = "torch"):
         dev = torch.device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
@@ -80,24 +92,40 @@ class StreamedModel:
             raise MemintentError(f"device {dev} is not supported by the runtime: use cuda or cpu")
         if model in _ATTACHED:
             raise MemintentError("the model is already attached to a plan: detach() that handle first")
+        if dequant_backend not in ("torch", "auto", "triton"):
+            raise MemintentError(f"dequant_backend={dequant_backend!r}: use torch, auto or triton")
         self.model, self.program, self.device, self.check = model, program, dev, check
+        self.dequant_backend = dequant_backend
         self._hooks: list[Any] = []
         self._detached = False
 
         self._validate()
         pred = program.prediction
         extra = (pred.activation_peak_bytes + pred.workspace_bytes) if pred is not None else 0
-        self.arena = DeviceArena(program.arena, dev, poison=check, extra_bytes=extra)
+        # Refuse an arena the device cannot hold before the (possibly long) fill; the arena itself is allocated
+        # after it, so quantizing the packed blocks on the device has the device memory to itself.
+        check_fits(program.arena.size_bytes, dev)
 
         if host_store is None:
-            host_store = HostStore(program, pin=pin if dev.type == "cuda" else "none")
+            host_store = HostStore(program, pin=pin if dev.type == "cuda" else "none", quant_device=dev)
             host_store.fill(fill or fill_from_module(model, adopt=True), progress=progress)
         else:
             for b in program.blocks:
-                if b.name not in host_store.blocks or host_store.blocks[b.name].size_bytes != b.size_bytes:
-                    raise MemintentError(f"the host store given has no buffer of {b.size_bytes} bytes for block "
-                                         f"{b.name!r}: build it from this plan")
+                want = self._host_bytes[b.name]
+                have = host_store.blocks.get(b.name)
+                if (have is None or have.size_bytes != b.size_bytes or have.quant != b.quant
+                        or host_store.buffer_bytes(b.name) != want):
+                    held = ("no buffer" if have is None else
+                            f"{host_store.buffer_bytes(b.name)} bytes (quant {have.quant.value})")
+                    raise MemintentError(f"the host store given does not match block {b.name!r}: the plan needs "
+                                         f"{want} bytes (quant {b.quant.value}), the store holds {held}: build "
+                                         f"it from this plan")
         self.host_store = host_store
+        try:
+            self.arena = DeviceArena(program.arena, dev, poison=check, extra_bytes=extra)
+        except BaseException:
+            self._rebind_to_host()   # an adopting fill pointed the model at the store (or meta): give it back
+            raise
 
         self.backend = CudaBackend(dev, timing) if dev.type == "cuda" else CpuBackend(dev)
         self._build_tables()
@@ -122,12 +150,26 @@ class StreamedModel:
         objects = p.object_map()
         slots = p.arena.slots
         owner: dict[str, str] = {}
+        # Bytes of each block's host buffer and of each visit's copy: the packed layout for quantized blocks.
+        self._host_bytes: dict[str, int] = {}
         for b in p.blocks:
-            if b.quant != Quant.none:
-                raise MemintentError(f"block {b.name!r} is quantized ({b.quant.value}): the runtime executes "
-                                     f"unquantized blocks only")
             if b.residency is None:
                 raise MemintentError(f"block {b.name!r} has no residency: run the passes first")
+            if b.quant != Quant.none:
+                if b.residency == Residency.resident:
+                    raise MemintentError(f"resident block {b.name!r} is quantized ({b.quant.value}): resident "
+                                         f"blocks stay in the model's dtype (recompile the plan)")
+                if any(w not in objects for w in b.weights):
+                    missing = next(w for w in b.weights if w not in objects)
+                    raise MemintentError(f"weight {missing!r} of block {b.name!r} is not an object of the plan")
+                qbytes = quantized_block_bytes(b, objects)
+                if b.transfer_bytes is not None and b.transfer_bytes != qbytes:
+                    raise MemintentError(f"block {b.name!r} ({b.quant.value}): the plan's transfer_bytes "
+                                         f"{b.transfer_bytes} differ from the runtime's packed layout of {qbytes} "
+                                         f"bytes: the plan was compiled by another version; recompile it")
+                self._host_bytes[b.name] = qbytes
+            else:
+                self._host_bytes[b.name] = b.size_bytes
             for w in b.weights:
                 o, t = objects.get(w), tensors.get(w)
                 if o is None or t is None:
@@ -170,9 +212,13 @@ class StreamedModel:
                 raise MemintentError(f"{where}: {a.block!r} is not a streamed block")
             if not 0 <= a.slot < len(slots) or slots[a.slot].kind != SlotKind.stream:
                 raise MemintentError(f"{where}: slot {a.slot} is not a stream slot")
-            if b.size_bytes > slots[a.slot].size_bytes:
+            if b.quant == Quant.none and b.size_bytes > slots[a.slot].size_bytes:
                 raise MemintentError(f"{where}: block of {b.size_bytes} bytes does not fit slot {a.slot} "
                                      f"({slots[a.slot].size_bytes} bytes)")
+            if b.quant != Quant.none and self._packed_start(b, slots[a.slot].size_bytes) < b.size_bytes:
+                raise MemintentError(f"{where}: {b.quant.value} block needs {b.size_bytes} bytes of weights at the "
+                                     f"start of slot {a.slot} and {self._host_bytes[b.name]} packed bytes at its "
+                                     f"end; the slot has {slots[a.slot].size_bytes} bytes")
             key = (a.block, a.visit_stage)
             if a.kind == ActionKind.copy_start:
                 if key in starts:
@@ -188,6 +234,12 @@ class StreamedModel:
                     raise MemintentError(f"action {i} ({a.kind.value} of {a.block!r}): slot {a.slot} differs from "
                                          f"the visit's copy_start slot {p.actions[starts[key]].slot}")
 
+    def _packed_start(self, b: Block, slot_bytes: int) -> int:
+        """Offset in a stream slot of ``slot_bytes`` where a quantized visit of ``b`` lands its packed bytes: the
+        slot's last ``aligned(transfer_bytes)`` bytes (residency.slot_need_bytes sizes slots as weights first, packed
+        bytes last). The packed layout's size is a multiple of 256 already; aligning again states the contract."""
+        return slot_bytes - -(-self._host_bytes[b.name] // 256) * 256
+
     # -- precomputed tables (so hooks only index lists) ---------------------------------------------------------
     def _build_tables(self) -> None:
         p, host = self.program, self.host_store
@@ -199,6 +251,23 @@ class StreamedModel:
         blocks = p.blocks
 
         views: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        unpacks: dict[tuple[int, int], Callable[[], None]] = {}
+
+        def packed_region(bi: int, slot: int) -> torch.Tensor:
+            # uint8 [packed bytes]: the end of the slot, where a quantized visit's copy lands
+            flat = self.arena.slot(slot)
+            start = self._packed_start(blocks[bi], flat.numel())
+            return flat[start:start + self._host_bytes[blocks[bi].name]]
+
+        def unpacker(bi: int, slot: int) -> Callable[[], None]:
+            # The dequantization of a quantized visit: views built once (they alias the arena), so copy_done only
+            # launches kernels. src: the packed region at the end of the slot; dst: uint8 [size_bytes] at its
+            # start, the unquantized layout the block's tensors are bound to.
+            if (bi, slot) not in unpacks:
+                flat = self.arena.slot(slot)
+                ops = prepare_unpack(blocks[bi], objects, packed_region(bi, slot), flat[:blocks[bi].size_bytes])
+                unpacks[(bi, slot)] = functools.partial(run_unpack, ops, self.dequant_backend)
+            return unpacks[(bi, slot)]
 
         def bindings(bi: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             # (model tensor, typed view into the slot) pairs: a visit's copy_done rebinds them in one loop
@@ -224,22 +293,25 @@ class StreamedModel:
         self._first_slot: dict[int, tuple[int, int]] = {}   # block -> (visit_stage, slot) of its earliest visit
         for a in p.actions:
             vid, bi = self._visit_ids[(a.block, a.visit_stage)], bidx[a.block]
-            size = blocks[bi].size_bytes
+            quantized = blocks[bi].quant != Quant.none
+            size = self._host_bytes[a.block]   # bytes the visit copies: size_bytes, or the packed bytes
             if a.kind == ActionKind.copy_start:
-                # dst: uint8 [size] in the slot; src: uint8 [size] host block buffer
-                act = (_START, vid, a.slot, self.arena.slot(a.slot)[:size], host.buffer(a.block), size,
-                       a.next_forward)
+                # dst: uint8 [size] in the slot (its start; a quantized block's packed bytes: its end);
+                # src: uint8 [size] host block buffer
+                dst = packed_region(bi, a.slot) if quantized else self.arena.slot(a.slot)[:size]
+                act = (_START, vid, a.slot, dst, host.buffer(a.block), size, a.next_forward)
                 bindings(bi, a.slot)   # also where _bind_initial points the block before its first visit
                 if a.next_forward:
                     self._start_acts.append(act)
                 if bi not in self._first_slot or a.visit_stage < self._first_slot[bi][0]:
                     self._first_slot[bi] = (a.visit_stage, a.slot)
             elif a.kind == ActionKind.copy_done:
-                act = (_DONE, vid, bindings(bi, a.slot), bi)
+                act = (_DONE, vid, bindings(bi, a.slot), bi, unpacker(bi, a.slot) if quantized else None)
             else:
                 act = (_FREE, vid, a.slot, self.arena.slot(a.slot) if self.check else None, bi)
             self._acts[a.stage].append(act)
         self._views = views
+        self._unpacks = unpacks
 
         # Hooked stages in plan order; each hook compares its module id with the next expected one.
         self._mod_names: list[str] = []
@@ -344,7 +416,7 @@ class StreamedModel:
                     # a first forward issues next-forward copies for itself: they count towards this forward
                     e.copy_start(a[1], a[2], a[3], a[4], a[5], a[6] and not first_forward)
                 elif k == _DONE:
-                    e.copy_done(a[1])
+                    e.copy_done(a[1], a[4])   # waits for the arrival, then dequantizes a quantized visit
                     for t, v in a[2]:
                         t.data = v   # [shape] view into the slot; no allocation
                     self._live[a[3]] = a[1]
@@ -449,7 +521,8 @@ class StreamedModel:
 
     def detach(self, *, empty_cache: bool = True) -> None:
         """Remove the hooks, point the model's tensors back at the host store (a working model on the host), and
-        release the arena (and, on CUDA with ``empty_cache``, return it to the driver)."""
+        release the arena (and, on CUDA with ``empty_cache``, return it to the driver). Quantized blocks have no
+        full-precision host copy: their tensors get new host memory holding the dequantized weights."""
         if self._detached:
             return
         for h in self._hooks:
@@ -457,19 +530,25 @@ class StreamedModel:
         self._hooks.clear()
         self.backend.synchronize()   # no copy may still be writing into the arena
         self.engine.stats()          # read pending timing events while the device state is intact
-        for b in self.program.blocks:
-            for w in b.weights:
-                rebind(self._tensors[w], self.host_store.view(w))
+        self._rebind_to_host()
         for n, home in self._unplanned_home.items():
             t = self._tensors[n]
             rebind(t, t.detach().to(home))
         # Every other reference to arena memory lives in these tables.
-        self._acts, self._start_acts, self._views = [], [], {}
+        self._acts, self._start_acts, self._views, self._unpacks = [], [], {}, {}
         self.arena.release()
         self._detached = True
         _ATTACHED.pop(self.model, None)
         if self.device.type == "cuda" and empty_cache:
             torch.cuda.empty_cache()
+
+    def _rebind_to_host(self) -> None:
+        """Point every planned tensor at its host value: the store's views, or for a quantized block a new host
+        buffer holding it dequantized (the store keeps only packed bytes): the values the plan computed with."""
+        tensors = _named_tensors(self.model)
+        for b in self.program.blocks:
+            for w, v in self.host_store.dequantized_block(b.name).items():
+                rebind(tensors[w], v)
 
     def __enter__(self) -> StreamedModel:
         return self
@@ -481,5 +560,5 @@ class StreamedModel:
 def attach(model: torch.nn.Module, program: Program, device: torch.device | str = "cuda", check: bool = False,
            **kwargs: Any) -> StreamedModel:
     """Bind ``model`` to ``program`` on ``device`` and return the handle; see ``StreamedModel`` for the options
-    (host_store, fill, timing, pin, progress)."""
+    (host_store, fill, timing, pin, progress, dequant_backend)."""
     return StreamedModel(model, program, device, check=check, **kwargs)

@@ -5,10 +5,18 @@ resident block once into its own slot at attach time, and on detach the model's 
 The buffers are pinned when a CUDA device will read them, because only copies from page-locked memory run
 asynchronously on a copy stream (from pageable memory the driver stages them through a bounce buffer and the
 host blocks).
+
+A block with ``quant`` int8/int4 (a streamed block the compiler chose to quantize) is stored *packed*: its host
+buffer holds ``quantized_block_bytes`` bytes in the layout of ``memintent.runtime.quant.quant_layout`` (quantized
+values and scales of its 2-D weights, raw bytes of the rest), which is exactly what a visit copies. The fill
+callback still writes full-precision values; for a packed block it writes them into a scratch buffer of one
+block, which is then quantized (on the CUDA device when there is one, else on the CPU) into the pinned buffer.
+So host memory holds the packed model plus one full-precision block, never the full-precision model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from typing import Callable, Iterable
@@ -17,10 +25,18 @@ import torch
 
 from memintent.compiler.fingerprint import IR_TO_TORCH
 from memintent.errors import MemintentError
-from memintent.ir.model import Block, Program
+from memintent.ir.model import Block, Object, Program, Quant
+from memintent.runtime.quant import pack_block, prepare_unpack, quantized_block_bytes, run_unpack, unpack_weight
 
 # A fill callback receives {weight name: host tensor of that weight's dtype and shape} and writes each value in.
 FillFn = Callable[[dict[str, torch.Tensor]], None]
+
+
+class ScratchViews(dict):
+    """The ``{weight: host tensor}`` a fill callback gets for a packed (quantized) block: the tensors alias a
+    scratch buffer that is quantized right after the callback returns and then reused for the next block, so a
+    callback must not keep them. ``fill_from_module(adopt=True)`` therefore releases the module's own tensors of
+    such a block (points them at the meta device) instead of adopting the scratch views."""
 
 ALIGN_BYTES = 256            # every block buffer starts on this boundary (and the plan's offsets are multiples of it)
 PROGRESS_MIN_BYTES = 10**9   # show a progress bar when filling more than this
@@ -73,16 +89,23 @@ def _unregister(base: torch.Tensor) -> None:
 
 
 class HostStore:
-    """One 256-byte-aligned flat uint8 buffer per block, with a typed view per weight at ``block_offset_bytes``.
+    """One 256-byte-aligned flat uint8 buffer per block. An unquantized block's buffer is its weights at
+    ``block_offset_bytes`` (``size_bytes`` long), with a typed view per weight; a quantized block's buffer is its
+    packed bytes (``quantized_block_bytes`` long, what a visit copies), with no typed views (``weight(name)``
+    dequantizes one).
 
     ``pin``: ``"register"`` allocates one plain host allocation for all blocks and page-locks it with
     ``cudaHostRegister`` (no size rounding); ``"alloc"`` uses PyTorch's pinned allocator per block (which rounds
     each allocation up to a power of two: up to 2x the memory); ``"none"`` leaves it pageable (CPU runs);
     ``"auto"``: ``"register"`` if CUDA is available, else ``"none"``. If registering fails it falls back to
     ``"alloc"`` with a warning.
+    ``quant_device``: where ``fill`` quantizes packed blocks; None: the current CUDA device if there is one, else
+    the CPU. (CUDA and CPU quantization are bitwise identical: both are IEEE float32 division, round-half-even
+    and max; the device is only faster.) If the device runs out of memory, the rest is quantized on the CPU.
     """
 
-    def __init__(self, program: Program, *, pin: str = "auto", blocks: Iterable[str] | None = None):
+    def __init__(self, program: Program, *, pin: str = "auto", blocks: Iterable[str] | None = None,
+                 quant_device: torch.device | str | None = None):
         if pin not in ("auto", "register", "alloc", "none"):
             raise MemintentError(f"pin={pin!r}: use one of auto, register, alloc, none")
         if pin == "auto":
@@ -90,11 +113,22 @@ class HostStore:
         objects = program.object_map()
         wanted = set(blocks) if blocks is not None else None
         self.blocks: dict[str, Block] = {b.name: b for b in program.blocks if wanted is None or b.name in wanted}
-        self._objects = {w: objects[w] for b in self.blocks.values() for w in b.weights if w in objects}
+        self._objects: dict[str, Object] = {w: objects[w] for b in self.blocks.values() for w in b.weights
+                                            if w in objects}
         missing = [w for b in self.blocks.values() for w in b.weights if w not in objects]
         if missing:
             raise MemintentError(f"plan lists weights without an object entry: {missing[:5]}")
-        self.nbytes = sum(b.size_bytes for b in self.blocks.values())
+        self._owner = {w: b.name for b in self.blocks.values() for w in b.weights}
+        # Packed blocks: those the plan quantizes. Their buffer is the packed layout (what a visit copies).
+        self.packed: set[str] = {n for n, b in self.blocks.items() if b.quant != Quant.none}
+        self._nbytes = {n: quantized_block_bytes(b, self._objects) if n in self.packed else b.size_bytes
+                        for n, b in self.blocks.items()}
+        self.nbytes = sum(self._nbytes.values())                        # host bytes of all buffers
+        self.source_nbytes = sum(b.size_bytes for b in self.blocks.values())   # full-precision bytes filled
+        if quant_device is None:
+            quant_device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                            else torch.device("cpu"))
+        self.quant_device = torch.device(quant_device)
         self.pin = pin
         self._buffers: dict[str, torch.Tensor] = {}
         self._finalizer = None
@@ -106,23 +140,27 @@ class HostStore:
                               f"(it rounds each block up to a power of two)", stacklevel=2)
                 self.pin = pin = "alloc"
         if pin in ("alloc", "none"):
-            for b in self.blocks.values():
-                # [size_bytes] uint8; CPU/pinned allocations are at least 64-byte aligned, pad to 256 by hand
-                raw = torch.empty(b.size_bytes + ALIGN_BYTES, dtype=torch.uint8, pin_memory=(pin == "alloc"))
+            for name in self.blocks:
+                n = self._nbytes[name]
+                # [n] uint8; CPU/pinned allocations are at least 64-byte aligned, pad to 256 by hand
+                raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8, pin_memory=(pin == "alloc"))
                 skip = (-raw.data_ptr()) % ALIGN_BYTES
-                self._buffers[b.name] = raw[skip:skip + b.size_bytes]
+                self._buffers[name] = raw[skip:skip + n]
         self._views: dict[str, torch.Tensor] = {}
-        for b in self.blocks.values():
-            flat = self._buffers[b.name]
-            for w in b.weights:
-                o = self._objects[w]
-                self._views[w] = typed_view(flat, o.block_offset_bytes or 0, torch_dtype(o.dtype), o.shape)
+        for name, b in self.blocks.items():
+            if name not in self.packed:
+                self._views.update(self._typed_views(b, self._buffers[name]))
+
+    def _typed_views(self, b: Block, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{weight: typed view of flat}`` for ``b``'s unquantized layout (``flat``: uint8 [>= size_bytes])."""
+        return {w: typed_view(flat, self._objects[w].block_offset_bytes or 0, torch_dtype(self._objects[w].dtype),
+                              self._objects[w].shape) for w in b.weights}
 
     def _alloc_registered(self) -> None:
         offsets, total = {}, 0
-        for b in self.blocks.values():
-            offsets[b.name] = total
-            total = _align(total + b.size_bytes, ALIGN_BYTES)
+        for name in self.blocks:
+            offsets[name] = total
+            total = _align(total + self._nbytes[name], ALIGN_BYTES)
         raw = torch.empty(total + ALIGN_BYTES, dtype=torch.uint8)   # [total + pad] plain host memory
         skip = (-raw.data_ptr()) % ALIGN_BYTES
         base = raw[skip:skip + total]
@@ -133,39 +171,111 @@ class HostStore:
                 raise RuntimeError(f"cudaError {int(err)}")
             self._finalizer = weakref.finalize(self, _unregister, base)
         for name, off in offsets.items():
-            self._buffers[name] = base[off:off + self.blocks[name].size_bytes]
+            self._buffers[name] = base[off:off + self._nbytes[name]]
 
     @property
     def pinned(self) -> bool:
         return self.pin in ("register", "alloc")
 
     def buffer(self, block: str) -> torch.Tensor:
-        """The block's flat host buffer: uint8 [size_bytes]."""
+        """The block's flat host buffer: uint8 [size_bytes], or for a packed block uint8 [quantized_block_bytes]
+        (``buffer_bytes``)."""
         return self._buffers[block]
 
+    def buffer_bytes(self, block: str) -> int:
+        return self._nbytes[block]
+
+    def _refuse_packed(self, block: str, what: str) -> None:
+        raise MemintentError(f"{what}: block {block!r} is stored quantized ({self.blocks[block].quant.value}); its "
+                             f"host buffer holds packed values, not the weights: use HostStore.weight(name) for a "
+                             f"dequantized copy")
+
     def view(self, weight: str) -> torch.Tensor:
-        """The weight's typed host view (aliases its block buffer)."""
-        return self._views[weight]
+        """The weight's typed host view (aliases its block buffer). Not for weights of packed blocks (they have no
+        full-precision host copy): ``MemintentError``; use ``weight``."""
+        v = self._views.get(weight)
+        if v is None:
+            if self._owner.get(weight) in self.packed:
+                self._refuse_packed(self._owner[weight], f"view({weight!r})")
+            raise KeyError(weight)
+        return v
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight's host value: the typed view (unquantized block), or a new tensor holding the dequantized
+        values (packed block: exactly the values a visit of the block computes with)."""
+        block = self._owner.get(name)
+        if block is None:
+            raise KeyError(name)
+        if block not in self.packed:
+            return self._views[name]
+        o = self._objects[name]
+        out = torch.empty(tuple(o.shape), dtype=torch_dtype(o.dtype))   # weight dtype [shape], host
+        return unpack_weight(self.blocks[block], self._objects, self._buffers[block], name, out, backend="torch")
+
+    def dequantized_block(self, block: str) -> dict[str, torch.Tensor]:
+        """``{weight: host tensor}`` for the whole block: the typed views (unquantized), or views of one new
+        host buffer (uint8 [size_bytes]) holding the dequantized block (packed)."""
+        if block not in self.packed:
+            return self.block_views(block)
+        b = self.blocks[block]
+        flat = torch.zeros(b.size_bytes, dtype=torch.uint8)   # uint8 [size_bytes], the unquantized layout
+        run_unpack(prepare_unpack(b, self._objects, self._buffers[block], flat), backend="torch")
+        return self._typed_views(b, flat)
 
     def block_views(self, block: str) -> dict[str, torch.Tensor]:
+        if block in self.packed:
+            self._refuse_packed(block, f"block_views({block!r})")
         return {w: self._views[w] for w in self.blocks[block].weights}
 
     def fill(self, fill: FillFn, *, progress: bool | None = None) -> None:
-        """Call ``fill`` once per block with that block's weight views, so a source can load (and release) one
-        block at a time. ``progress``: None shows a bar when more than 1 GB is filled."""
-        show = self.nbytes > PROGRESS_MIN_BYTES if progress is None else progress
-        if not show:
-            for name in self.blocks:
-                fill(self.block_views(name))
-            return
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        """Call ``fill`` once per block with that block's weight tensors, so a source can load (and release) one
+        block at a time. An unquantized block gets its views into the store; a packed block gets ``ScratchViews``
+        of one reusable full-precision scratch buffer, quantized into the store right after the call.
+        ``progress``: None shows a bar when more than 1 GB is filled."""
+        need = max((self.blocks[n].size_bytes for n in self.packed), default=0)
+        # One scratch for all packed blocks: uint8 [largest packed block's size_bytes], pageable host memory.
+        scratch = torch.empty(need, dtype=torch.uint8) if need else None
+        show = self.source_nbytes > PROGRESS_MIN_BYTES if progress is None else progress
+        bar = task = None
+        ctx = contextlib.nullcontext()
+        if show:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
-            task = bar.add_task("filling host weights", total=self.nbytes)
+            ctx = bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+        with ctx:
+            if bar is not None:
+                task = bar.add_task("filling host weights", total=self.source_nbytes)
             for name, b in self.blocks.items():
-                fill(self.block_views(name))
-                bar.advance(task, b.size_bytes)
+                if name in self.packed:
+                    flat = scratch[:b.size_bytes]   # uint8 [size_bytes]: the block's unquantized layout
+                    fill(ScratchViews(self._typed_views(b, flat)))
+                    self._pack(b, flat)
+                else:
+                    fill(self.block_views(name))
+                if bar is not None:
+                    bar.advance(task, b.size_bytes)
+        if self.quant_device.type == "cuda" and self.packed:
+            torch.cuda.empty_cache()   # hand the quantization temporaries back before the arena is allocated
+
+    def _pack(self, b: Block, flat: torch.Tensor) -> None:
+        """Quantize one block from ``flat`` (uint8 [size_bytes] host, unquantized layout, filled) into its
+        packed host buffer."""
+        dst = self._buffers[b.name]   # uint8 [packed bytes], pinned (CUDA) or pageable
+        dev = self.quant_device
+        if dev.type == "cuda":
+            try:
+                d_flat = flat.to(dev)                                                # uint8 [size_bytes], device
+                d_out = torch.empty(dst.numel(), dtype=torch.uint8, device=dev)      # uint8 [packed bytes], device
+                pack_block(b, self._objects, self._typed_views(b, d_flat), d_out)   # quantize on the device
+                dst.copy_(d_out)   # device -> host, synchronous (non_blocking=False): dst is complete on return
+                return
+            except torch.cuda.OutOfMemoryError:
+                warnings.warn(f"out of device memory while quantizing block {b.name!r} on {dev}; quantizing the "
+                              f"remaining blocks on the CPU (same result, slower)", stacklevel=3)
+                self.quant_device = torch.device("cpu")
+                torch.cuda.empty_cache()
+        pack_block(b, self._objects, self._typed_views(b, flat), dst)
 
     def close(self) -> None:
         """Unpin (if registered) and drop the buffers. Tensors still viewing them stay valid, merely pageable."""
@@ -181,13 +291,16 @@ def fill_from_module(module: torch.nn.Module, *, adopt: bool = True) -> FillFn:
 
     ``adopt``: after copying a weight, point the module's tensor at its host-store view, so the module's original
     storage is released as the fill goes: peak host memory is one model plus one tensor, never two models
-    (provided nothing else holds the original tensors). Use ``adopt=False`` to fill from a reference model that
-    must stay intact.
+    (provided nothing else holds the original tensors). For a packed block (``ScratchViews``) there is no
+    host-store view to adopt: the module's tensor is pointed at the meta device instead (its storage is released;
+    ``attach`` binds it to device memory next). Use ``adopt=False`` to fill from a reference model that must stay
+    intact.
     """
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
 
     def fill(named: dict[str, torch.Tensor]) -> None:
+        scratch = isinstance(named, ScratchViews)
         for name, dst in named.items():
             src = tensors.get(name)
             if src is None:
@@ -198,6 +311,7 @@ def fill_from_module(module: torch.nn.Module, *, adopt: bool = True) -> FillFn:
             with torch.no_grad():
                 dst.copy_(src)   # dst: [shape] host view; src: [shape] on any device
             if adopt:
-                rebind(src, dst)
+                # a scratch view is overwritten by the next packed block: release the original, keep no alias
+                rebind(src, torch.empty(src.shape, dtype=src.dtype, device="meta") if scratch else dst)
 
     return fill

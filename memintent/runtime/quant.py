@@ -1,0 +1,525 @@
+"""Weight quantization for streamed blocks: fewer bytes over PCIe, dequantized on the device after arrival.
+
+A streamed block whose ``Block.quant`` is ``int8`` or ``int4`` lives on the host as a *packed block*: one flat
+uint8 buffer holding, for each weight in the block's order, either the weight as it is (``raw``) or its quantized
+values followed by its scales. Each part starts on a 256-byte boundary. A visit copies the packed buffer into the
+end of its stream slot, and ``unpack_block`` dequantizes it into the start of the same slot, which is laid out
+exactly like the unquantized block (weight ``w`` at ``objects[w].block_offset_bytes``), so the model's views on
+the slot do not change (spec/runtime.md, "Quantized blocks").
+
+Formats (``w`` is a 2-D weight of shape ``(out, in)``, row = output channel):
+
+``int8``
+    symmetric, one bf16 scale per row: ``scale = absmax(row) / 127`` (rounded to nearest bf16),
+    ``q = clamp(round(w / scale), -127, 127)``; values ``int8 (out, in)``, scales ``bf16 (out,)``.
+    Dequantized: ``q * scale`` computed in float32 (exact: a 7-bit integer times an 8-bit mantissa), rounded once
+    to the weight's dtype.
+``int4``
+    symmetric, one bf16 scale per group of ``INT4_GROUP`` = 128 consecutive input columns of a row:
+    ``scale = absmax(group) / 7`` (rounded to nearest bf16), ``q = clamp(round(w / scale), -8, 7)`` stored as
+    ``q + 8`` in a nibble, two per byte, the low nibble holding the even column. A row with an odd number of
+    columns is padded with one zero value (nibble 8), so values are ``uint8 (out, ceil(in / 2))``; scales
+    ``bf16 (out, ceil(in / 128))``, the last group of a row may be short. (As the scale is rounded to nearest,
+    ``-absmax / scale >= -7.03``: the value -8 never occurs in practice.)
+
+Where ``qmax * scale`` would exceed the weight dtype's max (weights within 2^-8 of it), the scale is rounded
+down instead, so nothing dequantizes to inf.
+
+Which weights are quantized: in a block with ``quant != none``, every weight with a 2-D shape, both dimensions
+non-zero and a floating dtype in ``QUANTIZABLE_DTYPES``; everything else (norms, biases, integer buffers, 0-D/3-D
+tensors) is stored raw. A block with ``quant == none`` has a layout of raw parts only, which is the front end's
+block layout itself.
+
+A zero row (int8) or zero group (int4) gets scale 0 and values 0 and dequantizes to exact zeros. Non-finite
+weights are rejected (``ValueError``): their scale would be inf/NaN and poison the whole row.
+
+Backends: the functions here are torch ops only and run on CPU and CUDA; that torch path is the reference.
+``dequantize_int8``/``dequantize_int4``/``unpack_block`` take ``backend="auto"``, which on CUDA tensors with
+``triton`` importable uses a one-pass Triton kernel (read packed values + scales, write the output dtype).
+UNTESTED HERE: the Triton kernels were written on a machine without a GPU. Before relying on them, check on a
+GPU that ``backend="triton"`` and ``backend="torch"`` give bitwise equal outputs (both compute ``q * scale`` in
+float32 and round to nearest even once, so they must) for int8 and int4, bf16 and f16 outputs, ``in`` a multiple
+of 128, not one, and odd.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from memintent.compiler.fingerprint import IR_TO_TORCH
+from memintent.ir.model import Block, Object, Quant
+
+INT4_GROUP = 128          # input columns per int4 scale
+PART_ALIGN_BYTES = 256    # every part of a packed block starts on this boundary
+QUANTIZABLE_DTYPES = ("bf16", "f16", "f32")
+_QUANT_CHUNK_ELEMS = 1 << 24   # quantize in row chunks of about this many elements (bounds float32 temporaries)
+
+Backend = Literal["auto", "torch", "triton"]
+
+
+def _align(n: int, a: int = PART_ALIGN_BYTES) -> int:
+    return -(-n // a) * a
+
+
+def _rows_per_chunk(cols: int) -> int:
+    return max(1, _QUANT_CHUNK_ELEMS // max(cols, 1))
+
+
+def _check_2d_float(w: torch.Tensor, what: str) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{what}: expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"{what}: expected a floating-point weight, got {w.dtype}")
+
+
+def _bf16_scale(absmax: torch.Tensor, qmax: int, wmax: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale as stored: bf16, divisor used to quantize: float32, 1 where the scale is 0).
+
+    ``absmax``: float32 per row/group; ``wmax``: the largest finite value of the weight's dtype.
+    """
+    if not bool(torch.isfinite(absmax).all()):   # absmax is small (one value per row/group): a cheap check
+        raise ValueError(f"{what}: the weight has inf or NaN values; they cannot be quantized")
+    scale32 = (absmax / qmax).contiguous()
+    # Round to nearest bf16 (relative error <= 2^-8): the values clamped at qmax then err by at most
+    # absmax * 2^-8 < scale / 2. Only where qmax * scale would exceed the weight dtype's range (weights within
+    # 2^-8 of its max) take the scale rounded *down* (low 16 bits of the float32 dropped: bf16 is its top
+    # half), so that no dequantized value overflows to inf; there the clamp error is up to ~scale.
+    near = scale32.to(torch.bfloat16)
+    down = (scale32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)   # exact conversion
+    scale = torch.where(near.double() * qmax > wmax, down, near)
+    # Quantize with the stored scale, the one dequantization uses; a zero scale (zero row/group, or one so tiny
+    # that its scale underflows) divides by 1 instead, giving q = round(w) = 0 for such a tiny w.
+    div = scale.float()
+    div = torch.where(div == 0, torch.ones_like(div), div)
+    return scale, div
+
+
+# ---- int8 -----------------------------------------------------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w (out, in)`` float -> ``(q: int8 (out, in), scale: bf16 (out,))``, symmetric per output row.
+
+    Runs on ``w``'s device. Works through rows in chunks so the float32 temporaries stay ~64 MiB.
+    """
+    _check_2d_float(w, "quantize_int8")
+    out_ch, in_ch = w.shape
+    q = torch.empty((out_ch, in_ch), dtype=torch.int8, device=w.device)
+    scale = torch.empty((out_ch,), dtype=torch.bfloat16, device=w.device)
+    step = _rows_per_chunk(in_ch)
+    for r0 in range(0, out_ch, step):
+        x = w[r0:r0 + step].float()
+        absmax = x.abs().amax(dim=1) if in_ch else x.new_zeros(x.shape[0])
+        s, div = _bf16_scale(absmax, 127, torch.finfo(w.dtype).max, "quantize_int8")
+        scale[r0:r0 + step] = s
+        q[r0:r0 + step] = torch.round(x / div[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, backend: Backend = "auto"
+                    ) -> torch.Tensor:
+    """Write ``q * scale`` into ``out`` (``(out, in)``, bf16/f16/f32, any row stride) in place; returns ``out``.
+
+    Torch path temporaries: none of the output's size. ``out.copy_(q)`` converts int8 -> out dtype exactly
+    (|q| <= 127 fits the 8-bit mantissa of bf16), and ``out.mul_(scale[:, None])`` multiplies in float32 and rounds
+    once; only a dtype-converted copy of the (out,)-sized scale may be made by torch when dtypes differ.
+    """
+    if q.shape != out.shape or q.dim() != 2 or scale.shape != (q.shape[0],):
+        raise ValueError(f"dequantize_int8: shapes q {tuple(q.shape)}, scale {tuple(scale.shape)}, "
+                         f"out {tuple(out.shape)} do not match")
+    if _use_triton(backend, q, out):
+        _triton_dequant_int8(q, scale, out)
+        return out
+    out.copy_(q)
+    out.mul_(scale[:, None])
+    return out
+
+
+# ---- int4 -----------------------------------------------------------------------------------------------------
+
+def int4_shapes(out_ch: int, in_ch: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of the packed values and of the scales of an ``(out, in)`` weight quantized to int4."""
+    return (out_ch, -(-in_ch // 2)), (out_ch, -(-in_ch // INT4_GROUP))
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w (out, in)`` float -> ``(packed: uint8 (out, ceil(in/2)), scales: bf16 (out, ceil(in/128)))``.
+
+    Symmetric per group of 128 input columns; value ``q`` in [-8, 7] stored as ``q + 8``; low nibble = even column.
+    Columns beyond ``in`` (padding to a whole group / byte) are treated as zeros: they do not affect a scale and
+    pad nibbles hold 8 (value 0).
+    """
+    _check_2d_float(w, "quantize_int4")
+    out_ch, in_ch = w.shape
+    (_, n_bytes), (_, n_groups) = int4_shapes(out_ch, in_ch)
+    packed = torch.empty((out_ch, n_bytes), dtype=torch.uint8, device=w.device)
+    scales = torch.empty((out_ch, n_groups), dtype=torch.bfloat16, device=w.device)
+    if in_ch == 0:
+        return packed, scales
+    pad = n_groups * INT4_GROUP - in_ch
+    step = _rows_per_chunk(n_groups * INT4_GROUP)
+    for r0 in range(0, out_ch, step):
+        x = torch.nn.functional.pad(w[r0:r0 + step].float(), (0, pad))            # (r, G*128) float32
+        x = x.view(x.shape[0], n_groups, INT4_GROUP)
+        s, div = _bf16_scale(x.abs().amax(dim=2), 7, torch.finfo(w.dtype).max, "quantize_int4")   # (r, G)
+        scales[r0:r0 + step] = s
+        u = (torch.round(x / div[:, :, None]).clamp_(-8, 7) + 8).to(torch.uint8)   # (r, G, 128) in [0, 15]
+        u = u.view(u.shape[0], -1)[:, :2 * n_bytes]                                  # (r, 2*ceil(in/2))
+        packed[r0:r0 + step] = u[:, 0::2] | (u[:, 1::2] << 4)
+    return packed, scales
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, backend: Backend = "auto"
+                    ) -> torch.Tensor:
+    """Write the dequantized ``(out, in)`` weight into ``out`` (bf16/f16/f32, unit column stride) in place.
+
+    Torch path temporaries: none of the output's size. The nibbles are extracted with float arithmetic *in*
+    ``out``: a byte ``p`` (0..255) converts exactly to bf16/f16 (8 significant bits), ``p mod 16`` and
+    ``floor(p / 16)`` are exact there too (p / 16 is p * 2^-4), then ``- 8`` and ``* scale`` (multiplied in
+    float32, rounded once). Torch makes only small per-group scale views (and a converted copy of ``scales`` when
+    dtypes differ). Each elementwise op is one pass over half or all of ``out``: four passes in all; the Triton
+    kernel does it in one.
+    """
+    out_ch, in_ch = out.shape if out.dim() == 2 else (-1, -1)
+    pshape, sshape = int4_shapes(out_ch, in_ch)
+    if out.dim() != 2 or tuple(packed.shape) != pshape or tuple(scales.shape) != sshape:
+        raise ValueError(f"dequantize_int4: shapes packed {tuple(packed.shape)}, scales {tuple(scales.shape)}, "
+                         f"out {tuple(out.shape)} do not match (expected {pshape} and {sshape})")
+    if in_ch == 0 or out_ch == 0:
+        return out
+    if _use_triton(backend, packed, out):
+        _triton_dequant_int4(packed, scales, out)
+        return out
+    even = out[:, 0::2]                        # (out, ceil(in/2)): columns 0, 2, 4, ... take the low nibbles
+    odd = out[:, 1::2]                         # (out, floor(in/2)): columns 1, 3, ... take the high nibbles
+    odd.copy_(packed[:, :odd.shape[1]])        # the byte's value, exact in out's dtype
+    odd.div_(16, rounding_mode="floor")        # high nibble
+    even.copy_(packed)
+    even.remainder_(16)                        # low nibble
+    out.sub_(8)
+    full = in_ch // INT4_GROUP
+    if full:
+        out[:, :full * INT4_GROUP].unflatten(1, (full, INT4_GROUP)).mul_(scales[:, :full, None])
+    if in_ch % INT4_GROUP:
+        out[:, full * INT4_GROUP:].mul_(scales[:, full:full + 1])
+    return out
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+def relative_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """``||got - ref|| / ||ref||`` (Frobenius), computed in float64; 0 when both are zero, inf when only ref is."""
+    r = ref.detach().to(torch.float64)
+    d = torch.linalg.vector_norm(got.detach().to(torch.float64) - r).item()
+    n = torch.linalg.vector_norm(r).item()
+    if n == 0:
+        return 0.0 if d == 0 else math.inf
+    return d / n
+
+
+# ---- packed block layout --------------------------------------------------------------------------------------
+
+class Storage(str, enum.Enum):
+    raw = "raw"     # the weight's own bytes
+    int8 = "int8"
+    int4 = "int4"
+
+
+@dataclass(frozen=True)
+class Part:
+    offset_bytes: int   # inside the packed block buffer; a multiple of PART_ALIGN_BYTES
+    size_bytes: int     # payload bytes (the aligned footprint is _align(size_bytes))
+
+
+@dataclass(frozen=True)
+class QuantEntry:
+    """How one weight of a block is stored in the block's packed buffer."""
+
+    name: str
+    storage: Storage
+    dtype: str                    # the weight's IR dtype (what it dequantizes to)
+    shape: tuple[int, ...]
+    dst_offset_bytes: int         # where it goes in the unquantized block layout (Object.block_offset_bytes)
+    dst_size_bytes: int           # Object.size_bytes
+    values: Part                  # raw: the weight's bytes; int8: int8 (out, in); int4: uint8 (out, ceil(in/2))
+    scales: Part | None = None    # int8: bf16 (out,); int4: bf16 (out, ceil(in/128)); raw: None
+
+    def parts(self) -> list[Part]:
+        return [self.values] if self.scales is None else [self.values, self.scales]
+
+
+def weight_storage(quant: Quant, obj: Object) -> Storage:
+    """How ``obj`` is stored in a block quantized as ``quant``."""
+    if quant == Quant.none or len(obj.shape) != 2 or obj.dtype not in QUANTIZABLE_DTYPES or 0 in obj.shape:
+        return Storage.raw
+    return Storage(quant.value)
+
+
+def _part_sizes(storage: Storage, obj: Object) -> tuple[int, int | None]:
+    if storage == Storage.raw:
+        return obj.size_bytes, None
+    out_ch, in_ch = obj.shape
+    if storage == Storage.int8:
+        return out_ch * in_ch, out_ch * 2
+    (_, nb), (_, ng) = int4_shapes(out_ch, in_ch)
+    return out_ch * nb, out_ch * ng * 2
+
+
+def quant_layout(block: Block, objects: dict[str, Object]) -> list[QuantEntry]:
+    """The packed layout of ``block``: one entry per weight, in ``block.weights`` order, parts at consecutive
+    256-byte-aligned offsets (values then scales). Shared by the compiler (sizes) and the runtime (pack/unpack)."""
+    entries = []
+    off = 0
+    for name in block.weights:
+        o = objects[name]
+        storage = weight_storage(block.quant, o)
+        vsize, ssize = _part_sizes(storage, o)
+        values = Part(off, vsize)
+        off += _align(vsize)
+        scales = None
+        if ssize is not None:
+            scales = Part(off, ssize)
+            off += _align(ssize)
+        entries.append(QuantEntry(name=name, storage=storage, dtype=o.dtype, shape=tuple(o.shape),
+                                  dst_offset_bytes=o.block_offset_bytes or 0, dst_size_bytes=o.size_bytes,
+                                  values=values, scales=scales))
+    return entries
+
+
+def quantized_payload_bytes(block: Block, objects: dict[str, Object]) -> int:
+    """Sum of the parts' sizes of ``block``'s packed layout, without alignment padding."""
+    return sum(p.size_bytes for e in quant_layout(block, objects) for p in e.parts())
+
+
+def quantized_block_bytes(block: Block, objects: dict[str, Object]) -> int:
+    """Bytes of ``block``'s packed buffer (what a visit copies): the sum of its parts, each rounded up to 256.
+
+    This is ``memintent.passes.costs.transfer_bytes`` of a quantized block (costs calls this function), so the
+    planner's copy sizes and stream-slot sizes are exactly what the runtime copies. Properties:
+
+    * ``quant == none``: the layout is the weights at consecutive 256-aligned offsets, i.e. the front end's block
+      layout, so the result is ``block.size_bytes`` for blocks built by the front end.
+    * Always a multiple of ``PART_ALIGN_BYTES`` and ``payload <= quantized_block_bytes < payload + 256 *
+      number_of_parts`` (``quantized_payload_bytes``; a raw weight has one part, a quantized one two: values and
+      scales). The payload counts int4 rows padded to whole bytes (``out * ceil(in / 2)``), and 2-D weights that
+      are not quantized (integer/bool/f64 dtype, a zero dimension) at their raw size.
+    """
+    total = 0
+    for e in quant_layout(block, objects):
+        for p in e.parts():
+            total = max(total, p.offset_bytes + _align(p.size_bytes))
+    return total
+
+
+# ---- pack / unpack --------------------------------------------------------------------------------------------
+
+def _torch_dtype(ir: str) -> torch.dtype:
+    try:
+        return IR_TO_TORCH[ir]
+    except KeyError:
+        raise ValueError(f"weight dtype {ir!r} has no torch dtype; use one of {sorted(IR_TO_TORCH)}") from None
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as a flat uint8 tensor (a view when ``t`` is contiguous)."""
+    t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+
+
+def _typed(flat: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return flat[offset:offset + n].view(dtype).view(shape)
+
+
+def _check_flat(buf: torch.Tensor, need: int, what: str) -> None:
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise ValueError(f"{what}: expected a flat uint8 tensor, got {buf.dtype} of shape {tuple(buf.shape)}")
+    if buf.numel() < need:
+        raise ValueError(f"{what}: {buf.numel()} bytes, the layout needs {need}")
+
+
+def pack_block(block: Block, objects: dict[str, Object], tensors: dict[str, torch.Tensor], dst: torch.Tensor
+               ) -> list[QuantEntry]:
+    """Quantize/copy every weight of ``block`` into ``dst`` (flat uint8, CPU, pinned or CUDA) at the layout's
+    offsets; the padding after each part is zeroed so the buffer's bytes are deterministic. Quantization runs on
+    each tensor's device, then the parts are copied into ``dst``. Returns the layout."""
+    layout = quant_layout(block, objects)
+    total = quantized_block_bytes(block, objects)
+    _check_flat(dst, total, f"pack_block({block.name})")
+    for e in layout:
+        t = tensors[e.name]
+        if tuple(t.shape) != e.shape or t.dtype != _torch_dtype(e.dtype):
+            raise ValueError(f"pack_block: {e.name} is {t.dtype} {tuple(t.shape)}, the plan says "
+                             f"{e.dtype} {list(e.shape)}")
+        if e.storage == Storage.raw:
+            parts = [_bytes_of(t)]
+        elif e.storage == Storage.int8:
+            parts = [_bytes_of(x) for x in quantize_int8(t)]
+        else:
+            parts = [_bytes_of(x) for x in quantize_int4(t)]
+        for part, data in zip(e.parts(), parts):
+            assert data.numel() == part.size_bytes, (e.name, data.numel(), part.size_bytes)
+            dst[part.offset_bytes:part.offset_bytes + part.size_bytes].copy_(data)
+            dst[part.offset_bytes + part.size_bytes:part.offset_bytes + _align(part.size_bytes)].zero_()
+    return layout
+
+
+UnpackOp = tuple  # (storage, values view, scales view or None, output view): see prepare_unpack
+
+
+def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
+    """Typed views of one entry's parts in ``src`` (the packed buffer) and its destination ``out``."""
+    v = e.values
+    if e.storage == Storage.raw:
+        # raw bytes: src uint8 [n] -> out uint8 [n], copied byte for byte
+        return (Storage.raw, src[v.offset_bytes:v.offset_bytes + v.size_bytes], None, out)
+    s = e.scales
+    assert s is not None
+    out_ch, in_ch = e.shape
+    if e.storage == Storage.int8:
+        q = _typed(src, v.offset_bytes, torch.int8, (out_ch, in_ch))             # int8 (out, in)
+        scale = _typed(src, s.offset_bytes, torch.bfloat16, (out_ch,))           # bf16 (out,)
+        return (Storage.int8, q, scale, out)
+    pshape, sshape = int4_shapes(out_ch, in_ch)
+    packed = _typed(src, v.offset_bytes, torch.uint8, pshape)                    # uint8 (out, ceil(in/2))
+    scales = _typed(src, s.offset_bytes, torch.bfloat16, sshape)                 # bf16 (out, ceil(in/128))
+    return (Storage.int4, packed, scales, out)
+
+
+def prepare_unpack(block: Block, objects: dict[str, Object], src: torch.Tensor, dst: torch.Tensor
+                   ) -> list[UnpackOp]:
+    """The views ``unpack_block`` works on, built once: for each weight, its parts in ``src`` (flat uint8, the
+    packed buffer) and its output in ``dst`` (flat uint8 laid out like the unquantized block). The runtime builds
+    them at attach for each (block, stream slot), so a visit's dequantization is only kernel launches
+    (``run_unpack``); the views alias the arena and stay valid for its lifetime."""
+    layout = quant_layout(block, objects)
+    _check_flat(src, quantized_block_bytes(block, objects), f"unpack_block({block.name}) src")
+    _check_flat(dst, max((e.dst_offset_bytes + e.dst_size_bytes for e in layout), default=0),
+                f"unpack_block({block.name}) dst")
+    ops = []
+    for e in layout:
+        if e.storage == Storage.raw:
+            out = dst[e.dst_offset_bytes:e.dst_offset_bytes + e.values.size_bytes]   # uint8 [n]
+        else:
+            out = _typed(dst, e.dst_offset_bytes, _torch_dtype(e.dtype), e.shape)     # weight dtype (out, in)
+        ops.append(_entry_op(e, src, out))
+    return ops
+
+
+def run_unpack(ops: list[UnpackOp], backend: Backend = "auto") -> None:
+    """Dequantize/copy every prepared entry; enqueued on the current stream (on CUDA no host synchronization)."""
+    for storage, values, scales, out in ops:
+        if storage == Storage.raw:
+            out.copy_(values)
+        elif storage == Storage.int8:
+            dequantize_int8(values, scales, out, backend)
+        else:
+            dequantize_int4(values, scales, out, backend)
+
+
+def unpack_block(block: Block, objects: dict[str, Object], src: torch.Tensor, dst: torch.Tensor,
+                 backend: Backend = "auto") -> None:
+    """Dequantize ``src`` (the packed buffer, flat uint8) into ``dst`` (flat uint8 laid out like the unquantized
+    block: weight ``w`` at ``objects[w].block_offset_bytes``); raw weights are copied byte for byte. Both on the
+    same device; enqueued on the current stream (on CUDA nothing here synchronizes with the host)."""
+    run_unpack(prepare_unpack(block, objects, src, dst), backend)
+
+
+def unpack_weight(block: Block, objects: dict[str, Object], src: torch.Tensor, name: str, out: torch.Tensor,
+                  backend: Backend = "auto") -> torch.Tensor:
+    """Dequantize one weight ``name`` of ``block`` from ``src`` (the packed buffer) into ``out`` (a tensor of the
+    weight's dtype and shape); returns ``out``."""
+    e = next((e for e in quant_layout(block, objects) if e.name == name), None)
+    if e is None:
+        raise ValueError(f"unpack_weight: {name!r} is not a weight of block {block.name!r}")
+    _check_flat(src, quantized_block_bytes(block, objects), f"unpack_weight({block.name}) src")
+    if tuple(out.shape) != e.shape or out.dtype != _torch_dtype(e.dtype):
+        raise ValueError(f"unpack_weight: out is {out.dtype} {tuple(out.shape)}, {name} is {e.dtype} {list(e.shape)}")
+    if e.storage == Storage.raw and not out.is_contiguous():
+        raise ValueError("unpack_weight: a raw weight needs a contiguous out")
+    target = _bytes_of(out) if e.storage == Storage.raw else out   # raw: uint8 [n] view of out; else out itself
+    run_unpack([_entry_op(e, src, target)], backend)
+    return out
+
+
+# ---- Triton (CUDA only; not exercised by the CPU test suite) --------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 -- any import failure means: use torch
+        return False
+    return True
+
+
+def _use_triton(backend: Backend, src: torch.Tensor, out: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    ok = (src.is_cuda and out.is_cuda and triton_available() and out.stride(1) == 1 and src.is_contiguous()
+          and out.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    if backend == "triton" and not ok:
+        raise ValueError("backend='triton' needs CUDA tensors, triton importable, a contiguous source and an "
+                         "output with unit column stride of dtype bf16/f16/f32")
+    return ok
+
+
+_TRITON_BLOCK = 1024   # output columns (int8) or packed bytes (int4) per program
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dq_int8(q_ptr, s_ptr, o_ptr, n_cols, q_row_stride, o_row_stride, BLOCK: tl.constexpr):
+        # One program: one row, BLOCK consecutive columns. out[r, c] = float32(q[r, c]) * float32(scale[r]).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        q = tl.load(q_ptr + row * q_row_stride + cols, mask=mask, other=0).to(tl.float32)
+        s = tl.load(s_ptr + row).to(tl.float32)
+        tl.store(o_ptr + row * o_row_stride + cols, (q * s).to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def dq_int4(p_ptr, s_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_stride, BLOCK: tl.constexpr):
+        # One program: one row, BLOCK consecutive packed bytes j -> output columns 2j (low nibble) and 2j+1 (high
+        # nibble), both in group (2j) // 128 = j // 64. out = float32(nibble - 8) * float32(scale).
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < n_bytes
+        p = tl.load(p_ptr + row * n_bytes + j, mask=mask, other=0).to(tl.int32)
+        lo = ((p & 15) - 8).to(tl.float32)
+        hi = (((p >> 4) & 15) - 8).to(tl.float32)
+        s = tl.load(s_ptr + row * n_groups + j // 64, mask=mask, other=0).to(tl.float32)
+        o_row = o_ptr + row * o_row_stride
+        c = 2 * j
+        tl.store(o_row + c, (lo * s).to(o_ptr.dtype.element_ty), mask=mask & (c < n_cols))
+        tl.store(o_row + c + 1, (hi * s).to(o_ptr.dtype.element_ty), mask=mask & (c + 1 < n_cols))
+
+    return triton, dq_int8, dq_int4
+
+
+def _triton_dequant_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    triton, dq_int8, _ = _triton_kernels()
+    out_ch, in_ch = out.shape
+    if out_ch == 0 or in_ch == 0:
+        return
+    grid = (out_ch, triton.cdiv(in_ch, _TRITON_BLOCK))
+    dq_int8[grid](q, scale.contiguous(), out, in_ch, q.stride(0), out.stride(0), BLOCK=_TRITON_BLOCK)
+
+
+def _triton_dequant_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    triton, _, dq_int4 = _triton_kernels()
+    out_ch, in_ch = out.shape
+    n_bytes, n_groups = packed.shape[1], scales.shape[1]
+    assert INT4_GROUP == 128   # the kernel's j // 64 assumes it
+    grid = (out_ch, triton.cdiv(n_bytes, _TRITON_BLOCK))
+    dq_int4[grid](packed, scales.contiguous(), out, in_ch, n_bytes, n_groups, out.stride(0), BLOCK=_TRITON_BLOCK)
