@@ -73,7 +73,7 @@ def section_w1q(args, device, hw, h2d_gbps, rows):
     probe = compile_model(name, budget_bytes=None, hardware=hw, batch=batch, seq=seq)
     layer = max(b.size_bytes for b in probe.blocks)
     small = sum(b.size_bytes for b in probe.blocks if b.size_bytes < layer)
-    budget = small + 3 * layer + (2 * GiB if device.type == "cuda" else 1 << 20)
+    budget = small + 3 * layer + (2 * GiB if device.type == "cuda" else 1 << 18)
     base = None
     for quant in ("none", "int8", "int4"):
         plan = compile_model(name, budget_bytes=budget, hardware=hw, batch=batch, seq=seq, depth=2, quant=quant)
@@ -92,7 +92,7 @@ def section_w1q(args, device, hw, h2d_gbps, rows):
         floor = pr.streamed_bytes / (h2d_gbps * 1e9)
         base = base or t
         streamed = sum(1 for b in plan.blocks if b.residency == Residency.streamed)
-        rows.append(dict(section="w1q", case=f"{name} 1x64 {quant}", time_s=t, floor_s=floor, ratio_floor=t / floor,
+        rows.append(dict(section="w1q", case=f"{name} 1x64 {quant}", time_s=t, floor_s=floor, ratio_floor=t / floor if floor else None,
                          predicted_s=pr.step_time_s, speedup_vs_bf16=base / t, streamed_blocks=streamed,
                          streamed_bytes=pr.streamed_bytes, stall_s=st.stall_s, host_fill_s=fill_s))
         print(f"w1q {quant}: {t * 1e3:.1f} ms/forward (floor {floor * 1e3:.1f}, predicted {pr.step_time_s * 1e3:.1f}),"

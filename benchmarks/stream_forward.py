@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memintent.compiler.compile import compile_model  # noqa: E402
-from memintent.compiler.hardware import BUILTIN  # noqa: E402
+from memintent.compiler.hardware import BUILTIN, load_profile  # noqa: E402
 from memintent.compiler.refs import resolve  # noqa: E402
 from memintent.ir.model import Residency  # noqa: E402
 from memintent.run import measure_h2d_gbps, resident_model, sync  # noqa: E402
@@ -115,12 +115,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for stream_forward.json")
     ap.add_argument("--quick", action="store_true", help="small smoke test: fewer repeats, no baselines")
     ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--hw", default=None, help="hardware profile for the plans (default: h100-sxm; e.g. the JSON "
+                                               "`memintent profile` wrote on this card)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    hw = BUILTIN["h100-sxm"] if device.type == "cuda" else BUILTIN["cpu"]
+    hw = load_profile(args.hw) if args.hw else BUILTIN["h100-sxm"] if device.type == "cuda" else BUILTIN["cpu"]
     src = resolve(args.model)
     repeats = 2 if args.quick else args.repeats
-    results = dict(model=args.model, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    results = dict(model=args.model, hw=hw.name, hw_source=hw.source, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs=[])
 
     h2d_gbps = measure_h2d_gbps(device, nbytes=2 * GiB if device.type == "cuda" else 64 << 20)

@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
     r.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     r.add_argument("--json", help="also write the measurements to this JSON file")
+    r.add_argument("--trace", help="write predicted and measured timelines (CUDA events) as a Perfetto trace")
     r.set_defaults(fn=cmd_run)
 
     g = sub.add_parser("generate", help="prefill and greedy decode under a generation plan (compile --objective)")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from memintent.compiler.refs import ModelSource, resolve
-from memintent.errors import MemintentError
+from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import Program, Quant, Residency
 from memintent.ir.plan_file import load_plan
 from memintent.units import fmt_bytes, fmt_s, parse_tokens
@@ -36,12 +36,55 @@ def source_for(program: Program, allow_code: bool) -> ModelSource:
     if program.model.kind == "py" and not allow_code:
         raise MemintentError(f"the plan names a py: model factory ({program.model.ref}); running it imports and "
                              "runs that code: pass --allow-code if you trust it")
-    return resolve(program.model.ref, dtype=program.model.dtype, allow_code=allow_code)
+    src = resolve(program.model.ref, dtype=program.model.dtype, allow_code=allow_code)
+    check_source(program, src)
+    return src
+
+
+def check_source(program: Program, src: ModelSource) -> None:
+    """Refuse, before anything is allocated, a model or checkpoint that is not the one the plan was compiled for:
+    the built model's fingerprint (weight names, shapes, dtypes) must be the plan's, and stored weights (the
+    safetensors headers of an hf: folder) must have the shapes and dtypes the plan expects."""
+    from memintent.compiler.fingerprint import IR_TO_TORCH, fingerprint_module, weight_entries
+    from memintent.ir.model import ObjectKind
+
+    model = src.build("meta")
+    fp = fingerprint_module(model)
+    want = {o.name: (tuple(o.shape), o.dtype) for o in program.objects if o.kind == ObjectKind.weight}
+    if fp != program.fingerprint:
+        have = {n: (tuple(s), d) for n, s, d in weight_entries(model)}
+        fmt = lambda x: "absent" if x is None else f"{'x'.join(map(str, x[0])) or 'scalar'} {x[1]}"  # noqa: E731
+        diffs = [f"{n}: model {fmt(have.get(n))}, plan {fmt(want.get(n))}" for n in sorted(set(have) | set(want))
+                 if have.get(n) != want.get(n)]
+        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise MemintentError(f"the model {program.model.ref} does not match the plan {program.name!r}: model "
+                             f"fingerprint {fp}, plan {program.fingerprint}"
+                             + ("; first differences: " + "; ".join(diffs[:3]) + more if diffs else
+                                " (its weight objects match the model: the plan's fingerprint was edited)") + "; recompile the plan for this model")
+    src.check_checkpoint({n: (shape, IR_TO_TORCH[d]) for n, (shape, d) in want.items() if d in IR_TO_TORCH})
+
+
+def as_fault(e: BaseException, what: str) -> RuntimeFault:
+    """A ``RuntimeFault`` (one line, exit 2) for an exception raised while executing a plan; ``--debug`` shows the
+    original traceback (it is chained as the cause)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return RuntimeFault(f"{what} ran out of device memory (the arena and the activations do not fit what is "
+                            f"free: compile for a smaller budget or free device memory): "
+                            f"{(str(e).splitlines() or [''])[0][:200]}")
+    msg = (str(e).strip().splitlines() or [""])[0][:300]
+    return RuntimeFault(f"{what} failed: {type(e).__name__}: {msg}")
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def sync_compute(device: torch.device) -> None:
+    """Wait for this forward's compute only: the copy stream keeps prefetching the next forward's first blocks,
+    as it would in a serving loop (a full device sync would idle the copy engine at every forward boundary)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def measure_h2d_gbps(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -113,9 +156,13 @@ class RunReport:
 
 
 def run_plan(args) -> int:
+    from memintent.ir.plan_file import check_writable
+    from memintent.passes.verify import verify
     from memintent.runtime import HostStore, attach
 
-    program = load_plan(args.plan)
+    program = verify(load_plan(args.plan))   # a plan file is untrusted input: run only what verifies
+    if getattr(args, "json", None):
+        check_writable(args.json, "--json")
     device = pick_device(args.device)
     src = source_for(program, args.allow_code)
     batch, seq = parse_tokens(args.tokens) if args.tokens else (program.shape.batch, program.shape.seq)
@@ -160,7 +207,7 @@ def run_plan(args) -> int:
             for i in range(args.forwards):
                 t = time.perf_counter()
                 out = model(*inputs, **kwargs)
-                sync(device)
+                sync_compute(device)
                 wall = time.perf_counter() - t
                 st = handle.last_stats
                 rep.forwards.append(dict(wall_s=wall, stall_s=st.stall_s, bytes_copied=st.bytes_copied,
@@ -168,8 +215,14 @@ def run_plan(args) -> int:
             logits = src.logits(out).float().cpu()
         if device.type == "cuda":
             rep.peak_hbm_bytes = torch.cuda.max_memory_allocated(device)
+        if getattr(args, "trace", None):
+            write_run_trace(args.trace, program, handle.stats())
+    except MemintentError:
+        raise
+    except Exception as e:   # a failed copy, out of memory mid-forward: one line, after the finally drained it
+        raise as_fault(e, f"streamed forward {len(rep.forwards)}") from e
     finally:
-        handle.detach()
+        handle.detach()   # also on Ctrl-C: waits for in-flight copies, removes the hooks, releases the arena
     rep.floor_s = max(rep.streamed_bytes / (rep.h2d_gbps * 1e9), rep.resident_s or 0.0)
     code = 0
     if ref_logits is not None:
@@ -191,6 +244,37 @@ def run_plan(args) -> int:
 
         write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
     return code
+
+
+def measured_events(stats) -> list:
+    """The runtime's CUDA-event intervals of each forward as MeasuredEvents on one clock (forwards laid end to end
+    by their measured device time)."""
+    from memintent.trace import MeasuredEvent
+
+    out, origin = [], 0.0
+    for f, st in enumerate(stats):
+        for lane, name, a, b in st.events:
+            block = name.split("@")[0]
+            if lane == "copy":
+                out.append(MeasuredEvent("copy", name, origin + a, origin + b, f, block=block))
+            elif lane == "wait":
+                out.append(MeasuredEvent("compute", f"wait {block}", origin + a, origin + b, f, block=block,
+                                         stall=True))
+            elif lane == "dequant":
+                out.append(MeasuredEvent("compute", f"dequant {block}", origin + a, origin + b, f, block=block))
+            else:
+                out.append(MeasuredEvent("compute", name, origin + a, origin + b, f))
+        origin += st.device_s or 0.0
+    return out
+
+
+def write_run_trace(path: str, program: Program, stats) -> None:
+    """Predicted and measured timelines side by side, as a Chrome trace (opens in Perfetto)."""
+    from memintent.timeline import build_timeline
+    from memintent.trace import write_trace
+
+    measured = measured_events(stats)
+    write_trace(path, build_timeline(program) if program.prediction else None, measured or None)
 
 
 def _print_report(program: Program, rep: RunReport) -> None:

@@ -238,6 +238,9 @@ class ForwardStats:
     visit_stall_s: dict[str, float] = field(default_factory=dict)
     dequants: int = 0
     dequant_s: float | None = None
+    # CUDA with timing: (lane, name, start_s, end_s) from the forward's start; lanes "compute" (the whole forward),
+    # "copy", "wait" (compute stalled on a copy), "dequant". Empty on the CPU backend.
+    events: list[tuple[str, str, float, float]] = field(default_factory=list)
     dequant_host_s: float = 0.0
 
     @property
@@ -417,6 +420,15 @@ class CopyEngine:
         if rec.copies:
             b.sync(rec.copies[-1][2])
         copy_s, stall_s, per_visit, dequant_s = None, None, {}, None
+        events: list[tuple[str, str, float, float]] = []
+        if b.timing and rec.start is not None and b.measures_stall:
+            # (lane, name, start, end) in seconds from this forward's start mark; a copy issued in the previous
+            # forward's tail starts before it (negative). Names follow memintent.trace.MeasuredEvent.
+            t = lambda m: b.elapsed_s(rec.start, m)  # noqa: E731
+            events.append(("compute", "forward", 0.0, t(rec.end)))
+            events += [("copy", self.keys[vid], t(a), t(e)) for vid, a, e in rec.copies]
+            events += [("wait", self.keys[vid], t(x), t(y)) for vid, (x, y) in rec.waits]
+            events += [("dequant", self.keys[vid], t(a), t(e)) for vid, a, e in rec.dequants]
         if b.timing:
             copy_s = sum(b.elapsed_s(a, e) for _, a, e in rec.copies)
             # dequantization marks are on the compute stream before rec.end: complete once it is
@@ -432,7 +444,7 @@ class CopyEngine:
             bytes_copied=rec.bytes, copies=len(rec.copies), copy_s=copy_s, stall_s=stall_s,
             host_overhead_s=rec.overhead_s, stage_entries=rec.entries, max_hook_s=rec.max_hook_s,
             visit_stall_s=per_visit, dequants=len(rec.dequants), dequant_s=dequant_s,
-            dequant_host_s=rec.dequant_host_s)
+            dequant_host_s=rec.dequant_host_s, events=events)
         b.recycle(self._marks(rec))
         return stats
 
