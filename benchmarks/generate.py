@@ -33,7 +33,9 @@ from memintent.compiler.hardware import BUILTIN  # noqa: E402
 from memintent.compiler.planner import plan_generation  # noqa: E402
 from memintent.compiler.refs import resolve  # noqa: E402
 from memintent.generate import generate_plan  # noqa: E402
-from memintent.ir.model import Residency  # noqa: E402
+from memintent.ir.model import Quant, Residency  # noqa: E402
+from memintent.passes.costs import transfer_bytes  # noqa: E402
+from memintent.passes.residency import slot_need_bytes  # noqa: E402
 from memintent.run import measure_h2d_gbps, sync  # noqa: E402
 from memintent.runtime import HostStore, attach  # noqa: E402
 
@@ -71,11 +73,15 @@ def section_w1q(args, device, hw, h2d_gbps, rows):
     batch, seq = (1, 64)
     inputs = (torch.randint(0, src.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device),)
     probe = compile_model(name, budget_bytes=None, hardware=hw, batch=batch, seq=seq)
-    layer = max(b.size_bytes for b in probe.blocks)
-    small = sum(b.size_bytes for b in probe.blocks if b.size_bytes < layer)
-    budget = small + 3 * layer + (2 * GiB if device.type == "cuda" else 1 << 18)
+    layer = max(probe.blocks, key=lambda b: b.size_bytes)
+    small = sum(b.size_bytes for b in probe.blocks if b.size_bytes < layer.size_bytes)
     base = None
     for quant in ("none", "int8", "int4"):
+        # Every layer streams in all three: room for two slots (weights + packed bytes) and a reserve smaller than a
+        # layer, so the three plans move the same layers and differ only in bytes per layer.
+        q = layer.model_copy(update={"quant": Quant(quant)})
+        need = slot_need_bytes(q.model_copy(update={"transfer_bytes": transfer_bytes(q, probe)}))
+        budget = small + 2 * need + (int(1.5 * GiB) if device.type == "cuda" else 1 << 16)
         plan = compile_model(name, budget_bytes=budget, hardware=hw, batch=batch, seq=seq, depth=2, quant=quant)
         store, fill_s = fill(plan, src, device)
         model = src.build("meta")

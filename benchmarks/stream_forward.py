@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         free(device)
         # A budget at which every decoder layer streams: the small blocks plus two layer slots and the reserve.
         small = sum(b.size_bytes for b in probe.blocks if b.size_bytes < layer_bytes)
-        all_stream_budget = small + 2 * layer_bytes + int(2 * GiB if device.type == "cuda" else 1 << 20)
+        # 1.5 GiB holds the activations and workspace but not a third layer (1.71 GB), so every layer streams.
+        all_stream_budget = small + 2 * layer_bytes + int(1.5 * GiB if device.type == "cuda" else 1 << 20)
         plans = {
             "stream every layer (depth 2)": compile_model(args.model, budget_bytes=all_stream_budget, hardware=hw,
                                                           batch=batch, seq=seq, depth=2),

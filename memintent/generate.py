@@ -22,7 +22,7 @@ import torch
 from memintent.errors import MemintentError
 from memintent.ir.model import ObjectKind, Program, Quant, Residency, SlotKind
 from memintent.ir.plan_file import load_plan, write_atomic
-from memintent.run import measure_h2d_gbps, pick_device, resident_model, source_for, sync
+from memintent.run import as_fault, measure_h2d_gbps, pick_device, resident_model, source_for, sync
 from memintent.units import fmt_bytes, fmt_s
 
 
@@ -92,7 +92,12 @@ class GenerateReport:
 
 def run_generate(args) -> int:
     """The CLI command: load the plan, generate, print, optionally write JSON; exit 1 on a verify mismatch."""
-    program = load_plan(args.plan)
+    from memintent.ir.plan_file import check_writable
+    from memintent.passes.verify import verify as verify_plan
+
+    program = verify_plan(load_plan(args.plan))   # a plan file is untrusted input: run only what verifies
+    if getattr(args, "json", None):
+        check_writable(args.json, "--json")
     rep, code = generate_plan(program, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               requests=args.requests, prompts_file=args.prompts, verify=args.verify,
                               check=args.check, seed=args.seed, allow_code=args.allow_code)
@@ -117,6 +122,9 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
     src = source_for(program, allow_code)
     prompt_len = prompt_len or g.prompt_len
     gen_len = gen_len or g.gen_len
+    for flag, v in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--requests", requests or 1)):
+        if v < 1:
+            raise MemintentError(f"{flag} {v} must be at least 1")
     if prompt_len + gen_len - 1 > g.context:
         raise MemintentError(f"prompt {prompt_len} + {gen_len} generated tokens exceed the plan's KV context "
                              f"{g.context}: compile with a larger --context")
@@ -126,10 +134,11 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
         try:
             rows = json.loads(Path(prompts_file).read_text())
             prompts = torch.tensor(rows, dtype=torch.long)
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, OverflowError, RuntimeError, RecursionError) as e:
             raise MemintentError(f"--prompts {prompts_file}: expected a JSON list of equal-length lists of token "
                                  f"ids ({e})") from None
-        if prompts.dim() != 2 or prompts.shape[1] + gen_len - 1 > g.context or prompts.max() >= src.vocab_size:
+        if (prompts.dim() != 2 or prompts.numel() == 0 or prompts.shape[1] + gen_len - 1 > g.context
+                or prompts.max() >= src.vocab_size or prompts.min() < 0):
             raise MemintentError(f"--prompts {prompts_file}: need (N, P) token ids below {src.vocab_size} with P + "
                                  f"gen_len - 1 <= {g.context}")
         requests = prompts.shape[0]
@@ -155,7 +164,10 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
     handle = attach(model, program, device, check=check, host_store=store)
     all_tokens = []
     try:
-        kv_slot = next(s for s in program.arena.slots if s.kind == SlotKind.kv)
+        kv_slot = next((s for s in program.arena.slots if s.kind == SlotKind.kv), None)
+        if kv_slot is None:
+            raise MemintentError(f"{program.name} reserves no KV cache slot in its arena: not a generation plan "
+                                 "that `compile --objective` writes")
         kv_flat = handle.arena.slot(kv_slot.index)
         # Unwritten cache positions are masked out, but a masked score still multiplies its value row by zero,
         # and 0 * NaN is NaN: the cache must start from zeros, never from whatever the arena held (checked mode
@@ -176,7 +188,11 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
         rep.total_s = time.perf_counter() - t_all
         if device.type == "cuda":
             rep.peak_hbm_bytes = torch.cuda.max_memory_allocated(device)
-    finally:
+    except MemintentError:
+        raise
+    except Exception as e:   # a failed copy, out of memory mid-step: one line, after the finally drained it
+        raise as_fault(e, f"generation (wave {len(rep.waves)})") from e
+    finally:   # also on Ctrl-C: waits for in-flight copies, removes the hooks, releases the arena
         model.detach_kv_cache()
         handle.detach()
     tokens = torch.cat(all_tokens)                                               # (N, gen_len)

@@ -83,6 +83,21 @@ def _is_view(target: Any) -> bool:
     return ret is not None and not ret.is_write
 
 
+def _allocates(node: torch.fx.Node) -> bool:
+    """Whether the node's output is new memory. Ops returning nothing (metadata asserts) and getitem allocate
+    nothing; an aliasing op (view, transpose, slice) allocates nothing unless it changes dtype: ``aten.to`` and
+    ``type_as`` are declared as aliases because they return their input when nothing changes, but a cast to
+    float32 is a full new tensor (missing it under-counted W1's peak by 64 MiB at 4x512)."""
+    out = node.meta.get("val")
+    if out is None or str(node.target) == "<built-in function getitem>":
+        return False
+    if not _is_view(node.target):
+        return True
+    src = next((a.meta.get("val") for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)), None)
+    return isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor) and (
+        out.dtype != src.dtype or out.numel() > src.numel())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Proto-steps: graph nodes with references that folding can rename
 
@@ -172,7 +187,7 @@ def _protos(ep: torch.export.ExportedProgram, module: nn.Module, layers_path: st
         fake = lambda x: x.meta.get("val") if isinstance(x, torch.fx.Node) else x  # noqa: E731
         args = torch.fx.node.map_aggregate(node.args, fake)
         kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
-        view = _is_view(node.target) or str(node.target) == "<built-in function getitem>"
+        view = not _allocates(node)
         out_t = out if isinstance(out, torch.Tensor) else None
         seen_in: set[str] = set()
         in_bytes = 0

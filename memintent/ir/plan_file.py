@@ -30,6 +30,10 @@ def plan_from_json(text: str, source: str = "<plan>") -> Program:
     except json.JSONDecodeError as e:
         raise MemintentError(f"{source}:{e.lineno}:{e.colno}: not JSON ({e.msg}); a plan file is the JSON that "
                              "`memintent compile` writes") from None
+    except ValueError as e:   # an integer of more digits than Python converts
+        raise MemintentError(f"{source}: not a plan: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise MemintentError(f"{source}: not a plan: JSON nested too deeply") from None
     if not isinstance(raw, dict):
         raise MemintentError(f"{source}: a plan file holds a JSON object, found {type(raw).__name__}")
     version = raw.get("schema_version")
@@ -45,16 +49,37 @@ def plan_from_json(text: str, source: str = "<plan>") -> Program:
                              "the plan file is not what `memintent compile` writes)") from None
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` once its folder exists and is writable and it is not a folder: checked before long work, so a run
+    does not fail at its very end."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise MemintentError(f"{what} {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MemintentError(f"{what} {out}: folder {folder} is not writable")
+    if out.is_dir():
+        raise MemintentError(f"{what} {out} is a folder: name a file")
+    return out
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file and rename, so an interrupted write never leaves a half-written file."""
+    """Write via a temporary file and rename, so an interrupted or failed write (Ctrl-C, disk full) never leaves a
+    half-written file: the target is either untouched or complete. An OS error is a one-line ``MemintentError``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise MemintentError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise MemintentError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 

@@ -73,15 +73,15 @@ class StreamedModel:
     freed, so weights used outside their planned residency either fault or turn the output into NaN.
     ``timing``: CUDA timing events for copy time, stalls, dequantization and device time (a few microseconds per
     block).
-    ``dequant_backend``: how quantized blocks are dequantized on arrival (``memintent.runtime.quant``): ``"torch"``
-    (default: elementwise torch ops, the tested reference), ``"auto"`` (the one-pass Triton kernel on CUDA when
-    triton is importable, else torch) or ``"triton"``.
+    ``dequant_backend``: how quantized blocks are dequantized on arrival (``memintent.runtime.quant``): ``"auto"``
+    (default: the one-pass Triton kernel on CUDA when triton is importable, else torch; the H100 tests check the
+    two bitwise equal), ``"torch"`` (elementwise torch ops, the reference) or ``"triton"``.
     """
 
     def __init__(self, model: torch.nn.Module, program: Program, device: torch.device | str = "cuda", *,
                  check: bool = False, host_store: HostStore | None = None, fill: FillFn | None = None,
                  timing: bool = True, pin: str = "auto", progress: bool | None = None,
-                 dequant_backend: str = "torch"):
+                 dequant_backend: str = "auto"):
         dev = torch.device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():

@@ -353,6 +353,7 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         hbm_gbps=dev_gbps, bf16_tflops=tflops, hbm_bytes=int(total_bytes),
         launch_overhead_s=launch_s, copy_latency_s=copy_latency_s, dequant_gbps=deq_gbps,
         # Kernel scratch: the default cuBLAS workspace reservation on CUDA; the CPU backend reserves none.
-        workspace_bytes=HardwareProfile.model_fields["workspace_bytes"].default if clock.cuda else 0,
+        # cuBLAS workspace (32 MiB) plus the caching allocator's rounding, which W1 showed at 2 MiB on an H100
+        workspace_bytes=(36 << 20) if clock.cuda else 0,
     )
     return ProfileResult(profile=profile, device_name=name, sizes=sz, h2d=h2d, d2h=d2h)
