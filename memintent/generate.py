@@ -60,8 +60,12 @@ def greedy(model, src, prompts: torch.Tensor, gen_len: int, device: torch.device
         out = [tok]
         sync(device)
         t1 = time.perf_counter()
+        # Positions made on the device once: torch.tensor([...], device=cuda) per step is a pageable copy that
+        # blocks the host until the stream reaches it, so the host could never run ahead to issue the next step's
+        # copies (measured: llama-3-8b decode steps 36% over their floor).
+        positions = torch.arange(p, p + gen_len, device=device)                  # (gen_len,)
         for i in range(gen_len - 1):
-            pos = torch.tensor([p + i], device=device)                           # (1,)
+            pos = positions[i:i + 1]                                             # (1,)
             logits = src.logits(model(tok[:, None], pos))                        # (B, vocab)
             tok = logits.argmax(-1)
             out.append(tok)

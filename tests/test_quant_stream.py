@@ -171,10 +171,13 @@ def test_streamed_quantized_logits_are_exactly_the_planned_ones(ref, quant, dept
     assert all(s.dequant_s is not None and s.dequant_s > 0 for s in stats)
     assert "dequant" in stats[-1].summary()
     h.detach()
-    # detached: the model runs on the host with the dequantized weights, the values the plan computed with
-    x = inputs(ref, 7)
-    with torch.no_grad():
-        assert torch.equal(model(*x), exact(*x))
+    # detached: packed blocks have no full-precision host copy, and detaching must not allocate one (a 70B int4
+    # plan would need 140 GB of host memory): their weights are left on the meta device, the others on the host
+    named = dict(model.named_parameters())
+    for b in p.blocks:
+        for w in b.weights:
+            if w in named:
+                assert named[w].is_meta == (b.quant != Quant.none), w
 
 
 def test_transfer_bytes_are_the_packed_layout():

@@ -522,7 +522,7 @@ class StreamedModel:
     def detach(self, *, empty_cache: bool = True) -> None:
         """Remove the hooks, point the model's tensors back at the host store (a working model on the host), and
         release the arena (and, on CUDA with ``empty_cache``, return it to the driver). Quantized blocks have no
-        full-precision host copy: their tensors get new host memory holding the dequantized weights."""
+        full-precision host copy: their tensors go to the meta device (see ``_rebind_to_host``)."""
         if self._detached:
             return
         for h in self._hooks:
@@ -543,12 +543,19 @@ class StreamedModel:
             torch.cuda.empty_cache()
 
     def _rebind_to_host(self) -> None:
-        """Point every planned tensor at its host value: the store's views, or for a quantized block a new host
-        buffer holding it dequantized (the store keeps only packed bytes): the values the plan computed with."""
+        """Point every planned tensor at its host value: the store's views. A quantized block has only packed bytes
+        on the host; its tensors go to the meta device rather than to a new dequantized host copy, which for a 70B
+        int4 plan would be 140 GB of host memory allocated at detach (it killed the process on a 128 GB machine)."""
         tensors = _named_tensors(self.model)
+        objects = self.program.object_map()
         for b in self.program.blocks:
-            for w, v in self.host_store.dequantized_block(b.name).items():
-                rebind(tensors[w], v)
+            if b.name in self.host_store.packed:
+                for w in b.weights:
+                    o = objects[w]
+                    rebind(tensors[w], torch.empty(o.shape, dtype=torch_dtype(o.dtype), device="meta"))
+            else:
+                for w, v in self.host_store.block_views(b.name).items():
+                    rebind(tensors[w], v)
 
     def __enter__(self) -> StreamedModel:
         return self
