@@ -109,7 +109,8 @@ def run_generation(tag, plan, args, device, h2d_gbps, rows, requests=None, verif
     src = resolve(plan.model.ref)
     t = time.perf_counter()
     store, fill_s = fill(plan, src, device)
-    rep, code = generate_plan(plan, device=str(device), requests=requests, verify=verify, store=store, quiet=True)
+    rep, code = generate_plan(plan, device=str(device), requests=requests, verify=verify, store=store, quiet=True,
+                              warmup=True)
     total = time.perf_counter() - t
     del store
     free(device)
@@ -152,13 +153,15 @@ def section_l70b(args, device, hw, h2d_gbps, rows):
 
 
 def section_opt30b(args, device, hw, h2d_gbps, rows):
+    name = args.model_small or "opt-30b"
     card = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 * GiB
-    own = plan_generation("opt-30b", budget_bytes=int(card * 0.97), hardware=hw, context=544, prompt_len=512,
+    own = plan_generation(name, budget_bytes=int(card * 0.97), hardware=hw, context=544, prompt_len=512,
                           gen_len=32, objective="throughput", quant="none")
     run_generation("opt30b", own, args, device, h2d_gbps, rows, requests=64)
-    forced = plan_generation("opt-30b", budget_bytes=12 * GiB, hardware=hw, context=544, prompt_len=512,
-                             gen_len=32, objective="throughput", quant="none", batch=own.generation.batch
-                             if own.generation.batch <= 8 else 8)
+    # Forced to stream every layer: a budget with room for the small blocks, two layer slots and a small batch's
+    # KV. Fewer requests: at ~1 s a decode step, 64 of them would take minutes of device time.
+    forced = plan_generation(name, budget_bytes=args.opt_forced_budget, hardware=hw, context=544, prompt_len=512,
+                             gen_len=32, objective="throughput", quant="none", batch=4)
     run_generation("opt30b-stream", forced, args, device, h2d_gbps, rows, requests=args.opt_forced_requests)
 
 
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--model-small", default=None, help="replace the big models (smoke tests on the CPU)")
     ap.add_argument("--l8b-budget", type=int, default=10 * GiB)
-    ap.add_argument("--opt-forced-requests", type=int, default=8)
+    ap.add_argument("--opt-forced-requests", type=int, default=4)
+    ap.add_argument("--opt-forced-budget", type=int, default=7 * GiB)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -101,10 +101,22 @@ def _load_any(path: str):
     return parse(text, source=path)
 
 
+def _load_verified(path: str):
+    """``_load_any``, then, for a program that holds a plan, the verifier: explain, simulate and report index the
+    plan's tables freely, so an inconsistent (edited, truncated-and-repaired) plan file is refused in one line
+    rather than crashing them."""
+    program = _load_any(path)
+    if program.arena is not None:
+        from memintent.passes.verify import verify
+
+        verify(program)
+    return program
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from memintent.explain import explain
 
-    explain(_load_any(args.plan), _out_console())
+    explain(_load_verified(args.plan), _out_console())
     return 0
 
 
@@ -182,7 +194,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from memintent.units import fmt_bytes, fmt_s
 
     trace_out = _writable_target(args.trace, "--trace") if args.trace else None
-    program = _load_any(args.plan)
+    program = _load_verified(args.plan)
     tl = build_timeline(program)
     pr = program.prediction
     con = _out_console()
@@ -220,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from memintent.report import write_report
 
     out = _writable_target(args.output, "-o")
-    program = _load_any(args.plan)
+    program = _load_verified(args.plan)
     measured = None
     if args.trace:
         from memintent.trace import read_measured
@@ -347,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true", help="also generate with the resident model and compare tokens")
     g.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    g.add_argument("--warmup", action="store_true", help="run one short untimed wave first (first-call costs)")
     g.add_argument("--json", help="also write the measurements to this JSON file")
     g.set_defaults(fn=cmd_generate)
 

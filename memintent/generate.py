@@ -104,7 +104,7 @@ def run_generate(args) -> int:
         check_writable(args.json, "--json")
     rep, code = generate_plan(program, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               requests=args.requests, prompts_file=args.prompts, verify=args.verify,
-                              check=args.check, seed=args.seed, allow_code=args.allow_code)
+                              check=args.check, seed=args.seed, allow_code=args.allow_code, warmup=args.warmup)
     if getattr(args, "json", None):
         write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
     return code
@@ -113,7 +113,7 @@ def run_generate(args) -> int:
 def generate_plan(program: Program, *, device: str | None = None, prompt_len: int | None = None,
                   gen_len: int | None = None, requests: int | None = None, prompts_file: str | None = None,
                   verify: bool = False, check: bool = False, seed: int = 0, allow_code: bool = False,
-                  store=None, quiet: bool = False) -> tuple[GenerateReport, int]:
+                  store=None, quiet: bool = False, warmup: bool = False) -> tuple[GenerateReport, int]:
     """Generate under ``program`` and measure it; ``store``: a filled HostStore to reuse (benchmarks)."""
     from rich.console import Console
 
@@ -178,6 +178,11 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
         # fills the arena with NaN on purpose; a fresh CUDA allocation may hold anything).
         kv_flat.zero_()
         model.attach_kv_cache(carve_kv(program, kv_flat, src))
+        if warmup:
+            # One short untimed wave: first-call costs (kernel selection for new shapes, handles, JIT) out of the
+            # numbers, as a server pays them once at start-up.
+            greedy(model, src, prompts[:b].to(device) if len(prompts) >= b else
+                   torch.cat([prompts, prompts[:1].expand(b - len(prompts), -1)]).to(device), 3, device)
         t_all = time.perf_counter()
         for w in range(waves):
             batch_prompts = prompts[w * b:(w + 1) * b]
