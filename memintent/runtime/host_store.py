@@ -25,7 +25,7 @@ import torch
 
 from memintent.compiler.fingerprint import IR_TO_TORCH
 from memintent.errors import MemintentError
-from memintent.ir.model import Block, Object, Program, Quant
+from memintent.ir.model import Block, Object, Program, Quant, Residency
 from memintent.runtime.quant import pack_block, prepare_unpack, quantized_block_bytes, run_unpack, unpack_weight
 
 # A fill callback receives {weight name: host tensor of that weight's dtype and shape} and writes each value in.
@@ -105,7 +105,7 @@ class HostStore:
     """
 
     def __init__(self, program: Program, *, pin: str = "auto", blocks: Iterable[str] | None = None,
-                 quant_device: torch.device | str | None = None):
+                 quant_device: torch.device | str | None = None, pin_resident: bool = False):
         if pin not in ("auto", "register", "alloc", "none"):
             raise MemintentError(f"pin={pin!r}: use one of auto, register, alloc, none")
         if pin == "auto":
@@ -130,6 +130,12 @@ class HostStore:
                             else torch.device("cpu"))
         self.quant_device = torch.device(quant_device)
         self.pin = pin
+        # Only what streams needs page-locked memory: a resident block is copied once at attach, and pinning it
+        # would hold host memory the OS cannot page out for nothing (for llama-3-70b int4 the bf16 embedding and
+        # head are 4.2 GB of a 40.8 GB store). ``pin_resident`` pins them too, for a store shared by several plans.
+        self.pinned_blocks: set[str] = {n for n, b in self.blocks.items()
+                                        if pin_resident or b.residency != Residency.resident}
+        self.pinned_nbytes = sum(self._nbytes[n] for n in self.pinned_blocks) if pin != "none" else 0
         self._buffers: dict[str, torch.Tensor] = {}
         self._finalizer = None
         if pin == "register":
@@ -139,13 +145,15 @@ class HostStore:
                 warnings.warn(f"cudaHostRegister failed ({e}); using PyTorch's pinned allocator instead "
                               f"(it rounds each block up to a power of two)", stacklevel=2)
                 self.pin = pin = "alloc"
-        if pin in ("alloc", "none"):
-            for name in self.blocks:
-                n = self._nbytes[name]
-                # [n] uint8; CPU/pinned allocations are at least 64-byte aligned, pad to 256 by hand
-                raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8, pin_memory=(pin == "alloc"))
-                skip = (-raw.data_ptr()) % ALIGN_BYTES
-                self._buffers[name] = raw[skip:skip + n]
+        for name in self.blocks:
+            if name in self._buffers:
+                continue
+            n = self._nbytes[name]
+            # [n] uint8; CPU/pinned allocations are at least 64-byte aligned, pad to 256 by hand
+            raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8,
+                              pin_memory=(pin == "alloc" and name in self.pinned_blocks))
+            skip = (-raw.data_ptr()) % ALIGN_BYTES
+            self._buffers[name] = raw[skip:skip + n]
         self._views: dict[str, torch.Tensor] = {}
         for name, b in self.blocks.items():
             if name not in self.packed:
@@ -159,6 +167,8 @@ class HostStore:
     def _alloc_registered(self) -> None:
         offsets, total = {}, 0
         for name in self.blocks:
+            if name not in self.pinned_blocks:
+                continue
             offsets[name] = total
             total = _align(total + self._nbytes[name], ALIGN_BYTES)
         raw = torch.empty(total + ALIGN_BYTES, dtype=torch.uint8)   # [total + pad] plain host memory
