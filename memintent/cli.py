@@ -41,7 +41,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     hw = load_profile(args.hw)
     args.batch_given = args.batch is not None
-    args.batch = args.batch or 1
+    args.batch = args.batch if args.batch_given else 1
     budget = parse_bytes(args.budget, "--budget") if args.budget else None
     if args.quant not in ("none", "int8", "int4", "auto"):
         raise MemintentError(f"--quant {args.quant!r}: use none, int8, int4 or auto")

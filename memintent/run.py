@@ -57,10 +57,10 @@ def check_source(program: Program, src: ModelSource) -> None:
         diffs = [f"{n}: model {fmt(have.get(n))}, plan {fmt(want.get(n))}" for n in sorted(set(have) | set(want))
                  if have.get(n) != want.get(n)]
         more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        why = ("; first differences: " + "; ".join(diffs[:3]) + more if diffs else
+               " (its weight objects match the model: the plan's fingerprint was edited)")
         raise MemintentError(f"the model {program.model.ref} does not match the plan {program.name!r}: model "
-                             f"fingerprint {fp}, plan {program.fingerprint}"
-                             + ("; first differences: " + "; ".join(diffs[:3]) + more if diffs else
-                                " (its weight objects match the model: the plan's fingerprint was edited)") + "; recompile the plan for this model")
+                             f"fingerprint {fp}, plan {program.fingerprint}{why}; recompile the plan for this model")
     src.check_checkpoint({n: (shape, IR_TO_TORCH[d]) for n, (shape, d) in want.items() if d in IR_TO_TORCH})
 
 
@@ -161,8 +161,9 @@ def run_plan(args) -> int:
     from memintent.runtime import HostStore, attach
 
     program = verify(load_plan(args.plan))   # a plan file is untrusted input: run only what verifies
-    if getattr(args, "json", None):
-        check_writable(args.json, "--json")
+    for flag in ("json", "trace"):
+        if getattr(args, flag, None):
+            check_writable(getattr(args, flag), f"--{flag}")   # before the run, not after it
     device = pick_device(args.device)
     src = source_for(program, args.allow_code)
     batch, seq = parse_tokens(args.tokens) if args.tokens else (program.shape.batch, program.shape.seq)

@@ -167,6 +167,12 @@ def assert_budget_honest(p: Program) -> None:
 def judge(load, payload, tally, target: str) -> str:
     """Load ``payload`` with ``load``; verify what loads; check the property. Returns what happened."""
     tally[target] += 1
+    outcome = _judge(load, payload)
+    tally.outcomes[outcome] += 1
+    return outcome
+
+
+def _judge(load, payload) -> str:
     with time_limit(EXAMPLE_LIMIT_S):
         try:
             p = load(payload)
@@ -213,6 +219,8 @@ def _set(tree, path, value):
     _get(tree, path[:-1])[path[-1]] = value
 
 
+# Mutations of the schedule alone (where copies go, when, into which slot): most still verify or nearly do.
+SCHEDULE_MUTATIONS = ("action", "action", "action", "list", "visit", "slot", "budget")
 MUTATIONS = ("leaf", "leaf", "leaf", "list", "list", "key", "budget", "prediction", "def_after_use",
              "use_unknown", "use_foreign_weight", "action", "action", "visit", "slot", "step_order", "stage")
 
@@ -224,10 +232,10 @@ def _pick(data, seq, label: str = ""):
     return seq[data.draw(st.integers(0, len(seq) - 1), label=label)] if seq else None
 
 
-def mutate_tree(data, tree: dict, plan: str) -> str:
+def mutate_tree(data, tree: dict, plan: str, kinds: tuple[str, ...] = MUTATIONS) -> str:
     """One mutation of ``tree`` in place, drawn through hypothesis ``data``; returns its kind. A mutation whose
     target an earlier mutation removed or retyped does nothing."""
-    kind = data.draw(st.sampled_from(MUTATIONS), label="mutation")
+    kind = data.draw(st.sampled_from(kinds), label="mutation")
     try:
         _MUTATORS[kind](data, tree, plan)
     except (KeyError, TypeError, IndexError, AttributeError, ValueError):
@@ -394,13 +402,16 @@ def test_mutated_plan_as_ir_text(data, plan, n, fuzz_tally):
 # ---- text mutations -----------------------------------------------------------------------------------------
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
-ODD_NUMBERS = ["0", "-1", "-0", "1.5", "1e400", "-1e400", "inf", "nan", "NaN", "Infinity", "9" * 5000, "99999999999999999999999",
+ODD_NUMBERS = ["0", "-1", "-0", "1.5", "1e400", "-1e400", "inf", "nan", "NaN", "Infinity", "9" * 5000,
+               "99999999999999999999999",
                "18446744073709551617", "1e-400", "0x10", "007"]
 
 
 def mutate_text(data, text: str) -> str:
     kind = data.draw(st.sampled_from(["truncate", "flip", "insert", "number", "line_delete", "line_dup",
                                       "line_swap", "line_move"]), label="text mutation")
+    if not text:
+        return data.draw(st.text(max_size=20))
     if kind == "truncate":
         return text[:data.draw(st.integers(0, len(text)))]
     if kind == "flip":
@@ -411,8 +422,8 @@ def mutate_text(data, text: str) -> str:
         i = data.draw(st.integers(0, len(text)))
         return text[:i] + data.draw(st.text(max_size=20)) + text[i:]
     if kind == "number":
-        spans = [m.span() for m in _NUMBER.finditer(text)]
-        a, b = data.draw(st.sampled_from(spans))
+        spans = [m.span() for m in _NUMBER.finditer(text)] or [(0, 0)]
+        a, b = _pick(data, spans, "number")
         return text[:a] + data.draw(st.one_of(st.sampled_from(ODD_NUMBERS), st.integers().map(str))) + text[b:]
     lines = text.split("\n")
     i = data.draw(st.integers(0, len(lines) - 1))
@@ -491,17 +502,16 @@ def _toy_reference():
         return src, src.module(*src.inputs)
 
 
-@_settings(60)
-@given(data=st.data(), n=st.integers(1, 2))
-def test_verified_mutants_run_exactly_or_fault(data, n, fuzz_tally):
+@_settings(80)
+@given(data=st.data())
+def test_verified_mutants_run_exactly_or_fault(data, fuzz_tally):
     """verify is the gate `memintent run` trusts: a mutated toy-MLP plan that verifies must, when executed on the
     CPU backend in checked mode, give bitwise the resident model's output, or be refused with a MemintentError
     (never a wrong answer, never another exception)."""
     from memintent.runtime import attach
 
     tree = json.loads(base_json("toy-mlp"))
-    for _ in range(n):
-        mutate_tree(data, tree, "toy-mlp")
+    mutate_tree(data, tree, "toy-mlp", SCHEDULE_MUTATIONS)
     if judge(plan_from_json, json.dumps(tree), fuzz_tally, "executed") != "verified":
         return
     program = plan_from_json(json.dumps(tree))
@@ -526,10 +536,12 @@ def test_verified_mutants_run_exactly_or_fault(data, n, fuzz_tally):
 
 # ---- memintent check, end to end ----------------------------------------------------------------------------
 
-@_settings(40)
-@given(data=st.data(), plan=PLANS, as_ir=st.booleans())
-def test_cli_check_end_to_end(tmp_path_factory, data, plan, as_ir, fuzz_tally):
-    """`memintent check FILE`: exit 0 and a verified plan within budget, or exit 2 and exactly one stderr line."""
+@_settings(60)
+@given(data=st.data(), plan=PLANS, as_ir=st.booleans(),
+       command=st.sampled_from(["check", "check", "explain", "simulate", "dump"]))
+def test_cli_end_to_end(tmp_path_factory, data, plan, as_ir, command, fuzz_tally):
+    """`memintent check|explain|simulate|dump FILE` on a mutated plan: exit 0 (check: on a plan that verifies and
+    respects its budget), or exit 2 and exactly one line on stderr; never a traceback."""
     tree = json.loads(base_json(plan))
     mutate_tree(data, tree, plan)
     text = json.dumps(tree)
@@ -540,18 +552,19 @@ def test_cli_check_end_to_end(tmp_path_factory, data, plan, as_ir, fuzz_tally):
             pass   # checked as JSON then
         else:
             text = mutate_text(data, text) if data.draw(st.booleans()) else text
-    path = tmp_path_factory.mktemp("check") / ("plan.mir" if as_ir and not text.startswith("{") else "plan.json")
+    path = tmp_path_factory.mktemp("cli") / ("plan.mir" if as_ir and not text.startswith("{") else "plan.json")
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
-    fuzz_tally["cli-check"] += 1
+    fuzz_tally[f"cli-{command}"] += 1
     err = io.StringIO()
     with time_limit(EXAMPLE_LIMIT_S), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["check", str(path)])
+        rc = main([command, str(path)])
     lines = err.getvalue().strip().splitlines()
     assert rc in (0, 2), (rc, err.getvalue())
+    fuzz_tally.outcomes["rejected" if rc else "verified" if "ok (" in err.getvalue() else "accepted"] += 1
     if rc == 2:
         assert len(lines) == 1 and lines[0].startswith("memintent: error: "), lines
-    else:
-        assert "ok" in err.getvalue() or "parses" in err.getvalue()
+    elif command == "check":
+        assert "ok (" in err.getvalue() or "parses" in err.getvalue()
         try:
             p = load_plan(path) if path.suffix == ".json" else parse(path.read_text())
         except MemintentError:
@@ -632,8 +645,77 @@ def test_inconsistent_programs_are_refused(edit, match):
         verify(_mutant("tiny-llama", edit))
 
 
-@pytest.mark.parametrize("text", ["9" * 5000, "[" * 100000, '{"schema_version": 1, "budget_bytes": ' + "9" * 5000 + "}"])
+@pytest.mark.parametrize("text", ["9" * 5000, "[" * 100000,
+                                  '{"schema_version": 1, "budget_bytes": ' + "9" * 5000 + "}"])
 def test_json_limits_are_one_line_errors(text):
     # ValueError (int digits) and RecursionError escaped plan_from_json before
     with pytest.raises(MemintentError, match="not a plan"):
         plan_from_json(text)
+
+
+# ---- budget honesty: compile, verify, execute -----------------------------------------------------------------
+
+_MINIMUM = re.compile(r"smallest feasible budget .* \((\d+) bytes\)")
+
+
+@_settings(10)
+@given(model=st.sampled_from(["tiny-llama", "toy-mlp"]), budget_kib=st.integers(150, 2500),
+       batch=st.integers(1, 3), seq=st.sampled_from([4, 8, 16, 32]))
+def test_budget_honesty(model, budget_kib, batch, seq, fuzz_tally):
+    """Compile either refuses the budget, stating a minimum that does compile, or emits a plan that verifies, whose
+    predicted peak is within the budget, whose CPU execution allocates an arena within the budget and whose logits
+    are bitwise the resident model's."""
+    from memintent.compiler.refs import resolve
+    from memintent.runtime import attach
+
+    fuzz_tally["compiled"] += 1
+    ref = "tiny-llama" if model == "tiny-llama" else TOY
+    budget = budget_kib << 10
+    try:
+        plan = compile_model(ref, budget_bytes=budget, hardware=CPU, batch=batch, seq=seq)
+    except MemintentError as e:
+        _one_line(e)
+        m = _MINIMUM.search(str(e))
+        assert m, str(e)
+        minimum = int(m.group(1))
+        assert minimum > budget
+        fuzz_tally.outcomes["refused (minimum stated)"] += 1
+        budget = minimum
+        plan = compile_model(ref, budget_bytes=budget, hardware=CPU, batch=batch, seq=seq)   # the minimum is honest
+    assert plan.budget_bytes == budget
+    assert_budget_honest(verify(plan))
+    assert plan.prediction.peak_hbm_bytes <= budget
+    fuzz_tally.outcomes["compiled and ran"] += 1
+
+    src = resolve(ref)
+    inputs = src.example_inputs(batch, seq, "cpu")
+    resident = src.build("cpu")
+    if src.kind != "py":
+        src.fill_weights(dict(resident.named_parameters()) | dict(resident.named_buffers()))
+    with torch.no_grad():
+        want = src.logits(resident(*inputs))
+    model = src.build("meta")
+    handle = attach(model, plan, "cpu", fill=src.fill_weights)
+    try:
+        # the one device allocation is the arena; activations (not measurable on the CPU backend) are predicted
+        assert handle.arena.size_bytes == plan.arena.size_bytes
+        assert handle.arena.size_bytes + plan.prediction.workspace_bytes + plan.prediction.activation_peak_bytes \
+            <= budget
+        with torch.no_grad():
+            for _ in range(2):
+                assert torch.equal(src.logits(model(*inputs)), want)
+    finally:
+        handle.detach()
+
+
+def test_stated_minimum_is_above_the_refused_budget_for_tied_opt(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+        max_position_embeddings=128, word_embed_proj_dim=64)).save_pretrained(tmp_path / "opt",
+                                                                              safe_serialization=True)
+    budget = 250 << 10   # refused; about 282 KiB compiles (two stream slots)
+    with pytest.raises(MemintentError) as e:
+        compile_model(f"hf:{tmp_path / 'opt'}", budget_bytes=budget, hardware=CPU, batch=1, seq=16)
+    assert int(_MINIMUM.search(str(e.value)).group(1)) > budget, str(e.value)

@@ -371,12 +371,20 @@ class HFSource(ModelSource):
         n_layers = None if layers is None or layers <= (self.num_layers or 0) else layers
         model = self._build_meta(n_layers)
         aliases = _alias_groups(model)
-        direct, _ = self._checkpoint_map(model)
+        non_persistent = _non_persistent(model)
+        direct, converted = self._checkpoint_map(model)
         handles: dict[Path, Any] = {}
         try:
             for name, (shape, dtype) in expected.items():
-                key = next((direct[a] for a in aliases.get(name, [name]) if a in direct), None)
+                names = aliases.get(name, [name])
+                key = next((direct[a] for a in names if a in direct), None)
                 if key is None:
+                    if not any(a in converted for a in names) and name not in non_persistent and name in aliases:
+                        tied = [a for a in names if a != name]
+                        raise MemintentError(
+                            f"weight {name} is missing from the safetensors files in {self.path}"
+                            + (f" (nor is its tied name {', '.join(tied)} there)" if tied else
+                               " and is not tied to one there"))
                     continue
                 file = self.files[key]
                 try:

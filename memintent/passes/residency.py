@@ -198,8 +198,13 @@ def residency(program: Program, depth: int | None = None, quant: str = "none") -
             if best_t is None or t < best_t * (1 - 1e-6):
                 chosen, best_t = (resident, streamed, min(k, len([v for v in p.visits if v.block in streamed]))), t
         if chosen is None:
-            streamable = [search.size[b] for b in used - forced]
-            slots = depth or 1
+            streamable = [search.need[b] for b in used - forced]
+            # The fewest slots that can hold the schedule with everything streamed: one, unless a stage reads two
+            # streamed blocks at once, or a block is read again while the next one must already be loading (a
+            # tied embedding read by the head).
+            all_streamed = frozenset(used - forced)
+            slots = depth or next((k for k in range(1, MAX_DEPTH + 1)
+                                   if search.time(all_streamed, k) is not None), MAX_DEPTH)
             minimum = sum(res.values()) + sum(search.size[b] for b in forced) + slots * max(streamable, default=0)
             raise MemintentError(
                 f"budget {fmt_bytes(budget)} is below the smallest feasible budget {fmt_bytes(minimum)} "

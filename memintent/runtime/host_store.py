@@ -150,8 +150,21 @@ class HostStore:
                 continue
             n = self._nbytes[name]
             # [n] uint8; CPU/pinned allocations are at least 64-byte aligned, pad to 256 by hand
-            raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8,
-                              pin_memory=(pin == "alloc" and name in self.pinned_blocks))
+            want_pin = self.pin == "alloc" and name in self.pinned_blocks
+            try:
+                raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8, pin_memory=want_pin)
+            except RuntimeError as e:
+                if not want_pin:
+                    raise
+                # Page-locked memory is a limited resource (ulimit -l, the driver's budget): run from pageable
+                # memory, slower (copies at ~8 GB/s instead of ~55 on an H100), rather than not at all.
+                warnings.warn(f"pinned host allocation failed ({str(e).splitlines()[0]}); the host store falls back "
+                              f"to pageable memory: copies will be several times slower than the plan predicts",
+                              stacklevel=2)
+                self.pin = "none"
+                self.pinned_blocks = set()
+                self.pinned_nbytes = 0
+                raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8)
             skip = (-raw.data_ptr()) % ALIGN_BYTES
             self._buffers[name] = raw[skip:skip + n]
         self._views: dict[str, torch.Tensor] = {}
