@@ -97,6 +97,6 @@ def save_plan(program: Program, path: str | os.PathLike) -> None:
 
 def plan_json_schema() -> str:
     schema = Program.model_json_schema()
-    schema["$id"] = f"https://memintent.dev/plan.schema.v{SCHEMA_VERSION}.json"
+    schema["$id"] = f"urn:memintent:plan:v{SCHEMA_VERSION}"
     schema["title"] = "memintent plan"
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
