@@ -1,4 +1,4 @@
-"""The ``memintent`` command: compile, explain, dump, check, run.
+"""The ``memintent`` command: compile, explain, dump, check, presets, run, generate, simulate, report, profile.
 
 Every user error is a ``MemintentError``: one line on stderr, exit code 2, no traceback unless ``--debug``.
 Ctrl-C exits 130 after the runtime has drained its streams.
@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from memintent.errors import MemintentError
+from memintent.ir.plan_file import check_writable
 
 EPILOG = "Run `memintent COMMAND -h` for a command's options. Sizes take units: 24GiB, 512MiB, 80GB."
 
@@ -46,8 +47,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.quant not in ("none", "int8", "int4", "auto"):
         raise MemintentError(f"--quant {args.quant!r}: use none, int8, int4 or auto")
     out = Path(args.output or f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json")
-    if not out.parent.exists():
-        raise MemintentError(f"output folder {out.parent} does not exist")
+    check_writable(out, "-o")
     console = _console()
     with console.status(f"compiling {args.model}") as status:
         say = lambda msg: status.update(f"{args.model}: {msg}")  # noqa: E731
@@ -172,28 +172,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # simulate / report / profile
 
 
-def _writable_target(path: str, what: str) -> Path:
-    """``path`` as a Path once its folder exists and is writable (checked before any long work)."""
-    import os
-
-    out = Path(path)
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise MemintentError(f"{what} {out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MemintentError(f"{what} {out}: folder {folder} is not writable")
-    if out.is_dir():
-        raise MemintentError(f"{what} {out} is a folder: name a file")
-    return out
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from memintent.timeline import build_timeline
     from memintent.units import fmt_bytes, fmt_s
 
-    trace_out = _writable_target(args.trace, "--trace") if args.trace else None
+    trace_out = check_writable(args.trace, "--trace") if args.trace else None
     program = _load_verified(args.plan)
     tl = build_timeline(program)
     pr = program.prediction
@@ -231,7 +216,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from memintent.report import write_report
 
-    out = _writable_target(args.output, "-o")
+    out = check_writable(args.output, "-o")
     program = _load_verified(args.plan)
     measured = None
     if args.trace:
@@ -253,7 +238,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from memintent.trace import write_bytes_atomic
     from memintent.units import fmt_bytes, fmt_s
 
-    out = _writable_target(args.output, "-o")
+    out = check_writable(args.output, "-o")
     dev = resolve_device(args.device)
     sz = sizes_for(dev, args.quick)
     total = 2 * len(sz.copy_bytes) + 5
