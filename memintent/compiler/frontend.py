@@ -17,7 +17,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -453,7 +453,3 @@ def _add_kv(objects: list[Object], steps: list[Step], blocks: list[Block], spec:
                 size_bytes=dtype_bytes(dtype, per_block), home=Tier.hbm, block=layer))
             for s in users:
                 s.uses.append(name)
-
-
-def iter_weight_objects(program: Program) -> Iterable[Object]:
-    return (o for o in program.objects if o.kind == ObjectKind.weight)

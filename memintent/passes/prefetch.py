@@ -118,7 +118,7 @@ def occupancy_graph(p: Program) -> nx.Graph:
     items = sorted(spans.items(), key=lambda kv: kv[1])
     for x in range(len(items)):
         for y in range(x + 1, len(items)):
-            (u, (a1, b1)), (w, (a2, b2)) = items[x], items[y]
+            (u, (_, b1)), (w, (a2, _)) = items[x], items[y]
             if a2 >= b1:
                 break
             g.add_edge(u, w)

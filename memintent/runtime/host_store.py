@@ -26,7 +26,7 @@ import torch
 from memintent.compiler.fingerprint import IR_TO_TORCH
 from memintent.errors import MemintentError
 from memintent.ir.model import Block, Object, Program, Quant, Residency
-from memintent.runtime.quant import pack_block, prepare_unpack, quantized_block_bytes, run_unpack, unpack_weight
+from memintent.runtime.quant import pack_block, quantized_block_bytes, unpack_weight
 
 # A fill callback receives {weight name: host tensor of that weight's dtype and shape} and writes each value in.
 FillFn = Callable[[dict[str, torch.Tensor]], None]
@@ -234,16 +234,6 @@ class HostStore:
         o = self._objects[name]
         out = torch.empty(tuple(o.shape), dtype=torch_dtype(o.dtype))   # weight dtype [shape], host
         return unpack_weight(self.blocks[block], self._objects, self._buffers[block], name, out, backend="torch")
-
-    def dequantized_block(self, block: str) -> dict[str, torch.Tensor]:
-        """``{weight: host tensor}`` for the whole block: the typed views (unquantized), or views of one new
-        host buffer (uint8 [size_bytes]) holding the dequantized block (packed)."""
-        if block not in self.packed:
-            return self.block_views(block)
-        b = self.blocks[block]
-        flat = torch.zeros(b.size_bytes, dtype=torch.uint8)   # uint8 [size_bytes], the unquantized layout
-        run_unpack(prepare_unpack(b, self._objects, self._buffers[block], flat), backend="torch")
-        return self._typed_views(b, flat)
 
     def block_views(self, block: str) -> dict[str, torch.Tensor]:
         if block in self.packed:
