@@ -345,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     g.add_argument("--warmup", action="store_true", help="run one short untimed wave first (first-call costs)")
+    g.add_argument("--trace", help="write predicted and measured timelines (CUDA events) as a Perfetto trace")
     g.add_argument("--json", help="also write the measurements to this JSON file")
     g.set_defaults(fn=cmd_generate)
 

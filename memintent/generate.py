@@ -102,9 +102,12 @@ def run_generate(args) -> int:
     program = verify_plan(load_plan(args.plan))   # a plan file is untrusted input: run only what verifies
     if getattr(args, "json", None):
         check_writable(args.json, "--json")
+    if getattr(args, "trace", None):
+        check_writable(args.trace, "--trace")
     rep, code = generate_plan(program, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               requests=args.requests, prompts_file=args.prompts, verify=args.verify,
-                              check=args.check, seed=args.seed, allow_code=args.allow_code, warmup=args.warmup)
+                              check=args.check, seed=args.seed, allow_code=args.allow_code, warmup=args.warmup,
+                              trace=getattr(args, "trace", None))
     if getattr(args, "json", None):
         write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
     return code
@@ -113,7 +116,8 @@ def run_generate(args) -> int:
 def generate_plan(program: Program, *, device: str | None = None, prompt_len: int | None = None,
                   gen_len: int | None = None, requests: int | None = None, prompts_file: str | None = None,
                   verify: bool = False, check: bool = False, seed: int = 0, allow_code: bool = False,
-                  store=None, quiet: bool = False, warmup: bool = False) -> tuple[GenerateReport, int]:
+                  store=None, quiet: bool = False, warmup: bool = False,
+                  trace: str | None = None) -> tuple[GenerateReport, int]:
     """Generate under ``program`` and measure it; ``store``: a filled HostStore to reuse (benchmarks)."""
     from rich.console import Console
 
@@ -197,6 +201,11 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
         rep.total_s = time.perf_counter() - t_all
         if device.type == "cuda":
             rep.peak_hbm_bytes = torch.cuda.max_memory_allocated(device)
+        if trace:
+            from memintent.run import write_run_trace
+
+            # every forward of the run (prefills and decode steps) against the decode plan's predicted timeline
+            write_run_trace(trace, program, handle.stats())
     except MemintentError:
         raise
     except Exception as e:   # a failed copy, out of memory mid-step: one line, after the finally drained it
