@@ -128,7 +128,8 @@ def run_generation(tag, plan, args, device, h2d_gbps, rows, requests=None, verif
                prefill_s=statistics.median(w["prefill_s"] for w in rep.waves), predicted_prefill_s=g.prefill_s,
                requests=rep.requests, total_s=rep.total_s, tokens_per_s=rep.tokens_per_s, host_fill_s=fill_s,
                setup_and_run_s=total, host_store_bytes=plan.prediction.streamed_bytes, peak_hbm_bytes=rep.peak_hbm_bytes,
-               budget_bytes=plan.budget_bytes, identical=rep.identical, agreement=rep.agreement, exit_code=code)
+               budget_bytes=plan.budget_bytes, identical=rep.identical, agreement=rep.agreement, exit_code=code,
+               decode_mode=rep.decode_mode)
     rows.append(row)
     print(f"{tag}: {row['case']}: decode {row['decode_tok_s']:.2f} tok/s (plan {row['predicted_decode_tok_s']:.2f}), "
           f"step {row['decode_step_s'] * 1e3:.1f} ms (floor {floor * 1e3:.1f}), prefill {row['prefill_s']:.2f} s, "
@@ -166,6 +167,8 @@ def section_opt30b(args, device, hw, h2d_gbps, rows):
     run_generation("opt30b", own, args, device, h2d_gbps, rows, requests=64)
     # Forced to stream every layer: a budget with room for the small blocks, two layer slots and a small batch's
     # KV. Fewer requests: at ~1 s a decode step, 64 of them would take minutes of device time.
+    if args.opt_forced_requests <= 0:
+        return
     forced = plan_generation(name, budget_bytes=args.opt_forced_budget, hardware=hw, context=544, prompt_len=512,
                              gen_len=32, objective="throughput", quant="none", batch=4)
     run_generation("opt30b-stream", forced, args, device, h2d_gbps, rows, requests=args.opt_forced_requests)
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
     for r in rows:
         keys = [k for k in ("time_s", "floor_s", "ratio_floor", "speedup_vs_bf16", "decode_tok_s",
                             "predicted_decode_tok_s", "decode_step_s", "predicted_step_s", "prefill_s", "total_s",
-                            "tokens_per_s", "host_fill_s", "identical", "agreement", "error") if r.get(k) is not None]
+                            "tokens_per_s", "host_fill_s", "identical", "agreement", "decode_mode", "error")
+                if r.get(k) is not None]
         print(f"{r['section']:13s} {r['case']:28s} " + " ".join(
             f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys))
     return 0

@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     g.add_argument("--warmup", action="store_true", help="run one short untimed wave first (first-call costs)")
     g.add_argument("--trace", help="write predicted and measured timelines (CUDA events) as a Perfetto trace")
+    g.add_argument("--no-graph", action="store_true",
+                   help="run the decode step eagerly even where it could be captured as a CUDA graph")
     g.add_argument("--json", help="also write the measurements to this JSON file")
     g.set_defaults(fn=cmd_generate)
 

@@ -48,9 +48,40 @@ def carve_kv(program: Program, kv_flat: torch.Tensor, src) -> list[tuple[torch.T
     return caches
 
 
-def greedy(model, src, prompts: torch.Tensor, gen_len: int, device: torch.device) -> tuple[torch.Tensor, float, float]:
-    """Prefill ``prompts`` (B, P), then ``gen_len - 1`` greedy decode steps. Returns tokens (B, gen_len), prefill
-    seconds, decode seconds. No host sync inside the decode loop: the next token stays on the device."""
+class GraphStep:
+    """The decode step captured as a CUDA graph, replayed with the token and position copied into static inputs.
+
+    Only for plans with nothing to stream (the runtime's hooks would have copies to issue between kernels; they
+    are paused while capturing and replaying) and fixed shapes (one batch, one token). Capture happens before any
+    prefill: its warm-up forwards write the KV cache at position 0, which every prefill overwrites."""
+
+    def __init__(self, model, src, batch: int, device: torch.device, handle):
+        self.model, self.src, self.handle = model, src, handle
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)   # (B, 1) static input
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)          # (1,) static input
+        with handle.hooks_paused():
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):    # kernels chosen and workspaces allocated before capture
+                    src.logits(model(self.tok, self.pos))
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.logits = src.logits(model(self.tok, self.pos))           # (B, vocab) static output
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+def greedy(model, src, prompts: torch.Tensor, gen_len: int, device: torch.device,
+           step=None) -> tuple[torch.Tensor, float, float]:
+    """Prefill ``prompts`` (B, P), then ``gen_len - 1`` greedy decode steps (``step``: a captured GraphStep, else
+    the eager model). Returns tokens (B, gen_len), prefill seconds, decode seconds. No host sync inside the
+    decode loop: the next token stays on the device."""
     b, p = prompts.shape
     with torch.no_grad():
         sync(device)
@@ -66,7 +97,10 @@ def greedy(model, src, prompts: torch.Tensor, gen_len: int, device: torch.device
         positions = torch.arange(p, p + gen_len, device=device)                  # (gen_len,)
         for i in range(gen_len - 1):
             pos = positions[i:i + 1]                                             # (1,)
-            logits = src.logits(model(tok[:, None], pos))                        # (B, vocab)
+            if step is not None:
+                logits = step(tok[:, None], pos)                                 # (B, vocab), graph replay
+            else:
+                logits = src.logits(model(tok[:, None], pos))                    # (B, vocab)
             tok = logits.argmax(-1)
             out.append(tok)
         sync(device)
@@ -92,6 +126,7 @@ class GenerateReport:
     peak_hbm_bytes: int | None = None
     agreement: float | None = None
     identical: bool | None = None
+    decode_mode: str = "eager"       # "cuda graph", or eager and why
 
 
 def run_generate(args) -> int:
@@ -107,7 +142,7 @@ def run_generate(args) -> int:
     rep, code = generate_plan(program, device=args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
                               requests=args.requests, prompts_file=args.prompts, verify=args.verify,
                               check=args.check, seed=args.seed, allow_code=args.allow_code, warmup=args.warmup,
-                              trace=getattr(args, "trace", None))
+                              trace=getattr(args, "trace", None), graph=not getattr(args, "no_graph", False))
     if getattr(args, "json", None):
         write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
     return code
@@ -116,7 +151,7 @@ def run_generate(args) -> int:
 def generate_plan(program: Program, *, device: str | None = None, prompt_len: int | None = None,
                   gen_len: int | None = None, requests: int | None = None, prompts_file: str | None = None,
                   verify: bool = False, check: bool = False, seed: int = 0, allow_code: bool = False,
-                  store=None, quiet: bool = False, warmup: bool = False,
+                  store=None, quiet: bool = False, warmup: bool = False, graph: bool = True,
                   trace: str | None = None) -> tuple[GenerateReport, int]:
     """Generate under ``program`` and measure it; ``store``: a filled HostStore to reuse (benchmarks)."""
     from rich.console import Console
@@ -182,18 +217,31 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
         # fills the arena with NaN on purpose; a fresh CUDA allocation may hold anything).
         kv_flat.zero_()
         model.attach_kv_cache(carve_kv(program, kv_flat, src))
+        step = None
+        if program.actions:
+            rep.decode_mode = "eager: the plan streams, and its copies are issued from hooks between kernels"
+        elif device.type != "cuda" or not graph or check:
+            rep.decode_mode = "eager"
+        else:
+            try:
+                step = GraphStep(model, src, b, device, handle)
+                rep.decode_mode = "cuda graph"
+            except Exception as e:   # noqa: BLE001 -- any capture failure: the eager step is always correct
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                rep.decode_mode = f"eager: CUDA graph capture failed ({first})"
+                torch.cuda.synchronize(device)
         if warmup:
             # One short untimed wave: first-call costs (kernel selection for new shapes, handles, JIT) out of the
             # numbers, as a server pays them once at start-up.
             greedy(model, src, prompts[:b].to(device) if len(prompts) >= b else
-                   torch.cat([prompts, prompts[:1].expand(b - len(prompts), -1)]).to(device), 3, device)
+                   torch.cat([prompts, prompts[:1].expand(b - len(prompts), -1)]).to(device), 3, device, step)
         t_all = time.perf_counter()
         for w in range(waves):
             batch_prompts = prompts[w * b:(w + 1) * b]
             n = batch_prompts.shape[0]
             if n < b:   # the last wave is padded to the planned batch; padding rows are dropped after
                 batch_prompts = torch.cat([batch_prompts, batch_prompts[:1].expand(b - n, -1)])
-            toks, prefill_s, decode_s = greedy(model, src, batch_prompts.to(device), gen_len, device)
+            toks, prefill_s, decode_s = greedy(model, src, batch_prompts.to(device), gen_len, device, step)
             all_tokens.append(toks[:n])
             steps = max(gen_len - 1, 1)
             rep.waves.append(dict(prefill_s=prefill_s, decode_s=decode_s, decode_step_s=decode_s / steps,
@@ -260,6 +308,7 @@ def _print(program: Program, rep: GenerateReport, quantized: bool) -> None:
               f"{rep.requests} requests in {len(rep.waves)} waves: {fmt_s(rep.total_s)}, {rep.tokens_per_s:.2f} tok/s "
               f"(plan {g.tokens_per_s:.2f} tok/s per wave); streamed {fmt_bytes(rep.streamed_bytes)}/step at "
               f"{rep.h2d_gbps:.1f} GB/s pinned")
+    con.print(f"decode step: {rep.decode_mode}")
     if rep.peak_hbm_bytes is not None:
         con.print(f"peak HBM {fmt_bytes(rep.peak_hbm_bytes)} (plan {fmt_bytes(program.prediction.peak_hbm_bytes)}, "
                   f"budget {fmt_bytes(program.budget_bytes)})")

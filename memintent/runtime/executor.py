@@ -19,6 +19,7 @@ runs the end-of-forward actions (frees and next-forward prefetches).
 from __future__ import annotations
 
 import functools
+import contextlib
 import warnings
 import weakref
 from time import perf_counter
@@ -98,6 +99,7 @@ class StreamedModel:
         self.dequant_backend = dequant_backend
         self._hooks: list[Any] = []
         self._detached = False
+        self._paused = False
 
         self._validate()
         pred = program.prediction
@@ -387,6 +389,8 @@ class StreamedModel:
     def _stage_hook(self, mid: int) -> Callable:
         # Kept lean: this runs once per stage per forward (measured in ForwardStats.host_overhead_s).
         def hook(module: torch.nn.Module, args: Any) -> None:
+            if self._paused:
+                return
             t0 = perf_counter()
             w0 = self.backend.sync_work_s
             pos = self._pos
@@ -458,6 +462,8 @@ class StreamedModel:
                            f"{st.module!r} (block {st.block!r}) at stage {s}")
 
     def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
+        if self._paused:
+            return
         t0 = perf_counter()
         if self._in_forward:
             # The previous forward raised before its end: its copies and slot states are stale.
@@ -477,6 +483,8 @@ class StreamedModel:
         self._max_hook_s = max(self._max_hook_s, dt)
 
     def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._paused:
+            return
         t0 = perf_counter()
         w0 = self.backend.sync_work_s
         if self._pos != self._n_hooked:
@@ -498,6 +506,18 @@ class StreamedModel:
     # -- public -------------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def hooks_paused(self):
+        """Run the model with the hooks idle: only for a plan with no actions (nothing streams, nothing to order),
+        e.g. to capture its forward as a CUDA graph, where per-forward Python bookkeeping would be frozen."""
+        if self.program.actions or self.check:
+            raise MemintentError("hooks can only be paused for a plan that streams nothing, outside checked mode")
+        self._paused = True
+        try:
+            yield self
+        finally:
+            self._paused = False
 
     def reset(self) -> None:
         """Wait for in-flight copies and forget all slot/visit state; the next forward behaves as a first one
