@@ -82,23 +82,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _load_any(path: str):
-    """A plan JSON file or IR text, told apart by the first non-blank character."""
-    from memintent.ir.plan_file import load_plan, plan_from_json
+    from memintent.ir.plan_file import load_program
 
-    p = Path(path)
-    if p.suffix == ".json":
-        return load_plan(p)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise MemintentError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemintentError(f"{path} cannot be read as text: {e}") from None
-    if text.lstrip().startswith("{"):
-        return plan_from_json(text, path)
-    from memintent.ir.parser import parse
-
-    return parse(text, source=path)
+    return load_program(path)
 
 
 def _load_verified(path: str):

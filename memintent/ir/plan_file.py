@@ -13,15 +13,30 @@ from memintent.errors import MemintentError
 from memintent.ir.model import SCHEMA_VERSION, Program
 
 
+def _read_text(path: Path, what: str, hint: str = "") -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise MemintentError(f"{what} {path} does not exist{hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MemintentError(f"{what} {path} cannot be read as text: {e}") from None
+
+
 def load_plan(path: str | os.PathLike) -> Program:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise MemintentError(f"plan file {path} does not exist: write one with `memintent compile MODEL -o {path}`") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemintentError(f"plan file {path} cannot be read: {e}") from None
+    text = _read_text(path, "plan file", f": write one with `memintent compile MODEL -o {path}`")
     return plan_from_json(text, str(path))
+
+
+def load_program(path: str | os.PathLike) -> Program:
+    """A plan JSON file or IR text (``memintent dump``), told apart by the suffix or the first character."""
+    path = Path(path)
+    text = _read_text(path, "file")
+    if path.suffix == ".json" or text.lstrip().startswith("{"):
+        return plan_from_json(text, str(path))
+    from memintent.ir.parser import parse
+
+    return parse(text, source=str(path))
 
 
 def plan_from_json(text: str, source: str = "<plan>") -> Program:
