@@ -265,7 +265,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="memintent", description=__doc__.splitlines()[0] if __doc__ else None,
+    ap = argparse.ArgumentParser(prog="memintent", description="Plan GPU memory as a bounded working set: trace a model "
+                                 "into the Memory Intent IR, schedule what stays resident and what streams under "
+                                 "an HBM budget, and run the plan.",
                                  epilog=EPILOG)
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
