@@ -48,6 +48,16 @@ def carve_kv(program: Program, kv_flat: torch.Tensor, src) -> list[tuple[torch.T
     return caches
 
 
+def wave(prompts: torch.Tensor, w: int, b: int) -> tuple[torch.Tensor, int]:
+    """Prompts of wave ``w`` as a (b, P) batch, and how many are real: the last wave is padded with copies of its
+    first prompt to the planned batch (the plan's shapes are fixed); the padding rows' tokens are dropped."""
+    rows = prompts[w * b:(w + 1) * b]                                            # (n, P)
+    n = rows.shape[0]
+    if n < b:
+        rows = torch.cat([rows, rows[:1].expand(b - n, -1)])                     # (b, P)
+    return rows, n
+
+
 class GraphStep:
     """The decode step captured as a CUDA graph, replayed with the token and position copied into static inputs.
 
@@ -163,9 +173,9 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
     g = program.generation
     device = pick_device(device)
     src = source_for(program, allow_code)
-    prompt_len = prompt_len or g.prompt_len
-    gen_len = gen_len or g.gen_len
-    for flag, v in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--requests", requests or 1)):
+    prompt_len = g.prompt_len if prompt_len is None else prompt_len
+    gen_len = g.gen_len if gen_len is None else gen_len
+    for flag, v in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--requests", 1 if requests is None else requests)):
         if v < 1:
             raise MemintentError(f"{flag} {v} must be at least 1")
     if prompt_len + gen_len - 1 > g.context:
@@ -233,14 +243,10 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
         if warmup:
             # One short untimed wave: first-call costs (kernel selection for new shapes, handles, JIT) out of the
             # numbers, as a server pays them once at start-up.
-            greedy(model, src, prompts[:b].to(device) if len(prompts) >= b else
-                   torch.cat([prompts, prompts[:1].expand(b - len(prompts), -1)]).to(device), 3, device, step)
+            greedy(model, src, wave(prompts, 0, b)[0].to(device), 3, device, step)
         t_all = time.perf_counter()
         for w in range(waves):
-            batch_prompts = prompts[w * b:(w + 1) * b]
-            n = batch_prompts.shape[0]
-            if n < b:   # the last wave is padded to the planned batch; padding rows are dropped after
-                batch_prompts = torch.cat([batch_prompts, batch_prompts[:1].expand(b - n, -1)])
+            batch_prompts, n = wave(prompts, w, b)
             toks, prefill_s, decode_s = greedy(model, src, batch_prompts.to(device), gen_len, device, step)
             all_tokens.append(toks[:n])
             steps = max(gen_len - 1, 1)
@@ -276,10 +282,7 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
                       for _ in range(src.num_layers)]
             ref.attach_kv_cache(caches)
             for w in range(waves):
-                batch_prompts = prompts[w * b:(w + 1) * b]
-                n = batch_prompts.shape[0]
-                if n < b:
-                    batch_prompts = torch.cat([batch_prompts, batch_prompts[:1].expand(b - n, -1)])
+                batch_prompts, n = wave(prompts, w, b)
                 ref_tokens.append(greedy(ref, src, batch_prompts.to(device), gen_len, device)[0][:n])
             del ref, caches
         ref_tokens = torch.cat(ref_tokens)
