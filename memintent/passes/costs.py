@@ -47,7 +47,7 @@ def step_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile) -> float:
 
 
 def costs(program: Program) -> Program:
-    p = program.model_copy(deep=True)
+    p = program   # in place: run_passes hands the pipeline its own copy
     hw = p.hardware
     for s in p.steps:
         s.time_s = step_time_s(s.flops, s.hbm_bytes, hw)

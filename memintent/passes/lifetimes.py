@@ -47,7 +47,7 @@ def build_visits(stages: list[Stage], block_order: list[str]) -> list[Visit]:
 
 
 def lifetimes(program: Program) -> Program:
-    p = program.model_copy(deep=True)
+    p = program   # in place: run_passes hands the pipeline its own copy
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for s in p.steps:

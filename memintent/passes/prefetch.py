@@ -33,7 +33,7 @@ def schedule_of(p: Program):
 
 
 def prefetch(program: Program) -> Program:
-    p = program.model_copy(deep=True)
+    p = program   # in place: run_passes hands the pipeline its own copy
     stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
     slot_bytes = stream_slots[0].size_bytes if stream_slots else 0
     sched, sim, copy_s = schedule_of(p)

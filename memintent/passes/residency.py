@@ -171,7 +171,7 @@ def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: s
 def residency(program: Program, depth: int | None = None, quant: str = "none") -> Program:
     """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
     ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, or auto (chosen per block)."""
-    p = program.model_copy(deep=True)
+    p = program   # in place: run_passes hands the pipeline its own copy
     budget = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
     p.budget_bytes = budget
     res = reserved_bytes(p)
