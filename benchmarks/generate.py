@@ -37,7 +37,8 @@ from memintent.ir.model import Quant, Residency  # noqa: E402
 from memintent.passes.costs import transfer_bytes  # noqa: E402
 from memintent.passes.residency import slot_need_bytes  # noqa: E402
 from memintent.runtime.quant import quantized_block_bytes  # noqa: E402
-from memintent.run import measure_h2d_gbps, sync  # noqa: E402
+from memintent.run import sync  # noqa: E402
+from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 from memintent.runtime import HostStore, attach  # noqa: E402
 
 GiB = 1 << 30

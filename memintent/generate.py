@@ -22,7 +22,8 @@ import torch
 from memintent.errors import MemintentError
 from memintent.ir.model import ObjectKind, Program, Quant, Residency, SlotKind
 from memintent.ir.plan_file import load_plan, write_atomic
-from memintent.run import as_fault, measure_h2d_gbps, pick_device, resident_model, source_for, sync
+from memintent.run import as_fault, pick_device, resident_model, source_for, sync
+from memintent.runtime.profile import measure_h2d_gbps
 from memintent.units import fmt_bytes, fmt_s
 
 

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from memintent.compiler.fingerprint import named_weights
 from memintent.compiler.refs import ModelSource, resolve
 from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import Program, Quant, Residency
 from memintent.ir.plan_file import load_plan
+from memintent.runtime.profile import measure_h2d_gbps
 from memintent.units import fmt_bytes, fmt_s, parse_tokens
 
 
@@ -87,41 +89,12 @@ def sync_compute(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def measure_h2d_gbps(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Pinned host -> device bandwidth (1e9 bytes/s), median of ``repeats`` copies of ``nbytes``; on the CPU
-    backend a plain memcpy between host tensors."""
-    if device.type == "cuda":
-        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        times = []
-        for _ in range(repeats + 1):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dst.copy_(src, non_blocking=True)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        del src, dst
-        return nbytes / statistics.median(times[1:]) / 1e9
-    nbytes = min(nbytes, 64 << 20)
-    src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times) / 1e9
-
-
 def resident_model(src: ModelSource, device: torch.device) -> torch.nn.Module:
     """The whole model on ``device`` in its own dtype, filled from the model source itself (the same values the
     host store was filled with, before any quantization for transfer)."""
     model = src.build("meta").to_empty(device=device)
-    named: dict[str, torch.Tensor] = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        named.setdefault(name, t)       # tied aliases: filled once, under the first name
     with torch.no_grad():
-        src.fill_weights(named)
+        src.fill_weights(named_weights(model))   # tied aliases: filled once, under the first name
     return model
 
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Residency, SlotKind
-from memintent.passes.costs import dequant_time_s
 from memintent.passes.lifetimes import activation_profile
 
 try:   # a quantized visit also holds its packed bytes in the slot (the residency pass sizes slots with this)
@@ -183,7 +182,7 @@ def build_timeline(p: Program) -> Timeline:
     if p.arena is None or p.prediction is None or p.hardware is None:
         raise MemintentError(f"{p.name}: the program holds no plan (no arena, prediction or hardware): compile it "
                              "with `memintent compile` first")
-    sched, sim, _copy_s = schedule_of(p)
+    sched, sim, deq_s = schedule_of(p)
     if sched is None:
         raise MemintentError(f"{p.name}: the plan's stream slots cannot hold its streamed visits: recompile it")
     n = len(p.stages)
@@ -197,7 +196,7 @@ def build_timeline(p: Program) -> Timeline:
     ready: dict[int, float] = {}
     for i in sched.visits:
         e = by_visit[i]
-        ready[i] = e.end_s + dequant_time_s(bmap[p.visits[i].block], p.hardware)
+        ready[i] = e.end_s + deq_s[i]
     # Attribute each stage's stall to the copies it waits for, in order of readiness: a copy is charged only the
     # wait beyond the copies ready before it, so the charges add up to the stage's stall exactly.
     charged: dict[int, float] = {}

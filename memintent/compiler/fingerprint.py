@@ -32,16 +32,20 @@ def fingerprint_entries(entries: list[tuple[str, list[int] | tuple[int, ...], st
     return "sha256:" + h.hexdigest()
 
 
-def weight_entries(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of every parameter and buffer, each shared tensor once under its first name."""
+def named_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, each shared tensor once under its first name: the names plans use."""
     seen: set[int] = set()
-    out = []
+    out: dict[str, torch.Tensor] = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        out.append((name, tuple(t.shape), ir_dtype(t.dtype)))
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
     return out
+
+
+def weight_entries(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every weight, as ``named_weights`` names them."""
+    return [(name, tuple(t.shape), ir_dtype(t.dtype)) for name, t in named_weights(module).items()]
 
 
 def fingerprint_module(module: torch.nn.Module) -> str:

@@ -22,21 +22,22 @@ from memintent.passes.simulate import make_schedule, simulate
 
 
 def schedule_of(p: Program):
-    """Rebuild the schedule and its simulation from a program whose residency and stream slots are decided."""
+    """Rebuild the schedule, its simulation and each visit's unpacking time (seconds; 0 unquantized) from a program
+    whose residency and stream slots are decided."""
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
     k = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
     sched = make_schedule(p.stages, p.visits, streamed, k)
     bmap = p.block_map()
     copy_s = {i: copy_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
     deq_s = {i: dequant_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
-    return sched, simulate(p.stages, p.visits, sched, copy_s, deq_s), copy_s
+    return sched, simulate(p.stages, p.visits, sched, copy_s, deq_s), deq_s
 
 
 def prefetch(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
     stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
     slot_bytes = stream_slots[0].size_bytes if stream_slots else 0
-    sched, sim, copy_s = schedule_of(p)
+    sched, sim, deq_s = schedule_of(p)
     assert sched is not None, "residency chose a depth that cannot hold the schedule"
 
     # Arena: resident blocks (in block order), then stream slots, then the KV cache.
@@ -62,7 +63,6 @@ def prefetch(program: Program) -> Program:
 
     # Visits: slot, issue point, predicted arrival against deadline.
     # A visit is ready when its copy has arrived and, if quantized, been unpacked: that is what compute waits for.
-    deq_s = {i: dequant_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
     arrive = {e.visit: e.end_s + deq_s[e.visit] for e in sim.copies}
     for i, v in enumerate(p.visits):
         if i in sched.slot:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from memintent.compiler.fingerprint import fingerprint_module, weight_entries
+from memintent.compiler.fingerprint import fingerprint_module, named_weights, weight_entries
 from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import ActionKind, Block, ObjectKind, Program, Quant, Residency, SlotKind, dtype_bytes
 from memintent.runtime.arena import DeviceArena, check_fits
@@ -39,14 +39,6 @@ _START, _DONE, _FREE = 0, 1, 2
 
 # Models currently attached: a second attach would double the hooks and fight over the same parameters.
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers under their first names (as the fingerprint and the plan name them)."""
-    out = dict(model.named_parameters())
-    for n, b in model.named_buffers():
-        out.setdefault(n, b)
-    return out
 
 
 def _fingerprint_diff(model: torch.nn.Module, program: Program, limit: int = 3) -> str:
@@ -148,7 +140,7 @@ class StreamedModel:
             raise MemintentError(
                 f"the model does not match the plan: model fingerprint {fp}, plan {p.name!r} was compiled for "
                 f"{p.fingerprint} ({p.model.ref}){_fingerprint_diff(model, p)}")
-        tensors = _named_tensors(model)
+        tensors = named_weights(model)
         objects = p.object_map()
         slots = p.arena.slots
         owner: dict[str, str] = {}
@@ -246,7 +238,7 @@ class StreamedModel:
     def _build_tables(self) -> None:
         p, host = self.program, self.host_store
         objects = p.object_map()
-        tensors = _named_tensors(self.model)
+        tensors = named_weights(self.model)
         self._tensors = tensors
         self._block_names = [b.name for b in p.blocks]
         bidx = {n: i for i, n in enumerate(self._block_names)}
@@ -566,7 +558,7 @@ class StreamedModel:
         """Point every planned tensor at its host value: the store's views. A quantized block has only packed bytes
         on the host; its tensors go to the meta device rather than to a new dequantized host copy, which for a 70B
         int4 plan would be 140 GB of host memory allocated at detach (it killed the process on a 128 GB machine)."""
-        tensors = _named_tensors(self.model)
+        tensors = named_weights(self.model)
         objects = self.program.object_map()
         for b in self.program.blocks:
             if b.name in self.host_store.packed:

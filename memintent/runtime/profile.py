@@ -222,6 +222,20 @@ def measure_copies(clock: _Clock, sizes_bytes: tuple[int, ...], repeats: int, sa
     return h2d, d2h
 
 
+def measure_h2d_gbps(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Pinned host -> device bandwidth (1e9 bytes/s) of one size, median of ``repeats`` timed copies after a
+    warm-up, on the current stream: the floor ``run``, ``generate`` and the benchmarks compare against. On the CPU
+    backend a plain memcpy between host tensors (at most 64 MiB)."""
+    device = torch.device(device)
+    clock = _Clock(device)
+    if not clock.cuda:
+        nbytes = min(nbytes, 64 << 20)
+    src = _host_buffer(nbytes, clock.cuda)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    t = clock.time_s(lambda: dst.copy_(src, non_blocking=clock.cuda), repeats)
+    return nbytes / statistics.median(t) / 1e9
+
+
 def measure_copy_latency_s(clock: _Clock, ops: int, repeats: int) -> float:
     cuda = clock.cuda
     host = _host_buffer(4 * KiB, cuda)
