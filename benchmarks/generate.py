@@ -37,7 +37,7 @@ from memintent.ir.model import Quant, Residency  # noqa: E402
 from memintent.passes.costs import transfer_bytes  # noqa: E402
 from memintent.passes.residency import slot_need_bytes  # noqa: E402
 from memintent.runtime.quant import quantized_block_bytes  # noqa: E402
-from memintent.run import sync  # noqa: E402
+from memintent.run import time_back_to_back  # noqa: E402
 from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 from memintent.runtime import HostStore, attach  # noqa: E402
 
@@ -55,17 +55,6 @@ def fill(plan, src, device):
     store = HostStore(plan, pin="auto" if device.type == "cuda" else "none")
     store.fill(src.fill_weights)
     return store, time.perf_counter() - t
-
-
-def per_forward_s(model, inputs, device, repeats):
-    model(*inputs)
-    model(*inputs)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        out = model(*inputs)
-    sync(device)
-    return (time.perf_counter() - t) / repeats, out
 
 
 def section_w1q(args, device, hw, h2d_gbps, rows):
@@ -90,7 +79,7 @@ def section_w1q(args, device, hw, h2d_gbps, rows):
         handle = attach(model, plan, device, host_store=store)
         try:
             with torch.no_grad():
-                t, _ = per_forward_s(model, inputs, device, args.repeats)
+                t, _, _ = time_back_to_back(lambda: model(*inputs), device, args.repeats)
             st = handle.stats()[-1]
         finally:
             handle.detach()

@@ -29,30 +29,12 @@ from memintent.compiler.compile import compile_model  # noqa: E402
 from memintent.compiler.hardware import BUILTIN, load_profile  # noqa: E402
 from memintent.compiler.refs import resolve  # noqa: E402
 from memintent.ir.model import Residency  # noqa: E402
-from memintent.run import resident_model, sync  # noqa: E402
+from memintent.run import resident_model, time_back_to_back as timed  # noqa: E402
 from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 from memintent.runtime import HostStore, attach  # noqa: E402
 from memintent.units import parse_tokens  # noqa: E402
 
 GiB = 1 << 30
-
-
-def timed(fn, device, repeats):
-    """Steady-state seconds per forward: ``repeats`` forwards back to back after two warm-ups, divided by the wall
-    time until the device is idle. Between forwards only the host waits for nothing: a full device sync there would
-    also wait for the next forward's prefetch and leave the copy engine idle at every forward boundary, which no
-    serving loop does. Returns (seconds per forward, per-forward host-visible times, last output)."""
-    out = fn()
-    out = fn()
-    sync(device)
-    ts = []
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t)
-    sync(device)
-    return (time.perf_counter() - t0) / repeats, ts, out
 
 
 def free(device):
