@@ -32,12 +32,12 @@ from memintent.compiler.compile import compile_model  # noqa: E402
 from memintent.compiler.hardware import BUILTIN  # noqa: E402
 from memintent.compiler.planner import plan_generation  # noqa: E402
 from memintent.compiler.refs import resolve  # noqa: E402
-from memintent.generate import generate_plan  # noqa: E402
+from memintent.commands.generate import generate_plan  # noqa: E402
 from memintent.ir.model import Quant, Residency  # noqa: E402
 from memintent.passes.costs import transfer_bytes  # noqa: E402
 from memintent.passes.residency import slot_need_bytes  # noqa: E402
 from memintent.runtime.quant import quantized_block_bytes  # noqa: E402
-from memintent.run import time_back_to_back  # noqa: E402
+from memintent.runtime.profile import time_back_to_back  # noqa: E402
 from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 from memintent.runtime import HostStore, attach  # noqa: E402
 

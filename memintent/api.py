@@ -29,7 +29,8 @@ def load(plan: Program | str | os.PathLike, device: str | None = None, *, allow_
          check: bool = False):
     """Build the model the plan names (preset, hf: folder, or py: factory with ``allow_code``), fill its host
     store from the source's weights, and attach the plan. Returns ``(model, handle)``."""
-    from memintent.run import pick_device, source_for
+    from memintent.runtime.device import pick_device
+    from memintent.compiler.plan_source import source_for
     from memintent.runtime import attach
 
     program = _program(plan)
@@ -43,7 +44,7 @@ def wrap(model: torch.nn.Module, plan: Program | str | os.PathLike, device: str 
          check: bool = False):
     """Attach a plan to a model you built (with its weights): its weights move into the plan's host store and
     arena, and ``model(...)`` / ``model.generate(...)`` stream from then on. Returns the handle (``detach()``)."""
-    from memintent.run import pick_device
+    from memintent.runtime.device import pick_device
     from memintent.runtime import attach
 
     return attach(model, _program(plan), pick_device(device), check=check)

@@ -100,7 +100,7 @@ def _load_verified(path: str):
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from memintent.explain import explain
+    from memintent.see.explain import explain
 
     explain(_load_verified(args.plan), _out_console())
     return 0
@@ -143,13 +143,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from memintent.run import run_plan
+    from memintent.commands.run import run_plan
 
     return run_plan(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from memintent.generate import run_generate
+    from memintent.commands.generate import run_generate
 
     return run_generate(args)
 
@@ -161,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from memintent.timeline import build_timeline
+    from memintent.see.timeline import build_timeline
     from memintent.units import fmt_bytes, fmt_s
 
     trace_out = check_writable(args.trace, "--trace") if args.trace else None
@@ -192,7 +192,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     con.print(t)
     con.print("times from the steady-state forward's start; copies named block@first stage")
     if trace_out is not None:
-        from memintent.trace import write_trace
+        from memintent.see.perfetto import write_trace
 
         write_trace(trace_out, predicted=tl)
         _console().print(f"wrote {trace_out} (Chrome trace: open it in https://ui.perfetto.dev)")
@@ -200,13 +200,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from memintent.report import write_report
+    from memintent.see.report import write_report
 
     out = check_writable(args.output, "-o")
     program = _load_verified(args.plan)
     measured = None
     if args.trace:
-        from memintent.trace import read_measured
+        from memintent.see.perfetto import read_measured
 
         measured = read_measured(args.trace)
     with _console().status(f"writing {out}"):
@@ -221,7 +221,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from memintent.runtime.profile import profile_device, resolve_device, sizes_for
-    from memintent.trace import write_bytes_atomic
+    from memintent.see.perfetto import write_bytes_atomic
     from memintent.units import fmt_bytes, fmt_s
 
     out = check_writable(args.output, "-o")

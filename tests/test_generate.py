@@ -7,7 +7,7 @@ import pytest
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
 from memintent.errors import MemintentError
-from memintent.generate import generate_plan
+from memintent.commands.generate import generate_plan
 from memintent.ir.model import ObjectKind, Residency, SlotKind
 from memintent.passes.verify import verify
 

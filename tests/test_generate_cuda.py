@@ -8,7 +8,7 @@ import torch
 
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
-from memintent.generate import generate_plan
+from memintent.commands.generate import generate_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -19,9 +19,9 @@ from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile, SlotKind
 from memintent.ir.plan_file import load_plan, save_plan
 from memintent.passes.verify import verify
-from memintent.report import summarise_measured, write_report
-from memintent.timeline import MEMORY_KINDS, build_timeline
-from memintent.trace import PID_MEASURED, PID_PREDICTED, MeasuredEvent, read_measured, write_trace
+from memintent.see.report import summarise_measured, write_report
+from memintent.see.timeline import MEMORY_KINDS, build_timeline
+from memintent.see.perfetto import PID_MEASURED, PID_PREDICTED, MeasuredEvent, read_measured, write_trace
 from memintent.units import fmt_s
 
 CPU = BUILTIN["cpu"]

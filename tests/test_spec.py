@@ -24,8 +24,3 @@ def test_a_compiled_plan_has_the_schema_fields():
                                     seq=8).model_dump_json())
     assert set(plan) <= set(schema["properties"])
     assert set(schema["required"]) <= set(plan)
-
-
-def test_grammar_in_spec_is_the_parser_grammar():
-    assert (SPEC / "memintent.lark").read_text() == (
-        Path(__file__).resolve().parents[1] / "memintent" / "ir" / "memintent.lark").read_text()

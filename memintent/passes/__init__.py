@@ -6,14 +6,14 @@ from typing import Callable
 
 from memintent.ir.model import HardwareProfile, Program
 from memintent.passes.costs import COSTS
-from memintent.passes.evict import EVICT
+from memintent.passes.actions import ACTIONS
 from memintent.passes.lifetimes import LIFETIMES
 from memintent.passes.manager import Pass, run_passes
 from memintent.passes.prefetch import PREFETCH
 from memintent.passes.residency import RESIDENCY, residency_pass
 from memintent.passes.verify import VERIFY
 
-PIPELINE: tuple[Pass, ...] = (LIFETIMES, COSTS, RESIDENCY, PREFETCH, EVICT, VERIFY)
+PIPELINE: tuple[Pass, ...] = (LIFETIMES, COSTS, RESIDENCY, PREFETCH, ACTIONS, VERIFY)
 
 
 def schedule_program(program: Program, budget_bytes: int | None, hardware: HardwareProfile,

@@ -1,6 +1,6 @@
 """Verification: a proof, by symbolic execution of the plan, that it is safe to run.
 
-Requires: ``evict`` (a complete plan). Checks, raising ``PlanVerificationError`` naming the step and object:
+Requires: ``actions`` (a complete plan). Checks, raising ``PlanVerificationError`` naming the step and object:
 - structure: the program is self-consistent (steps and stages numbered in order, stages partitioning the steps,
   every name a step, stage, visit or action uses exists, every weight inside its block, each stage's ``needs``
   covering the blocks its steps read, buffer lifetimes covering their uses), so the checks below reason about
@@ -317,4 +317,4 @@ def verify(program: Program) -> Program:
     return program
 
 
-VERIFY = Pass("verify", verify, requires=("evict",))
+VERIFY = Pass("verify", verify, requires=("actions",))

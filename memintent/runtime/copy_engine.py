@@ -423,7 +423,7 @@ class CopyEngine:
         events: list[tuple[str, str, float, float]] = []
         if b.timing and rec.start is not None and b.measures_stall:
             # (lane, name, start, end) in seconds from this forward's start mark; a copy issued in the previous
-            # forward's tail starts before it (negative). Names follow memintent.trace.MeasuredEvent.
+            # forward's tail starts before it (negative). Names follow memintent.see.perfetto.MeasuredEvent.
             t = lambda m: b.elapsed_s(rec.start, m)  # noqa: E731
             events.append(("compute", "forward", 0.0, t(rec.end)))
             events += [("copy", self.keys[vid], t(a), t(e)) for vid, a, e in rec.copies]

@@ -43,6 +43,7 @@ import torch
 
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile
+from memintent.runtime.device import sync
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -371,3 +372,38 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         workspace_bytes=(36 << 20) if clock.cuda else 0,
     )
     return ProfileResult(profile=profile, device_name=name, sizes=sz, h2d=h2d, d2h=d2h)
+
+
+
+# Timing of whole forwards (the run command and the benchmarks)
+
+
+def time_forward(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``fn()`` over ``repeats`` after one warm-up, and its last output."""
+    out = fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = perf_counter()
+        out = fn()
+        sync(device)
+        times.append(perf_counter() - t)
+    return statistics.median(times), out
+
+
+def time_back_to_back(fn, device: torch.device, repeats: int) -> tuple[float, list[float], object]:
+    """Steady-state seconds per forward: ``repeats`` forwards back to back after two warm-ups, divided by the wall
+    time until the device is idle. Between forwards only the host waits for nothing: a full device sync there would
+    also wait for the next forward's prefetch and leave the copy engine idle at every forward boundary, which no
+    serving loop does. Returns (seconds per forward, per-forward host-visible times, last output)."""
+    out = fn()
+    out = fn()
+    sync(device)
+    ts = []
+    t0 = perf_counter()
+    for _ in range(repeats):
+        t = perf_counter()
+        out = fn()
+        ts.append(perf_counter() - t)
+    sync(device)
+    return (perf_counter() - t0) / repeats, ts, out

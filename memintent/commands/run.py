@@ -8,125 +8,19 @@ difference in the logits exits 1.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from memintent.compiler.fingerprint import named_weights
-from memintent.compiler.refs import ModelSource, resolve
-from memintent.errors import MemintentError, RuntimeFault
+from memintent.errors import MemintentError
 from memintent.ir.model import Program, Quant, Residency
 from memintent.ir.plan_file import load_plan
-from memintent.runtime.profile import measure_h2d_gbps
+from memintent.compiler.plan_source import resident_model, source_for
+from memintent.runtime.device import as_fault, pick_device, sync_compute
+from memintent.runtime.profile import measure_h2d_gbps, time_forward
+from memintent.see.perfetto import write_run_trace
 from memintent.units import fmt_bytes, fmt_s, parse_tokens
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MemintentError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise MemintentError(f"--device {name!r}: use cpu or cuda")
-    return torch.device(name)
-
-
-def source_for(program: Program, allow_code: bool) -> ModelSource:
-    """The model the plan was compiled for. A plan naming a py: factory runs user code: only with --allow-code."""
-    if program.model.kind == "py" and not allow_code:
-        raise MemintentError(f"the plan names a py: model factory ({program.model.ref}); running it imports and "
-                             "runs that code: pass --allow-code if you trust it")
-    src = resolve(program.model.ref, dtype=program.model.dtype, allow_code=allow_code)
-    check_source(program, src)
-    return src
-
-
-def check_source(program: Program, src: ModelSource) -> None:
-    """Refuse, before anything is allocated, a model or checkpoint that is not the one the plan was compiled for:
-    the built model's fingerprint (weight names, shapes, dtypes) must be the plan's, and stored weights (the
-    safetensors headers of an hf: folder) must have the shapes and dtypes the plan expects."""
-    from memintent.compiler.fingerprint import IR_TO_TORCH, fingerprint_module, weight_entries
-    from memintent.ir.model import ObjectKind
-
-    model = src.build("meta")
-    fp = fingerprint_module(model)
-    want = {o.name: (tuple(o.shape), o.dtype) for o in program.objects if o.kind == ObjectKind.weight}
-    if fp != program.fingerprint:
-        have = {n: (tuple(s), d) for n, s, d in weight_entries(model)}
-        fmt = lambda x: "absent" if x is None else f"{'x'.join(map(str, x[0])) or 'scalar'} {x[1]}"  # noqa: E731
-        diffs = [f"{n}: model {fmt(have.get(n))}, plan {fmt(want.get(n))}" for n in sorted(set(have) | set(want))
-                 if have.get(n) != want.get(n)]
-        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        why = ("; first differences: " + "; ".join(diffs[:3]) + more if diffs else
-               " (its weight objects match the model: the plan's fingerprint was edited)")
-        raise MemintentError(f"the model {program.model.ref} does not match the plan {program.name!r}: model "
-                             f"fingerprint {fp}, plan {program.fingerprint}{why}; recompile the plan for this model")
-    src.check_checkpoint({n: (shape, IR_TO_TORCH[d]) for n, (shape, d) in want.items() if d in IR_TO_TORCH})
-
-
-def as_fault(e: BaseException, what: str) -> RuntimeFault:
-    """A ``RuntimeFault`` (one line, exit 2) for an exception raised while executing a plan; ``--debug`` shows the
-    original traceback (it is chained as the cause)."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return RuntimeFault(f"{what} ran out of device memory (the arena and the activations do not fit what is "
-                            f"free: compile for a smaller budget or free device memory): "
-                            f"{(str(e).splitlines() or [''])[0][:200]}")
-    msg = (str(e).strip().splitlines() or [""])[0][:300]
-    return RuntimeFault(f"{what} failed: {type(e).__name__}: {msg}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def sync_compute(device: torch.device) -> None:
-    """Wait for this forward's compute only: the copy stream keeps prefetching the next forward's first blocks,
-    as it would in a serving loop (a full device sync would idle the copy engine at every forward boundary)."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
-def resident_model(src: ModelSource, device: torch.device) -> torch.nn.Module:
-    """The whole model on ``device`` in its own dtype, filled from the model source itself (the same values the
-    host store was filled with, before any quantization for transfer)."""
-    model = src.build("meta").to_empty(device=device)
-    with torch.no_grad():
-        src.fill_weights(named_weights(model))   # tied aliases: filled once, under the first name
-    return model
-
-
-def time_forward(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median seconds of ``fn()`` over ``repeats`` after one warm-up, and its last output."""
-    out = fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
-def time_back_to_back(fn, device: torch.device, repeats: int) -> tuple[float, list[float], object]:
-    """Steady-state seconds per forward: ``repeats`` forwards back to back after two warm-ups, divided by the wall
-    time until the device is idle. Between forwards only the host waits for nothing: a full device sync there would
-    also wait for the next forward's prefetch and leave the copy engine idle at every forward boundary, which no
-    serving loop does. Returns (seconds per forward, per-forward host-visible times, last output)."""
-    out = fn()
-    out = fn()
-    sync(device)
-    ts = []
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t)
-    sync(device)
-    return (time.perf_counter() - t0) / repeats, ts, out
 
 
 @dataclass
@@ -236,37 +130,6 @@ def run_plan(args) -> int:
 
         write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
     return code
-
-
-def measured_events(stats) -> list:
-    """The runtime's CUDA-event intervals of each forward as MeasuredEvents on one clock (forwards laid end to end
-    by their measured device time)."""
-    from memintent.trace import MeasuredEvent
-
-    out, origin = [], 0.0
-    for f, st in enumerate(stats):
-        for lane, name, a, b in st.events:
-            block = name.split("@")[0]
-            if lane == "copy":
-                out.append(MeasuredEvent("copy", name, origin + a, origin + b, f, block=block))
-            elif lane == "wait":
-                out.append(MeasuredEvent("compute", f"wait {block}", origin + a, origin + b, f, block=block,
-                                         stall=True))
-            elif lane == "dequant":
-                out.append(MeasuredEvent("compute", f"dequant {block}", origin + a, origin + b, f, block=block))
-            else:
-                out.append(MeasuredEvent("compute", name, origin + a, origin + b, f))
-        origin += st.device_s or 0.0
-    return out
-
-
-def write_run_trace(path: str, program: Program, stats) -> None:
-    """Predicted and measured timelines side by side, as a Chrome trace (opens in Perfetto)."""
-    from memintent.timeline import build_timeline
-    from memintent.trace import write_trace
-
-    measured = measured_events(stats)
-    write_trace(path, build_timeline(program) if program.prediction else None, measured or None)
 
 
 def _print_report(program: Program, rep: RunReport) -> None:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from memintent.errors import MemintentError
-from memintent.timeline import MEMORY_KINDS, Timeline
+from memintent.ir.model import Program
+from memintent.see.timeline import MEMORY_KINDS, Timeline
 
 PID_PREDICTED, PID_MEASURED = 1, 2
 TID_COMPUTE, TID_COPY, TID_DEQUANT = 1, 2, 3
@@ -266,3 +267,34 @@ def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
         raise MemintentError(f"{path}: holds no measured events (no process named 'measured'): it is not the "
                              "trace of a run")
     return out
+
+
+def stats_events(stats) -> list:
+    """The runtime's CUDA-event intervals of each forward as MeasuredEvents on one clock (forwards laid end to end
+    by their measured device time)."""
+    from memintent.see.perfetto import MeasuredEvent
+
+    out, origin = [], 0.0
+    for f, st in enumerate(stats):
+        for lane, name, a, b in st.events:
+            block = name.split("@")[0]
+            if lane == "copy":
+                out.append(MeasuredEvent("copy", name, origin + a, origin + b, f, block=block))
+            elif lane == "wait":
+                out.append(MeasuredEvent("compute", f"wait {block}", origin + a, origin + b, f, block=block,
+                                         stall=True))
+            elif lane == "dequant":
+                out.append(MeasuredEvent("compute", f"dequant {block}", origin + a, origin + b, f, block=block))
+            else:
+                out.append(MeasuredEvent("compute", name, origin + a, origin + b, f))
+        origin += st.device_s or 0.0
+    return out
+
+
+def write_run_trace(path: str, program: Program, stats) -> None:
+    """Predicted and measured timelines side by side, as a Chrome trace (opens in Perfetto)."""
+    from memintent.see.timeline import build_timeline
+    from memintent.see.perfetto import write_trace
+
+    measured = stats_events(stats)
+    write_trace(path, build_timeline(program) if program.prediction else None, measured or None)

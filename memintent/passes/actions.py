@@ -1,4 +1,4 @@
-"""Eviction and free insertion: the actions the runtime executes, from the prefetch schedule.
+"""Actions: the copy_start, copy_done and free the runtime executes, inserted from the prefetch schedule.
 
 Requires: ``prefetch`` (visits with slots and issue stages).
 Ensures: each streamed visit has exactly one ``copy_start``, one ``copy_done`` and one ``free``; actions sit only on
@@ -45,4 +45,4 @@ def _ensure(p: Program) -> None:
     assert keys == sorted(keys)
 
 
-EVICT = Pass("evict", insert_actions, requires=("prefetch",), ensures=_ensure)
+ACTIONS = Pass("actions", insert_actions, requires=("prefetch",), ensures=_ensure)

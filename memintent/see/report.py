@@ -26,8 +26,8 @@ from pathlib import Path
 
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Residency
-from memintent.timeline import MEMORY_KINDS, Timeline, build_timeline
-from memintent.trace import MeasuredEvent, write_bytes_atomic
+from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline
+from memintent.see.perfetto import MeasuredEvent, write_bytes_atomic
 from memintent.units import fmt_bytes, fmt_s
 
 # Colours per memory kind, in MEMORY_KINDS order (colour-blind-safe Okabe-Ito palette).

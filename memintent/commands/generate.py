@@ -22,7 +22,8 @@ import torch
 from memintent.errors import MemintentError
 from memintent.ir.model import ObjectKind, Program, Quant, Residency, SlotKind
 from memintent.ir.plan_file import load_plan, write_atomic
-from memintent.run import as_fault, pick_device, resident_model, source_for, sync
+from memintent.runtime.device import as_fault, pick_device, sync
+from memintent.compiler.plan_source import resident_model, source_for
 from memintent.runtime.profile import measure_h2d_gbps
 from memintent.units import fmt_bytes, fmt_s
 
@@ -257,7 +258,7 @@ def generate_plan(program: Program, *, device: str | None = None, prompt_len: in
         if device.type == "cuda":
             rep.peak_hbm_bytes = torch.cuda.max_memory_allocated(device)
         if trace:
-            from memintent.run import write_run_trace
+            from memintent.see.perfetto import write_run_trace
 
             # every forward of the run (prefills and decode steps) against the decode plan's predicted timeline
             write_run_trace(trace, program, handle.stats())

@@ -1,0 +1,1 @@
+"""The bodies of the `memintent run` and `generate` commands."""

@@ -1,0 +1,1 @@
+"""What people see: explain tables, predicted timelines, Perfetto traces, the HTML report."""
