@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memintent.engine import attention as paged
 from memintent.errors import MemintentError
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -184,6 +185,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_b)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_b)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.linear_bias)
+        self.layer_idx = 0   # set by Transformer: which layer of the KV pool an engine step reads and writes
         # (k, v), each (B, n_kv_heads, max_seq, head_dim): a plain attribute, not a buffer, so it stays out of
         # state dicts and the fingerprint. Set by Transformer.attach_kv_cache.
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -196,7 +198,9 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if self.kv_cache is None:
+        if paged.active():
+            y = paged.paged_attention(q, k, v, self.layer_idx)                    # (1, H, T, hd)
+        elif self.kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)
         else:
             k_cache, v_cache = self.kv_cache       # (B, KV, max_seq, hd) each
@@ -294,6 +298,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embed = nn.Embedding(cfg.learned_pos + cfg.pos_offset, cfg.dim) if cfg.learned_pos else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        for i, layer in enumerate(self.layers):
+            layer.attention.layer_idx = i
         self.norm = _norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -318,7 +324,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last position, (B, vocab). In an engine step (``memintent.engine``): input_ids (1, T) of
+        several sequences packed, input_pos (T,) each token's position in its own sequence, and the logits of the
+        rows ``logits_index`` (S,) only: (S, vocab)."""
         B, S = input_ids.shape  # input_ids: (B, S) int64
         if input_pos is None:
             input_pos = torch.arange(S, device=input_ids.device)  # (S,)
@@ -330,13 +340,15 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (S, hd/2) each
         cache = self.layers[0].attention.kv_cache
         mask = None
-        if cache is not None:
+        if cache is not None and not paged.active():
             # Query at position p sees cache rows 0..p: causal over the filled prefix (prefill) or the whole
             # filled cache (decode).
             rows = torch.arange(cache[0].shape[2], device=input_ids.device)  # (max_seq,)
             mask = rows[None, :] <= input_pos[:, None]  # (S, max_seq) bool
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)  # (B, S, dim)
+        if logits_index is not None:
+            return self.output(self.norm(x[0, logits_index]))  # (S, vocab): the rows the engine samples
         x = self.norm(x[:, -1])  # (B, dim): only the last position feeds the head
         return self.output(x)  # (B, vocab)
 

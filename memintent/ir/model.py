@@ -10,9 +10,10 @@ stage
     glue code of the root module). Stages are the unit at which the runtime acts: a plan's actions fire on
     entry to a stage (a forward pre-hook on the stage's module), so actions may only sit on stages with a module.
 object
-    A piece of memory: a ``weight`` (parameter or buffer of the model), a ``kv`` block (keys and values of
-    ``kv_block_tokens`` tokens of one layer), a ``buffer`` (the output of a step) or ``workspace`` (scratch that
-    a kernel needs, such as the BLAS workspace).
+    A piece of memory: a ``weight`` (parameter or buffer of the model), the ``kv`` pool (the paged KV cache of a
+    generation plan: ``Program.kv_pool`` describes its blocks; its ``evict_cost_s`` and ``recompute_cost_s`` are
+    per block), a ``buffer`` (the output of a step) or ``workspace`` (scratch that a kernel needs, such as the
+    BLAS workspace).
 block
     The unit that moves together between host and HBM: the weights of one decoder layer, or of the embedding,
     a norm, the head. Each weight belongs to exactly one block, stored as one flat buffer at
@@ -25,9 +26,17 @@ tier
 residency
     ``resident``: the block is placed once in its own arena slot and never moves. ``streamed``: the block's home
     is host memory and each visit copies it into a stream slot.
+kv pool
+    The KV cache of a generation plan: ``num_blocks`` fixed-size blocks of ``block_tokens`` tokens, each holding
+    keys and values of every layer (spec/serving.md). A sequence owns a block table; blocks are taken as it grows
+    and returned when it finishes or is preempted (swapped to host memory, or dropped for recomputation).
+step
+    (of the serving engine) one forward over the model: the decode tokens of the running sequences plus chunks of
+    waiting prompts, at most ``GenerationPlan.step_tokens`` tokens of at most ``max_seqs`` sequences. A generation
+    plan's traced program is one such step at those maxima: the shape it proves.
 arena
     The single device allocation a plan asks for, cut into slots at fixed offsets: resident blocks, stream
-    slots that streamed blocks take turns in, and the KV cache. Activations are not in the arena; their peak is
+    slots that streamed blocks take turns in, and the KV pool. Activations are not in the arena; their peak is
     predicted from buffer lifetimes and added on top.
 urgency
     The step (and the predicted time from the start of the forward) by which an object must be resident: its
@@ -93,6 +102,11 @@ class Quant(str, enum.Enum):
     none = "none"   # transferred in the model's own dtype
     int8 = "int8"   # int8 values, one scale per output channel
     int4 = "int4"   # int4 values in groups of 128 along the input dimension, one bf16 scale per group
+
+
+class KVQuant(str, enum.Enum):
+    none = "none"   # keys and values in the model's dtype
+    int8 = "int8"   # int8 values, one float32 scale per token and KV head (spec/serving.md)
 
 
 class ActionKind(str, enum.Enum):
@@ -235,24 +249,43 @@ class Prediction(_Model):
     arena_bytes: int
     peak_hbm_bytes: int           # arena + activation peak + workspace
     peak_step: int                # step at which the activation peak occurs
+    host_pinned_bytes: int = 0    # page-locked host memory a run needs: streamed blocks' buffers + KV swap space
+    host_pageable_bytes: int = 0  # ordinary host memory a run needs: resident blocks' buffers + fill scratch
     prefetch_depth: int           # number of stream slots
     binding: str = ""             # which constraint binds: "pcie", "compute", "none"
     notes: list[str] = Field(default_factory=list)
 
 
+class KVPool(_Model):
+    """The paged KV cache of a generation plan (spec/serving.md): the arena's KV slot holds ``num_blocks`` blocks
+    of ``block_bytes``; block 0 is the null block that pads block tables."""
+
+    layers: Pos
+    kv_heads: Pos
+    head_dim: Pos
+    block_tokens: Pos             # tokens per block
+    num_blocks: Pos               # blocks in the pool, the null block included
+    quant: KVQuant = KVQuant.none
+    block_bytes: Pos              # one block: keys and values of every layer (+ int8 scales)
+    swap_blocks: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
+
+
 class GenerationPlan(_Model):
-    """What the generation planner chose (``compile --objective``) and why; the program is the decode step."""
+    """What the generation planner chose (``compile --objective``) and why. The program is one engine step at its
+    maxima (``step_tokens`` tokens of ``max_seqs`` sequences): the shape the plan proves."""
 
     objective: str                # "throughput" | "latency"
-    batch: Pos                    # sequences decoded together (one wave)
-    context: Pos                  # KV tokens per sequence the plan reserves (prompt + generated)
-    prompt_len: Pos               # tokens per prompt the prefill estimate assumes
-    gen_len: Pos                  # tokens generated per sequence the estimate assumes
-    quant_policy: str             # "none" | "int8" | "int4" | "auto"
-    prefill_s: NonNegF            # predicted prefill of one wave
-    decode_step_s: NonNegF        # predicted decode step (one token for each sequence of the wave)
-    tokens_per_s: NonNegF         # predicted generated tokens/s over a wave (prefill included)
-    binding: str                  # constraint that binds the decode step: "pcie", "compute", "kv capacity"
+    step_tokens: Pos              # tokens per engine step (decode tokens + prompt chunks): proven maximum
+    max_seqs: Pos                 # sequences per engine step: proven maximum
+    context: Pos                  # tokens one sequence may reach (prompt + generated): proven maximum
+    prompt_len: Pos               # mean prompt tokens of the workload the prediction assumes
+    gen_len: Pos                  # mean generated tokens per request of that workload
+    concurrency: Pos              # sequences the planner expects to run at once (it sized the pool for them)
+    quant_policy: str             # weights: "none" | "int8" | "int4" | "auto"
+    kv_quant_policy: str = "none"   # KV: "none" | "int8" | "auto"
+    decode_step_s: NonNegF        # predicted engine step at that concurrency, steady state
+    tokens_per_s: NonNegF         # predicted generated tokens per second in steady state
+    binding: str                  # what binds: "pcie", "compute", "kv capacity", "budget"
     alternatives: list[str] = Field(default_factory=list)   # rejected candidates, each with its reason
 
 
@@ -275,6 +308,7 @@ class Program(_Model):
     actions: list[Action] = Field(default_factory=list)
     prediction: Prediction | None = None
     generation: GenerationPlan | None = None
+    kv_pool: KVPool | None = None
     passes: list[str] = Field(default_factory=list)   # names of the passes that ran, in order
 
     # Lookups are rebuilt on demand rather than stored, so the serialised form has one source of truth.

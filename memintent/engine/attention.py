@@ -1,0 +1,320 @@
+"""Attention over block tables: the one attention implementation of the serving engine, for presets and for
+Hugging Face models (registered with transformers' attention interface as ``"memintent"``).
+
+A step packs the new tokens of many sequences into one forward, ``(1, T)`` tokens. For each layer the model calls
+``paged_attention(q, k, v, layer)`` with this layer's queries, keys and values of the T new tokens; it
+
+1. writes the new keys and values into the pool at each token's (block, offset) (quantized per token and head
+   under int8 KV), then
+2. computes attention of every query over its own sequence's context, read back from the pool through the
+   sequence's block table:
+   - decode tokens (one query per sequence) in chunks of sequences: their blocks are gathered into a padded
+     ``(S, kv_heads, L, head_dim)`` tensor and attended with a key-padding mask in one call;
+   - each prompt chunk on its own: its context gathered ``(1, kv_heads, ctx, head_dim)``, a causal mask offset by
+     the tokens already in the cache.
+   Grouped-query attention folds the query heads that share a KV head into the query-length dimension, so one
+   kernel call serves a group without materializing repeated keys.
+
+Why gather + SDPA rather than a kernel reading the pool in place: it is the same code on the CPU backend (which CI
+tests) and on CUDA; its scratch is bounded by ``gather_tokens`` per call (the plan counts it); and a decode step of a
+streamed plan spends its time on PCIe, not here (benchmarks/RESULTS.md has the measurement).
+
+While the front end traces a step (``tracing(...)``), the call is the custom op ``memintent::paged_attention`` instead:
+one node in the exported graph with the queries' shape, whose cost and scratch the front end takes from
+``attention_cost``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from memintent.engine.kv_pool import PoolViews
+from memintent.errors import MemintentError
+
+OP_NAME = "memintent.paged_attention"
+
+
+@dataclass(slots=True)
+class DecodeChunk:
+    """Decode queries of ``S`` sequences attended together."""
+
+    rows: torch.Tensor            # (S,) long: the queries' indices among the step's T tokens
+    tables: torch.Tensor          # (S, nb) long: block tables, padded with the null block
+    mask: torch.Tensor            # (S, 1, 1, nb * block_tokens) bool: True where a key position is in the context
+    positions: torch.Tensor       # (S,) long: each query's position (for sliding windows)
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """``length`` consecutive prompt tokens of one sequence, starting at token ``start`` of the step."""
+
+    start: int
+    length: int
+    context: int                  # tokens of the sequence in the cache once this chunk is written
+    table: torch.Tensor           # (nb,) long: the sequence's blocks
+    mask: torch.Tensor            # (length, context) bool: causal, offset by the tokens already cached
+
+
+@dataclass(slots=True)
+class StepMeta:
+    """Where a step's tokens go and what each one attends to (device tensors, built once per step)."""
+
+    write_blocks: torch.Tensor    # (T,) long: block of each token's key/value
+    write_offsets: torch.Tensor   # (T,) long: its position inside the block
+    decode: list[DecodeChunk] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionWork:
+    """What a step's attention costs, for the cost model: FLOPs and device-memory bytes per layer."""
+
+    flops: int
+    hbm_bytes: int
+
+
+class _Context:
+    def __init__(self, views: PoolViews | None, meta: StepMeta | None, dtype: torch.dtype):
+        self.views, self.meta, self.dtype = views, meta, dtype
+
+
+_ACTIVE: _Context | None = None
+_TRACING = False
+
+
+@contextlib.contextmanager
+def step(views: PoolViews, meta: StepMeta, dtype: torch.dtype) -> Iterator[None]:
+    """Run the model's forward for one engine step: attention reads and writes ``views`` as ``meta`` says."""
+    global _ACTIVE
+    prev, _ACTIVE = _ACTIVE, _Context(views, meta, dtype)
+    try:
+        yield
+    finally:
+        _ACTIVE = prev
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[None]:
+    """Trace a step: ``paged_attention`` becomes the custom op (no pool, no metadata: shapes only)."""
+    global _TRACING
+    prev, _TRACING = _TRACING, True
+    try:
+        yield
+    finally:
+        _TRACING = prev
+
+
+def active() -> bool:
+    return _TRACING or _ACTIVE is not None
+
+
+@torch.library.custom_op("memintent::paged_attention", mutates_args=())
+def _paged_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, softcap: float,
+              window: int) -> torch.Tensor:
+    # Only ever traced (on meta): the engine calls the implementation below directly.
+    raise MemintentError("memintent::paged_attention runs only inside an engine step")
+
+
+@_paged_op.register_fake
+def _paged_fake(q, k, v, layer, scale, softcap, window):
+    return torch.empty_like(q)   # (1, H, T, hd)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, *, scale: float | None = None,
+                    softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+    """q (1, H, T, hd), k and v (1, KV, T, hd) of the step's new tokens -> (1, H, T, hd)."""
+    if _TRACING:
+        return torch.ops.memintent.paged_attention(q, k, v, layer, scale or 0.0, softcap or 0.0, window or 0)
+    ctx = _ACTIVE
+    if ctx is None:
+        raise MemintentError("paged attention outside an engine step: run the model through memintent's engine")
+    scale = scale or q.shape[-1] ** -0.5
+    write_kv(ctx, layer, k[0].transpose(0, 1), v[0].transpose(0, 1))     # (T, KV, hd) each
+    out = torch.empty_like(q)                                             # (1, H, T, hd)
+    for chunk in ctx.meta.decode:
+        out[0, :, chunk.rows] = _decode(ctx, layer, q[0, :, chunk.rows], chunk, scale, softcap, window)
+    for chunk in ctx.meta.prefill:
+        rows = slice(chunk.start, chunk.start + chunk.length)
+        out[0, :, rows] = _prefill(ctx, layer, q[0, :, rows], chunk, scale, softcap, window)
+    return out
+
+
+# ---- the pool -------------------------------------------------------------------------------------------------
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., hd) float -> int8 values (..., hd) and float32 scales (...): symmetric, one scale per token and head."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / 127.0                                     # (...)
+    q = torch.round(xf / torch.where(scale == 0, 1.0, scale)[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_kv(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (values.float() * scales[..., None]).to(dtype)
+
+
+def write_kv(ctx: _Context, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the step's new keys and values, k and v (T, KV, hd), at their (block, offset)."""
+    views, m = ctx.views, ctx.meta
+    idx = (m.write_blocks, m.write_offsets)
+    if views.key_scales is None:
+        views.keys[layer].index_put_(idx, k.to(views.keys[layer].dtype))
+        views.values[layer].index_put_(idx, v.to(views.values[layer].dtype))
+        return
+    for x, vals, scales in ((k, views.keys[layer], views.key_scales[layer]),
+                            (v, views.values[layer], views.value_scales[layer])):
+        q, s = quantize_kv(x)
+        vals.index_put_(idx, q)
+        scales.index_put_(idx, s)
+
+
+def _gather(ctx: _Context, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the blocks in ``tables`` (..., nb) -> (..., nb * block_tokens, KV, hd) each, in the
+    model dtype (int8 KV is dequantized here)."""
+    views = ctx.views
+    out = []
+    for vals, scales in ((views.keys, views.key_scales), (views.values, views.value_scales)):
+        x = vals[layer][tables]                                           # (..., nb, bt, KV, hd)
+        if scales is not None:
+            x = dequantize_kv(x, scales[layer][tables], ctx.dtype)
+        out.append(x.flatten(-4, -3))                                     # (..., nb * bt, KV, hd)
+    return out[0], out[1]
+
+
+# ---- the two shapes of attention --------------------------------------------------------------------------------
+
+def _fold(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q (B, H, Q, hd) -> (B, KV, G * Q, hd): the G = H / KV query heads of each KV head as extra query rows (the
+    Hugging Face head order: KV head i serves query heads i*G .. i*G+G-1)."""
+    b, h, n, d = q.shape
+    return q.reshape(b, kv_heads, (h // kv_heads) * n, d)
+
+
+def _unfold(o: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, KV, G * Q, hd) -> (B, H, Q, hd)."""
+    b, kvh, gn, d = o.shape
+    return o.reshape(b, heads, gn * kvh // heads, d)
+
+
+def _window_mask(mask: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Also hide keys more than ``window`` positions behind their query: mask (..., Q, L), q_pos (..., Q)."""
+    if not window:
+        return mask
+    k_pos = torch.arange(mask.shape[-1], device=mask.device)              # (L,)
+    return mask & (k_pos > q_pos[..., None] - window)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           softcap: float | None) -> torch.Tensor:
+    """q (B, KV, Q, hd) over k, v (B, KV, L, hd) where ``mask`` (B or 1, 1, Q, L) is True -> (B, KV, Q, hd)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # Logit soft-capping (Gemma 2) has no SDPA kernel: the scores are computed here, in float32.
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale        # (B, KV, Q, L)
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+
+
+def _decode(ctx: _Context, layer: int, q: torch.Tensor, c: DecodeChunk, scale: float, softcap: float | None,
+            window: int | None) -> torch.Tensor:
+    """q (H, S, hd) of S decode tokens -> (H, S, hd)."""
+    k, v = _gather(ctx, layer, c.tables)                                  # (S, L, KV, hd) each
+    kvh, heads = k.shape[-2], q.shape[0]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)                           # (S, KV, L, hd)
+    qs = _fold(q.transpose(0, 1).unsqueeze(2), kvh)                        # (S, KV, G, hd)
+    mask = c.mask
+    if window:
+        mask = _window_mask(mask, c.positions[:, None, None], window)      # (S, 1, 1, L)
+    o = attend(qs, k, v, mask, scale, softcap)                            # (S, KV, G, hd)
+    return _unfold(o, heads).squeeze(2).transpose(0, 1)                   # (H, S, hd)
+
+
+def _prefill(ctx: _Context, layer: int, q: torch.Tensor, c: PrefillChunk, scale: float, softcap: float | None,
+             window: int | None) -> torch.Tensor:
+    """q (H, n, hd) of one prompt chunk -> (H, n, hd)."""
+    k, v = _gather(ctx, layer, c.table)                                   # (nb * bt, KV, hd) each
+    k = k[:c.context].transpose(0, 1).unsqueeze(0)                        # (1, KV, ctx, hd)
+    v = v[:c.context].transpose(0, 1).unsqueeze(0)
+    kvh, heads, n = k.shape[1], q.shape[0], q.shape[1]
+    g = heads // kvh
+    qs = _fold(q.unsqueeze(0), kvh)                                       # (1, KV, G * n, hd)
+    mask = c.mask
+    if window:
+        q_pos = torch.arange(c.context - n, c.context, device=mask.device)  # (n,)
+        mask = _window_mask(mask, q_pos, window)
+    mask = mask.repeat(g, 1)[None, None]                                  # (1, 1, G * n, ctx)
+    o = attend(qs, k, v, mask, scale, softcap)                            # (1, KV, G * n, hd)
+    return _unfold(o, heads)[0]                                           # (H, n, hd)
+
+
+# ---- what it costs --------------------------------------------------------------------------------------------
+
+def attention_work(*, heads: int, head_dim: int, decode_context_tokens: int, prefill_context_tokens: int,
+                   prefill_pairs: int, kv_token_bytes: int) -> AttentionWork:
+    """One layer's attention in a step: the decode queries read ``decode_context_tokens`` keys (the sum of their
+    contexts), the prompt chunks read ``prefill_context_tokens`` and score ``prefill_pairs`` (query, key) pairs;
+    ``kv_token_bytes``: one token's keys and values of one layer as stored. QK^T and PV are 2 multiply-adds each
+    per (query head, key) pair."""
+    flops = 4 * heads * head_dim * (decode_context_tokens + prefill_pairs)
+    # The gather reads the stored keys and values once and writes them in the model dtype, which SDPA reads again.
+    hbm = 3 * kv_token_bytes * (decode_context_tokens + prefill_context_tokens)
+    return AttentionWork(flops=flops, hbm_bytes=hbm)
+
+
+def gather_scratch_bytes(gather_tokens: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         quantized: bool) -> int:
+    """Device memory one attention call holds beyond its output: the gathered keys and values of at most
+    ``gather_tokens`` (padded) positions in the model dtype, plus, under int8 KV, their float32 dequantization
+    temporaries, plus the mask."""
+    per_token = 2 * kv_heads * head_dim * dtype.itemsize
+    if quantized:
+        per_token += 2 * kv_heads * head_dim * (1 + 4)      # gathered int8 values and their float32 product
+    return gather_tokens * per_token + gather_tokens
+
+
+def plan_decode_chunks(contexts: list[int], block_tokens: int, gather_tokens: int) -> list[list[int]]:
+    """Split decode sequences (their context lengths, in step order) into chunks whose padded gather,
+    len(chunk) * max blocks * block_tokens, stays within ``gather_tokens``: the attention scratch the plan
+    proves. Order is kept, so the split is a function of the step alone."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    widest = 0
+    for i, n in enumerate(contexts):
+        w = math.ceil(n / block_tokens) * block_tokens
+        if w > gather_tokens:
+            raise MemintentError(f"a sequence of {n} tokens exceeds the attention gather of {gather_tokens} tokens "
+                                 "the plan proves")
+        if cur and (len(cur) + 1) * max(widest, w) > gather_tokens:
+            chunks.append(cur)
+            cur, widest = [], 0
+        cur.append(i)
+        widest = max(widest, w)
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def register_hf_attention() -> str:
+    """Register ``"memintent"`` with transformers' attention interface (idempotent); returns the name to build a
+    model with (``attn_implementation=...``)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("memintent", hf_attention)
+    return "memintent"
+
+
+def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                 sliding_window=None, **kwargs):
+    """transformers' attention-function signature: query (B, H, T, hd), key and value (B, KV, T, hd) after the
+    model's rotary embedding; returns (B, T, H, hd) and no weights. The mask transformers would build is not used:
+    the engine's block tables say what each query sees."""
+    out = paged_attention(query, key, value, module.layer_idx, scale=scaling, softcap=softcap,
+                          window=sliding_window)                           # (1, H, T, hd)
+    return out.transpose(1, 2), None

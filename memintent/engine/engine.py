@@ -1,0 +1,165 @@
+"""The serving engine: requests in, results out, one step of the plan at a time.
+
+    engine = memintent.Engine("p.json", device="cuda")
+    for out in engine.generate([Request("a", (1, 2, 3), max_new_tokens=16)]):
+        print(out.id, out.token_ids, out.finish_reason)
+    engine.close()
+
+Each step the scheduler packs tokens (``scheduler.py``), the runner moves swapped blocks and runs one forward over
+the model (``runner.py``), the greedy tokens go back to their sequences, and finished sequences return their
+blocks. ``generate`` yields each request's result as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from memintent.engine.kv_pool import BlockPool
+from memintent.engine.runner import ModelRunner
+from memintent.engine.scheduler import Costs, Preemption, Scheduler
+from memintent.engine.sequence import Request, RequestOutput, Sequence
+from memintent.errors import MemintentError, RuntimeFault
+from memintent.ir.model import Program
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """What one engine step did (the run report, the trace and the report's plots read these)."""
+
+    index: int
+    start_s: float                # from the start of the run
+    time_s: float                 # wall time of the step, host scheduling and the device sync included
+    tokens: int
+    decode_tokens: int            # chunks of one token (a running sequence's next token)
+    prefill_tokens: int
+    sequences: int
+    used_blocks: int              # KV pool blocks owned after the step
+    preemptions: tuple[Preemption, ...] = ()
+    swapped_in: int = 0           # sequences whose blocks came back in this step
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: list[StepRecord] = field(default_factory=list)
+    num_blocks: int = 0
+
+    @property
+    def preemptions(self) -> list[Preemption]:
+        return [p for s in self.steps for p in s.preemptions]
+
+
+def _load(plan) -> Program:
+    from memintent.ir.plan_file import load_program
+    from memintent.passes.verify import verify
+
+    return verify(plan if isinstance(plan, Program) else load_program(plan))
+
+
+class Engine:
+    """A generation plan, ready to serve. ``resident``: the reference engine with every weight on the device
+    (same scheduler, same steps). ``preempt``: "cost" (default), "swap" or "recompute". ``check``: checked mode
+    (freed blocks poisoned with NaN, pool invariants checked after every step). ``log``: called with one line per
+    preemption decision."""
+
+    def __init__(self, plan: Program | str | os.PathLike, device: str | torch.device | None = None, *,
+                 allow_code: bool = False, check: bool = False, store=None, preempt: str = "cost",
+                 resident: bool = False, log: Callable[[str], None] | None = None):
+        from memintent.compiler.plan_source import source_for
+        from memintent.runtime.device import pick_device
+
+        self.program = _load(plan)
+        g, pool = self.program.generation, self.program.kv_pool
+        if g is None or pool is None:
+            raise MemintentError(f"{self.program.name} is not a generation plan: compile it with --objective "
+                                 "throughput|latency")
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.src = source_for(self.program, allow_code)
+        self.check, self.log = check, log or (lambda line: None)
+        self.pool = BlockPool(pool.num_blocks)
+        self.runner = ModelRunner(self.program, self.src, self.device, self.pool, check=check, store=store,
+                                  resident=resident)
+        self.scheduler = Scheduler(self.pool, self.runner.swap, Costs.of(self.program), max_seqs=g.max_seqs,
+                                   step_tokens=g.step_tokens, context=g.context, preempt=preempt)
+        self.stats = EngineStats(num_blocks=pool.num_blocks)
+        self._t0: float | None = None
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def validate(self, request: Request) -> None:
+        """Refuse what the plan cannot serve, naming the request."""
+        g, vocab = self.program.generation, self.src.vocab_size
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise MemintentError(f"request {request.id}: the prompt is empty: give at least one token")
+        if n > g.context:
+            raise MemintentError(f"request {request.id}: the prompt has {n} tokens, more than the plan's context "
+                                 f"{g.context}: shorten it or compile with a larger --context")
+        if request.max_new_tokens < 1:
+            raise MemintentError(f"request {request.id}: max_new_tokens {request.max_new_tokens} must be at least 1")
+        for what, ids in (("prompt token", request.prompt_ids), ("stop token", request.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise MemintentError(f"request {request.id}: {what} id {bad} is outside the vocabulary 0..{vocab - 1}")
+
+    def add(self, request: Request) -> Sequence:
+        self.validate(request)
+        return self.scheduler.add(request)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that finished in it."""
+        if self._t0 is None:
+            self._t0 = perf_counter()
+        t = perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.chunks and not plan.swap_in and not plan.preemptions:
+            raise RuntimeFault("no sequence can run: the KV pool cannot hold the next request's first chunk "
+                               f"({self.pool.free_blocks} of {self.pool.num_blocks - 1} blocks free)")
+        for p in plan.preemptions:
+            self.log(p.describe())
+        sampled = self.runner.execute(plan) if plan.chunks else self._only_move(plan)
+        now = perf_counter() - self._t0
+        finished, freed = self.scheduler.postprocess(plan, sampled, now)
+        self.runner.poison(freed)
+        if self.check:
+            self.pool.check()
+        decode = sum(1 for c in plan.chunks if c.length == 1)
+        self.stats.steps.append(StepRecord(
+            index=plan.index, start_s=t - self._t0, time_s=perf_counter() - t, tokens=plan.tokens,
+            decode_tokens=decode, prefill_tokens=plan.tokens - decode, sequences=len(plan.chunks),
+            used_blocks=self.pool.used_blocks, preemptions=tuple(plan.preemptions), swapped_in=len(plan.swap_in)))
+        return [self._output(s) for s in finished]
+
+    def _only_move(self, plan) -> list[int]:
+        self.runner.move_blocks(plan)
+        return []
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        n = len(seq.generated)
+        tpot = (seq.finish_s - seq.first_token_s) / (n - 1) if n > 1 else None
+        return RequestOutput(id=seq.request.id, token_ids=list(seq.generated), finish_reason=seq.finish_reason,
+                             ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions))
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
+        """Serve ``requests`` (all arriving now); yields each result as its request finishes."""
+        for r in requests:
+            self.add(r)
+        while self.has_work:
+            yield from self.step()
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,229 @@
+"""The serving engine's parts on small examples: the block pool's invariants, attention over block tables against
+float64 dense attention, and the scheduler's policy (no model: steps are simulated)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memintent.engine import attention
+from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
+from memintent.engine.kv_pool import BlockLayout, BlockPool, PoolViews, SwapSpace
+from memintent.engine.scheduler import Costs, Scheduler
+from memintent.engine.sequence import Request, State
+from memintent.errors import MemintentError, RuntimeFault
+
+
+# ---- the pool -------------------------------------------------------------------------------------------------
+
+def test_pool_hands_out_lowest_blocks_first_and_never_the_null_block():
+    pool = BlockPool(6)
+    assert pool.allocate(0, 2) == [1, 2]
+    assert pool.allocate(1, 2) == [3, 4]
+    pool.release(0)
+    assert pool.allocate(2, 3) == [1, 2, 5]
+    assert pool.free_blocks == 0 and not pool.can_allocate(1)
+    pool.check()
+
+
+def test_pool_check_finds_a_shared_block_and_a_lost_one():
+    pool = BlockPool(5)
+    pool.allocate(0, 2)
+    pool.allocate(1, 1)
+    pool.tables[1].append(pool.tables[0][0])          # corrupt: one block in two tables
+    with pytest.raises(RuntimeFault, match="in the tables of sequences"):
+        pool.check()
+    pool = BlockPool(5)
+    pool.allocate(0, 2)
+    pool.tables[0].pop()                              # corrupt: owned by nobody, not free
+    with pytest.raises(RuntimeFault, match="neither free nor owned|owned by"):
+        pool.check()
+
+
+def test_pool_of_one_block_is_refused():
+    with pytest.raises(MemintentError, match="at least 2 blocks"):
+        BlockPool(1)
+
+
+# ---- attention over block tables ------------------------------------------------------------------------------
+
+def _dense_reference(q, k, v, scale, softcap=None, window=None):
+    """q (H, n, hd) of the last n positions, k and v (KV, L, hd) of all L positions: causal attention in float64."""
+    h, n, _ = q.shape
+    kvh, L, _ = k.shape
+    g = h // kvh
+    k = k.double().repeat_interleave(g, 0)
+    v = v.double().repeat_interleave(g, 0)
+    s = q.double() @ k.transpose(-1, -2) * scale                          # (H, n, L)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    qpos = torch.arange(L - n, L)[:, None]
+    kpos = torch.arange(L)[None, :]
+    allowed = kpos <= qpos
+    if window:
+        allowed &= kpos > qpos - window
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v                                        # (H, n, hd)
+
+
+@pytest.mark.parametrize("quantized,softcap,window", [(False, None, None), (False, 30.0, None),
+                                                     (False, None, 5), (True, None, None)])
+def test_paged_attention_equals_dense_attention(quantized, softcap, window):
+    torch.manual_seed(0)
+    heads, kvh, hd, bt, L = 4, 2, 8, 4, 1
+    layout = BlockLayout(layers=L, kv_heads=kvh, head_dim=hd, block_tokens=bt,
+                         value_dtype=torch.int8 if quantized else torch.float32, quantized=quantized)
+    nblocks = 16
+    views = PoolViews(torch.zeros(nblocks * layout.block_bytes, dtype=torch.uint8), layout, nblocks)
+    pool = BlockPool(nblocks)
+    # Three sequences: two decoding (7 and 2 tokens cached), one prompt chunk of 5 tokens after 3 cached.
+    lens = [(7, 1), (2, 1), (3, 5)]
+    full_k = {i: torch.randn(kvh, c + n, hd) for i, (c, n) in enumerate(lens)}
+    full_v = {i: torch.randn(kvh, c + n, hd) for i, (c, n) in enumerate(lens)}
+    for i, (c, n) in enumerate(lens):
+        pool.allocate(i, math.ceil((c + n) / bt))
+    # the cached tokens were written by earlier steps
+    for i, (c, n) in enumerate(lens):
+        if c:
+            t = pool.table(i)
+            meta = StepMeta(write_blocks=torch.tensor([t[p // bt] for p in range(c)]),
+                            write_offsets=torch.tensor([p % bt for p in range(c)]))
+            attention.write_kv(attention._Context(views, meta, torch.float32), 0,
+                               full_k[i][:, :c].transpose(0, 1), full_v[i][:, :c].transpose(0, 1))
+    # this step: new tokens packed in order
+    T = sum(n for _, n in lens)
+    q = torch.randn(1, heads, T, hd)
+    k_new = torch.cat([full_k[i][:, c:] for i, (c, n) in enumerate(lens)], 1)[None]   # (1, KV, T, hd)
+    v_new = torch.cat([full_v[i][:, c:] for i, (c, n) in enumerate(lens)], 1)[None]
+    wb, wo = [], []
+    for i, (c, n) in enumerate(lens):
+        t = pool.table(i)
+        wb += [t[p // bt] for p in range(c, c + n)]
+        wo += [p % bt for p in range(c, c + n)]
+    dec = [0, 1]
+    nb = max(len(pool.table(i)) for i in dec)
+    tables = torch.zeros(2, nb, dtype=torch.long)
+    for r, i in enumerate(dec):
+        tables[r, :len(pool.table(i))] = torch.tensor(pool.table(i))
+    ctx = torch.tensor([8, 3])
+    meta = StepMeta(write_blocks=torch.tensor(wb), write_offsets=torch.tensor(wo))
+    meta.decode.append(DecodeChunk(rows=torch.tensor([0, 1]), tables=tables,
+                                   mask=(torch.arange(nb * bt) < ctx[:, None])[:, None, None], positions=ctx - 1))
+    qpos = torch.arange(3, 8)
+    meta.prefill.append(PrefillChunk(start=2, length=5, context=8, table=torch.tensor(pool.table(2)),
+                                     mask=torch.arange(8)[None, :] <= qpos[:, None]))
+    with attention.step(views, meta, torch.float32):
+        out = attention.paged_attention(q, k_new, v_new, 0, softcap=softcap, window=window)   # (1, H, T, hd)
+    scale = hd ** -0.5
+    tol = 0.05 if quantized else 1e-5     # int8 keys/values: ~1 % error per value
+    starts = [0, 1, 2]
+    for i, (c, n) in enumerate(lens):
+        ref = _dense_reference(q[0, :, starts[i]:starts[i] + n], full_k[i], full_v[i], scale, softcap, window)
+        got = out[0, :, starts[i]:starts[i] + n].double()
+        assert (got - ref).abs().max() < tol, (i, (got - ref).abs().max())
+
+
+def test_decode_chunks_keep_the_gather_within_its_bound():
+    contexts = [5, 30, 7, 64, 1, 12]
+    chunks = plan_decode_chunks(contexts, block_tokens=4, gather_tokens=96)
+    assert sorted(i for c in chunks for i in c) == list(range(6))
+    for c in chunks:
+        widest = max(math.ceil(contexts[i] / 4) * 4 for i in c)
+        assert len(c) * widest <= 96
+    with pytest.raises(MemintentError, match="exceeds the attention gather"):
+        plan_decode_chunks([200], block_tokens=4, gather_tokens=96)
+
+
+def test_int8_kv_round_trip_error_is_within_half_a_step():
+    x = torch.randn(50, 3, 16) * 4
+    q, s = attention.quantize_kv(x)
+    back = attention.dequantize_kv(q, s, torch.float32)
+    assert ((back - x).abs() <= s[..., None] / 2 + 1e-6).all()
+
+
+# ---- the scheduler --------------------------------------------------------------------------------------------
+
+def _costs(**kw):
+    base = dict(block_tokens=4, step_tokens=16, evict_block_s=1.0, swap_in_block_s=0.5, recompute_block_s=1.0,
+                copy_idle_s=0.0, compute_slack_s=0.0, urgency_s=10.0)
+    base.update(kw)
+    return Costs(**base)
+
+
+def _run(sched, steps=200, vocab=50, stop=None):
+    """Drive the scheduler as an engine would, sampling token (step + seq) % vocab; check invariants each step."""
+    log = []
+    for _ in range(steps):
+        if not sched.has_work:
+            break
+        plan = sched.schedule()
+        assert plan.tokens <= sched.step_tokens and len(plan.chunks) <= sched.max_seqs
+        sampled = [(plan.index + c.seq.seq_id) % vocab for c in plan.chunks if c.sample]
+        sched.postprocess(plan, sampled, float(plan.index))
+        sched.pool.check()
+        log.append(plan)
+    assert not sched.has_work, "the scheduler did not finish its requests"
+    return log
+
+
+def test_scheduler_serves_everything_within_budgets_and_fcfs():
+    pool = BlockPool(9)   # 8 usable blocks of 4 tokens
+    sched = Scheduler(pool, None, _costs(), max_seqs=3, step_tokens=8, context=24)
+    for i in range(6):
+        sched.add(Request(f"r{i}", tuple(range(1, 6 + i)), max_new_tokens=4))
+    log = _run(sched)
+    assert all(s.state == State.finished and len(s.generated) == 4 for s in sched.sequences)
+    firsts = [s.first_token_s for s in sched.sequences]
+    assert firsts == sorted(firsts), "admission is first come, first served"
+    assert any(len(p.chunks) > 1 for p in log), "steps must pack several sequences"
+
+
+def test_preemption_takes_the_newest_sequence_and_recomputes_when_cheaper():
+    pool = BlockPool(5)   # 4 usable blocks: two sequences of 8 tokens fill it
+    sched = Scheduler(pool, SwapSpace(8, 16, pin=False), _costs(copy_idle_s=0.0, compute_slack_s=100.0),
+                      max_seqs=4, step_tokens=16, context=32)
+    for i in range(2):
+        sched.add(Request(f"r{i}", tuple(range(1, 8)), max_new_tokens=6))
+    log = _run(sched)
+    pre = [p for plan in log for p in plan.preemptions]
+    assert pre and pre[0].request == "r1", "the newest running sequence yields"
+    assert all(p.kind == "recompute" and p.recompute_s <= p.swap_s for p in pre)
+    assert sched.sequences[1].preemptions[0] == "recompute"
+
+
+def test_preemption_swaps_when_the_copy_engine_idles():
+    pool = BlockPool(5)
+    swap = SwapSpace(8, 16, pin=False)
+    sched = Scheduler(pool, swap, _costs(copy_idle_s=100.0, compute_slack_s=0.0), max_seqs=4, step_tokens=16,
+                      context=32)
+    for i in range(2):
+        sched.add(Request(f"r{i}", tuple(range(1, 8)), max_new_tokens=6))
+    log = _run(sched)
+    pre = [p for plan in log for p in plan.preemptions]
+    assert pre and all(p.kind == "swap" and p.swap_s < p.recompute_s for p in pre)
+    assert any(plan.swap_in for plan in log) and swap.free_blocks == 8
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute"])
+def test_forced_policy_is_obeyed(policy):
+    pool = BlockPool(5)
+    sched = Scheduler(pool, SwapSpace(8, 16, pin=False), _costs(), max_seqs=4, step_tokens=16, context=32,
+                      preempt=policy)
+    for i in range(3):
+        sched.add(Request(f"r{i}", tuple(range(1, 8)), max_new_tokens=6))
+    log = _run(sched)
+    kinds = {p.kind for plan in log for p in plan.preemptions}
+    assert kinds == {policy}
+
+
+def test_stop_token_and_context_end_a_sequence():
+    pool = BlockPool(9)
+    sched = Scheduler(pool, None, _costs(), max_seqs=2, step_tokens=8, context=7)
+    sched.add(Request("stop", (1, 2), max_new_tokens=10, stop_token_ids=(1,)))   # step 0 samples (0+0)%50 = 0
+    sched.add(Request("ctx", (1, 2, 3, 4, 5), max_new_tokens=10))
+    _run(sched)
+    a, b = sched.sequences
+    assert b.finish_reason == "context" and len(b.tokens) == 8
+    assert a.finish_reason in ("stop", "length", "context")
