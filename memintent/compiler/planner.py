@@ -1,141 +1,396 @@
-"""The generation planner: batch, resident set and bit widths chosen together for a budget.
+"""The generation planner: the KV pool, the step's token budget, the resident set, the weights' and the KV cache's
+bit widths, chosen together for a budget.
 
-For each candidate batch the decode step (one token per sequence, attending over the whole context) is traced
-with its KV cache, and the prefill of a prompt is traced for its compute time and activation peak; the scheduling
-passes then pick the resident set, the prefetch depth and, under ``--quant auto``, a bit width per streamed block.
-The predicted generated tokens per second of a wave,
+What it plans for. The serving engine runs steps; each step is one pass of the plan's weight schedule and carries
+the decode tokens of every running sequence plus chunks of waiting prompts (spec/serving.md). With ``N``
+sequences running, a workload of mean prompt ``P`` and mean output ``G`` needs, in steady state, ``N`` decode tokens
+and ``N * P / G`` prompt tokens per step, and keeps ``N`` contexts of up to ``P + G`` tokens in the pool. So ``N``
+(the concurrency) sizes everything:
 
-    batch * gen_len / (prefill_s + (gen_len - 1) * decode_step_s),
+    pool blocks   ceil(N * (P + G) / block_tokens) + 1 (the null block)
+    step tokens   max(1.25 * N * (1 + P / G), the prompt tokens whose compute hides under the streamed bytes)
+    step seqs     2 * N (short requests let more sequences share the pool)
 
-ranks the candidates (``latency`` plans batch 1 and ranks by decode step). The chosen candidate's decode plan is
-the plan; the rejected ones are kept with their reason in ``Program.generation.alternatives``.
+and the predicted throughput is ``N / step_s``, where ``step_s`` is the simulated step (weights streamed as the
+residency pass decides, attention over the contexts, the prompt chunks' compute). The search:
 
-Policy on KV: the cache lives in HBM for the whole generation (it is dirty and read at every step), so a batch
-whose KV does not fit next to one stream slot is infeasible ("kv capacity" binds). The planner may decide that
-nothing should stream: that is the answer when weights and the batch's KV fit.
+1. The step is traced at three (tokens, seqs) shapes; every step's FLOPs and bytes and every buffer's size are
+   affine in the two (a transformer step has no product terms), so the step at any other shape is interpolated
+   exactly, without tracing again.
+2. For each KV bit width the policy allows (``--kv-quant none|int8|auto``) and each ``N`` on an integer search
+   (a coarse geometric sweep up to the largest ``N`` whose pool fits, then a local refinement around the best),
+   the residency pass chooses the resident set, the prefetch depth and (``--quant auto``) each streamed block's
+   bit width in what the pool, the step's activations, the attention's scratch and the workspace leave of the
+   budget; the step is simulated.
+3. The best candidate is traced exactly at its shape and run through the whole pipeline, whose ``verify`` proves
+   arena (resident blocks, stream slots, pool) + activations at the step maxima + workspace <= budget.
+
+Streaming every layer to buy a larger pool is one of the candidates, not a special case: the residency pass
+only keeps a layer resident where that wins, so full offload with a large batch is chosen whenever it is faster
+(ZeRO-Inference's finding). Rejected candidates are kept, with their reason, in ``GenerationPlan.alternatives``.
+
+``--kv-quant auto`` takes int8 KV only where it raises the predicted throughput by more than ``KV_QUANT_GAIN``
+(int8 keys and values lose a little accuracy; ``generate --verify`` reports how much).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from memintent.compiler.frontend import TraceSpec, trace
 from memintent.compiler.refs import resolve
+from memintent.engine import attention
+from memintent.engine.kv_pool import layout_of
+from memintent.engine.runner import engine_build_kwargs
 from memintent.errors import MemintentError
 from memintent.ir.model import (
-    GenerationPlan, HardwareProfile, Object, ObjectKind, Program, Residency, RunShape, Tier,
+    GenerationPlan, HardwareProfile, KVPool, KVQuant, Object, ObjectKind, Program, Residency, RunShape, Tier,
 )
 from memintent.passes import schedule_program
-from memintent.passes.costs import step_time_s
-from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.units import fmt_bytes
 
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+KV_QUANT_GAIN = 1.05          # --kv-quant auto: int8 KV must predict >5 % more tokens/s than bf16 KV
+STEP_TOKEN_HEADROOM = 1.25    # step tokens over the steady-state need, for bursts of arrivals
+MAX_STEP_TOKENS = 8192        # beyond this a step's activations cost more pool than its prompts gain
+HIDE_FRACTION = 0.7           # of the streamed time that prompt compute may fill
+SWEEP_POINTS = 7              # coarse concurrency sweep
 
 
-def _decode_spec(src, batch: int, context: int) -> TraceSpec:
-    """The decode step: input ids (B, 1) at position ``context - 1``, with a meta KV cache of ``context`` tokens."""
-    if src.kind != "preset":
-        raise MemintentError(f"generation plans need a preset model with the project's KV cache; {src.ref} is "
-                             f"{src.kind} (plain forwards work: compile without --objective)")
+@dataclass(frozen=True, slots=True)
+class Workload:
+    prompt_len: int               # mean prompt tokens
+    gen_len: int                  # mean generated tokens
+    context: int                  # longest sequence: prompt + generated
 
-    def build(n):
-        model = src.build("meta", num_layers=n)
-        dtype = src.torch_dtype
-        caches = [(torch.empty(batch, src.n_kv_heads, context, src.head_dim, dtype=dtype, device="meta"),
-                   torch.empty(batch, src.n_kv_heads, context, src.head_dim, dtype=dtype, device="meta"))
-                  for _ in range(len(model.get_submodule(src.layers_path)))]
-        model.attach_kv_cache(caches)   # (B, KV, context, hd) each
-        return model
+    @property
+    def seq_tokens(self) -> int:
+        """Tokens a sequence holds in the pool at its end."""
+        return min(self.prompt_len + self.gen_len, self.context)
 
-    ids = torch.zeros(batch, 1, dtype=torch.long, device="meta")     # (B, 1)
-    pos = torch.zeros(1, dtype=torch.long, device="meta")            # (1,)
-    return TraceSpec(name=src.ref, ref=src.model_ref(), build=build, inputs=(ids, pos),
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """One candidate: the concurrency and what it sizes."""
+
+    concurrency: int
+    kv_quant: KVQuant
+    step_tokens: int
+    max_seqs: int
+    num_blocks: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The traced step
+
+
+def step_spec(src, tokens: int, seqs: int) -> TraceSpec:
+    """One engine step as the front end traces it: ``tokens`` packed tokens, logits for ``seqs`` rows."""
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")          # (1, T)
+    pos = torch.zeros(tokens, dtype=torch.long, device="meta")             # (T,)
+    rows = torch.zeros(seqs, dtype=torch.long, device="meta")              # (S,)
+    if src.kind == "hf":
+        inputs, kwargs = (), dict(input_ids=ids, position_ids=pos[None], logits_to_keep=rows, use_cache=False)
+    else:
+        inputs, kwargs = (ids, pos, rows), {}
+    build_kw = engine_build_kwargs(src)
+    return TraceSpec(name=src.ref.removeprefix("hf:").rstrip("/").rsplit("/", 1)[-1], ref=src.model_ref(),
+                     build=lambda n: src.build("meta", num_layers=n, **build_kw), inputs=inputs, kwargs=kwargs,
                      layers_path=src.layers_path, num_layers=src.num_layers, n_kv_heads=src.n_kv_heads,
                      head_dim=src.head_dim)
 
 
-def _prefill_spec(src, batch: int, prompt_len: int) -> TraceSpec:
-    return TraceSpec(name=src.ref, ref=src.model_ref(), build=lambda n: src.build("meta", num_layers=n),
-                     inputs=src.example_inputs(batch, prompt_len, "meta"), kwargs=src.forward_kwargs(),
-                     layers_path=src.layers_path, num_layers=src.num_layers, n_kv_heads=src.n_kv_heads,
-                     head_dim=src.head_dim)
+def trace_step(src, tokens: int, seqs: int, progress: Callable[[str], None]) -> Program:
+    with attention.tracing():
+        return trace(step_spec(src, tokens, seqs), RunShape(batch=1, seq=tokens), progress=progress)
 
 
-def kv_bytes_per_seq(src, context: int) -> int:
-    return 2 * (src.num_layers or 0) * (src.n_kv_heads or 0) * (src.head_dim or 0) * context * \
-        torch.empty(0, dtype=src.torch_dtype).element_size()
+def is_attention(op: str) -> bool:
+    return op.startswith(attention.OP_NAME)
 
 
-def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, context: int, prompt_len: int,
-                    gen_len: int, objective: str = "throughput", quant: str = "auto", batch: int | None = None,
-                    kv_block_tokens: int = 64, progress: Callable[[str], None] | None = None) -> Program:
-    say = progress or (lambda m: None)
+class AffineStep:
+    """A step's per-op FLOPs and bytes and its buffers' sizes as affine functions of (tokens, seqs), from three
+    traces. ``exact`` is False when the three traces differ in structure (then callers trace each shape)."""
+
+    def __init__(self, src, base: tuple[int, int], progress: Callable[[str], None]):
+        t1, s1 = base
+        self.base = base
+        self.p = trace_step(src, t1, s1, progress)
+        pt, ps = trace_step(src, 2 * t1, s1, progress), trace_step(src, t1, 2 * s1, progress)
+        self.exact = (len(self.p.steps) == len(pt.steps) == len(ps.steps)
+                      and len(self.p.objects) == len(pt.objects) == len(ps.objects))
+        if not self.exact:
+            return
+        self.d_steps = [((b.flops - a.flops) / t1, (b.hbm_bytes - a.hbm_bytes) / t1,
+                         (c.flops - a.flops) / s1, (c.hbm_bytes - a.hbm_bytes) / s1)
+                        for a, b, c in zip(self.p.steps, pt.steps, ps.steps)]
+        self.d_sizes = [((b.size_bytes - a.size_bytes) / t1, (c.size_bytes - a.size_bytes) / s1)
+                        for a, b, c in zip(self.p.objects, pt.objects, ps.objects)]
+
+    def at(self, tokens: int, seqs: int) -> Program:
+        """The traced program at another shape (weights and structure shared, sizes and costs interpolated)."""
+        dt, ds = tokens - self.base[0], seqs - self.base[1]
+        steps = [s.model_copy(update=dict(flops=max(0, round(s.flops + a * dt + c * ds)),
+                                          hbm_bytes=max(0, round(s.hbm_bytes + b * dt + d * ds))))
+                 for s, (a, b, c, d) in zip(self.p.steps, self.d_steps)]
+        objects = [o if (a == 0 and b == 0) else o.model_copy(update=dict(
+            size_bytes=max(0, round(o.size_bytes + a * dt + b * ds))))
+            for o, (a, b) in zip(self.p.objects, self.d_sizes)]
+        return self.p.model_copy(update=dict(steps=steps, objects=objects,
+                                             shape=RunShape(batch=1, seq=tokens)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention, the pool and the candidate's program
+
+
+def kv_pool(src, shape: Shape, block_tokens: int, swap_blocks: int) -> KVPool:
+    probe = KVPool(layers=src.num_layers, kv_heads=src.n_kv_heads, head_dim=src.head_dim, block_tokens=block_tokens,
+                   num_blocks=shape.num_blocks, quant=shape.kv_quant, block_bytes=1, swap_blocks=swap_blocks)
+    return probe.model_copy(update={"block_bytes": layout_of(probe, src.torch_dtype).block_bytes})
+
+
+def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork) -> Program:
+    """Give the step's attention ops their cost for the workload, the KV pool as what they read and write, and
+    their gather scratch (``attention.gather_scratch_bytes``, the bound the runtime chunks its gathers to)."""
+    layout = layout_of(pool, src.torch_dtype)
+    scratch = attention.gather_scratch_bytes((pool.num_blocks - 1) * pool.block_tokens, pool.kv_heads,
+                                             pool.head_dim, src.torch_dtype, layout.quantized)
+    p.objects.append(Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8",
+                            shape=[pool.num_blocks, pool.block_bytes], size_bytes=pool.num_blocks * pool.block_bytes,
+                            home=Tier.hbm))
+    for s in p.steps:
+        if not is_attention(s.op):
+            continue
+        s.flops, s.hbm_bytes = work.flops, work.hbm_bytes
+        name = f"t{s.index}.gather"
+        # New lists: an interpolated step shares its lists with the base trace.
+        s.uses, s.defs = [*s.uses, "kv.pool"], [*s.defs, name]
+        p.objects.append(Object(name=name, kind=ObjectKind.buffer, dtype="u8", shape=[scratch], size_bytes=scratch,
+                                home=Tier.hbm))
+    p.kv_pool = pool
+    return p
+
+
+def step_work(src, pool: KVPool, shape: Shape, w: Workload) -> attention.AttentionWork:
+    """One layer's attention in a steady-state step: ``N`` decode queries over contexts of the mean length
+    (prompt + half the output), and the step's prompt tokens over half their prompt on average."""
+    n = shape.concurrency
+    layout = layout_of(pool, src.torch_dtype)
+    token_bytes = layout.block_bytes // (pool.block_tokens * pool.layers)
+    prefill = min(shape.step_tokens - n, math.ceil(n * w.prompt_len / max(w.gen_len, 1)))
+    chunks = max(1, math.ceil(prefill / max(w.prompt_len, 1)))
+    return attention.attention_work(heads=src.n_heads, head_dim=src.head_dim,
+                                    decode_context_tokens=n * (w.prompt_len + w.gen_len // 2),
+                                    prefill_context_tokens=chunks * w.prompt_len,
+                                    prefill_pairs=prefill * w.prompt_len // 2, kv_token_bytes=token_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidates
+
+
+def shape_for(n: int, kvq: KVQuant, w: Workload, block_tokens: int, hide_tokens: int) -> Shape:
+    need = math.ceil(STEP_TOKEN_HEADROOM * n * (1 + w.prompt_len / max(w.gen_len, 1)))
+    tokens = min(max(need, hide_tokens, 2 * n), MAX_STEP_TOKENS)
+    blocks = math.ceil(n * w.seq_tokens / block_tokens) + 1
+    blocks = max(blocks, math.ceil(w.context / block_tokens) + 1)   # one sequence of the full context always fits
+    return Shape(concurrency=n, kv_quant=kvq, step_tokens=max(tokens, 2 * n), max_seqs=2 * n, num_blocks=blocks)
+
+
+def hide_tokens(src, step: Program, hw: HardwareProfile) -> int:
+    """Prompt tokens per step whose compute fits under the weights' streaming when every layer streams."""
+    weights = sum(o.size_bytes for o in step.objects if o.kind == ObjectKind.weight)
+    per_token_flops = 2 * weights / max(src.torch_dtype.itemsize, 1)
+    stream_s = weights / (hw.h2d_gbps * 1e9) / 4     # int4 streams about a quarter of the bytes
+    token_s = per_token_flops / (hw.bf16_tflops * 1e12)
+    return int(HIDE_FRACTION * stream_s / token_s) if token_s else 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    shape: Shape
+    plan: Program | None          # scheduled (interpolated) program, None when infeasible
+    tokens_per_s: float
+    why: str = ""
+
+
+class Search:
+    """Evaluates candidates: the step at the candidate's shape, scheduled under the budget."""
+
+    def __init__(self, src, step: AffineStep, w: Workload, *, budget_bytes: int, hw: HardwareProfile, quant: str,
+                 block_tokens: int, swap: Callable[[Shape], int], say: Callable[[str], None]):
+        self.src, self.step, self.w = src, step, w
+        self.budget, self.hw, self.quant, self.block_tokens = budget_bytes, hw, quant, block_tokens
+        self.swap, self.say = swap, say
+        self.cache: dict[tuple[int, str], Outcome] = {}
+
+    def program(self, shape: Shape, exact: bool = False) -> Program:
+        pool = kv_pool(self.src, shape, self.block_tokens, self.swap(shape))
+        if exact or not self.step.exact:
+            p = trace_step(self.src, shape.step_tokens, shape.max_seqs, self.say)
+        else:
+            p = self.step.at(shape.step_tokens, shape.max_seqs)
+        return annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w))
+
+    def evaluate(self, shape: Shape) -> Outcome:
+        key = (shape.concurrency, shape.kv_quant.value)
+        if key not in self.cache:
+            self.cache[key] = self._evaluate(shape)
+        return self.cache[key]
+
+    def _evaluate(self, shape: Shape) -> Outcome:
+        try:
+            plan = schedule_program(self.program(shape), self.budget, self.hw, quant=self.quant)
+        except MemintentError as e:
+            return Outcome(shape, None, 0.0, f"does not fit ({str(e).split(':')[0]})")
+        return Outcome(shape, plan, shape.concurrency / plan.prediction.step_time_s)
+
+
+def _largest_fitting(search: Search, kvq: KVQuant, hide: int) -> int:
+    """The largest concurrency whose pool, activations and workspace leave room for one stream slot: an upper bound
+    for the sweep (bisection on the pool's size alone; the residency pass decides the rest)."""
+    w, bt = search.w, search.block_tokens
+    per_seq = kv_pool(search.src, shape_for(1, kvq, w, bt, hide), bt, 0).block_bytes * w.seq_tokens / bt
+    hi = max(1, int(search.budget / max(per_seq, 1)))
+    return hi
+
+
+def sweep(search: Search, kvq: KVQuant, hide: int, fixed: int | None) -> list[Outcome]:
+    """Coarse geometric sweep of the concurrency, then integer refinement around the best feasible point."""
+    w, bt = search.w, search.block_tokens
+    if fixed:
+        return [search.evaluate(shape_for(fixed, kvq, w, bt, hide))]
+    hi = _largest_fitting(search, kvq, hide)
+    grid = sorted({max(1, round(hi ** (i / (SWEEP_POINTS - 1)))) for i in range(SWEEP_POINTS)})
+    outs = [search.evaluate(shape_for(n, kvq, w, bt, hide)) for n in grid]
+    best = max(outs, key=lambda o: o.tokens_per_s)
+    if best.plan is None:
+        return outs
+    lo_n, hi_n = _bracket(grid, best.shape.concurrency)
+    while hi_n - lo_n > 2:                                 # ternary search on the integer bracket
+        a, b = lo_n + (hi_n - lo_n) // 3, hi_n - (hi_n - lo_n) // 3
+        oa, ob = (search.evaluate(shape_for(n, kvq, w, bt, hide)) for n in (a, b))
+        outs += [oa, ob]
+        if oa.tokens_per_s >= ob.tokens_per_s:
+            hi_n = b
+        else:
+            lo_n = a
+    outs += [search.evaluate(shape_for(n, kvq, w, bt, hide)) for n in range(lo_n, hi_n + 1)]
+    return outs
+
+
+def _bracket(grid: list[int], n: int) -> tuple[int, int]:
+    i = grid.index(n)
+    return (grid[i - 1] if i else max(1, n // 2)), (grid[i + 1] if i + 1 < len(grid) else n)
+
+
+def _kv_options(kv_quant: str) -> tuple[KVQuant, ...]:
+    if kv_quant not in ("none", "int8", "auto"):
+        raise MemintentError(f"--kv-quant {kv_quant!r}: use none, int8 or auto")
+    return {"none": (KVQuant.none,), "int8": (KVQuant.int8,), "auto": (KVQuant.none, KVQuant.int8)}[kv_quant]
+
+
+def _pick(outs: list[Outcome], kv_quant: str) -> Outcome:
+    feasible = [o for o in outs if o.plan is not None]
+    if not feasible:
+        raise MemintentError("no concurrency fits the budget: " + "; ".join(
+            f"{o.shape.concurrency} sequences: {o.why}" for o in outs[:4]))
+    best = {q: max((o for o in feasible if o.shape.kv_quant == q), key=lambda o: o.tokens_per_s, default=None)
+            for q in KVQuant}
+    plain, int8 = best[KVQuant.none], best[KVQuant.int8]
+    if kv_quant == "auto" and plain is not None and int8 is not None:
+        return int8 if int8.tokens_per_s > KV_QUANT_GAIN * plain.tokens_per_s else plain
+    return max(feasible, key=lambda o: o.tokens_per_s)
+
+
+def _describe(o: Outcome, chosen: Outcome) -> str:
+    s = o.shape
+    head = f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_blocks} blocks, {s.step_tokens} tokens/step)"
+    if o.plan is None:
+        return f"{head}: {o.why}"
+    streamed = sum(1 for b in o.plan.blocks if b.residency == Residency.streamed)
+    return (f"{head}: {o.tokens_per_s:.2f} tok/s, step {o.plan.prediction.step_time_s * 1e3:.1f} ms, {streamed} "
+            f"blocks streamed, binds {o.plan.prediction.binding} (below the chosen {chosen.tokens_per_s:.2f})")
+
+
+def _binding(chosen: Outcome, outs: list[Outcome]) -> str:
+    b = chosen.plan.prediction.binding
+    bigger = [o for o in outs if o.shape.kv_quant == chosen.shape.kv_quant
+              and o.shape.concurrency > chosen.shape.concurrency]
+    if b != "pcie" and bigger and all(o.plan is None for o in bigger):
+        return "kv capacity"
+    return b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _check_args(objective: str, context: int, prompt_len: int, gen_len: int, block_tokens: int) -> None:
     if objective not in ("throughput", "latency"):
         raise MemintentError(f"--objective {objective!r}: use throughput or latency")
+    for flag, v in (("--context", context), ("--prompt-len", prompt_len), ("--gen-len", gen_len),
+                    ("--kv-block-tokens", block_tokens)):
+        if v < 1:
+            raise MemintentError(f"{flag} {v} must be at least 1")
     if context < prompt_len + gen_len - 1:
         raise MemintentError(f"--context {context} is shorter than prompt {prompt_len} + generated {gen_len} - 1 "
                              "tokens: raise --context")
+
+
+def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, context: int, prompt_len: int,
+                    gen_len: int, objective: str = "throughput", quant: str = "auto", kv_quant: str = "none",
+                    concurrency: int | None = None, kv_block_tokens: int = 16, swap_blocks: int | None = None,
+                    progress: Callable[[str], None] | None = None) -> Program:
+    """A verified generation plan for ``ref`` under ``budget_bytes``. ``concurrency`` fixes N (tests,
+    experiments); ``latency`` plans one sequence whose whole prompt fits one step. ``swap_blocks``: host swap
+    space in blocks (None: as many as the pool when the plan's copy engine has idle time to swap in, else none)."""
+    say = progress or (lambda m: None)
+    _check_args(objective, context, prompt_len, gen_len, kv_block_tokens)
     src = resolve(ref)
-    per_seq = kv_bytes_per_seq(src, context)
-    batches = [batch] if batch else ([1] if objective == "latency" else
-                                      [b for b in BATCHES if b * per_seq < budget_bytes])
-    if not batches:
-        raise MemintentError(f"even batch 1 needs {fmt_bytes(per_seq)} of KV for {context} tokens, more than the "
-                             f"budget {fmt_bytes(budget_bytes)}: raise --budget or lower --context")
-    candidates: list[tuple[float, int, Program | None, str]] = []
-    for b in batches:
-        say(f"batch {b}: tracing decode and prefill")
-        decode = trace(_decode_spec(src, b, context), RunShape(batch=b, seq=1, kv_len=context,
-                                                               kv_block_tokens=kv_block_tokens), progress=say)
-        prefill = lifetimes(trace(_prefill_spec(src, b, prompt_len), RunShape(batch=b, seq=prompt_len),
-                                  progress=say))
-        # The decode plan must also fit the prefill's activations, which it runs with the same weights' plan.
-        extra = max(activation_profile(prefill), default=0) - max(activation_profile(lifetimes(decode)), default=0)
-        if extra > 0:
-            decode.objects.append(Object(name="prefill.activations", kind=ObjectKind.workspace, dtype="u8",
-                                         shape=[extra], size_bytes=extra, home=Tier.hbm))
-        try:
-            say(f"batch {b}: scheduling")
-            plan = schedule_program(decode, budget_bytes, hardware, quant=quant)
-        except MemintentError as e:
-            candidates.append((0.0, b, None, f"batch {b}: does not fit ({str(e).split(':')[0]}; KV "
-                                                f"{fmt_bytes(b * per_seq)})"))
-            continue
-        pr = plan.prediction
-        # Prefill streams the same blocks as a decode step, so it takes the longer of its compute and those copies.
-        prefill_compute_s = sum(step_time_s(s.flops, s.hbm_bytes, hardware) for s in prefill.steps)
-        prefill_s = max(prefill_compute_s, pr.streamed_bytes / (hardware.h2d_gbps * 1e9))
-        decode_s = pr.step_time_s
-        tok_s = b * gen_len / (prefill_s + (gen_len - 1) * decode_s)
-        if objective == "latency":
-            tok_s = 1.0 / decode_s
-        plan.generation = GenerationPlan(
-            objective=objective, batch=b, context=context, prompt_len=prompt_len, gen_len=gen_len,
-            quant_policy=quant, prefill_s=prefill_s, decode_step_s=decode_s,
-            tokens_per_s=b * gen_len / (prefill_s + (gen_len - 1) * decode_s), binding=pr.binding)
-        candidates.append((tok_s, b, plan, ""))
-    feasible = [c for c in candidates if c[2] is not None]
-    if not feasible:
-        raise MemintentError("no batch fits the budget: " + "; ".join(c[3] for c in candidates))
-    best = max(feasible, key=lambda c: (c[0], -c[1]))
-    plan = best[2]
-    alts = []
-    for tok_s, b, p, why in candidates:
-        if p is plan:
-            continue
-        if p is None:
-            alts.append(why)
-        else:
-            g = p.generation
-            alts.append(f"batch {b}: {g.tokens_per_s:.2f} tok/s, decode step {g.decode_step_s * 1e3:.1f} ms, "
-                        f"{sum(1 for x in p.blocks if x.residency == Residency.streamed)} blocks streamed, binds "
-                        f"{g.binding} (lower than batch {plan.generation.batch})")
-    # KV capacity binds when the next batch up did not fit.
-    bigger = [c for c in candidates if c[1] > best[1]]
-    if objective == "throughput" and bigger and bigger[0][2] is None and plan.generation.binding != "pcie":
-        plan.generation.binding = "kv capacity"
-    plan.generation.alternatives = alts
+    if not (src.num_layers and src.n_kv_heads and src.head_dim):
+        raise MemintentError(f"{ref}: generation plans need a decoder model with known layers, KV heads and head "
+                             "size")
+    w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context)
+    say("tracing the engine step at three shapes")
+    step = AffineStep(src, (64, 8), say)
+    hide = hide_tokens(src, step.p, hardware) if objective == "throughput" else prompt_len + 1
+    search = Search(src, step, w, budget_bytes=budget_bytes, hw=hardware, quant=quant, block_tokens=kv_block_tokens,
+                    swap=lambda s: s.num_blocks if swap_blocks is None else swap_blocks, say=say)
+    fixed = 1 if objective == "latency" else concurrency
+    outs: list[Outcome] = []
+    for kvq in _kv_options(kv_quant):
+        say(f"searching the concurrency with {kvq.value} KV")
+        outs += sweep(search, kvq, hide, fixed)
+    chosen = _pick(outs, kv_quant)
+    say(f"{chosen.shape.concurrency} sequences, {chosen.shape.kv_quant.value} KV: tracing the step exactly")
+    return _finish(search, chosen, outs, objective=objective, quant=quant, kv_quant=kv_quant, swap_blocks=swap_blocks)
+
+
+def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, objective: str, quant: str, kv_quant: str,
+            swap_blocks: int | None) -> Program:
+    s, w = chosen.shape, search.w
+    if swap_blocks is None and chosen.plan.prediction.binding == "pcie":
+        # A PCIe-bound plan never swaps (its copy engine has no idle time, so victims recompute): no pinned swap
+        # space is reserved for it.
+        search.swap = lambda shape: 0
+    plan = schedule_program(search.program(s, exact=True), search.budget, search.hw, quant=quant)
+    pr = plan.prediction
+    tok_s = s.concurrency / pr.step_time_s
+    plan.generation = GenerationPlan(
+        objective=objective, step_tokens=s.step_tokens, max_seqs=s.max_seqs, context=w.context,
+        prompt_len=w.prompt_len, gen_len=w.gen_len, concurrency=s.concurrency, quant_policy=quant,
+        kv_quant_policy=kv_quant, decode_step_s=pr.step_time_s, tokens_per_s=tok_s,
+        binding=_binding(chosen, outs),
+        alternatives=[_describe(o, chosen) for o in sorted(outs, key=lambda o: -o.tokens_per_s)
+                      if o is not chosen][:12])
     return plan
+
+
+__all__ = ["plan_generation", "step_spec", "trace_step", "Workload", "Shape", "kv_pool", "annotate_step",
+           "fmt_bytes"]

@@ -87,23 +87,15 @@ class Engine:
                                    step_tokens=g.step_tokens, context=g.context, preempt=preempt)
         self.stats = EngineStats(num_blocks=pool.num_blocks)
         self._t0: float | None = None
+        self.track: set[str] = set()                          # request ids whose logits are kept (--verify)
+        self.tracked_logits: dict[str, list[torch.Tensor]] = {}
 
     # -- requests ---------------------------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
-        """Refuse what the plan cannot serve, naming the request."""
-        g, vocab = self.program.generation, self.src.vocab_size
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise MemintentError(f"request {request.id}: the prompt is empty: give at least one token")
-        if n > g.context:
-            raise MemintentError(f"request {request.id}: the prompt has {n} tokens, more than the plan's context "
-                                 f"{g.context}: shorten it or compile with a larger --context")
-        if request.max_new_tokens < 1:
-            raise MemintentError(f"request {request.id}: max_new_tokens {request.max_new_tokens} must be at least 1")
-        for what, ids in (("prompt token", request.prompt_ids), ("stop token", request.stop_token_ids)):
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise MemintentError(f"request {request.id}: {what} id {bad} is outside the vocabulary 0..{vocab - 1}")
+        """Refuse what the plan cannot serve, naming the request (``requests.validate``)."""
+        from memintent.engine.requests import validate
+
+        validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
 
     def add(self, request: Request) -> Sequence:
         self.validate(request)
@@ -126,6 +118,8 @@ class Engine:
         for p in plan.preemptions:
             self.log(p.describe())
         sampled = self.runner.execute(plan) if plan.chunks else self._only_move(plan)
+        if self.track:
+            self._keep_logits(plan)
         now = perf_counter() - self._t0
         finished, freed = self.scheduler.postprocess(plan, sampled, now)
         self.runner.poison(freed)
@@ -137,6 +131,17 @@ class Engine:
             decode_tokens=decode, prefill_tokens=plan.tokens - decode, sequences=len(plan.chunks),
             used_blocks=self.pool.used_blocks, preemptions=tuple(plan.preemptions), swapped_in=len(plan.swap_in)))
         return [self._output(s) for s in finished]
+
+    def _keep_logits(self, plan) -> None:
+        rows = [c.seq.request.id for c in plan.chunks if c.sample]
+        for j, rid in enumerate(rows):
+            if rid in self.track:
+                self.tracked_logits.setdefault(rid, []).append(self.runner.last_logits[j].float().cpu())
+
+    def reset_stats(self) -> None:
+        """Forget the steps measured so far (after a warm-up), and start the clock again."""
+        self.stats = EngineStats(num_blocks=self.stats.num_blocks)
+        self._t0 = None
 
     def _only_move(self, plan) -> list[int]:
         self.runner.move_blocks(plan)

@@ -38,3 +38,33 @@ def sync_compute(device: torch.device) -> None:
     as it would in a serving loop (a full device sync would idle the copy engine at every forward boundary)."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
+
+def available_host_bytes() -> int | None:
+    """Memory the kernel says a new allocation can get without swapping (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(program, *, extra_bytes: int = 0, available_bytes: int | None = None) -> None:
+    """Refuse, before filling anything, a plan whose host store (pinned + pageable, as the plan states them) does
+    not fit the memory this machine has available: the kernel would kill the process midway instead."""
+    from memintent.units import fmt_bytes
+
+    pr = program.prediction
+    if pr is None:
+        return
+    need = pr.host_pinned_bytes + pr.host_pageable_bytes + extra_bytes
+    have = available_host_bytes() if available_bytes is None else available_bytes
+    if have is not None and need > have:
+        raise MemintentError(
+            f"the plan needs {fmt_bytes(need)} of host memory ({fmt_bytes(pr.host_pinned_bytes)} pinned, "
+            f"{fmt_bytes(pr.host_pageable_bytes)} pageable{', ' + fmt_bytes(extra_bytes) + ' more' if extra_bytes else ''}) "
+            f"but this machine has {fmt_bytes(have)} available: free memory, or compile with --quant int4 to "
+            "shrink the host store")

@@ -1,0 +1,86 @@
+"""What a serving run measured, summarised: throughput, time to first token, time per output token, KV pool use
+over time and preemptions by kind (``generate`` prints it, ``--json`` writes it, benchmarks read it)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from memintent.engine.engine import EngineStats
+from memintent.engine.sequence import RequestOutput
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _quantile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+@dataclass
+class ServeReport:
+    device: str
+    requests: int
+    generated_tokens: int
+    prompt_tokens: int
+    total_s: float
+    tokens_per_s: float                 # generated tokens over the whole run
+    decode_tokens_per_s: float          # decode tokens over the time of the steps that decoded
+    steps: int
+    step_median_s: float
+    predicted_step_s: float
+    ttft_median_s: float | None
+    ttft_p99_s: float | None
+    tpot_median_s: float | None
+    tpot_p99_s: float | None
+    num_blocks: int
+    kv_peak_blocks: int
+    kv_mean_blocks: float
+    kv_over_time: list[int] = field(default_factory=list)     # used blocks after each step
+    preemptions: dict[str, int] = field(default_factory=dict)
+    h2d_gbps: float = 0.0
+    streamed_bytes: int = 0
+    step_floor_s: float = 0.0           # streamed bytes per step / measured pinned H2D
+    peak_hbm_bytes: int | None = None
+    budget_bytes: int = 0
+    predicted_peak_bytes: int = 0
+    agreement: float | None = None      # --verify: greedy tokens equal to the reference's
+    max_logit_error: float | None = None
+    verified_requests: int = 0
+
+    def sparkline(self, width: int = 48) -> str:
+        xs = self.kv_over_time
+        if not xs:
+            return ""
+        step = max(1, len(xs) // width)
+        cols = [max(xs[i:i + step]) for i in range(0, len(xs), step)]
+        return "".join(SPARK[min(len(SPARK) - 1, int(c / max(self.num_blocks - 1, 1) * (len(SPARK) - 1) + 0.5))]
+                       for c in cols)
+
+
+def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: float, device: str, program,
+              prompt_tokens: int) -> ServeReport:
+    steps = stats.steps
+    generated = sum(len(o.token_ids) for o in outputs)
+    decode_steps = [s for s in steps if s.decode_tokens]
+    decode_s = sum(s.time_s for s in decode_steps)
+    ttft = [o.ttft_s for o in outputs]
+    tpot = [o.tpot_s for o in outputs if o.tpot_s is not None]
+    used = [s.used_blocks for s in steps]
+    kinds: dict[str, int] = {}
+    for p in stats.preemptions:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    return ServeReport(
+        device=device, requests=len(outputs), generated_tokens=generated, prompt_tokens=prompt_tokens,
+        total_s=total_s, tokens_per_s=generated / total_s if total_s else 0.0,
+        decode_tokens_per_s=sum(s.decode_tokens for s in decode_steps) / decode_s if decode_s else 0.0,
+        steps=len(steps), step_median_s=statistics.median(s.time_s for s in steps) if steps else 0.0,
+        predicted_step_s=program.generation.decode_step_s,
+        ttft_median_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
+        tpot_median_s=_quantile(tpot, 0.5), tpot_p99_s=_quantile(tpot, 0.99),
+        num_blocks=stats.num_blocks, kv_peak_blocks=max(used, default=0),
+        kv_mean_blocks=statistics.fmean(used) if used else 0.0, kv_over_time=used, preemptions=kinds,
+        streamed_bytes=program.prediction.streamed_bytes, budget_bytes=program.budget_bytes or 0,
+        predicted_peak_bytes=program.prediction.peak_hbm_bytes)
