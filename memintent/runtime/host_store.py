@@ -7,7 +7,7 @@ asynchronously on a copy stream (from pageable memory the driver stages them thr
 host blocks).
 
 A block with ``quant`` int8/int4 (a streamed block the compiler chose to quantize) is stored *packed*: its host
-buffer holds ``quantized_block_bytes`` bytes in the layout of ``memintent.runtime.quant.quant_layout`` (quantized
+buffer holds ``quantized_block_bytes`` bytes in the layout of ``memintent.ir.layout.quant_layout`` (quantized
 values and scales of its 2-D weights, raw bytes of the rest), which is exactly what a visit copies. The fill
 callback still writes full-precision values; for a packed block it writes them into a scratch buffer of one
 block, which is then quantized (on the CUDA device when there is one, else on the CPU) into the pinned buffer.
