@@ -216,7 +216,11 @@ class _Shards:
 
     def header(self, key: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype name) of tensor ``key``, from the header only."""
-        return self._with(key, lambda h: (tuple(h.get_slice(key).get_shape()), h.get_slice(key).get_dtype()))
+        def shape_and_dtype(handle) -> tuple[tuple[int, ...], str]:
+            sl = handle.get_slice(key)
+            return tuple(sl.get_shape()), sl.get_dtype()
+
+        return self._with(key, shape_and_dtype)
 
     def read(self, key: str) -> torch.Tensor:
         return self._with(key, lambda h: h.get_tensor(key))
