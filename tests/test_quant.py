@@ -201,11 +201,29 @@ def test_relative_error() -> None:
 
 # ---- packed blocks ---------------------------------------------------------------------------------------------
 
+def _aligned_256(n_bytes: int) -> int:
+    return -(-n_bytes // 256) * 256
+
+
+def packed_bytes_by_quantizing(weights: list[torch.Tensor], quant: Quant) -> int:
+    """Bytes of the packed buffer of a block holding ``weights`` (in block order), counted without the layout code:
+    quantize each real tensor that the format quantizes (2-D, both dimensions non-zero, bf16/f16/f32) and add up
+    what ``quantize_int8``/``quantize_int4`` return (values, then scales), every other weight's own bytes, each
+    part padded to 256 bytes."""
+    total = 0
+    for t in weights:
+        quantized = (quant != Quant.none and t.dim() == 2 and t.numel() > 0
+                     and t.dtype in (torch.bfloat16, torch.float16, torch.float32))
+        parts = (quantize_int8(t) if quant == Quant.int8 else quantize_int4(t)) if quantized else (t,)
+        total += sum(_aligned_256(p.numel() * p.element_size()) for p in parts)
+    return total
+
+
 def _block(weights: list[tuple[str, str, list[int]]], quant: Quant) -> tuple[Block, dict[str, Object]]:
     """A block laid out like the front end does: each weight at a 256-aligned offset."""
     objects, off = {}, 0
     for name, dtype, shape in weights:
-        size = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        size = math.prod(shape) * DTYPES[dtype].itemsize
         objects[name] = Object(name=name, kind=ObjectKind.weight, dtype=dtype, shape=shape, size_bytes=size,
                                home=Tier.host, block="b", block_offset_bytes=off)
         off += -(-size // 256) * 256
@@ -303,53 +321,62 @@ def test_pack_block_errors() -> None:
                      torch.empty(block.size_bytes, dtype=torch.uint8))
 
 
-# ---- agreement with costs.transfer_bytes ----------------------------------------------------------------------
+# ---- costs.transfer_bytes against the bytes packing produces -------------------------------------------------
 
 def _n_parts(block: Block, objects: dict[str, Object]) -> int:
     return sum(len(e.parts()) for e in quant_layout(block, objects))
 
 
 @pytest.mark.parametrize("quant", [Quant.int8, Quant.int4])
-def test_bytes_agree_with_costs_even_inputs(quant: Quant) -> None:
+def test_transfer_bytes_are_what_packing_produces(quant: Quant) -> None:
     # What a visit copies is the packed buffer with its 256-byte-aligned parts: costs must count exactly that.
     block, objects = _block([("wq", "bf16", [512, 4096]), ("norm", "bf16", [4096]), ("wo", "f16", [96, 130]),
                              ("b", "f32", [96]), ("emb", "f32", [1000, 64])], quant)
+    tensors = _tensors(objects)
     tb = transfer_bytes(block, _program(block, objects))
+    assert tb == packed_bytes_by_quantizing([tensors[w] for w in block.weights], quant)
+    # and a packed buffer of exactly that size holds the block
+    dst = torch.full((tb,), 0xAB, dtype=torch.uint8)
+    pack_block(block, objects, tensors, dst)
     payload = quantized_payload_bytes(block, objects)
-    total = quantized_block_bytes(block, objects)
-    assert tb == total
-    assert payload <= total < payload + PART_ALIGN_BYTES * _n_parts(block, objects)
+    assert payload <= tb < payload + PART_ALIGN_BYTES * _n_parts(block, objects)
 
 
 def test_bytes_int4_odd_input_pads_rows() -> None:
     shapes = [[96, 129], [7, 1], [1, 3]]
     block, objects = _block([(f"w{i}", "bf16", s) for i, s in enumerate(shapes)], Quant.int4)
     # rows are padded to whole bytes: each row of an odd input dimension carries one pad nibble
-    packed_values = sum(o * -(-i // 2) for o, i in shapes)
-    scales = sum(o * -(-i // 128) * 2 for o, i in shapes)
-    assert quantized_payload_bytes(block, objects) == packed_values + scales
-    assert transfer_bytes(block, _program(block, objects)) == quantized_block_bytes(block, objects)
+    packed_values = [o * -(-i // 2) for o, i in shapes]
+    scales = [o * -(-i // 128) * 2 for o, i in shapes]
+    assert quantized_payload_bytes(block, objects) == sum(packed_values) + sum(scales)
+    # 96x129: 6240 -> 6400 and 384 -> 512; 7x1: 7 -> 256 and 14 -> 256; 1x3: 2 -> 256 and 2 -> 256
+    assert transfer_bytes(block, _program(block, objects)) == 6400 + 512 + 4 * 256
 
 
 def test_bytes_unquantized_and_non_float_2d() -> None:
     block, objects = _block(LAYER, Quant.none)
-    assert quantized_block_bytes(block, objects) == block.size_bytes == transfer_bytes(block, _program(block, objects))
-    # a 2-D integer buffer stays raw, and costs counts it raw too
+    assert transfer_bytes(block, _program(block, objects)) == block.size_bytes
+    assert quantized_block_bytes(block, objects) == block.size_bytes
+    # a 2-D integer buffer stays raw, and costs counts it raw too: 4 * 8 int64 values are 256 bytes, one part
     block, objects = _block([("pos", "i64", [4, 8])], Quant.int8)
     assert quantized_payload_bytes(block, objects) == 4 * 8 * 8
-    assert transfer_bytes(block, _program(block, objects)) == quantized_block_bytes(block, objects)
+    assert transfer_bytes(block, _program(block, objects)) == 256
 
 
 def test_bytes_on_traced_model() -> None:
     from memintent.compiler.compile import trace_ref
+    from memintent.compiler.refs import resolve
 
-    prog = trace_ref("py:examples/toy_mlp.py:mlp_stack", RunShape(batch=1, seq=1))
+    ref = "py:examples/toy_mlp.py:mlp_stack"
+    prog = trace_ref(ref, RunShape(batch=1, seq=1))
     objects = prog.object_map()
+    values = dict(resolve(ref).module.named_parameters())   # the factory's real weights
     for b in prog.blocks:
-        assert quantized_block_bytes(b, objects) == b.size_bytes == transfer_bytes(b, prog)
+        assert b.size_bytes == transfer_bytes(b, prog)       # unquantized: the front end's block buffer
+        assert quantized_block_bytes(b, objects) == b.size_bytes
         for quant in (Quant.int8, Quant.int4):
             bq = b.model_copy(update={"quant": quant})
             tb = transfer_bytes(bq, prog)
-            assert tb == quantized_block_bytes(bq, objects)
+            assert tb == packed_bytes_by_quantizing([values[w].detach() for w in b.weights], quant)
             assert quantized_payload_bytes(bq, objects) <= tb < (quantized_payload_bytes(bq, objects)
                                                                 + PART_ALIGN_BYTES * _n_parts(bq, objects))

@@ -25,7 +25,8 @@ from memintent.ir.model import ActionKind, Program, Quant, Residency, SlotKind
 from memintent.runtime import POISON_BYTE, HostStore, attach, fill_from_module
 from memintent.runtime.host_store import torch_dtype
 from memintent.runtime.quant import (Storage, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
-                                     quantized_block_bytes, relative_error, weight_storage)
+                                     relative_error, weight_storage)
+from test_quant import packed_bytes_by_quantizing
 
 TINY = "tiny-llama"
 TOY = "py:examples/toy_mlp.py:mlp_stack"
@@ -109,6 +110,13 @@ def inputs(ref: str, i: int) -> tuple:
     return (torch.randint(0, src.vocab_size, (1, 16), generator=g),)   # (B, S) token ids
 
 
+def produced_bytes(p: Program, values: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{block: bytes a visit must copy}, counted from the weights themselves: an unquantized block's flat buffer
+    (the front end's size), a quantized block's parts as quantizing its real weights produces them."""
+    return {b.name: b.size_bytes if b.quant == Quant.none else
+            packed_bytes_by_quantizing([values[w] for w in b.weights], b.quant) for b in p.blocks}
+
+
 def quantized_visits(p: Program) -> list:
     bmap = p.block_map()
     return [a for a in p.actions if a.kind == ActionKind.copy_start and bmap[a.block].quant != Quant.none]
@@ -160,11 +168,11 @@ def test_streamed_quantized_logits_are_exactly_the_planned_ones(ref, quant, dept
           f"unquantized model {err:.3e} (tolerance {TOLERANCE[quant]:g})")
     assert 0 < err < TOLERANCE[quant]
     stats = h.stats()
-    # bytes copied per forward = the transfer_bytes of the streamed visits = the packed layout = the prediction
+    # bytes copied per forward = the transfer_bytes of the streamed visits = what packing the weights produces
+    # = the prediction
     want = streamed_bytes(p)
-    assert want == sum(quantized_block_bytes(p.block_map()[a.block], p.object_map()) if
-                       p.block_map()[a.block].quant != Quant.none else p.block_map()[a.block].size_bytes
-                       for a in p.actions if a.kind == ActionKind.copy_start)
+    produced = produced_bytes(p, values)
+    assert want == sum(produced[a.block] for a in p.actions if a.kind == ActionKind.copy_start)
     assert want == p.prediction.streamed_bytes
     assert [s.bytes_copied for s in stats] == [want] * 3
     assert [s.dequants for s in stats] == [len(qv)] * 3
@@ -180,14 +188,14 @@ def test_streamed_quantized_logits_are_exactly_the_planned_ones(ref, quant, dept
                 assert named[w].is_meta == (b.quant != Quant.none), w
 
 
-def test_transfer_bytes_are_the_packed_layout():
+def test_transfer_bytes_are_what_packing_produces():
     for ref in (TINY, TOY):
         for quant in ("int8", "int4"):
             p = plan(ref, quant, 2)
-            objects = p.object_map()
+            produced = produced_bytes(p, fill_values(ref, p))
+            assert any(b.quant != Quant.none for b in p.blocks)
             for b in p.blocks:
-                want = quantized_block_bytes(b, objects) if b.quant != Quant.none else b.size_bytes
-                assert b.transfer_bytes == want, b.name
+                assert b.transfer_bytes == produced[b.name], b.name
 
 
 def test_int4_host_store_is_under_035_of_bf16():

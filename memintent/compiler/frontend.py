@@ -24,15 +24,15 @@ from torch import nn
 
 from memintent.compiler.fingerprint import fingerprint_entries, ir_dtype, weight_entries
 from memintent.errors import MemintentError
+from memintent.ir.layout import weight_offsets
 from memintent.ir.model import (
     Block, ModelRef, Object, ObjectKind, Program, RunShape, Step, Tier, dtype_bytes,
 )
 
-ALIGN_BYTES = 256          # every weight starts 256-byte aligned in its block's flat buffer (vectorised copies)
-ROOT_BLOCK = "root"
+ROOT_BLOCK = "root"        # weights held by the root module itself (rotary tables and the like): always resident
 # ops whose eager kernels hold a float32 copy of a 16-bit input while they run
 UPCASTING_OPS = {"aten.rms_norm.default", "aten.layer_norm.default", "aten.native_layer_norm.default",
-                 "aten._fused_rms_norm.default", "aten.softmax.int", "aten._softmax.default"}        # weights held by the root module itself (rotary tables and the like): always resident
+                 "aten._fused_rms_norm.default", "aten.softmax.int", "aten._softmax.default"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,25 +135,36 @@ def _rename_layer(name: str, layers_path: str, src: int, dst: int) -> str:
     return name
 
 
+_EXPORT_MESSAGE_CHARS = 300   # torch.export's first line can be a whole graph dump; a one-line error keeps this much
+
+
+def _shorten(text: str, limit_chars: int = _EXPORT_MESSAGE_CHARS) -> str:
+    """``text`` cut at the last word boundary within ``limit_chars``, saying so; unchanged when it fits."""
+    if len(text) <= limit_chars:
+        return text
+    cut = text.rfind(" ", 0, limit_chars)
+    return text[:cut if cut > 0 else limit_chars].rstrip() + " ... (message shortened)"
+
+
 def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(module, args, kwargs=kwargs, strict=False)
     except Exception as e:  # torch's own messages are long; keep the first line, it names the op or construct
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MemintentError(f"torch.export could not trace the model: {first[:300]} "
+        raise MemintentError(f"torch.export could not trace the model: {_shorten(first)} "
                              f"(a model must be export-traceable with static shapes)") from None
 
 
-def _protos(ep: torch.export.ExportedProgram, module: nn.Module, layers_path: str | None) -> tuple[list[_Proto], list[str]]:
-    """Walk the exported graph; return proto-steps and the keys of the graph's outputs."""
-    sig = ep.graph_signature
+def _placeholders(ep: torch.export.ExportedProgram, module: nn.Module) -> dict[str, tuple[str, str]]:
+    """Graph placeholder -> ("weight", canonical fqn) | ("input", name) | ("const", name)."""
     # Canonical weight names: a tensor shared under several names (tied embeddings) keeps its first name.
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
     canonical: dict[int, str] = {}
-    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False)):
+    for name, t in named:
         canonical.setdefault(id(t), name)
-    by_name = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+    by_name = dict(named)
     placeholder: dict[str, tuple[str, str]] = {}
-    for spec in sig.input_specs:
+    for spec in ep.graph_signature.input_specs:
         arg = getattr(spec.arg, "name", None)
         if arg is None:
             continue
@@ -163,51 +174,63 @@ def _protos(ep: torch.export.ExportedProgram, module: nn.Module, layers_path: st
             placeholder[arg] = ("input", arg)
         else:  # lifted constants: tiny tensors baked into the graph, not part of the model's state
             placeholder[arg] = ("const", arg)
+    return placeholder
 
+
+def _node_inputs(node: torch.fx.Node, placeholder: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:
+    """The node's references: other nodes, weights and model inputs (lifted constants are left out)."""
+    inputs: list[tuple[str, str]] = []
+    for a in node.all_input_nodes:
+        if a.op != "placeholder":
+            inputs.append(("node", a.name))
+            continue
+        ref = placeholder.get(a.name, ("const", a.name))
+        if ref[0] != "const":
+            inputs.append(ref)
+    return inputs
+
+
+def _input_bytes(node: torch.fx.Node) -> int:
+    """Bytes of the node's distinct tensor inputs."""
+    return sum(_tensor_bytes(a.meta.get("val")) for a in dict.fromkeys(node.all_input_nodes))
+
+
+def _proto(node: torch.fx.Node, placeholder: dict[str, tuple[str, str]], layers_path: str | None) -> _Proto:
+    stack = node.meta.get("nn_module_stack") or {}
+    module_path = _clean_fqn(list(stack.values())[-1][0] if stack else "")
+    out = node.meta.get("val")
+    out_t = out if isinstance(out, torch.Tensor) else None
+    view = not _allocates(node)
+    flops = 0
+    if not view:
+        fake = lambda x: x.meta.get("val") if isinstance(x, torch.fx.Node) else x  # noqa: E731
+        flops = _node_flops(node.target, torch.fx.node.map_aggregate(node.args, fake),
+                            torch.fx.node.map_aggregate(node.kwargs, fake), out)
+    return _Proto(
+        key=node.name,
+        op=_op_name(node.target),
+        module=module_path,
+        layer=_layer_of(module_path, layers_path),
+        inputs=_node_inputs(node, placeholder),
+        out_bytes=0 if view else _tensor_bytes(out),
+        out_dtype=ir_dtype(out_t.dtype) if out_t is not None else "u8",
+        out_shape=list(_shape(out_t) or []) if out_t is not None else [_tensor_bytes(out)],
+        flops=flops,
+        in_bytes=0 if view else _input_bytes(node),
+        view=view,
+    )
+
+
+def _protos(ep: torch.export.ExportedProgram, module: nn.Module, layers_path: str | None) -> tuple[list[_Proto], list[str]]:
+    """Walk the exported graph; return proto-steps and the keys of the graph's outputs."""
+    placeholder = _placeholders(ep, module)
     protos: list[_Proto] = []
     outputs: list[str] = []
     for node in ep.graph.nodes:
         if node.op == "output":
             outputs = [a.name for a in node.all_input_nodes if a.op == "call_function"]
-            continue
-        if node.op != "call_function":
-            continue
-        stack = node.meta.get("nn_module_stack") or {}
-        module_path = list(stack.values())[-1][0] if stack else ""
-        module_path = _clean_fqn(module_path)
-        inputs: list[tuple[str, str]] = []
-        for a in node.all_input_nodes:
-            if a.op == "placeholder":
-                ref = placeholder.get(a.name, ("const", a.name))
-                if ref[0] != "const":
-                    inputs.append(ref)
-            else:
-                inputs.append(("node", a.name))
-        out = node.meta.get("val")
-        fake = lambda x: x.meta.get("val") if isinstance(x, torch.fx.Node) else x  # noqa: E731
-        args = torch.fx.node.map_aggregate(node.args, fake)
-        kwargs = torch.fx.node.map_aggregate(node.kwargs, fake)
-        view = not _allocates(node)
-        out_t = out if isinstance(out, torch.Tensor) else None
-        seen_in: set[str] = set()
-        in_bytes = 0
-        for a in node.all_input_nodes:
-            if a.name not in seen_in:
-                seen_in.add(a.name)
-                in_bytes += _tensor_bytes(a.meta.get("val"))
-        protos.append(_Proto(
-            key=node.name,
-            op=_op_name(node.target),
-            module=module_path,
-            layer=_layer_of(module_path, layers_path),
-            inputs=inputs,
-            out_bytes=0 if view else _tensor_bytes(out),
-            out_dtype=ir_dtype(out_t.dtype) if out_t is not None else "u8",
-            out_shape=list(_shape(out_t) or []) if out_t is not None else [_tensor_bytes(out)],
-            flops=0 if view else _node_flops(node.target, args, kwargs, out),
-            in_bytes=0 if view else in_bytes,
-            view=view,
-        ))
+        elif node.op == "call_function":
+            protos.append(_proto(node, placeholder, layers_path))
     return protos, outputs
 
 
@@ -226,8 +249,12 @@ def _clean_fqn(path: str) -> str:
 # Folding repeated layers
 
 
-def _fold(protos: list[_Proto], layers_path: str, n_layers: int) -> list[_Proto]:
-    """Expand a two-layer trace to ``n_layers``: pre + layer 0 + (layer 1 renamed to i, i = 1..n-1) + post."""
+_FOLDABLE = (["pre", "L0", "L1", "post"], ["L0", "L1", "post"], ["pre", "L0", "L1"], ["L0", "L1"])
+
+
+def _segment_tags(protos: list[_Proto]) -> dict[str, str] | None:
+    """Each proto's segment of a two-layer trace: "pre" (before layer 0), "L0", "L1", "post"; None when the
+    trace is not laid out as those segments in that order (it cannot be folded)."""
     seg: list[str] = []
     tags: dict[str, str] = {}
     for p in protos:
@@ -235,37 +262,64 @@ def _fold(protos: list[_Proto], layers_path: str, n_layers: int) -> list[_Proto]
         if not seg or seg[-1] != tag:
             seg.append(tag)
         tags[p.key] = tag
-    if seg not in (["pre", "L0", "L1", "post"], ["L0", "L1", "post"], ["pre", "L0", "L1"], ["L0", "L1"]):
+    return tags if seg in _FOLDABLE else None
+
+
+@dataclass
+class _Template:
+    """The two traced layers of a fold: layer 1's protos are the template every later layer is renamed from."""
+
+    l1: list[_Proto]
+    l0_of_l1: dict[str, str]   # layer-1 key -> the corresponding layer-0 key
+    l1_of_l0: dict[str, str]   # layer-0 key -> the corresponding layer-1 key
+
+    def key_in(self, layer: int, l1_key: str) -> str:
+        """Key of the node in ``layer`` that corresponds to the template node ``l1_key``."""
+        return l1_key if layer == 1 else f"{l1_key}@{layer}" if layer > 1 else self.l0_of_l1[l1_key]
+
+    def layer(self, i: int, layers_path: str) -> list[_Proto]:
+        """Layer ``i`` (>= 1): the template renamed, its inputs pointing at layer i's and layer i-1's nodes."""
+        out = []
+        for p in self.l1:
+            inputs = [self._input_in(i, kind, ref, layers_path) for kind, ref in p.inputs]
+            out.append(dataclasses.replace(p, key=self.key_in(i, p.key), layer=i, inputs=inputs,
+                                           module=_rename_layer(p.module, layers_path, 1, i)))
+        return out
+
+    def _input_in(self, i: int, kind: str, ref: str, layers_path: str) -> tuple[str, str]:
+        if kind == "node" and ref in self.l0_of_l1:          # a node of the same layer
+            return "node", self.key_in(i, ref)
+        if kind == "node" and ref in self.l1_of_l0:          # a node of the previous layer
+            return "node", self.key_in(i - 1, self.l1_of_l0[ref]) if i > 1 else ref
+        if kind == "weight":
+            return kind, _rename_layer(ref, layers_path, 1, i)
+        return kind, ref
+
+
+def _same_layers(l0: list[_Proto], l1: list[_Proto]) -> bool:
+    """Whether two traced layers run the same ops on the same output shapes, node for node."""
+    return len(l0) == len(l1) and all(a.op == b.op and a.out_shape == b.out_shape for a, b in zip(l0, l1))
+
+
+def _fold(protos: list[_Proto], layers_path: str, n_layers: int) -> list[_Proto]:
+    """Expand a two-layer trace to ``n_layers``: pre + layer 0 + (layer 1 renamed to i, i = 1..n-1) + post.
+    Returns [] when the two traced layers differ (the model is traced in full instead)."""
+    tags = _segment_tags(protos)
+    if tags is None:
         return []
     l0 = [p for p in protos if tags[p.key] == "L0"]
     l1 = [p for p in protos if tags[p.key] == "L1"]
-    if len(l0) != len(l1) or any(a.op != b.op or a.out_shape != b.out_shape for a, b in zip(l0, l1)):
+    if not _same_layers(l0, l1):
         return []
     l0_of_l1 = {b.key: a.key for a, b in zip(l0, l1)}
-    l1_keys = {p.key for p in l1}
-    l0_keys = {p.key for p in l0}
+    template = _Template(l1, l0_of_l1, {v: k for k, v in l0_of_l1.items()})
     out: list[_Proto] = [p for p in protos if tags[p.key] in ("pre", "L0")]
-    # key of the node in layer i that corresponds to a template node of layer 1
-    def key_in(layer: int, l1_key: str) -> str:
-        return l1_key if layer == 1 else f"{l1_key}@{layer}" if layer > 1 else l0_of_l1[l1_key]
-    l1_of_l0 = {v: k for k, v in l0_of_l1.items()}
     for i in range(1, n_layers):
-        for p in l1:
-            inputs = []
-            for kind, ref in p.inputs:
-                if kind == "node" and ref in l1_keys:
-                    inputs.append(("node", key_in(i, ref)))
-                elif kind == "node" and ref in l0_keys:
-                    inputs.append(("node", key_in(i - 1, l1_of_l0[ref]) if i > 1 else ref))
-                elif kind == "weight":
-                    inputs.append((kind, _rename_layer(ref, layers_path, 1, i)))
-                else:
-                    inputs.append((kind, ref))
-            out.append(dataclasses.replace(p, key=key_in(i, p.key), layer=i, inputs=inputs,
-                                           module=_rename_layer(p.module, layers_path, 1, i)))
+        out.extend(template.layer(i, layers_path))
+    last = n_layers - 1
     for p in protos:
         if tags[p.key] == "post":
-            inputs = [("node", key_in(n_layers - 1, r)) if k == "node" and r in l1_keys else (k, r)
+            inputs = [("node", template.key_in(last, r)) if k == "node" and r in l0_of_l1 else (k, r)
                       for k, r in p.inputs]
             out.append(dataclasses.replace(p, inputs=inputs))
     return out
@@ -330,9 +384,25 @@ def trace(spec: TraceSpec, shape: RunShape, progress: Callable[[str], None] | No
     layers_path = spec.layers_path or find_layers(full)
     n_layers = len(full.get_submodule(layers_path)) if layers_path else 0
     entries = weight_entries(full)
+    protos, outputs, traced_layers = _trace_protos(spec, full, layers_path, n_layers, say)
+    _check_weights_known(protos, entries)
+    blocks, objects = _weight_blocks(_group_blocks(full, layers_path, entries))
+    steps, buffers = _steps(protos, [b.module for b in blocks if b.module])
+    objects += buffers.objects
+    if steps:
+        objects += _finish_steps(steps, protos, outputs, buffers, spec)
+    _add_kv(objects, steps, blocks, spec, shape, layers_path, n_layers, entries)
+    return Program(
+        name=spec.name, model=spec.ref.model_copy(update={"traced_layers": traced_layers}),
+        fingerprint=fingerprint_entries(entries), shape=shape,
+        objects=objects, blocks=blocks, steps=steps, passes=["trace"],
+    )
 
-    protos: list[_Proto] = []
-    traced_layers = None
+
+def _trace_protos(spec: TraceSpec, full: nn.Module, layers_path: str | None, n_layers: int,
+                  say: Callable[[str], None]) -> tuple[list[_Proto], list[str], int | None]:
+    """(protos, graph output keys, traced layers): two layers folded to ``n_layers`` where the source can build
+    two and they fold, else the full model (traced layers None)."""
     try:
         # A source that cannot rebuild itself at another depth (a py: factory) is traced in full.
         small = spec.build(2) if layers_path and n_layers > 2 else None
@@ -343,91 +413,98 @@ def trace(spec: TraceSpec, shape: RunShape, progress: Callable[[str], None] | No
         protos, outputs = _protos(_export(small, spec.inputs, spec.kwargs), small, layers_path)
         protos = _fold(protos, layers_path, n_layers)
         if protos:
-            traced_layers = 2
             # post-part outputs were renamed with their layer; map graph outputs the same way
-            outputs = [o if any(p.key == o for p in protos) else f"{o}@{n_layers - 1}" for o in outputs]
-    if not protos:
-        say(f"tracing all {n_layers or 'of the'} layers")
-        protos, outputs = _protos(_export(full, spec.inputs, spec.kwargs), full, layers_path)
-        traced_layers = None
+            keys = {p.key for p in protos}
+            return protos, [o if o in keys else f"{o}@{n_layers - 1}" for o in outputs], 2
+    say(f"tracing all {n_layers or 'of the'} layers")
+    protos, outputs = _protos(_export(full, spec.inputs, spec.kwargs), full, layers_path)
+    return protos, outputs, None
 
-    # The expansion must name exactly the full model's weights (the fingerprint is taken from the full model).
+
+def _check_weights_known(protos: list[_Proto], entries: list[tuple[str, tuple[int, ...], str]]) -> None:
+    """The expansion must name exactly the full model's weights (the fingerprint is taken from the full model)."""
     known = {n for n, _, _ in entries}
-    used = {r for p in protos for k, r in p.inputs if k == "weight"}
-    unknown = sorted(used - known)
+    unknown = sorted({r for p in protos for k, r in p.inputs if k == "weight"} - known)
     if unknown:
         raise MemintentError(f"traced graph uses weights the model does not have: {unknown[:3]} "
                              "(the layers are not identical; this is a front-end bug worth reporting)")
 
-    groups = _group_blocks(full, layers_path, entries)
+
+def _weight_blocks(groups: dict[str, list[tuple[str, tuple[int, ...], str]]]) -> tuple[list[Block], list[Object]]:
+    """One block per group, its weights laid out by ``memintent.ir.layout.weight_offsets``."""
     blocks: list[Block] = []
     objects: list[Object] = []
     for bname, ws in groups.items():
-        off = 0
-        names = []
-        for name, wshape, dtype in ws:
-            size = dtype_bytes(dtype, math.prod(wshape))
+        sizes = [dtype_bytes(dtype, math.prod(wshape)) for _, wshape, dtype in ws]
+        offsets, size_bytes = weight_offsets(sizes)
+        for (name, wshape, dtype), size, off in zip(ws, sizes, offsets):
             objects.append(Object(name=name, kind=ObjectKind.weight, dtype=dtype, shape=list(wshape),
                                   size_bytes=size, home=Tier.host, block=bname, block_offset_bytes=off))
-            names.append(name)
-            off += -(-size // ALIGN_BYTES) * ALIGN_BYTES
-        blocks.append(Block(name=bname, module="" if bname == ROOT_BLOCK else bname, size_bytes=off, weights=names))
-    block_modules = [b.module for b in blocks if b.module]
+        blocks.append(Block(name=bname, module="" if bname == ROOT_BLOCK else bname, size_bytes=size_bytes,
+                            weights=[name for name, _, _ in ws]))
+    return blocks, objects
 
-    # Steps and buffer objects. A view's uses are uses of the buffer it aliases.
-    alias: dict[str, str] = {}
-    buffer_name: dict[str, str] = {}
-    steps: list[Step] = []
-    for p in protos:
-        i = len(steps)
-        uses: list[str] = []
-        for kind, ref in p.inputs:
-            if kind == "node":
-                base = alias.get(ref, ref)
-                if base in buffer_name:
-                    uses.append(buffer_name[base])
-            else:
-                uses.append(ref)
-        uses = list(dict.fromkeys(uses))
-        defs: list[str] = []
+
+class _Buffers:
+    """Buffer objects of the traced steps. A view defines no buffer: its uses are uses of the buffer it aliases."""
+
+    def __init__(self) -> None:
+        self.alias: dict[str, str] = {}         # view key -> key of the node whose buffer it aliases
+        self.name: dict[str, str] = {}          # node key -> its buffer object's name
+        self.objects: list[Object] = []
+
+    def of(self, key: str) -> str | None:
+        """The buffer object a node's output lives in (through views), or None (no buffer: an input, a constant)."""
+        return self.name.get(self.alias.get(key, key))
+
+    def uses(self, p: _Proto) -> list[str]:
+        uses = [self.of(ref) if kind == "node" else ref for kind, ref in p.inputs]
+        return list(dict.fromkeys(u for u in uses if u is not None))
+
+    def define(self, i: int, p: _Proto) -> list[str]:
+        """The objects step ``i`` defines: none for a view, its output buffer (and scratch) otherwise."""
         if p.view:
-            src = next((alias.get(r, r) for k, r in p.inputs if k == "node"), None)
+            src = next((self.alias.get(r, r) for k, r in p.inputs if k == "node"), None)
             if src is not None:
-                alias[p.key] = src
-        else:
-            bname = f"t{i}"
-            buffer_name[p.key] = bname
-            defs.append(bname)
-            objects.append(Object(name=bname, kind=ObjectKind.buffer, dtype=p.out_dtype, shape=p.out_shape,
-                                  size_bytes=p.out_bytes, home=Tier.hbm))
-            if p.op in UPCASTING_OPS and p.out_dtype in ("bf16", "f16"):
-                # Eager norms on 16-bit inputs compute in float32: one f32 copy of the input lives during the op
-                # (measured on an H100: W1 at 4x512 peaked 64 MiB above the plan before this was counted).
-                sname = f"t{i}.scratch"
-                defs.append(sname)
-                objects.append(Object(name=sname, kind=ObjectKind.buffer, dtype="f32", shape=p.out_shape,
-                                      size_bytes=2 * p.out_bytes, home=Tier.hbm))
+                self.alias[p.key] = src
+            return []
+        bname = f"t{i}"
+        self.name[p.key] = bname
+        self.objects.append(Object(name=bname, kind=ObjectKind.buffer, dtype=p.out_dtype, shape=p.out_shape,
+                                   size_bytes=p.out_bytes, home=Tier.hbm))
+        if not (p.op in UPCASTING_OPS and p.out_dtype in ("bf16", "f16")):
+            return [bname]
+        # Eager norms on 16-bit inputs compute in float32: one f32 copy of the input lives during the op
+        # (measured on an H100: W1 at 4x512 peaked 64 MiB above the plan before this was counted).
+        sname = f"t{i}.scratch"
+        self.objects.append(Object(name=sname, kind=ObjectKind.buffer, dtype="f32", shape=p.out_shape,
+                                   size_bytes=2 * p.out_bytes, home=Tier.hbm))
+        return [bname, sname]
+
+
+def _steps(protos: list[_Proto], block_modules: list[str]) -> tuple[list[Step], _Buffers]:
+    """One step per proto, and the buffers the steps define."""
+    buffers = _Buffers()
+    steps: list[Step] = []
+    for i, p in enumerate(protos):
+        uses = buffers.uses(p)
+        defs = buffers.define(i, p)
         steps.append(Step(index=i, op=p.op, module=p.module, block=_block_of_module(p.module, block_modules),
                           flops=p.flops, hbm_bytes=p.in_bytes + p.out_bytes, uses=uses, defs=defs))
-    # The graph's outputs stay alive to the end: give them a use at the last step.
-    if steps:
-        for o in outputs:
-            b = buffer_name.get(alias.get(o, o))
-            if b and b not in steps[-1].uses:
-                steps[-1].uses.append(b)
-        for name in {r for p in protos for k, r in p.inputs if k == "input"}:
-            t = next((x for x in spec.inputs if isinstance(x, torch.Tensor)), None)
-            objects.append(Object(name=name, kind=ObjectKind.buffer, dtype=ir_dtype(t.dtype) if t is not None else "i64",
-                                  shape=list(t.shape) if t is not None else [], size_bytes=_tensor_bytes(t),
-                                  home=Tier.hbm))
+    return steps, buffers
 
-    _add_kv(objects, steps, blocks, spec, shape, layers_path, n_layers, entries)
 
-    return Program(
-        name=spec.name, model=spec.ref.model_copy(update={"traced_layers": traced_layers}),
-        fingerprint=fingerprint_entries(entries), shape=shape,
-        objects=objects, blocks=blocks, steps=steps, passes=["trace"],
-    )
+def _finish_steps(steps: list[Step], protos: list[_Proto], outputs: list[str], buffers: _Buffers,
+                  spec: TraceSpec) -> list[Object]:
+    """Keep the graph's outputs alive to the end (a use at the last step); return the model inputs' objects."""
+    for o in outputs:
+        b = buffers.of(o)
+        if b and b not in steps[-1].uses:
+            steps[-1].uses.append(b)
+    t = next((x for x in spec.inputs if isinstance(x, torch.Tensor)), None)
+    return [Object(name=name, kind=ObjectKind.buffer, dtype=ir_dtype(t.dtype) if t is not None else "i64",
+                   shape=list(t.shape) if t is not None else [], size_bytes=_tensor_bytes(t), home=Tier.hbm)
+            for name in dict.fromkeys(r for p in protos for k, r in p.inputs if k == "input")]
 
 
 def _add_kv(objects: list[Object], steps: list[Step], blocks: list[Block], spec: TraceSpec, shape: RunShape,

@@ -19,8 +19,7 @@ from torch import nn
 
 from memintent.engine import attention as paged
 from memintent.errors import MemintentError
-
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+from memintent.ir.dtypes import MODEL_DTYPES, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,8 @@ class ModelConfig:
             raise MemintentError(f"norm {self.norm!r} is not one of 'rms', 'layer'")
         if self.act not in ("silu_glu", "relu"):
             raise MemintentError(f"act {self.act!r} is not one of 'silu_glu', 'relu'")
-        if self.dtype not in _TORCH_DTYPES:
-            raise MemintentError(f"dtype {self.dtype!r} is not one of {sorted(_TORCH_DTYPES)}")
+        if self.dtype not in MODEL_DTYPES:
+            raise MemintentError(f"dtype {self.dtype!r} is not one of {sorted(MODEL_DTYPES)}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise MemintentError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: dim must "
                                  "divide by n_heads and n_heads by n_kv_heads")
@@ -64,7 +63,7 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     @property
     def max_positions(self) -> int:

@@ -35,20 +35,8 @@ import torch
 from torch import nn
 
 from memintent.compiler import models
-from memintent.compiler.fingerprint import IR_TO_TORCH, TORCH_TO_IR
 from memintent.errors import MemintentError
-
-# safetensors header dtype names -> torch dtypes (the ones a plan's weights can have)
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-_DTYPE_ALIASES = {
-    "bf16": "bf16", "bfloat16": "bf16",
-    "f16": "f16", "fp16": "f16", "float16": "f16", "half": "f16",
-    "f32": "f32", "fp32": "f32", "float32": "f32", "float": "f32",
-}
+from memintent.ir.dtypes import MODEL_DTYPES, ir_dtype_of, normalize_float_dtype, safetensors_dtype, torch_dtype
 
 
 def list_presets() -> list[str]:
@@ -57,14 +45,11 @@ def list_presets() -> list[str]:
 
 def normalize_dtype(dtype: Any) -> str:
     """IR dtype name of a float dtype given as 'bf16', 'bfloat16', 'torch.bfloat16' or a torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        name = TORCH_TO_IR.get(dtype, str(dtype))
-    else:
-        name = str(dtype).lower().removeprefix("torch.")
-    try:
-        return _DTYPE_ALIASES[name]
-    except KeyError:
-        raise MemintentError(f"dtype {dtype!r} is not supported: use one of bf16, f16, f32") from None
+    name = (ir_dtype_of(dtype) or str(dtype)) if isinstance(dtype, torch.dtype) else str(dtype)
+    ir = normalize_float_dtype(name)
+    if ir is None:
+        raise MemintentError(f"dtype {dtype!r} is not supported: use one of {', '.join(MODEL_DTYPES)}")
+    return ir
 
 
 def _tokens(batch: int, seq: int, vocab: int | None, device) -> torch.Tensor:
@@ -135,6 +120,124 @@ def _meta_clone(module: nn.Module, device) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+# -- reading Hugging Face checkpoints -------------------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _natural_key(key: str) -> list[tuple]:
+    """Sort key of a checkpoint name with numbers compared as numbers ('experts.2' before 'experts.10'): the order
+    in which transformers hands a checkpoint's keys to its converters, so stacked experts come out in order."""
+    parts: list[tuple] = []
+    for part in key.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+            continue
+        text = part.rstrip("0123456789")
+        digits = part[len(text):]
+        parts.append((1, text, int(digits)) if digits else (1, text))
+    return parts
+
+
+def _weight_transforms(model: nn.Module, ref: str) -> tuple[list, list]:
+    """transformers' checkpoint conversions for ``model``, the table ``from_pretrained`` applies while loading, as
+    (renamings, converters). transformers 5 rewrites some layouts (per-expert MoE matrices fused into one 3-D
+    weight, renamed modules); transformers 4 has no such table and loads checkpoints by name: ([], []).
+
+    ``WeightConverter`` is public (exported by ``transformers``); the table itself comes from
+    ``transformers.conversion_mapping.get_model_conversion_mapping``, which ``from_pretrained`` and PEFT call
+    (same signature in transformers 5.17 and 5.24). Any failure to get it is an error, never a silent fallback.
+    """
+    import transformers
+
+    if importlib.util.find_spec("transformers.conversion_mapping") is None:
+        return [], []   # transformers 4: checkpoints load by name
+    try:
+        from transformers import WeightConverter
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception as e:
+        raise MemintentError(f"{ref}: transformers {transformers.__version__} cannot give the checkpoint conversions "
+                             f"of {type(model).__name__} ({type(e).__name__}: {_first_line(e)}), so its "
+                             f"checkpoint cannot be mapped onto the model's weights") from None
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return [t for t in transforms if not isinstance(t, WeightConverter)], converters
+
+
+def _rename_key(key: str, renamings: list, converters: list, prefix: str, model_names: set[str]
+                ) -> tuple[str, Any, str | None]:
+    """(model name, converter or None, the converter's source pattern or None) of checkpoint key ``key``. As
+    ``from_pretrained``: every renaming in turn, then at most one converter, then the base model's prefix added or
+    removed where that names a weight of the model."""
+    for t in renamings:
+        key, _ = t.rename_source_key(key)
+    conv = pattern = None
+    for c in converters:
+        key, pattern = c.rename_source_key(key)
+        if pattern is not None:
+            conv = c
+            break
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in model_names:
+        key = key[len(prefix) + 1:]
+    elif prefix and f"{prefix}.{key}" in model_names:
+        key = f"{prefix}.{key}"
+    return key, conv, pattern
+
+
+class _Shards:
+    """The safetensors files of a checkpoint, each opened on first use and all closed on exit. A file that cannot
+    be read is a one-line ``MemintentError`` naming it."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._open: dict[Path, Any] = {}
+
+    def __enter__(self) -> _Shards:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._open.values():
+            h.__exit__(None, None, None)
+        self._open.clear()
+
+    def _with(self, key: str, what):
+        from safetensors import safe_open
+
+        file = self.files[key]
+        try:
+            if file not in self._open:
+                self._open[file] = safe_open(str(file), framework="pt").__enter__()
+            return what(self._open[file])
+        except Exception as e:
+            raise MemintentError(f"safetensors file {file} is truncated or malformed: {e}") from None
+
+    def header(self, key: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype name) of tensor ``key``, from the header only."""
+        def shape_and_dtype(handle) -> tuple[tuple[int, ...], str]:
+            sl = handle.get_slice(key)
+            return tuple(sl.get_shape()), sl.get_dtype()
+
+        return self._with(key, shape_and_dtype)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._with(key, lambda h: h.get_tensor(key))
+
+
+@dataclasses.dataclass
+class _Checkpoint:
+    """A meta model of some depth and how a checkpoint's tensors map onto its weights."""
+
+    n_layers: int | None                  # None: the source's own depth
+    tensors: dict[str, torch.Tensor]      # every name of every weight (tied ones under each name)
+    aliases: dict[str, list[str]]         # name -> all names of the same tensor
+    non_persistent: set[str]              # buffers the model computes rather than loads
+    model: nn.Module
+    direct: dict[str, str]                # model name -> checkpoint key
+    converted: dict[str, tuple]           # model name -> (converter, target, [(pattern, checkpoint key), ...])
+
 class ModelSource:
     """A resolved model reference. Subclasses implement building and weight loading for each kind."""
 
@@ -152,7 +255,7 @@ class ModelSource:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return IR_TO_TORCH[self.dtype]
+        return torch_dtype(self.dtype)
 
     def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
         raise NotImplementedError
@@ -317,157 +420,123 @@ class HFSource(ModelSource):
         return dict(self._kwargs)
 
     # -- weights ---------------------------------------------------------------------------------------------
-    def _checkpoint_map(self, model: nn.Module):
+    def _checkpoint_map(self, model: nn.Module) -> tuple[dict[str, str], dict[str, tuple]]:
         """How the checkpoint's tensors become the model's weights.
 
         Returns ``direct`` (model name -> checkpoint key) and ``converted`` (model name -> (converter, target,
-        [(pattern, checkpoint key), ...])). transformers 5 rewrites some layouts while loading (per-expert MoE
-        matrices fused into one 3-D weight, renamed modules); its own conversion table is applied here, so the
-        tensors are read by name from the files and converted exactly as ``from_pretrained`` would.
+        [(pattern, checkpoint key), ...])). Keys are renamed and grouped with transformers' own conversion table
+        (``_weight_transforms``), in transformers' key order, so the tensors are read by name from the files and
+        converted exactly as ``from_pretrained`` would.
         """
+        renamings, converters = _weight_transforms(model, self.ref)
         prefix = getattr(model, "base_model_prefix", "") or ""
-        try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
-                                                         rename_source_key)
-            transforms = get_model_conversion_mapping(model)
-        except Exception:  # another transformers version: names only
-            transforms, dot_natural_key = [], None
+        model_names = set(_named_tensors(model))
         direct: dict[str, str] = {}
-        converted: dict[str, tuple] = {}
-        if not transforms:
-            for key in self.files:
-                direct.setdefault(key, key)
-                if prefix and key.startswith(prefix + "."):
-                    direct.setdefault(key[len(prefix) + 1:], key)
-                elif prefix:
-                    direct.setdefault(f"{prefix}.{key}", key)
-            return direct, converted
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        meta_sd = {k: True for k in _named_tensors(model)}
         groups: dict[str, tuple] = {}
-        for key in sorted(self.files, key=dot_natural_key):
-            target, pattern = rename_source_key(key, renamings, converters, prefix or None, meta_sd)
-            if pattern is None:
+        for key in sorted(self.files, key=_natural_key):
+            target, conv, pattern = _rename_key(key, renamings, converters, prefix, model_names)
+            if conv is None:
                 direct.setdefault(target, key)
-                continue
-            conv = next(c for c in converters if pattern in c.source_patterns)
-            groups.setdefault(target, (conv, target, []))[2].append((pattern, key))
-        for target, (conv, _, items) in groups.items():
+            else:
+                groups.setdefault(target, (conv, target, []))[2].append((pattern, key))
+        converted: dict[str, tuple] = {}
+        for target, group in groups.items():
+            conv = group[0]
             first = conv.target_patterns[0]
             for tp in conv.target_patterns:  # a one-to-many converter makes several weights
-                converted[target.replace(first, tp, 1)] = groups[target]
+                converted[target.replace(first, tp, 1)] = group
         return direct, converted
+
+    def _checkpoint_for(self, names) -> _Checkpoint:
+        """The meta model that weights ``names`` belong to (deeper than the source when they name more layers)
+        and how the checkpoint maps onto it."""
+        layers = _layer_count(names) or None
+        n_layers = None if layers is None or layers <= (self.num_layers or 0) else layers
+        model = self._build_meta(n_layers)
+        direct, converted = self._checkpoint_map(model)
+        return _Checkpoint(n_layers, _named_tensors(model), _alias_groups(model), _non_persistent(model), model,
+                           direct, converted)
+
+    def _missing(self, name: str, names: list[str]) -> MemintentError:
+        tied = [a for a in names if a != name]
+        return MemintentError(
+            f"weight {name} is missing from the safetensors files in {self.path}"
+            + (f" (nor is its tied name {', '.join(tied)} there)" if tied else " and is not tied to one there"))
 
     def check_checkpoint(self, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
         """Compare the safetensors headers with the weights a plan expects (``{name: (shape, dtype)}``) without
         reading any tensor data, so a checkpoint that changed since the plan was compiled is refused before
         anything is allocated. Tensors that transformers converts while loading (fused MoE experts and the like)
         and computed buffers are checked when ``fill_weights`` reads them."""
-        from safetensors import safe_open
-
-        layers = _layer_count(expected) or None
-        n_layers = None if layers is None or layers <= (self.num_layers or 0) else layers
-        model = self._build_meta(n_layers)
-        aliases = _alias_groups(model)
-        non_persistent = _non_persistent(model)
-        direct, converted = self._checkpoint_map(model)
-        handles: dict[Path, Any] = {}
-        try:
+        ck = self._checkpoint_for(expected)
+        with _Shards(self.files) as shards:
             for name, (shape, dtype) in expected.items():
-                names = aliases.get(name, [name])
-                key = next((direct[a] for a in names if a in direct), None)
-                if key is None:
-                    if not any(a in converted for a in names) and name not in non_persistent and name in aliases:
-                        tied = [a for a in names if a != name]
-                        raise MemintentError(
-                            f"weight {name} is missing from the safetensors files in {self.path}"
-                            + (f" (nor is its tied name {', '.join(tied)} there)" if tied else
-                               " and is not tied to one there"))
-                    continue
-                file = self.files[key]
-                try:
-                    if file not in handles:
-                        handles[file] = safe_open(str(file), framework="pt").__enter__()
-                    sl = handles[file].get_slice(key)
-                    got_shape, got_dtype = tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype())
-                except Exception as e:
-                    raise MemintentError(f"safetensors file {file} is truncated or malformed: {e}") from None
-                if got_shape != tuple(shape):
-                    raise MemintentError(f"tensor {key} in {file.name} has shape {got_shape}: the plan expects "
-                                         f"{tuple(shape)} for {name} (was the checkpoint changed after compiling?)")
-                if got_dtype != dtype:
-                    convertible = got_dtype is not None and got_dtype.is_floating_point and dtype.is_floating_point
-                    if not (convertible and self.dtype_forced):
-                        raise MemintentError(f"tensor {key} in {file.name} is {got_dtype or sl.get_dtype()}: the "
-                                             f"plan expects {dtype} for {name}")
-        finally:
-            for h in handles.values():
-                h.__exit__(None, None, None)
+                names = ck.aliases.get(name, [name])
+                key = next((ck.direct[a] for a in names if a in ck.direct), None)
+                if key is not None:
+                    self._check_header(name, key, tuple(shape), dtype, shards)
+                elif (not any(a in ck.converted for a in names) and name not in ck.non_persistent
+                      and name in ck.aliases):
+                    raise self._missing(name, names)
+
+    def _check_header(self, name: str, key: str, shape: tuple[int, ...], dtype: torch.dtype, shards: _Shards
+                      ) -> None:
+        got_shape, got_name = shards.header(key)
+        file = self.files[key].name
+        if got_shape != shape:
+            raise MemintentError(f"tensor {key} in {file} has shape {got_shape}: the plan expects {shape} for "
+                                 f"{name} (was the checkpoint changed after compiling?)")
+        got_dtype = safetensors_dtype(got_name)
+        if got_dtype != dtype:
+            convertible = got_dtype is not None and got_dtype.is_floating_point and dtype.is_floating_point
+            if not (convertible and self.dtype_forced):
+                raise MemintentError(f"tensor {key} in {file} is {got_dtype or got_name}: the plan expects "
+                                     f"{dtype} for {name}")
 
     def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
-        from safetensors import safe_open
+        ck = self._checkpoint_for(named)
+        reads, computed = self._sources(named, ck)
+        converted: dict[str, dict[str, torch.Tensor]] = {}   # converter target -> the weights it produced
+        with _Shards(self.files) as shards, torch.no_grad():
+            for name, t, key, conv in reads:
+                if conv is None:
+                    self._copy(name, key, self.files[key].name, shards.read(key), t)
+                else:
+                    self._copy_converted(name, t, conv, shards, ck.model, converted)
+            if computed:
+                bufs = _named_tensors(self._buffer_model(ck.n_layers))
+                for name, t in computed:
+                    t.copy_(bufs[name])
 
-        layers = _layer_count(named) or None
-        n_layers = None if layers is None or layers <= (self.num_layers or 0) else layers
-        model = self._build_meta(n_layers)
-        ref = _named_tensors(model)
-        aliases = _alias_groups(model)
-        non_persistent = _non_persistent(model)
-        direct, converted = self._checkpoint_map(model)
-        plan: list[tuple[str, torch.Tensor, str, Any]] = []
-        computed: list[tuple[str, torch.Tensor]] = []
+    def _sources(self, named: dict[str, torch.Tensor], ck: _Checkpoint) -> tuple[list[tuple], list[tuple]]:
+        """Where each target's values come from, checked before any is read: ``reads`` of (name, tensor,
+        checkpoint key, None) or (name, tensor, None, (alias, converter group)), and ``computed`` (name, tensor)
+        for buffers the model computes (non-persistent ones such as RoPE frequencies)."""
+        reads, computed = [], []
         for name, t in named.items():
-            if name not in ref:
+            if name not in ck.tensors:
                 raise MemintentError(f"{name} is not a weight of {self.ref}")
-            _check_target(name, t, ref[name])
-            src = next(((a, direct[a]) for a in aliases[name] if a in direct), None)
-            if src is not None:
-                plan.append((name, t, "direct", src[1]))
-                continue
-            src = next(((a, converted[a]) for a in aliases[name] if a in converted), None)
-            if src is not None:
-                plan.append((name, t, "converted", src))
-            elif name in non_persistent:
+            _check_target(name, t, ck.tensors[name])
+            names = ck.aliases[name]
+            key = next((ck.direct[a] for a in names if a in ck.direct), None)
+            conv = next(((a, ck.converted[a]) for a in names if a in ck.converted), None)
+            if key is not None or conv is not None:
+                reads.append((name, t, key, None if key is not None else conv))
+            elif name in ck.non_persistent:
                 computed.append((name, t))
             else:
-                tied = [a for a in aliases[name] if a != name]
-                raise MemintentError(
-                    f"weight {name} is missing from the safetensors files in {self.path}"
-                    + (f" (nor is its tied name {', '.join(tied)} there)" if tied else " and is not tied to one there"))
-        handles: dict[Path, Any] = {}
+                raise self._missing(name, names)
+        return reads, computed
 
-        def read(key: str) -> torch.Tensor:
-            file = self.files[key]
-            try:
-                if file not in handles:
-                    handles[file] = safe_open(str(file), framework="pt").__enter__()
-                return handles[file].get_tensor(key)
-            except Exception as e:
-                raise MemintentError(f"safetensors file {file} is truncated or malformed: {e}") from None
-
-        done: dict[str, dict[str, torch.Tensor]] = {}
-        try:
-            with torch.no_grad():
-                for name, t, how, src in plan:
-                    if how == "direct":
-                        self._copy(name, src, self.files[src].name, read(src), t)
-                        continue
-                    alias, (conv, target, items) = src
-                    if target not in done:
-                        done[target] = self._convert(conv, target, items, read, model)
-                    out = done[target].get(alias)
-                    if out is None:
-                        raise MemintentError(f"converting {target} from {self.path} did not produce {alias}")
-                    self._copy(name, f"{alias} (converted)", self.files[items[0][1]].name, out, t)
-                if computed:
-                    bufs = _named_tensors(self._buffer_model(n_layers))
-                    for name, t in computed:
-                        t.copy_(bufs[name])
-        finally:
-            for h in handles.values():
-                h.__exit__(None, None, None)
+    def _copy_converted(self, name: str, t: torch.Tensor, conv: tuple, shards: _Shards, model: nn.Module,
+                        converted: dict[str, dict[str, torch.Tensor]]) -> None:
+        alias, (converter, target, items) = conv
+        if target not in converted:
+            converted[target] = self._convert(converter, target, items, shards.read, model)
+        out = converted[target].get(alias)
+        if out is None:
+            raise MemintentError(f"converting {target} from {self.path} did not produce {alias}")
+        self._copy(name, f"{alias} (converted)", self.files[items[0][1]].name, out, t)
 
     def _convert(self, conv, target: str, items, read, model) -> dict[str, torch.Tensor]:
         """Run one transformers WeightConverter (e.g. stack 8 experts' w1 and w3 into gate_up_proj)."""
@@ -514,8 +583,8 @@ class PySource(ModelSource):
         floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
         own = normalize_dtype(floats[0]) if floats else "f32"
         if dtype is not None and dtype != own:
-            module = module.to(IR_TO_TORCH[dtype])
-            inputs = tuple(x.to(IR_TO_TORCH[dtype]) if isinstance(x, torch.Tensor) and x.is_floating_point()
+            module = module.to(torch_dtype(dtype))
+            inputs = tuple(x.to(torch_dtype(dtype)) if isinstance(x, torch.Tensor) and x.is_floating_point()
                            else x for x in inputs)
         self.module, self.inputs = module.eval().requires_grad_(False), inputs
         lm = getattr(module, "layers", None)
@@ -588,13 +657,8 @@ def _check_shards(files: dict[str, Path]) -> None:
             raise MemintentError(f"safetensors file {shard} is truncated or malformed: {e}") from None
 
 
-def _resolve_hf(ref: str, dtype: str | None, allow_code: bool) -> HFSource:
-    raw = ref[3:]
-    if not raw:
-        raise MemintentError("hf: needs a folder: write hf:/path/to/model (a local Hugging Face folder)")
-    path = Path(raw).expanduser()
-    if not path.is_dir():
-        raise MemintentError(f"{ref}: folder {path} does not exist (hf: takes a local folder; download it first)")
+def _read_config_json(ref: str, path: Path, allow_code: bool) -> dict:
+    """config.json of an hf: folder as JSON, checked to be a transformers config whose code may run."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise MemintentError(f"{ref}: no config.json in {path}")
@@ -608,32 +672,54 @@ def _resolve_hf(ref: str, dtype: str | None, allow_code: bool) -> HFSource:
         raise MemintentError(f"{cfg_file} has no model_type: not a transformers config")
     if raw_cfg.get("auto_map") and not allow_code:
         raise MemintentError(f"{ref}: config.json points at custom model code (auto_map): pass --allow-code to run it")
+    return raw_cfg
+
+
+def _load_causal_config(ref: str, path: Path, raw_cfg: dict, allow_code: bool):
+    """transformers' config of the folder, refused unless AutoModelForCausalLM builds a decoder-only model of it."""
     try:
         import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
     except ImportError:
         raise MemintentError("hf: references need transformers: pip install 'memintent[hf]'") from None
     transformers.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=allow_code, local_files_only=True)
     except Exception as e:
-        raise MemintentError(f"{cfg_file} is not a config transformers can read (model_type "
+        raise MemintentError(f"{path / 'config.json'} is not a config transformers can read (model_type "
                              f"{raw_cfg.get('model_type')!r}): {type(e).__name__}: {e}") from None
-    causal = type(config) in AutoModelForCausalLM._model_mapping or (
+    # The public config -> causal-LM class table that AutoModelForCausalLM itself looks models up in.
+    causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or (
         allow_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
     if not causal or getattr(config, "is_encoder_decoder", False):
         raise MemintentError(f"{ref}: model_type {config.model_type!r} is not a decoder-only causal LM that "
                              "AutoModelForCausalLM builds")
+    return config
+
+
+def _hf_dtype(path: Path, config, raw_cfg: dict, dtype: str | None) -> tuple[str, bool]:
+    """(IR dtype to build in, whether the user forced it): ``dtype`` when given, else the one config.json declares."""
     if dtype is not None:
-        ir, forced = normalize_dtype(dtype), True
-    else:
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or raw_cfg.get("dtype") \
-            or raw_cfg.get("torch_dtype") or "float32"
-        try:
-            ir = normalize_dtype(declared)
-        except MemintentError:
-            raise MemintentError(f"{cfg_file} declares dtype {declared!r}: pass a dtype (bf16, f16 or f32)") from None
-        forced = False
+        return normalize_dtype(dtype), True
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or raw_cfg.get("dtype") \
+        or raw_cfg.get("torch_dtype") or "float32"
+    try:
+        return normalize_dtype(declared), False
+    except MemintentError:
+        raise MemintentError(f"{path / 'config.json'} declares dtype {declared!r}: pass a dtype (bf16, f16 or f32)"
+                             ) from None
+
+
+def _resolve_hf(ref: str, dtype: str | None, allow_code: bool) -> HFSource:
+    raw = ref[3:]
+    if not raw:
+        raise MemintentError("hf: needs a folder: write hf:/path/to/model (a local Hugging Face folder)")
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        raise MemintentError(f"{ref}: folder {path} does not exist (hf: takes a local folder; download it first)")
+    raw_cfg = _read_config_json(ref, path, allow_code)
+    config = _load_causal_config(ref, path, raw_cfg, allow_code)
+    ir, forced = _hf_dtype(path, config, raw_cfg, dtype)
     files = _safetensors_index(path)
     _check_shards(files)
     return HFSource(ref, path, config, ir, forced, files, allow_code)

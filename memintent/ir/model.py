@@ -53,13 +53,17 @@ Units: sizes in bytes (``_bytes``), times in seconds (``_s``), rates in gigabyte
 from __future__ import annotations
 
 import enum
-from typing import Literal
-
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from memintent.ir.dtypes import DTYPE_BITS, dtype_bytes  # noqa: F401 -- the IR's dtype table, named here too
+
 SCHEMA_VERSION = 1
+
+# Every weight in a block's flat buffer, every part of a packed block, every host block buffer and every arena
+# slot starts on this boundary (vectorised copies, and a dtype-aligned view of any weight at any offset).
+ALIGN_BYTES = 256
 
 # Sizes, counts, indices and durations are never negative; rates are positive.
 NonNeg = Annotated[int, Field(ge=0)]
@@ -67,11 +71,10 @@ Pos = Annotated[int, Field(ge=1)]
 NonNegF = Annotated[float, Field(ge=0.0)]
 PosF = Annotated[float, Field(gt=0.0)]
 
-# dtype names used throughout the IR, with their width in bits; int4 packs two values in a byte.
-DTYPE_BITS: dict[str, int] = {
-    "f64": 64, "f32": 32, "bf16": 16, "f16": 16, "i64": 64, "i32": 32, "i16": 16, "i8": 8, "u8": 8, "i4": 4,
-    "bool": 8, "f8e4m3": 8, "f8e5m2": 8, "c64": 64,
-}
+
+def align_up(n_bytes: int, alignment_bytes: int = ALIGN_BYTES) -> int:
+    """``n_bytes`` rounded up to a multiple of ``alignment_bytes``."""
+    return -(-n_bytes // alignment_bytes) * alignment_bytes
 
 
 class _Model(BaseModel):
@@ -209,7 +212,7 @@ class Slot(_Model):
 
 class Arena(_Model):
     size_bytes: NonNeg
-    alignment_bytes: Pos = 256
+    alignment_bytes: Pos = ALIGN_BYTES
     slots: list[Slot] = Field(default_factory=list)
 
 
@@ -317,8 +320,3 @@ class Program(_Model):
 
     def block_map(self) -> dict[str, Block]:
         return {b.name: b for b in self.blocks}
-
-
-def dtype_bytes(dtype: str, numel: int) -> int:
-    """Bytes that ``numel`` values of ``dtype`` occupy (int4 rounds up to whole bytes)."""
-    return (DTYPE_BITS[dtype] * numel + 7) // 8

@@ -24,7 +24,7 @@ def transfer_bytes(block: Block, program: Program) -> int:
     if block.quant == Quant.none:
         return block.size_bytes
     # Imported here: memintent.runtime pulls in torch and the executor, which the passes do not otherwise need.
-    from memintent.runtime.quant import quantized_block_bytes
+    from memintent.ir.layout import quantized_block_bytes
 
     return quantized_block_bytes(block, program.object_map())
 

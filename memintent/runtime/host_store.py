@@ -7,7 +7,7 @@ asynchronously on a copy stream (from pageable memory the driver stages them thr
 host blocks).
 
 A block with ``quant`` int8/int4 (a streamed block the compiler chose to quantize) is stored *packed*: its host
-buffer holds ``quantized_block_bytes`` bytes in the layout of ``memintent.runtime.quant.quant_layout`` (quantized
+buffer holds ``quantized_block_bytes`` bytes in the layout of ``memintent.ir.layout.quant_layout`` (quantized
 values and scales of its 2-D weights, raw bytes of the rest), which is exactly what a visit copies. The fill
 callback still writes full-precision values; for a packed block it writes them into a scratch buffer of one
 block, which is then quantized (on the CUDA device when there is one, else on the CPU) into the pinned buffer.
@@ -23,10 +23,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from memintent.compiler.fingerprint import IR_TO_TORCH
 from memintent.errors import MemintentError
-from memintent.ir.model import Block, Object, Program, Quant, Residency
-from memintent.runtime.quant import pack_block, quantized_block_bytes, unpack_weight
+from memintent.ir.dtypes import torch_dtypes
+from memintent.ir.model import ALIGN_BYTES, Block, Object, Program, Quant, Residency, align_up
+from memintent.runtime.quant import pack_block, quantized_block_bytes, typed_view, unpack_weight
 
 # A fill callback receives {weight name: host tensor of that weight's dtype and shape} and writes each value in.
 FillFn = Callable[[dict[str, torch.Tensor]], None]
@@ -38,30 +38,24 @@ class ScratchViews(dict):
     callback must not keep them. ``fill_from_module(adopt=True)`` therefore releases the module's own tensors of
     such a block (points them at the meta device) instead of adopting the scratch views."""
 
-ALIGN_BYTES = 256            # every block buffer starts on this boundary (and the plan's offsets are multiples of it)
 PROGRESS_MIN_BYTES = 10**9   # show a progress bar when filling more than this
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
+PIN_MODES = ("auto", "register", "alloc", "none")
 
 
 def torch_dtype(ir: str) -> torch.dtype:
     try:
-        return IR_TO_TORCH[ir]
+        return torch_dtypes()[ir]
     except KeyError:
         raise MemintentError(
-            f"weight dtype {ir!r} cannot be executed by the runtime: use one of {sorted(IR_TO_TORCH)}") from None
+            f"weight dtype {ir!r} cannot be executed by the runtime: use one of {sorted(torch_dtypes())}") from None
 
 
-def typed_view(flat: torch.Tensor, offset_bytes: int, dtype: torch.dtype, shape: list[int] | tuple[int, ...]
-               ) -> torch.Tensor:
-    """A tensor of ``dtype``/``shape`` aliasing ``flat`` (uint8) from ``offset_bytes``: no copy, no allocation."""
-    n = 1
-    for d in shape:
-        n *= d
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    return flat[offset_bytes:offset_bytes + nbytes].view(dtype).view(tuple(shape))
+def _aligned_empty(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
+    """uint8 [n_bytes] host memory starting on an ``ALIGN_BYTES`` boundary. CPU and pinned allocations are only
+    guaranteed 64-byte aligned, so it over-allocates by ``ALIGN_BYTES`` and slices."""
+    raw = torch.empty(n_bytes + ALIGN_BYTES, dtype=torch.uint8, pin_memory=pin_memory)   # [n_bytes + pad]
+    skip = (-raw.data_ptr()) % ALIGN_BYTES
+    return raw[skip:skip + n_bytes]
 
 
 def rebind(t: torch.Tensor, value: torch.Tensor) -> None:
@@ -106,19 +100,11 @@ class HostStore:
 
     def __init__(self, program: Program, *, pin: str = "auto", blocks: Iterable[str] | None = None,
                  quant_device: torch.device | str | None = None, pin_resident: bool = False):
-        if pin not in ("auto", "register", "alloc", "none"):
-            raise MemintentError(f"pin={pin!r}: use one of auto, register, alloc, none")
+        if pin not in PIN_MODES:
+            raise MemintentError(f"pin={pin!r}: use one of {', '.join(PIN_MODES)}")
         if pin == "auto":
             pin = "register" if torch.cuda.is_available() else "none"
-        objects = program.object_map()
-        wanted = set(blocks) if blocks is not None else None
-        self.blocks: dict[str, Block] = {b.name: b for b in program.blocks if wanted is None or b.name in wanted}
-        self._objects: dict[str, Object] = {w: objects[w] for b in self.blocks.values() for w in b.weights
-                                            if w in objects}
-        missing = [w for b in self.blocks.values() for w in b.weights if w not in objects]
-        if missing:
-            raise MemintentError(f"plan lists weights without an object entry: {missing[:5]}")
-        self._owner = {w: b.name for b in self.blocks.values() for w in b.weights}
+        self._select_blocks(program, blocks)
         # Packed blocks: those the plan quantizes. Their buffer is the packed layout (what a visit copies).
         self.packed: set[str] = {n for n, b in self.blocks.items() if b.quant != Quant.none}
         self._nbytes = {n: quantized_block_bytes(b, self._objects) if n in self.packed else b.size_bytes
@@ -138,39 +124,56 @@ class HostStore:
         self.pinned_nbytes = sum(self._nbytes[n] for n in self.pinned_blocks) if pin != "none" else 0
         self._buffers: dict[str, torch.Tensor] = {}
         self._finalizer = None
-        if pin == "register":
-            try:
-                self._alloc_registered()
-            except Exception as e:  # noqa: BLE001 -- e.g. a sandbox without cudaHostRegister
-                warnings.warn(f"cudaHostRegister failed ({e}); using PyTorch's pinned allocator instead "
-                              f"(it rounds each block up to a power of two)", stacklevel=2)
-                self.pin = pin = "alloc"
-        for name in self.blocks:
-            if name in self._buffers:
-                continue
-            n = self._nbytes[name]
-            # [n] uint8; CPU/pinned allocations are at least 64-byte aligned, pad to 256 by hand
-            want_pin = self.pin == "alloc" and name in self.pinned_blocks
-            try:
-                raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8, pin_memory=want_pin)
-            except RuntimeError as e:
-                if not want_pin:
-                    raise
-                # Page-locked memory is a limited resource (ulimit -l, the driver's budget): run from pageable
-                # memory, slower (copies at ~8 GB/s instead of ~55 on an H100), rather than not at all.
-                warnings.warn(f"pinned host allocation failed ({str(e).splitlines()[0]}); the host store falls back "
-                              f"to pageable memory: copies will be several times slower than the plan predicts",
-                              stacklevel=2)
-                self.pin = "none"
-                self.pinned_blocks = set()
-                self.pinned_nbytes = 0
-                raw = torch.empty(n + ALIGN_BYTES, dtype=torch.uint8)
-            skip = (-raw.data_ptr()) % ALIGN_BYTES
-            self._buffers[name] = raw[skip:skip + n]
+        self._allocate()
         self._views: dict[str, torch.Tensor] = {}
         for name, b in self.blocks.items():
             if name not in self.packed:
                 self._views.update(self._typed_views(b, self._buffers[name]))
+
+    def _select_blocks(self, program: Program, blocks: Iterable[str] | None) -> None:
+        """The blocks this store holds (all, or those named), their weights' objects and each weight's block."""
+        objects = program.object_map()
+        wanted = set(blocks) if blocks is not None else None
+        self.blocks: dict[str, Block] = {b.name: b for b in program.blocks if wanted is None or b.name in wanted}
+        self._objects: dict[str, Object] = {w: objects[w] for b in self.blocks.values() for w in b.weights
+                                            if w in objects}
+        missing = [w for b in self.blocks.values() for w in b.weights if w not in objects]
+        if missing:
+            raise MemintentError(f"plan lists weights without an object entry: {missing[:5]}")
+        self._owner = {w: b.name for b in self.blocks.values() for w in b.weights}
+
+    def _allocate(self) -> None:
+        """One buffer per block: the pinned ones in one registered allocation (``pin="register"``), the rest (or
+        all, for ``"alloc"``/``"none"``) one allocation each."""
+        if self.pin == "register":
+            try:
+                self._alloc_registered()
+            except Exception as e:  # noqa: BLE001 -- e.g. a sandbox without cudaHostRegister
+                warnings.warn(f"cudaHostRegister failed ({e}); using PyTorch's pinned allocator instead "
+                              f"(it rounds each block up to a power of two)", stacklevel=3)
+                self.pin = "alloc"
+        for name in self.blocks:
+            if name not in self._buffers:
+                self._buffers[name] = self._alloc_block(name)
+
+    def _alloc_block(self, name: str) -> torch.Tensor:
+        """uint8 [buffer_bytes(name)], 256-byte aligned; pinned when ``pin="alloc"`` and the block is pinned."""
+        n = self._nbytes[name]
+        want_pin = self.pin == "alloc" and name in self.pinned_blocks
+        try:
+            return _aligned_empty(n, pin_memory=want_pin)
+        except RuntimeError as e:
+            if not want_pin:
+                raise
+            # Page-locked memory is a limited resource (ulimit -l, the driver's budget): run from pageable
+            # memory, slower (copies at ~8 GB/s instead of ~55 on an H100), rather than not at all.
+            warnings.warn(f"pinned host allocation failed ({str(e).splitlines()[0]}); the host store falls back "
+                          f"to pageable memory: copies will be several times slower than the plan predicts",
+                          stacklevel=4)
+            self.pin = "none"
+            self.pinned_blocks = set()
+            self.pinned_nbytes = 0
+            return _aligned_empty(n)
 
     def _typed_views(self, b: Block, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{weight: typed view of flat}`` for ``b``'s unquantized layout (``flat``: uint8 [>= size_bytes])."""
@@ -183,10 +186,8 @@ class HostStore:
             if name not in self.pinned_blocks:
                 continue
             offsets[name] = total
-            total = _align(total + self._nbytes[name], ALIGN_BYTES)
-        raw = torch.empty(total + ALIGN_BYTES, dtype=torch.uint8)   # [total + pad] plain host memory
-        skip = (-raw.data_ptr()) % ALIGN_BYTES
-        base = raw[skip:skip + total]
+            total = align_up(total + self._nbytes[name])
+        base = _aligned_empty(total)   # uint8 [total] plain host memory, page-locked below
         if total:
             # flags 0 = cudaHostRegisterDefault; the returned value is a cudaError_t (0 = success)
             err = _cudart().cudaHostRegister(base.data_ptr(), total, 0)

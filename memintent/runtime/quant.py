@@ -25,10 +25,8 @@ Formats (``w`` is a 2-D weight of shape ``(out, in)``, row = output channel):
 Where ``qmax * scale`` would exceed the weight dtype's max (weights within 2^-8 of it), the scale is rounded
 down instead, so nothing dequantizes to inf.
 
-Which weights are quantized: in a block with ``quant != none``, every weight with a 2-D shape, both dimensions
-non-zero and a floating dtype in ``QUANTIZABLE_DTYPES``; everything else (norms, biases, integer buffers, 0-D/3-D
-tensors) is stored raw. A block with ``quant == none`` has a layout of raw parts only, which is the front end's
-block layout itself.
+Which weights are quantized, and where each part sits in the packed buffer, is ``memintent.ir.layout`` (pure
+arithmetic the compiler sizes copies with); this module fills and reads that layout with torch.
 
 A zero row (int8) or zero group (int4) gets scale 0 and values 0 and dequantizes to exact zeros. Non-finite
 weights are rejected (``ValueError``): their scale would be inf/NaN and poison the whole row.
@@ -44,27 +42,22 @@ of 128, not one, and odd.
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from memintent.compiler.fingerprint import IR_TO_TORCH
-from memintent.ir.model import Block, Object, Quant
+from memintent.ir.dtypes import torch_dtypes
+from memintent.ir.layout import (  # noqa: F401 -- the layout's names, re-exported for the runtime's callers
+    INT4_GROUP, PART_ALIGN_BYTES, QUANTIZABLE_DTYPES, Part, QuantEntry, Storage, int4_shapes, quant_layout,
+    quantized_block_bytes, quantized_payload_bytes, weight_storage,
+)
+from memintent.ir.model import Block, Object, align_up
 
-INT4_GROUP = 128          # input columns per int4 scale
-PART_ALIGN_BYTES = 256    # every part of a packed block starts on this boundary
-QUANTIZABLE_DTYPES = ("bf16", "f16", "f32")
 _QUANT_CHUNK_ELEMS = 1 << 24   # quantize in row chunks of about this many elements (bounds float32 temporaries)
 
 Backend = Literal["auto", "torch", "triton"]
-
-
-def _align(n: int, a: int = PART_ALIGN_BYTES) -> int:
-    return -(-n // a) * a
 
 
 def _rows_per_chunk(cols: int) -> int:
@@ -142,11 +135,6 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, bac
 
 # ---- int4 -----------------------------------------------------------------------------------------------------
 
-def int4_shapes(out_ch: int, in_ch: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of the packed values and of the scales of an ``(out, in)`` weight quantized to int4."""
-    return (out_ch, -(-in_ch // 2)), (out_ch, -(-in_ch // INT4_GROUP))
-
-
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w (out, in)`` float -> ``(packed: uint8 (out, ceil(in/2)), scales: bf16 (out, ceil(in/128)))``.
 
@@ -222,107 +210,13 @@ def relative_error(ref: torch.Tensor, got: torch.Tensor) -> float:
     return d / n
 
 
-# ---- packed block layout --------------------------------------------------------------------------------------
-
-class Storage(str, enum.Enum):
-    raw = "raw"     # the weight's own bytes
-    int8 = "int8"
-    int4 = "int4"
-
-
-@dataclass(frozen=True)
-class Part:
-    offset_bytes: int   # inside the packed block buffer; a multiple of PART_ALIGN_BYTES
-    size_bytes: int     # payload bytes (the aligned footprint is _align(size_bytes))
-
-
-@dataclass(frozen=True)
-class QuantEntry:
-    """How one weight of a block is stored in the block's packed buffer."""
-
-    name: str
-    storage: Storage
-    dtype: str                    # the weight's IR dtype (what it dequantizes to)
-    shape: tuple[int, ...]
-    dst_offset_bytes: int         # where it goes in the unquantized block layout (Object.block_offset_bytes)
-    dst_size_bytes: int           # Object.size_bytes
-    values: Part                  # raw: the weight's bytes; int8: int8 (out, in); int4: uint8 (out, ceil(in/2))
-    scales: Part | None = None    # int8: bf16 (out,); int4: bf16 (out, ceil(in/128)); raw: None
-
-    def parts(self) -> list[Part]:
-        return [self.values] if self.scales is None else [self.values, self.scales]
-
-
-def weight_storage(quant: Quant, obj: Object) -> Storage:
-    """How ``obj`` is stored in a block quantized as ``quant``."""
-    if quant == Quant.none or len(obj.shape) != 2 or obj.dtype not in QUANTIZABLE_DTYPES or 0 in obj.shape:
-        return Storage.raw
-    return Storage(quant.value)
-
-
-def _part_sizes(storage: Storage, obj: Object) -> tuple[int, int | None]:
-    if storage == Storage.raw:
-        return obj.size_bytes, None
-    out_ch, in_ch = obj.shape
-    if storage == Storage.int8:
-        return out_ch * in_ch, out_ch * 2
-    (_, nb), (_, ng) = int4_shapes(out_ch, in_ch)
-    return out_ch * nb, out_ch * ng * 2
-
-
-def quant_layout(block: Block, objects: dict[str, Object]) -> list[QuantEntry]:
-    """The packed layout of ``block``: one entry per weight, in ``block.weights`` order, parts at consecutive
-    256-byte-aligned offsets (values then scales). Shared by the compiler (sizes) and the runtime (pack/unpack)."""
-    entries = []
-    off = 0
-    for name in block.weights:
-        o = objects[name]
-        storage = weight_storage(block.quant, o)
-        vsize, ssize = _part_sizes(storage, o)
-        values = Part(off, vsize)
-        off += _align(vsize)
-        scales = None
-        if ssize is not None:
-            scales = Part(off, ssize)
-            off += _align(ssize)
-        entries.append(QuantEntry(name=name, storage=storage, dtype=o.dtype, shape=tuple(o.shape),
-                                  dst_offset_bytes=o.block_offset_bytes or 0, dst_size_bytes=o.size_bytes,
-                                  values=values, scales=scales))
-    return entries
-
-
-def quantized_payload_bytes(block: Block, objects: dict[str, Object]) -> int:
-    """Sum of the parts' sizes of ``block``'s packed layout, without alignment padding."""
-    return sum(p.size_bytes for e in quant_layout(block, objects) for p in e.parts())
-
-
-def quantized_block_bytes(block: Block, objects: dict[str, Object]) -> int:
-    """Bytes of ``block``'s packed buffer (what a visit copies): the sum of its parts, each rounded up to 256.
-
-    This is ``memintent.passes.costs.transfer_bytes`` of a quantized block (costs calls this function), so the
-    planner's copy sizes and stream-slot sizes are exactly what the runtime copies. Properties:
-
-    * ``quant == none``: the layout is the weights at consecutive 256-aligned offsets, i.e. the front end's block
-      layout, so the result is ``block.size_bytes`` for blocks built by the front end.
-    * Always a multiple of ``PART_ALIGN_BYTES`` and ``payload <= quantized_block_bytes < payload + 256 *
-      number_of_parts`` (``quantized_payload_bytes``; a raw weight has one part, a quantized one two: values and
-      scales). The payload counts int4 rows padded to whole bytes (``out * ceil(in / 2)``), and 2-D weights that
-      are not quantized (integer/bool/f64 dtype, a zero dimension) at their raw size.
-    """
-    total = 0
-    for e in quant_layout(block, objects):
-        for p in e.parts():
-            total = max(total, p.offset_bytes + _align(p.size_bytes))
-    return total
-
-
 # ---- pack / unpack --------------------------------------------------------------------------------------------
 
 def _torch_dtype(ir: str) -> torch.dtype:
     try:
-        return IR_TO_TORCH[ir]
+        return torch_dtypes()[ir]
     except KeyError:
-        raise ValueError(f"weight dtype {ir!r} has no torch dtype; use one of {sorted(IR_TO_TORCH)}") from None
+        raise ValueError(f"weight dtype {ir!r} has no torch dtype; use one of {sorted(torch_dtypes())}") from None
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
@@ -331,9 +225,11 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
 
 
-def _typed(flat: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return flat[offset:offset + n].view(dtype).view(shape)
+def typed_view(flat: torch.Tensor, offset_bytes: int, dtype: torch.dtype, shape: list[int] | tuple[int, ...]
+               ) -> torch.Tensor:
+    """A tensor of ``dtype``/``shape`` aliasing ``flat`` (uint8) from ``offset_bytes``: no copy, no allocation."""
+    n_bytes = math.prod(shape) * dtype.itemsize
+    return flat[offset_bytes:offset_bytes + n_bytes].view(dtype).view(tuple(shape))
 
 
 def _check_flat(buf: torch.Tensor, need: int, what: str) -> None:
@@ -363,9 +259,11 @@ def pack_block(block: Block, objects: dict[str, Object], tensors: dict[str, torc
         else:
             parts = [_bytes_of(x) for x in quantize_int4(t)]
         for part, data in zip(e.parts(), parts):
-            assert data.numel() == part.size_bytes, (e.name, data.numel(), part.size_bytes)
+            if data.numel() != part.size_bytes:   # the quantizer and the layout disagree: never write past a part
+                raise ValueError(f"pack_block: {e.name} packs to {data.numel()} bytes, its layout part holds "
+                                 f"{part.size_bytes}")
             dst[part.offset_bytes:part.offset_bytes + part.size_bytes].copy_(data)
-            dst[part.offset_bytes + part.size_bytes:part.offset_bytes + _align(part.size_bytes)].zero_()
+            dst[part.offset_bytes + part.size_bytes:part.offset_bytes + align_up(part.size_bytes)].zero_()
     return layout
 
 
@@ -382,12 +280,12 @@ def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
     assert s is not None
     out_ch, in_ch = e.shape
     if e.storage == Storage.int8:
-        q = _typed(src, v.offset_bytes, torch.int8, (out_ch, in_ch))             # int8 (out, in)
-        scale = _typed(src, s.offset_bytes, torch.bfloat16, (out_ch,))           # bf16 (out,)
+        q = typed_view(src, v.offset_bytes, torch.int8, (out_ch, in_ch))             # int8 (out, in)
+        scale = typed_view(src, s.offset_bytes, torch.bfloat16, (out_ch,))           # bf16 (out,)
         return (Storage.int8, q, scale, out)
     pshape, sshape = int4_shapes(out_ch, in_ch)
-    packed = _typed(src, v.offset_bytes, torch.uint8, pshape)                    # uint8 (out, ceil(in/2))
-    scales = _typed(src, s.offset_bytes, torch.bfloat16, sshape)                 # bf16 (out, ceil(in/128))
+    packed = typed_view(src, v.offset_bytes, torch.uint8, pshape)                    # uint8 (out, ceil(in/2))
+    scales = typed_view(src, s.offset_bytes, torch.bfloat16, sshape)                 # bf16 (out, ceil(in/128))
     return (Storage.int4, packed, scales, out)
 
 
@@ -406,7 +304,7 @@ def prepare_unpack(block: Block, objects: dict[str, Object], src: torch.Tensor, 
         if e.storage == Storage.raw:
             out = dst[e.dst_offset_bytes:e.dst_offset_bytes + e.values.size_bytes]   # uint8 [n]
         else:
-            out = _typed(dst, e.dst_offset_bytes, _torch_dtype(e.dtype), e.shape)     # weight dtype (out, in)
+            out = typed_view(dst, e.dst_offset_bytes, _torch_dtype(e.dtype), e.shape)     # weight dtype (out, in)
         ops.append(_entry_op(e, src, out))
     return ops
 

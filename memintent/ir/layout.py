@@ -1,0 +1,136 @@
+"""Where bytes sit in a block's buffers: the front end's block layout and the packed (quantized) block layout.
+
+Pure arithmetic over the IR (no torch): the compiler sizes copies and stream slots with it, the runtime packs and
+unpacks with it, so both agree by construction.
+
+Block layout (``weight_offsets``): a block's weights in order, each at the next ``ALIGN_BYTES`` boundary; the
+block's ``size_bytes`` is the end of the last one, rounded up. ``Object.block_offset_bytes`` holds the offsets.
+
+Packed layout (``quant_layout``): a block whose ``Block.quant`` is ``int8`` or ``int4`` lives on the host as one
+flat buffer holding, for each weight in the block's order, either the weight as it is (``raw``) or its quantized
+values followed by its scales, each part on an ``ALIGN_BYTES`` boundary (the formats are described in
+``memintent.runtime.quant``). In a block with ``quant != none`` every weight with a 2-D shape, both dimensions
+non-zero and a floating dtype in ``QUANTIZABLE_DTYPES`` is quantized; everything else (norms, biases, integer
+buffers, 0-D/3-D tensors) is stored raw. A block with ``quant == none`` has raw parts only, which is the block
+layout itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterable
+
+from memintent.ir.model import ALIGN_BYTES, Block, Object, Quant, align_up
+
+INT4_GROUP = 128          # input columns per int4 scale
+PART_ALIGN_BYTES = ALIGN_BYTES    # every part of a packed block starts on this boundary
+QUANTIZABLE_DTYPES = ("bf16", "f16", "f32")
+SCALE_BYTES = 2           # scales are bf16
+
+
+def weight_offsets(sizes_bytes: Iterable[int]) -> tuple[list[int], int]:
+    """The block layout of weights of ``sizes_bytes`` (in block order): (offset of each, block size in bytes)."""
+    offsets, end = [], 0
+    for size in sizes_bytes:
+        offsets.append(end)
+        end += align_up(size)
+    return offsets, end
+
+
+def int4_shapes(out_ch: int, in_ch: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of the packed values and of the scales of an ``(out, in)`` weight quantized to int4."""
+    return (out_ch, -(-in_ch // 2)), (out_ch, -(-in_ch // INT4_GROUP))
+
+
+class Storage(str, enum.Enum):
+    raw = "raw"     # the weight's own bytes
+    int8 = "int8"
+    int4 = "int4"
+
+
+@dataclass(frozen=True)
+class Part:
+    offset_bytes: int   # inside the packed block buffer; a multiple of PART_ALIGN_BYTES
+    size_bytes: int     # payload bytes (the aligned footprint is align_up(size_bytes))
+
+
+@dataclass(frozen=True)
+class QuantEntry:
+    """How one weight of a block is stored in the block's packed buffer."""
+
+    name: str
+    storage: Storage
+    dtype: str                    # the weight's IR dtype (what it dequantizes to)
+    shape: tuple[int, ...]
+    dst_offset_bytes: int         # where it goes in the unquantized block layout (Object.block_offset_bytes)
+    dst_size_bytes: int           # Object.size_bytes
+    values: Part                  # raw: the weight's bytes; int8: int8 (out, in); int4: uint8 (out, ceil(in/2))
+    scales: Part | None = None    # int8: bf16 (out,); int4: bf16 (out, ceil(in/128)); raw: None
+
+    def parts(self) -> list[Part]:
+        return [self.values] if self.scales is None else [self.values, self.scales]
+
+
+def weight_storage(quant: Quant, obj: Object) -> Storage:
+    """How ``obj`` is stored in a block quantized as ``quant``."""
+    if quant == Quant.none or len(obj.shape) != 2 or obj.dtype not in QUANTIZABLE_DTYPES or 0 in obj.shape:
+        return Storage.raw
+    return Storage(quant.value)
+
+
+def _part_sizes(storage: Storage, obj: Object) -> tuple[int, int | None]:
+    """(values bytes, scales bytes or None) of ``obj`` stored as ``storage``."""
+    if storage == Storage.raw:
+        return obj.size_bytes, None
+    out_ch, in_ch = obj.shape
+    if storage == Storage.int8:
+        return out_ch * in_ch, out_ch * SCALE_BYTES                  # int8 (out, in); bf16 (out,)
+    (_, nb), (_, ng) = int4_shapes(out_ch, in_ch)
+    return out_ch * nb, out_ch * ng * SCALE_BYTES                    # uint8 (out, ceil(in/2)); bf16 (out, groups)
+
+
+def quant_layout(block: Block, objects: dict[str, Object]) -> list[QuantEntry]:
+    """The packed layout of ``block``: one entry per weight, in ``block.weights`` order, parts at consecutive
+    256-byte-aligned offsets (values then scales). Shared by the compiler (sizes) and the runtime (pack/unpack)."""
+    entries = []
+    off = 0
+    for name in block.weights:
+        o = objects[name]
+        storage = weight_storage(block.quant, o)
+        vsize, ssize = _part_sizes(storage, o)
+        values = Part(off, vsize)
+        off += align_up(vsize)
+        scales = None
+        if ssize is not None:
+            scales = Part(off, ssize)
+            off += align_up(ssize)
+        entries.append(QuantEntry(name=name, storage=storage, dtype=o.dtype, shape=tuple(o.shape),
+                                  dst_offset_bytes=o.block_offset_bytes or 0, dst_size_bytes=o.size_bytes,
+                                  values=values, scales=scales))
+    return entries
+
+
+def quantized_payload_bytes(block: Block, objects: dict[str, Object]) -> int:
+    """Sum of the parts' sizes of ``block``'s packed layout, without alignment padding."""
+    return sum(p.size_bytes for e in quant_layout(block, objects) for p in e.parts())
+
+
+def quantized_block_bytes(block: Block, objects: dict[str, Object]) -> int:
+    """Bytes of ``block``'s packed buffer (what a visit copies): the sum of its parts, each rounded up to 256.
+
+    This is ``memintent.passes.costs.transfer_bytes`` of a quantized block (costs calls this function), so the
+    planner's copy sizes and stream-slot sizes are exactly what the runtime copies. Properties:
+
+    * ``quant == none``: the layout is the weights at consecutive 256-aligned offsets, i.e. the front end's block
+      layout, so the result is ``block.size_bytes`` for blocks built by the front end.
+    * Always a multiple of ``PART_ALIGN_BYTES`` and ``payload <= quantized_block_bytes < payload + 256 *
+      number_of_parts`` (``quantized_payload_bytes``; a raw weight has one part, a quantized one two: values and
+      scales). The payload counts int4 rows padded to whole bytes (``out * ceil(in / 2)``), and 2-D weights that
+      are not quantized (integer/bool/f64 dtype, a zero dimension) at their raw size.
+    """
+    total = 0
+    for e in quant_layout(block, objects):
+        for p in e.parts():
+            total = max(total, p.offset_bytes + align_up(p.size_bytes))
+    return total
