@@ -244,10 +244,13 @@ class ModelSource:
     kind: str = ""
 
     def __init__(self, ref: str, dtype: str, num_layers: int | None, layers_path: str | None,
-                 n_kv_heads: int | None = None, head_dim: int | None = None, vocab_size: int | None = None):
+                 n_kv_heads: int | None = None, head_dim: int | None = None, vocab_size: int | None = None,
+                 n_heads: int | None = None):
         self.ref, self.dtype = ref, dtype
         self.num_layers, self.layers_path = num_layers, layers_path
         self.n_kv_heads, self.head_dim, self.vocab_size = n_kv_heads, head_dim, vocab_size
+        self.n_heads = n_heads or n_kv_heads
+        self.attention = "sdpa"       # the attention implementation the built model uses (explain shows it)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(ref={self.ref!r}, kind={self.kind!r}, dtype={self.dtype!r}, "
@@ -257,8 +260,15 @@ class ModelSource:
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)
 
-    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+    def build(self, device="meta", num_layers: int | None = None, attention: str | None = None) -> nn.Module:
+        """The model on ``device`` (meta: nothing allocated), at ``num_layers`` decoder layers if given.
+        ``attention``: an attention implementation registered with transformers (Hugging Face models only; the
+        presets route attention to the serving engine by themselves)."""
         raise NotImplementedError
+
+    def tokenizer(self):
+        """The model's tokenizer, or None (presets and py: factories have none)."""
+        return None
 
     def example_inputs(self, batch: int, seq: int, device="meta") -> tuple:
         return (_tokens(batch, seq, self.vocab_size, device),)
@@ -293,12 +303,13 @@ class PresetSource(ModelSource):
     kind = "preset"
 
     def __init__(self, ref: str, cfg: models.ModelConfig, seed: int = 0):
-        super().__init__(ref, cfg.dtype, cfg.n_layers, "layers", cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size)
+        super().__init__(ref, cfg.dtype, cfg.n_layers, "layers", cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
+                         cfg.n_heads)
         self.config, self.seed = cfg, seed
         # Where init_weight draws: CUDA when there is one (fast; note CPU and CUDA draw different values).
         self.init_device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+    def build(self, device="meta", num_layers: int | None = None, attention: str | None = None) -> nn.Module:
         cfg = self.config if num_layers is None else models.with_layers(self.config, num_layers)
         return models.build(cfg, device).requires_grad_(False)
 
@@ -331,7 +342,7 @@ class HFSource(ModelSource):
         head_dim = getattr(text, "head_dim", None) or (hidden // n_heads if hidden and n_heads else None)
         n_kv = getattr(text, "num_key_value_heads", None) or n_heads
         super().__init__(ref, dtype, getattr(text, "num_hidden_layers", None), None, n_kv, head_dim,
-                         getattr(text, "vocab_size", None))
+                         getattr(text, "vocab_size", None), n_heads)
         self.path, self.config, self.files = path, config, files
         self.dtype_forced, self.allow_code = dtype_forced, allow_code
         self._meta: dict[int | None, nn.Module] = {}
@@ -356,21 +367,41 @@ class HFSource(ModelSource):
                 setattr(text, key, [value[i % old] for i in range(num_layers)])
         return cfg
 
-    def _construct(self, cfg):
+    def _construct(self, cfg, attention: str | None = None):
+        """Build from ``cfg`` with ``attention`` (an implementation registered with transformers), or else with
+        SDPA, falling back to the best one transformers offers for an architecture without SDPA (eager)."""
         from transformers import AutoModelForCausalLM
 
         kw = dict(dtype=self.torch_dtype, trust_remote_code=self.allow_code)
         try:
-            try:
-                model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", **kw)
-            except (ValueError, ImportError):  # this architecture has no SDPA attention
-                model = AutoModelForCausalLM.from_config(cfg, **kw)
+            if attention is not None:
+                model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
+            else:
+                model = self._construct_default(cfg, kw)
         except MemintentError:
             raise
+        except (KeyError, ValueError) as e:
+            if attention is not None:
+                raise MemintentError(f"{self.ref}: the {type(cfg).__name__.removesuffix('Config')} architecture does "
+                                     "not route attention through transformers' attention interface, which "
+                                     "generation plans need (plain forwards work: compile without --objective)"
+                                     ) from None
+            raise MemintentError(f"{self.ref}: transformers cannot build the model from config.json: "
+                                 f"{type(e).__name__}: {_first_line(e)}") from None
         except Exception as e:
             raise MemintentError(f"{self.ref}: transformers cannot build the model from config.json: "
-                                 f"{type(e).__name__}: {e}") from None
+                                 f"{type(e).__name__}: {_first_line(e)}") from None
         return model.eval().requires_grad_(False)
+
+    def _construct_default(self, cfg, kw: dict):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", **kw)
+        except (ValueError, ImportError):  # this architecture has no SDPA attention: the best it has
+            model = AutoModelForCausalLM.from_config(cfg, **kw)
+        self.attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        return model
 
     def _build_meta(self, num_layers: int | None) -> nn.Module:
         if num_layers not in self._meta:
@@ -378,10 +409,23 @@ class HFSource(ModelSource):
                 self._meta[num_layers] = self._construct(self._config_with_layers(num_layers))
         return self._meta[num_layers]
 
-    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+    def build(self, device="meta", num_layers: int | None = None, attention: str | None = None) -> nn.Module:
         cfg = self._config_with_layers(num_layers)
         with torch.device(device):
-            return self._construct(cfg)
+            return self._construct(cfg, attention)
+
+    def tokenizer(self):
+        """The folder's own tokenizer (tokenizer.json or tokenizer_config.json), loaded offline; None without one."""
+        if not any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path), local_files_only=True,
+                                                 trust_remote_code=self.allow_code)
+        except Exception as e:
+            raise MemintentError(f"{self.path}: the tokenizer files cannot be loaded: {type(e).__name__}: "
+                                 f"{_first_line(e)}") from None
 
     def _buffer_model(self, num_layers: int | None) -> nn.Module:
         """A build whose parameters are on meta and whose buffers are real CPU tensors from the model's own init."""
@@ -591,7 +635,7 @@ class PySource(ModelSource):
         path, n = ("layers", len(lm)) if isinstance(lm, nn.ModuleList) else _find_layers(module)
         super().__init__(ref, dtype or own, n, path)
 
-    def build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+    def build(self, device="meta", num_layers: int | None = None, attention: str | None = None) -> nn.Module:
         if num_layers is not None and num_layers != self.num_layers:
             raise MemintentError(f"{self.ref}: a py: factory builds {self.num_layers} layers; it cannot build "
                                  f"{num_layers}")

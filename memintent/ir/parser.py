@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from memintent.errors import IRParseError
 from memintent.ir.model import (
     Action, ActionKind, Arena, Block, HardwareProfile, ModelRef, Object, ObjectKind, Prediction, Program, Quant,
-    GenerationPlan,
+    GenerationPlan, KVPool,
     Residency, RunShape, Slot, SlotKind, Stage, Step, Tier, Visit,
 )
 
@@ -149,6 +149,8 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
             values[name] = _int(value)
         elif kind is float and literal == "NUMBER":
             values[name] = _float(value)
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum) and literal == "STRING":
+            values[name] = _string(value)      # pydantic checks it is one of the enum's values
         else:
             wanted = {str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
             raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
@@ -184,11 +186,12 @@ class _Builder(Transformer):
     """
 
     def start(self, c):
-        name, header, hardware, blocks, objects, arena, body, visits, prediction, generation = c
+        name, header, hardware, blocks, objects, arena, body, visits, prediction, generation, kv_pool = c
         steps, stages, actions = body
         return _build(Program, dict(name=_name(name, 1), **header, hardware=hardware, blocks=blocks,
                                     objects=objects, arena=arena, steps=steps, stages=stages, actions=actions,
-                                    visits=visits, prediction=prediction, generation=generation), {}, name)
+                                    visits=visits, prediction=prediction, generation=generation, kv_pool=kv_pool),
+                      {}, name)
 
     def header(self, c):
         (schema, kind, ref, dtype, traced, fingerprint, batch, seq, kv_len, kv_block_tokens, budget, passes) = c
@@ -210,6 +213,9 @@ class _Builder(Transformer):
 
     def generation(self, c):
         return _fields_model(GenerationPlan, c[0], c[1:])
+
+    def kv_pool(self, c):
+        return _fields_model(KVPool, c[0], c[1:])
 
     def field(self, c):
         return c[0], c[1]

@@ -28,6 +28,8 @@ The output is deterministic: it depends on the program only.
 
 from __future__ import annotations
 
+import enum
+
 import json
 import re
 from collections import deque
@@ -124,6 +126,8 @@ def _fields(keyword: str, model: BaseModel | None) -> list[str]:
             text = quote(value)
         elif info.annotation == list[str]:
             text = _names([quote(v) for v in value], INDENT * 2)
+        elif isinstance(value, enum.Enum):
+            text = quote(value.value)
         else:  # a new field type needs a spelling here and in parser._fields_model
             raise TypeError(f"cannot print {type(model).__name__}.{name} of type {info.annotation}")
         lines.append(f"{INDENT * 2}{name} = {text}")
@@ -259,5 +263,6 @@ def dump(program: Program) -> str:
     out += _list_section("visits", [_visit(v) for v in p.visits])
     out += _fields("prediction", p.prediction)
     out += _fields("generation", p.generation)
+    out += _fields("kv_pool", p.kv_pool)
     out.append("}")
     return "\n".join(out) + "\n"
