@@ -318,6 +318,17 @@ def _describe(o: Outcome, chosen: Outcome) -> str:
             f"blocks streamed, binds {o.plan.prediction.binding} (below the chosen {chosen.tokens_per_s:.2f})")
 
 
+def _distinct(outs: list[Outcome], chosen: Outcome) -> list[Outcome]:
+    """Each candidate evaluated once (the search revisits some), best first, without the chosen one."""
+    seen = {id(chosen)}
+    out = []
+    for o in sorted(outs, key=lambda o: -o.tokens_per_s):
+        if id(o) not in seen:
+            seen.add(id(o))
+            out.append(o)
+    return out
+
+
 def _binding(chosen: Outcome, outs: list[Outcome]) -> str:
     b = chosen.plan.prediction.binding
     bigger = [o for o in outs if o.shape.kv_quant == chosen.shape.kv_quant
@@ -346,13 +357,13 @@ def _check_args(objective: str, context: int, prompt_len: int, gen_len: int, blo
 def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, context: int, prompt_len: int,
                     gen_len: int, objective: str = "throughput", quant: str = "auto", kv_quant: str = "none",
                     concurrency: int | None = None, kv_block_tokens: int = 16, swap_blocks: int | None = None,
-                    progress: Callable[[str], None] | None = None) -> Program:
+                    dtype: str | None = None, progress: Callable[[str], None] | None = None) -> Program:
     """A verified generation plan for ``ref`` under ``budget_bytes``. ``concurrency`` fixes N (tests,
     experiments); ``latency`` plans one sequence whose whole prompt fits one step. ``swap_blocks``: host swap
     space in blocks (None: as many as the pool when the plan's copy engine has idle time to swap in, else none)."""
     say = progress or (lambda m: None)
     _check_args(objective, context, prompt_len, gen_len, kv_block_tokens)
-    src = resolve(ref)
+    src = resolve(ref, dtype=dtype)
     if not (src.num_layers and src.n_kv_heads and src.head_dim):
         raise MemintentError(f"{ref}: generation plans need a decoder model with known layers, KV heads and head "
                              "size")
@@ -387,8 +398,7 @@ def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, objective: 
         prompt_len=w.prompt_len, gen_len=w.gen_len, concurrency=s.concurrency, quant_policy=quant,
         kv_quant_policy=kv_quant, decode_step_s=pr.step_time_s, tokens_per_s=tok_s,
         binding=_binding(chosen, outs),
-        alternatives=[_describe(o, chosen) for o in sorted(outs, key=lambda o: -o.tokens_per_s)
-                      if o is not chosen][:12])
+        alternatives=[_describe(o, chosen) for o in _distinct(outs, chosen)][:12])
     return plan
 
 

@@ -57,7 +57,7 @@ def prefetch(program: Program) -> Program:
     kv_bytes = sum(aligned(o.size_bytes) for o in p.objects if o.kind == ObjectKind.kv)
     if kv_bytes:
         slots.append(Slot(index=len(slots), kind=SlotKind.kv, offset_bytes=off, size_bytes=kv_bytes,
-                          holds=sorted({o.block for o in p.objects if o.kind == ObjectKind.kv})))
+                          holds=sorted({o.block for o in p.objects if o.kind == ObjectKind.kv and o.block})))
         off += kv_bytes
     p.arena = Arena(size_bytes=off, alignment_bytes=ALIGN, slots=slots)
 

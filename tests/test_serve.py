@@ -1,0 +1,154 @@
+"""Serving on the CPU backend: a tiny preset in float32, a pool small enough that sequences are preempted.
+
+References: the resident model running each request alone (dense attention, no cache: an independent
+implementation of the same math), and the same engine with every weight resident, which must make the same steps
+and so compute bitwise the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memintent.cli import main
+from memintent.compiler.hardware import BUILTIN
+from memintent.compiler.plan_source import resident_model
+from memintent.compiler.planner import plan_generation
+from memintent.compiler.refs import resolve
+from memintent.engine import Engine
+from memintent.engine.reference import reference_logits
+from memintent.engine.requests import synthetic
+from memintent.ir.model import Residency
+from memintent.ir.plan_file import save_plan
+
+CPU = BUILTIN["cpu"]
+REQUESTS = 40
+
+
+@pytest.fixture(scope="module")
+def plan():
+    # Weights are 3.4 MiB in float32; the budget leaves room for a few sequences' KV next to the streamed layers.
+    p = plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=CPU, context=48, prompt_len=8, gen_len=8,
+                        quant="none", concurrency=3, kv_block_tokens=4, swap_blocks=64, dtype="f32")
+    assert any(b.residency == Residency.streamed for b in p.blocks), "the plan must stream some layers"
+    return p
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return synthetic(REQUESTS, (2, 30), (1, 14), 512, seed=7)
+
+
+@pytest.fixture(scope="module")
+def alone(requests):
+    """Each request's greedy tokens from the resident model run on it alone (dense, recomputing every step)."""
+    src = resolve("tiny-llama", dtype="f32")
+    model = resident_model(src, torch.device("cpu"))
+    out = {}
+    with torch.no_grad():
+        for r in requests:
+            toks = []
+            for _ in range(r.max_new_tokens):
+                logits = reference_logits(src, model, r.prompt_ids, toks + [0], torch.device("cpu"))   # (n+1, V)
+                toks.append(int(logits[-1].argmax()))
+            out[r.id] = toks
+    return out
+
+
+def _serve(plan, requests, **kw):
+    with Engine(plan, "cpu", **kw) as eng:
+        outs = {o.id: o for o in eng.generate(requests)}
+        return outs, eng.stats
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute"])
+def test_preempted_requests_generate_what_each_alone_does(plan, requests, alone, policy):
+    outs, stats = _serve(plan, requests, preempt=policy, check=True)
+    kinds = {p.kind for p in stats.preemptions}
+    assert kinds == {policy}, f"the pool must force {policy} preemptions (saw {kinds or 'none'})"
+    for r in requests:
+        assert outs[r.id].token_ids == alone[r.id], r.id
+        assert outs[r.id].finish_reason == "length"
+    assert max(s.sequences for s in stats.steps) > 1, "steps must pack several sequences"
+    assert any(s.decode_tokens and s.prefill_tokens for s in stats.steps), "prompt chunks ride with decodes"
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute"])
+def test_streamed_engine_is_bitwise_the_resident_engine(plan, requests, policy):
+    streamed, s1 = _serve(plan, requests, preempt=policy)
+    resident, s2 = _serve(plan, requests, preempt=policy, resident=True)
+    assert [s.tokens for s in s1.steps] == [s.tokens for s in s2.steps]
+    assert {k: o.token_ids for k, o in streamed.items()} == {k: o.token_ids for k, o in resident.items()}
+
+
+def test_cost_policy_logs_both_predicted_costs(plan, requests):
+    lines = []
+    outs, stats = _serve(plan, requests, log=lines.append)
+    assert stats.preemptions and len(lines) == len(stats.preemptions)
+    assert all("predicted swap" in ln and "recompute" in ln for ln in lines)
+    for p in stats.preemptions:
+        assert p.kind == ("swap" if p.swap_s < p.recompute_s else "recompute")
+
+
+def test_checked_mode_poisons_freed_blocks(plan, requests):
+    with Engine(plan, "cpu", check=True, preempt="recompute") as eng:
+        list(eng.generate(requests[:6]))
+        free = [eng.runner.views.block(b) for b in range(1, eng.pool.num_blocks) if eng.pool.owner[b] is None]
+        assert len(free) == eng.pool.num_blocks - 1, "every block is back in the pool"
+        poisoned = [bool((blk == 0xFF).all()) for blk in free]
+        assert any(poisoned), "blocks that were used and returned are poisoned"
+        assert all(p or not blk.any() for p, blk in zip(poisoned, free)), "the others were never written"
+        assert not eng.runner.views.block(0).any(), "the null block stays zero"
+
+
+# ---- the command -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plan_file(plan, tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "p.plan.json"
+    save_plan(plan, path)
+    return path
+
+
+def test_generate_command_writes_one_line_per_request(plan_file, tmp_path, capsys):
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text('{"id": "a", "prompt_ids": [1, 2, 3], "max_new_tokens": 4}\n\n'
+                    '{"id": 7, "prompt_ids": [5, 6], "max_new_tokens": 3, "stop_token_ids": [1]}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(plan_file), "--device", "cpu", "--prompts", str(reqs), "--output", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["a", "7"]
+    assert len(lines[0]["token_ids"]) == 4 and lines[0]["finish_reason"] == "length"
+    assert set(lines[1]) == {"id", "token_ids", "finish_reason", "ttft_s", "tpot_s", "preemptions"}
+    err = capsys.readouterr().err
+    assert "time to first token" in err and "KV pool" in err and "preemptions" in err
+
+
+def test_generate_synthetic_mix(plan_file, tmp_path):
+    js = tmp_path / "rep.json"
+    assert main(["generate", str(plan_file), "--device", "cpu", "--synthetic", "6", "--prompt-len", "4:20",
+                 "--gen-len", "2:6", "--seed", "3", "--json", str(js)]) == 0
+    rep = json.loads(js.read_text())
+    assert rep["requests"] == 6 and rep["generated_tokens"] >= 12 and rep["steps"] >= 6
+
+
+@pytest.mark.parametrize("line,expect", [
+    ('{"id": 1, "prompt_ids": [1, 2]', "r.jsonl:2: not a JSON object"),
+    ('{"id": 1, "prompt_ids": []}', "r.jsonl:2: request 1: the prompt is empty"),
+    ('{"id": 1, "prompt_ids": [' + ", ".join(["3"] * 60) + "]}", "r.jsonl:2: request 1: the prompt has 60 tokens, "
+                                                                   "more than the plan's context 48"),
+    ('{"id": 1, "prompt_ids": [1], "stop_token_ids": [99999]}', "r.jsonl:2: request 1: stop token id 99999"),
+    ('{"id": 1, "prompt": "hello"}', "r.jsonl:2: a text prompt needs a tokenizer"),
+    ('{"id": 1, "prompt_ids": [1], "max_tokens": 3}', "r.jsonl:2: unknown key 'max_tokens'"),
+    ('[1, 2]', "r.jsonl:2: a request line is a JSON object"),
+])
+def test_bad_request_lines_are_refused_before_anything_runs(plan_file, tmp_path, capsys, line, expect):
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text('{"id": 0, "prompt_ids": [1, 2]}\n' + line + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(plan_file), "--device", "cpu", "--prompts", str(reqs), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not out.exists(), "nothing may be half-written"
