@@ -220,12 +220,8 @@ def write_trace(path: str | os.PathLike, predicted: Timeline | None = None,
 # reading
 
 
-def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
-    """The measured events of a trace file written by ``write_trace`` (in file order).
-
-    Events are taken from the process named "measured"; their exact times come from ``args`` (``start_s``,
-    ``end_s``), falling back to ``ts``/``dur`` (microseconds) for X events written by another tool."""
-    path = Path(path)
+def _trace_events(path: Path) -> list:
+    """The ``traceEvents`` list of a Chrome trace file (or a bare event list), as data."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -238,12 +234,45 @@ def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc if isinstance(doc, list) else None
     if not isinstance(events, list):
         raise MemintentError(f"{path}: not a Chrome trace (no traceEvents list)")
-    pids = {e.get("pid") for e in events if isinstance(e, dict) and e.get("ph") == "M"
-            and e.get("name") == "process_name" and (e.get("args") or {}).get("name") == "measured"}
-    lanes: dict[tuple, str] = {}
-    for e in events:
-        if isinstance(e, dict) and e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in pids:
-            lanes[(e["pid"], e.get("tid"))] = (e.get("args") or {}).get("name", "")
+    return events
+
+
+def _metadata(events: list, name: str) -> list[dict]:
+    """The ``"ph": "M"`` events called ``name`` (process_name, thread_name)."""
+    return [e for e in events if isinstance(e, dict) and e.get("ph") == "M" and e.get("name") == name]
+
+
+def _measured_lanes(events: list) -> tuple[dict[tuple, str], set]:
+    """``({(pid, tid): lane name}, pids)`` of the threads of the processes named "measured", and their pids."""
+    pids = {e.get("pid") for e in _metadata(events, "process_name") if (e.get("args") or {}).get("name") == "measured"}
+    return {(e["pid"], e.get("tid")): (e.get("args") or {}).get("name", "")
+            for e in _metadata(events, "thread_name") if e.get("pid") in pids}, pids
+
+
+def _measured_event(e: dict, lane: str) -> MeasuredEvent:
+    """One X event of a measured lane; exact seconds from ``args`` when there, else from ``ts``/``dur`` (us)."""
+    a = e.get("args") or {}
+    if "start_s" in a and "end_s" in a:
+        start, end = float(a["start_s"]), float(a["end_s"])
+    else:
+        start = float(e["ts"]) / _US_PER_S
+        end = start + float(e.get("dur", 0.0)) / _US_PER_S
+    return MeasuredEvent(lane=lane, name=str(e.get("name", "")), start_s=start, end_s=end,
+                         forward=int(a.get("forward", 0)), block=str(a.get("block", "")),
+                         stall=bool(a.get("stall", e.get("cat") == "stall")))
+
+
+def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
+    """The measured events of a trace file written by ``write_trace`` (in file order).
+
+    Events are taken from the process named "measured"; their exact times come from ``args`` (``start_s``,
+    ``end_s``), falling back to ``ts``/``dur`` (microseconds) for X events written by another tool."""
+    path = Path(path)
+    events = _trace_events(path)
+    lanes, pids = _measured_lanes(events)
+    if not pids:
+        raise MemintentError(f"{path}: holds no measured events (no process named 'measured'): it is not the "
+                             "trace of a run")
     out: list[MeasuredEvent] = []
     for e in events:
         if not isinstance(e, dict) or e.get("ph") != "X" or e.get("pid") not in pids:
@@ -251,21 +280,10 @@ def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
         lane = lanes.get((e.get("pid"), e.get("tid")))
         if lane not in ("compute", "copy"):
             continue
-        a = e.get("args") or {}
         try:
-            if "start_s" in a and "end_s" in a:
-                start, end = float(a["start_s"]), float(a["end_s"])
-            else:
-                start = float(e["ts"]) / _US_PER_S
-                end = start + float(e.get("dur", 0.0)) / _US_PER_S
-            out.append(MeasuredEvent(lane=lane, name=str(e.get("name", "")), start_s=start, end_s=end,
-                                     forward=int(a.get("forward", 0)), block=str(a.get("block", "")),
-                                     stall=bool(a.get("stall", e.get("cat") == "stall"))))
+            out.append(_measured_event(e, lane))
         except (KeyError, TypeError, ValueError) as err:   # includes MeasuredEvent's own checks
             raise MemintentError(f"{path}: measured event {e.get('name')!r} is malformed: {err}") from None
-    if not pids:
-        raise MemintentError(f"{path}: holds no measured events (no process named 'measured'): it is not the "
-                             "trace of a run")
     return out
 
 
