@@ -46,10 +46,43 @@ def kv_plan():
 
 @pytest.fixture(scope="module")
 def quant_plan():
-    try:
-        return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, quant="int8")
-    except TypeError:          # a compiler without quantization
-        pytest.skip("compile_model has no quant option")
+    return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, quant="int8")
+
+
+# Four equal layers, 16640 bytes each (Linear(64, 64) in f32: 16384 weight + 256 bias bytes), on a profile that
+# makes every step cost exactly 1 s (launch overhead; the FLOP and byte terms are below float resolution) and every
+# copy exactly 2 s (copy latency; the byte term likewise).
+UNIT_STACK = """
+import torch
+from torch import nn
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)   # (2, 64)
+        return x
+
+
+def build():
+    torch.manual_seed(0)
+    return Stack(), (torch.randn(2, 64),)
+"""
+UNIT = HardwareProfile(name="unit", source="unit costs: 1 s per step, 2 s per copy", h2d_gbps=1e12, d2h_gbps=1e12,
+                       hbm_gbps=1e12, bf16_tflops=1e12, hbm_bytes=1 << 30, launch_overhead_s=1.0,
+                       copy_latency_s=2.0, workspace_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def unit_plan(tmp_path_factory):
+    factory = tmp_path_factory.mktemp("unit") / "stack.py"
+    factory.write_text(UNIT_STACK)
+    # 40 KiB: two stream slots (2 x 16640 B) and the activations fit, a third slot or a resident layer does not
+    return compile_model(f"py:{factory}:build", budget_bytes=40 << 10, hardware=UNIT, depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +115,48 @@ def _measured_from(tl, forwards: int = 3, extra_stall_s: float = 1e-4) -> list[M
 # timeline
 
 
+def test_timeline_of_a_unit_cost_plan_worked_by_hand(unit_plan):
+    """Four 1 s layers, each streamed by a 2 s copy through two slots (round robin: layers 0, 2 in slot 0, layers
+    1, 3 in slot 1). Each copy is issued when its slot's previous occupant is freed: layer 2 on entry to stage 1,
+    layer 3 on entry to stage 2, the next forward's layer 0 on entry to stage 3 and layer 1 at the forward's end.
+
+    Cold forward: copies 0 (0-2), 1 (2-4); stage 0 waits to 2, runs 2-3; stage 1 (entry 3) issues copy 2, which
+    starts when the engine frees at 4 and ends at 6, waits for copy 1 (4), runs 4-5; stage 2 (entry 5) issues
+    copy 3 (6-8), waits for copy 2 (6), runs 6-7; stage 3 (entry 7) issues the next layer 0 (8-10), waits for
+    copy 3 (8), runs 8-9; the end (9) issues the next layer 1 (10-12). First forward: 9 s.
+    Steady forward, times from its start: the copy engine is never idle (4 x 2 s of copies per 8 s forward), so
+    copies run back to back from -1: layer 0 -1..1 (issued -2, at the previous stage 3 entry), layer 1 1..3
+    (issued 0), layer 2 3..5 (issued 2), layer 3 5..7 (issued 4). Stage s is entered at 2s, waits 1 s for its
+    copy, runs 2s+1..2s+2. Forward: 8 s, of which 4 s compute and 4 s stall, 1 s charged to each copy."""
+    tl = build_timeline(unit_plan)
+    assert (tl.step_time_s, tl.first_step_time_s, tl.compute_s, tl.stall_s) == (8.0, 9.0, 4.0, 4.0)
+    assert tl.copy_busy_s == 8.0 and tl.copy_busy_frac == 1.0 and tl.prefetch_depth == 2
+    assert [(st.entry_s, st.start_s, st.end_s, st.stall_s) for st in tl.stages] == [
+        (0.0, 1.0, 2.0, 1.0), (2.0, 3.0, 4.0, 1.0), (4.0, 5.0, 6.0, 1.0), (6.0, 7.0, 8.0, 1.0)]
+    assert [st.issued for st in tl.stages] == [(), ("layers.2@2",), ("layers.3@3",), ("layers.0@0",)]
+    assert [(c.label, c.slot, c.issue_stage, c.next_forward, c.wait_stage, c.free_stage) for c in tl.copies] == [
+        ("layers.0@0", 0, 3, True, 0, 1), ("layers.1@1", 1, 4, True, 1, 2),
+        ("layers.2@2", 0, 1, False, 2, 3), ("layers.3@3", 1, 2, False, 3, 4)]
+    assert [(c.issue_s, c.start_s, c.end_s, c.ready_s) for c in tl.copies] == [
+        (-2.0, -1.0, 1.0, 1.0), (0.0, 1.0, 3.0, 3.0), (2.0, 3.0, 5.0, 5.0), (4.0, 5.0, 7.0, 7.0)]
+    assert [(c.deadline_s, c.slack_s, c.stall_s) for c in tl.copies] == [(2.0 * i, -1.0, 1.0) for i in range(4)]
+    assert tl.streamed_bytes == 4 * 16640 and all(c.transfer_bytes == c.block_bytes == 16640 for c in tl.copies)
+    # Memory: two 16640 B stream slots, both held at every step (each slot's next occupant is copied in as soon
+    # as the previous one is freed); two (2, 64) f32 activations of 512 B live at each step; no KV, no workspace.
+    assert [(m.step, m.stage, m.start_s) for m in tl.memory] == [(i, i, 2.0 * i + 1) for i in range(4)]
+    for m in tl.memory:
+        assert (m.resident_bytes, m.stream_allocated_bytes, m.stream_occupied_bytes, m.kv_bytes,
+                m.activation_bytes, m.workspace_bytes) == (0, 33280, 33280, 0, 1024, 0)
+    assert tl.peak.step == 0 and tl.peak.total_bytes == 34304
+    # and the compiler recorded the same numbers in the plan
+    pr = unit_plan.prediction
+    assert (pr.step_time_s, pr.first_step_time_s, pr.stall_s, pr.peak_hbm_bytes) == (8.0, 9.0, 4.0, 34304)
+
+
 @pytest.mark.parametrize("which", ["plan", "stalling_plan", "kv_plan", "quant_plan"])
-def test_timeline_reproduces_the_plans_prediction(which, request):
+def test_timeline_agrees_with_the_plans_visits(which, request):
     p = request.getfixturevalue(which)
     tl = build_timeline(p)
-    pr = p.prediction
-    assert tl.step_time_s == pr.step_time_s
-    assert tl.first_step_time_s == pr.first_step_time_s
-    assert tl.stall_s == pytest.approx(pr.stall_s, abs=1e-12)
-    assert tl.prefetch_depth == pr.prefetch_depth
     assert len(tl.stages) == len(p.stages) and len(tl.memory) == len(p.steps)
     streamed_visits = [v for v in p.visits if v.issue_stage is not None]
     assert [c.block for c in tl.copies] and len(tl.copies) == len(streamed_visits)
@@ -310,6 +376,37 @@ def test_cli_report(plan_file, plan, tmp_path, capsys):
     assert main(["report", str(plan_file), "--trace", str(run), "-o", str(out)]) == 0
     assert "<img" in out.read_text()
     assert sorted(p.name for p in tmp_path.glob("r-*.png")) == ["r-memory.png", "r-stall.png", "r-timeline.png"]
+
+
+@pytest.mark.parametrize("which", ["plan", "quant_plan"])
+def test_cli_run_trace_on_cpu_feeds_report(which, request, tmp_path, capsys):
+    """The CPU backend records its own intervals: one compute span per forward, the copies (and dequantizations
+    of a quantized plan) the runtime ran, which ``report --trace`` then reads."""
+    p = request.getfixturevalue(which)
+    plan_path, trace = tmp_path / "p.plan.json", tmp_path / "run.trace.json"
+    save_plan(p, plan_path)
+    assert main(["run", str(plan_path), "--device", "cpu", "--forwards", "3", "--trace", str(trace)]) == 0
+    measured = read_measured(trace)
+    assert sorted({m.forward for m in measured}) == [0, 1, 2]
+    streamed = [v for v in p.visits if v.issue_stage is not None]
+    labels = sorted(f"{v.block}@{v.first_stage}" for v in streamed)
+    quantized = sorted(f"dequant {v.block}" for v in streamed if p.block_map()[v.block].quant.value != "none")
+    assert bool(quantized) == (which == "quant_plan")
+    for f in range(3):
+        fwd = [m for m in measured if m.forward == f]
+        spans = [m for m in fwd if m.lane == "compute" and m.name == "forward"]
+        copies = [m for m in fwd if m.lane == "copy"]
+        assert len(spans) == 1 and spans[0].duration_s > 0
+        assert sorted(m.name for m in copies) == labels        # every planned copy, recorded by the runtime
+        assert all(m.duration_s > 0 and m.block == m.name.split("@")[0] for m in copies)
+        assert sorted(m.name for m in fwd if m.name.startswith("dequant ")) == quantized
+        assert not any(m.stall for m in fwd)                     # CPU copies are synchronous: no wait to measure
+    # one clock: the copy engine's intervals in order, never overlapping, across forwards too
+    copies = sorted((m for m in measured if m.lane == "copy"), key=lambda m: m.start_s)
+    assert all(a.end_s <= b.start_s for a, b in zip(copies, copies[1:]))
+    out = tmp_path / "r.html"
+    assert main(["report", str(plan_path), "--trace", str(trace), "-o", str(out)]) == 0
+    assert "measured forwards" in out.read_text()
 
 
 def test_cli_profile_cpu_quick_feeds_compile(tmp_path, capsys):

@@ -287,32 +287,45 @@ def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
     return out
 
 
-def stats_events(stats) -> list:
-    """The runtime's CUDA-event intervals of each forward as MeasuredEvents on one clock (forwards laid end to end
-    by their measured device time)."""
-    from memintent.see.perfetto import MeasuredEvent
+def _stats_event(lane: str, name: str, start_s: float, end_s: float, forward: int) -> MeasuredEvent:
+    """One runtime interval (``ForwardStats.events``) as a MeasuredEvent: copies on the copy lane; waits (stalls),
+    dequantizations and the forward itself on the compute lane."""
+    block = name.split("@")[0]
+    if lane == "copy":
+        return MeasuredEvent("copy", name, start_s, end_s, forward, block=block)
+    if lane == "wait":
+        return MeasuredEvent("compute", f"wait {block}", start_s, end_s, forward, block=block, stall=True)
+    if lane == "dequant":
+        return MeasuredEvent("compute", f"dequant {block}", start_s, end_s, forward, block=block)
+    return MeasuredEvent("compute", name, start_s, end_s, forward)
 
-    out, origin = [], 0.0
+
+def stats_events(stats) -> list[MeasuredEvent]:
+    """The runtime's measured intervals of each forward (CUDA events, or the CPU backend's perf_counter marks) as
+    MeasuredEvents on one clock: forwards laid end to end by their measured span (the "forward" interval: device
+    time on CUDA, host time on the CPU). Each forward's times are from its own start, so the time between forwards
+    is not in them; a forward is placed later than end to end where that keeps the copy lane in the order the FIFO
+    copy engine ran it (a prefetch issued in the previous forward's tail, at a negative time, would otherwise
+    overlap that forward's last copy by the time the host spent between the forwards)."""
+    out, origin, copy_free = [], 0.0, float("-inf")
     for f, st in enumerate(stats):
+        first_copy = min((a for lane, _, a, _ in st.events if lane == "copy"), default=None)
+        if first_copy is not None:
+            origin = max(origin, copy_free - first_copy)
+        span_s = 0.0
         for lane, name, a, b in st.events:
-            block = name.split("@")[0]
-            if lane == "copy":
-                out.append(MeasuredEvent("copy", name, origin + a, origin + b, f, block=block))
-            elif lane == "wait":
-                out.append(MeasuredEvent("compute", f"wait {block}", origin + a, origin + b, f, block=block,
-                                         stall=True))
-            elif lane == "dequant":
-                out.append(MeasuredEvent("compute", f"dequant {block}", origin + a, origin + b, f, block=block))
-            else:
-                out.append(MeasuredEvent("compute", name, origin + a, origin + b, f))
-        origin += st.device_s or 0.0
+            out.append(_stats_event(lane, name, origin + a, origin + b, f))
+            if lane == "compute":
+                span_s = max(span_s, b)
+            elif lane == "copy":
+                copy_free = max(copy_free, origin + b)
+        origin += span_s
     return out
 
 
 def write_run_trace(path: str, program: Program, stats) -> None:
     """Predicted and measured timelines side by side, as a Chrome trace (opens in Perfetto)."""
     from memintent.see.timeline import build_timeline
-    from memintent.see.perfetto import write_trace
 
     measured = stats_events(stats)
     write_trace(path, build_timeline(program) if program.prediction else None, measured or None)
