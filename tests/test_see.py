@@ -6,23 +6,35 @@ sign, never for value).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import shlex
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+
+import memintent
+from memintent import progress
 
 from memintent.cli import main
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN, load_profile
+from memintent.compiler.refs import resolve
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile, SlotKind
 from memintent.ir.plan_file import load_plan, save_plan
+from memintent.ir.printer import dump
 from memintent.passes.verify import verify
 from memintent.see.report import summarise_measured, write_report
 from memintent.see.timeline import MEMORY_KINDS, build_timeline
 from memintent.see.perfetto import PID_MEASURED, PID_PREDICTED, MeasuredEvent, read_measured, write_trace
-from memintent.units import fmt_s
+from memintent.runtime.host_store import HostStore
+from memintent.units import fmt_bytes, fmt_s
 
 CPU = BUILTIN["cpu"]
 # A host link so slow that the copies cannot hide behind compute: a plan with stalls.
@@ -453,3 +465,173 @@ def test_cli_bad_input_exits_2_with_one_line(plan_file, plan, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["profile", "-o", str(tmp_path / "p.json"), "--device", "cuda"]) == 2
         assert "CUDA is not available" in _one_line_error(capsys)
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"memintent {memintent.__version__}"
+
+
+def test_cli_compile_names_its_hardware_profile(tmp_path, capsys):
+    out = tmp_path / "p.plan.json"
+    assert main(["compile", "tiny-llama", "--hw", "cpu", "--budget", "1MiB", "--seq", "16", "-o", str(out)]) == 0
+    assert f"hardware profile cpu (built in): {BUILTIN['cpu'].source}" in capsys.readouterr().err
+    # the default is named as the default
+    assert main(["compile", "tiny-llama", "--budget", "64MiB", "--seq", "16", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"hardware profile h100-sxm (built in, the default: pass --hw to plan for another card): " \
+           f"{BUILTIN['h100-sxm'].source}" in err
+    prof = tmp_path / "hw.json"
+    prof.write_text(CPU.model_copy(update={"name": "my-cpu", "source": "measured here"}).model_dump_json())
+    assert main(["compile", "tiny-llama", "--hw", str(prof), "--budget", "1MiB", "--seq", "16", "-o", str(out)]) == 0
+    assert f"hardware profile my-cpu (from {prof}): measured here" in capsys.readouterr().err
+
+
+def test_cli_check_prints_sizes_in_units(plan_file, plan, capsys):
+    assert main(["check", str(plan_file)]) == 0
+    err = capsys.readouterr().err
+    assert (f"ok ({len(plan.steps)} steps, {len(plan.actions)} actions; peak "
+            f"{fmt_bytes(plan.prediction.peak_hbm_bytes)} <= budget 1.00 MiB)") in err
+
+
+def _run_json(argv, tmp_path, capsys) -> tuple[dict, str]:
+    out = tmp_path / "run.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def _table_header(out: str) -> list[str]:
+    line = next(line for line in out.splitlines() if "wall" in line and "forward" in line)
+    return [c.strip() for c in re.split(r"[┃|]", line)]
+
+
+def test_cli_run_columns_keep_one_meaning(plan_file, tmp_path, capsys):
+    """The "PCIe floor" column is always streamed bytes / measured H2D; the resident forward, measured only with
+    --verify, has its own column."""
+    base = ["run", str(plan_file), "--device", "cpu", "--forwards", "1"]
+    rep, out = _run_json(base, tmp_path, capsys)
+    assert "PCIe floor" in _table_header(out) and "resident" not in _table_header(out)
+    assert rep["pcie_floor_s"] == rep["streamed_bytes"] / (rep["h2d_gbps"] * 1e9) and rep["resident_s"] is None
+    assert (rep["inputs"], rep["tokens"]) == ("tokens 1x16", "1x16") and "on cpu, tokens 1x16" in out
+    rep, out = _run_json([*base, "--verify"], tmp_path, capsys)
+    assert _table_header(out)[-2:] == ["PCIe floor", "resident"]
+    assert rep["pcie_floor_s"] == rep["streamed_bytes"] / (rep["h2d_gbps"] * 1e9) and rep["resident_s"] > 0
+    row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
+    assert [c.strip() for c in row.split("│")][-2:] == [fmt_s(rep["pcie_floor_s"]), fmt_s(rep["resident_s"])]
+
+
+def test_cli_run_accepts_ir_text_and_verifies_it(plan, tmp_path, capsys):
+    mir = tmp_path / "tiny.mir"
+    mir.write_text(dump(plan))
+    rep, out = _run_json(["run", str(mir), "--device", "cpu", "--forwards", "1", "--verify"], tmp_path, capsys)
+    assert rep["identical"] is True and "bitwise identical" in out
+    edited = tmp_path / "edited.mir"    # a budget below the plan's peak: refused by the verifier, nothing runs
+    edited.write_text(mir.read_text().replace(f"budget {plan.budget_bytes} B", "budget 4096 B", 1))
+    assert main(["run", str(edited), "--device", "cpu"]) == 2
+    assert "plan verification failed" in _one_line_error(capsys)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy_mlp.py"
+
+
+def test_example_commands_work_and_run_names_the_factory_inputs(tmp_path, capsys, monkeypatch):
+    """The commands in examples/toy_mlp.py's docstring run as written (from the repository root); the run header
+    names the factory's own inputs, and --tokens, which does not apply to them, is refused."""
+    commands = [shlex.split(line.strip())[1:] for line in EXAMPLE.read_text().split('"""')[1].splitlines()
+                if line.strip().startswith("memintent ")]
+    assert [c[0] for c in commands] == ["compile", "run"]
+    monkeypatch.chdir(EXAMPLE.parents[1])
+    plan_path = tmp_path / "toy.plan.json"
+    for argv in commands:
+        argv = [str(plan_path) if a == "toy.plan.json" else a for a in argv]
+        assert main(argv) == 0, argv
+    assert "on cpu, the factory's example inputs 4x256 float32" in capsys.readouterr().out
+    assert main(["run", str(plan_path), "--device", "cpu", "--allow-code", "--tokens", "1x64"]) == 2
+    assert "leave --tokens out" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_progress_lines_worked_by_hand():
+    clock, log = _Clock(), io.StringIO()
+    with progress.bar("filling host weights", 40_800_000_000, console=Console(file=log), clock=clock,
+                      interval_s=3600) as b:
+        assert b.line() == "filling host weights: 0.0 of 40.8 GB, 0.0 GB/s, time left unknown"
+        b.advance(12_300_000_000)
+        clock.now_s += 1.5                                    # 12.3 GB in 1.5 s: 8.2 GB/s, 28.5 GB left: 3.5 s
+        assert b.line() == "filling host weights: 12.3 of 40.8 GB, 8.2 GB/s, 3 s left"
+        b.advance(28_500_000_000)
+        clock.now_s += 125.3                                  # 40.8 GB in 126.8 s
+        assert b.closing_line() == "filling host weights: 40.8 GB in 2 min 07 s, 0.3 GB/s"
+    with progress.status("compiling llama-3-70b", console=Console(file=log), clock=clock, interval_s=3600) as s:
+        s.update("compiling llama-3-70b: tracing")
+        clock.now_s += 7250.0
+        assert s.line() == "compiling llama-3-70b: tracing (2 h 00 min)"
+        assert s.closing_line() == "compiling llama-3-70b: done in 2 h 00 min"
+    assert log.getvalue() == ""                              # shorter than the interval: nothing logged
+
+
+def test_progress_off_a_terminal_logs_a_line_every_interval():
+    log = io.StringIO()
+    console = Console(file=log)
+    assert not console.is_terminal
+    with progress.bar("filling host weights", 2_000_000, console=console, interval_s=0.02) as b:
+        b.advance(1_000_000)
+        time.sleep(0.3)                                      # no update meanwhile: the timer still reports
+    lines = log.getvalue().splitlines()
+    assert len(lines) >= 3
+    for line in lines[:-1]:
+        assert re.fullmatch(r"filling host weights: 1\.0 of 2\.0 MB, \d+\.\d MB/s, \d+ s left", line), line
+    assert re.fullmatch(r"filling host weights: 1\.0 MB in \d+ s, \d+\.\d MB/s", lines[-1])
+    log = io.StringIO()
+    with pytest.raises(RuntimeError), progress.status("compiling x", console=Console(file=log), interval_s=0.02):
+        time.sleep(0.1)
+        raise RuntimeError("failed")
+    lines = log.getvalue().splitlines()
+    assert lines and all(re.fullmatch(r"compiling x \(\d+ s\)", line) for line in lines)   # no "done" line
+
+
+def test_progress_on_a_terminal_is_a_live_display():
+    log = io.StringIO()
+    console = Console(file=log, force_terminal=True, width=100)
+    with progress.bar("filling host weights", 2_000_000, console=console, interval_s=0.01) as b:
+        b.advance(2_000_000)
+        time.sleep(0.05)
+    with progress.status("compiling x", console=console, interval_s=0.01) as s:
+        s.update("compiling x: tracing")
+        time.sleep(0.05)
+    assert "\x1b[" in log.getvalue()                         # drawn with terminal control sequences
+    assert not re.search(r"of 2\.0 MB, |\(\d+ s\)$", log.getvalue(), re.M)   # not the plain log lines
+
+
+def test_host_fill_and_compile_log_progress_off_a_terminal(plan, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.01)
+    store = HostStore(plan, pin="none")
+    src = resolve("tiny-llama")
+
+    def slow_fill(named):
+        time.sleep(0.02)
+        src.fill_weights(named)
+
+    store.fill(slow_fill, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert 1e6 <= store.source_nbytes < 1e9                   # so it is counted in MB
+    total = f"{store.source_nbytes / 1e6:.1f} MB"
+    assert any(re.fullmatch(rf"filling host weights: \d+\.\d of {total}, .* left", line) for line in err), err
+    assert err[-1].startswith(f"filling host weights: {total} in ")
+    assert main(["compile", "tiny-llama", "--hw", "cpu", "--budget", "1MiB", "--seq", "16", "-o",
+                 str(tmp_path / "p.plan.json")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert any(re.fullmatch(r"compiling tiny-llama: .* \(\d+ s\)", line) for line in err), err
+    assert any(re.fullmatch(r"compiling tiny-llama: done in \d+ s", line) for line in err), err
