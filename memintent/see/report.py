@@ -99,7 +99,8 @@ def summarise_measured(events: list[MeasuredEvent]) -> MeasuredSummary:
     s.step_time_s = _mean([span for span in map(_compute_span_s, steady) if span is not None])
     s.stall_s = _mean([sum(e.duration_s for e in evs) for evs in stalls])
     s.copy_busy_s = _mean([_copy_busy_s(evs) for evs in steady])
-    s.stall_by_block_s = {b: t / len(s.steady) for b, t in _stall_by_block_s(sum(stalls, [])).items()}
+    per_block = _stall_by_block_s([e for evs in stalls for e in evs])
+    s.stall_by_block_s = {b: t / len(s.steady) for b, t in per_block.items()}
     return s
 
 
