@@ -25,7 +25,6 @@ import torch
 from memintent.compiler.fingerprint import IR_TO_TORCH
 from memintent.errors import MemintentError
 from memintent.ir.model import Block, Object, Program, Quant, Residency
-from memintent.progress import bar
 from memintent.runtime.quant import pack_block, quantized_block_bytes, unpack_weight
 
 # A fill callback receives {weight name: host tensor of that weight's dtype and shape} and writes each value in.
@@ -249,6 +248,8 @@ class HostStore:
         need = max((self.blocks[n].size_bytes for n in self.packed), default=0)
         # One scratch for all packed blocks: uint8 [largest packed block's size_bytes], pageable host memory.
         scratch = torch.empty(need, dtype=torch.uint8) if need else None
+        from memintent.progress import bar
+
         show = self.source_nbytes > PROGRESS_MIN_BYTES if progress is None else progress
         with bar("filling host weights", self.source_nbytes, enabled=show) as shown:
             for name, b in self.blocks.items():
