@@ -1,6 +1,12 @@
-"""A toy model for ``py:`` references: ``memintent compile py:examples/toy_mlp.py:mlp_stack --allow-code``.
+"""A toy model for ``py:`` references. From the repository root:
 
-A factory returns ``(module, example_inputs)``; the decoder-layer analogue here is the ModuleList ``layers``.
+    memintent compile py:examples/toy_mlp.py:mlp_stack --hw cpu --budget 600KiB -o toy.plan.json
+    memintent run toy.plan.json --device cpu --allow-code --verify
+
+``compile`` imports and runs the factory you name on its command line. ``run`` (and ``generate``) run the model a
+plan file names, and a plan file may come from anyone: a plan naming a ``py:`` factory runs only with
+``--allow-code``. A factory returns ``(module, example_inputs)``; ``run`` feeds it those inputs. The decoder-layer
+analogue here is the ModuleList ``layers``.
 """
 
 import torch

@@ -11,6 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from memintent import __version__
 from memintent.errors import MemintentError
 from memintent.ir.plan_file import check_writable
 
@@ -20,7 +21,8 @@ EPILOG = "Run `memintent COMMAND -h` for a command's options. Sizes take units: 
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    # A log gets whole lines rather than lines wrapped at rich's 80-column default.
+    return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def _out_console():
@@ -34,13 +36,41 @@ def _out_console():
 # compile
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
+DEFAULT_HW = "h100-sxm"
+
+
+def _hardware_origin(spec: str | None) -> str:
+    """Where the profile ``compile`` plans for comes from, for the line that names it."""
+    from memintent.compiler.hardware import BUILTIN
+
+    if spec is None:
+        return "built in, the default: pass --hw to plan for another card"
+    return "built in" if spec in BUILTIN else f"from {spec}"
+
+
+def _compile(args: argparse.Namespace, hw, budget: int | None, say):
+    if args.objective:
+        from memintent.compiler.planner import plan_generation
+
+        return plan_generation(
+            args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
+            prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
+            batch=args.batch if args.batch_given else None, kv_block_tokens=args.kv_block_tokens, progress=say)
     from memintent.compiler.compile import compile_model
+
+    return compile_model(
+        args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
+        kv_block_tokens=args.kv_block_tokens, dtype=args.dtype, allow_code=True, depth=args.depth,
+        quant=args.quant, progress=say)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
     from memintent.compiler.hardware import load_profile
     from memintent.ir.plan_file import save_plan
+    from memintent.progress import status
     from memintent.units import fmt_bytes, fmt_s, parse_bytes
 
-    hw = load_profile(args.hw)
+    hw = load_profile(args.hw or DEFAULT_HW)
     args.batch_given = args.batch is not None
     args.batch = args.batch if args.batch_given else 1
     budget = parse_bytes(args.budget, "--budget") if args.budget else None
@@ -49,20 +79,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out = Path(args.output or f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json")
     check_writable(out, "-o")
     console = _console()
-    with console.status(f"compiling {args.model}") as status:
-        say = lambda msg: status.update(f"{args.model}: {msg}")  # noqa: E731
-        if args.objective:
-            from memintent.compiler.planner import plan_generation
-
-            plan = plan_generation(
-                args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
-                prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
-                batch=args.batch if args.batch_given else None, kv_block_tokens=args.kv_block_tokens, progress=say)
-        else:
-            plan = compile_model(
-                args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
-                kv_block_tokens=args.kv_block_tokens, dtype=args.dtype, allow_code=True, depth=args.depth,
-                quant=args.quant, progress=say)
+    with status(f"compiling {args.model}", console=console) as st:
+        plan = _compile(args, hw, budget, lambda msg: st.update(f"compiling {args.model}: {msg}"))
     save_plan(plan, out)
     pr = plan.prediction
     streamed = sum(1 for b in plan.blocks if b.residency.value == "streamed")
@@ -70,6 +88,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"wrote {out}: {len(plan.steps)} steps, {len(plan.blocks)} blocks ({streamed} streamed, depth "
         f"{pr.prefetch_depth}), peak {fmt_bytes(pr.peak_hbm_bytes)} of {fmt_bytes(plan.budget_bytes)}, "
         f"predicted {fmt_s(pr.step_time_s)} per forward (floor {fmt_s(pr.floor_s)}, binds: {pr.binding})")
+    console.print(f"hardware profile {hw.name} ({_hardware_origin(args.hw)}): {hw.source}")
     if plan.generation:
         g = plan.generation
         console.print(f"generation: batch {g.batch}, {g.tokens_per_s:.2f} tok/s predicted (prefill {fmt_s(g.prefill_s)}"
@@ -115,6 +134,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from memintent.passes.verify import verify
+    from memintent.units import fmt_bytes
 
     program = _load_any(args.file)
     if program.arena is None:
@@ -122,8 +142,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     verify(program)
     pr = program.prediction
-    _console().print(f"{args.file}: ok ({len(program.steps)} steps, {len(program.actions)} actions; peak "
-                     f"{pr.peak_hbm_bytes if pr else '-'} B <= budget {program.budget_bytes} B)")
+    peak = fmt_bytes(pr.peak_hbm_bytes) if pr else "-"
+    _console().print(f"{args.file}: ok ({len(program.steps)} steps, {len(program.actions)} actions; peak {peak} <= "
+                     f"budget {fmt_bytes(program.budget_bytes)})")
     return 0
 
 
@@ -200,6 +221,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from memintent.progress import status
     from memintent.see.report import write_report
 
     out = check_writable(args.output, "-o")
@@ -209,7 +231,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from memintent.see.perfetto import read_measured
 
         measured = read_measured(args.trace)
-    with _console().status(f"writing {out}"):
+    with status(f"writing {out}", console=_console()):
         written = write_report(program, out, measured=measured, plan_source=args.plan)
     pngs = ", ".join(str(p) for p in written[:-1])
     _console().print(f"wrote {out} (figures also in {pngs})")
@@ -217,32 +239,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from memintent.progress import status
     from memintent.runtime.profile import profile_device, resolve_device, sizes_for
     from memintent.see.perfetto import write_bytes_atomic
     from memintent.units import fmt_bytes, fmt_s
 
     out = check_writable(args.output, "-o")
     dev = resolve_device(args.device)
-    sz = sizes_for(dev, args.quick)
-    total = 2 * len(sz.copy_bytes) + 5
+    total = 2 * len(sizes_for(dev, args.quick).copy_bytes) + 5
     console = _console()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as prog:
-        task = prog.add_task(f"profiling {dev}", total=total)
-        started = [False]
+    with status(f"profiling {dev}", console=console) as st:
+        started = [0]
 
         def say(msg: str) -> None:
-            # Each message starts the next measurement: the previous one is done.
-            if started[0]:
-                prog.advance(task)
-            started[0] = True
-            prog.update(task, description=f"{dev}: {msg}")
+            # Each message starts the next measurement: the ones before it are done.
+            st.update(f"profiling {dev}: {msg} ({started[0]}/{total} done)")
+            started[0] += 1
 
         result = profile_device(str(dev), quick=args.quick, progress=say)
-        prog.advance(task)
     hw = result.profile
     write_bytes_atomic(out, (hw.model_dump_json(indent=1) + "\n").encode())
     con = _out_console()
@@ -270,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "an HBM budget, and run the plan.",
                                  epilog=EPILOG)
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--version", action="version", version=f"memintent {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("compile", help="trace a model and write a verified plan file")
@@ -280,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq", type=int, default=64, help="tokens per sequence in the traced forward (default 64)")
     c.add_argument("--kv-len", type=int, default=0, help="tokens of KV cache to reserve per sequence (default 0)")
     c.add_argument("--kv-block-tokens", type=int, default=64, help="tokens per KV block object (default 64)")
-    c.add_argument("--hw", default="h100-sxm", help="hardware profile: h100-sxm, h200, a100-80g, rtx-4090 or FILE.json")
+    c.add_argument("--hw", default=None, help=f"hardware profile: h100-sxm, h200, a100-80g, rtx-4090, cpu or FILE.json "
+                                              f"(default {DEFAULT_HW})")
     c.add_argument("--dtype", help="weight dtype override (bf16, f16, f32)")
     c.add_argument("--depth", type=int, help="force this many stream slots (default: chosen by the cost model)")
     c.add_argument("--quant", default="none",
@@ -309,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     pz.set_defaults(fn=cmd_presets)
 
     r = sub.add_parser("run", help="execute a plan: forward passes with streaming (CUDA when present)")
-    r.add_argument("plan")
-    r.add_argument("--tokens", default=None, help="BATCHxSEQ of random token ids (default: the plan's shape)")
+    r.add_argument("plan", help="a plan file, or its IR text (memintent dump); verified before it runs")
+    r.add_argument("--tokens", default=None, help="BATCHxSEQ of random token ids (default: the plan's shape; a py: "
+                                                  "factory's plan runs the factory's own example inputs)")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     r.add_argument("--forwards", type=int, default=3, help="forward passes to run (default 3)")
     r.add_argument("--check", action="store_true", help="poison freed slots with NaN to catch out-of-plan use")
@@ -318,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
     r.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     r.add_argument("--json", help="also write the measurements to this JSON file")
-    r.add_argument("--trace", help="write predicted and measured timelines (CUDA events) as a Perfetto trace")
+    r.add_argument("--trace", help="write predicted and measured timelines (CUDA events; on the CPU, the CPU "
+                                   "backend's timers) as a Perfetto trace")
     r.set_defaults(fn=cmd_run)
 
     g = sub.add_parser("generate", help="prefill and greedy decode under a generation plan (compile --objective)")

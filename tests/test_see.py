@@ -6,23 +6,35 @@ sign, never for value).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import shlex
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+
+import memintent
+from memintent import progress
 
 from memintent.cli import main
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN, load_profile
+from memintent.compiler.refs import resolve
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile, SlotKind
 from memintent.ir.plan_file import load_plan, save_plan
+from memintent.ir.printer import dump
 from memintent.passes.verify import verify
 from memintent.see.report import summarise_measured, write_report
 from memintent.see.timeline import MEMORY_KINDS, build_timeline
 from memintent.see.perfetto import PID_MEASURED, PID_PREDICTED, MeasuredEvent, read_measured, write_trace
-from memintent.units import fmt_s
+from memintent.runtime.host_store import HostStore
+from memintent.units import fmt_bytes, fmt_s
 
 CPU = BUILTIN["cpu"]
 # A host link so slow that the copies cannot hide behind compute: a plan with stalls.
@@ -46,10 +58,43 @@ def kv_plan():
 
 @pytest.fixture(scope="module")
 def quant_plan():
-    try:
-        return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, quant="int8")
-    except TypeError:          # a compiler without quantization
-        pytest.skip("compile_model has no quant option")
+    return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, quant="int8")
+
+
+# Four equal layers, 16640 bytes each (Linear(64, 64) in f32: 16384 weight + 256 bias bytes), on a profile that
+# makes every step cost exactly 1 s (launch overhead; the FLOP and byte terms are below float resolution) and every
+# copy exactly 2 s (copy latency; the byte term likewise).
+UNIT_STACK = """
+import torch
+from torch import nn
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)   # (2, 64)
+        return x
+
+
+def build():
+    torch.manual_seed(0)
+    return Stack(), (torch.randn(2, 64),)
+"""
+UNIT = HardwareProfile(name="unit", source="unit costs: 1 s per step, 2 s per copy", h2d_gbps=1e12, d2h_gbps=1e12,
+                       hbm_gbps=1e12, bf16_tflops=1e12, hbm_bytes=1 << 30, launch_overhead_s=1.0,
+                       copy_latency_s=2.0, workspace_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def unit_plan(tmp_path_factory):
+    factory = tmp_path_factory.mktemp("unit") / "stack.py"
+    factory.write_text(UNIT_STACK)
+    # 40 KiB: two stream slots (2 x 16640 B) and the activations fit, a third slot or a resident layer does not
+    return compile_model(f"py:{factory}:build", budget_bytes=40 << 10, hardware=UNIT, depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +127,48 @@ def _measured_from(tl, forwards: int = 3, extra_stall_s: float = 1e-4) -> list[M
 # timeline
 
 
+def test_timeline_of_a_unit_cost_plan_worked_by_hand(unit_plan):
+    """Four 1 s layers, each streamed by a 2 s copy through two slots (round robin: layers 0, 2 in slot 0, layers
+    1, 3 in slot 1). Each copy is issued when its slot's previous occupant is freed: layer 2 on entry to stage 1,
+    layer 3 on entry to stage 2, the next forward's layer 0 on entry to stage 3 and layer 1 at the forward's end.
+
+    Cold forward: copies 0 (0-2), 1 (2-4); stage 0 waits to 2, runs 2-3; stage 1 (entry 3) issues copy 2, which
+    starts when the engine frees at 4 and ends at 6, waits for copy 1 (4), runs 4-5; stage 2 (entry 5) issues
+    copy 3 (6-8), waits for copy 2 (6), runs 6-7; stage 3 (entry 7) issues the next layer 0 (8-10), waits for
+    copy 3 (8), runs 8-9; the end (9) issues the next layer 1 (10-12). First forward: 9 s.
+    Steady forward, times from its start: the copy engine is never idle (4 x 2 s of copies per 8 s forward), so
+    copies run back to back from -1: layer 0 -1..1 (issued -2, at the previous stage 3 entry), layer 1 1..3
+    (issued 0), layer 2 3..5 (issued 2), layer 3 5..7 (issued 4). Stage s is entered at 2s, waits 1 s for its
+    copy, runs 2s+1..2s+2. Forward: 8 s, of which 4 s compute and 4 s stall, 1 s charged to each copy."""
+    tl = build_timeline(unit_plan)
+    assert (tl.step_time_s, tl.first_step_time_s, tl.compute_s, tl.stall_s) == (8.0, 9.0, 4.0, 4.0)
+    assert tl.copy_busy_s == 8.0 and tl.copy_busy_frac == 1.0 and tl.prefetch_depth == 2
+    assert [(st.entry_s, st.start_s, st.end_s, st.stall_s) for st in tl.stages] == [
+        (0.0, 1.0, 2.0, 1.0), (2.0, 3.0, 4.0, 1.0), (4.0, 5.0, 6.0, 1.0), (6.0, 7.0, 8.0, 1.0)]
+    assert [st.issued for st in tl.stages] == [(), ("layers.2@2",), ("layers.3@3",), ("layers.0@0",)]
+    assert [(c.label, c.slot, c.issue_stage, c.next_forward, c.wait_stage, c.free_stage) for c in tl.copies] == [
+        ("layers.0@0", 0, 3, True, 0, 1), ("layers.1@1", 1, 4, True, 1, 2),
+        ("layers.2@2", 0, 1, False, 2, 3), ("layers.3@3", 1, 2, False, 3, 4)]
+    assert [(c.issue_s, c.start_s, c.end_s, c.ready_s) for c in tl.copies] == [
+        (-2.0, -1.0, 1.0, 1.0), (0.0, 1.0, 3.0, 3.0), (2.0, 3.0, 5.0, 5.0), (4.0, 5.0, 7.0, 7.0)]
+    assert [(c.deadline_s, c.slack_s, c.stall_s) for c in tl.copies] == [(2.0 * i, -1.0, 1.0) for i in range(4)]
+    assert tl.streamed_bytes == 4 * 16640 and all(c.transfer_bytes == c.block_bytes == 16640 for c in tl.copies)
+    # Memory: two 16640 B stream slots, both held at every step (each slot's next occupant is copied in as soon
+    # as the previous one is freed); two (2, 64) f32 activations of 512 B live at each step; no KV, no workspace.
+    assert [(m.step, m.stage, m.start_s) for m in tl.memory] == [(i, i, 2.0 * i + 1) for i in range(4)]
+    for m in tl.memory:
+        assert (m.resident_bytes, m.stream_allocated_bytes, m.stream_occupied_bytes, m.kv_bytes,
+                m.activation_bytes, m.workspace_bytes) == (0, 33280, 33280, 0, 1024, 0)
+    assert tl.peak.step == 0 and tl.peak.total_bytes == 34304
+    # and the compiler recorded the same numbers in the plan
+    pr = unit_plan.prediction
+    assert (pr.step_time_s, pr.first_step_time_s, pr.stall_s, pr.peak_hbm_bytes) == (8.0, 9.0, 4.0, 34304)
+
+
 @pytest.mark.parametrize("which", ["plan", "stalling_plan", "kv_plan", "quant_plan"])
-def test_timeline_reproduces_the_plans_prediction(which, request):
+def test_timeline_agrees_with_the_plans_visits(which, request):
     p = request.getfixturevalue(which)
     tl = build_timeline(p)
-    pr = p.prediction
-    assert tl.step_time_s == pr.step_time_s
-    assert tl.first_step_time_s == pr.first_step_time_s
-    assert tl.stall_s == pytest.approx(pr.stall_s, abs=1e-12)
-    assert tl.prefetch_depth == pr.prefetch_depth
     assert len(tl.stages) == len(p.stages) and len(tl.memory) == len(p.steps)
     streamed_visits = [v for v in p.visits if v.issue_stage is not None]
     assert [c.block for c in tl.copies] and len(tl.copies) == len(streamed_visits)
@@ -312,6 +390,37 @@ def test_cli_report(plan_file, plan, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("r-*.png")) == ["r-memory.png", "r-stall.png", "r-timeline.png"]
 
 
+@pytest.mark.parametrize("which", ["plan", "quant_plan"])
+def test_cli_run_trace_on_cpu_feeds_report(which, request, tmp_path, capsys):
+    """The CPU backend records its own intervals: one compute span per forward, the copies (and dequantizations
+    of a quantized plan) the runtime ran, which ``report --trace`` then reads."""
+    p = request.getfixturevalue(which)
+    plan_path, trace = tmp_path / "p.plan.json", tmp_path / "run.trace.json"
+    save_plan(p, plan_path)
+    assert main(["run", str(plan_path), "--device", "cpu", "--forwards", "3", "--trace", str(trace)]) == 0
+    measured = read_measured(trace)
+    assert sorted({m.forward for m in measured}) == [0, 1, 2]
+    streamed = [v for v in p.visits if v.issue_stage is not None]
+    labels = sorted(f"{v.block}@{v.first_stage}" for v in streamed)
+    quantized = sorted(f"dequant {v.block}" for v in streamed if p.block_map()[v.block].quant.value != "none")
+    assert bool(quantized) == (which == "quant_plan")
+    for f in range(3):
+        fwd = [m for m in measured if m.forward == f]
+        spans = [m for m in fwd if m.lane == "compute" and m.name == "forward"]
+        copies = [m for m in fwd if m.lane == "copy"]
+        assert len(spans) == 1 and spans[0].duration_s > 0
+        assert sorted(m.name for m in copies) == labels        # every planned copy, recorded by the runtime
+        assert all(m.duration_s > 0 and m.block == m.name.split("@")[0] for m in copies)
+        assert sorted(m.name for m in fwd if m.name.startswith("dequant ")) == quantized
+        assert not any(m.stall for m in fwd)                     # CPU copies are synchronous: no wait to measure
+    # one clock: the copy engine's intervals in order, never overlapping, across forwards too
+    copies = sorted((m for m in measured if m.lane == "copy"), key=lambda m: m.start_s)
+    assert all(a.end_s <= b.start_s for a, b in zip(copies, copies[1:]))
+    out = tmp_path / "r.html"
+    assert main(["report", str(plan_path), "--trace", str(trace), "-o", str(out)]) == 0
+    assert "measured forwards" in out.read_text()
+
+
 def test_cli_profile_cpu_quick_feeds_compile(tmp_path, capsys):
     prof = tmp_path / "cpu.profile.json"
     assert main(["profile", "-o", str(prof), "--device", "cpu", "--quick"]) == 0
@@ -356,3 +465,173 @@ def test_cli_bad_input_exits_2_with_one_line(plan_file, plan, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["profile", "-o", str(tmp_path / "p.json"), "--device", "cuda"]) == 2
         assert "CUDA is not available" in _one_line_error(capsys)
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"memintent {memintent.__version__}"
+
+
+def test_cli_compile_names_its_hardware_profile(tmp_path, capsys):
+    out = tmp_path / "p.plan.json"
+    assert main(["compile", "tiny-llama", "--hw", "cpu", "--budget", "1MiB", "--seq", "16", "-o", str(out)]) == 0
+    assert f"hardware profile cpu (built in): {BUILTIN['cpu'].source}" in capsys.readouterr().err
+    # the default is named as the default
+    assert main(["compile", "tiny-llama", "--budget", "64MiB", "--seq", "16", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"hardware profile h100-sxm (built in, the default: pass --hw to plan for another card): " \
+           f"{BUILTIN['h100-sxm'].source}" in err
+    prof = tmp_path / "hw.json"
+    prof.write_text(CPU.model_copy(update={"name": "my-cpu", "source": "measured here"}).model_dump_json())
+    assert main(["compile", "tiny-llama", "--hw", str(prof), "--budget", "1MiB", "--seq", "16", "-o", str(out)]) == 0
+    assert f"hardware profile my-cpu (from {prof}): measured here" in capsys.readouterr().err
+
+
+def test_cli_check_prints_sizes_in_units(plan_file, plan, capsys):
+    assert main(["check", str(plan_file)]) == 0
+    err = capsys.readouterr().err
+    assert (f"ok ({len(plan.steps)} steps, {len(plan.actions)} actions; peak "
+            f"{fmt_bytes(plan.prediction.peak_hbm_bytes)} <= budget 1.00 MiB)") in err
+
+
+def _run_json(argv, tmp_path, capsys) -> tuple[dict, str]:
+    out = tmp_path / "run.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def _table_header(out: str) -> list[str]:
+    line = next(line for line in out.splitlines() if "wall" in line and "forward" in line)
+    return [c.strip() for c in re.split(r"[┃|]", line)]
+
+
+def test_cli_run_columns_keep_one_meaning(plan_file, tmp_path, capsys):
+    """The "PCIe floor" column is always streamed bytes / measured H2D; the resident forward, measured only with
+    --verify, has its own column."""
+    base = ["run", str(plan_file), "--device", "cpu", "--forwards", "1"]
+    rep, out = _run_json(base, tmp_path, capsys)
+    assert "PCIe floor" in _table_header(out) and "resident" not in _table_header(out)
+    assert rep["pcie_floor_s"] == rep["streamed_bytes"] / (rep["h2d_gbps"] * 1e9) and rep["resident_s"] is None
+    assert (rep["inputs"], rep["tokens"]) == ("tokens 1x16", "1x16") and "on cpu, tokens 1x16" in out
+    rep, out = _run_json([*base, "--verify"], tmp_path, capsys)
+    assert _table_header(out)[-2:] == ["PCIe floor", "resident"]
+    assert rep["pcie_floor_s"] == rep["streamed_bytes"] / (rep["h2d_gbps"] * 1e9) and rep["resident_s"] > 0
+    row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
+    assert [c.strip() for c in row.split("│")][-2:] == [fmt_s(rep["pcie_floor_s"]), fmt_s(rep["resident_s"])]
+
+
+def test_cli_run_accepts_ir_text_and_verifies_it(plan, tmp_path, capsys):
+    mir = tmp_path / "tiny.mir"
+    mir.write_text(dump(plan))
+    rep, out = _run_json(["run", str(mir), "--device", "cpu", "--forwards", "1", "--verify"], tmp_path, capsys)
+    assert rep["identical"] is True and "bitwise identical" in out
+    edited = tmp_path / "edited.mir"    # a budget below the plan's peak: refused by the verifier, nothing runs
+    edited.write_text(mir.read_text().replace(f"budget {plan.budget_bytes} B", "budget 4096 B", 1))
+    assert main(["run", str(edited), "--device", "cpu"]) == 2
+    assert "plan verification failed" in _one_line_error(capsys)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy_mlp.py"
+
+
+def test_example_commands_work_and_run_names_the_factory_inputs(tmp_path, capsys, monkeypatch):
+    """The commands in examples/toy_mlp.py's docstring run as written (from the repository root); the run header
+    names the factory's own inputs, and --tokens, which does not apply to them, is refused."""
+    commands = [shlex.split(line.strip())[1:] for line in EXAMPLE.read_text().split('"""')[1].splitlines()
+                if line.strip().startswith("memintent ")]
+    assert [c[0] for c in commands] == ["compile", "run"]
+    monkeypatch.chdir(EXAMPLE.parents[1])
+    plan_path = tmp_path / "toy.plan.json"
+    for argv in commands:
+        argv = [str(plan_path) if a == "toy.plan.json" else a for a in argv]
+        assert main(argv) == 0, argv
+    assert "on cpu, the factory's example inputs 4x256 float32" in capsys.readouterr().out
+    assert main(["run", str(plan_path), "--device", "cpu", "--allow-code", "--tokens", "1x64"]) == 2
+    assert "leave --tokens out" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_progress_lines_worked_by_hand():
+    clock, log = _Clock(), io.StringIO()
+    with progress.bar("filling host weights", 40_800_000_000, console=Console(file=log), clock=clock,
+                      interval_s=3600) as b:
+        assert b.line() == "filling host weights: 0.0 of 40.8 GB, 0.0 GB/s, time left unknown"
+        b.advance(12_300_000_000)
+        clock.now_s += 1.5                                    # 12.3 GB in 1.5 s: 8.2 GB/s, 28.5 GB left: 3.5 s
+        assert b.line() == "filling host weights: 12.3 of 40.8 GB, 8.2 GB/s, 3 s left"
+        b.advance(28_500_000_000)
+        clock.now_s += 125.3                                  # 40.8 GB in 126.8 s
+        assert b.closing_line() == "filling host weights: 40.8 GB in 2 min 07 s, 0.3 GB/s"
+    with progress.status("compiling llama-3-70b", console=Console(file=log), clock=clock, interval_s=3600) as s:
+        s.update("compiling llama-3-70b: tracing")
+        clock.now_s += 7250.0
+        assert s.line() == "compiling llama-3-70b: tracing (2 h 00 min)"
+        assert s.closing_line() == "compiling llama-3-70b: done in 2 h 00 min"
+    assert log.getvalue() == ""                              # shorter than the interval: nothing logged
+
+
+def test_progress_off_a_terminal_logs_a_line_every_interval():
+    log = io.StringIO()
+    console = Console(file=log)
+    assert not console.is_terminal
+    with progress.bar("filling host weights", 2_000_000, console=console, interval_s=0.02) as b:
+        b.advance(1_000_000)
+        time.sleep(0.3)                                      # no update meanwhile: the timer still reports
+    lines = log.getvalue().splitlines()
+    assert len(lines) >= 3
+    for line in lines[:-1]:
+        assert re.fullmatch(r"filling host weights: 1\.0 of 2\.0 MB, \d+\.\d MB/s, \d+ s left", line), line
+    assert re.fullmatch(r"filling host weights: 1\.0 MB in \d+ s, \d+\.\d MB/s", lines[-1])
+    log = io.StringIO()
+    with pytest.raises(RuntimeError), progress.status("compiling x", console=Console(file=log), interval_s=0.02):
+        time.sleep(0.1)
+        raise RuntimeError("failed")
+    lines = log.getvalue().splitlines()
+    assert lines and all(re.fullmatch(r"compiling x \(\d+ s\)", line) for line in lines)   # no "done" line
+
+
+def test_progress_on_a_terminal_is_a_live_display():
+    log = io.StringIO()
+    console = Console(file=log, force_terminal=True, width=100)
+    with progress.bar("filling host weights", 2_000_000, console=console, interval_s=0.01) as b:
+        b.advance(2_000_000)
+        time.sleep(0.05)
+    with progress.status("compiling x", console=console, interval_s=0.01) as s:
+        s.update("compiling x: tracing")
+        time.sleep(0.05)
+    assert "\x1b[" in log.getvalue()                         # drawn with terminal control sequences
+    assert not re.search(r"of 2\.0 MB, |\(\d+ s\)$", log.getvalue(), re.M)   # not the plain log lines
+
+
+def test_host_fill_and_compile_log_progress_off_a_terminal(plan, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.01)
+    store = HostStore(plan, pin="none")
+    src = resolve("tiny-llama")
+
+    def slow_fill(named):
+        time.sleep(0.02)
+        src.fill_weights(named)
+
+    store.fill(slow_fill, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert 1e6 <= store.source_nbytes < 1e9                   # so it is counted in MB
+    total = f"{store.source_nbytes / 1e6:.1f} MB"
+    assert any(re.fullmatch(rf"filling host weights: \d+\.\d of {total}, .* left", line) for line in err), err
+    assert err[-1].startswith(f"filling host weights: {total} in ")
+    assert main(["compile", "tiny-llama", "--hw", "cpu", "--budget", "1MiB", "--seq", "16", "-o",
+                 str(tmp_path / "p.plan.json")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert any(re.fullmatch(r"compiling tiny-llama: .* \(\d+ s\)", line) for line in err), err
+    assert any(re.fullmatch(r"compiling tiny-llama: done in \d+ s", line) for line in err), err

@@ -31,7 +31,10 @@ from memintent.runtime.arena import POISON_BYTE
 
 class CpuBackend:
     """Synchronous copies on the host. Marks are ``perf_counter`` readings, so copy time is measured directly;
-    there is no overlap, hence no stall to measure: the whole copy time is on the critical path."""
+    there is no overlap, hence no stall to measure: the whole copy time is on the critical path. The marks of
+    copies and dequantizations are the CPU run's measured events (``ForwardStats.events``), on the host clock;
+    the forward has no device marks (``begin_forward``/``end_forward`` return None), so ``device_s`` stays None
+    and the events take the host's forward start as their origin."""
 
     name = "cpu"
     measures_stall = False
@@ -238,8 +241,8 @@ class ForwardStats:
     visit_stall_s: dict[str, float] = field(default_factory=dict)
     dequants: int = 0
     dequant_s: float | None = None
-    # CUDA with timing: (lane, name, start_s, end_s) from the forward's start; lanes "compute" (the whole forward),
-    # "copy", "wait" (compute stalled on a copy), "dequant". Empty on the CPU backend.
+    # With timing: (lane, name, start_s, end_s) from the forward's start; lanes "compute" (the whole forward),
+    # "copy", "wait" (compute stalled on a copy; CUDA only), "dequant". CPU: host perf_counter intervals.
     events: list[tuple[str, str, float, float]] = field(default_factory=list)
     dequant_host_s: float = 0.0
 
@@ -421,11 +424,15 @@ class CopyEngine:
             b.sync(rec.copies[-1][2])
         copy_s, stall_s, per_visit, dequant_s = None, None, {}, None
         events: list[tuple[str, str, float, float]] = []
-        if b.timing and rec.start is not None and b.measures_stall:
-            # (lane, name, start, end) in seconds from this forward's start mark; a copy issued in the previous
-            # forward's tail starts before it (negative). Names follow memintent.see.perfetto.MeasuredEvent.
-            t = lambda m: b.elapsed_s(rec.start, m)  # noqa: E731
-            events.append(("compute", "forward", 0.0, t(rec.end)))
+        if b.timing:
+            # (lane, name, start, end) in seconds from this forward's start; a copy issued in the previous
+            # forward's tail starts before it (negative). Names follow memintent.see.perfetto.MeasuredEvent. CUDA:
+            # from the forward's start event. CPU (no forward events): its marks are perf_counter readings, like
+            # the host's own forward start rec.t0, and the forward's span is the host's.
+            origin, span_s = (rec.start, b.elapsed_s(rec.start, rec.end)) if rec.start is not None else (
+                rec.t0, rec.host_wall_s)
+            t = lambda m: b.elapsed_s(origin, m)  # noqa: E731
+            events.append(("compute", "forward", 0.0, span_s))
             events += [("copy", self.keys[vid], t(a), t(e)) for vid, a, e in rec.copies]
             events += [("wait", self.keys[vid], t(x), t(y)) for vid, (x, y) in rec.waits]
             events += [("dequant", self.keys[vid], t(a), t(e)) for vid, a, e in rec.dequants]

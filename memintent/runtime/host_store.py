@@ -16,7 +16,6 @@ So host memory holds the packed model plus one full-precision block, never the f
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
 from typing import Callable, Iterable
@@ -245,21 +244,15 @@ class HostStore:
         """Call ``fill`` once per block with that block's weight tensors, so a source can load (and release) one
         block at a time. An unquantized block gets its views into the store; a packed block gets ``ScratchViews``
         of one reusable full-precision scratch buffer, quantized into the store right after the call.
-        ``progress``: None shows a bar when more than 1 GB is filled."""
+        ``progress``: None shows progress when more than 1 GB is filled (``memintent.progress.bar``: a bar on a
+        terminal, a plain line every few seconds in a log)."""
         need = max((self.blocks[n].size_bytes for n in self.packed), default=0)
         # One scratch for all packed blocks: uint8 [largest packed block's size_bytes], pageable host memory.
         scratch = torch.empty(need, dtype=torch.uint8) if need else None
-        show = self.source_nbytes > PROGRESS_MIN_BYTES if progress is None else progress
-        bar = task = None
-        ctx = contextlib.nullcontext()
-        if show:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        from memintent.progress import bar
 
-            ctx = bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
-        with ctx:
-            if bar is not None:
-                task = bar.add_task("filling host weights", total=self.source_nbytes)
+        show = self.source_nbytes > PROGRESS_MIN_BYTES if progress is None else progress
+        with bar("filling host weights", self.source_nbytes, enabled=show) as shown:
             for name, b in self.blocks.items():
                 if name in self.packed:
                     flat = scratch[:b.size_bytes]   # uint8 [size_bytes]: the block's unquantized layout
@@ -267,8 +260,7 @@ class HostStore:
                     self._pack(b, flat)
                 else:
                     fill(self.block_views(name))
-                if bar is not None:
-                    bar.advance(task, b.size_bytes)
+                shown.advance(b.size_bytes)
         if self.quant_device.type == "cuda" and self.packed:
             torch.cuda.empty_cache()   # hand the quantization temporaries back before the arena is allocated
 

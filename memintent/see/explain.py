@@ -5,18 +5,21 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from memintent.ir.model import Program, Residency, SlotKind
+from memintent.ir.model import Block, Program, Residency, SlotKind, Visit
 from memintent.units import fmt_bytes, fmt_s
 
+_COLUMNS = ("block", "where", "bytes", "moved", "slot", "stages", "issue", "arrive", "deadline", "slack")
+_LEFT = ("block", "where", "stages", "issue")
 
-def explain(p: Program, console: Console) -> None:
-    pr = p.prediction
+
+def _print_header(p: Program, console: Console) -> None:
     console.print(f"[bold]{p.name}[/bold]  ({p.model.ref}, {p.model.dtype})  fingerprint {p.fingerprint[:19]}...")
     console.print(f"shape: batch {p.shape.batch} x seq {p.shape.seq}, KV {p.shape.kv_len} tokens/seq in blocks of "
                   f"{p.shape.kv_block_tokens}; hardware {p.hardware.name if p.hardware else '-'}")
-    if pr is None or p.arena is None:
-        console.print("no plan: this program was traced but not scheduled")
-        return
+
+
+def _print_prediction(p: Program, console: Console) -> None:
+    pr = p.prediction
     console.print(
         f"budget {fmt_bytes(p.budget_bytes)}: arena {fmt_bytes(pr.arena_bytes)} (resident {fmt_bytes(pr.resident_bytes)}"
         f", {pr.prefetch_depth} stream slots {fmt_bytes(pr.stream_slot_bytes)}, KV {fmt_bytes(pr.kv_bytes)}) + "
@@ -28,45 +31,73 @@ def explain(p: Program, console: Console) -> None:
         f"{fmt_s(pr.floor_s)}; binding: {pr.binding}")
     for note in pr.notes:
         console.print(f"note: {note}")
-    if p.generation is not None:
-        g = p.generation
-        quant = {q: sum(1 for b in p.blocks if b.residency == Residency.streamed and b.quant.value == q)
-                 for q in ("none", "int8", "int4")}
-        console.print(
-            f"[bold]generation[/bold] ({g.objective}): batch {g.batch}, context {g.context}, prompt {g.prompt_len}, "
-            f"gen {g.gen_len}: predicted {g.tokens_per_s:.2f} tok/s (prefill {fmt_s(g.prefill_s)}, decode step "
-            f"{fmt_s(g.decode_step_s)}); binding: {g.binding}; streamed blocks by bit width: bf16 {quant['none']}, "
-            f"int8 {quant['int8']}, int4 {quant['int4']} (policy {g.quant_policy})")
-        if not any(b.residency == Residency.streamed and any(v.block == b.name for v in p.visits) for b in p.blocks):
-            console.print("nothing streams: the weights and this batch's KV cache fit the budget together")
-        for alt in g.alternatives:
-            console.print(f"  rejected: {alt}")
 
+
+def _print_generation(p: Program, console: Console) -> None:
+    g = p.generation
+    streamed = [b for b in p.blocks if b.residency == Residency.streamed]
+    quant = {q: sum(1 for b in streamed if b.quant.value == q) for q in ("none", "int8", "int4")}
+    console.print(
+        f"[bold]generation[/bold] ({g.objective}): batch {g.batch}, context {g.context}, prompt {g.prompt_len}, "
+        f"gen {g.gen_len}: predicted {g.tokens_per_s:.2f} tok/s (prefill {fmt_s(g.prefill_s)}, decode step "
+        f"{fmt_s(g.decode_step_s)}); binding: {g.binding}; streamed blocks by bit width: bf16 {quant['none']}, "
+        f"int8 {quant['int8']}, int4 {quant['int4']} (policy {g.quant_policy})")
+    visited = {v.block for v in p.visits}
+    if not any(b.name in visited for b in streamed):
+        console.print("nothing streams: the weights and this batch's KV cache fit the budget together")
+    for alt in g.alternatives:
+        console.print(f"  rejected: {alt}")
+
+
+def _unstreamed_row(b: Block, vs: list[Visit]) -> list[str]:
+    """A block that never moves: resident, or streamed but used by no visit."""
+    where = "resident" if b.residency == Residency.resident else "host (unused)"
+    stages = ", ".join(f"{v.first_stage}-{v.last_stage}" for v in vs) or "-"
+    return [b.name, where, fmt_bytes(b.size_bytes), "-", str(b.slot if b.slot is not None else "-"), stages,
+            "-", "-", "-", "-"]
+
+
+def _visit_row(p: Program, b: Block, v: Visit) -> list[str]:
+    """One streamed visit: where its copy is issued, when it arrives, its deadline and slack."""
+    if v.issue_stage is None:
+        issue = "-"
+    elif v.issue_stage >= len(p.stages):
+        issue = "end"
+    else:
+        issue = f"step {p.stages[v.issue_stage].first_step}"
+    if v.issue_next_forward:
+        issue += " (prev fwd)"
+    slack = "-" if v.slack_s is None else f"[red]{fmt_s(v.slack_s)}[/red]" if v.slack_s < 0 else fmt_s(v.slack_s)
+    quant = "" if b.quant.value == "none" else "/" + b.quant.value
+    return [b.name, f"streamed{quant}", fmt_bytes(b.size_bytes), fmt_bytes(b.transfer_bytes or b.size_bytes),
+            str(v.slot), f"{v.first_stage}-{v.last_stage}", issue, fmt_s(v.arrive_s), fmt_s(v.deadline_s), slack]
+
+
+def _blocks_table(p: Program) -> Table:
     t = Table(show_edge=False, header_style="bold")
-    for col in ("block", "where", "bytes", "moved", "slot", "stages", "issue", "arrive", "deadline", "slack"):
-        t.add_column(col, justify="left" if col in ("block", "where", "stages", "issue") else "right")
-    visits_of: dict[str, list] = {}
+    for col in _COLUMNS:
+        t.add_column(col, justify="left" if col in _LEFT else "right")
+    visits_of: dict[str, list[Visit]] = {}
     for v in p.visits:
         visits_of.setdefault(v.block, []).append(v)
-    first_step = {st.index: st.first_step for st in p.stages}
     for b in p.blocks:
         vs = visits_of.get(b.name, [])
         if b.residency == Residency.resident or not vs:
-            where = "resident" if b.residency == Residency.resident else "host (unused)"
-            stages = ", ".join(f"{v.first_stage}-{v.last_stage}" for v in vs) or "-"
-            t.add_row(b.name, where, fmt_bytes(b.size_bytes), "-", str(b.slot if b.slot is not None else "-"),
-                      stages, "-", "-", "-", "-")
+            t.add_row(*_unstreamed_row(b, vs))
             continue
         for v in vs:
-            issue = "-" if v.issue_stage is None else (
-                "end" if v.issue_stage >= len(p.stages) else f"step {first_step[v.issue_stage]}")
-            if v.issue_next_forward:
-                issue += " (prev fwd)"
-            slack = "-" if v.slack_s is None else (
-                f"[red]{fmt_s(v.slack_s)}[/red]" if v.slack_s < 0 else fmt_s(v.slack_s))
-            t.add_row(b.name, f"streamed{'/' + b.quant.value if b.quant.value != 'none' else ''}",
-                      fmt_bytes(b.size_bytes), fmt_bytes(b.transfer_bytes or b.size_bytes), str(v.slot),
-                      f"{v.first_stage}-{v.last_stage}", issue, fmt_s(v.arrive_s), fmt_s(v.deadline_s), slack)
-    console.print(t)
+            t.add_row(*_visit_row(p, b, v))
+    return t
+
+
+def explain(p: Program, console: Console) -> None:
+    _print_header(p, console)
+    if p.prediction is None or p.arena is None:
+        console.print("no plan: this program was traced but not scheduled")
+        return
+    _print_prediction(p, console)
+    if p.generation is not None:
+        _print_generation(p, console)
+    console.print(_blocks_table(p))
     n_stream = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
     console.print(f"{len(p.actions)} actions; {n_stream} stream slots; slack < 0 means compute waits for that copy")

@@ -220,12 +220,8 @@ def write_trace(path: str | os.PathLike, predicted: Timeline | None = None,
 # reading
 
 
-def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
-    """The measured events of a trace file written by ``write_trace`` (in file order).
-
-    Events are taken from the process named "measured"; their exact times come from ``args`` (``start_s``,
-    ``end_s``), falling back to ``ts``/``dur`` (microseconds) for X events written by another tool."""
-    path = Path(path)
+def _trace_events(path: Path) -> list:
+    """The ``traceEvents`` list of a Chrome trace file (or a bare event list), as data."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -238,12 +234,45 @@ def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc if isinstance(doc, list) else None
     if not isinstance(events, list):
         raise MemintentError(f"{path}: not a Chrome trace (no traceEvents list)")
-    pids = {e.get("pid") for e in events if isinstance(e, dict) and e.get("ph") == "M"
-            and e.get("name") == "process_name" and (e.get("args") or {}).get("name") == "measured"}
-    lanes: dict[tuple, str] = {}
-    for e in events:
-        if isinstance(e, dict) and e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in pids:
-            lanes[(e["pid"], e.get("tid"))] = (e.get("args") or {}).get("name", "")
+    return events
+
+
+def _metadata(events: list, name: str) -> list[dict]:
+    """The ``"ph": "M"`` events called ``name`` (process_name, thread_name)."""
+    return [e for e in events if isinstance(e, dict) and e.get("ph") == "M" and e.get("name") == name]
+
+
+def _measured_lanes(events: list) -> tuple[dict[tuple, str], set]:
+    """``({(pid, tid): lane name}, pids)`` of the threads of the processes named "measured", and their pids."""
+    pids = {e.get("pid") for e in _metadata(events, "process_name") if (e.get("args") or {}).get("name") == "measured"}
+    return {(e["pid"], e.get("tid")): (e.get("args") or {}).get("name", "")
+            for e in _metadata(events, "thread_name") if e.get("pid") in pids}, pids
+
+
+def _measured_event(e: dict, lane: str) -> MeasuredEvent:
+    """One X event of a measured lane; exact seconds from ``args`` when there, else from ``ts``/``dur`` (us)."""
+    a = e.get("args") or {}
+    if "start_s" in a and "end_s" in a:
+        start, end = float(a["start_s"]), float(a["end_s"])
+    else:
+        start = float(e["ts"]) / _US_PER_S
+        end = start + float(e.get("dur", 0.0)) / _US_PER_S
+    return MeasuredEvent(lane=lane, name=str(e.get("name", "")), start_s=start, end_s=end,
+                         forward=int(a.get("forward", 0)), block=str(a.get("block", "")),
+                         stall=bool(a.get("stall", e.get("cat") == "stall")))
+
+
+def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
+    """The measured events of a trace file written by ``write_trace`` (in file order).
+
+    Events are taken from the process named "measured"; their exact times come from ``args`` (``start_s``,
+    ``end_s``), falling back to ``ts``/``dur`` (microseconds) for X events written by another tool."""
+    path = Path(path)
+    events = _trace_events(path)
+    lanes, pids = _measured_lanes(events)
+    if not pids:
+        raise MemintentError(f"{path}: holds no measured events (no process named 'measured'): it is not the "
+                             "trace of a run")
     out: list[MeasuredEvent] = []
     for e in events:
         if not isinstance(e, dict) or e.get("ph") != "X" or e.get("pid") not in pids:
@@ -251,50 +280,52 @@ def read_measured(path: str | os.PathLike) -> list[MeasuredEvent]:
         lane = lanes.get((e.get("pid"), e.get("tid")))
         if lane not in ("compute", "copy"):
             continue
-        a = e.get("args") or {}
         try:
-            if "start_s" in a and "end_s" in a:
-                start, end = float(a["start_s"]), float(a["end_s"])
-            else:
-                start = float(e["ts"]) / _US_PER_S
-                end = start + float(e.get("dur", 0.0)) / _US_PER_S
-            out.append(MeasuredEvent(lane=lane, name=str(e.get("name", "")), start_s=start, end_s=end,
-                                     forward=int(a.get("forward", 0)), block=str(a.get("block", "")),
-                                     stall=bool(a.get("stall", e.get("cat") == "stall"))))
+            out.append(_measured_event(e, lane))
         except (KeyError, TypeError, ValueError) as err:   # includes MeasuredEvent's own checks
             raise MemintentError(f"{path}: measured event {e.get('name')!r} is malformed: {err}") from None
-    if not pids:
-        raise MemintentError(f"{path}: holds no measured events (no process named 'measured'): it is not the "
-                             "trace of a run")
     return out
 
 
-def stats_events(stats) -> list:
-    """The runtime's CUDA-event intervals of each forward as MeasuredEvents on one clock (forwards laid end to end
-    by their measured device time)."""
-    from memintent.see.perfetto import MeasuredEvent
+def _stats_event(lane: str, name: str, start_s: float, end_s: float, forward: int) -> MeasuredEvent:
+    """One runtime interval (``ForwardStats.events``) as a MeasuredEvent: copies on the copy lane; waits (stalls),
+    dequantizations and the forward itself on the compute lane."""
+    block = name.split("@")[0]
+    if lane == "copy":
+        return MeasuredEvent("copy", name, start_s, end_s, forward, block=block)
+    if lane == "wait":
+        return MeasuredEvent("compute", f"wait {block}", start_s, end_s, forward, block=block, stall=True)
+    if lane == "dequant":
+        return MeasuredEvent("compute", f"dequant {block}", start_s, end_s, forward, block=block)
+    return MeasuredEvent("compute", name, start_s, end_s, forward)
 
-    out, origin = [], 0.0
+
+def stats_events(stats) -> list[MeasuredEvent]:
+    """The runtime's measured intervals of each forward (CUDA events, or the CPU backend's perf_counter marks) as
+    MeasuredEvents on one clock: forwards laid end to end by their measured span (the "forward" interval: device
+    time on CUDA, host time on the CPU). Each forward's times are from its own start, so the time between forwards
+    is not in them; a forward is placed later than end to end where that keeps the copy lane in the order the FIFO
+    copy engine ran it (a prefetch issued in the previous forward's tail, at a negative time, would otherwise
+    overlap that forward's last copy by the time the host spent between the forwards)."""
+    out, origin, copy_free = [], 0.0, float("-inf")
     for f, st in enumerate(stats):
+        first_copy = min((a for lane, _, a, _ in st.events if lane == "copy"), default=None)
+        if first_copy is not None:
+            origin = max(origin, copy_free - first_copy)
+        span_s = 0.0
         for lane, name, a, b in st.events:
-            block = name.split("@")[0]
-            if lane == "copy":
-                out.append(MeasuredEvent("copy", name, origin + a, origin + b, f, block=block))
-            elif lane == "wait":
-                out.append(MeasuredEvent("compute", f"wait {block}", origin + a, origin + b, f, block=block,
-                                         stall=True))
-            elif lane == "dequant":
-                out.append(MeasuredEvent("compute", f"dequant {block}", origin + a, origin + b, f, block=block))
-            else:
-                out.append(MeasuredEvent("compute", name, origin + a, origin + b, f))
-        origin += st.device_s or 0.0
+            out.append(_stats_event(lane, name, origin + a, origin + b, f))
+            if lane == "compute":
+                span_s = max(span_s, b)
+            elif lane == "copy":
+                copy_free = max(copy_free, origin + b)
+        origin += span_s
     return out
 
 
 def write_run_trace(path: str, program: Program, stats) -> None:
     """Predicted and measured timelines side by side, as a Chrome trace (opens in Perfetto)."""
     from memintent.see.timeline import build_timeline
-    from memintent.see.perfetto import write_trace
 
     measured = stats_events(stats)
     write_trace(path, build_timeline(program) if program.prediction else None, measured or None)

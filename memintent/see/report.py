@@ -62,6 +62,31 @@ def _event_block(e: MeasuredEvent) -> str:
     return name.split("@")[0]
 
 
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def _compute_span_s(events: list[MeasuredEvent]) -> float | None:
+    """First compute-lane start to last compute-lane end: the forward's length (None without compute events)."""
+    comp = [e for e in events if e.lane == "compute"]
+    return max(e.end_s for e in comp) - min(e.start_s for e in comp) if comp else None
+
+
+def _stall_events(events: list[MeasuredEvent]) -> list[MeasuredEvent]:
+    return [e for e in events if e.lane == "compute" and e.stall]
+
+
+def _copy_busy_s(events: list[MeasuredEvent]) -> float:
+    return sum(e.duration_s for e in events if e.lane == "copy")
+
+
+def _stall_by_block_s(stalls: list[MeasuredEvent]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for e in stalls:
+        out[_event_block(e)] = out.get(_event_block(e), 0.0) + e.duration_s
+    return out
+
+
 def summarise_measured(events: list[MeasuredEvent]) -> MeasuredSummary:
     s = MeasuredSummary()
     if not events:
@@ -69,23 +94,13 @@ def summarise_measured(events: list[MeasuredEvent]) -> MeasuredSummary:
     s.forwards = sorted({e.forward for e in events})
     s.steady = s.forwards[1:] if len(s.forwards) > 1 else s.forwards
     s.shown_forward = s.forwards[-1]
-    spans, stalls, busy = [], [], []
-    per_block: dict[str, float] = {}
-    for f in s.steady:
-        comp = [e for e in events if e.forward == f and e.lane == "compute"]
-        if comp:
-            spans.append(max(e.end_s for e in comp) - min(e.start_s for e in comp))
-        stalls.append(sum(e.duration_s for e in comp if e.stall))
-        busy.append(sum(e.duration_s for e in events if e.forward == f and e.lane == "copy"))
-        for e in comp:
-            if e.stall:
-                b = _event_block(e)
-                per_block[b] = per_block.get(b, 0.0) + e.duration_s
-    n = len(s.steady)
-    s.step_time_s = statistics.fmean(spans) if spans else None
-    s.stall_s = statistics.fmean(stalls) if stalls else None
-    s.copy_busy_s = statistics.fmean(busy) if busy else None
-    s.stall_by_block_s = {b: t / n for b, t in per_block.items()}
+    steady = [[e for e in events if e.forward == f] for f in s.steady]
+    stalls = [_stall_events(evs) for evs in steady]
+    s.step_time_s = _mean([span for span in map(_compute_span_s, steady) if span is not None])
+    s.stall_s = _mean([sum(e.duration_s for e in evs) for evs in stalls])
+    s.copy_busy_s = _mean([_copy_busy_s(evs) for evs in steady])
+    per_block = _stall_by_block_s([e for evs in stalls for e in evs])
+    s.stall_by_block_s = {b: t / len(s.steady) for b, t in per_block.items()}
     return s
 
 
@@ -257,48 +272,59 @@ def timeline_figure(tl: Timeline, p: Program, measured: list[MeasuredEvent] | No
     return _png(fig)
 
 
+def _draw_stall(ax, tl: Timeline, blocks: list[str], summary: MeasuredSummary | None, unit: str,
+                scale: float) -> None:
+    """Stall per forward caused by each streamed block: predicted, and measured beside it when given."""
+    pred = tl.stall_by_block()
+    meas = summary.stall_by_block_s if summary and summary.steady else None
+    x = list(range(len(blocks)))
+    width = 0.4 if meas is not None else 0.7
+    off = width / 2 if meas is not None else 0.0
+    ax.bar([i - off for i in x], [pred.get(b, 0.0) * scale for b in blocks], width, color=_STALL, label="predicted")
+    if meas is not None:
+        ax.bar([i + off for i in x], [meas.get(b, 0.0) * scale for b in blocks], width, color="#555555",
+               label=f"measured (mean of {len(summary.steady)} forward(s))")
+    if blocks and not any(pred.values()) and not any((meas or {}).values()):
+        ax.text(0.5, 0.5, "no stall: every copy is ready before compute needs it", transform=ax.transAxes,
+                ha="center", va="center", fontsize=9)
+    ax.set_ylabel(f"stall per forward ({unit})")
+    ax.set_title(f"{tl.name}: compute stall caused by each streamed block", fontsize=10)
+    if blocks:
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _draw_slack(ax, tl: Timeline, blocks: list[str], unit: str, scale: float) -> None:
+    """Predicted slack per visit (several visits of one block sit at the same x)."""
+    idx = {b: i for i, b in enumerate(blocks)}
+    ax.bar([idx[c.block] for c in tl.copies], [c.ready_slack_s * scale for c in tl.copies], 0.7,
+           color=["#009E73" if c.ready_slack_s >= 0 else _STALL for c in tl.copies])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel(f"slack ({unit})")
+    quant = any(c.ready_s > c.end_s for c in tl.copies)
+    ax.set_title("predicted slack per copy: deadline minus " + ("ready time (arrival + dequantisation)" if quant
+                 else "arrival") + " (below 0: compute waits)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xticks(list(range(len(blocks))), blocks, rotation=90 if len(blocks) > 12 else 0,
+                  fontsize=7 if len(blocks) > 24 else 9)
+    ax.set_xlabel("streamed block (visit order)")
+
+
 def stall_figure(tl: Timeline, summary: MeasuredSummary | None) -> bytes:
     fig = _figure(11, 5.2)
     ax_stall, ax_slack = fig.subplots(2, 1, sharex=True)
     blocks = list(dict.fromkeys(c.block for c in tl.copies))
-    pred = tl.stall_by_block()
-    meas = summary.stall_by_block_s if summary and summary.steady else None
-    top = max([pred.get(b, 0.0) for b in blocks] + [(meas or {}).get(b, 0.0) for b in blocks]
+    meas = summary.stall_by_block_s if summary and summary.steady else {}
+    top = max([tl.stall_by_block().get(b, 0.0) for b in blocks] + [meas.get(b, 0.0) for b in blocks]
               + [abs(c.ready_slack_s) for c in tl.copies] + [1e-9])
     unit, scale = _time_unit(top)
-    x = list(range(len(blocks)))
-    width = 0.4 if meas is not None else 0.7
-    off = width / 2 if meas is not None else 0.0
-    ax_stall.bar([i - off for i in x], [pred.get(b, 0.0) * scale for b in blocks], width, color=_STALL,
-                 label="predicted")
-    if meas is not None:
-        ax_stall.bar([i + off for i in x], [meas.get(b, 0.0) * scale for b in blocks], width, color="#555555",
-                     label=f"measured (mean of {len(summary.steady)} forward(s))")
+    _draw_stall(ax_stall, tl, blocks, summary, unit, scale)
     if not blocks:
         for ax in (ax_stall, ax_slack):
             ax.text(0.5, 0.5, "nothing streams: every block is resident", transform=ax.transAxes, ha="center",
                     va="center", fontsize=9)
             ax.set_ylim(0, 1)
-    elif not any(pred.values()) and not any((meas or {}).values()):
-        ax_stall.text(0.5, 0.5, "no stall: every copy is ready before compute needs it",
-                      transform=ax_stall.transAxes, ha="center", va="center", fontsize=9)
-    ax_stall.set_ylabel(f"stall per forward ({unit})")
-    ax_stall.set_title(f"{tl.name}: compute stall caused by each streamed block", fontsize=10)
-    if blocks:
-        ax_stall.legend(fontsize=8)
-    ax_stall.grid(axis="y", alpha=0.3)
-    # Slack per visit (several visits of one block sit at the same x).
-    idx = {b: i for i, b in enumerate(blocks)}
-    ax_slack.bar([idx[c.block] for c in tl.copies], [c.ready_slack_s * scale for c in tl.copies], 0.7,
-                 color=["#009E73" if c.ready_slack_s >= 0 else _STALL for c in tl.copies])
-    ax_slack.axhline(0, color="black", linewidth=0.8)
-    ax_slack.set_ylabel(f"slack ({unit})")
-    quant = any(c.ready_s > c.end_s for c in tl.copies)
-    ax_slack.set_title("predicted slack per copy: deadline minus " + ("ready time (arrival + dequantisation)" if quant
-                       else "arrival") + " (below 0: compute waits)", fontsize=10)
-    ax_slack.grid(axis="y", alpha=0.3)
-    ax_slack.set_xticks(x, blocks, rotation=90 if len(blocks) > 12 else 0, fontsize=7 if len(blocks) > 24 else 9)
-    ax_slack.set_xlabel("streamed block (visit order)")
+    _draw_slack(ax_slack, tl, blocks, unit, scale)
     return _png(fig)
 
 
@@ -365,14 +391,34 @@ def _summary_table(p: Program, tl: Timeline, summary: MeasuredSummary | None) ->
     return "<table>" + "".join(_row([k, v], left=2) for k, v in rows) + "</table>"
 
 
+def _blocks_head(quant: bool, measured: bool) -> list[str]:
+    return (["block", "residency", "bytes", "moved per visit", "slot", "stages", "copy issued", "arrival"]
+            + (["ready"] if quant else []) + ["deadline", "slack", "predicted stall"]
+            + (["measured stall"] if measured else []))
+
+
+def _copy_cells(p: Program, b, c, quant: bool, meas: dict[str, float] | None) -> list[str]:
+    """One streamed visit's row: its copy's issue, arrival (and ready time when dequantised), deadline, slack."""
+    if c.issue_stage >= len(p.stages):
+        issue = "forward end"
+    else:
+        issue = f"stage {c.issue_stage} (step {p.stages[c.issue_stage].first_step})"
+    if c.next_forward:
+        issue += ", previous forward"
+    q = "" if b.quant.value == "none" else f" ({b.quant.value})"
+    cells = [b.name, "streamed" + q, fmt_bytes(b.size_bytes), fmt_bytes(c.transfer_bytes), str(c.slot),
+             f"{c.first_stage}-{c.last_stage}", issue, fmt_s(c.end_s)]
+    cells += ([fmt_s(c.ready_s)] if quant else []) + [fmt_s(c.deadline_s), fmt_s(c.ready_slack_s), fmt_s(c.stall_s)]
+    if meas is not None:
+        cells.append(fmt_s(meas.get(b.name, 0.0)))
+    return cells
+
+
 def _blocks_table(p: Program, tl: Timeline, summary: MeasuredSummary | None) -> str:
-    n = len(p.stages)
     copies = {c.visit: c for c in tl.copies}
     meas = summary.stall_by_block_s if summary and summary.steady else None
     quant = any(c.ready_s > c.end_s for c in tl.copies)   # show when dequantisation makes a block usable
-    head = (["block", "residency", "bytes", "moved per visit", "slot", "stages", "copy issued", "arrival"]
-            + (["ready"] if quant else []) + ["deadline", "slack", "predicted stall"]
-            + (["measured stall"] if meas is not None else []))
+    head = _blocks_head(quant, meas is not None)
     slack_col = head.index("slack")
     out = ["<table>", _row(head, header=True, left=2)]
     visits_of: dict[str, list[int]] = {}
@@ -387,23 +433,10 @@ def _blocks_table(p: Program, tl: Timeline, summary: MeasuredSummary | None) -> 
             cells = [b.name, where, fmt_bytes(b.size_bytes), "-", str(b.slot if b.slot is not None else "-"),
                      stages] + ["-"] * (len(head) - 6)
             out.append(_row(cells, left=2))
-            continue
         for i in streamed_vis:
             c = copies[i]
-            if c.issue_stage >= n:
-                issue = "forward end"
-            else:
-                issue = f"stage {c.issue_stage} (step {p.stages[c.issue_stage].first_step})"
-            if c.next_forward:
-                issue += ", previous forward"
-            q = "" if b.quant.value == "none" else f" ({b.quant.value})"
-            cells = [b.name, "streamed" + q, fmt_bytes(b.size_bytes), fmt_bytes(c.transfer_bytes), str(c.slot),
-                     f"{c.first_stage}-{c.last_stage}", issue, fmt_s(c.end_s)]
-            cells += ([fmt_s(c.ready_s)] if quant else []) + [fmt_s(c.deadline_s), fmt_s(c.ready_slack_s),
-                                                              fmt_s(c.stall_s)]
-            if meas is not None:
-                cells.append(fmt_s(meas.get(b.name, 0.0)))
-            out.append(_row(cells, left=2, classes={slack_col: "neg"} if c.ready_slack_s < 0 else None))
+            out.append(_row(_copy_cells(p, b, c, quant, meas), left=2,
+                            classes={slack_col: "neg"} if c.ready_slack_s < 0 else None))
     out.append("</table>")
     return "".join(out)
 

@@ -34,12 +34,7 @@ from dataclasses import dataclass, field
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Residency, SlotKind
 from memintent.passes.lifetimes import activation_profile
-
-try:   # a quantized visit also holds its packed bytes in the slot (the residency pass sizes slots with this)
-    from memintent.passes.residency import slot_need_bytes as _slot_need_bytes
-except ImportError:  # pragma: no cover - older residency pass: a slot holds the block's weights only
-    def _slot_need_bytes(b) -> int:
-        return b.size_bytes
+from memintent.passes.residency import slot_need_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,77 +170,76 @@ def _visit_label(block: str, first_stage: int) -> str:
     return f"{block}@{first_stage}"
 
 
-def build_timeline(p: Program) -> Timeline:
-    """The predicted timeline of a scheduled plan (raises ``MemintentError`` for a trace without a plan)."""
-    from memintent.passes.prefetch import schedule_of   # imports networkx; only needed here
-
-    if p.arena is None or p.prediction is None or p.hardware is None:
-        raise MemintentError(f"{p.name}: the program holds no plan (no arena, prediction or hardware): compile it "
-                             "with `memintent compile` first")
-    sched, sim, deq_s = schedule_of(p)
-    if sched is None:
-        raise MemintentError(f"{p.name}: the plan's stream slots cannot hold its streamed visits: recompile it")
-    n = len(p.stages)
-    bmap = p.block_map()
-    stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
-    first_stream = stream_slots[0].index if stream_slots else 0
-
-    # --- copies ---------------------------------------------------------------------------------------------------
-    by_visit = {e.visit: e for e in sim.copies}
-    entry_s = [sim.stage_start_s[s] - sim.stage_stall_s[s] for s in range(n)]
-    ready: dict[int, float] = {}
-    for i in sched.visits:
-        e = by_visit[i]
-        ready[i] = e.end_s + deq_s[i]
-    # Attribute each stage's stall to the copies it waits for, in order of readiness: a copy is charged only the
-    # wait beyond the copies ready before it, so the charges add up to the stage's stall exactly.
+def _stall_charges(p: Program, sched, entry_s: list[float], ready: dict[int, float]) -> dict[int, float]:
+    """Each stage's stall attributed to the copies it waits for, in order of readiness: a copy is charged only the
+    wait beyond the copies ready before it, so the charges add up to the stage's stall exactly."""
     charged: dict[int, float] = {}
-    for s in range(n):
+    for s in range(len(p.stages)):
         t = entry_s[s]
         for i in sorted((i for i in sched.visits if sched.wait_stage[i] == s), key=lambda i: (ready[i], i)):
             charged[i] = max(0.0, ready[i] - t)
             t = max(t, ready[i])
+    return charged
+
+
+def _copy_spans(p: Program, sched, sim, deq_s: dict[int, float], entry_s: list[float]) -> list[CopySpan]:
+    """The streamed visits' copies of the steady-state forward, in FIFO order."""
+    bmap = p.block_map()
+    stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
+    first_stream = stream_slots[0].index if stream_slots else 0
+    by_visit = {e.visit: e for e in sim.copies}
+    ready = {i: by_visit[i].end_s + deq_s[i] for i in sched.visits}
+    charged = _stall_charges(p, sched, entry_s, ready)
     copies: list[CopySpan] = []
     for i in sched.visits:
         v, e, b = p.visits[i], by_visit[i], bmap[p.visits[i].block]
         w = sched.wait_stage[i]
+        # a visit occupies its need (weights, + packed bytes when quantized), at most its slot
+        held_bytes = (min(slot_need_bytes(b), p.arena.slots[v.slot].size_bytes) if v.slot is not None
+                      else b.size_bytes)
         copies.append(CopySpan(
             visit=i, block=v.block, label=_visit_label(v.block, v.first_stage),
             slot=v.slot if v.slot is not None else first_stream + sched.slot[i],
-            transfer_bytes=b.transfer_bytes or b.size_bytes,
-            block_bytes=min(_slot_need_bytes(b), p.arena.slots[v.slot].size_bytes) if v.slot is not None
-            else b.size_bytes,
+            transfer_bytes=b.transfer_bytes or b.size_bytes, block_bytes=held_bytes,
             issue_s=e.issue_s, start_s=e.start_s, end_s=e.end_s, ready_s=ready[i],
             issue_stage=sched.issue_stage[i], next_forward=sched.issue_next[i], wait_stage=w,
             free_stage=sched.free_stage[i], first_stage=v.first_stage, last_stage=v.last_stage,
             deadline_s=entry_s[w], slack_s=entry_s[w] - e.end_s,
             ready_slack_s=entry_s[w] - ready[i], stall_s=charged[i]))
+    return copies
 
-    # --- stages ---------------------------------------------------------------------------------------------------
+
+def _stage_spans(p: Program, sim, entry_s: list[float], copies: list[CopySpan]) -> list[StageSpan]:
+    n = len(p.stages)
     issued: list[list[str]] = [[] for _ in range(n + 1)]
     waits: list[list[str]] = [[] for _ in range(n + 1)]
     for c in copies:
         issued[c.issue_stage].append(c.label)
         waits[c.wait_stage].append(c.label)
-    stages = [StageSpan(
+    return [StageSpan(
         index=st.index, module=st.module, block=st.block, first_step=st.first_step, last_step=st.last_step,
         entry_s=entry_s[s], start_s=sim.stage_start_s[s], end_s=sim.stage_end_s[s], stall_s=sim.stage_stall_s[s],
         compute_s=st.time_s, issued=tuple(issued[s]), waits=tuple(waits[s])) for s, st in enumerate(p.stages)]
 
-    # --- memory ---------------------------------------------------------------------------------------------------
-    resident_bytes = sum(s.size_bytes for s in p.arena.slots if s.kind == SlotKind.resident)
-    stream_bytes = sum(s.size_bytes for s in stream_slots)
-    kv_bytes = sum(s.size_bytes for s in p.arena.slots if s.kind == SlotKind.kv)
-    workspace_bytes = p.prediction.workspace_bytes
-    # Stream-slot occupancy per stage: a visit holds its slot from its issue stage's entry to its free stage's
-    # entry; one issued in the previous forward's tail (``next_forward``) holds it from this forward's start to its
-    # free, and its successor issued in this forward's tail holds it from the issue to this forward's end.
-    occupied = [0] * n
+
+def _stream_occupancy(n_stages: int, copies: list[CopySpan]) -> list[int]:
+    """Stream-slot bytes held per stage: a visit holds its slot from its issue stage's entry to its free stage's
+    entry; one issued in the previous forward's tail (``next_forward``) holds it from this forward's start to its
+    free, and its successor issued in this forward's tail holds it from the issue to this forward's end."""
+    occupied = [0] * n_stages
     for c in copies:
-        spans = [(0, c.free_stage), (c.issue_stage, n)] if c.next_forward else [(c.issue_stage, c.free_stage)]
+        spans = [(0, c.free_stage), (c.issue_stage, n_stages)] if c.next_forward else [(c.issue_stage, c.free_stage)]
         for a, z in spans:
-            for s in range(a, min(z, n)):
+            for s in range(a, min(z, n_stages)):
                 occupied[s] += c.block_bytes
+    return occupied
+
+
+def _memory_points(p: Program, sim, copies: list[CopySpan]) -> list[MemoryPoint]:
+    """HBM by kind at each step, with the step's predicted start in the steady-state forward."""
+    n = len(p.stages)
+    by_kind = {kind: sum(s.size_bytes for s in p.arena.slots if s.kind == kind) for kind in SlotKind}
+    occupied = _stream_occupancy(n, copies)
     act = activation_profile(p)
     stage_of = [0] * len(p.steps)
     for st in p.stages:
@@ -258,14 +252,30 @@ def build_timeline(p: Program) -> Timeline:
         t = t_in_stage.get(s, sim.stage_start_s[s] if n else 0.0)
         t_in_stage[s] = t + step.time_s
         memory.append(MemoryPoint(
-            step=i, stage=s, start_s=t, resident_bytes=resident_bytes, stream_allocated_bytes=stream_bytes,
-            stream_occupied_bytes=occupied[s] if n else 0, kv_bytes=kv_bytes,
-            activation_bytes=act[i] if i < len(act) else 0, workspace_bytes=workspace_bytes))
+            step=i, stage=s, start_s=t, resident_bytes=by_kind[SlotKind.resident],
+            stream_allocated_bytes=by_kind[SlotKind.stream], stream_occupied_bytes=occupied[s] if n else 0,
+            kv_bytes=by_kind[SlotKind.kv], activation_bytes=act[i] if i < len(act) else 0,
+            workspace_bytes=p.prediction.workspace_bytes))
+    return memory
 
+
+def build_timeline(p: Program) -> Timeline:
+    """The predicted timeline of a scheduled plan (raises ``MemintentError`` for a trace without a plan)."""
+    from memintent.passes.prefetch import schedule_of   # imports networkx; only needed here
+
+    if p.arena is None or p.prediction is None or p.hardware is None:
+        raise MemintentError(f"{p.name}: the program holds no plan (no arena, prediction or hardware): compile it "
+                             "with `memintent compile` first")
+    sched, sim, deq_s = schedule_of(p)
+    if sched is None:
+        raise MemintentError(f"{p.name}: the plan's stream slots cannot hold its streamed visits: recompile it")
+    entry_s = [sim.stage_start_s[s] - sim.stage_stall_s[s] for s in range(len(p.stages))]
+    copies = _copy_spans(p, sched, sim, deq_s, entry_s)
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
     return Timeline(
         name=p.name, hardware=p.hardware.name, budget_bytes=p.budget_bytes or p.hardware.hbm_bytes,
         step_time_s=sim.step_time_s, first_step_time_s=sim.first_step_time_s, compute_s=sim.compute_s,
         stall_s=sim.stall_s, copy_busy_s=sim.copy_busy_s, binding=p.prediction.binding,
         streamed_bytes=sum(c.transfer_bytes for c in copies if c.block in streamed),
-        arena_bytes=p.arena.size_bytes, prefetch_depth=sched.k, stages=stages, copies=copies, memory=memory)
+        arena_bytes=p.arena.size_bytes, prefetch_depth=sched.k, stages=_stage_spans(p, sim, entry_s, copies),
+        copies=copies, memory=_memory_points(p, sim, copies))
