@@ -52,16 +52,22 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
     if args.objective:
         from memintent.compiler.planner import plan_generation
 
+        if args.batch_given:
+            raise MemintentError("--batch is for forward plans; a generation plan's concurrency is chosen by the "
+                                 "planner (force it with --concurrency N)")
         return plan_generation(
             args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
             prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
-            batch=args.batch if args.batch_given else None, kv_block_tokens=args.kv_block_tokens, progress=say)
+            kv_quant=args.kv_quant, concurrency=args.concurrency, kv_block_tokens=args.kv_block_tokens,
+            swap_blocks=args.swap_blocks, dtype=args.dtype, progress=say)
+    for flag in ("concurrency", "swap_blocks"):
+        if getattr(args, flag) is not None:
+            raise MemintentError(f"--{flag.replace('_', '-')} is for generation plans: add --objective throughput")
     from memintent.compiler.compile import compile_model
 
     return compile_model(
-        args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, kv_len=args.kv_len,
-        kv_block_tokens=args.kv_block_tokens, dtype=args.dtype, allow_code=True, depth=args.depth,
-        quant=args.quant, progress=say)
+        args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, dtype=args.dtype,
+        allow_code=True, depth=args.depth, quant=args.quant, progress=say)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -90,9 +96,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"predicted {fmt_s(pr.step_time_s)} per forward (floor {fmt_s(pr.floor_s)}, binds: {pr.binding})")
     console.print(f"hardware profile {hw.name} ({_hardware_origin(args.hw)}): {hw.source}")
     if plan.generation:
-        g = plan.generation
-        console.print(f"generation: batch {g.batch}, {g.tokens_per_s:.2f} tok/s predicted (prefill {fmt_s(g.prefill_s)}"
-                      f", decode step {fmt_s(g.decode_step_s)}), binds: {g.binding}")
+        g, kv = plan.generation, plan.kv_pool
+        console.print(f"generation: {g.concurrency} sequences at once ({kv.num_blocks - 1} KV blocks of "
+                      f"{kv.block_tokens} tokens, {kv.quant.value} KV; steps of up to {g.step_tokens} tokens, "
+                      f"{g.max_seqs} sequences): {g.tokens_per_s:.2f} tok/s predicted, step "
+                      f"{fmt_s(g.decode_step_s)}, binds: {g.binding}")
     return 0
 
 
@@ -226,13 +234,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = check_writable(args.output, "-o")
     program = _load_verified(args.plan)
-    measured = None
+    measured = engine = None
     if args.trace:
-        from memintent.see.perfetto import read_measured
+        from memintent.see.perfetto import read_engine, read_measured
 
-        measured = read_measured(args.trace)
+        measured, engine = read_measured(args.trace), read_engine(args.trace)
     with status(f"writing {out}", console=_console()):
-        written = write_report(program, out, measured=measured, plan_source=args.plan)
+        written = write_report(program, out, measured=measured, plan_source=args.plan, engine=engine)
     pngs = ", ".join(str(p) for p in written[:-1])
     _console().print(f"wrote {out} (figures also in {pngs})")
     return 0
@@ -292,11 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="trace a model and write a verified plan file")
     c.add_argument("model", help="a preset (see `memintent presets`), hf:PATH or py:MODULE:FUNCTION")
     c.add_argument("--budget", help="HBM budget, e.g. 24GiB (default: the profile's whole card)")
-    c.add_argument("--batch", type=int, default=None,
-                   help="sequences per forward (default 1; with --objective: chosen by the planner)")
+    c.add_argument("--batch", type=int, default=None, help="sequences per forward of a forward plan (default 1)")
     c.add_argument("--seq", type=int, default=64, help="tokens per sequence in the traced forward (default 64)")
-    c.add_argument("--kv-len", type=int, default=0, help="tokens of KV cache to reserve per sequence (default 0)")
-    c.add_argument("--kv-block-tokens", type=int, default=64, help="tokens per KV block object (default 64)")
     c.add_argument("--hw", default=None, help=f"hardware profile: h100-sxm, h200, a100-80g, rtx-4090, cpu or FILE.json "
                                               f"(default {DEFAULT_HW})")
     c.add_argument("--dtype", help="weight dtype override (bf16, f16, f32)")
@@ -304,10 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", default="none",
                    help="bit width of streamed weights: none, int8, int4, auto (per block, from the cost model)")
     c.add_argument("--objective", choices=("throughput", "latency"),
-                   help="plan generation: choose batch, residency and bit widths for tokens/s or step latency")
-    c.add_argument("--context", type=int, default=1024, help="with --objective: KV tokens per sequence (1024)")
-    c.add_argument("--prompt-len", type=int, default=512, help="with --objective: prompt tokens assumed (512)")
-    c.add_argument("--gen-len", type=int, default=32, help="with --objective: generated tokens assumed (32)")
+                   help="plan generation for the serving engine: choose the KV pool, the step's token budget, "
+                        "residency and bit widths for tokens/s (throughput) or one sequence's step (latency)")
+    c.add_argument("--context", type=int, default=1024,
+                   help="with --objective: the longest sequence, prompt + generated tokens (1024)")
+    c.add_argument("--prompt-len", type=int, default=512, help="with --objective: mean prompt tokens (512)")
+    c.add_argument("--gen-len", type=int, default=32, help="with --objective: mean generated tokens (32)")
+    c.add_argument("--kv-quant", default="none", choices=("none", "int8", "auto"),
+                   help="with --objective: KV cache bit width: none (the model's dtype), int8, or auto (int8 where "
+                        "it predicts more tokens/s)")
+    c.add_argument("--concurrency", type=int, default=None,
+                   help="with --objective: force the sequences the pool is sized for (default: searched)")
+    c.add_argument("--kv-block-tokens", type=int, default=16, help="with --objective: tokens per KV block (16)")
+    c.add_argument("--swap-blocks", type=int, default=None,
+                   help="with --objective: KV blocks of pinned host swap space (default: the pool's size when "
+                        "the plan's copy engine has idle time to swap, else none)")
     c.add_argument("-o", "--output", help="plan file to write (default MODEL.plan.json)")
     c.set_defaults(fn=cmd_compile)
 
@@ -341,21 +357,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    "backend's timers) as a Perfetto trace")
     r.set_defaults(fn=cmd_run)
 
-    g = sub.add_parser("generate", help="prefill and greedy decode under a generation plan (compile --objective)")
+    g = sub.add_parser("generate", help="serve requests under a generation plan (compile --objective): paged KV, "
+                                        "continuous batching, preemption by cost")
     g.add_argument("plan")
-    g.add_argument("--prompt-len", type=int, help="prompt tokens (default: the plan's)")
-    g.add_argument("--gen-len", type=int, help="tokens to generate per sequence (default: the plan's)")
-    g.add_argument("--requests", type=int, help="prompts to serve, in waves of the planned batch")
-    g.add_argument("--prompts", help="JSON file: a list of equal-length lists of token ids")
+    g.add_argument("--prompts", metavar="FILE", help='requests, one JSON object per line: {"id": .., "prompt": "text"} '
+                                                   'or {"id": .., "prompt_ids": [..]}, optional "max_new_tokens", '
+                                                   '"stop_token_ids"')
+    g.add_argument("--synthetic", type=int, metavar="N", help="N seeded random requests (default: the plan's "
+                                                              "concurrency) of --prompt-len and --gen-len tokens")
+    g.add_argument("--requests", type=int, help=argparse.SUPPRESS)   # the older spelling of --synthetic
+    g.add_argument("--prompt-len", help="synthetic prompt tokens: a length or LOW:HIGH (default: the plan's)")
+    g.add_argument("--gen-len", help="tokens to generate: a length or LOW:HIGH (default: the plan's; with "
+                                     "--prompts: for lines without max_new_tokens)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests")
+    g.add_argument("--output", metavar="FILE", help="results, one JSON line per request, in request order")
+    g.add_argument("--chat", action="store_true", help="wrap text prompts in the folder's chat template")
+    g.add_argument("--preempt", default="cost", choices=("cost", "swap", "recompute"),
+                   help="preemption when the KV pool runs out: by predicted cost (default), or forced")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    g.add_argument("--check", action="store_true", help="poison freed slots with NaN")
-    g.add_argument("--verify", action="store_true", help="also generate with the resident model and compare tokens")
+    g.add_argument("--check", action="store_true",
+                   help="poison returned KV blocks and freed slots with NaN; check the pool after every step")
+    g.add_argument("--verify", action="store_true",
+                   help="compare the first requests' tokens and logits with the resident model running each alone")
     g.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    g.add_argument("--warmup", action="store_true", help="run one short untimed wave first (first-call costs)")
-    g.add_argument("--trace", help="write predicted and measured timelines (CUDA events) as a Perfetto trace")
-    g.add_argument("--no-graph", action="store_true",
-                   help="run the decode step eagerly even where it could be captured as a CUDA graph")
+    g.add_argument("--warmup", action="store_true", help="run one short untimed request first (first-call costs)")
+    g.add_argument("--trace", help="write the run's timelines, KV pool use and preemptions as a Perfetto trace")
     g.add_argument("--json", help="also write the measurements to this JSON file")
     g.set_defaults(fn=cmd_generate)
 

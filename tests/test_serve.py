@@ -152,3 +152,22 @@ def test_bad_request_lines_are_refused_before_anything_runs(plan_file, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expect in err[0], err
     assert not out.exists(), "nothing may be half-written"
+
+
+def test_trace_and_report_show_the_pool_and_preemptions(plan_file, tmp_path):
+    trace, html = tmp_path / "serve.trace.json", tmp_path / "serve.html"
+    assert main(["generate", str(plan_file), "--device", "cpu", "--synthetic", "12", "--prompt-len", "10:30",
+                 "--gen-len", "8:14", "--preempt", "recompute", "--trace", str(trace)]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    kv = [e for e in events if e.get("name") == "KV pool (blocks)"]
+    pre = [e for e in events if e.get("cat") == "preemption"]
+    assert kv and pre and all(e["args"]["kind"] == "recompute" for e in pre)
+    assert all(e["args"]["used"] + e["args"]["free"] == plan_file_usable(plan_file) for e in kv)
+    assert any(e.get("pid") == 2 for e in events), "the runtime's measured steps are in the trace too"
+    assert main(["report", str(plan_file), "--trace", str(trace), "-o", str(html)]) == 0
+    assert (tmp_path / "serve-kv.png").stat().st_size > 1000
+    assert "KV pool over the run" in html.read_text() and "by recompute" in html.read_text()
+
+
+def plan_file_usable(path) -> int:
+    return json.loads(path.read_text())["kv_pool"]["num_blocks"] - 1

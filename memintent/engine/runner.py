@@ -54,6 +54,7 @@ class ModelRunner:
         self.dtype = src.torch_dtype
         self.gather_tokens = (pool.num_blocks - 1) * pool.block_tokens
         self.handle = None
+        self.forward_stats: list = []                    # the runtime's per-step statistics, kept at close
         model = src.build("meta", **engine_build_kwargs(src))
         if resident:
             model = model.to_empty(device=device)
@@ -187,5 +188,6 @@ class ModelRunner:
 
     def close(self) -> None:
         if self.handle is not None:
+            self.forward_stats = self.handle.stats()     # read before detach releases the device state
             self.handle.detach()
             self.handle = None

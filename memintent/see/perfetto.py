@@ -329,3 +329,61 @@ def write_run_trace(path: str, program: Program, stats) -> None:
 
     measured = stats_events(stats)
     write_trace(path, build_timeline(program) if program.prediction else None, measured or None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serving runs: the engine's steps, KV pool use and preemptions (process "engine", host wall clock)
+
+PID_ENGINE = 3
+KV_COUNTER = "KV pool (blocks)"
+
+
+def engine_events(stats) -> list[dict]:
+    """An ``EngineStats`` as trace events: one interval per step (its tokens in ``args``), the KV pool's used and
+    free blocks after each step as a counter, and each preemption as an instant event with both predicted costs.
+    Times are the host's wall clock from the run's start (steps include the host's scheduling and the device
+    sync), a clock of their own: the "measured" process holds the device's view of the same steps."""
+    pid = PID_ENGINE
+    ev = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": "engine"}},
+          {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}},
+          {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "steps"}}]
+    usable = max(stats.num_blocks - 1, 0)
+    for s in stats.steps:
+        ev.append(_x(f"step {s.index}", "step", pid, 1, s.start_s, s.start_s + s.time_s, 0.0,
+                     {"tokens": s.tokens, "decode_tokens": s.decode_tokens, "prefill_tokens": s.prefill_tokens,
+                      "sequences": s.sequences, "swapped_in": s.swapped_in, "start_s": s.start_s,
+                      "time_s": s.time_s}))
+        ev.append({"name": KV_COUNTER, "ph": "C", "pid": pid, "tid": 0, "ts": (s.start_s + s.time_s) * _US_PER_S,
+                   "args": {"used": s.used_blocks, "free": usable - s.used_blocks}})
+        for p in s.preemptions:
+            ev.append({"name": f"preempt {p.request} ({p.kind})", "cat": "preemption", "ph": "i", "s": "p",
+                       "pid": pid, "tid": 1, "ts": s.start_s * _US_PER_S,
+                       "args": {"request": p.request, "kind": p.kind, "blocks": p.blocks, "tokens": p.tokens,
+                                "swap_s": p.swap_s, "recompute_s": p.recompute_s, "step": p.step}})
+    return ev
+
+
+def write_serve_trace(path: str, program: Program, engine) -> None:
+    """A serving run: the plan's predicted step, the runtime's measured steps and the engine's process."""
+    from memintent.see.timeline import build_timeline
+
+    measured = stats_events(engine.runner.forward_stats)
+    doc = trace_document(build_timeline(program) if program.prediction else None, measured or None)
+    doc["traceEvents"] += engine_events(engine.stats)
+    doc["otherData"]["kv_pool_blocks"] = max(engine.stats.num_blocks - 1, 0)
+    write_bytes_atomic(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
+
+
+def read_engine(path: str | os.PathLike) -> tuple[list[tuple[float, int]], list[dict], int] | None:
+    """The engine process of a serving trace: (time_s, used blocks) samples, preemption events' args, and the
+    pool's usable blocks; None when the trace has no engine process (a forward run)."""
+    events = _trace_events(Path(path))
+    kv = [(e["ts"] / _US_PER_S, int(e["args"]["used"])) for e in events if isinstance(e, dict)
+          and e.get("pid") == PID_ENGINE and e.get("name") == KV_COUNTER and e.get("ph") == "C"]
+    if not kv:
+        return None
+    pre = [e["args"] for e in events if isinstance(e, dict) and e.get("pid") == PID_ENGINE
+           and e.get("cat") == "preemption"]
+    usable = next((e["args"]["used"] + e["args"]["free"] for e in events if isinstance(e, dict)
+                   and e.get("name") == KV_COUNTER and e.get("ph") == "C"), 0)
+    return kv, pre, usable

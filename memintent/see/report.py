@@ -441,6 +441,17 @@ def _blocks_table(p: Program, tl: Timeline, summary: MeasuredSummary | None) -> 
     return "".join(out)
 
 
+def _kv_section(engine, img) -> str:
+    if engine is None:
+        return ""
+    kinds: dict[str, int] = {}
+    for e in engine[1]:
+        kinds[e.get("kind", "?")] = kinds.get(e.get("kind", "?"), 0) + 1
+    said = ", ".join(f"{n} by {k}" for k, n in sorted(kinds.items())) or "none"
+    return (f"<h2>KV pool over the run</h2><p class='note'>Blocks in use after each engine step (measured); "
+            f"preemptions: {html.escape(said)}.</p>" + img("kv", "KV pool use over time and preemptions"))
+
+
 def _stages_table(tl: Timeline) -> str:
     out = ["<table>", _row(["stage", "module", "steps", "start", "end", "stall", "copies issued on entry"],
                            header=True, left=2)]
@@ -452,10 +463,35 @@ def _stages_table(tl: Timeline) -> str:
     return "".join(out)
 
 
+def kv_pool_figure(engine: tuple[list[tuple[float, int]], list[dict], int]) -> bytes:
+    """A serving run's KV pool use over time, with its preemptions marked by kind."""
+    samples, preemptions, usable = engine
+    fig = _figure(11, 3.6)
+    ax = fig.add_subplot()
+    t = [s for s, _ in samples]
+    ax.step(t, [u for _, u in samples], where="post", color=_KIND_COLOURS[2], label="blocks in use")
+    ax.axhline(usable, color="#CC0000", linestyle="--", linewidth=1.2, label=f"pool: {usable} blocks")
+    marks = {"swap": ("v", _COPY), "recompute": ("x", _STALL)}
+    when = {i: s for i, (s, _) in enumerate(samples)}
+    for kind, (marker, colour) in marks.items():
+        xs = [when.get(e.get("step"), 0.0) for e in preemptions if e.get("kind") == kind]
+        if xs:
+            ax.plot(xs, [usable] * len(xs), marker=marker, color=colour, linestyle="none",
+                    label=f"{len(xs)} preempted by {kind}")
+    ax.set_ylim(0, usable * 1.15 + 1)
+    ax.set_xlabel("time from the run's start (s)")
+    ax.set_ylabel("KV blocks")
+    ax.set_title("KV pool use over the run, and preemptions")
+    fig.legend(loc="outside right upper", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
 def write_report(p: Program, out_path: str | Path, measured: list[MeasuredEvent] | None = None,
-                 plan_source: str = "") -> list[Path]:
-    """Write ``out_path`` (HTML) and ``<stem>-memory.png``, ``<stem>-timeline.png``, ``<stem>-stall.png`` beside it;
-    returns the paths written, HTML last. Every file is written atomically."""
+                 plan_source: str = "", engine=None) -> list[Path]:
+    """Write ``out_path`` (HTML) and ``<stem>-memory.png``, ``<stem>-timeline.png``, ``<stem>-stall.png`` (and, for
+    a serving run's trace, ``<stem>-kv.png``) beside it; returns the paths written, HTML last. Every file is written
+    atomically. ``engine``: ``perfetto.read_engine`` of the run's trace."""
     out_path = Path(out_path)
     folder = out_path.parent if str(out_path.parent) else Path(".")
     if not folder.is_dir():
@@ -467,6 +503,8 @@ def write_report(p: Program, out_path: str | Path, measured: list[MeasuredEvent]
         "timeline": timeline_figure(tl, p, measured, summary),
         "stall": stall_figure(tl, summary),
     }
+    if engine is not None:
+        pngs["kv"] = kv_pool_figure(engine)
     written: list[Path] = []
     for name, data in pngs.items():
         path = folder / f"{out_path.stem}-{name}.png"
@@ -501,6 +539,7 @@ copy.</p>
 {img("timeline", "copy lane against compute lane")}
 <h2>Stall and slack per block</h2>
 {img("stall", "stall and slack per streamed block")}
+{_kv_section(engine, img)}
 <h2>The plan's choices per block</h2>
 <p class="note">Arrival, ready and deadline are times from the steady-state forward's start (negative: during the
 previous forward). Slack = deadline &minus; the time the block is usable (its arrival, plus dequantisation for a
