@@ -226,56 +226,57 @@ def break_arrival_before_use(p):
 
 
 CASES = {   # rule -> (base plan, edit, what the message must say)
-    "plan-complete": ("stream", break_plan_complete, r"^plan verification failed: the program carries no complete "
-                                                     r"plan: it has no prediction"),
+    "plan-complete": ("stream", break_plan_complete,
+        r"^plan verification failed: the program carries no complete plan: it has no prediction"),
     "unique-names": ("stream", break_unique_names, r"two objects are named '.+': names must be unique"),
     "slots-numbered": ("stream", break_slots_numbered, r"the arena's slot at position 0 has index 1"),
     "block-weights": ("stream", break_block_weights, r"weight '.+' is listed by blocks '.+' and '.+'"),
-    "weight-layout": ("stream", break_weight_layout, r"weight '.+' \(bf16\) at offset \d+ of block 'layers.0' is not "
-                                                     r"aligned to its 2-byte dtype"),
+    "weight-layout": ("stream", break_weight_layout,
+        r"weight '.+' \(bf16\) at offset \d+ of block 'layers.0' is not aligned to its 2-byte dtype"),
     "weights-disjoint": ("stream", break_weights_disjoint, r"weights '.+' and '.+' overlap in block 'layers.0'"),
-    "steps-numbered": ("stream", break_steps_numbered, r"the step at position 3 has index 7: steps must be listed in "
-                                                       r"order"),
-    "names-known": ("stream", break_names_known, r"failed at step 2 \(.+ in module '.*'\): it uses or defines 'nope', "
-                                                 r"which is not an object of the plan"),
-    "defined-before-use": ("stream", break_defined_before_use, r"failed at step \d+ \(.+\): it reads '.+' before step "
-                                                               r"\d+ \(.+\) defines it"),
-    "live-ranges": ("stream", break_live_ranges, r"object '.+' has live range \[\d+, \d+\], but the plan's \d+ steps "
-                                                 r"use it in \[\d+, \d+\]"),
+    "steps-numbered": ("stream", break_steps_numbered,
+        r"the step at position 3 has index 7: steps must be listed in order"),
+    "names-known": ("stream", break_names_known,
+        r"failed at step 2 \(.+ in module '.*'\): it uses or defines 'nope', which is not an object of the plan"),
+    "defined-before-use": ("stream", break_defined_before_use,
+        r"failed at step \d+ \(.+\): it reads '.+' before step \d+ \(.+\) defines it"),
+    "live-ranges": ("stream", break_live_ranges,
+        r"object '.+' has live range \[\d+, \d+\], but the plan's \d+ steps use it in \[\d+, \d+\]"),
     "stages-partition": ("stream", break_stages_partition, r"stage 4 covers steps \[\d+, \d+\]: stages must partition"),
-    "stage-needs": ("stream", break_stage_needs, r"it reads '.+' of block 'layers.0', which stage 3 does not list in "
-                                                r"its needs"),
+    "stage-needs": ("stream", break_stage_needs,
+        r"it reads '.+' of block 'layers.0', which stage 3 does not list in its needs"),
     "visits-known": ("stream", break_visits_known, r"block '.+' has two visits starting at stage \d+"),
     "actions-known": ("stream", break_actions_known, r"block 'embed' is not streamed, so it is never copied"),
-    "one-copy-per-visit": ("stream", break_one_copy_per_visit, r"the visit of '.+' at stage \d+ has 1 copy_start, 0 "
-                                                               r"copy_done, 1 free"),
-    "slots-in-arena": ("stream", break_slots_in_arena, r"arena slot \d+ at bytes \d+\.\.\d+ ends past the \d+-byte "
-                                                       r"arena"),
+    "one-copy-per-visit": ("stream", break_one_copy_per_visit,
+        r"the visit of '.+' at stage \d+ has 1 copy_start, 0 copy_done, 1 free"),
+    "slots-in-arena": ("stream", break_slots_in_arena,
+        r"arena slot \d+ at bytes \d+\.\.\d+ ends past the \d+-byte arena"),
     "slots-disjoint": ("stream", break_slots_disjoint, r"arena slots \d+ and \d+ overlap"),
-    "resident-slots": ("stream", break_resident_slots, r"resident block '.+' names slot \d+, which is not a resident "
-                                                       r"slot"),
+    "resident-slots": ("stream", break_resident_slots,
+        r"resident block '.+' names slot \d+, which is not a resident slot"),
     "resident-unquantized": ("int8", break_resident_unquantized, r"resident block 'embed' is quantized \(int8\)"),
-    "transfer-bytes": ("int8", break_transfer_bytes, r"the plan's transfer_bytes \d+ differ from the runtime's packed "
-                                                     r"layout of \d+ bytes"),
-    "stream-slots-fit": ("int8", break_stream_slots_fit, r"stream slot \d+ \(\d+ bytes\) cannot hold the int8 visit of "
-                                                         r"'.+': its weights .* at the slot's start and its packed "
-                                                         r"bytes at its end"),
-    "actions-hookable": ("stream", break_actions_hookable, r"fires at stage \d+, which is root glue code with no module "
-                                                           r"hook"),
+    "transfer-bytes": ("int8", break_transfer_bytes,
+        r"the plan's transfer_bytes \d+ differ from the runtime's packed layout of \d+ bytes"),
+    "stream-slots-fit": ("int8", break_stream_slots_fit,
+        (r"stream slot \d+ \(\d+ bytes\) cannot hold the int8 visit of '.+': its weights .* at the slot's start "
+         r"and its packed bytes at its end")),
+    "actions-hookable": ("stream", break_actions_hookable,
+        r"fires at stage \d+, which is root glue code with no module hook"),
     "kv-reserved": ("kv", break_kv_reserved, r"the KV cache needs .+ but the arena's KV slots hold \d+ bytes"),
-    "budget": ("stream", break_budget, r"^plan verification failed: budget .+ is below the plan's peak .+ \(arena .+ \+ "
-                                       r"activations .+ \+ workspace .+, at step \d+ \(.+\)"),
+    "budget": ("stream", break_budget,
+        (r"^plan verification failed: budget .+ is below the plan's peak .+ \(arena .+ \+ activations .+ \+ workspace "
+         r".+, at step \d+ \(.+\)")),
     "prediction-honest": ("stream", break_prediction_honest, r"the plan's recorded predicted peak 1 bytes understates"),
-    "copy-into-free-slot": ("stream", break_copy_into_free_slot, r"the copy of '.+' into slot \d+ would overwrite "
-                                                                 r"'.+' \(visit at stage \d+\), which is still in use"),
-    "wait-for-issued-copy": ("stream", break_wait_for_issued_copy, r"copy_done waits for '.+' in slot \d+, but no copy "
-                                                                   r"of that visit for this forward is in flight"),
-    "free-ready-occupant": ("stream", break_free_ready_occupant, r"free of '.+' in slot \d+, which holds '.+' "
-                                                                r"\(loading\)"),
+    "copy-into-free-slot": ("stream", break_copy_into_free_slot,
+        r"the copy of '.+' into slot \d+ would overwrite '.+' \(visit at stage \d+\), which is still in use"),
+    "wait-for-issued-copy": ("stream", break_wait_for_issued_copy,
+        r"copy_done waits for '.+' in slot \d+, but no copy of that visit for this forward is in flight"),
+    "free-ready-occupant": ("stream", break_free_ready_occupant,
+        r"free of '.+' in slot \d+, which holds '.+' \(loading\)"),
     "free-after-last-use": ("stream", break_free_after_last_use, r"'.+' is freed before its last use at stage \d+"),
-    "arrival-before-use": ("stream", break_arrival_before_use, r"failed at step \d+ \(stage \d+, module '.+'\): it "
-                                                               r"reads '.+' of streamed block '.+' before the block's "
-                                                               r"copy arrived"),
+    "arrival-before-use": ("stream", break_arrival_before_use,
+        (r"failed at step \d+ \(stage \d+, module '.+'\): it reads '.+' of streamed block '.+' before the block's copy "
+         r"arrived")),
 }
 
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import Callable, NoReturn
 
 from memintent.errors import PlanVerificationError
-from memintent.ir.model import DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind, \
-    dtype_bytes
+from memintent.ir.model import (DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind,
+                                dtype_bytes)
 from memintent.passes.costs import transfer_bytes
 from memintent.passes.graph import dependency_graph, early_uses, live_range, names
 from memintent.passes.lifetimes import activation_profile
@@ -71,6 +71,7 @@ TRACE_RULES: list[Rule] = []   # called by the action trace, per action or stage
 
 
 def _rule(name: str, registry: list[Rule] = RULES) -> Callable:
+    """Register the decorated function as rule ``name``; a ``fail`` inside it becomes a ``RuleViolation`` naming it."""
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def checked(*args):
@@ -84,7 +85,9 @@ def _rule(name: str, registry: list[Rule] = RULES) -> Callable:
     return register
 
 
-def fail(what: str, where: str = "") -> None:
+def fail(what: str, where: str = "") -> NoReturn:
+    """Inside a rule: the plan breaks it. ``what`` is wrong (and what would be right); ``where``: ``at_stage`` or
+    ``at_step``, or empty when ``what`` names the plan's parts itself."""
     raise _Broken(what, where)
 
 
@@ -148,8 +151,7 @@ def plan_complete(p: Program, f: Facts) -> None:
     """The program holds a plan: an arena, a budget, a hardware profile (the kernels' workspace, part of the budget,
     comes from it) and a prediction."""
     for missing, what in ((p.arena is None, "no arena (run the prefetch pass)"), (p.budget_bytes is None, "no budget"),
-                          (p.hardware is None, "no hardware profile, so the kernels' workspace (part of the budget) is "
-                                               "unknown"),
+                          (p.hardware is None, "no hardware profile, so the kernels' workspace is unknown"),
                           (p.prediction is None, "no prediction (run the prefetch pass)")):
         if missing:
             fail(f"the program carries no complete plan: it has {what}")
