@@ -259,8 +259,9 @@ class LeakyToy(Toy):
         x = self.embed(ids) * 0.5                         # [b, s, dim]
         for layer in self.layers:
             x = layer(x) + x                              # [b, s, dim]
-        x = x + 0 * self.layers[2][0].weight.sum()        # [b, s, dim]; NaN if the weight is poisoned
-        return self.head(x)                               # [b, s, vocab]
+        # .item() waits for the read, so on CUDA too it happens before the head's pre-hook refills the slot
+        leak = self.layers[2][0].weight.sum().item()      # NaN if the weight is poisoned
+        return self.head(x + 0.0 * leak)                  # [b, s, vocab]
 
 
 def test_checked_mode_turns_a_read_outside_the_plan_into_nan():
