@@ -402,7 +402,7 @@ def test_stats_report_overhead_and_copy_time():
     assert s.copies == len(LAYERS) and s.bytes_copied == streamed_bytes_per_forward(h.program)
     assert s.stage_entries == len([st for st in h.program.stages if st.module]) + 2
     assert s.host_overhead_per_block_s == s.host_overhead_s / len(LAYERS)
-    assert s.dequants == 0 and s.events == []
+    assert s.dequants == 0
     assert f"copied {s.bytes_copied / 1e6:.1f} MB in {len(LAYERS)} copies" in s.summary() and "us/block" in s.summary()
     h.detach()
 
