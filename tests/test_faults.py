@@ -108,29 +108,41 @@ def build():
 """
 
 
+def _naming(plan: Path, ref: str, kind: str, out: Path) -> Path:
+    """``plan`` with its model reference replaced by ``ref`` of ``kind``."""
+    raw = json.loads(plan.read_text())
+    raw["model"].update(ref=ref, kind=kind)
+    out.write_text(json.dumps(raw))
+    return out
+
+
 @pytest.mark.parametrize("kind", ["py", "preset"])
-def test_py_plan_runs_no_code_without_allow_code(tiny_plan, tmp_path, capsys, kind):
+def test_py_plan_runs_no_code_without_allow_code(tiny_plan, gen_plan, tmp_path, capsys, kind):
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.py"
     evil.write_text(EVIL.format(marker=str(marker)))
-    raw = json.loads(tiny_plan.read_text())
-    raw["model"].update(ref=f"py:{evil}:build", kind=kind)   # "preset" lies about the kind: still refused
-    plan = tmp_path / "evil.plan.json"
-    plan.write_text(json.dumps(raw))
+    ref = f"py:{evil}:build"   # kind "preset" lies about the kind: still refused
+    plan = _naming(tiny_plan, ref, kind, tmp_path / "evil.plan.json")
+    gen = _naming(gen_plan, ref, kind, tmp_path / "evil.gen.plan.json")   # generate needs a generation plan
     mir = tmp_path / "evil.mir"
     assert main(["dump", str(plan)]) == 0
     mir.write_text(capsys.readouterr().out)
-    for argv in (["check", str(plan)], ["check", str(mir)], ["explain", str(plan)], ["simulate", str(plan)]):
+    for argv in (["check", str(plan)], ["check", str(mir)], ["explain", str(plan)], ["simulate", str(plan)],
+                 ["check", str(gen)]):
         assert main(argv) == 0, argv
     capsys.readouterr()
-    for cmd in ("run", "generate"):
-        assert main([cmd, str(plan), "--device", "cpu"]) == 2
-        assert "--allow-code" in one_line_error(capsys) or cmd == "generate"
+    for cmd, path in (("run", plan), ("generate", gen)):
+        assert main([cmd, str(path), "--device", "cpu"]) == 2
+        line = one_line_error(capsys)
+        # a py: kind is refused by the plan's own kind, a lying one by resolving the reference
+        assert ref in line and "pass --allow-code" in line, (cmd, line)
     assert not marker.exists(), "loading, checking or refusing a plan ran its factory"
     # with --allow-code the factory does run (and the model, a different one, is refused by its fingerprint)
-    assert main(["run", str(plan), "--device", "cpu", "--allow-code"]) == 2
-    assert "does not match the plan" in one_line_error(capsys)
-    assert marker.exists()
+    for cmd, path in (("generate", gen), ("run", plan)):
+        marker.unlink(missing_ok=True)
+        assert main([cmd, str(path), "--device", "cpu", "--allow-code"]) == 2
+        assert "does not match the plan" in one_line_error(capsys)
+        assert marker.exists(), cmd
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +274,9 @@ def test_bad_cli_input_is_one_line_exit_2(tiny_plan, tmp_path, capsys):
         (["check", str(tmp_path / "bad.mir")], r"bad.mir:3:\d+: unexpected end of text"),
         (["check", str(tmp_path / "absent.json")], "does not exist"),
         (["check", str(tmp_path / "folder")], "cannot be read"),
-        (["check", str(tmp_path / "lowered.plan.json")], "exceed the budget"),
-        (["run", str(tmp_path / "lowered.plan.json"), "--device", "cpu"], "exceed the budget"),
+        (["check", str(tmp_path / "lowered.plan.json")],
+         r"plan verification failed: budget \d+\.\d\d KiB is below the plan's peak \d+\.\d\d KiB \(arena "),
+        (["run", str(tmp_path / "lowered.plan.json"), "--device", "cpu"], "is below the plan's peak"),
         (["run", str(tiny_plan), "--device", "tpu"], "use cpu or cuda"),
         (["run", str(tiny_plan), "--device", "cpu", "--tokens", "4by4"], "is not BATCHxSEQ"),
         (["run", str(tiny_plan), "--device", "cpu", "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
@@ -549,13 +562,23 @@ def test_failed_write_is_one_line_error(monkeypatch, tmp_path):
 
 
 def test_ctrl_c_during_compile_writes_nothing(monkeypatch, tmp_path, capsys):
-    import memintent.compiler.compile as cc
+    """A real SIGINT, delivered while the compiler is inside its prefetch pass (after tracing and the residency
+    search): the CLI exits 130 and leaves no output file."""
+    import signal
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
+    import memintent.passes.prefetch as prefetch
 
-    monkeypatch.setattr(cc, "compile_model", interrupted)
+    real = prefetch.schedule_of
+    calls = []
+
+    def interrupted(p):
+        calls.append(p.name)
+        os.kill(os.getpid(), signal.SIGINT)   # Python raises KeyboardInterrupt at the next bytecode
+        return real(p)
+
+    monkeypatch.setattr(prefetch, "schedule_of", interrupted)
     out = tmp_path / "p.json"
-    assert main(["compile", "tiny-llama", "--hw", "cpu", "-o", str(out)]) == 130
-    assert "interrupted" in capsys.readouterr().err
+    assert main(["compile", "tiny-llama", "--hw", "cpu", "--budget", "1MiB", "-o", str(out)]) == 130
+    assert calls, "the compile never reached the prefetch pass"
+    assert capsys.readouterr().err.strip().splitlines() == ["memintent: interrupted"]
     no_leftovers(tmp_path, "p.json")

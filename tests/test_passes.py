@@ -1,6 +1,11 @@
-"""Scheduling passes: hand-worked simulations, residency policy, verification catching broken plans."""
+"""Scheduling passes: hand-worked schedules and simulations, residency policy, pass contracts, verification catching
+broken plans (one test per verifier rule: tests/test_verify_rules.py)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +13,13 @@ from memintent.compiler.compile import compile_model, trace_ref
 from memintent.compiler.hardware import BUILTIN
 from memintent.errors import MemintentError, PlanVerificationError
 from memintent.ir.model import ActionKind, Residency, RunShape, SlotKind, Stage, Visit
-from memintent.passes.simulate import make_schedule, simulate
+from memintent.passes.costs import COSTS
+from memintent.passes.lifetimes import LIFETIMES
+from memintent.passes.manager import Pass, PassContractError, run_passes
+from memintent.passes.prefetch import PREFETCH
+from memintent.passes.residency import given_residency
+from memintent.passes.schedule import make_schedule
+from memintent.passes.simulate import simulate
 from memintent.passes.verify import verify
 
 GiB = 1 << 30
@@ -72,6 +83,21 @@ def test_schedule_refuses_too_few_slots_for_a_stage_needing_two_blocks():
     assert make_schedule(stages, visits, {"a", "b"}, 2) is not None
 
 
+def test_schedule_skips_root_glue_for_waits_and_frees():
+    # Stage 1 is root glue (no module, no hook). A visit starting there waits on entry to stage 0, the latest hook
+    # at or before it; a visit ending at stage 0 or 1 is freed on entry to stage 2, the first hook after it.
+    stages = [Stage(index=0, module="a", block="a", first_step=0, last_step=0, needs=["a"], time_s=1.0),
+              Stage(index=1, module="", block="", first_step=1, last_step=1, needs=["b"], time_s=1.0),
+              Stage(index=2, module="c", block="c", first_step=2, last_step=2, needs=["c"], time_s=1.0)]
+    visits = [Visit(block="a", first_stage=0, last_stage=0), Visit(block="b", first_stage=1, last_stage=1),
+              Visit(block="c", first_stage=2, last_stage=2)]
+    sched = make_schedule(stages, visits, {"a", "b", "c"}, 3)
+    assert sched.wait_stage == {0: 0, 1: 0, 2: 2}
+    assert sched.free_stage == {0: 2, 1: 2, 2: 3}   # 3: the forward's end
+    # a block read at a glue stage before any hook cannot stream
+    assert make_schedule(stages[1:2], [Visit(block="b", first_stage=0, last_stage=0)], {"b"}, 1) is None
+
+
 @pytest.fixture(scope="module")
 def tiny_streamed():
     return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2)
@@ -113,16 +139,18 @@ def test_verify_catches_early_free(tiny_streamed):
         a = next(a for a in q.actions if a.kind == ActionKind.free and a.stage > 0)
         a.stage = a.visit_stage   # freed on entry to the stage that still reads it
         q.actions.sort(key=lambda a: a.stage)
-    with pytest.raises(PlanVerificationError, match="freed before its last use|does not hold it ready"):
+    with pytest.raises(PlanVerificationError, match="is freed before its last use|which holds") as e:
         verify(_broken(tiny_streamed, early))
+    assert e.value.rule in ("free-after-last-use", "free-ready-occupant")
 
 
 def test_verify_catches_missing_wait(tiny_streamed):
     def drop(q):
         i = next(i for i, a in enumerate(q.actions) if a.kind == ActionKind.copy_done)
         del q.actions[i]
-    with pytest.raises(PlanVerificationError, match="used before its copy arrived|does not hold it ready"):
+    with pytest.raises(PlanVerificationError, match="0 copy_done") as e:
         verify(_broken(tiny_streamed, drop))
+    assert e.value.rule == "one-copy-per-visit"
 
 
 def test_verify_catches_overwrite_in_use(tiny_streamed):
@@ -130,15 +158,17 @@ def test_verify_catches_overwrite_in_use(tiny_streamed):
         stream = [s.index for s in q.arena.slots if s.kind == SlotKind.stream]
         for a in q.actions:
             a.slot = stream[0]   # every visit into one slot while the schedule assumed two
-    with pytest.raises(PlanVerificationError, match="overwrite|does not hold"):
+    with pytest.raises(PlanVerificationError, match="would overwrite") as e:
         verify(_broken(tiny_streamed, same_slot))
+    assert e.value.rule == "copy-into-free-slot"
 
 
 def test_verify_catches_budget_lie(tiny_streamed):
     def shrink(q):
         q.budget_bytes = q.arena.size_bytes // 2
-    with pytest.raises(PlanVerificationError, match="budget"):
+    with pytest.raises(PlanVerificationError, match="budget .* is below the plan's peak") as e:
         verify(_broken(tiny_streamed, shrink))
+    assert e.value.rule == "budget"
 
 
 def test_folded_trace_equals_full_trace():
@@ -159,3 +189,62 @@ def test_folded_trace_equals_full_trace():
     assert strip(folded) == strip(full)
     assert folded.objects == full.objects
     assert folded.fingerprint == full.fingerprint
+
+
+def test_lifetimes_are_first_and_last_touch_of_each_object(tiny_streamed):
+    # An independent reference: scan the steps for each object's first and last mention.
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, st in enumerate(tiny_streamed.steps):
+        for name in (*st.uses, *st.defs):
+            first[name] = min(first.get(name, i), i)
+            last[name] = max(last.get(name, i), i)
+    for o in tiny_streamed.objects:
+        assert (o.first_use, o.last_use) == (first.get(o.name), last.get(o.name)), o.name
+
+
+def _corrupting(p: Pass, corrupt) -> Pass:
+    """``p`` with its result corrupted before its own ``ensures`` sees it."""
+    return Pass(p.name, lambda prog: corrupt(p.run(prog)) or prog, p.requires, p.ensures)
+
+
+def test_broken_pass_fails_its_contract_naming_the_pass():
+    program = trace_ref("tiny-llama", RunShape(batch=1, seq=8)).model_copy(update={"hardware": CPU})
+    swap = lambda prog: prog.stages.reverse()   # noqa: E731  stages out of step order
+    with pytest.raises(PassContractError, match=r"^pass lifetimes: its result breaks its contract: stages are not in "
+                                                r"step order"):
+        run_passes(program, [_corrupting(LIFETIMES, swap)])
+    lose = lambda prog: setattr(prog.blocks[0], "transfer_bytes", None)   # noqa: E731
+    with pytest.raises(PassContractError, match=r"^pass costs: .*a block has no transfer_bytes"):
+        run_passes(program, [LIFETIMES, _corrupting(COSTS, lose)])
+
+
+def test_contracts_hold_under_python_dash_o():
+    """``ensures`` checks are not asserts: ``python -O`` (which strips asserts) still raises them."""
+    script = (
+        "from memintent.compiler.compile import trace_ref\n"
+        "from memintent.compiler.hardware import BUILTIN\n"
+        "from memintent.ir.model import RunShape\n"
+        "from memintent.passes.lifetimes import LIFETIMES\n"
+        "from memintent.passes.manager import Pass, PassContractError, run_passes\n"
+        "p = trace_ref('tiny-llama', RunShape(batch=1, seq=8)).model_copy(update={'hardware': BUILTIN['cpu']})\n"
+        "bad = Pass('lifetimes', lambda q: LIFETIMES.run(q).stages.reverse() or q, ensures=LIFETIMES.ensures)\n"
+        "assert False, 'asserts must be off under -O'\n"
+        "try:\n"
+        "    run_passes(p, [bad])\n"
+        "except PassContractError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "refused: pass lifetimes: its result breaks its contract: stages are not in step order" in r.stdout
+
+
+def test_prefetch_refuses_a_residency_its_schedule_cannot_hold():
+    program = trace_ref("tiny-llama", RunShape(batch=1, seq=8)).model_copy(update={"hardware": CPU})
+    # every block streamed, but no stream slot: not a residency the residency pass would choose
+    no_slots = Pass("residency", lambda p: given_residency(p, {b.name for b in p.blocks if b.module}, 0), ("costs",))
+    with pytest.raises(PassContractError, match=r"^pass prefetch: residency chose 0 stream slot\(s\), which cannot "
+                                                r"hold the schedule"):
+        run_passes(program, [LIFETIMES, COSTS, no_slots, PREFETCH])

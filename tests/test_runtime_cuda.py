@@ -1,4 +1,5 @@
-"""Runtime tests that need a CUDA device (skipped without one): real copy stream, events, pinned memory.
+"""Runtime tests that need a CUDA device (skipped without one): real copy stream, events, pinned memory, and that
+copies really overlap compute (with the negative control: without the copy_done waits the output is wrong).
 
 ``python tests/test_runtime_cuda.py`` also prints a small benchmark: raw host-to-device bandwidth, and for a stack
 of large layers streamed with 1-3 slots the per-forward device time, stall, copy rate and host overhead per block
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_runtime import (BLOCKS, LAYERS, _move_free_into_last_use, hand_plan, ids, plan_for,  # noqa: E402
+from test_runtime import (BLOCKS, LAYERS, LeakyToy, _move_free_into_last_use, hand_plan, ids, plan_for,  # noqa: E402
                           streamed_bytes_per_forward, toy)
 
-from memintent.errors import MemintentError  # noqa: E402
+from memintent.errors import MemintentError, PlanVerificationError  # noqa: E402
 from memintent.ir.model import Arena, Slot, SlotKind  # noqa: E402
 from memintent.runtime import DeviceArena, HostStore, attach  # noqa: E402
 
@@ -53,14 +54,23 @@ def test_cuda_bitwise_equal(n_slots, streamed, check):
     h.detach()
 
 
-def test_cuda_checked_mode_early_free_is_nan():
+def test_cuda_early_free_is_refused_at_attach():
     model = bf16_toy()
     bad = _move_free_into_last_use(plan_for(model), "layers.2", first=False)
-    for s in bad.stages:
-        s.needs = []
-    h = attach(model, bad, "cuda", check=True)
+    with pytest.raises(PlanVerificationError, match="'layers.2' is freed before its last use") as e:
+        attach(model, bad, "cuda", check=True)
+    assert e.value.rule == "free-after-last-use"
+
+
+def test_cuda_checked_mode_read_outside_the_plan_is_nan():
+    # The model reads layers.2's weight after the plan freed it (tests/test_runtime.py, LeakyToy): NaN on the GPU.
+    ref = bf16_toy()
+    plan = plan_for(ref, n_slots=3)
+    leaky = LeakyToy().eval().to(torch.bfloat16)
+    leaky.load_state_dict(ref.state_dict())
+    h = attach(leaky, plan, "cuda", check=True)
     with torch.no_grad():
-        assert model(ids(1).cuda()).isnan().all()
+        assert leaky(ids(1).cuda()).isnan().all()
     h.detach()
 
 
@@ -158,6 +168,91 @@ def test_cuda_streaming_overlaps_and_stays_exact():
         h.detach()
 
 
+def _device_time_s(fn, n: int = 5) -> float:
+    """Median seconds of ``fn()`` on the device, by CUDA events, after two warm-up calls; ``fn`` is enqueued back to
+    back so the host never leaves the GPU idle between calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[n // 2]
+
+
+OVERLAP_LAYERS, OVERLAP_DIM = 8, 4096     # bf16: 32 MiB per layer, about 0.6 ms per copy at 55 GB/s
+MIN_HIDDEN = 0.5                          # at least half of the shorter of copy and compute must be hidden
+
+
+def _copy_time_s(plan, store: HostStore) -> float:
+    """Seconds to copy every streamed block once, one after another, from the pinned host store into device memory:
+    the copy engine's work per forward, measured alone."""
+    blocks = [b.name for b in plan.blocks if b.name in {a.block for a in plan.actions}]
+    dst = torch.empty(max(store.buffer_bytes(b) for b in blocks), dtype=torch.uint8, device="cuda")
+
+    def copy_all():
+        for b in blocks:
+            src = store.buffer(b)                       # uint8 [bytes] pinned host buffer
+            dst[:src.numel()].copy_(src, non_blocking=True)
+
+    return _device_time_s(copy_all)
+
+
+def test_cuda_copies_hide_under_compute():
+    """Streamed through 2 slots, a forward whose compute outlasts its copies takes about max(copy, compute), not
+    their sum: the copy stream runs under the compute stream. The tokens grow until compute is the longer one, so
+    the margin does not depend on this GPU's copy and matmul rates."""
+    cpu = make_stack(OVERLAP_LAYERS, OVERLAP_DIM)
+    ref = copy.deepcopy(cpu).cuda()
+    model = copy.deepcopy(cpu)
+    plan = stack_plan(model, 2)
+    h = attach(model, plan, "cuda", timing=False)
+    try:
+        copy_s = _copy_time_s(plan, h.host_store)
+        for tokens in (8192, 16384, 32768, 65536):
+            x = torch.randn(tokens, OVERLAP_DIM, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                compute_s = _device_time_s(lambda x=x: ref(x))
+            if compute_s >= 1.5 * copy_s:
+                break
+        assert compute_s >= 1.5 * copy_s, f"compute {compute_s * 1e3:.2f} ms never outlasted copies {copy_s * 1e3:.2f} ms"
+        with torch.no_grad():
+            streamed_s = _device_time_s(lambda: model(x))
+            assert torch.equal(model(x), ref(x))
+        hidden = (copy_s + compute_s - streamed_s) / min(copy_s, compute_s)
+        assert streamed_s < copy_s + compute_s - MIN_HIDDEN * min(copy_s, compute_s), (
+            f"streamed {streamed_s * 1e3:.2f} ms vs copy {copy_s * 1e3:.2f} ms + compute {compute_s * 1e3:.2f} ms: "
+            f"only {hidden:.0%} of the copies hidden")
+    finally:
+        h.detach()
+
+
+def test_cuda_without_copy_done_waits_the_output_is_wrong():
+    """Negative control for the test above: with the compute stream's waits for arrivals removed, compute reads a
+    slot before its copy lands. The forward is copy-bound (64 tokens: microseconds of compute per layer against
+    2.4 ms per 128 MiB copy), so each layer's kernels run while its copy is still writing the slot, which checked
+    mode poisoned at the previous occupant's free: every forward's output differs from the resident model's. With
+    the waits, the same plan and inputs are exact."""
+    cpu = make_stack(OVERLAP_LAYERS, 8192)
+    ref = copy.deepcopy(cpu).cuda()
+    model = copy.deepcopy(cpu)
+    x = torch.randn(64, 8192, device="cuda", dtype=torch.bfloat16)
+    h = attach(model, stack_plan(model, 2), "cuda", check=True)
+    try:
+        with torch.no_grad():
+            want = ref(x)
+            assert all(torch.equal(model(x), want) for _ in range(2))
+            h.backend.wait = lambda arrived: None        # copy_done no longer makes compute wait for the arrival
+            bad = [not torch.equal(model(x), want) for _ in range(3)]
+        assert all(bad), f"{bad}: without the waits, compute should read slots before their copies arrive"
+    finally:
+        h.detach()
+
+
 def _time(fn, n: int = 10) -> float:
     for _ in range(2):
         fn()
@@ -176,7 +271,8 @@ def bench() -> None:
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
     for label, src in (("pageable", torch.empty(n, dtype=torch.uint8)),
                        ("pinned (torch allocator)", torch.empty(n, dtype=torch.uint8, pin_memory=True))):
-        t = _time(lambda: dst.copy_(src, non_blocking=True))
+        # the lambda binds dst and src now: dst is deleted below, and src changes with the loop
+        t = _time(lambda dst=dst, src=src: dst.copy_(src, non_blocking=True))
         print(f"h2d {label:>26}: {n / t / 1e9:6.1f} GB/s")
     from memintent.ir.model import Block, ModelRef, Object, ObjectKind, Program, RunShape, Tier
     p = Program(name="b", model=ModelRef(ref="x", kind="py"), fingerprint="", shape=RunShape(batch=1, seq=1),
@@ -185,7 +281,7 @@ def bench() -> None:
                 blocks=[Block(name="b", module="", size_bytes=n, weights=["w"])])
     store = HostStore(p, pin="register")
     src = store.buffer("b")
-    t = _time(lambda: dst.copy_(src, non_blocking=True))
+    t = _time(lambda dst=dst, src=src: dst.copy_(src, non_blocking=True))
     print(f"h2d {'registered (HostStore)':>26}: {n / t / 1e9:6.1f} GB/s  pin={store.pin} pinned={src.is_pinned()}")
     del dst, store
 

@@ -6,6 +6,9 @@ import hashlib
 
 import torch
 
+from memintent.errors import MemintentError
+from memintent.ir.model import ObjectKind, Program
+
 # torch dtype -> IR dtype name
 TORCH_TO_IR: dict[torch.dtype, str] = {
     torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16",
@@ -19,8 +22,6 @@ def ir_dtype(dtype: torch.dtype) -> str:
     try:
         return TORCH_TO_IR[dtype]
     except KeyError:
-        from memintent.errors import MemintentError
-
         raise MemintentError(f"dtype {dtype} is not supported: use one of {sorted(map(str, TORCH_TO_IR))}") from None
 
 
@@ -50,3 +51,24 @@ def weight_entries(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], 
 
 def fingerprint_module(module: torch.nn.Module) -> str:
     return fingerprint_entries(weight_entries(module))
+
+
+def check_fingerprint(module: torch.nn.Module, program: Program, limit: int = 3) -> None:
+    """Refuse a model that is not the one ``program`` was compiled for: its fingerprint must be the plan's. The message names both fingerprints and the first ``limit`` weights whose name,
+    shape or dtype differ."""
+    fp = fingerprint_module(module)
+    if fp == program.fingerprint:
+        return
+    have = {n: (tuple(s), d) for n, s, d in weight_entries(module)}
+    want = {o.name: (tuple(o.shape), o.dtype) for o in program.objects if o.kind == ObjectKind.weight}
+
+    def fmt(x):
+        return "absent" if x is None else f"{'x'.join(map(str, x[0])) or 'scalar'} {x[1]}"
+
+    diffs = [f"{n}: model {fmt(have.get(n))}, plan {fmt(want.get(n))}" for n in sorted(set(have) | set(want))
+             if have.get(n) != want.get(n)]
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    why = ("; first differences: " + "; ".join(diffs[:limit]) + more if diffs else
+           " (its weight objects match the model: the plan's fingerprint was edited)")
+    raise MemintentError(f"the model {program.model.ref} does not match the plan {program.name!r}: model fingerprint "
+                         f"{fp}, plan {program.fingerprint}{why}; recompile the plan for this model")

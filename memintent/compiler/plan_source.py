@@ -24,22 +24,11 @@ def check_source(program: Program, src: ModelSource) -> None:
     """Refuse, before anything is allocated, a model or checkpoint that is not the one the plan was compiled for:
     the built model's fingerprint (weight names, shapes, dtypes) must be the plan's, and stored weights (the
     safetensors headers of an hf: folder) must have the shapes and dtypes the plan expects."""
-    from memintent.compiler.fingerprint import IR_TO_TORCH, fingerprint_module, weight_entries
+    from memintent.compiler.fingerprint import IR_TO_TORCH, check_fingerprint
     from memintent.ir.model import ObjectKind
 
-    model = src.build("meta")
-    fp = fingerprint_module(model)
+    check_fingerprint(src.build("meta"), program)
     want = {o.name: (tuple(o.shape), o.dtype) for o in program.objects if o.kind == ObjectKind.weight}
-    if fp != program.fingerprint:
-        have = {n: (tuple(s), d) for n, s, d in weight_entries(model)}
-        fmt = lambda x: "absent" if x is None else f"{'x'.join(map(str, x[0])) or 'scalar'} {x[1]}"  # noqa: E731
-        diffs = [f"{n}: model {fmt(have.get(n))}, plan {fmt(want.get(n))}" for n in sorted(set(have) | set(want))
-                 if have.get(n) != want.get(n)]
-        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        why = ("; first differences: " + "; ".join(diffs[:3]) + more if diffs else
-               " (its weight objects match the model: the plan's fingerprint was edited)")
-        raise MemintentError(f"the model {program.model.ref} does not match the plan {program.name!r}: model "
-                             f"fingerprint {fp}, plan {program.fingerprint}{why}; recompile the plan for this model")
     src.check_checkpoint({n: (shape, IR_TO_TORCH[d]) for n, (shape, d) in want.items() if d in IR_TO_TORCH})
 
 

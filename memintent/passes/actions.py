@@ -1,9 +1,10 @@
 """Actions: the copy_start, copy_done and free the runtime executes, inserted from the prefetch schedule.
 
 Requires: ``prefetch`` (visits with slots and issue stages).
-Ensures: each streamed visit has exactly one ``copy_start``, one ``copy_done`` and one ``free``; actions sit only on
-hookable stages (or at the forward's end); at one stage entry frees come first (they release slots that the
-copies issued there land in), then copies in FIFO order, then waits.
+Ensures: one ``copy_start``, one ``copy_done`` and one ``free`` per streamed visit, at the schedule's issue, wait
+and free stages (which are hookable, or the forward's end); at one stage entry frees come first (they release slots
+that the copies issued there land in), then copies in FIFO order, then waits. That these actions are safe to run is
+the verifier's to prove, in the pass after this one.
 
 Weights are clean, so eviction is a free: the slot is released once the visit's last reader is done, with no copy
 back. (KV blocks, which are dirty, never leave HBM in these plans: the KV cache lives there.)
@@ -11,8 +12,8 @@ back. (KV blocks, which are dirty, never leave HBM in these plans: the KV cache 
 
 from __future__ import annotations
 
-from memintent.ir.model import Action, ActionKind, Program
-from memintent.passes.manager import Pass
+from memintent.ir.model import Action, ActionKind, Program, Residency
+from memintent.passes.manager import Pass, ensure
 from memintent.passes.prefetch import schedule_of
 
 _KIND_ORDER = {ActionKind.free: 0, ActionKind.copy_start: 1, ActionKind.copy_done: 2}
@@ -38,11 +39,14 @@ def insert_actions(program: Program) -> Program:
 
 
 def _ensure(p: Program) -> None:
-    n = len(p.stages)
-    for a in p.actions:
-        assert a.stage == n or p.stages[a.stage].module, f"action on unhookable stage {a.stage}"
+    # What the plan must satisfy to be safe (one copy per visit, hookable stages, ...) the verifier proves, right
+    # after this pass; here only what this pass promises on top: the list order and one action of each kind per
+    # streamed visit of the schedule.
     keys = [(a.stage, _KIND_ORDER[a.kind]) for a in p.actions]
-    assert keys == sorted(keys)
+    ensure(keys == sorted(keys), "actions are not ordered by stage, then free, copy_start, copy_done")
+    streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
+    visits = sum(1 for v in p.visits if v.block in streamed)
+    ensure(len(p.actions) == 3 * visits, f"{len(p.actions)} actions for {visits} streamed visits (3 each)")
 
 
 ACTIONS = Pass("actions", insert_actions, requires=("prefetch",), ensures=_ensure)

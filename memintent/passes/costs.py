@@ -10,23 +10,24 @@ host-to-device bandwidth; a quantized block adds its dequantisation (output byte
 
 from __future__ import annotations
 
-from memintent.ir.model import Block, HardwareProfile, ObjectKind, Program, Quant
-from memintent.passes.manager import Pass
+from memintent.ir.model import Block, HardwareProfile, Object, ObjectKind, Program, Quant
+from memintent.passes.manager import Pass, ensure
 
 INT4_GROUP = 128  # int4 values per bf16 scale
 
 
-def transfer_bytes(block: Block, program: Program) -> int:
+def transfer_bytes(block: Block, program: Program, objects: dict[str, Object] | None = None) -> int:
     """Bytes a visit of ``block`` copies: what the runtime really copies. Unquantized: the block's flat buffer.
     Quantized (int8/int4 on its 2-D weights): the packed buffer of ``memintent.runtime.quant.quant_layout``
     (values and scales of each weight, raw bytes of the others, every part rounded up to 256 bytes), so the
-    planner's copy times, streamed bytes and stream-slot sizes are the runtime's own."""
+    planner's copy times, streamed bytes and stream-slot sizes are the runtime's own. ``objects``: the program's
+    ``object_map()``, when the caller has it."""
     if block.quant == Quant.none:
         return block.size_bytes
     # Imported here: memintent.runtime pulls in torch and the executor, which the passes do not otherwise need.
     from memintent.ir.layout import quantized_block_bytes
 
-    return quantized_block_bytes(block, program.object_map())
+    return quantized_block_bytes(block, objects if objects is not None else program.object_map())
 
 
 def copy_time_s(block: Block, hw: HardwareProfile) -> float:
@@ -80,8 +81,9 @@ def costs(program: Program) -> Program:
 
 
 def _ensure(p: Program) -> None:
-    assert all(b.transfer_bytes is not None for b in p.blocks)
-    assert all(o.urgency_s is not None for o in p.objects if o.urgency_step is not None)
+    ensure(all(b.transfer_bytes is not None for b in p.blocks), "a block has no transfer_bytes")
+    ensure(all(o.urgency_s is not None for o in p.objects if o.urgency_step is not None),
+           "an object with an urgency step has no urgency time")
 
 
 COSTS = Pass("costs", costs, requires=("lifetimes",), ensures=_ensure)

@@ -3,12 +3,16 @@
 Requires: ``trace`` (steps with uses/defs, blocks).
 Ensures: every used object has ``first_use <= last_use``; stages partition the steps in order; every block that a
 stage needs has a visit covering that stage.
+
+An object's live range is its span in the dependency graph (``passes.graph``): from the first step that defines or
+reads it to the last.
 """
 
 from __future__ import annotations
 
 from memintent.ir.model import ObjectKind, Program, Stage, Visit
-from memintent.passes.manager import Pass
+from memintent.passes.graph import dependency_graph, live_range
+from memintent.passes.manager import Pass, ensure
 
 
 def build_stages(program: Program) -> list[Stage]:
@@ -48,15 +52,9 @@ def build_visits(stages: list[Stage], block_order: list[str]) -> list[Visit]:
 
 def lifetimes(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for s in p.steps:
-        for name in (*s.defs, *s.uses):
-            first.setdefault(name, s.index)
-            last[name] = s.index
+    g = dependency_graph(p.steps)
     for o in p.objects:
-        o.first_use = first.get(o.name)
-        o.last_use = last.get(o.name)
+        o.first_use, o.last_use = live_range(g, o.name) or (None, None)
         o.urgency_step = o.first_use
     p.stages = build_stages(p)
     p.visits = build_visits(p.stages, [b.name for b in p.blocks])
@@ -64,13 +62,13 @@ def lifetimes(program: Program) -> Program:
 
 
 def _ensure(p: Program) -> None:
-    for o in p.objects:
-        assert o.first_use is None or o.first_use <= o.last_use, o.name
-    assert [s.first_step for s in p.stages] == sorted(s.first_step for s in p.stages)
+    bad = [o.name for o in p.objects if o.first_use is not None and not o.first_use <= o.last_use]
+    ensure(not bad, f"objects with first_use after last_use: {bad[:3]}")
+    firsts = [s.first_step for s in p.stages]
+    ensure(firsts == sorted(firsts), "stages are not in step order")
     covered = {(v.block, i) for v in p.visits for i in range(v.first_stage, v.last_stage + 1)}
-    for st in p.stages:
-        for b in st.needs:
-            assert (b, st.index) in covered, (b, st.index)
+    uncovered = [(b, st.index) for st in p.stages for b in st.needs if (b, st.index) not in covered]
+    ensure(not uncovered, f"(block, stage) needs no visit covers: {uncovered[:3]}")
 
 
 def activation_profile(program: Program) -> list[int]:

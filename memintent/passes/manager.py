@@ -6,7 +6,8 @@ objects per compile: 60 % of the generation planner's time on llama-3-70b.)
 
 A pass's ``requires`` names the passes that must have run before it (recorded in ``Program.passes``), and its
 ``ensures`` checks its own post-condition on the result, so a broken pass fails at its own door rather than three
-passes later.
+passes later. ``ensures`` checks go through ``ensure`` and raise ``PassContractError`` naming the pass; they are
+never ``assert`` statements, which ``python -O`` removes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ class PassOrderError(MemintentError):
     pass
 
 
+class PassContractError(MemintentError):
+    """A pass produced a program that breaks its own ``ensures`` (or found its input breaking what an earlier pass
+    ensures): a bug in the pass the message names, not bad input."""
+
+
+def ensure(condition: bool, what: str) -> None:
+    """One ``ensures`` check: raise ``PassContractError`` saying ``what`` is wrong unless ``condition`` holds."""
+    if not condition:
+        raise PassContractError(f"its result breaks its contract: {what}")
+
+
 def run_passes(program: Program, passes: Sequence[Pass], on_pass: Callable[[str], None] | None = None) -> Program:
     program = program.model_copy(deep=True)
     for p in passes:
@@ -39,9 +51,12 @@ def run_passes(program: Program, passes: Sequence[Pass], on_pass: Callable[[str]
             raise PassOrderError(f"pass {p.name} needs {', '.join(missing)} to run first (ran: {program.passes})")
         if on_pass:
             on_pass(p.name)
-        program = p.run(program)
-        if p.ensures:
-            p.ensures(program)
+        try:
+            program = p.run(program)
+            if p.ensures:
+                p.ensures(program)
+        except PassContractError as e:
+            raise PassContractError(f"pass {p.name}: {e}") from None
         if p.name not in program.passes:
             program.passes.append(p.name)
     return program

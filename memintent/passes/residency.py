@@ -22,8 +22,9 @@ from memintent.errors import MemintentError
 from memintent.ir.model import Arena, Block, ObjectKind, Program, Quant, Residency, Slot, SlotKind
 from memintent.passes.costs import copy_time_s, dequant_time_s, transfer_bytes
 from memintent.passes.lifetimes import activation_profile
-from memintent.passes.manager import Pass
-from memintent.passes.simulate import make_schedule, simulate
+from memintent.passes.manager import Pass, ensure
+from memintent.passes.schedule import hookable, make_schedule, wait_stages
+from memintent.passes.simulate import simulate
 from memintent.units import fmt_bytes
 
 ALIGN = 256
@@ -35,22 +36,25 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def workspace_bytes(program: Program) -> int:
+    """The kernels' scratch (from the hardware profile) plus any workspace objects, such as the extra activations
+    of a prefill that a decode plan must also fit."""
+    return program.hardware.workspace_bytes + sum(o.size_bytes for o in program.objects
+                                                  if o.kind == ObjectKind.workspace)
+
+
 def reserved_bytes(program: Program) -> dict[str, int]:
-    """HBM that no residency choice can avoid: KV cache, activation peak, workspace (the kernels' scratch plus
-    any workspace objects, such as the extra activations of a prefill that a decode plan must also fit)."""
+    """HBM that no residency choice can avoid: KV cache, activation peak, workspace."""
     prof = activation_profile(program)
     kv = sum(aligned(o.size_bytes) for o in program.objects if o.kind == ObjectKind.kv)
-    ws = program.hardware.workspace_bytes + sum(o.size_bytes for o in program.objects
-                                                 if o.kind == ObjectKind.workspace)
-    return {"kv": kv, "activations": max(prof, default=0), "workspace": ws}
+    return {"kv": kv, "activations": max(prof, default=0), "workspace": workspace_bytes(program)}
 
 
 def forced_resident(program: Program) -> set[str]:
-    """Blocks no hook can wait for: those needed at a stage with no hookable stage at or before it."""
-    forced = set()
-    for st in program.stages:
-        if not any(s.module for s in program.stages[: st.index + 1]):
-            forced.update(st.needs)
+    """Blocks no hook can wait for: those needed at a stage with no hookable stage at or before it (the schedule's
+    wait rule, ``passes.schedule.wait_stages``), and blocks of the root module."""
+    wait_at = wait_stages(hookable(program.stages))
+    forced = {b for st, w in zip(program.stages, wait_at) if w is None for b in st.needs}
     forced.update(b.name for b in program.blocks if not b.module)
     return forced
 
@@ -168,73 +172,126 @@ def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: s
             _set_quant(p, b, old)
 
 
-def residency(program: Program, depth: int | None = None, quant: str = "none") -> Program:
-    """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
-    ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, or auto (chosen per block)."""
-    p = program   # in place: run_passes hands the pipeline its own copy
-    budget = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
-    p.budget_bytes = budget
-    res = reserved_bytes(p)
-    room = budget - sum(res.values())
-    forced = forced_resident(p)
+def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
+    """Every block that could stream at the policy's bit width (``auto`` starts from int4); the rest unquantized."""
     policy = Quant.int4 if quant == "auto" else Quant(quant)
     objs = p.object_map()
     for b in p.blocks:
         quantizable = any(len(objs[w].shape) == 2 for w in b.weights)
         _set_quant(p, b, policy if quantizable and b.name not in forced else Quant.none)
-    search = _Search(p)
+
+
+def _fastest(p: Program, search: _Search, depth: int | None, forced: set[str],
+             room: int) -> tuple[set[str], frozenset, int] | None:
+    """The fastest (resident, streamed, stream slots) over the depths tried, or None when none fits."""
+    chosen, best_t = None, None
+    for k in ([depth] if depth else range(1, MAX_DEPTH + 1)):
+        out = search.greedy(k, forced, room)
+        if out is None:
+            if chosen is not None:
+                break            # more slots only leave less room from here on
+            continue
+        resident, streamed, t = out
+        if best_t is None or t < best_t * (1 - 1e-6):
+            chosen, best_t = (resident, streamed, min(k, len([v for v in p.visits if v.block in streamed]))), t
+    return chosen
+
+
+def _infeasible(p: Program, search: _Search, depth: int | None, forced: set[str],
+                res: dict[str, int]) -> MemintentError:
+    """The budget is below what any plan needs: say the smallest feasible budget and what it is made of."""
     used = {v.block for v in p.visits}
-    if sum(search.size.values()) <= room:
-        chosen = ({b.name for b in p.blocks}, frozenset(), 0)
-    else:
-        chosen, best_t = None, None
-        for k in ([depth] if depth else range(1, MAX_DEPTH + 1)):
-            out = search.greedy(k, forced, room)
-            if out is None:
-                if chosen is not None:
-                    break            # more slots only leave less room from here on
-                continue
-            resident, streamed, t = out
-            if best_t is None or t < best_t * (1 - 1e-6):
-                chosen, best_t = (resident, streamed, min(k, len([v for v in p.visits if v.block in streamed]))), t
-        if chosen is None:
-            streamable = [search.need[b] for b in used - forced]
-            # The fewest slots that can hold the schedule with everything streamed: one, unless a stage reads two
-            # streamed blocks at once, or a block is read again while the next one must already be loading (a
-            # tied embedding read by the head).
-            all_streamed = frozenset(used - forced)
-            slots = depth or next((k for k in range(1, MAX_DEPTH + 1)
-                                   if search.time(all_streamed, k) is not None), MAX_DEPTH)
-            minimum = sum(res.values()) + sum(search.size[b] for b in forced) + slots * max(streamable, default=0)
-            raise MemintentError(
-                f"budget {fmt_bytes(budget)} is below the smallest feasible budget {fmt_bytes(minimum)} "
-                f"({minimum} bytes) for this model and shape: KV {fmt_bytes(res['kv'])}, activations "
-                f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, always-resident "
-                f"blocks {fmt_bytes(sum(search.size[b] for b in forced))}, {slots} stream slot(s) of "
-                f"{fmt_bytes(max(streamable, default=0))}; raise --budget or lower --batch/--seq/--kv-len"
-                + (" or --depth" if depth else ""))
-    resident, streamed, k = chosen
+    streamable = [search.need[b] for b in used - forced]
+    # The fewest slots that can hold the schedule with everything streamed: one, unless a stage reads two streamed
+    # blocks at once, or a block is read again while the next one must already be loading (a tied embedding read
+    # by the head).
+    all_streamed = frozenset(used - forced)
+    slots = depth or next((k for k in range(1, MAX_DEPTH + 1) if search.time(all_streamed, k) is not None),
+                          MAX_DEPTH)
+    forced_bytes = sum(search.size[b] for b in forced)
+    minimum = sum(res.values()) + forced_bytes + slots * max(streamable, default=0)
+    return MemintentError(
+        f"budget {fmt_bytes(p.budget_bytes)} is below the smallest feasible budget {fmt_bytes(minimum)} "
+        f"({minimum} bytes) for this model and shape: KV {fmt_bytes(res['kv'])}, activations "
+        f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, always-resident "
+        f"blocks {fmt_bytes(forced_bytes)}, {slots} stream slot(s) of {fmt_bytes(max(streamable, default=0))}; "
+        f"raise --budget or lower --batch/--seq/--kv-len" + (" or --depth" if depth else ""))
+
+
+def _set_residencies(p: Program, resident: set[str]) -> None:
+    """Each block's residency. A block no stage reads is never copied: it stays host-side as "streamed" with no
+    visit. Resident weights stay in the model's dtype: quantizing them would save nothing."""
     for b in p.blocks:
-        # A block no stage reads is never copied: it stays host-side as "streamed" with no visit.
         b.residency = Residency.resident if b.name in resident else Residency.streamed
         if b.residency == Residency.resident:
-            _set_quant(p, b, Quant.none)     # resident weights stay in the model's dtype: nothing to save
-    if quant == "auto" and streamed:
-        _relax_quant(p, streamed, k, room, resident)
+            _set_quant(p, b, Quant.none)
+
+
+def _stream_slots(p: Program, streamed: frozenset, k: int) -> None:
+    """``k`` stream slots sized for the largest streamed visit (offsets are laid out by ``prefetch``)."""
     bmap = p.block_map()
     slot_bytes = max((slot_need_bytes(bmap[b]) for b in streamed), default=0)
     p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN,
                     slots=[Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes)
                            for i in range(k)])
+
+
+def residency(program: Program, depth: int | None = None, quant: str = "none") -> Program:
+    """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
+    ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, or auto (chosen per block)."""
+    p = program   # in place: run_passes hands the pipeline its own copy
+    p.budget_bytes = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
+    res = reserved_bytes(p)
+    room = p.budget_bytes - sum(res.values())
+    forced = forced_resident(p)
+    _initial_quant(p, quant, forced)
+    search = _Search(p)
+    if sum(search.size.values()) <= room:
+        resident, streamed, k = {b.name for b in p.blocks}, frozenset(), 0
+    else:
+        chosen = _fastest(p, search, depth, forced, room)
+        if chosen is None:
+            raise _infeasible(p, search, depth, forced, res)
+        resident, streamed, k = chosen
+    _set_residencies(p, resident)
+    if quant == "auto" and streamed:
+        _relax_quant(p, streamed, k, room, resident)
+    _stream_slots(p, streamed, k)
+    return p
+
+
+def given_residency(program: Program, streamed: set[str], k: int) -> Program:
+    """The residency pass with the decision given rather than searched: ``streamed`` blocks stream, unquantized,
+    through ``k`` stream slots and the rest stay resident (tests and experiments that need a particular plan)."""
+    p = program
+    if p.budget_bytes is None:
+        p.budget_bytes = p.hardware.hbm_bytes
+    for b in p.blocks:
+        _set_quant(p, b, Quant.none)
+    _set_residencies(p, {b.name for b in p.blocks} - set(streamed))
+    _stream_slots(p, frozenset(streamed), k)
     return p
 
 
 def _ensure(p: Program) -> None:
-    assert all(b.residency is not None for b in p.blocks)
+    ensure(all(b.residency is not None for b in p.blocks), "a block has no residency")
+    streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
+    k = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
+    ensure(make_schedule(p.stages, p.visits, streamed, k) is not None,
+           f"{k} stream slot(s) cannot hold the schedule of the streamed blocks")
+    resident_bytes = sum(aligned(b.size_bytes) for b in p.blocks if b.residency == Residency.resident)
+    need = resident_bytes + sum(s.size_bytes for s in p.arena.slots) + sum(reserved_bytes(p).values())
+    ensure(need <= p.budget_bytes, f"resident blocks, stream slots, KV, activations and workspace need "
+                                   f"{fmt_bytes(need)}, over the budget {fmt_bytes(p.budget_bytes)}")
 
 
 def residency_pass(depth: int | None = None, quant: str = "none") -> Pass:
     return Pass("residency", lambda p: residency(p, depth, quant), requires=("costs",), ensures=_ensure)
+
+
+def given_residency_pass(streamed: set[str], k: int) -> Pass:
+    """A residency pass that records a given decision (``given_residency``) under the same contract."""
+    return Pass("residency", lambda p: given_residency(p, streamed, k), requires=("costs",), ensures=_ensure)
 
 
 RESIDENCY = residency_pass()

@@ -1,17 +1,10 @@
-"""The schedule model and its event simulation: one copy engine (FIFO), one compute stream, events between them.
+"""The event model: one copy engine (FIFO), one compute stream, events between them, running a ``Schedule``
+(``memintent.passes.schedule``, where the slot, wait, free and issue rules live).
 
-Policy (what ``make_schedule`` decides, for a given set of streamed blocks and ``k`` stream slots):
-- Streamed visits are copied in visit order (first stage, then block order): the copy engine is a FIFO.
-- Visit ``v`` lands in stream slot ``v mod k``. With equal-size slots and a FIFO engine this is the optimal
-  colouring of the slot-occupancy intervals: a copy can start no earlier than its slot's previous occupant is
-  released, and round robin releases the oldest occupant first.
-- A visit's copy is issued as early as possible: on entry to the stage where its slot's previous occupant is freed
-  (for the first visits of a forward, that occupant is in the previous forward: the copy is issued in its tail).
-- Compute waits for a visit's arrival on entry to the latest hookable stage at or before the visit's first stage;
-  the slot is freed on entry to the first hookable stage after the visit's last stage (or at the forward's end).
-
-``simulate`` runs that schedule for a few forwards back to back and reports the steady-state forward (the last
-one) and the very first one, whose leading copies start at time 0 with nothing to hide behind.
+``simulate`` runs the schedule for a few forwards back to back and reports the steady-state forward (the last
+one) and the very first one, whose leading copies start at time 0 with nothing to hide behind. A stage starts
+once the previous one ended and every copy it waits for has arrived (and, quantized, been unpacked); a copy
+starts once it is issued and the copy engine has finished the copy before it.
 """
 
 from __future__ import annotations
@@ -19,17 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memintent.ir.model import Stage, Visit
-
-
-@dataclass(slots=True)
-class Schedule:
-    k: int                                   # stream slots (prefetch depth)
-    visits: list[int]                        # indices into Program.visits of streamed visits, FIFO order
-    slot: dict[int, int]                     # visit index -> stream slot (0..k-1)
-    wait_stage: dict[int, int]               # stage on whose entry compute waits for the visit's copy
-    free_stage: dict[int, int]               # stage on whose entry the slot is freed (len(stages): forward end)
-    issue_stage: dict[int, int]              # stage on whose entry the copy is issued
-    issue_next: dict[int, bool]              # issued in the previous forward's tail
+from memintent.passes.schedule import Schedule, make_schedule  # noqa: F401  (make_schedule: the old import path)
 
 
 @dataclass(slots=True)
@@ -54,114 +37,82 @@ class SimResult:
     copy_busy_s: float = 0.0                 # seconds the copy engine works per forward
 
 
-def hookable(stages: list[Stage]) -> list[bool]:
-    return [bool(s.module) for s in stages]
+@dataclass(slots=True)
+class _Forward:
+    start_s: float
+    stage_start_s: list[float] = field(default_factory=list)
+    stage_end_s: list[float] = field(default_factory=list)
+    stage_stall_s: list[float] = field(default_factory=list)
 
 
-def make_schedule(stages: list[Stage], visits: list[Visit], streamed: set[str], k: int) -> Schedule | None:
-    """The schedule for ``streamed`` blocks in ``k`` slots, or None when ``k`` slots cannot hold it."""
-    n = len(stages)
-    hook = hookable(stages)
-    order = [i for i, v in enumerate(visits) if v.block in streamed]
-    if not order:
-        return Schedule(0, [], {}, {}, {}, {}, {})
-    if k < 1:
-        return None
-    wait, free = {}, {}
-    for i in order:
-        v = visits[i]
-        w = next((s for s in range(v.first_stage, -1, -1) if hook[s]), None)
-        if w is None:
-            return None          # no hook before the first use: such a block must stay resident
-        wait[i] = w
-        free[i] = next((s for s in range(v.last_stage + 1, n) if hook[s]), n)
-    k = min(k, len(order))
-    slot, issue, nxt = {}, {}, {}
-    for j, i in enumerate(order):
-        slot[i] = j % k
-        if j >= k:
-            prev = order[j - k]
-            issue[i], nxt[i] = free[prev], False
-        else:
-            # The previous occupant is the last visit of the previous forward that used this slot.
-            prev_j = max(jj for jj in range(len(order)) if jj % k == j % k)
-            issue[i], nxt[i] = free[order[prev_j]], True
-    # Keep issue order FIFO: copies go out in visit order, those for the next forward last. Round robin can free
-    # a later visit's slot first at the wrap (an odd number of visits over two slots); such a copy waits for its
-    # predecessor's issue rather than overtaking it on the copy engine.
-    seq = [i for i in order if not nxt[i]] + [i for i in order if nxt[i]]
-    running = 0
-    for i in seq:
-        running = max(running, issue[i])
-        issue[i] = running
-    for i in order:
-        if not nxt[i] and issue[i] > wait[i]:
-            return None              # the slot is still in use when its next occupant is needed: too few slots
-    return Schedule(k, order, slot, wait, free, issue, nxt)
+class _Run:
+    """The copy engine's and the compute stream's clocks over consecutive forwards of one schedule."""
+
+    def __init__(self, stages: list[Stage], sched: Schedule, copy_s: dict[int, float], dequant_s: dict[int, float]):
+        n = len(stages)
+        self.sched, self.copy_s, self.dequant_s = sched, copy_s, dequant_s
+        self.compute = [s.time_s for s in stages]
+        # copies issued at each stage entry (n: at the forward's end), and the copies each stage waits for
+        self.issued_at: list[list[int]] = [[] for _ in range(n + 1)]
+        self.waits_at: list[list[int]] = [[] for _ in range(n)]
+        for i in sched.visits:
+            self.issued_at[sched.issue_stage[i]].append(i)
+            self.waits_at[sched.wait_stage[i]].append(i)
+        self.engine_free_s = 0.0
+        self.arrive_s: dict[tuple[int, int], float] = {}     # (forward, visit) -> arrival
+        self.events: dict[tuple[int, int], CopyEvent] = {}
+
+    def issue(self, i: int, fwd: int, t: float) -> None:
+        start = max(t, self.engine_free_s)
+        end = start + self.copy_s[i]
+        self.engine_free_s = end
+        self.arrive_s[(fwd, i)] = end
+        self.events[(fwd, i)] = CopyEvent(i, fwd, t, start, end)
+
+    def issue_all(self, stage: int, f: int, t: float) -> None:
+        for i in self.issued_at[stage]:
+            self.issue(i, f + 1 if self.sched.issue_next[i] else f, t)
+
+    def cold_start(self) -> None:
+        """Copies that a previous forward would have issued in its tail go out at time 0."""
+        for i in self.sched.visits:
+            if self.sched.issue_next[i]:
+                self.issue(i, 0, 0.0)
+
+    def forward(self, f: int, t: float) -> tuple[_Forward, float]:
+        """Forward ``f`` starting at ``t``: its stage times, and the time it ends."""
+        out = _Forward(t)
+        for s in range(len(self.compute)):
+            entry = t
+            self.issue_all(s, f, entry)
+            ready = entry
+            for i in self.waits_at[s]:
+                ready = max(ready, self.arrive_s[(f, i)] + self.dequant_s.get(i, 0.0))
+            out.stage_stall_s.append(ready - entry)
+            out.stage_start_s.append(ready)
+            t = ready + self.compute[s]
+            out.stage_end_s.append(t)
+        self.issue_all(len(self.compute), f, t)
+        return out, t
 
 
 def simulate(stages: list[Stage], visits: list[Visit], sched: Schedule, copy_s: dict[int, float],
              dequant_s: dict[int, float] | None = None, forwards: int = 3) -> SimResult:
     """Event simulation of ``forwards`` back-to-back forwards; ``copy_s[visit]`` is each copy's duration."""
-    n = len(stages)
-    dequant_s = dequant_s or {}
-    compute = [s.time_s for s in stages]
-    # copies issued at each stage entry (n: at the forward's end), split by which forward they serve
-    at_stage: list[list[int]] = [[] for _ in range(n + 1)]
-    for i in sched.visits:
-        at_stage[sched.issue_stage[i]].append(i)
-    waits_at: list[list[int]] = [[] for _ in range(n)]
-    for i in sched.visits:
-        waits_at[sched.wait_stage[i]].append(i)
-
-    engine_free = 0.0
-    arrive: dict[tuple[int, int], float] = {}     # (forward, visit) -> arrival
-    events: dict[tuple[int, int], CopyEvent] = {}
-
-    def issue(i: int, fwd: int, t: float) -> None:
-        nonlocal engine_free
-        start = max(t, engine_free)
-        end = start + copy_s[i]
-        engine_free = end
-        arrive[(fwd, i)] = end
-        events[(fwd, i)] = CopyEvent(i, fwd, t, start, end)
-
+    run = _Run(stages, sched, copy_s, dequant_s or {})
+    run.cold_start()
     t = 0.0
-    starts_all, ends_all, stalls_all, fwd_start = [], [], [], []
-    # Cold start: copies that a previous forward would have issued in its tail go out at time 0.
-    for i in sched.visits:
-        if sched.issue_next[i]:
-            issue(i, 0, 0.0)
+    done: list[_Forward] = []
     for f in range(forwards):
-        fwd_start.append(t)
-        starts, ends, stalls = [], [], []
-        for s in range(n):
-            entry = t
-            for i in at_stage[s]:
-                fwd = f + 1 if sched.issue_next[i] else f
-                issue(i, fwd, entry)
-            ready = entry
-            for i in waits_at[s]:
-                ready = max(ready, arrive[(f, i)] + dequant_s.get(i, 0.0))
-            stalls.append(ready - entry)
-            starts.append(ready)
-            t = ready + compute[s]
-            ends.append(t)
-        for i in at_stage[n]:
-            issue(i, f + 1 if sched.issue_next[i] else f, t)
-        starts_all.append(starts)
-        ends_all.append(ends)
-        stalls_all.append(stalls)
-    last = forwards - 1
-    t0 = fwd_start[last]
-    step_time = (ends_all[last][-1] if n else t) - t0
-    first_time = (ends_all[0][-1] if n else 0.0)
+        fwd, t = run.forward(f, t)
+        done.append(fwd)
+    last, t0 = done[-1], done[-1].start_s
+    n = len(stages)
     copies = [CopyEvent(e.visit, e.forward, e.issue_s - t0, e.start_s - t0, e.end_s - t0)
-              for (f, _), e in sorted(events.items()) if f == last]
+              for (f, _), e in sorted(run.events.items()) if f == forwards - 1]
     return SimResult(
-        step_time_s=step_time, first_step_time_s=first_time, compute_s=sum(compute),
-        stall_s=sum(stalls_all[last]),
-        stage_start_s=[x - t0 for x in starts_all[last]], stage_end_s=[x - t0 for x in ends_all[last]],
-        stage_stall_s=stalls_all[last], copies=copies,
-        copy_busy_s=sum(copy_s[i] for i in sched.visits),
+        step_time_s=(last.stage_end_s[-1] if n else t) - t0, first_step_time_s=done[0].stage_end_s[-1] if n else 0.0,
+        compute_s=sum(run.compute), stall_s=sum(last.stage_stall_s),
+        stage_start_s=[x - t0 for x in last.stage_start_s], stage_end_s=[x - t0 for x in last.stage_end_s],
+        stage_stall_s=last.stage_stall_s, copies=copies, copy_busy_s=sum(copy_s[i] for i in sched.visits),
     )

@@ -1,319 +1,628 @@
-"""Verification: a proof, by symbolic execution of the plan, that it is safe to run.
+"""Verification: the one proof that a plan is safe to run.
 
-Requires: ``actions`` (a complete plan). Checks, raising ``PlanVerificationError`` naming the step and object:
-- structure: the program is self-consistent (steps and stages numbered in order, stages partitioning the steps,
-  every name a step, stage, visit or action uses exists, every weight inside its block, each stage's ``needs``
-  covering the blocks its steps read, buffer lifetimes covering their uses), so the checks below reason about
-  the program the runtime will execute and never trip over a dangling reference;
-- layout: arena slots lie inside the arena without overlapping; every block fits the slot it is placed in;
-- memory: at every step, arena + workspace + live activations <= budget, and the recorded prediction neither
+Requires: ``actions`` (a complete plan). The compiler's last pass, ``memintent check``, ``run``, ``generate``,
+``explain``/``simulate``/``report`` and the runtime's ``attach`` (so ``memintent.load`` and ``wrap`` too) all
+call ``verify``; nothing else re-checks these rules.
+
+A plan file is untrusted input: whatever it holds, ``verify`` either returns it or raises a ``RuleViolation`` (a
+``PlanVerificationError``) whose ``rule`` names the broken rule and whose message says, in words, where and what.
+Each rule is one function below with its statement as docstring, registered in ``RULES`` in the order they run.
+A rule may rely on every rule before it (no dangling name, no index out of range, no negative size), so the later
+ones reason about the program the runtime will execute and never trip over a malformed one. The groups:
+
+- structure: the program is self-consistent: numbered lists in order, every name a step, stage, visit or action
+  uses exists, weights inside their blocks, stage needs covering what their steps read, no object read before it
+  is defined, recorded live ranges covering the dependency graph's (``passes.graph``);
+- layout: arena slots lie inside the arena without overlapping; every block fits the slot it is placed in, a
+  quantized one as the runtime lays out its packed bytes; actions sit only where the runtime has a hook;
+- memory: at every step, arena + workspace + live activations fit the budget, and the recorded prediction neither
   exceeds the budget nor understates that peak;
-- arrival before use: every stage that reads a streamed block finds it copied (``copy_done`` ran) in its slot;
-- no overwrite in use: a copy only starts into a slot whose previous occupant was freed;
-- a free only after the visit's last reader; actions only at stage entries the runtime can hook.
-The action trace is run for a cold first forward and two steady-state forwards, so the cross-forward prefetch is
-checked too. A plan file is untrusted input: whatever it holds, ``verify`` either returns or raises
-``PlanVerificationError``.
+- the action trace (``TRACE_RULES``): the plan's actions, run symbolically in list order through the runtime's
+  slot state for a cold first forward and two steady-state forwards (so the cross-forward prefetch is checked
+  too): no copy into a slot in use, a wait only for an issued copy, a free only of a ready visit after its last
+  stage, and every stage finds the streamed blocks it reads arrived.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, NoReturn
+
 from memintent.errors import PlanVerificationError
-from memintent.ir.model import DTYPE_BITS, ActionKind, ObjectKind, Program, Residency, SlotKind, dtype_bytes
+from memintent.ir.model import (DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind,
+                                dtype_bytes)
+from memintent.passes.costs import transfer_bytes
+from memintent.passes.graph import dependency_graph, early_uses, live_range, names
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
-from memintent.passes.residency import reserved_bytes, slot_need_bytes
+from memintent.passes.residency import slot_need_bytes, workspace_bytes
 from memintent.units import fmt_bytes
 
-
-def _fail(p: Program, stage: int | None, msg: str) -> None:
-    if stage is not None and 0 <= stage < len(p.stages):
-        st = p.stages[stage]
-        where = f"step {st.first_step} (stage {stage}, module {st.module or '<root>'!r})"
-    elif stage is not None:
-        where = "the end of the forward"
-    else:
-        where = "the plan"
-    raise PlanVerificationError(f"plan verification failed at {where}: {msg}")
+TRACE_FORWARDS = 3   # a cold first forward, then two steady-state ones (each one's prefetch issued by the last)
 
 
-def _dup(names: list[str]) -> str | None:
+class RuleViolation(PlanVerificationError):
+    """A plan breaking one rule of ``RULES`` or ``TRACE_RULES``; ``rule`` is its name."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(message)
+        self.rule = rule
+
+
+class _Broken(Exception):
+    """Raised inside a rule; the rule's wrapper turns it into a ``RuleViolation`` carrying the rule's name."""
+
+    def __init__(self, what: str, where: str = ""):
+        super().__init__(what)
+        self.what, self.where = what, where
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    check: Callable
+    doc: str
+
+
+RULES: list[Rule] = []         # check(program, facts), in the order verify runs them
+TRACE_RULES: list[Rule] = []   # called by the action trace, per action or stage entry
+
+
+def _rule(name: str, registry: list[Rule] = RULES) -> Callable:
+    """Register the decorated function as rule ``name``; a ``fail`` inside it becomes a ``RuleViolation`` naming it."""
+    def register(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def checked(*args):
+            try:
+                return fn(*args)
+            except _Broken as b:
+                raise RuleViolation(name, f"plan verification failed{b.where}: {b.what}") from None
+
+        registry.append(Rule(name, checked, " ".join((fn.__doc__ or "").split())))
+        return checked
+    return register
+
+
+def fail(what: str, where: str = "") -> NoReturn:
+    """Inside a rule: the plan breaks it. ``what`` is wrong (and what would be right); ``where``: ``at_stage`` or
+    ``at_step``, or empty when ``what`` names the plan's parts itself."""
+    raise _Broken(what, where)
+
+
+def at_stage(p: Program, stage: int) -> str:
+    """Where an action fires or a stage runs, in words."""
+    n = len(p.stages)
+    if stage < 0:
+        return " at the start of the first forward"
+    if stage >= n:
+        return " at the end of the forward"
+    st = p.stages[stage]
+    return f" at step {st.first_step} (stage {stage}, module {st.module or '<root>'!r})"
+
+
+def at_step(p: Program, i: int) -> str:
+    s = p.steps[i]
+    return f" at step {i} ({s.op} in module {s.module or '<root>'!r})"
+
+
+def _first_duplicate(items: list[str]) -> str | None:
     seen: set[str] = set()
-    for n in names:
+    for n in items:
         if n in seen:
             return n
         seen.add(n)
     return None
 
 
-def verify_structure(p: Program) -> None:
-    """The program is one the other checks (and the runtime) can reason about: nothing dangles, nothing is out of
-    range, and the facts the proof relies on (stage needs, buffer lifetimes) agree with the steps."""
-    if p.arena is None:
-        _fail(p, None, "no arena: run the prefetch pass")
-    if p.budget_bytes is None:
-        _fail(p, None, "no budget")
-    if p.hardware is None:
-        _fail(p, None, "no hardware profile: the kernels' workspace, part of the budget, is unknown")
-    if p.prediction is None:
-        _fail(p, None, "no prediction: run the prefetch pass")
-    for what, names in (("object", [o.name for o in p.objects]), ("block", [b.name for b in p.blocks])):
-        d = _dup(names)
-        if d is not None:
-            _fail(p, None, f"two {what}s are named {d}")
-    omap, bmap = p.object_map(), p.block_map()
-    slots = p.arena.slots
-    for i, s in enumerate(slots):
-        if s.index != i:
-            _fail(p, None, f"arena slot at position {i} has index {s.index}: slots must be listed by index")
+class Facts:
+    """Lookups the rules share, each built on first use, which comes after the rules that make it safe to build."""
 
-    # Weights: each in exactly the block that lists it, inside that block's buffer, sized by its shape and dtype.
+    def __init__(self, p: Program):
+        self.p = p
+
+    @cached_property
+    def omap(self):
+        return self.p.object_map()
+
+    @cached_property
+    def bmap(self):
+        return self.p.block_map()
+
+    @cached_property
+    def graph(self):
+        return dependency_graph(self.p.steps)
+
+    @cached_property
+    def activations(self) -> list[int]:
+        return activation_profile(self.p)
+
+    @cached_property
+    def visit_spans(self) -> dict[tuple[str, int], int]:
+        """(block, first stage) -> last stage of each visit."""
+        return {(v.block, v.first_stage): v.last_stage for v in self.p.visits}
+
+
+# ---- structure ------------------------------------------------------------------------------------------------
+
+@_rule("plan-complete")
+def plan_complete(p: Program, f: Facts) -> None:
+    """The program holds a plan: an arena, a budget, a hardware profile (the kernels' workspace, part of the budget,
+    comes from it) and a prediction."""
+    for missing, what in ((p.arena is None, "no arena (run the prefetch pass)"), (p.budget_bytes is None, "no budget"),
+                          (p.hardware is None, "no hardware profile, so the kernels' workspace is unknown"),
+                          (p.prediction is None, "no prediction (run the prefetch pass)")):
+        if missing:
+            fail(f"the program carries no complete plan: it has {what}")
+
+
+@_rule("unique-names")
+def unique_names(p: Program, f: Facts) -> None:
+    """No two objects share a name, and no two blocks: every other rule looks them up by name."""
+    for what, items in (("objects", [o.name for o in p.objects]), ("blocks", [b.name for b in p.blocks])):
+        d = _first_duplicate(items)
+        if d is not None:
+            fail(f"two {what} are named {d!r}: names must be unique")
+
+
+@_rule("slots-numbered")
+def slots_numbered(p: Program, f: Facts) -> None:
+    """Arena slot i has index i: actions and blocks name slots by index."""
+    for i, s in enumerate(p.arena.slots):
+        if s.index != i:
+            fail(f"the arena's slot at position {i} has index {s.index}: slots must be listed by index")
+
+
+@_rule("block-weights")
+def block_weights(p: Program, f: Facts) -> None:
+    """Each block lists only weight objects; each weight is listed by exactly one block, the one it names."""
     owner: dict[str, str] = {}
     for b in p.blocks:
         for w in b.weights:
-            o = omap.get(w)
+            o = f.omap.get(w)
             if o is None or o.kind != ObjectKind.weight:
-                _fail(p, None, f"block {b.name} lists {w}, which is not a weight object")
+                fail(f"block {b.name!r} lists {w!r}, which is not a weight object of the plan")
             if w in owner:
-                _fail(p, None, f"weight {w} is listed by blocks {owner[w]} and {b.name}")
+                fail(f"weight {w!r} is listed by blocks {owner[w]!r} and {b.name!r}: each weight is in one block")
             owner[w] = b.name
+    for o in p.objects:
+        if o.kind == ObjectKind.weight and (o.block not in f.bmap or owner.get(o.name) != o.block):
+            fail(f"weight {o.name!r} names block {o.block!r}, which does not list it")
+
+
+@_rule("weight-layout")
+def weight_layout(p: Program, f: Facts) -> None:
+    """Each weight has a known dtype, is as many bytes as its shape and dtype make, and lies inside its block's
+    buffer at an offset aligned to its dtype (the runtime views it there)."""
     for o in p.objects:
         if o.kind != ObjectKind.weight:
             continue
-        if o.block not in bmap or owner.get(o.name) != o.block:
-            _fail(p, None, f"weight {o.name} names block {o.block}, which does not list it")
         if o.dtype not in DTYPE_BITS:
-            _fail(p, None, f"weight {o.name} has unknown dtype {o.dtype!r}")
+            fail(f"weight {o.name!r} has unknown dtype {o.dtype!r}: use one of {', '.join(DTYPE_BITS)}")
         numel = 1
         for d in o.shape:
             numel *= d
         if o.size_bytes != dtype_bytes(o.dtype, numel):
-            _fail(p, None, f"weight {o.name} of shape {o.shape} {o.dtype} is {dtype_bytes(o.dtype, numel)} B, "
-                           f"not the {o.size_bytes} B the plan records")
-        off = o.block_offset_bytes
-        if off is None or off + o.size_bytes > bmap[o.block].size_bytes:
-            _fail(p, None, f"weight {o.name} at offset {off} ({o.size_bytes} B) lies outside its block "
-                           f"{o.block} ({bmap[o.block].size_bytes} B)")
+            fail(f"weight {o.name!r} of shape {o.shape} {o.dtype} is {dtype_bytes(o.dtype, numel)} bytes, not the "
+                 f"{o.size_bytes} bytes the plan records")
+        off, block_bytes, align = o.block_offset_bytes, f.bmap[o.block].size_bytes, max(1, DTYPE_BITS[o.dtype] // 8)
+        if off is None or off + o.size_bytes > block_bytes:
+            fail(f"weight {o.name!r} at offset {off} ({o.size_bytes} bytes) lies outside its block {o.block!r} "
+                 f"({block_bytes} bytes)")
+        if off % align:
+            fail(f"weight {o.name!r} ({o.dtype}) at offset {off} of block {o.block!r} is not aligned to its "
+                 f"{align}-byte dtype")
 
-    # Steps in order, naming only known objects; buffer lifetimes cover every step that touches the buffer.
-    n = len(p.steps)
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    first_use: dict[str, int] = {}
-    defined: set[str] = set()
+
+@_rule("weights-disjoint")
+def weights_disjoint(p: Program, f: Facts) -> None:
+    """The weights of a block do not overlap in its buffer: each is filled, copied and viewed there on its own."""
+    spans: dict[str, list[tuple[int, int, str]]] = {}
+    for o in p.objects:
+        if o.kind == ObjectKind.weight and o.size_bytes:
+            spans.setdefault(o.block, []).append((o.block_offset_bytes, o.block_offset_bytes + o.size_bytes, o.name))
+    for block, ws in spans.items():
+        ws.sort()
+        for (_, end, a), (start, _, b) in zip(ws, ws[1:]):
+            if start < end:
+                fail(f"weights {a!r} and {b!r} overlap in block {block!r} (bytes {start}..{end})")
+
+
+@_rule("steps-numbered")
+def steps_numbered(p: Program, f: Facts) -> None:
+    """Step i has index i: steps are listed in execution order."""
     for i, s in enumerate(p.steps):
         if s.index != i:
-            raise PlanVerificationError(f"plan verification failed at the plan: step at position {i} has index "
-                                        f"{s.index}: steps must be listed in order")
-        for name in (*s.defs, *s.uses):
-            if name not in omap:
-                raise PlanVerificationError(f"plan verification failed at step {i} ({s.op}): it uses or defines "
-                                            f"{name}, which is not an object of the plan")
-            first.setdefault(name, i)
-            last[name] = i
-        for name in s.uses:
-            first_use.setdefault(name, i)
-        for name in s.defs:
-            if name not in defined and first_use.get(name, i) < i:
-                raise PlanVerificationError(f"plan verification failed at step {first_use[name]}: it uses {name} "
-                                            f"before step {i} ({s.op}) defines it")
-            defined.add(name)
+            fail(f"the step at position {i} has index {s.index}: steps must be listed in order")
+
+
+@_rule("names-known")
+def names_known(p: Program, f: Facts) -> None:
+    """Every object a step reads or writes is an object of the plan."""
+    unknown = next((n for n in names(f.graph) if n not in f.omap), None)
+    if unknown is not None:
+        i = next(i for i, s in enumerate(p.steps) if unknown in s.uses or unknown in s.defs)
+        fail(f"it uses or defines {unknown!r}, which is not an object of the plan", at_step(p, i))
+
+
+@_rule("defined-before-use")
+def defined_before_use(p: Program, f: Facts) -> None:
+    """No object is read before the step that first defines it: the step order is a topological order of the
+    dependency graph (every def -> use edge runs forward)."""
+    for name, use, first_def in early_uses(f.graph):
+        fail(f"it reads {name!r} before step {first_def} ({p.steps[first_def].op}) defines it", at_step(p, use))
+
+
+@_rule("live-ranges")
+def live_ranges(p: Program, f: Facts) -> None:
+    """Each object's recorded live range [first_use, last_use] lies within the steps and covers every step that
+    defines or reads it (the activation peak is computed from these ranges)."""
+    n = len(p.steps)
     for o in p.objects:
-        if o.first_use is None and o.last_use is None and o.name not in first:
+        span = live_range(f.graph, o.name)
+        if o.first_use is None and o.last_use is None and span is None:
             continue
-        lo, hi = first.get(o.name, o.first_use), last.get(o.name, o.last_use)
+        lo, hi = span or (o.first_use, o.last_use)
         if (o.first_use is None or o.last_use is None or not o.first_use <= o.last_use < n
                 or (lo is not None and o.first_use > lo) or (hi is not None and o.last_use < hi)):
-            _fail(p, None, f"object {o.name} has live range [{o.first_use}, {o.last_use}], but the plan's {n} steps "
-                           f"use it in [{lo}, {hi}]")
+            fail(f"object {o.name!r} has live range [{o.first_use}, {o.last_use}], but the plan's {n} steps use it "
+                 f"in [{lo}, {hi}]")
 
-    # Stages: numbered in order, partitioning the steps; each one's needs cover the blocks its steps read.
-    expect = 0
+
+@_rule("stages-partition")
+def stages_partition(p: Program, f: Facts) -> None:
+    """Stages are numbered in order and partition the steps in order: each starts right after the one before it
+    ends, the first at step 0 and the last ending at the last step."""
+    n, expect = len(p.steps), 0
     for i, st in enumerate(p.stages):
         if st.index != i:
-            _fail(p, None, f"stage at position {i} has index {st.index}: stages must be listed in order")
+            fail(f"the stage at position {i} has index {st.index}: stages must be listed in order")
         if st.first_step != expect or st.last_step < st.first_step or st.last_step >= n:
-            _fail(p, None, f"stage {i} covers steps [{st.first_step}, {st.last_step}]: stages must partition the "
-                           f"{n} steps in order (expected it to start at step {expect})")
+            fail(f"stage {i} covers steps [{st.first_step}, {st.last_step}]: stages must partition the {n} steps in "
+                 f"order (expected it to start at step {expect})")
         expect = st.last_step + 1
-        for b in st.needs:
-            if b not in bmap:
-                _fail(p, i, f"stage {i} needs unknown block {b}")
-        for j in range(st.first_step, st.last_step + 1):
-            for u in p.steps[j].uses:
-                o = omap[u]
-                if o.kind == ObjectKind.weight and o.block not in st.needs:
-                    raise PlanVerificationError(
-                        f"plan verification failed at step {j} (stage {i}): it reads {u} of block {o.block}, which "
-                        f"the stage does not list in its needs")
     if p.stages and expect != n:
-        _fail(p, None, f"the stages end at step {expect - 1} but the plan has {n} steps")
+        fail(f"the stages end at step {expect - 1} but the plan has {n} steps")
     if n and not p.stages:
-        _fail(p, None, f"{n} steps but no stages: run the lifetimes pass")
+        fail(f"the plan has {n} steps but no stages (run the lifetimes pass)")
 
-    # Visits and actions name known blocks, stages in range and slots that exist.
-    n_st = len(p.stages)
-    visits: set[tuple[str, int]] = set()
+
+@_rule("stage-needs")
+def stage_needs(p: Program, f: Facts) -> None:
+    """Each stage's needs are blocks of the plan and include the block of every weight its steps read: the action
+    trace checks that the needs are in device memory, so they must be what the steps really read."""
+    for i, st in enumerate(p.stages):
+        unknown = next((b for b in st.needs if b not in f.bmap), None)
+        if unknown is not None:
+            fail(f"stage {i} needs unknown block {unknown!r}", at_stage(p, i))
+        for j in range(st.first_step, st.last_step + 1):
+            for u in f.graph.pred[j]:
+                o = f.omap[u]
+                if o.kind == ObjectKind.weight and o.block not in st.needs:
+                    fail(f"it reads {u!r} of block {o.block!r}, which stage {i} does not list in its needs",
+                         at_step(p, j))
+
+
+@_rule("visits-known")
+def visits_known(p: Program, f: Facts) -> None:
+    """Each visit names a block of the plan, covers stages that exist and a slot that exists, and no two visits
+    of a block start at the same stage."""
+    n_st, n_sl = len(p.stages), len(p.arena.slots)
+    seen: set[tuple[str, int]] = set()
     for v in p.visits:
-        if v.block not in bmap:
-            _fail(p, None, f"a visit names unknown block {v.block}")
+        what = f"the visit of {v.block!r} at stages [{v.first_stage}, {v.last_stage}]"
+        if v.block not in f.bmap:
+            fail(f"{what} names unknown block {v.block!r}")
         if not v.first_stage <= v.last_stage < n_st:
-            _fail(p, None, f"the visit of {v.block} covers stages [{v.first_stage}, {v.last_stage}], outside the "
-                           f"plan's {n_st} stages")
-        if v.slot is not None and v.slot >= len(slots):
-            _fail(p, None, f"the visit of {v.block} at stage {v.first_stage} names slot {v.slot}, which does not "
-                           f"exist ({len(slots)} slots)")
-        if (v.block, v.first_stage) in visits:
-            _fail(p, None, f"block {v.block} has two visits starting at stage {v.first_stage}")
-        visits.add((v.block, v.first_stage))
+            fail(f"{what} lies outside the plan's {n_st} stages")
+        if v.slot is not None and v.slot >= n_sl:
+            fail(f"{what} names slot {v.slot}, which does not exist ({n_sl} slots)")
+        if (v.block, v.first_stage) in seen:
+            fail(f"block {v.block!r} has two visits starting at stage {v.first_stage}")
+        seen.add((v.block, v.first_stage))
+
+
+@_rule("actions-known")
+def actions_known(p: Program, f: Facts) -> None:
+    """Each action fires at a stage that exists (or at the forward's end, stage ``len(stages)``), names a streamed
+    block of the plan, a slot that exists and a visit of that block that the plan has."""
+    n_st, n_sl = len(p.stages), len(p.arena.slots)
     for a in p.actions:
-        what = f"{a.kind.value} of {a.block}"
+        what = f"{a.kind.value} of {a.block!r}"
         if a.stage > n_st:
-            _fail(p, None, f"{what} fires at stage {a.stage}, past the plan's {n_st} stages")
-        if a.block not in bmap:
-            _fail(p, a.stage, f"{what} names unknown block {a.block}")
-        if bmap[a.block].residency != Residency.streamed:
-            _fail(p, a.stage, f"{what} names block {a.block}, which is not streamed")
-        if a.slot >= len(slots):
-            _fail(p, a.stage, f"{what} names slot {a.slot}, which does not exist ({len(slots)} slots)")
-        if (a.block, a.visit_stage) not in visits:
-            _fail(p, a.stage, f"{what} serves a visit at stage {a.visit_stage}, but the plan has no such visit of "
-                              f"{a.block}")
+            fail(f"{what} fires at stage {a.stage}, past the plan's {n_st} stages")
+        if a.block not in f.bmap:
+            fail(f"{what} names unknown block {a.block!r}", at_stage(p, a.stage))
+        if f.bmap[a.block].residency != Residency.streamed:
+            fail(f"{what}: block {a.block!r} is not streamed, so it is never copied", at_stage(p, a.stage))
+        if a.slot >= n_sl:
+            fail(f"{what} names slot {a.slot}, which does not exist ({n_sl} slots)", at_stage(p, a.stage))
+        if (a.block, a.visit_stage) not in f.visit_spans:
+            fail(f"{what} serves a visit at stage {a.visit_stage}, but the plan has no such visit of {a.block!r}",
+                 at_stage(p, a.stage))
 
 
-def verify_layout(p: Program) -> None:
+@_rule("one-copy-per-visit")
+def one_copy_per_visit(p: Program, f: Facts) -> None:
+    """Each visit that has actions has exactly one copy_start, one copy_done and one free, all in the same slot:
+    one copy in, one wait, one release."""
+    per_visit: dict[tuple[str, int], list[Action]] = {}
+    for a in p.actions:
+        per_visit.setdefault((a.block, a.visit_stage), []).append(a)
+    for (block, stage), acts in per_visit.items():
+        counts = {k: sum(1 for a in acts if a.kind == k) for k in ActionKind}
+        what = f"the visit of {block!r} at stage {stage}"
+        if any(c != 1 for c in counts.values()):
+            have = ", ".join(f"{c} {k.value}" for k, c in counts.items())
+            fail(f"{what} has {have}: each visit needs exactly one copy_start, one copy_done and one free")
+        if len({a.slot for a in acts}) != 1:
+            fail(f"{what} names slots {sorted({a.slot for a in acts})}: its copy_start, copy_done and free must name "
+                 f"one slot")
+
+
+# ---- layout ---------------------------------------------------------------------------------------------------
+
+@_rule("slots-in-arena")
+def slots_in_arena(p: Program, f: Facts) -> None:
+    """Each arena slot lies inside the arena at an offset aligned to the arena's alignment."""
     a = p.arena
-    if a is None:
-        _fail(p, None, "no arena: run the prefetch pass")
     for s in a.slots:
-        if s.offset_bytes + s.size_bytes > a.size_bytes or s.offset_bytes % a.alignment_bytes:
-            _fail(p, None, f"arena slot {s.index} at {s.offset_bytes}+{s.size_bytes} is outside the "
-                           f"{a.size_bytes}-byte arena or not {a.alignment_bytes}-byte aligned")
-    # Non-empty slots must be disjoint: sorted by start, each must begin at or after the furthest end so far.
+        where = f"arena slot {s.index} at bytes {s.offset_bytes}..{s.offset_bytes + s.size_bytes}"
+        if s.offset_bytes + s.size_bytes > a.size_bytes:
+            fail(f"{where} ends past the {a.size_bytes}-byte arena")
+        if s.offset_bytes % a.alignment_bytes:
+            fail(f"{where} does not start on a {a.alignment_bytes}-byte boundary, the arena's alignment")
+
+
+@_rule("slots-disjoint")
+def slots_disjoint(p: Program, f: Facts) -> None:
+    """No two non-empty arena slots overlap."""
+    # Sorted by start, each slot must begin at or after the furthest end so far.
     end, owner = 0, -1
-    for s0, e0, i0 in sorted((s.offset_bytes, s.offset_bytes + s.size_bytes, s.index) for s in a.slots):
+    for s0, e0, i0 in sorted((s.offset_bytes, s.offset_bytes + s.size_bytes, s.index) for s in p.arena.slots):
         if e0 == s0:
             continue
         if s0 < end:
-            _fail(p, None, f"arena slots {owner} and {i0} overlap ({s0}..{min(end, e0)})")
+            fail(f"arena slots {owner} and {i0} overlap (bytes {s0}..{min(end, e0)})")
         if e0 > end:
             end, owner = e0, i0
-    bmap = p.block_map()
-    resident_in: dict[int, str] = {}
+
+
+@_rule("resident-slots")
+def resident_slots(p: Program, f: Facts) -> None:
+    """Every block has a residency; each resident block has a resident slot of its own that holds it."""
+    slots = p.arena.slots
+    holder: dict[int, str] = {}
     for b in p.blocks:
         if b.residency is None:
-            _fail(p, None, f"block {b.name} has no residency: run the residency pass")
-        if b.residency == Residency.resident:
-            if b.slot is None or not 0 <= b.slot < len(a.slots) or a.slots[b.slot].kind != SlotKind.resident:
-                _fail(p, None, f"resident block {b.name} has no resident slot")
-            if a.slots[b.slot].size_bytes < b.size_bytes:
-                _fail(p, None, f"block {b.name} ({b.size_bytes} B) does not fit slot {b.slot}")
-            if b.slot in resident_in:
-                _fail(p, None, f"resident blocks {resident_in[b.slot]} and {b.name} share slot {b.slot}")
-            resident_in[b.slot] = b.name
-    for act in p.actions:
-        if not 0 <= act.slot < len(a.slots) or a.slots[act.slot].kind != SlotKind.stream:
-            _fail(p, act.stage, f"{act.kind.value} of {act.block} names slot {act.slot}, not a stream slot")
-        if act.block not in bmap:
-            _fail(p, act.stage, f"{act.kind.value} names unknown block {act.block}")
-        if a.slots[act.slot].size_bytes < slot_need_bytes(bmap[act.block]):
-            _fail(p, act.stage, f"block {act.block} ({slot_need_bytes(bmap[act.block])} B with its packed bytes) "
-                                f"does not fit stream slot {act.slot} ({a.slots[act.slot].size_bytes} B)")
-        if act.stage > len(p.stages) or act.stage < 0 or (act.stage < len(p.stages) and not p.stages[act.stage].module):
-            _fail(p, min(act.stage, len(p.stages)), f"{act.kind.value} of {act.block} is at a stage with no module "
-                                                   "hook (actions must sit where the runtime can run them)")
+            fail(f"block {b.name!r} has no residency (run the residency pass)")
+        if b.residency != Residency.resident:
+            continue
+        if b.slot is None or not 0 <= b.slot < len(slots) or slots[b.slot].kind != SlotKind.resident:
+            fail(f"resident block {b.name!r} names slot {b.slot}, which is not a resident slot of the arena")
+        if slots[b.slot].size_bytes < b.size_bytes:
+            fail(f"resident block {b.name!r} ({b.size_bytes} bytes) does not fit its slot {b.slot} "
+                 f"({slots[b.slot].size_bytes} bytes)")
+        if b.slot in holder:
+            fail(f"resident blocks {holder[b.slot]!r} and {b.name!r} share slot {b.slot}")
+        holder[b.slot] = b.name
+
+
+@_rule("resident-unquantized")
+def resident_unquantized(p: Program, f: Facts) -> None:
+    """Resident blocks stay in the model's dtype: only streamed blocks are quantized (quantizing a block that is
+    copied once would save nothing and cost accuracy)."""
+    for b in p.blocks:
+        if b.residency == Residency.resident and b.quant != Quant.none:
+            fail(f"resident block {b.name!r} is quantized ({b.quant.value}): resident blocks stay in the model's "
+                 f"dtype (recompile the plan)")
+
+
+@_rule("transfer-bytes")
+def transfer_bytes_match(p: Program, f: Facts) -> None:
+    """A block's transfer_bytes is what a visit of it copies: its size in the model's dtype, or, quantized, the
+    runtime's packed layout (``memintent.runtime.quant``), which the stream slots are sized for."""
+    for b in p.blocks:
+        if b.quant == Quant.none:
+            if b.transfer_bytes not in (None, b.size_bytes):
+                fail(f"block {b.name!r} is not quantized, so a visit copies its {b.size_bytes} bytes, but the plan's "
+                     f"transfer_bytes say {b.transfer_bytes}")
+            continue
+        packed = transfer_bytes(b, p, f.omap)
+        if b.transfer_bytes != packed:
+            fail(f"block {b.name!r} ({b.quant.value}): the plan's transfer_bytes {b.transfer_bytes} differ from the "
+                 f"runtime's packed layout of {packed} bytes: the plan was compiled by another version; recompile it")
+
+
+@_rule("stream-slots-fit")
+def stream_slots_fit(p: Program, f: Facts) -> None:
+    """Every action names a stream slot that holds its block's visit: the weights at the slot's start and, for a
+    quantized block, its packed bytes at the slot's end, the two disjoint (``residency.slot_need_bytes``)."""
+    slots = p.arena.slots
+    for a in p.actions:
+        s, b = slots[a.slot], f.bmap[a.block]
+        if s.kind != SlotKind.stream:
+            fail(f"{a.kind.value} of {a.block!r} names slot {a.slot}, a {s.kind.value} slot, not a stream slot",
+                 at_stage(p, a.stage))
+        need = slot_need_bytes(b)
+        if s.size_bytes >= need:
+            continue
+        if b.quant == Quant.none:
+            fail(f"block {a.block!r} ({b.size_bytes} bytes) does not fit stream slot {a.slot} ({s.size_bytes} bytes)",
+                 at_stage(p, a.stage))
+        fail(f"stream slot {a.slot} ({s.size_bytes} bytes) cannot hold the {b.quant.value} visit of {a.block!r}: its "
+             f"weights ({b.size_bytes} bytes) at the slot's start and its packed bytes at its end "
+             f"({b.transfer_bytes} bytes) need {need} bytes", at_stage(p, a.stage))
+
+
+@_rule("actions-hookable")
+def actions_hookable(p: Program, f: Facts) -> None:
+    """Actions fire only where the runtime has a hook: on entry to a stage with a module, or at the forward's end
+    (root glue code between modules has none)."""
+    for a in p.actions:
+        if a.stage < len(p.stages) and not p.stages[a.stage].module:
+            fail(f"{a.kind.value} of {a.block!r} fires at stage {a.stage}, which is root glue code with no module "
+                 f"hook to run it: actions sit on stages with a module or at the forward's end", at_stage(p, a.stage))
+
+
+@_rule("kv-reserved")
+def kv_reserved(p: Program, f: Facts) -> None:
+    """The arena's KV slots hold the whole KV cache."""
     kv = sum(o.size_bytes for o in p.objects if o.kind == ObjectKind.kv)
-    kv_slots = sum(s.size_bytes for s in a.slots if s.kind == SlotKind.kv)
+    kv_slots = sum(s.size_bytes for s in p.arena.slots if s.kind == SlotKind.kv)
     if kv_slots < kv:
-        _fail(p, None, f"KV cache needs {kv} B but the arena reserves {kv_slots} B for it")
+        fail(f"the KV cache needs {fmt_bytes(kv)} ({kv} bytes) but the arena's KV slots hold {kv_slots} bytes")
 
 
-def verify_memory(p: Program) -> None:
-    if p.budget_bytes is None:
-        _fail(p, None, "no budget")
-    prof = activation_profile(p)
-    fixed = p.arena.size_bytes + reserved_bytes(p)["workspace"]
-    if fixed > p.budget_bytes:
-        _fail(p, None, f"arena {fmt_bytes(p.arena.size_bytes)} + workspace exceed the budget "
-                       f"{fmt_bytes(p.budget_bytes)}")
-    for i, live in enumerate(prof):
-        if fixed + live > p.budget_bytes:
-            s = p.steps[i]
-            live_objs = [o for o in p.objects if o.kind == ObjectKind.buffer and o.first_use is not None
-                         and o.first_use <= i <= o.last_use]
-            big = max(live_objs, key=lambda o: o.size_bytes).name if live_objs else "-"
-            raise PlanVerificationError(
-                f"plan verification failed at step {i} ({s.op} in {s.module or '<root>'!r}): HBM "
-                f"{fmt_bytes(fixed + live)} exceeds the budget {fmt_bytes(p.budget_bytes)} (largest live object "
-                f"{big})")
-    if p.prediction is not None:
-        if p.prediction.peak_hbm_bytes > p.budget_bytes:
-            _fail(p, None, f"predicted peak {fmt_bytes(p.prediction.peak_hbm_bytes)} exceeds the budget")
-        peak = fixed + max(prof, default=0)
-        if p.prediction.peak_hbm_bytes < peak:
-            _fail(p, None, f"the recorded predicted peak {p.prediction.peak_hbm_bytes} B understates the {peak} B "
-                           f"(arena + workspace + activations) the plan's own steps need")
+# ---- memory ---------------------------------------------------------------------------------------------------
+
+@_rule("budget")
+def budget(p: Program, f: Facts) -> None:
+    """At every step, arena + workspace + the activations live at that step fit the budget."""
+    prof = f.activations
+    arena, workspace = p.arena.size_bytes, workspace_bytes(p)
+    peak_act = max(prof, default=0)
+    peak = arena + workspace + peak_act
+    if peak <= p.budget_bytes:
+        return
+    at = ""
+    if prof:
+        i = prof.index(peak_act)
+        live = [o for o in p.objects if o.kind == ObjectKind.buffer and o.first_use is not None
+                and o.first_use <= i <= o.last_use]
+        at = f", at step {i} ({p.steps[i].op} in module {p.steps[i].module or '<root>'!r})"
+        at += f", largest live object {max(live, key=lambda o: o.size_bytes).name!r}" if live else ""
+    fail(f"budget {fmt_bytes(p.budget_bytes)} is below the plan's peak {fmt_bytes(peak)} (arena {fmt_bytes(arena)} + "
+         f"activations {fmt_bytes(peak_act)} + workspace {fmt_bytes(workspace)}{at}): the budget must be at least "
+         f"{fmt_bytes(peak)} ({peak} bytes) for this plan; for a smaller one, compile a plan for it")
 
 
-def verify_actions(p: Program) -> None:
+@_rule("prediction-honest")
+def prediction_honest(p: Program, f: Facts) -> None:
+    """The recorded predicted peak neither exceeds the budget nor understates the peak the plan's own steps need
+    (arena + workspace + activations)."""
+    recorded = p.prediction.peak_hbm_bytes
+    peak = p.arena.size_bytes + workspace_bytes(p) + max(f.activations, default=0)
+    if recorded > p.budget_bytes:
+        fail(f"the plan's recorded predicted peak {fmt_bytes(recorded)} exceeds its budget {fmt_bytes(p.budget_bytes)}")
+    if recorded < peak:
+        fail(f"the plan's recorded predicted peak {recorded} bytes understates the {peak} bytes (arena + workspace + "
+             f"activations) its own steps need")
+
+
+# ---- the action trace -----------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Occupant:
+    block: str
+    visit_stage: int
+    forward: int          # the forward whose visit the copy serves
+    state: str            # "loading" (copy issued), "ready" (copy_done ran), "freed"
+
+
+class _Trace:
+    """The runtime's slot state (``runtime.copy_engine``), run symbolically over the plan's actions."""
+
+    def __init__(self, p: Program, f: Facts):
+        self.p, self.f = p, f
+        self.occ: dict[int, _Occupant] = {}
+
+    def ready(self, block: str, forward: int) -> bool:
+        return any(o.block == block and o.state == "ready" and o.forward == forward for o in self.occ.values())
+
+
+@_rule("copy-into-free-slot", TRACE_RULES)
+def copy_into_free_slot(t: _Trace, a: Action, stage: int, forward: int) -> None:
+    """A copy starts only into a slot that is empty or whose previous occupant was freed: it never overwrites a
+    block that is loading or still in use."""
+    cur = t.occ.get(a.slot)
+    if cur is not None and cur.state != "freed":
+        fail(f"the copy of {a.block!r} into slot {a.slot} would overwrite {cur.block!r} (visit at stage "
+             f"{cur.visit_stage}), which is still in use there (no free before this copy)", at_stage(t.p, stage))
+    t.occ[a.slot] = _Occupant(a.block, a.visit_stage, forward, "loading")
+
+
+@_rule("wait-for-issued-copy", TRACE_RULES)
+def wait_for_issued_copy(t: _Trace, a: Action, stage: int, forward: int) -> None:
+    """A copy_done waits for a copy of its visit, issued into its slot for this forward and not yet waited for."""
+    cur = t.occ.get(a.slot)
+    if (cur is None or (cur.block, cur.visit_stage, cur.forward) != (a.block, a.visit_stage, forward)
+            or cur.state != "loading"):
+        fail(f"copy_done waits for {a.block!r} in slot {a.slot}, but no copy of that visit for this forward is in "
+             f"flight there", at_stage(t.p, stage))
+    cur.state = "ready"
+
+
+@_rule("free-ready-occupant", TRACE_RULES)
+def free_ready_occupant(t: _Trace, a: Action, stage: int, forward: int) -> None:
+    """A free releases its slot's current occupant, and only after that occupant's copy_done."""
+    cur = t.occ.get(a.slot)
+    if cur is None or (cur.block, cur.visit_stage) != (a.block, a.visit_stage) or cur.state != "ready":
+        held = "nothing" if cur is None or cur.state == "freed" else f"{cur.block!r} ({cur.state})"
+        fail(f"free of {a.block!r} in slot {a.slot}, which holds {held}: a free releases the visit it serves after "
+             f"its copy_done", at_stage(t.p, stage))
+
+
+@_rule("free-after-last-use", TRACE_RULES)
+def free_after_last_use(t: _Trace, a: Action, stage: int, forward: int) -> None:
+    """A free comes after the last stage of the visit it serves."""
+    last = t.f.visit_spans[(a.block, a.visit_stage)]
+    if last >= stage:
+        fail(f"{a.block!r} is freed before its last use at stage {last}", at_stage(t.p, stage))
+    t.occ[a.slot].state = "freed"
+
+
+@_rule("arrival-before-use", TRACE_RULES)
+def arrival_before_use(t: _Trace, stage: int, forward: int) -> None:
+    """Every stage that reads a streamed block finds it in device memory: its copy_done ran for this forward and
+    its slot was not freed since."""
+    st = t.p.stages[stage]
+    for b in st.needs:
+        if t.f.bmap[b].residency == Residency.resident or t.ready(b, forward):
+            continue
+        reads = {u for j in range(st.first_step, st.last_step + 1) for u in t.f.graph.pred[j]}
+        w = next((w for w in t.f.bmap[b].weights if w in reads), b)
+        fail(f"it reads {w!r} of streamed block {b!r} before the block's copy arrived (no copy_done for this visit) "
+             f"or after its slot was freed", at_stage(t.p, stage))
+
+
+def _act(t: _Trace, a: Action, stage: int, forward: int) -> None:
+    if a.kind == ActionKind.copy_start:
+        copy_into_free_slot(t, a, stage, forward + 1 if a.next_forward else forward)
+    elif a.kind == ActionKind.copy_done:
+        wait_for_issued_copy(t, a, stage, forward)
+    else:
+        free_ready_occupant(t, a, stage, forward)
+        free_after_last_use(t, a, stage, forward)
+
+
+def run_trace(p: Program, f: Facts) -> None:
+    """Run the actions as the runtime does: before the first forward, the copies a previous forward's tail would
+    have issued (``next_forward``); then, per forward, each stage's actions in list order on its entry followed by
+    its reads, and the end-of-forward actions."""
     n = len(p.stages)
-    bmap = p.block_map()
-    by_stage: list[list] = [[] for _ in range(n + 1)]
+    by_stage: list[list[Action]] = [[] for _ in range(n + 1)]
     for a in p.actions:
         by_stage[a.stage].append(a)
-    # Which (block, visit) pairs are streamed, with the stages each visit covers.
-    visit_span = {(v.block, v.first_stage): (v.first_stage, v.last_stage) for v in p.visits}
-    # slot -> [block, visit_stage, state, forward]  state: loading | ready | freed
-    occ: dict[int, list] = {}
-
-    def start(a, fwd):
-        cur = occ.get(a.slot)
-        if cur is not None and cur[2] != "freed":
-            _fail(p, a.stage if fwd >= 0 else 0,
-                  f"copy of {a.block} into slot {a.slot} would overwrite {cur[0]} still in use there")
-        occ[a.slot] = [a.block, a.visit_stage, "loading", fwd]
-
-    # Cold start: the runtime issues the next-forward copies before the first forward.
+    t = _Trace(p, f)
     for a in p.actions:
         if a.kind == ActionKind.copy_start and a.next_forward:
-            start(a, 0)
-    for fwd in range(3):
+            copy_into_free_slot(t, a, -1, 0)
+    for forward in range(TRACE_FORWARDS):
         for s in range(n + 1):
             for a in by_stage[s]:
-                if a.kind == ActionKind.free:
-                    cur = occ.get(a.slot)
-                    if cur is None or cur[0] != a.block or cur[2] != "ready":
-                        _fail(p, s, f"free of {a.block} in slot {a.slot}, which does not hold it ready")
-                    span = visit_span[(a.block, a.visit_stage)]
-                    if span[1] >= s:
-                        _fail(p, s, f"{a.block} is freed before its last use at stage {span[1]}")
-                    cur[2] = "freed"
-                elif a.kind == ActionKind.copy_start:
-                    start(a, fwd + 1 if a.next_forward else fwd)
-                else:
-                    cur = occ.get(a.slot)
-                    if cur is None or cur[0] != a.block or cur[1] != a.visit_stage or cur[3] != fwd:
-                        _fail(p, s, f"wait for {a.block} in slot {a.slot}, but no copy of it was issued there")
-                    cur[2] = "ready"
-            if s == n:
-                break
-            for b in p.stages[s].needs:
-                blk = bmap[b]
-                if blk.residency == Residency.resident:
-                    continue
-                ok = any(c[0] == b and c[2] == "ready" and c[3] == fwd for c in occ.values())
-                if not ok:
-                    w = next((w for w in blk.weights if any(w in p.steps[i].uses for i in
-                              range(p.stages[s].first_step, p.stages[s].last_step + 1))), b)
-                    _fail(p, s, f"object {w} of streamed block {b} is used before its copy arrived "
-                                f"(or after its slot was freed)")
+                _act(t, a, s, forward)
+            if s < n:
+                arrival_before_use(t, s, forward)
 
 
 def verify(program: Program) -> Program:
-    verify_structure(program)
-    verify_layout(program)
-    verify_memory(program)
-    verify_actions(program)
+    """``program`` if it keeps every rule; else ``RuleViolation`` for the first rule it breaks."""
+    facts = Facts(program)
+    for r in RULES:
+        r.check(program, facts)
+    run_trace(program, facts)
     return program
 
 

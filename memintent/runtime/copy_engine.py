@@ -12,8 +12,11 @@ A quantized visit's copy_done also dequantizes: right after the wait for its arr
 dequantization is ordered after the copy (the wait) and before the slot's free event (recorded later on the same
 stream), exactly like a reader of the block (spec/runtime.md, "Quantized blocks").
 
-The state machine faults (``RuntimeFault``) on what would be a silent race on a GPU: a copy into a slot whose
-occupant was never freed, a free before the visit's copy_done, a copy_done whose copy was never started.
+The engine trusts the order of the actions it is given and checks none of it. That order is the plan's, which the
+verifier proved safe at attach (``memintent.passes.verify``: no copy into a slot in use, a wait only for an issued
+copy, a free only after the visit's copy_done and last reader, one copy per visit), and the executor's hook order
+check guarantees that a forward runs it in plan order or faults before acting. So a race the plan could cause
+cannot reach the engine; the slot state it keeps (``slot_occupant``, ``slot_freed``) is for inspection only.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from typing import Any, Callable
 
 import torch
 
-from memintent.errors import RuntimeFault
 from memintent.runtime.arena import POISON_BYTE
 
 
@@ -291,10 +293,11 @@ class _Record:
 
 
 class CopyEngine:
-    """Slot/visit state machine and event bookkeeping shared by both backends.
+    """Slot/visit bookkeeping and events shared by both backends.
 
-    Visits are numbered by the executor (``visit_labels[vid]`` names one in messages). A slot is either empty,
-    occupied (a copy was started into it) or freed (its occupant's last reader is done; the next copy may start).
+    Visits are numbered by the executor (``visit_labels[vid]`` names one). A slot is either empty, occupied (a copy
+    was started into it) or freed (its occupant's last reader is done; the next copy may start): recorded, not
+    enforced (see the module docstring).
     """
 
     def __init__(self, backend: CpuBackend | CudaBackend, n_slots: int, visit_labels: list[str],
@@ -321,12 +324,6 @@ class CopyEngine:
     # -- the three actions --------------------------------------------------------------------------------------
     def copy_start(self, vid: int, slot: int, dst: torch.Tensor, src: torch.Tensor, nbytes: int,
                    for_next_forward: bool) -> None:
-        if self.arrival[vid] is not None:
-            raise RuntimeFault(f"copy_start of {self.labels[vid]} issued again before its copy_done")
-        occ = self.slot_occupant[slot]
-        if not self.slot_freed[slot]:
-            raise RuntimeFault(f"copy_start of {self.labels[vid]} into slot {slot} while {self.labels[occ]} still "
-                               f"occupies it (no free before this copy)")
         if for_next_forward:
             rec = self._next
             if rec is None:
@@ -345,8 +342,6 @@ class CopyEngine:
     def copy_done(self, vid: int, unpack: Callable[[], None] | None = None) -> None:
         """Compute waits for the visit's copy; ``unpack`` (a quantized visit): then dequantize it, on compute."""
         arrived = self.arrival[vid]
-        if arrived is None:
-            raise RuntimeFault(f"copy_done of {self.labels[vid]} but its copy_start never ran")
         self.arrival[vid] = None
         b = self.backend
         w = b.wait(arrived)
@@ -362,12 +357,6 @@ class CopyEngine:
             self._cur.dequants.append((vid, start, end))
 
     def free(self, vid: int, slot: int, poison: torch.Tensor | None) -> None:
-        occ = self.slot_occupant[slot]
-        if occ != vid or self.slot_freed[slot]:
-            held = "nothing" if occ < 0 or self.slot_freed[slot] else self.labels[occ]
-            raise RuntimeFault(f"free of {self.labels[vid]} in slot {slot}, but the slot holds {held}")
-        if self.arrival[vid] is not None:
-            raise RuntimeFault(f"free of {self.labels[vid]} before its copy_done: the visit was never used")
         if poison is not None:
             self.backend.poison(poison)
         self.slot_free_event[slot] = self.backend.record_free(self.slot_free_event[slot])

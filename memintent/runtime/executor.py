@@ -10,6 +10,10 @@ bytes into the end of its stream slot and copy_done dequantizes them, on the com
 slot, where the block's tensors are bound exactly as for an unquantized block (spec/runtime.md, "Quantized
 blocks").
 
+Attach verifies the plan with ``memintent.passes.verify`` (the one proof of a plan's rules) and checks only what
+the verifier cannot see: the model against the plan (fingerprint, weights present with the plan's shapes and
+dtypes, stage modules present) and a given host store against the plan.
+
 Hook contract (see spec/runtime.md): the root pre-hook opens a forward (and, on a first forward, issues the copies
 that a previous forward's tail would have issued); each stage module's pre-hook checks that it is the next stage
 the plan expects, then runs that stage's actions in list order; the root post-hook checks that every stage ran and
@@ -27,13 +31,14 @@ from typing import Any, Callable
 
 import torch
 
-from memintent.compiler.fingerprint import fingerprint_module, named_weights, weight_entries
+from memintent.compiler.fingerprint import check_fingerprint, named_weights
 from memintent.errors import MemintentError, RuntimeFault
-from memintent.ir.model import ActionKind, Block, ObjectKind, Program, Quant, Residency, SlotKind, dtype_bytes
+from memintent.ir.model import Action, ActionKind, Block, Program, Quant, Residency
+from memintent.passes.verify import verify
 from memintent.runtime.arena import DeviceArena, check_fits
 from memintent.runtime.copy_engine import CopyEngine, CpuBackend, CudaBackend, ForwardStats
 from memintent.runtime.host_store import FillFn, HostStore, fill_from_module, rebind, torch_dtype, typed_view
-from memintent.runtime.quant import prepare_unpack, quantized_block_bytes, run_unpack
+from memintent.runtime.quant import prepare_unpack, run_unpack
 
 _START, _DONE, _FREE = 0, 1, 2
 
@@ -41,29 +46,13 @@ _START, _DONE, _FREE = 0, 1, 2
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _fingerprint_diff(model: torch.nn.Module, program: Program, limit: int = 3) -> str:
-    """A hint at what differs: the first few weights whose name, shape or dtype disagree."""
-    have = {n: (tuple(s), d) for n, s, d in weight_entries(model)}
-    want = {o.name: (tuple(o.shape), o.dtype) for o in program.objects if o.kind == ObjectKind.weight}
-    diffs = []
-    for name in sorted(set(have) | set(want)):
-        h, w = have.get(name), want.get(name)
-        if h == w:
-            continue
-        fmt = lambda x: "absent" if x is None else f"{'x'.join(map(str, x[0])) or 'scalar'} {x[1]}"  # noqa: E731
-        diffs.append(f"{name}: model {fmt(h)}, plan {fmt(w)}")
-    if not diffs:
-        return ""
-    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
-    return "; first differences: " + "; ".join(diffs[:limit]) + more
-
-
 class StreamedModel:
     """A model bound to a plan. Construct through ``attach``; ``detach()`` undoes everything.
 
-    ``check``: checked mode. The arena starts poisoned (0xFF bytes: NaN in bf16/f16/f32), every ``free`` poisons
-    its slot, and each stage entry verifies that the streamed blocks the plan says it reads are bound and not
-    freed, so weights used outside their planned residency either fault or turn the output into NaN.
+    ``check``: checked mode. The arena starts poisoned (0xFF bytes: NaN in bf16/f16/f32) and every ``free`` poisons
+    its slot, so a model that reads weights outside their planned residency (a read the trace did not see) turns
+    its output into NaN. (That the plan itself reads every streamed block only while it is in device memory is
+    proven at attach, by the verifier.)
     ``timing``: CUDA timing events for copy time, stalls, dequantization and device time (a few microseconds per
     block).
     ``dequant_backend``: how quantized blocks are dequantized on arrival (``memintent.runtime.quant``): ``"auto"``
@@ -93,9 +82,10 @@ class StreamedModel:
         self._detached = False
         self._paused = False
 
-        self._validate()
+        verify(program)        # the plan's own rules: one proof, shared with `memintent check`
+        self._check_model()    # the model against the plan
         pred = program.prediction
-        extra = (pred.activation_peak_bytes + pred.workspace_bytes) if pred is not None else 0
+        extra = pred.activation_peak_bytes + pred.workspace_bytes
         # Refuse an arena the device cannot hold before the (possibly long) fill; the arena itself is allocated
         # after it, so quantizing the packed blocks on the device has the device memory to itself.
         check_fits(program.arena.size_bytes, dev)
@@ -104,16 +94,7 @@ class StreamedModel:
             host_store = HostStore(program, pin=pin if dev.type == "cuda" else "none", quant_device=dev)
             host_store.fill(fill or fill_from_module(model, adopt=True), progress=progress)
         else:
-            for b in program.blocks:
-                want = self._host_bytes[b.name]
-                have = host_store.blocks.get(b.name)
-                if (have is None or have.size_bytes != b.size_bytes or have.quant != b.quant
-                        or host_store.buffer_bytes(b.name) != want):
-                    held = ("no buffer" if have is None else
-                            f"{host_store.buffer_bytes(b.name)} bytes (quant {have.quant.value})")
-                    raise MemintentError(f"the host store given does not match block {b.name!r}: the plan needs "
-                                         f"{want} bytes (quant {b.quant.value}), the store holds {held}: build "
-                                         f"it from this plan")
+            self._check_host_store(host_store)
         self.host_store = host_store
         try:
             self.arena = DeviceArena(program.arena, dev, poison=check, extra_bytes=extra)
@@ -130,103 +111,42 @@ class StreamedModel:
         self._register_hooks()
         _ATTACHED[model] = self
 
-    # -- validation ---------------------------------------------------------------------------------------------
-    def _validate(self) -> None:
+    # -- the model and the host store against the plan ---------------------------------------------------------
+    def _check_model(self) -> None:
+        """What the verifier cannot see: that this model is the one the plan was compiled for. Its fingerprint,
+        every block weight present with the plan's shape and dtype, every stage module present."""
         p, model = self.program, self.model
-        if p.arena is None or not p.stages:
-            raise MemintentError(f"program {p.name!r} carries no plan (no arena or stages): run the passes first")
-        fp = fingerprint_module(model)
-        if fp != p.fingerprint:
-            raise MemintentError(
-                f"the model does not match the plan: model fingerprint {fp}, plan {p.name!r} was compiled for "
-                f"{p.fingerprint} ({p.model.ref}){_fingerprint_diff(model, p)}")
+        check_fingerprint(model, p)
         tensors = named_weights(model)
         objects = p.object_map()
-        slots = p.arena.slots
-        owner: dict[str, str] = {}
-        # Bytes of each block's host buffer and of each visit's copy: the packed layout for quantized blocks.
-        self._host_bytes: dict[str, int] = {}
         for b in p.blocks:
-            if b.residency is None:
-                raise MemintentError(f"block {b.name!r} has no residency: run the passes first")
-            if b.quant != Quant.none:
-                if b.residency == Residency.resident:
-                    raise MemintentError(f"resident block {b.name!r} is quantized ({b.quant.value}): resident "
-                                         f"blocks stay in the model's dtype (recompile the plan)")
-                if any(w not in objects for w in b.weights):
-                    missing = next(w for w in b.weights if w not in objects)
-                    raise MemintentError(f"weight {missing!r} of block {b.name!r} is not an object of the plan")
-                qbytes = quantized_block_bytes(b, objects)
-                if b.transfer_bytes is not None and b.transfer_bytes != qbytes:
-                    raise MemintentError(f"block {b.name!r} ({b.quant.value}): the plan's transfer_bytes "
-                                         f"{b.transfer_bytes} differ from the runtime's packed layout of {qbytes} "
-                                         f"bytes: the plan was compiled by another version; recompile it")
-                self._host_bytes[b.name] = qbytes
-            else:
-                self._host_bytes[b.name] = b.size_bytes
             for w in b.weights:
-                o, t = objects.get(w), tensors.get(w)
-                if o is None or t is None:
-                    raise MemintentError(f"weight {w!r} of block {b.name!r} is "
-                                         f"{'not an object of the plan' if o is None else 'not in the model'}")
-                if w in owner:
-                    raise MemintentError(f"weight {w!r} is in blocks {owner[w]!r} and {b.name!r}")
-                owner[w] = b.name
-                dt = torch_dtype(o.dtype)
-                if tuple(t.shape) != tuple(o.shape) or t.dtype != dt:
+                o, t = objects[w], tensors.get(w)
+                if t is None:
+                    raise MemintentError(f"weight {w!r} of block {b.name!r} is not in the model")
+                if tuple(t.shape) != tuple(o.shape) or t.dtype != torch_dtype(o.dtype):
                     raise MemintentError(f"weight {w!r}: model has {tuple(t.shape)} {t.dtype}, plan has "
                                          f"{tuple(o.shape)} {o.dtype}")
-                off = o.block_offset_bytes
-                n = dtype_bytes(o.dtype, t.numel())
-                if off is None or off % dt.itemsize or off < 0 or off + n > b.size_bytes:
-                    raise MemintentError(f"weight {w!r} at offset {off} ({n} bytes) does not fit block {b.name!r} "
-                                         f"of {b.size_bytes} bytes aligned to its dtype")
-            if b.residency == Residency.resident:
-                if b.slot is None or not 0 <= b.slot < len(slots) or slots[b.slot].kind != SlotKind.resident:
-                    raise MemintentError(f"resident block {b.name!r} has no resident slot (slot {b.slot})")
-                if b.size_bytes > slots[b.slot].size_bytes:
-                    raise MemintentError(f"resident block {b.name!r} ({b.size_bytes} bytes) exceeds its slot "
-                                         f"{b.slot} ({slots[b.slot].size_bytes} bytes)")
-        self._unplanned = [n for n in tensors if n not in owner]
+        planned = {w for b in p.blocks for w in b.weights}
+        self._unplanned = [n for n in tensors if n not in planned]
         modules = dict(model.named_modules())
         for s in p.stages:
             if s.module and s.module not in modules:
                 raise MemintentError(f"stage {s.index}: module {s.module!r} is not a submodule of the model")
-        blocks = p.block_map()
-        starts: dict[tuple[str, int], int] = {}
-        n_st = len(p.stages)
-        for i, a in enumerate(p.actions):
-            where = f"action {i} ({a.kind.value} of {a.block!r} at stage {a.stage})"
-            if not 0 <= a.stage <= n_st or not 0 <= a.visit_stage < n_st:
-                raise MemintentError(f"{where}: stage or visit_stage out of range 0..{n_st}")
-            if a.stage < n_st and not p.stages[a.stage].module:
-                raise MemintentError(f"{where}: stage {a.stage} is root glue code, which has no hook to run it")
-            b = blocks.get(a.block)
-            if b is None or b.residency != Residency.streamed:
-                raise MemintentError(f"{where}: {a.block!r} is not a streamed block")
-            if not 0 <= a.slot < len(slots) or slots[a.slot].kind != SlotKind.stream:
-                raise MemintentError(f"{where}: slot {a.slot} is not a stream slot")
-            if b.quant == Quant.none and b.size_bytes > slots[a.slot].size_bytes:
-                raise MemintentError(f"{where}: block of {b.size_bytes} bytes does not fit slot {a.slot} "
-                                     f"({slots[a.slot].size_bytes} bytes)")
-            if b.quant != Quant.none and self._packed_start(b, slots[a.slot].size_bytes) < b.size_bytes:
-                raise MemintentError(f"{where}: {b.quant.value} block needs {b.size_bytes} bytes of weights at the "
-                                     f"start of slot {a.slot} and {self._host_bytes[b.name]} packed bytes at its "
-                                     f"end; the slot has {slots[a.slot].size_bytes} bytes")
-            key = (a.block, a.visit_stage)
-            if a.kind == ActionKind.copy_start:
-                if key in starts:
-                    raise MemintentError(f"{where}: the visit already has a copy_start (action {starts[key]})")
-                starts[key] = i
-        for i, a in enumerate(p.actions):
-            key = (a.block, a.visit_stage)
-            if a.kind != ActionKind.copy_start:
-                if key not in starts:
-                    raise MemintentError(f"action {i} ({a.kind.value} of {a.block!r} at stage {a.stage}): the visit "
-                                         f"at stage {a.visit_stage} has no copy_start")
-                if p.actions[starts[key]].slot != a.slot:
-                    raise MemintentError(f"action {i} ({a.kind.value} of {a.block!r}): slot {a.slot} differs from "
-                                         f"the visit's copy_start slot {p.actions[starts[key]].slot}")
+        # Bytes of each block's host buffer and of each visit's copy: the packed layout for a quantized block, which
+        # the verifier proved equal to the plan's transfer_bytes (rule transfer-bytes).
+        self._host_bytes = {b.name: b.size_bytes if b.quant == Quant.none else b.transfer_bytes for b in p.blocks}
+
+    def _check_host_store(self, store: HostStore) -> None:
+        """A host store passed in must hold every block at the plan's size and quantization."""
+        for b in self.program.blocks:
+            want = self._host_bytes[b.name]
+            have = store.blocks.get(b.name)
+            if (have is None or have.size_bytes != b.size_bytes or have.quant != b.quant
+                    or store.buffer_bytes(b.name) != want):
+                held = "no buffer" if have is None else f"{store.buffer_bytes(b.name)} bytes (quant {have.quant.value})"
+                raise MemintentError(f"the host store given does not match block {b.name!r}: the plan needs {want} "
+                                     f"bytes (quant {b.quant.value}), the store holds {held}: build it from this plan")
 
     def _packed_start(self, b: Block, slot_bytes: int) -> int:
         """Offset in a stream slot of ``slot_bytes`` where a quantized visit of ``b`` lands its packed bytes: the
@@ -235,85 +155,84 @@ class StreamedModel:
         return slot_bytes - -(-self._host_bytes[b.name] // 256) * 256
 
     # -- precomputed tables (so hooks only index lists) ---------------------------------------------------------
-    def _build_tables(self) -> None:
-        p, host = self.program, self.host_store
-        objects = p.object_map()
-        tensors = named_weights(self.model)
-        self._tensors = tensors
-        self._block_names = [b.name for b in p.blocks]
-        bidx = {n: i for i, n in enumerate(self._block_names)}
-        blocks = p.blocks
+    def _packed_region(self, bi: int, slot: int) -> torch.Tensor:
+        """uint8 [packed bytes]: the end of the slot, where a quantized visit's copy lands."""
+        b = self.program.blocks[bi]
+        flat = self.arena.slot(slot)
+        start = self._packed_start(b, flat.numel())
+        return flat[start:start + self._host_bytes[b.name]]
 
-        views: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        unpacks: dict[tuple[int, int], Callable[[], None]] = {}
-
-        def packed_region(bi: int, slot: int) -> torch.Tensor:
-            # uint8 [packed bytes]: the end of the slot, where a quantized visit's copy lands
+    def _unpacker(self, bi: int, slot: int) -> Callable[[], None]:
+        """The dequantization of a quantized visit: views built once (they alias the arena), so copy_done only
+        launches kernels. src: the packed region at the end of the slot; dst: uint8 [size_bytes] at its start, the
+        unquantized layout the block's tensors are bound to."""
+        if (bi, slot) not in self._unpacks:
+            b = self.program.blocks[bi]
             flat = self.arena.slot(slot)
-            start = self._packed_start(blocks[bi], flat.numel())
-            return flat[start:start + self._host_bytes[blocks[bi].name]]
+            ops = prepare_unpack(b, self._objects, self._packed_region(bi, slot), flat[:b.size_bytes])
+            self._unpacks[(bi, slot)] = functools.partial(run_unpack, ops, self.dequant_backend)
+        return self._unpacks[(bi, slot)]
 
-        def unpacker(bi: int, slot: int) -> Callable[[], None]:
-            # The dequantization of a quantized visit: views built once (they alias the arena), so copy_done only
-            # launches kernels. src: the packed region at the end of the slot; dst: uint8 [size_bytes] at its
-            # start, the unquantized layout the block's tensors are bound to.
-            if (bi, slot) not in unpacks:
-                flat = self.arena.slot(slot)
-                ops = prepare_unpack(blocks[bi], objects, packed_region(bi, slot), flat[:blocks[bi].size_bytes])
-                unpacks[(bi, slot)] = functools.partial(run_unpack, ops, self.dequant_backend)
-            return unpacks[(bi, slot)]
+    def _bindings(self, bi: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(model tensor, typed view into the slot) pairs: a visit's copy_done rebinds them in one loop."""
+        if (bi, slot) not in self._views:
+            flat, objects = self.arena.slot(slot), self._objects
+            self._views[(bi, slot)] = [
+                (self._tensors[w], typed_view(flat, objects[w].block_offset_bytes, torch_dtype(objects[w].dtype),
+                                              objects[w].shape)) for w in self.program.blocks[bi].weights]
+        return self._views[(bi, slot)]
 
-        def bindings(bi: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            # (model tensor, typed view into the slot) pairs: a visit's copy_done rebinds them in one loop
-            if (bi, slot) not in views:
-                flat = self.arena.slot(slot)
-                views[(bi, slot)] = [
-                    (tensors[w], typed_view(flat, objects[w].block_offset_bytes, torch_dtype(objects[w].dtype),
-                                            objects[w].shape)) for w in blocks[bi].weights]
-            return views[(bi, slot)]
-
+    def _number_visits(self) -> None:
+        """One id per visit with a copy_start, in action order, with its labels for messages and statistics."""
         self._visit_ids: dict[tuple[str, int], int] = {}
         self._visit_labels: list[str] = []
         self._visit_keys: list[str] = []
-        for a in p.actions:
+        for a in self.program.actions:
             if a.kind == ActionKind.copy_start:
                 self._visit_ids[(a.block, a.visit_stage)] = len(self._visit_labels)
                 self._visit_labels.append(f"block {a.block!r} (visit at stage {a.visit_stage})")
                 self._visit_keys.append(f"{a.block}@{a.visit_stage}")
 
-        n_st = len(p.stages)
-        self._acts: list[list[tuple]] = [[] for _ in range(n_st + 1)]
+    def _action_tuple(self, a: Action, vid: int, bi: int) -> tuple:
+        """An action as the tuple ``_run`` dispatches on, with every tensor it touches made in advance."""
+        quantized = self.program.blocks[bi].quant != Quant.none
+        if a.kind == ActionKind.copy_start:
+            size = self._host_bytes[a.block]   # bytes the visit copies: size_bytes, or the packed bytes
+            # dst: uint8 [size] in the slot (its start; a quantized block's packed bytes: its end);
+            # src: uint8 [size] host block buffer
+            dst = self._packed_region(bi, a.slot) if quantized else self.arena.slot(a.slot)[:size]
+            self._bindings(bi, a.slot)   # also where _bind_initial points the block before its first visit
+            return (_START, vid, a.slot, dst, self.host_store.buffer(a.block), size, a.next_forward)
+        if a.kind == ActionKind.copy_done:
+            return (_DONE, vid, self._bindings(bi, a.slot), bi, self._unpacker(bi, a.slot) if quantized else None)
+        return (_FREE, vid, a.slot, self.arena.slot(a.slot) if self.check else None, bi)
+
+    def _build_actions(self) -> None:
+        """Per stage (and at the forward's end, index ``len(stages)``) the actions to run, in plan order; the
+        next-forward copies a first forward issues itself; each streamed block's first slot."""
+        p = self.program
+        bidx = {n: i for i, n in enumerate(self._block_names)}
+        self._acts: list[list[tuple]] = [[] for _ in range(len(p.stages) + 1)]
         self._start_acts: list[tuple] = []   # next-forward copies a first forward must issue itself
         self._first_slot: dict[int, tuple[int, int]] = {}   # block -> (visit_stage, slot) of its earliest visit
         for a in p.actions:
             vid, bi = self._visit_ids[(a.block, a.visit_stage)], bidx[a.block]
-            quantized = blocks[bi].quant != Quant.none
-            size = self._host_bytes[a.block]   # bytes the visit copies: size_bytes, or the packed bytes
+            act = self._action_tuple(a, vid, bi)
             if a.kind == ActionKind.copy_start:
-                # dst: uint8 [size] in the slot (its start; a quantized block's packed bytes: its end);
-                # src: uint8 [size] host block buffer
-                dst = packed_region(bi, a.slot) if quantized else self.arena.slot(a.slot)[:size]
-                act = (_START, vid, a.slot, dst, host.buffer(a.block), size, a.next_forward)
-                bindings(bi, a.slot)   # also where _bind_initial points the block before its first visit
                 if a.next_forward:
                     self._start_acts.append(act)
                 if bi not in self._first_slot or a.visit_stage < self._first_slot[bi][0]:
                     self._first_slot[bi] = (a.visit_stage, a.slot)
-            elif a.kind == ActionKind.copy_done:
-                act = (_DONE, vid, bindings(bi, a.slot), bi, unpacker(bi, a.slot) if quantized else None)
-            else:
-                act = (_FREE, vid, a.slot, self.arena.slot(a.slot) if self.check else None, bi)
             self._acts[a.stage].append(act)
-        self._views = views
-        self._unpacks = unpacks
 
-        # Hooked stages in plan order; each hook compares its module id with the next expected one.
+    def _build_hook_order(self) -> None:
+        """Hooked stages in plan order; each hook compares its module id with the next expected one."""
         self._mod_names: list[str] = []
         self._mod_block: list[str] = []
         mid_of: dict[str, int] = {}
         self._hook_stage: list[int] = []
         self._hook_mid: list[int] = []
-        for s in p.stages:
+        for s in self.program.stages:
             if not s.module:
                 continue
             if s.module not in mid_of:
@@ -324,8 +243,16 @@ class StreamedModel:
             self._hook_mid.append(mid_of[s.module])
         self._mid_of = mid_of
         self._n_hooked = len(self._hook_stage)
-        streamed = {i for i, b in enumerate(blocks) if b.residency == Residency.streamed}
-        self._needs_streamed = [[bidx[n] for n in s.needs if n in bidx and bidx[n] in streamed] for s in p.stages]
+
+    def _build_tables(self) -> None:
+        self._objects = self.program.object_map()
+        self._tensors = named_weights(self.model)
+        self._block_names = [b.name for b in self.program.blocks]
+        self._views: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._unpacks: dict[tuple[int, int], Callable[[], None]] = {}
+        self._number_visits()
+        self._build_actions()
+        self._build_hook_order()
 
     def _bind_initial(self) -> None:
         """Point every planned tensor at device memory, so the model's own storage is released and nothing in
@@ -375,8 +302,6 @@ class StreamedModel:
         self._overhead_s = 0.0
         self._entries = 0
         self._max_hook_s = 0.0
-        self._live = [-1] * len(self._block_names)      # visit id whose copy_done bound the block, -1: none
-        self._freed_at = [-1] * len(self._block_names)  # stage of the block's last free (for messages)
 
     def _stage_hook(self, mid: int) -> Callable:
         # Kept lean: this runs once per stage per forward (measured in ForwardStats.host_overhead_s).
@@ -392,9 +317,7 @@ class StreamedModel:
             s = self._hook_stage[pos]
             acts = self._acts[s]
             if acts:
-                self._run(acts, s)
-            if self.check:
-                self._check_needs(s)
+                self._run(acts)
             dt = perf_counter() - t0 - (self.backend.sync_work_s - w0)
             self._overhead_s += dt
             self._entries += 1
@@ -403,42 +326,19 @@ class StreamedModel:
 
         return hook
 
-    def _run(self, acts: list[tuple], stage: int, first_forward: bool = False) -> None:
+    def _run(self, acts: list[tuple], first_forward: bool = False) -> None:
         e = self.engine
-        try:
-            for a in acts:
-                k = a[0]
-                if k == _START:
-                    # a first forward issues next-forward copies for itself: they count towards this forward
-                    e.copy_start(a[1], a[2], a[3], a[4], a[5], a[6] and not first_forward)
-                elif k == _DONE:
-                    e.copy_done(a[1], a[4])   # waits for the arrival, then dequantizes a quantized visit
-                    for t, v in a[2]:
-                        t.data = v   # [shape] view into the slot; no allocation
-                    self._live[a[3]] = a[1]
-                else:
-                    e.free(a[1], a[2], a[3])
-                    if self._live[a[4]] == a[1]:
-                        self._live[a[4]] = -1
-                        self._freed_at[a[4]] = stage
-        except RuntimeFault as err:
-            raise RuntimeFault(f"{self._where(stage)}: {err}") from None
-
-    def _where(self, stage: int) -> str:
-        n = len(self.program.stages)
-        if stage >= n:
-            return f"end of forward (stage {n})"
-        if stage < 0:
-            return "start of forward"
-        return f"stage {stage} (module {self.program.stages[stage].module!r})"
-
-    def _check_needs(self, s: int) -> None:
-        for bi in self._needs_streamed[s]:
-            if self._live[bi] < 0:
-                why = (f"its slot was freed at {self._where(self._freed_at[bi])}" if self._freed_at[bi] >= 0
-                       else "no copy_done bound it for this visit")
-                raise RuntimeFault(f"{self._where(s)} reads block {self._block_names[bi]!r}, which is not in "
-                                   f"device memory: {why}")
+        for a in acts:
+            k = a[0]
+            if k == _START:
+                # a first forward issues next-forward copies for itself: they count towards this forward
+                e.copy_start(a[1], a[2], a[3], a[4], a[5], a[6] and not first_forward)
+            elif k == _DONE:
+                e.copy_done(a[1], a[4])   # waits for the arrival, then dequantizes a quantized visit
+                for t, v in a[2]:
+                    t.data = v   # [shape] view into the slot; no allocation
+            else:
+                e.free(a[1], a[2], a[3])
 
     def _order_fault(self, mid: int, pos: int) -> None:
         ran = f"module {self._mod_names[mid]!r} (block {self._mod_block[mid]!r})"
@@ -468,7 +368,7 @@ class StreamedModel:
         if not self._primed:
             self._primed = True
             if self._start_acts:
-                self._run(self._start_acts, -1, first_forward=True)
+                self._run(self._start_acts, first_forward=True)
         dt = perf_counter() - t0 - (self.backend.sync_work_s - w0)
         self._overhead_s += dt
         self._entries += 1
@@ -486,7 +386,7 @@ class StreamedModel:
                                f"{self.program.stages[s].block!r}) never ran")
         n = len(self.program.stages)
         if self._acts[n]:
-            self._run(self._acts[n], n)
+            self._run(self._acts[n])
         self._in_forward = False
         self._pos = self._n_hooked + 1
         dt = perf_counter() - t0 - (self.backend.sync_work_s - w0)
