@@ -56,3 +56,9 @@ def parse_tokens(text: str) -> tuple[int, int]:
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise MemintentError(f"--tokens {text!r} is not BATCHxSEQ: write it like 4x512")
     return int(m.group(1)), int(m.group(2))
+
+
+def round_s(t: float) -> float:
+    """A predicted time kept to 12 significant digits (sub-picosecond for any step), so that the IR text shows
+    ``0.00091064704 s`` rather than a sum's last-bit noise; the printed form still reads back exactly."""
+    return float(f"{t:.12g}")

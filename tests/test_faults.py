@@ -55,8 +55,8 @@ def gen_plan(tmp_path_factory) -> Path:
     from memintent.compiler.planner import plan_generation
 
     path = tmp_path_factory.mktemp("plans") / "gen.plan.json"
-    plan = plan_generation("tiny-llama", budget_bytes=1 << 20, hardware=CPU, context=32, prompt_len=8, gen_len=6,
-                           objective="latency", quant="none")
+    plan = plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=CPU, context=32, prompt_len=8, gen_len=6,
+                           objective="latency", quant="none", dtype="f32")
     assert any(b.residency == Residency.streamed for b in plan.blocks)
     save_plan(plan, path)
     return path
@@ -476,7 +476,7 @@ def test_ctrl_c_during_generate(monkeypatch, gen_plan, tmp_path, capsys):
 
 def test_copy_failing_during_generate(monkeypatch, gen_plan, tmp_path, capsys):
     spy = Spy(monkeypatch)
-    _fail_nth_copy(monkeypatch, 20, RuntimeError("simulated DMA failure"))
+    _fail_nth_copy(monkeypatch, 6, RuntimeError("simulated DMA failure"))   # a few steps in
     out = tmp_path / "gen.json"
     assert main(["generate", str(gen_plan), "--device", "cpu", "--json", str(out)]) == 2
     assert "simulated DMA failure" in one_line_error(capsys)
@@ -487,7 +487,8 @@ def test_copy_failing_during_generate(monkeypatch, gen_plan, tmp_path, capsys):
 def test_generate_runs_clean(gen_plan, tmp_path, capsys):
     out = tmp_path / "gen.json"
     assert main(["generate", str(gen_plan), "--device", "cpu", "--verify", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["identical"] is True
+    rep = json.loads(out.read_text())
+    assert rep["agreement"] == 1.0 and rep["verified_requests"] >= 1
 
 
 ORDER = """

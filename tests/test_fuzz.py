@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 
 from memintent.cli import main
 from memintent.compiler.compile import compile_model
+from memintent.compiler.planner import plan_generation
 from memintent.compiler.hardware import BUILTIN
 from memintent.errors import MemintentError
 from memintent.ir.model import ActionKind, ObjectKind, Program, Residency, SlotKind
@@ -65,8 +66,8 @@ def _settings(n: int) -> settings:
 def base_plans() -> dict[str, Program]:
     return {
         "tiny-llama": compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2),
-        "tiny-llama-kv": compile_model("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, batch=2, seq=8, kv_len=64,
-                                       kv_block_tokens=32),
+        "tiny-llama-kv": plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8,
+                                         gen_len=8, quant="none", concurrency=2, kv_block_tokens=8),
         "toy-mlp": compile_model(TOY, budget_bytes=300 << 10, hardware=CPU, batch=1, seq=1),
     }
 

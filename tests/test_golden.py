@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from memintent.compiler import planner
 from memintent.compiler.compile import trace_ref
 from memintent.compiler.hardware import BUILTIN
-from memintent.ir.model import Program, Quant, Residency, RunShape
+from memintent.compiler.refs import resolve
+from memintent.ir.model import KVQuant, Program, Quant, Residency, RunShape
 from memintent.ir.parser import parse
 from memintent.ir.printer import dump
 from memintent.passes import PIPELINE, run_passes
@@ -28,14 +30,22 @@ STAGES = ["trace", *[p.name for p in PIPELINE]]
 MLP_REF = "py:examples/toy_mlp.py:mlp_stack"
 MLP_BUDGET_BYTES = 800 * 1024   # holds 1 resident layer + head + 2 stream slots of the 6-layer stack
 
-LLAMA_REF = "tiny-llama"
-LLAMA_SHAPE = RunShape(batch=1, seq=1, kv_len=128, kv_block_tokens=64)
 LLAMA_BUDGET_BYTES = 800 * 1024   # int4: the embedding resident, the 4 layers and the head streamed
 
 
-def _stages(ref: str, shape: RunShape, budget_bytes: int, quant: str) -> dict[str, str]:
+def llama_step(kv_quant: KVQuant) -> Program:
+    """tiny-llama's engine step as the generation planner traces it: 12 tokens of at most 4 sequences, a pool of 8
+    blocks of 8 tokens (+ the null block), the attention costed for 2 sequences of an 8 + 8 token workload."""
+    src = resolve("tiny-llama")
+    shape = planner.Shape(concurrency=2, kv_quant=kv_quant, step_tokens=12, max_seqs=4, num_blocks=9)
+    pool = planner.kv_pool(src, shape, block_tokens=8, swap_blocks=4)
+    work = planner.step_work(src, pool, shape, planner.Workload(prompt_len=8, gen_len=8, context=64))
+    return planner.annotate_step(planner.trace_step(src, 12, 4, lambda m: None), src, pool, work, 64)
+
+
+def _stages(program: Program, budget_bytes: int, quant: str) -> dict[str, str]:
     """IR text after the trace and after each pass of the pipeline (residency with bit-width policy ``quant``)."""
-    program = trace_ref(ref, shape).model_copy(update={"budget_bytes": budget_bytes, "hardware": BUILTIN["cpu"]})
+    program = program.model_copy(update={"budget_bytes": budget_bytes, "hardware": BUILTIN["cpu"]})
     out = {"trace": dump(program)}
     for p in PIPELINE:
         program = run_passes(program, [residency_pass(None, quant) if p.name == "residency" else p])
@@ -46,17 +56,17 @@ def _stages(ref: str, shape: RunShape, budget_bytes: int, quant: str) -> dict[st
 
 @pytest.fixture(scope="module")
 def mlp_stages() -> dict:
-    return _stages(MLP_REF, RunShape(batch=1, seq=1), MLP_BUDGET_BYTES, "none")
+    return _stages(trace_ref(MLP_REF, RunShape(batch=1, seq=1)), MLP_BUDGET_BYTES, "none")
 
 
 @pytest.fixture(scope="module")
 def llama_int4_stages() -> dict:
-    return _stages(LLAMA_REF, LLAMA_SHAPE, LLAMA_BUDGET_BYTES, "int4")
+    return _stages(llama_step(KVQuant.none), LLAMA_BUDGET_BYTES, "int4")
 
 
 @pytest.fixture(scope="module")
 def llama_int8_stages() -> dict:
-    return _stages(LLAMA_REF, LLAMA_SHAPE, LLAMA_BUDGET_BYTES, "int8")
+    return _stages(llama_step(KVQuant.int8), LLAMA_BUDGET_BYTES, "int8")
 
 
 def _check(path: Path, text: str, what: str) -> None:
@@ -73,24 +83,30 @@ def test_golden(mlp_stages: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_golden_kv_int4(llama_int4_stages: dict, name: str) -> None:
+def test_golden_step_int4(llama_int4_stages: dict, name: str) -> None:
     # Bit widths are chosen by residency: the stages before it do not depend on the policy and carry no "int4".
     policy = ".int4" if STAGES.index(name) >= STAGES.index("residency") else ""
-    _check(GOLDEN / f"tiny_llama_kv{policy}.{name}.mir", llama_int4_stages[name], name)
+    _check(GOLDEN / f"tiny_llama_step{policy}.{name}.mir", llama_int4_stages[name], name)
 
 
-def test_golden_kv_int8_plan(llama_int8_stages: dict) -> None:
-    _check(GOLDEN / "tiny_llama_kv.int8.verify.mir", llama_int8_stages["verify"], "verify (int8)")
+def test_golden_step_int8_plan(llama_int8_stages: dict) -> None:
+    # int8 weights and an int8 KV pool
+    _check(GOLDEN / "tiny_llama_step.int8.verify.mir", llama_int8_stages["verify"], "verify (int8)")
 
 
 @pytest.mark.parametrize("quant", [Quant.int4, Quant.int8])
 def test_golden_kv_plan_covers_kv_and_quantization(llama_int4_stages: dict, llama_int8_stages: dict,
                                                    quant: Quant) -> None:
-    # What this golden model is for: a KV cache in the arena and quantized streamed blocks in the plan.
+    # What this golden model is for: a KV pool in the arena, read by every layer's attention, with its intent
+    # annotations, and quantized streamed blocks in the plan.
     p: Program = (llama_int4_stages if quant == Quant.int4 else llama_int8_stages)["plan"]
     kv = [o for o in p.objects if o.kind.value == "kv"]
-    assert len(kv) == 4 * 2                                            # 4 layers x ceil(128 / 64) blocks
-    assert any(s.kind.value == "kv" for s in p.arena.slots)
+    assert len(kv) == 1 and kv[0].size_bytes == 9 * p.kv_pool.block_bytes
+    assert kv[0].evict_cost_s > 0 and kv[0].recompute_cost_s > 0 and kv[0].urgency_s > 0
+    readers = [s for s in p.steps if kv[0].name in s.uses]
+    assert len(readers) == 4 and all(s.op.startswith("memintent.paged_attention") for s in readers)
+    slot = next(s for s in p.arena.slots if s.kind.value == "kv")
+    assert slot.size_bytes >= kv[0].size_bytes
     streamed = [b for b in p.blocks if b.residency == Residency.streamed]
     assert {b.name for b in streamed} >= {f"layers.{i}" for i in range(4)}
     assert all(b.quant == quant for b in streamed)

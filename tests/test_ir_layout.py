@@ -55,17 +55,6 @@ def test_alignment_rule():
     assert weight_offsets([10, 256, 300, 0]) == ([0, 256, 512, 1024], 1024)
 
 
-def test_copies_kept_elsewhere_agree():
-    # Modules outside this table's owners still hold their own copies; until they import the table these must
-    # stay equal to it.
-    from memintent.compiler import fingerprint
-    from memintent.passes import residency
-
-    assert fingerprint.TORCH_TO_IR == {t: ir for ir, t in torch_dtypes().items()}
-    assert fingerprint.IR_TO_TORCH == torch_dtypes()
-    assert residency.ALIGN == ALIGN_BYTES and residency.aligned(257) == align_up(257)
-
-
 def test_costing_a_quantized_block_needs_no_runtime():
     # The packed layout is IR arithmetic: the passes size a quantized block's copy without importing torch or the
     # runtime (a fresh interpreter, so nothing else here has imported them yet). 4x8 bf16 as int8: 32 bytes of

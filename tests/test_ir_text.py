@@ -200,7 +200,7 @@ def golden_program() -> Program:
     ]
     return Program(
         name="toy", model=ModelRef(ref="py:examples/toy.py:toy", kind="py", traced_layers=2),
-        fingerprint="5f0c6a1e", shape=RunShape(batch=1, seq=16, kv_len=16, kv_block_tokens=16),
+        fingerprint="5f0c6a1e", shape=RunShape(batch=1, seq=16),
         budget_bytes=1 << 20,
         hardware=HardwareProfile(name="h100-pcie", source="datasheet", h2d_gbps=25.0, d2h_gbps=25.0,
                                  hbm_gbps=2000.0, bf16_tflops=756.0, hbm_bytes=80 * 10**9, dequant_gbps=800.0),
@@ -224,9 +224,9 @@ GOLDEN = r'''
 // Memory Intent IR (spec/IR.md)
 program @toy {
   schema 1
-  model py "py:examples/toy.py:toy" dtype=bf16 traced_layers=2
+  model py "py:examples/toy.py:toy" dtype=bf16 traced_layers=2 attention=sdpa
   fingerprint "5f0c6a1e"
-  shape batch=1 seq=16 kv_len=16 kv_block_tokens=16
+  shape batch=1 seq=16
   budget 1048576 B
   passes ["blocks", "lifetimes", "residency", "schedule"]
   hardware {
@@ -299,11 +299,14 @@ program @toy {
     arena_bytes = 45056
     peak_hbm_bytes = 50304
     peak_step = 1
+    host_pinned_bytes = 0
+    host_pageable_bytes = 0
     prefetch_depth = 1
     binding = "pcie"
     notes = ["layers.1 arrives 1.5 us late"]
   }
   generation none
+  kv_pool none
 }
 '''.lstrip("\n")
 

@@ -23,6 +23,7 @@ from memintent import progress
 
 from memintent.cli import main
 from memintent.compiler.compile import compile_model
+from memintent.compiler.planner import plan_generation
 from memintent.compiler.hardware import BUILTIN, load_profile
 from memintent.compiler.refs import resolve
 from memintent.errors import MemintentError
@@ -53,7 +54,9 @@ def stalling_plan():
 
 @pytest.fixture(scope="module")
 def kv_plan():
-    return compile_model("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, batch=1, seq=16, kv_len=128, depth=2)
+    # A generation plan: an engine step with the KV pool in the arena
+    return plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8, gen_len=8,
+                           quant="none", concurrency=2, kv_block_tokens=8)
 
 
 @pytest.fixture(scope="module")

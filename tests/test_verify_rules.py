@@ -12,6 +12,7 @@ from functools import lru_cache
 import pytest
 
 from memintent.compiler.compile import compile_model
+from memintent.compiler.planner import plan_generation
 from memintent.compiler.hardware import BUILTIN
 from memintent.errors import PlanVerificationError
 from memintent.ir.model import ActionKind, ObjectKind, Program, Quant, Residency, SlotKind
@@ -23,13 +24,13 @@ CPU = BUILTIN["cpu"]
 @lru_cache(maxsize=None)
 def compiled(name: str) -> Program:
     """tiny-llama plans: ``stream`` (4 layers and the head streamed through 2 slots), ``int8`` (4 layers streamed as
-    int8) and ``kv`` (with a KV cache)."""
+    int8) and ``kv`` (a generation plan: an engine step with its KV pool)."""
     if name == "stream":
         return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2)
     if name == "int8":
         return compile_model("tiny-llama", budget_bytes=3 << 19, hardware=CPU, batch=1, seq=16, depth=2, quant="int8")
-    return compile_model("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, batch=2, seq=8, kv_len=64,
-                         kv_block_tokens=32)
+    return plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8, gen_len=8,
+                           quant="none", concurrency=2, kv_block_tokens=8)
 
 
 def test_compiled_plans_verify():

@@ -60,16 +60,10 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
         for r in requests:
             engine.add(r)
         t0 = time.perf_counter()
-        generated = 0
-        while engine.has_work:
-            for out in engine.step():
-                outputs[out.id] = out
-                generated += len(out.token_ids)
-            if progress:
-                progress(len(outputs), generated)
+        _run(engine, outputs, progress)
         total_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    finally:
+    finally:   # also on Ctrl-C: waits for in-flight copies, removes the hooks, releases the arena
         engine.close()
     ordered = [outputs[r.id] for r in requests]
     rep = summarize(engine.stats, ordered, total_s=total_s, program=program, prompt_tokens=sum(
@@ -84,6 +78,24 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
         a = compare(engine.src, device, requests, ordered, engine.tracked_logits)
         rep.agreement, rep.max_logit_error, rep.verified_requests = a.fraction, a.max_logit_error, a.requests
     return rep, ordered, engine
+
+
+def _run(engine: Engine, outputs: dict, progress) -> None:
+    """Step the engine until every request finished; a failure mid-run (a copy, the device's memory) is one line."""
+    from memintent.runtime.device import as_fault
+
+    generated = 0
+    try:
+        while engine.has_work:
+            for out in engine.step():
+                outputs[out.id] = out
+                generated += len(out.token_ids)
+            if progress:
+                progress(len(outputs), generated)
+    except MemintentError:
+        raise
+    except Exception as e:
+        raise as_fault(e, f"serving (engine step {engine.scheduler.steps})") from e
 
 
 def exact(program: Program) -> bool:
@@ -113,10 +125,13 @@ def run_generate(args) -> int:
     for r in requests:
         reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
                       where=f"{args.prompts}:{where[r.id]}: " if r.id in where else "")
-    show = _progress(con, len(requests))
-    rep, outputs, engine = serve(program, requests, device=device, check=args.check, preempt=args.preempt,
-                                 warmup=args.warmup, verify=args.verify, progress=show, allow_code=args.allow_code,
-                                 log=lambda line: con.print(f"[dim]{line}[/dim]"))
+    from memintent.progress import status
+
+    with status(f"serving {len(requests)} requests", console=con) as st:
+        rep, outputs, engine = serve(
+            program, requests, device=device, check=args.check, preempt=args.preempt, warmup=args.warmup,
+            verify=args.verify, allow_code=args.allow_code, log=lambda line: con.print(f"[dim]{line}[/dim]"),
+            progress=lambda done, gen: st.update(f"{done} of {len(requests)} requests done, {gen} tokens generated"))
     tokenizer = src.tokenizer() if hasattr(src, "tokenizer") else None
     if args.output:
         write_atomic(args.output, "".join(json.dumps(_with_text(o, tokenizer).as_json()) + "\n" for o in outputs))
@@ -142,23 +157,6 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)
-
-
-def _progress(con, total: int):
-    """A progress line: a live bar on a terminal, one plain line every few seconds in a log."""
-    state = {"last": 0.0}
-
-    def show(done: int, generated: int) -> None:
-        now = time.monotonic()
-        if now - state["last"] < (0.2 if con.is_terminal else 5.0) and done < total:
-            return
-        state["last"] = now
-        width = 30
-        bar = "#" * (width * done // max(total, 1))
-        con.print(f"requests [{bar:<{width}}] {done}/{total}, {generated} tokens generated",
-                  end="\r" if con.is_terminal and done < total else "\n")
-
-    return show
 
 
 def _print(program: Program, rep: ServeReport, con) -> None:

@@ -28,13 +28,12 @@ def trace_ref(ref: str, shape: RunShape, dtype: str | None = None, allow_code: b
 
 
 def compile_model(ref: str, *, budget_bytes: int | None, hardware: HardwareProfile, batch: int = 1, seq: int = 64,
-                  kv_len: int = 0, kv_block_tokens: int = 64, dtype: str | None = None, allow_code: bool = True,
+                  dtype: str | None = None, allow_code: bool = True,
                   depth: int | None = None, quant: str = "none", progress: Callable[[str], None] | None = None) -> Program:
-    for name, v, lo in (("--batch", batch, 1), ("--seq", seq, 1), ("--kv-len", kv_len, 0),
-                        ("--kv-block-tokens", kv_block_tokens, 1), ("--depth", depth or 1, 1)):
+    for name, v, lo in (("--batch", batch, 1), ("--seq", seq, 1), ("--depth", depth or 1, 1)):
         if v < lo:
             raise MemintentError(f"{name} {v} must be at least {lo}")
-    shape = RunShape(batch=batch, seq=seq, kv_len=kv_len, kv_block_tokens=kv_block_tokens)
+    shape = RunShape(batch=batch, seq=seq)
     program = trace_ref(ref, shape, dtype=dtype, allow_code=allow_code, progress=progress)
     say = progress or (lambda m: None)
     return schedule_program(program, budget_bytes, hardware, on_pass=lambda n: say(f"pass {n}"), depth=depth,

@@ -7,22 +7,15 @@ import hashlib
 import torch
 
 from memintent.errors import MemintentError
+from memintent.ir.dtypes import ir_dtype_of, torch_dtypes
 from memintent.ir.model import ObjectKind, Program
 
-# torch dtype -> IR dtype name
-TORCH_TO_IR: dict[torch.dtype, str] = {
-    torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-    torch.bool: "bool", torch.complex64: "c64",
-}
-IR_TO_TORCH: dict[str, torch.dtype] = {v: k for k, v in TORCH_TO_IR.items()}
-
-
 def ir_dtype(dtype: torch.dtype) -> str:
-    try:
-        return TORCH_TO_IR[dtype]
-    except KeyError:
-        raise MemintentError(f"dtype {dtype} is not supported: use one of {sorted(map(str, TORCH_TO_IR))}") from None
+    """The IR name of a tensor's dtype (``memintent.ir.dtypes`` is the one table); a one-line error for others."""
+    name = ir_dtype_of(dtype)
+    if name is None:
+        raise MemintentError(f"dtype {dtype} is not supported: use one of {sorted(map(str, torch_dtypes().values()))}")
+    return name
 
 
 def fingerprint_entries(entries: list[tuple[str, list[int] | tuple[int, ...], str]]) -> str:

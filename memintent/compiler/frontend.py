@@ -391,7 +391,6 @@ def trace(spec: TraceSpec, shape: RunShape, progress: Callable[[str], None] | No
     objects += buffers.objects
     if steps:
         objects += _finish_steps(steps, protos, outputs, buffers, spec)
-    _add_kv(objects, steps, blocks, spec, shape, layers_path, n_layers, entries)
     return Program(
         name=spec.name, model=spec.ref.model_copy(update={"traced_layers": traced_layers}),
         fingerprint=fingerprint_entries(entries), shape=shape,
@@ -505,28 +504,3 @@ def _finish_steps(steps: list[Step], protos: list[_Proto], outputs: list[str], b
     return [Object(name=name, kind=ObjectKind.buffer, dtype=ir_dtype(t.dtype) if t is not None else "i64",
                    shape=list(t.shape) if t is not None else [], size_bytes=_tensor_bytes(t), home=Tier.hbm)
             for name in dict.fromkeys(r for p in protos for k, r in p.inputs if k == "input")]
-
-
-def _add_kv(objects: list[Object], steps: list[Step], blocks: list[Block], spec: TraceSpec, shape: RunShape,
-            layers_path: str | None, n_layers: int, entries: list) -> None:
-    """KV-cache objects: per layer, ceil(kv_len / kv_block_tokens) blocks of keys and values."""
-    if shape.kv_len <= 0:
-        return
-    if not (layers_path and spec.n_kv_heads and spec.head_dim):
-        raise MemintentError(f"--kv-len needs a decoder model with known KV heads and head size; "
-                             f"{spec.ref.ref} does not say them (use --kv-len 0)")
-    dtype = spec.ref.dtype
-    per_block = 2 * shape.batch * spec.n_kv_heads * shape.kv_block_tokens * spec.head_dim  # keys + values
-    n_blocks = -(-shape.kv_len // shape.kv_block_tokens)
-    for i in range(n_layers):
-        layer = f"{layers_path}.{i}"
-        attn = [s for s in steps if s.block == layer and "scaled_dot_product" in s.op]
-        users = attn or [s for s in steps if s.block == layer][:1]
-        for j in range(n_blocks):
-            name = f"kv.{layer}.{j}"
-            objects.append(Object(
-                name=name, kind=ObjectKind.kv, dtype=dtype,
-                shape=[2, shape.batch, spec.n_kv_heads, shape.kv_block_tokens, spec.head_dim],
-                size_bytes=dtype_bytes(dtype, per_block), home=Tier.hbm, block=layer))
-            for s in users:
-                s.uses.append(name)

@@ -24,12 +24,14 @@ def check_source(program: Program, src: ModelSource) -> None:
     """Refuse, before anything is allocated, a model or checkpoint that is not the one the plan was compiled for:
     the built model's fingerprint (weight names, shapes, dtypes) must be the plan's, and stored weights (the
     safetensors headers of an hf: folder) must have the shapes and dtypes the plan expects."""
-    from memintent.compiler.fingerprint import IR_TO_TORCH, check_fingerprint
+    from memintent.compiler.fingerprint import check_fingerprint
+    from memintent.ir.dtypes import torch_dtypes
     from memintent.ir.model import ObjectKind
 
     check_fingerprint(src.build("meta"), program)
     want = {o.name: (tuple(o.shape), o.dtype) for o in program.objects if o.kind == ObjectKind.weight}
-    src.check_checkpoint({n: (shape, IR_TO_TORCH[d]) for n, (shape, d) in want.items() if d in IR_TO_TORCH})
+    torch_of = torch_dtypes()
+    src.check_checkpoint({n: (shape, torch_of[d]) for n, (shape, d) in want.items() if d in torch_of})
 
 
 def resident_model(src: ModelSource, device: torch.device) -> torch.nn.Module:

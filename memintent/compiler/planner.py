@@ -44,13 +44,20 @@ import torch
 from memintent.compiler.frontend import TraceSpec, trace
 from memintent.compiler.refs import resolve
 from memintent.engine import attention
+from memintent.engine.attention import gather_tokens
 from memintent.engine.kv_pool import layout_of
 from memintent.engine.runner import engine_build_kwargs
 from memintent.errors import MemintentError
 from memintent.ir.model import (
     GenerationPlan, HardwareProfile, KVPool, KVQuant, Object, ObjectKind, Program, Residency, RunShape, Tier,
+    align_up,
 )
 from memintent.passes import schedule_program
+from memintent.passes.costs import step_time_s
+from memintent.passes.lifetimes import activation_profile, lifetimes
+from memintent.passes.manager import PassContractError
+from memintent.passes.prefetch import schedule_of
+from memintent.passes.residency import residency
 from memintent.units import fmt_bytes
 
 KV_QUANT_GAIN = 1.05          # --kv-quant auto: int8 KV must predict >5 % more tokens/s than bf16 KV
@@ -97,7 +104,8 @@ def step_spec(src, tokens: int, seqs: int) -> TraceSpec:
     else:
         inputs, kwargs = (ids, pos, rows), {}
     build_kw = engine_build_kwargs(src)
-    return TraceSpec(name=src.ref.removeprefix("hf:").rstrip("/").rsplit("/", 1)[-1], ref=src.model_ref(),
+    return TraceSpec(name=src.ref.removeprefix("hf:").rstrip("/").rsplit("/", 1)[-1],
+                     ref=src.model_ref(attention=attention.ENGINE_ATTENTION),
                      build=lambda n: src.build("meta", num_layers=n, **build_kw), inputs=inputs, kwargs=kwargs,
                      layers_path=src.layers_path, num_layers=src.num_layers, n_kv_heads=src.n_kv_heads,
                      head_dim=src.head_dim)
@@ -114,13 +122,16 @@ def is_attention(op: str) -> bool:
 
 class AffineStep:
     """A step's per-op FLOPs and bytes and its buffers' sizes as affine functions of (tokens, seqs), from three
-    traces. ``exact`` is False when the three traces differ in structure (then callers trace each shape)."""
+    traces. ``exact`` is False when the three traces differ in structure (then callers trace each shape).
+
+    For the search it also keeps, per step, the live activation bytes (``activation_profile``) as affine functions:
+    a buffer's lifetime is the same at every shape, so the bytes live at a step are a sum of affine sizes."""
 
     def __init__(self, src, base: tuple[int, int], progress: Callable[[str], None]):
         t1, s1 = base
         self.base = base
-        self.p = trace_step(src, t1, s1, progress)
-        pt, ps = trace_step(src, 2 * t1, s1, progress), trace_step(src, t1, 2 * s1, progress)
+        self.p = lifetimes(trace_step(src, t1, s1, progress))
+        pt, ps = (lifetimes(trace_step(src, *shape, progress)) for shape in ((2 * t1, s1), (t1, 2 * s1)))
         self.exact = (len(self.p.steps) == len(pt.steps) == len(ps.steps)
                       and len(self.p.objects) == len(pt.objects) == len(ps.objects))
         if not self.exact:
@@ -130,6 +141,9 @@ class AffineStep:
                         for a, b, c in zip(self.p.steps, pt.steps, ps.steps)]
         self.d_sizes = [((b.size_bytes - a.size_bytes) / t1, (c.size_bytes - a.size_bytes) / s1)
                         for a, b, c in zip(self.p.objects, pt.objects, ps.objects)]
+        prof, prof_t, prof_s = (activation_profile(x) for x in (self.p, pt, ps))
+        self.live = [(a, (b - a) / t1, (c - a) / s1) for a, b, c in zip(prof, prof_t, prof_s)]
+        self.attention_steps = [s.index for s in self.p.steps if is_attention(s.op)]
 
     def at(self, tokens: int, seqs: int) -> Program:
         """The traced program at another shape (weights and structure shared, sizes and costs interpolated)."""
@@ -143,6 +157,25 @@ class AffineStep:
         return self.p.model_copy(update=dict(steps=steps, objects=objects,
                                              shape=RunShape(batch=1, seq=tokens)))
 
+    def stage_times(self, tokens: int, seqs: int, hw: HardwareProfile, attn: attention.AttentionWork) -> list[float]:
+        """Each stage's compute time at (tokens, seqs) with the attention ops costed as ``attn`` (the costs pass's
+        step rule, without building the program)."""
+        dt, ds = tokens - self.base[0], seqs - self.base[1]
+        attn_s = step_time_s(attn.flops, attn.hbm_bytes, hw)
+        per_step = [attn_s if is_attention(s.op) else step_time_s(
+            max(0, round(s.flops + a * dt + c * ds)), max(0, round(s.hbm_bytes + b * dt + d * ds)), hw)
+            for s, (a, b, c, d) in zip(self.p.steps, self.d_steps)]
+        return [sum(per_step[st.first_step:st.last_step + 1]) for st in self.p.stages]
+
+    def activation_peak(self, tokens: int, seqs: int, scratch_bytes: int) -> int:
+        """Peak live activation bytes at (tokens, seqs), each attention op also holding ``scratch_bytes``."""
+        dt, ds = tokens - self.base[0], seqs - self.base[1]
+        live = [a + b * dt + c * ds for a, b, c in self.live]
+        peak = max(live, default=0.0)
+        for i in self.attention_steps:
+            peak = max(peak, live[i] + scratch_bytes)
+        return int(math.ceil(peak))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention, the pool and the candidate's program
@@ -154,12 +187,12 @@ def kv_pool(src, shape: Shape, block_tokens: int, swap_blocks: int) -> KVPool:
     return probe.model_copy(update={"block_bytes": layout_of(probe, src.torch_dtype).block_bytes})
 
 
-def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork) -> Program:
+def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork, context: int) -> Program:
     """Give the step's attention ops their cost for the workload, the KV pool as what they read and write, and
     their gather scratch (``attention.gather_scratch_bytes``, the bound the runtime chunks its gathers to)."""
     layout = layout_of(pool, src.torch_dtype)
-    scratch = attention.gather_scratch_bytes((pool.num_blocks - 1) * pool.block_tokens, pool.kv_heads,
-                                             pool.head_dim, src.torch_dtype, layout.quantized)
+    scratch = attention.gather_scratch_bytes(gather_tokens(pool, context), pool.kv_heads, pool.head_dim,
+                                             src.torch_dtype, layout.quantized)
     p.objects.append(Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8",
                             shape=[pool.num_blocks, pool.block_bytes], size_bytes=pool.num_blocks * pool.block_bytes,
                             home=Tier.hbm))
@@ -214,13 +247,17 @@ def hide_tokens(src, step: Program, hw: HardwareProfile) -> int:
 @dataclass(slots=True)
 class Outcome:
     shape: Shape
-    plan: Program | None          # scheduled (interpolated) program, None when infeasible
+    plan: Program | None          # the candidate's program with its residency decided, None when infeasible
     tokens_per_s: float
     why: str = ""
+    step_s: float = 0.0           # simulated step
+    binding: str = ""
 
 
 class Search:
-    """Evaluates candidates: the step at the candidate's shape, scheduled under the budget."""
+    """Evaluates candidates: the residency decision and the simulated step at the candidate's shape, on a light
+    program (stages, visits, blocks and weights; the pool, the activation peak and the gather scratch as one
+    reservation), so a candidate costs one residency search rather than a trace and the whole pipeline."""
 
     def __init__(self, src, step: AffineStep, w: Workload, *, budget_bytes: int, hw: HardwareProfile, quant: str,
                  block_tokens: int, swap: Callable[[Shape], int], say: Callable[[str], None]):
@@ -228,14 +265,34 @@ class Search:
         self.budget, self.hw, self.quant, self.block_tokens = budget_bytes, hw, quant, block_tokens
         self.swap, self.say = swap, say
         self.cache: dict[tuple[int, str], Outcome] = {}
+        self.weights = [o for o in step.p.objects if o.kind == ObjectKind.weight]
 
     def program(self, shape: Shape, exact: bool = False) -> Program:
+        """The candidate's traced step, annotated: exactly traced, or interpolated from the three traces."""
         pool = kv_pool(self.src, shape, self.block_tokens, self.swap(shape))
         if exact or not self.step.exact:
             p = trace_step(self.src, shape.step_tokens, shape.max_seqs, self.say)
         else:
             p = self.step.at(shape.step_tokens, shape.max_seqs)
-        return annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w))
+        return annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w), self.w.context)
+
+    def light(self, shape: Shape) -> Program:
+        pool = kv_pool(self.src, shape, self.block_tokens, self.swap(shape))
+        layout = layout_of(pool, self.src.torch_dtype)
+        work = step_work(self.src, pool, shape, self.w)
+        times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work)
+        scratch = attention.gather_scratch_bytes(gather_tokens(pool, self.w.context), pool.kv_heads,
+                                                 pool.head_dim, self.src.torch_dtype, layout.quantized)
+        held = (align_up(pool.num_blocks * pool.block_bytes)
+                + self.step.activation_peak(shape.step_tokens, shape.max_seqs, scratch))
+        reserve = Object(name="kv.pool+activations", kind=ObjectKind.workspace, dtype="u8", shape=[held],
+                         size_bytes=held, home=Tier.hbm)
+        base = self.step.p
+        return Program.model_construct(
+            **{**dict(base), "objects": [*self.weights, reserve], "steps": [],
+               "blocks": [b.model_copy() for b in base.blocks],
+               "stages": [st.model_copy(update={"time_s": t}) for st, t in zip(base.stages, times)],
+               "budget_bytes": self.budget, "hardware": self.hw, "arena": None})
 
     def evaluate(self, shape: Shape) -> Outcome:
         key = (shape.concurrency, shape.kv_quant.value)
@@ -244,11 +301,22 @@ class Search:
         return self.cache[key]
 
     def _evaluate(self, shape: Shape) -> Outcome:
+        p = self.light(shape) if self.step.exact else None
         try:
-            plan = schedule_program(self.program(shape), self.budget, self.hw, quant=self.quant)
+            if p is None:
+                p = schedule_program(self.program(shape), self.budget, self.hw, quant=self.quant)
+                pr = p.prediction
+                return Outcome(shape, p, shape.concurrency / pr.step_time_s, step_s=pr.step_time_s,
+                               binding=pr.binding)
+            residency(p, None, self.quant)
+        except PassContractError:
+            raise          # a broken pass is a bug, not a candidate that does not fit
         except MemintentError as e:
             return Outcome(shape, None, 0.0, f"does not fit ({str(e).split(':')[0]})")
-        return Outcome(shape, plan, shape.concurrency / plan.prediction.step_time_s)
+        _, sim, _ = schedule_of(p)
+        step_s = sim.step_time_s
+        binding = "none" if not sim.copies else ("pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
+        return Outcome(shape, p, shape.concurrency / step_s, step_s=step_s, binding=binding)
 
 
 def _largest_fitting(search: Search, kvq: KVQuant, hide: int) -> int:
@@ -314,8 +382,8 @@ def _describe(o: Outcome, chosen: Outcome) -> str:
     if o.plan is None:
         return f"{head}: {o.why}"
     streamed = sum(1 for b in o.plan.blocks if b.residency == Residency.streamed)
-    return (f"{head}: {o.tokens_per_s:.2f} tok/s, step {o.plan.prediction.step_time_s * 1e3:.1f} ms, {streamed} "
-            f"blocks streamed, binds {o.plan.prediction.binding} (below the chosen {chosen.tokens_per_s:.2f})")
+    return (f"{head}: {o.tokens_per_s:.2f} tok/s, step {o.step_s * 1e3:.1f} ms, {streamed} blocks streamed, binds "
+            f"{o.binding} (below the chosen {chosen.tokens_per_s:.2f})")
 
 
 def _distinct(outs: list[Outcome], chosen: Outcome) -> list[Outcome]:
@@ -329,8 +397,8 @@ def _distinct(outs: list[Outcome], chosen: Outcome) -> list[Outcome]:
     return out
 
 
-def _binding(chosen: Outcome, outs: list[Outcome]) -> str:
-    b = chosen.plan.prediction.binding
+def _binding(plan: Program, chosen: Outcome, outs: list[Outcome]) -> str:
+    b = plan.prediction.binding
     bigger = [o for o in outs if o.shape.kv_quant == chosen.shape.kv_quant
               and o.shape.concurrency > chosen.shape.concurrency]
     if b != "pcie" and bigger and all(o.plan is None for o in bigger):
@@ -386,7 +454,7 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
 def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, objective: str, quant: str, kv_quant: str,
             swap_blocks: int | None) -> Program:
     s, w = chosen.shape, search.w
-    if swap_blocks is None and chosen.plan.prediction.binding == "pcie":
+    if swap_blocks is None and chosen.binding == "pcie":
         # A PCIe-bound plan never swaps (its copy engine has no idle time, so victims recompute): no pinned swap
         # space is reserved for it.
         search.swap = lambda shape: 0
@@ -397,7 +465,7 @@ def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, objective: 
         objective=objective, step_tokens=s.step_tokens, max_seqs=s.max_seqs, context=w.context,
         prompt_len=w.prompt_len, gen_len=w.gen_len, concurrency=s.concurrency, quant_policy=quant,
         kv_quant_policy=kv_quant, decode_step_s=pr.step_time_s, tokens_per_s=tok_s,
-        binding=_binding(chosen, outs),
+        binding=_binding(plan, chosen, outs),
         alternatives=[_describe(o, chosen) for o in _distinct(outs, chosen)][:12])
     return plan
 

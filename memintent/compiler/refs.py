@@ -293,10 +293,11 @@ class ModelSource:
         """Refuse stored weights that differ from ``{name: (shape, dtype)}`` before any is read (a checkpoint that
         changed since compiling). Sources without files (presets, py: factories) have nothing to check."""
 
-    def model_ref(self, traced_layers: int | None = None):
+    def model_ref(self, traced_layers: int | None = None, attention: str | None = None):
         from memintent.ir.model import ModelRef
 
-        return ModelRef(ref=self.ref, kind=self.kind, dtype=self.dtype, traced_layers=traced_layers)
+        return ModelRef(ref=self.ref, kind=self.kind, dtype=self.dtype, traced_layers=traced_layers,
+                        attention=attention or self.attention)
 
 
 class PresetSource(ModelSource):

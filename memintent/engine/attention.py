@@ -38,6 +38,7 @@ from memintent.engine.kv_pool import PoolViews
 from memintent.errors import MemintentError
 
 OP_NAME = "memintent.paged_attention"
+ENGINE_ATTENTION = "memintent"      # the name registered with transformers, and ModelRef.attention of a generation plan
 
 
 @dataclass(slots=True)
@@ -279,6 +280,15 @@ def gather_scratch_bytes(gather_tokens: int, kv_heads: int, head_dim: int, dtype
     return gather_tokens * per_token + gather_tokens
 
 
+def gather_tokens(pool, context: int) -> int:
+    """Padded positions one decode chunk may gather (per layer): an eighth of the pool, and never less than one
+    sequence of the plan's context. The plan counts this scratch (``gather_scratch_bytes``) and the runner splits
+    decode sequences into chunks within it (``plan_decode_chunks``): one rule for both."""
+    capacity = (pool.num_blocks - 1) * pool.block_tokens
+    whole = -(-context // pool.block_tokens) * pool.block_tokens
+    return min(capacity, max(whole, -(-capacity // 8)))
+
+
 def plan_decode_chunks(contexts: list[int], block_tokens: int, gather_tokens: int) -> list[list[int]]:
     """Split decode sequences (their context lengths, in step order) into chunks whose padded gather,
     len(chunk) * max blocks * block_tokens, stays within ``gather_tokens``: the attention scratch the plan
@@ -306,8 +316,8 @@ def register_hf_attention() -> str:
     model with (``attn_implementation=...``)."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register("memintent", hf_attention)
-    return "memintent"
+    AttentionInterface.register(ENGINE_ATTENTION, hf_attention)
+    return ENGINE_ATTENTION
 
 
 def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,

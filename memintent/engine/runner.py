@@ -52,7 +52,7 @@ class ModelRunner:
         pool = program.kv_pool
         self.layout = layout_of(pool, src.torch_dtype)
         self.dtype = src.torch_dtype
-        self.gather_tokens = (pool.num_blocks - 1) * pool.block_tokens
+        self.gather_tokens = attention.gather_tokens(pool, program.generation.context)
         self.handle = None
         self.forward_stats: list = []                    # the runtime's per-step statistics, kept at close
         model = src.build("meta", **engine_build_kwargs(src))

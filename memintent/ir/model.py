@@ -129,13 +129,12 @@ class ModelRef(_Model):
     kind: Literal["preset", "hf", "py"]
     dtype: str = "bf16"           # dtype of the weights as traced
     traced_layers: int | None = None  # decoder layers actually traced when repeated layers were folded
+    attention: str = "sdpa"       # the attention implementation the traced model runs ("memintent": the engine's)
 
 
 class RunShape(_Model):
     batch: Pos                    # sequences per forward
-    seq: Pos                      # tokens per sequence in the traced forward
-    kv_len: NonNeg = 0               # tokens of KV cache reserved per sequence (0: no cache)
-    kv_block_tokens: Pos = 64     # tokens per KV block object
+    seq: Pos                      # tokens per sequence in the traced forward (an engine step: its tokens)
 
 
 class HardwareProfile(_Model):

@@ -194,13 +194,12 @@ class _Builder(Transformer):
                       {}, name)
 
     def header(self, c):
-        (schema, kind, ref, dtype, traced, fingerprint, batch, seq, kv_len, kv_block_tokens, budget, passes) = c
+        (schema, kind, ref, dtype, traced, attention, fingerprint, batch, seq, budget, passes) = c
         if str(kind) not in _MODEL_KINDS:
             raise _SemanticError(f"unknown model kind {kind!s}: expected one of {', '.join(_MODEL_KINDS)}", kind)
         model = _build(ModelRef, dict(ref=_string(ref), kind=str(kind), dtype=_name(dtype),
-                                      traced_layers=_opt_int(traced)), {}, kind)
-        shape = _build(RunShape, dict(batch=_int(batch), seq=_int(seq), kv_len=_int(kv_len),
-                                      kv_block_tokens=_int(kv_block_tokens)), {}, batch)
+                                      traced_layers=_opt_int(traced), attention=_name(attention)), {}, kind)
+        shape = _build(RunShape, dict(batch=_int(batch), seq=_int(seq)), {}, batch)
         return dict(schema_version=_int(schema), model=model, fingerprint=_string(fingerprint), shape=shape,
                     budget_bytes=_opt_int(budget), passes=passes)
 

@@ -243,10 +243,10 @@ def dump(program: Program) -> str:
         "// Memory Intent IR (spec/IR.md)",
         f"program {sym(p.name)} {{",
         f"{INDENT}schema {_int(p.schema_version)}",
-        f"{INDENT}model {word(m.kind)} {quote(m.ref)} dtype={word(m.dtype)} traced_layers={_opt_int(m.traced_layers)}",
+        f"{INDENT}model {word(m.kind)} {quote(m.ref)} dtype={word(m.dtype)} traced_layers={_opt_int(m.traced_layers)} "
+        f"attention={word(m.attention)}",
         f"{INDENT}fingerprint {quote(p.fingerprint)}",
-        f"{INDENT}shape batch={_int(s.batch)} seq={_int(s.seq)} kv_len={_int(s.kv_len)} "
-        f"kv_block_tokens={_int(s.kv_block_tokens)}",
+        f"{INDENT}shape batch={_int(s.batch)} seq={_int(s.seq)}",
         f"{INDENT}budget {_opt_bytes(p.budget_bytes)}",
         f"{INDENT}passes {_names([quote(n) for n in p.passes], INDENT)}",
     ]

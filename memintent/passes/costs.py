@@ -11,6 +11,7 @@ host-to-device bandwidth; a quantized block adds its dequantisation (output byte
 from __future__ import annotations
 
 from memintent.ir.model import Block, HardwareProfile, Object, ObjectKind, Program, Quant
+from memintent.units import round_s
 from memintent.passes.manager import Pass, ensure
 
 INT4_GROUP = 128  # int4 values per bf16 scale
@@ -51,33 +52,35 @@ def costs(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
     hw = p.hardware
     for s in p.steps:
-        s.time_s = step_time_s(s.flops, s.hbm_bytes, hw)
+        s.time_s = round_s(step_time_s(s.flops, s.hbm_bytes, hw))
     start_s = []
     t = 0.0
     for s in p.steps:
         start_s.append(t)
         t += s.time_s
     for st in p.stages:
-        st.time_s = sum(p.steps[i].time_s for i in range(st.first_step, st.last_step + 1))
+        st.time_s = round_s(sum(p.steps[i].time_s for i in range(st.first_step, st.last_step + 1)))
     for b in p.blocks:
         b.transfer_bytes = transfer_bytes(b, p)
-    layer_time = {st.block: st.time_s for st in p.stages}
-    defined = {d for s in p.steps for d in s.defs}
     for o in p.objects:
         if o.urgency_step is not None:
-            o.urgency_s = start_s[o.urgency_step]
-        if o.kind == ObjectKind.weight:
-            o.evict_cost_s, o.recompute_cost_s = 0.0, None          # clean: dropping costs nothing
-        elif o.kind == ObjectKind.kv:
-            o.evict_cost_s = o.size_bytes / (hw.d2h_gbps * 1e9)      # dirty: written back before eviction
-            # Recomputing a KV block re-runs its layer for those tokens: the layer's time, pro rata.
-            frac = p.shape.kv_block_tokens / max(p.shape.seq, 1)
-            o.recompute_cost_s = layer_time.get(o.block or "", 0.0) * min(frac, 1.0)
+            o.urgency_s = round_s(start_s[o.urgency_step])
+        if o.kind == ObjectKind.kv and p.kv_pool is not None:
+            o.evict_cost_s, o.recompute_cost_s = kv_block_costs(p, t)
         else:
-            o.evict_cost_s = o.size_bytes / (hw.d2h_gbps * 1e9)
-            # A step output is recomputed by re-running its step; a model input cannot be recomputed.
-            o.recompute_cost_s = p.steps[o.first_use].time_s if o.name in defined else None
+            # Weights are clean (dropping one costs nothing; it is copied in again from its home) and activations
+            # never leave HBM in these plans: neither cost has a reader (spec/IR.md, "Who reads what").
+            o.evict_cost_s, o.recompute_cost_s = 0.0, None
     return p
+
+
+def kv_block_costs(p: Program, step_s: float) -> tuple[float, float]:
+    """The KV pool's intent annotations, per block (the scheduler reads them to preempt by cost):
+    (seconds to swap one block out to host memory and back in on the copy engine, seconds to recompute its tokens:
+    ``block_tokens`` times the step's compute per token)."""
+    pool, hw = p.kv_pool, p.hardware
+    swap_s = pool.block_bytes / (hw.d2h_gbps * 1e9) + pool.block_bytes / (hw.h2d_gbps * 1e9)
+    return round_s(swap_s), round_s(pool.block_tokens * step_s / max(p.shape.seq, 1))
 
 
 def _ensure(p: Program) -> None:

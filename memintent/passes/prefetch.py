@@ -14,11 +14,14 @@ behind the last layers' compute.
 
 from __future__ import annotations
 
-from memintent.ir.model import Arena, ObjectKind, Prediction, Program, Residency, Slot, SlotKind
+from memintent.ir.model import (
+    ALIGN_BYTES, Arena, ObjectKind, Prediction, Program, Quant, Residency, Slot, SlotKind, align_up,
+)
+from memintent.units import round_s
 from memintent.passes.costs import copy_time_s, dequant_time_s
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, PassContractError, ensure
-from memintent.passes.residency import ALIGN, aligned, reserved_bytes
+from memintent.passes.residency import reserved_bytes
 from memintent.passes.schedule import Schedule, make_schedule
 from memintent.passes.simulate import SimResult, simulate
 
@@ -44,18 +47,18 @@ def _lay_out_arena(p: Program, k: int, slot_bytes: int) -> int:
         if b.residency == Residency.resident:
             b.slot = len(slots)
             slots.append(Slot(index=len(slots), kind=SlotKind.resident, offset_bytes=off,
-                              size_bytes=aligned(b.size_bytes), holds=[b.name]))
-            off += aligned(b.size_bytes)
+                              size_bytes=align_up(b.size_bytes), holds=[b.name]))
+            off += align_up(b.size_bytes)
     first_stream = len(slots)
     for _ in range(k):
         slots.append(Slot(index=len(slots), kind=SlotKind.stream, offset_bytes=off, size_bytes=slot_bytes))
         off += slot_bytes
-    kv_bytes = sum(aligned(o.size_bytes) for o in p.objects if o.kind == ObjectKind.kv)
+    kv_bytes = sum(align_up(o.size_bytes) for o in p.objects if o.kind == ObjectKind.kv)
     if kv_bytes:
         slots.append(Slot(index=len(slots), kind=SlotKind.kv, offset_bytes=off, size_bytes=kv_bytes,
                           holds=sorted({o.block for o in p.objects if o.kind == ObjectKind.kv and o.block})))
         off += kv_bytes
-    p.arena = Arena(size_bytes=off, alignment_bytes=ALIGN, slots=slots)
+    p.arena = Arena(size_bytes=off, alignment_bytes=ALIGN_BYTES, slots=slots)
     return first_stream
 
 
@@ -75,9 +78,9 @@ def _place_visits(p: Program, sched: Schedule, sim: SimResult, deq_s: dict[int, 
         v.issue_next_forward = sched.issue_next[i]
         # Times are from the steady-state forward's start: a copy issued in the previous forward may arrive at a
         # negative time.
-        v.arrive_s = arrive[i]
-        v.deadline_s = sim.stage_start_s[sched.wait_stage[i]] - sim.stage_stall_s[sched.wait_stage[i]]
-        v.slack_s = v.deadline_s - v.arrive_s
+        v.arrive_s = round_s(arrive[i])
+        v.deadline_s = round_s(sim.stage_start_s[sched.wait_stage[i]] - sim.stage_stall_s[sched.wait_stage[i]])
+        v.slack_s = round_s(v.deadline_s - v.arrive_s)
 
 
 def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) -> Prediction:
@@ -90,15 +93,29 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
     floor = max(streamed_bytes / (p.hardware.h2d_gbps * 1e9), sim.compute_s)
     binding = "none" if not sched.visits else ("pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
     arena_bytes = p.arena.size_bytes
+    pinned, pageable = host_bytes(p)
     return Prediction(
-        step_time_s=sim.step_time_s, first_step_time_s=sim.first_step_time_s, compute_s=sim.compute_s,
-        stall_s=sim.stall_s, streamed_bytes=streamed_bytes, floor_s=floor,
+        step_time_s=round_s(sim.step_time_s), first_step_time_s=round_s(sim.first_step_time_s),
+        compute_s=round_s(sim.compute_s), stall_s=round_s(sim.stall_s), streamed_bytes=streamed_bytes,
+        floor_s=round_s(floor), host_pinned_bytes=pinned, host_pageable_bytes=pageable,
         resident_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.resident),
         stream_slot_bytes=slot_bytes * sched.k,
         kv_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.kv), activation_peak_bytes=peak_act,
         workspace_bytes=workspace, arena_bytes=arena_bytes, peak_hbm_bytes=arena_bytes + peak_act + workspace,
         peak_step=prof.index(peak_act) if prof else 0, prefetch_depth=sched.k, binding=binding,
     )
+
+
+def host_bytes(p: Program) -> tuple[int, int]:
+    """(pinned, pageable) host bytes a run holds: the host store's buffers (a streamed block's in its transfer
+    layout, pinned, as the runtime's HostStore pins only what streams; a resident block's pageable) with the KV
+    swap space pinned, and the one full-precision block the fill quantizes packed blocks from."""
+    pinned = sum(align_up(b.transfer_bytes or b.size_bytes) for b in p.blocks if b.residency != Residency.resident)
+    pageable = sum(align_up(b.size_bytes) for b in p.blocks if b.residency == Residency.resident)
+    pageable += max((b.size_bytes for b in p.blocks if b.quant != Quant.none), default=0)
+    if p.kv_pool is not None:
+        pinned += p.kv_pool.swap_blocks * p.kv_pool.block_bytes
+    return pinned, pageable
 
 
 def prefetch(program: Program) -> Program:
@@ -122,7 +139,7 @@ def _ensure(p: Program) -> None:
     ends = [(s.offset_bytes, s.offset_bytes + s.size_bytes) for s in p.arena.slots]
     ensure(all(e0 == s1 for (_, e0), (s1, _) in zip(ends, ends[1:])) and (not ends or ends[-1][1] == p.arena.size_bytes),
            "arena slots are not laid end to end")
-    ensure(all(s.offset_bytes % ALIGN == 0 for s in p.arena.slots), f"an arena slot is not {ALIGN}-byte aligned")
+    ensure(all(s.offset_bytes % ALIGN_BYTES == 0 for s in p.arena.slots), f"an arena slot is not {ALIGN_BYTES}-byte aligned")
     ensure(p.prediction is not None, "no prediction")
 
 

@@ -19,7 +19,7 @@ trades against resident blocks through the same simulated time.
 from __future__ import annotations
 
 from memintent.errors import MemintentError
-from memintent.ir.model import Arena, Block, ObjectKind, Program, Quant, Residency, Slot, SlotKind
+from memintent.ir.model import ALIGN_BYTES, align_up, Arena, Block, ObjectKind, Program, Quant, Residency, Slot, SlotKind
 from memintent.passes.costs import copy_time_s, dequant_time_s, transfer_bytes
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, ensure
@@ -27,13 +27,9 @@ from memintent.passes.schedule import hookable, make_schedule, wait_stages
 from memintent.passes.simulate import simulate
 from memintent.units import fmt_bytes
 
-ALIGN = 256
 MAX_DEPTH = 8
 COPY_PREFERENCE = 1e-3   # weight of a hidden copy's time in a block's benefit (prefer HBM when it is free)
 
-
-def aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def workspace_bytes(program: Program) -> int:
@@ -46,7 +42,7 @@ def workspace_bytes(program: Program) -> int:
 def reserved_bytes(program: Program) -> dict[str, int]:
     """HBM that no residency choice can avoid: KV cache, activation peak, workspace."""
     prof = activation_profile(program)
-    kv = sum(aligned(o.size_bytes) for o in program.objects if o.kind == ObjectKind.kv)
+    kv = sum(align_up(o.size_bytes) for o in program.objects if o.kind == ObjectKind.kv)
     return {"kv": kv, "activations": max(prof, default=0), "workspace": workspace_bytes(program)}
 
 
@@ -62,9 +58,9 @@ def forced_resident(program: Program) -> set[str]:
 def slot_need_bytes(b: Block) -> int:
     """Stream-slot bytes a visit of ``b`` needs: its weights, plus, when quantized, the packed bytes it arrives as
     (they land at the end of the slot and are unpacked into its start)."""
-    need = aligned(b.size_bytes)
+    need = align_up(b.size_bytes)
     if b.quant != Quant.none:
-        need += aligned(b.transfer_bytes or 0)
+        need += align_up(b.transfer_bytes or 0)
     return need
 
 
@@ -72,7 +68,7 @@ class _Search:
     def __init__(self, program: Program):
         self.p = program
         self.hw = program.hardware
-        self.size = {b.name: aligned(b.size_bytes) for b in program.blocks}
+        self.size = {b.name: align_up(b.size_bytes) for b in program.blocks}
         self.need = {b.name: slot_need_bytes(b) for b in program.blocks}
         self.nvisits = {b.name: 0 for b in program.blocks}
         for v in program.visits:
@@ -84,6 +80,15 @@ class _Search:
         for v in program.visits:
             self.first_stage.setdefault(v.block, v.first_stage)
         self._cache: dict[tuple[frozenset, int], float | None] = {}
+
+    def requant(self, block: Block) -> None:
+        """``block``'s bit width changed: its copy and unpacking times and slot need follow; cached times go."""
+        self.need[block.name] = slot_need_bytes(block)
+        for i, v in enumerate(self.p.visits):
+            if v.block == block.name:
+                self.copy_s[i] = copy_time_s(block, self.hw)
+                self.deq_s[i] = dequant_time_s(block, self.hw)
+        self._cache.clear()
 
     def time(self, streamed: frozenset, k: int) -> float | None:
         key = (streamed, k)
@@ -147,29 +152,32 @@ class _Search:
         return max(cls, key=lambda b: (min(abs(self.first_stage[b] - a) for a in anchors), -self.first_stage[b]))
 
 
-def _set_quant(p: Program, block: Block, q: Quant) -> None:
+def _set_quant(p: Program, block: Block, q: Quant, objects: dict | None = None) -> None:
     block.quant = q
-    block.transfer_bytes = transfer_bytes(block, p)
+    block.transfer_bytes = transfer_bytes(block, p, objects)
 
 
 def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: set[str]) -> None:
     """``--quant auto``: starting from int4 everywhere, give each streamed block the widest bit width (bf16, then
     int8) that keeps the simulated forward within 1% of the all-int4 time and the plan within budget. Where PCIe
     binds nothing widens; where compute hides the copies, blocks go back to bf16 and lose no accuracy."""
-    bmap = p.block_map()
-    t_int4 = _Search(p).time(streamed, k)
-    for name in sorted(streamed, key=lambda n: [b.name for b in p.blocks].index(n)):
+    bmap, objs = p.block_map(), p.object_map()
+    search = _Search(p)
+    t_int4 = search.time(streamed, k)
+    order = {b.name: i for i, b in enumerate(p.blocks)}
+    for name in sorted(streamed, key=order.__getitem__):
         b = bmap[name]
         if b.quant == Quant.none:
             continue
         for q in (Quant.none, Quant.int8):
             old = b.quant
-            _set_quant(p, b, q)
-            s = _Search(p)
-            t = s.time(streamed, k)
-            if t is not None and t <= t_int4 * 1.01 and s.memory(resident, streamed, k) <= room:
+            _set_quant(p, b, q, objs)
+            search.requant(b)
+            t = search.time(streamed, k)
+            if t is not None and t <= t_int4 * 1.01 and search.memory(resident, streamed, k) <= room:
                 break
-            _set_quant(p, b, old)
+            _set_quant(p, b, old, objs)
+            search.requant(b)
 
 
 def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
@@ -178,7 +186,7 @@ def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
     objs = p.object_map()
     for b in p.blocks:
         quantizable = any(len(objs[w].shape) == 2 for w in b.weights)
-        _set_quant(p, b, policy if quantizable and b.name not in forced else Quant.none)
+        _set_quant(p, b, policy if quantizable and b.name not in forced else Quant.none, objs)
 
 
 def _fastest(p: Program, search: _Search, depth: int | None, forced: set[str],
@@ -215,7 +223,8 @@ def _infeasible(p: Program, search: _Search, depth: int | None, forced: set[str]
         f"({minimum} bytes) for this model and shape: KV {fmt_bytes(res['kv'])}, activations "
         f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, always-resident "
         f"blocks {fmt_bytes(forced_bytes)}, {slots} stream slot(s) of {fmt_bytes(max(streamable, default=0))}; "
-        f"raise --budget or lower --batch/--seq/--kv-len" + (" or --depth" if depth else ""))
+        f"raise --budget, or lower --batch/--seq (a generation plan: --context or --concurrency)"
+        + (" or --depth" if depth else "") + f" (hardware profile {p.hardware.name})")
 
 
 def _set_residencies(p: Program, resident: set[str]) -> None:
@@ -231,7 +240,7 @@ def _stream_slots(p: Program, streamed: frozenset, k: int) -> None:
     """``k`` stream slots sized for the largest streamed visit (offsets are laid out by ``prefetch``)."""
     bmap = p.block_map()
     slot_bytes = max((slot_need_bytes(bmap[b]) for b in streamed), default=0)
-    p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN,
+    p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN_BYTES,
                     slots=[Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes)
                            for i in range(k)])
 
@@ -279,7 +288,7 @@ def _ensure(p: Program) -> None:
     k = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
     ensure(make_schedule(p.stages, p.visits, streamed, k) is not None,
            f"{k} stream slot(s) cannot hold the schedule of the streamed blocks")
-    resident_bytes = sum(aligned(b.size_bytes) for b in p.blocks if b.residency == Residency.resident)
+    resident_bytes = sum(align_up(b.size_bytes) for b in p.blocks if b.residency == Residency.resident)
     need = resident_bytes + sum(s.size_bytes for s in p.arena.slots) + sum(reserved_bytes(p).values())
     ensure(need <= p.budget_bytes, f"resident blocks, stream slots, KV, activations and workspace need "
                                    f"{fmt_bytes(need)}, over the budget {fmt_bytes(p.budget_bytes)}")

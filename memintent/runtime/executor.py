@@ -33,7 +33,7 @@ import torch
 
 from memintent.compiler.fingerprint import check_fingerprint, named_weights
 from memintent.errors import MemintentError, RuntimeFault
-from memintent.ir.model import Action, ActionKind, Block, Program, Quant, Residency
+from memintent.ir.model import align_up, Action, ActionKind, Block, Program, Quant, Residency
 from memintent.passes.verify import verify
 from memintent.runtime.arena import DeviceArena, check_fits
 from memintent.runtime.copy_engine import CopyEngine, CpuBackend, CudaBackend, ForwardStats
@@ -152,7 +152,7 @@ class StreamedModel:
         """Offset in a stream slot of ``slot_bytes`` where a quantized visit of ``b`` lands its packed bytes: the
         slot's last ``aligned(transfer_bytes)`` bytes (residency.slot_need_bytes sizes slots as weights first, packed
         bytes last). The packed layout's size is a multiple of 256 already; aligning again states the contract."""
-        return slot_bytes - -(-self._host_bytes[b.name] // 256) * 256
+        return slot_bytes - align_up(self._host_bytes[b.name])
 
     # -- precomputed tables (so hooks only index lists) ---------------------------------------------------------
     def _packed_region(self, bi: int, slot: int) -> torch.Tensor:

@@ -14,8 +14,15 @@ _LEFT = ("block", "where", "stages", "issue")
 
 def _print_header(p: Program, console: Console) -> None:
     console.print(f"[bold]{p.name}[/bold]  ({p.model.ref}, {p.model.dtype})  fingerprint {p.fingerprint[:19]}...")
-    console.print(f"shape: batch {p.shape.batch} x seq {p.shape.seq}, KV {p.shape.kv_len} tokens/seq in blocks of "
-                  f"{p.shape.kv_block_tokens}; hardware {p.hardware.name if p.hardware else '-'}")
+    g = p.generation
+    shape = (f"one engine step of up to {g.step_tokens} tokens of {g.max_seqs} sequences" if g is not None else
+             f"batch {p.shape.batch} x seq {p.shape.seq}")
+    console.print(f"shape proven: {shape}; hardware {p.hardware.name if p.hardware else '-'}; attention "
+                  f"{p.model.attention}")
+    if p.prediction is not None:
+        pr = p.prediction
+        console.print(f"host memory: {fmt_bytes(pr.host_pinned_bytes)} pinned + {fmt_bytes(pr.host_pageable_bytes)} "
+                      "pageable (run and generate check it against what the machine has free, before filling)")
 
 
 def _print_prediction(p: Program, console: Console) -> None:
@@ -38,15 +45,39 @@ def _print_generation(p: Program, console: Console) -> None:
     streamed = [b for b in p.blocks if b.residency == Residency.streamed]
     quant = {q: sum(1 for b in streamed if b.quant.value == q) for q in ("none", "int8", "int4")}
     console.print(
-        f"[bold]generation[/bold] ({g.objective}): batch {g.batch}, context {g.context}, prompt {g.prompt_len}, "
-        f"gen {g.gen_len}: predicted {g.tokens_per_s:.2f} tok/s (prefill {fmt_s(g.prefill_s)}, decode step "
-        f"{fmt_s(g.decode_step_s)}); binding: {g.binding}; streamed blocks by bit width: bf16 {quant['none']}, "
+        f"[bold]generation[/bold] ({g.objective}): {g.concurrency} sequences at once, context {g.context}, "
+        f"workload prompt {g.prompt_len} + {g.gen_len} generated: predicted {g.tokens_per_s:.2f} tok/s, step "
+        f"{fmt_s(g.decode_step_s)}; binding: {g.binding}; streamed blocks by bit width: bf16 {quant['none']}, "
         f"int8 {quant['int8']}, int4 {quant['int4']} (policy {g.quant_policy})")
+    _print_pool(p, console)
     visited = {v.block for v in p.visits}
     if not any(b.name in visited for b in streamed):
-        console.print("nothing streams: the weights and this batch's KV cache fit the budget together")
+        console.print("nothing streams: the weights and the KV pool fit the budget together")
     for alt in g.alternatives:
         console.print(f"  rejected: {alt}")
+
+
+def _print_pool(p: Program, console: Console) -> None:
+    """The KV pool, its intent annotations and the preemption policy they drive (spec/serving.md)."""
+    from memintent.ir.model import ObjectKind
+
+    kv, g = p.kv_pool, p.generation
+    obj = next((o for o in p.objects if o.kind == ObjectKind.kv), None)
+    if kv is None or obj is None:
+        return
+    console.print(
+        f"KV pool: {kv.num_blocks - 1} blocks of {kv.block_tokens} tokens (+ the null block), "
+        f"{fmt_bytes(kv.block_bytes)} each, {fmt_bytes(kv.num_blocks * kv.block_bytes)}; keys and values "
+        f"{kv.quant.value if kv.quant.value != 'none' else p.model.dtype} (policy {g.kv_quant_policy}); "
+        f"{(kv.num_blocks - 1) * kv.block_tokens} tokens, {fmt_bytes(kv.swap_blocks * kv.block_bytes)} of host swap "
+        f"space")
+    console.print(
+        f"preemption by cost, per block: swap {fmt_s(obj.evict_cost_s)} (out and back in on the copy engine), "
+        f"recompute {fmt_s(obj.recompute_cost_s)}; per step the copy engine idles "
+        f"{fmt_s(max(p.prediction.step_time_s - p.prediction.streamed_bytes / (p.hardware.h2d_gbps * 1e9), 0))} "
+        f"and compute {fmt_s(max(p.prediction.step_time_s - p.prediction.compute_s, 0))}: victims "
+        f"{'recompute' if p.prediction.binding == 'pcie' else 'swap when that is cheaper'}; swapped blocks come "
+        f"back before the first attention, {fmt_s(obj.urgency_s)} into a step")
 
 
 def _unstreamed_row(b: Block, vs: list[Visit]) -> list[str]:

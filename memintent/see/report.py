@@ -359,8 +359,9 @@ def _summary_table(p: Program, tl: Timeline, summary: MeasuredSummary | None) ->
     pr = p.prediction
     peak = tl.peak
     rows = [
-        ("model", f"{p.model.ref} ({p.model.dtype}), batch {p.shape.batch} x seq {p.shape.seq}, KV "
-                  f"{p.shape.kv_len} tokens/seq"),
+        ("model", f"{p.model.ref} ({p.model.dtype}), batch {p.shape.batch} x seq {p.shape.seq}"
+                  + (f", a KV pool of {p.kv_pool.num_blocks - 1} blocks of {p.kv_pool.block_tokens} tokens"
+                     if p.kv_pool else "")),
         ("hardware", f"{p.hardware.name}: {p.hardware.source}"),
         ("forward, steady state", fmt_s(tl.step_time_s)),
         ("forward, cold start", fmt_s(tl.first_step_time_s)),
