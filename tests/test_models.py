@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memintent.compiler.fingerprint import fingerprint_module
 from memintent.compiler.models import (PRESETS, ModelConfig, build, fill_random, init_weight,
                                        list_presets)
 from memintent.errors import MemintentError
@@ -132,41 +131,57 @@ def test_deep_bf16_forward_finite(kind):
     assert torch.isfinite(out).all() and out.float().std() > 0
 
 
+def _one_sequence_steps(m, cfg, x, prompt: int, block_tokens: int = 4):
+    """Logits of a prefill of ``prompt`` tokens, then one decode step per further token, through the engine's paged
+    attention with a small pool (one sequence, blocks 1, 2, ... in order)."""
+    from memintent.engine import attention
+    from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta
+    from memintent.engine.kv_pool import BlockLayout, PoolViews
+
+    layout = BlockLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_tokens, cfg.torch_dtype, False)
+    views = PoolViews(torch.zeros(16 * layout.block_bytes, dtype=torch.uint8), layout, 16)
+    table = torch.arange(1, 16)
+    outs = []
+    for start, n in [(0, prompt)] + [(p, 1) for p in range(prompt, x.shape[1])]:
+        pos = torch.arange(start, start + n)
+        meta = StepMeta(write_blocks=table[pos // block_tokens], write_offsets=pos % block_tokens)
+        ctx = start + n
+        nb = -(-ctx // block_tokens)
+        if n == 1:
+            meta.decode.append(DecodeChunk(rows=torch.tensor([0]), tables=table[None, :nb],
+                                           mask=(torch.arange(nb * block_tokens) < ctx)[None, None, None],
+                                           positions=torch.tensor([ctx - 1])))
+        else:
+            meta.prefill.append(PrefillChunk(start=0, length=n, context=ctx, table=table[:nb],
+                                             mask=torch.arange(ctx)[None, :] <= pos[:, None]))
+        with attention.step(views, meta, cfg.torch_dtype):
+            outs.append(m(x[:, start:start + n], pos, torch.tensor([n - 1]))[0])     # (vocab,)
+    return outs
+
+
 @pytest.mark.parametrize("kind", ["llama", "opt", "moe"])
-def test_cached_decode_matches_full_forward(kind):
+def test_paged_steps_match_full_forward(kind):
+    # The engine's path (a prompt step, then decode steps over the pool) against the dense forward of each prefix.
     if kind == "opt":
         cfg = dataclasses.replace(ModelConfig.from_name("opt-13b"), dim=64, n_heads=4, n_kv_heads=4, ffn_dim=128,
                                   vocab_size=512, n_layers=2, dtype="f32", learned_pos=64)
     else:
         cfg = tiny(dtype="f32", n_experts=4 if kind == "moe" else 0)
-    m = fill_random(build(cfg, "cpu")).double()
-    x = ids(seq=12)
-    caches = [(torch.zeros(2, cfg.n_kv_heads, 32, cfg.head_dim, dtype=torch.float64),
-               torch.zeros(2, cfg.n_kv_heads, 32, cfg.head_dim, dtype=torch.float64)) for _ in range(cfg.n_layers)]
+    m = fill_random(build(cfg, "cpu"))
+    x = ids(seq=12)[:1]
     with torch.inference_mode():
-        m.attach_kv_cache(caches)
-        outs = [m(x[:, :8], torch.arange(8))]
-        for p in range(8, 12):
-            outs.append(m(x[:, p:p + 1], torch.tensor([p])))
-        m.detach_kv_cache()
+        outs = _one_sequence_steps(m, cfg, x, prompt=8)
         for i, p in enumerate(range(8, 13)):
-            ref = m(x[:, :p])
-            assert torch.allclose(outs[i], ref, atol=1e-5, rtol=1e-5), p
+            ref = m(x[:, :p])[0]
+            assert torch.allclose(outs[i], ref, atol=1e-4, rtol=1e-4), p
     assert not torch.allclose(outs[0], outs[1])
 
 
-def test_kv_cache_stays_out_of_state():
+def test_pool_stays_out_of_state():
+    # The engine's pool is not the module's: state dict and fingerprint are the weights alone
     m = build(tiny(), "meta")
-    before, fp = set(m.state_dict()), fingerprint_module(m)
-    k = torch.zeros(1, 2, 16, 32, dtype=torch.bfloat16, device="meta")
-    m.attach_kv_cache([(k, k.clone()) for _ in range(4)])
-    assert set(m.state_dict()) == before and fingerprint_module(m) == fp
-    with pytest.raises(MemintentError, match="3 .k, v. pairs for 4 layers"):
-        m.attach_kv_cache([(k, k)] * 3)
-    with pytest.raises(MemintentError, match="expected"):
-        m.attach_kv_cache([(torch.zeros(1, 4, 16, 32, device="meta"),) * 2] * 4)
-    m.detach_kv_cache()
-    assert all(layer.attention.kv_cache is None for layer in m.layers)
+    assert all("kv" not in n for n in m.state_dict())
+    assert not any(isinstance(b, torch.Tensor) and b.numel() > 1 << 20 for b in m.buffers())
 
 
 def _export(m, args):
@@ -182,12 +197,17 @@ def test_export_on_meta(kind):
     assert tuple(out.meta["val"].shape) == (2, cfg.vocab_size)
 
 
-def test_export_decode_with_cache():
+def test_export_engine_step():
+    # What the generation planner traces: a packed step, one paged attention op per layer, logits of S rows.
+    from memintent.engine import attention
+
     cfg = tiny()
     m = build(cfg, "meta")
-    kv = lambda: torch.zeros(2, cfg.n_kv_heads, 64, cfg.head_dim, dtype=torch.bfloat16, device="meta")  # noqa: E731
-    m.attach_kv_cache([(kv(), kv()) for _ in range(cfg.n_layers)])
-    ep = _export(m, (torch.zeros(2, 1, dtype=torch.long, device="meta"), torch.zeros(1, dtype=torch.long, device="meta")))
+    args = (torch.zeros(1, 12, dtype=torch.long, device="meta"), torch.zeros(12, dtype=torch.long, device="meta"),
+            torch.zeros(3, dtype=torch.long, device="meta"))
+    with attention.tracing():
+        ep = _export(m, args)
     targets = [str(n.target) for n in ep.graph.nodes]
-    assert sum("index_copy" in t for t in targets) == 2 * cfg.n_layers
-    m.detach_kv_cache()
+    assert sum("paged_attention" in t for t in targets) == cfg.n_layers
+    out = [n for n in ep.graph.nodes if n.op == "output"][0].args[0][0]
+    assert tuple(out.meta["val"].shape) == (3, cfg.vocab_size)

@@ -1,8 +1,9 @@
 """A compact decoder-only transformer (gpt-fast style) with the presets the compiler and the benchmarks use.
 
 The model is written for ``torch.export``: static shapes everywhere (the MoE computes every expert densely), no
-data-dependent control flow, and a KV cache that lives outside the module's state (``attach_kv_cache``) so that
-state dicts and the fingerprint hold weights only. Weight values come from ``init_weight``: a deterministic
+data-dependent control flow. In an engine step its attention reads and writes the serving engine's KV pool
+(``memintent.engine.attention``), which lives outside the module's state, so state dicts and the fingerprint hold
+weights only. Weight values come from ``init_weight``: a deterministic
 function of the weight's name and a seed, so any process can regenerate any single weight without building the
 model.
 """
@@ -185,11 +186,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_b)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.linear_bias)
         self.layer_idx = 0   # set by Transformer: which layer of the KV pool an engine step reads and writes
-        # (k, v), each (B, n_kv_heads, max_seq, head_dim): a plain attribute, not a buffer, so it stays out of
-        # state dicts and the fingerprint. Set by Transformer.attach_kv_cache.
-        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin):
         B, S, _ = x.shape  # x: (B, S, dim)
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, S, hd)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, S, hd)
@@ -198,14 +196,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
         if paged.active():
+            # An engine step: the new tokens' keys and values go to the KV pool, attention reads each sequence's
+            # context back through its block table (memintent.engine.attention).
             y = paged.paged_attention(q, k, v, self.layer_idx)                    # (1, H, T, hd)
-        elif self.kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)
         else:
-            k_cache, v_cache = self.kv_cache       # (B, KV, max_seq, hd) each
-            k_cache.index_copy_(2, input_pos, k)   # write this step's keys at their positions
-            v_cache.index_copy_(2, input_pos, v)
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=gqa)  # (B, H, S, hd)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)
         y = y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # (B, S, H*hd)
         return self.wo(y)  # (B, S, dim)
 
@@ -274,8 +269,8 @@ class Block(nn.Module):
         else:
             self.feed_forward = MLP(cfg.dim, cfg.ffn_dim, cfg.linear_bias)
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)  # (B, S, dim)
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, S, dim)
         ff = self.moe if hasattr(self, "moe") else self.feed_forward
         return h + ff(self.ffn_norm(h))  # (B, S, dim)
 
@@ -308,21 +303,6 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim/2)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def attach_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Use ``caches[i] = (k, v)``, each (B, n_kv_heads, max_seq, head_dim), as layer i's KV cache."""
-        if len(caches) != len(self.layers):
-            raise MemintentError(f"attach_kv_cache got {len(caches)} (k, v) pairs for {len(self.layers)} layers")
-        for layer, (k, v) in zip(self.layers, caches):
-            if k.shape != v.shape or k.dim() != 4 or k.shape[1] != self.config.n_kv_heads \
-                    or k.shape[3] != self.config.head_dim:
-                raise MemintentError(f"KV cache tensors of shape {tuple(k.shape)}, {tuple(v.shape)}: expected "
-                                     f"(batch, {self.config.n_kv_heads}, max_seq, {self.config.head_dim}) each")
-            layer.attention.kv_cache = (k, v)
-
-    def detach_kv_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the last position, (B, vocab). In an engine step (``memintent.engine``): input_ids (1, T) of
@@ -337,15 +317,8 @@ class Transformer(nn.Module):
             cos = sin = None
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (S, hd/2) each
-        cache = self.layers[0].attention.kv_cache
-        mask = None
-        if cache is not None and not paged.active():
-            # Query at position p sees cache rows 0..p: causal over the filled prefix (prefill) or the whole
-            # filled cache (decode).
-            rows = torch.arange(cache[0].shape[2], device=input_ids.device)  # (max_seq,)
-            mask = rows[None, :] <= input_pos[:, None]  # (S, max_seq) bool
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)  # (B, S, dim)
+            x = layer(x, cos, sin)  # (B, S, dim)
         if logits_index is not None:
             return self.output(self.norm(x[0, logits_index]))  # (S, vocab): the rows the engine samples
         x = self.norm(x[:, -1])  # (B, dim): only the last position feeds the head
