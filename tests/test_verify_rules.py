@@ -180,6 +180,14 @@ def break_actions_hookable(p):
     a.stage = next(s.index for s in p.stages if not s.module and s.index < a.stage)   # root glue, no hook
 
 
+def break_kv_pool(p: Program) -> None:
+    p.kv_pool = p.kv_pool.model_copy(update={"block_bytes": p.kv_pool.block_bytes + 256})
+
+
+def break_step_shape(p: Program) -> None:
+    p.generation = p.generation.model_copy(update={"step_tokens": p.generation.step_tokens + 1})
+
+
 def break_kv_reserved(p):
     next(s for s in p.arena.slots if s.kind == SlotKind.kv).size_bytes -= 256
 
@@ -263,6 +271,9 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
          r"and its packed bytes at its end")),
     "actions-hookable": ("stream", break_actions_hookable,
         r"fires at stage \d+, which is root glue code with no module hook"),
+    "kv-pool": ("kv", break_kv_pool, r"KV pool blocks of \d+ bytes: \d+ layers x \d+ tokens x \d+ heads x \d+ "
+                                     r"\(none KV\) are \d+ bytes"),
+    "step-shape": ("kv", break_step_shape, r"the traced step is 1x\d+ tokens but the plan proves steps of \d+"),
     "kv-reserved": ("kv", break_kv_reserved, r"the KV cache needs .+ but the arena's KV slots hold \d+ bytes"),
     "budget": ("stream", break_budget,
         (r"^plan verification failed: budget .+ is below the plan's peak .+ \(arena .+ \+ activations .+ \+ workspace "

@@ -260,8 +260,10 @@ class Search:
     reservation), so a candidate costs one residency search rather than a trace and the whole pipeline."""
 
     def __init__(self, src, step: AffineStep, w: Workload, *, budget_bytes: int, hw: HardwareProfile, quant: str,
-                 block_tokens: int, swap: Callable[[Shape], int], say: Callable[[str], None]):
+                 block_tokens: int, swap: Callable[[Shape], int], say: Callable[[str], None],
+                 objective: str = "throughput", kv_quant: str = "none"):
         self.src, self.step, self.w = src, step, w
+        self.objective, self.kv_quant = objective, kv_quant
         self.budget, self.hw, self.quant, self.block_tokens = budget_bytes, hw, quant, block_tokens
         self.swap, self.say = swap, say
         self.cache: dict[tuple[int, str], Outcome] = {}
@@ -274,7 +276,13 @@ class Search:
             p = trace_step(self.src, shape.step_tokens, shape.max_seqs, self.say)
         else:
             p = self.step.at(shape.step_tokens, shape.max_seqs)
-        return annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w), self.w.context)
+        p = annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w), self.w.context)
+        # What the plan proves, before its prediction is known (verify, the pipeline's last pass, checks it).
+        p.generation = GenerationPlan(
+            objective=self.objective, step_tokens=shape.step_tokens, max_seqs=shape.max_seqs, context=self.w.context,
+            prompt_len=self.w.prompt_len, gen_len=self.w.gen_len, concurrency=shape.concurrency,
+            quant_policy=self.quant, kv_quant_policy=self.kv_quant, decode_step_s=0.0, tokens_per_s=0.0, binding="")
+        return p
 
     def light(self, shape: Shape) -> Program:
         pool = kv_pool(self.src, shape, self.block_tokens, self.swap(shape))
@@ -440,7 +448,8 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
     step = AffineStep(src, (64, 8), say)
     hide = hide_tokens(src, step.p, hardware) if objective == "throughput" else prompt_len + 1
     search = Search(src, step, w, budget_bytes=budget_bytes, hw=hardware, quant=quant, block_tokens=kv_block_tokens,
-                    swap=lambda s: s.num_blocks if swap_blocks is None else swap_blocks, say=say)
+                    swap=lambda s: s.num_blocks if swap_blocks is None else swap_blocks, say=say,
+                    objective=objective, kv_quant=kv_quant)
     fixed = 1 if objective == "latency" else concurrency
     outs: list[Outcome] = []
     for kvq in _kv_options(kv_quant):
@@ -448,25 +457,21 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
         outs += sweep(search, kvq, hide, fixed)
     chosen = _pick(outs, kv_quant)
     say(f"{chosen.shape.concurrency} sequences, {chosen.shape.kv_quant.value} KV: tracing the step exactly")
-    return _finish(search, chosen, outs, objective=objective, quant=quant, kv_quant=kv_quant, swap_blocks=swap_blocks)
+    return _finish(search, chosen, outs, quant=quant, swap_blocks=swap_blocks)
 
 
-def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, objective: str, quant: str, kv_quant: str,
-            swap_blocks: int | None) -> Program:
-    s, w = chosen.shape, search.w
+def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str, swap_blocks: int | None) -> Program:
+    s = chosen.shape
     if swap_blocks is None and chosen.binding == "pcie":
         # A PCIe-bound plan never swaps (its copy engine has no idle time, so victims recompute): no pinned swap
         # space is reserved for it.
         search.swap = lambda shape: 0
     plan = schedule_program(search.program(s, exact=True), search.budget, search.hw, quant=quant)
     pr = plan.prediction
-    tok_s = s.concurrency / pr.step_time_s
-    plan.generation = GenerationPlan(
-        objective=objective, step_tokens=s.step_tokens, max_seqs=s.max_seqs, context=w.context,
-        prompt_len=w.prompt_len, gen_len=w.gen_len, concurrency=s.concurrency, quant_policy=quant,
-        kv_quant_policy=kv_quant, decode_step_s=pr.step_time_s, tokens_per_s=tok_s,
+    plan.generation = plan.generation.model_copy(update=dict(
+        decode_step_s=pr.step_time_s, tokens_per_s=s.concurrency / pr.step_time_s,
         binding=_binding(plan, chosen, outs),
-        alternatives=[_describe(o, chosen) for o in _distinct(outs, chosen)][:12])
+        alternatives=[_describe(o, chosen) for o in _distinct(outs, chosen)][:12]))
     return plan
 
 

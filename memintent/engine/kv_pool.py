@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from memintent.errors import MemintentError, RuntimeFault
+from memintent.ir.dtypes import ir_dtype_of
+from memintent.ir.layout import kv_block_parts
 from memintent.ir.model import KVPool, KVQuant
 
 NULL_BLOCK = 0
@@ -40,17 +42,19 @@ class BlockLayout:
     value_dtype: torch.dtype      # model dtype, or int8
     quantized: bool
 
+    def _parts(self) -> tuple[int, int]:
+        return kv_block_parts(self.layers, self.kv_heads, self.head_dim, self.block_tokens,
+                              ir_dtype_of(self.value_dtype), self.quantized)
+
     @property
     def value_bytes(self) -> int:
         """Bytes of the values part of a block: (layers, 2, tokens, kv_heads, head_dim) elements."""
-        return self.layers * 2 * self.block_tokens * self.kv_heads * self.head_dim * self.value_dtype.itemsize
+        return self._parts()[0]
 
     @property
     def scale_bytes(self) -> int:
         """Bytes of the scales part (int8 only): (layers, 2, tokens, kv_heads) float32."""
-        if not self.quantized:
-            return 0
-        return self.layers * 2 * self.block_tokens * self.kv_heads * SCALE_DTYPE.itemsize
+        return self._parts()[1]
 
     @property
     def block_bytes(self) -> int:

@@ -31,7 +31,8 @@ from functools import cached_property
 from typing import Callable, NoReturn
 
 from memintent.errors import PlanVerificationError
-from memintent.ir.model import (DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind,
+from memintent.ir.layout import kv_block_parts
+from memintent.ir.model import (KVQuant, DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind,
                                 dtype_bytes)
 from memintent.passes.costs import transfer_bytes
 from memintent.passes.graph import dependency_graph, early_uses, live_range, names
@@ -473,6 +474,47 @@ def kv_reserved(p: Program, f: Facts) -> None:
     kv_slots = sum(s.size_bytes for s in p.arena.slots if s.kind == SlotKind.kv)
     if kv_slots < kv:
         fail(f"the KV cache needs {fmt_bytes(kv)} ({kv} bytes) but the arena's KV slots hold {kv_slots} bytes")
+
+
+@_rule("kv-pool")
+def kv_pool(p: Program, f: Facts) -> None:
+    """A generation plan has one KV pool object, the size of its pool; the pool's blocks have the byte layout of
+    spec/serving.md; a forward plan has neither."""
+    kv = [o for o in p.objects if o.kind == ObjectKind.kv]
+    if (p.generation is None) != (p.kv_pool is None):
+        fail("a generation plan needs a KV pool and a forward plan has none: the plan has "
+             f"{'a generation section' if p.generation else 'no generation section'} and "
+             f"{'a kv_pool' if p.kv_pool else 'no kv_pool'}")
+    pool = p.kv_pool
+    if pool is None:
+        if kv:
+            fail(f"object {kv[0].name} is a KV object, but the plan has no KV pool")
+        return
+    parts = kv_block_parts(pool.layers, pool.kv_heads, pool.head_dim, pool.block_tokens, p.model.dtype,
+                           pool.quant == KVQuant.int8)
+    if pool.block_bytes != sum(parts):
+        fail(f"KV pool blocks of {pool.block_bytes} bytes: {pool.layers} layers x {pool.block_tokens} tokens x "
+             f"{pool.kv_heads} heads x {pool.head_dim} ({pool.quant.value} KV) are {sum(parts)} bytes")
+    if len(kv) != 1 or kv[0].size_bytes != pool.num_blocks * pool.block_bytes:
+        fail(f"the KV pool of {pool.num_blocks} blocks needs one KV object of {pool.num_blocks * pool.block_bytes} "
+             f"bytes; the plan has {[(o.name, o.size_bytes) for o in kv]}")
+
+
+@_rule("step-shape")
+def step_shape(p: Program, f: Facts) -> None:
+    """A generation plan's program is one engine step at its maxima: ``step_tokens`` tokens (the traced forward),
+    at least one token per sequence, and a pool that holds one sequence of the plan's context."""
+    g, pool = p.generation, p.kv_pool
+    if g is None or pool is None:
+        return
+    if p.shape.batch != 1 or p.shape.seq != g.step_tokens:
+        fail(f"the traced step is {p.shape.batch}x{p.shape.seq} tokens but the plan proves steps of "
+             f"{g.step_tokens}: recompile the plan")
+    if g.max_seqs > g.step_tokens:
+        fail(f"{g.max_seqs} sequences per step need at least as many tokens, not {g.step_tokens}")
+    if (pool.num_blocks - 1) * pool.block_tokens < g.context:
+        fail(f"the KV pool holds {(pool.num_blocks - 1) * pool.block_tokens} tokens, fewer than one sequence of the "
+             f"plan's context {g.context}")
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------
