@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import memintent
+from memintent.errors import MemintentError
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.refs import resolve
@@ -32,11 +34,14 @@ def test_wrap_a_model_the_user_built(tmp_path):
     src = resolve("tiny-llama")
     mine = resident_model(src, torch.device("cpu"))        # the user's model, weights loaded
     ref = resident_model(src, torch.device("cpu"))
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(4))   # (B, S)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(4))   # (B, S): the proven shape
     handle = memintent.wrap(mine, plan, device="cpu")
     try:
         assert handle.program.prediction.streamed_bytes > 0
         with torch.no_grad():
             assert torch.equal(mine(ids), ref(ids))
+            # Another shape is outside what the plan proved: refused in one line, naming the proven one.
+            with pytest.raises(MemintentError, match=r"inputs of shape 2x16: the plan proves 1x16 only"):
+                mine(torch.cat([ids, ids]))
     finally:
         handle.detach()

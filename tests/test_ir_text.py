@@ -226,7 +226,7 @@ program @toy {
   schema 1
   model py "py:examples/toy.py:toy" dtype=bf16 traced_layers=2 attention=sdpa
   fingerprint "5f0c6a1e"
-  shape batch=1 seq=16
+  shape batch=1 seq=16 inputs=[]
   budget 1048576 B
   passes ["blocks", "lifetimes", "residency", "schedule"]
   hardware {

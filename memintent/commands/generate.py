@@ -18,6 +18,7 @@ from memintent.engine import requests as reqs
 from memintent.engine.engine import Engine
 from memintent.engine.metrics import ServeReport, summarize
 from memintent.errors import MemintentError
+from memintent.runtime.memory import PeakMeter
 from memintent.ir.model import KVQuant, Program, Quant, Residency
 from memintent.units import fmt_bytes, fmt_s
 
@@ -54,15 +55,13 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
             engine.reset_stats()
         if verify:
             engine.track = {r.id for r in requests[:VERIFY_REQUESTS]}
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        meter = PeakMeter(device, program.arena.size_bytes)
         for r in requests:
             engine.add(r)
         t0 = time.perf_counter()
-        _run(engine, outputs, progress)
+        _run(engine, outputs, progress, meter)
         total_s = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak = meter.peak_bytes
     finally:   # also on Ctrl-C: waits for in-flight copies, removes the hooks, releases the arena
         engine.close()
     ordered = [outputs[r.id] for r in requests]
@@ -80,14 +79,17 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
     return rep, ordered, engine
 
 
-def _run(engine: Engine, outputs: dict, progress) -> None:
-    """Step the engine until every request finished; a failure mid-run (a copy, the device's memory) is one line."""
+def _run(engine: Engine, outputs: dict, progress, meter) -> None:
+    """Step the engine until every request finished, each step measured by ``meter``; a failure mid-run (a copy,
+    the device's memory) is one line."""
     from memintent.runtime.device import as_fault
 
     generated = 0
     try:
         while engine.has_work:
-            for out in engine.step():
+            with meter:
+                done = engine.step()
+            for out in done:
                 outputs[out.id] = out
                 generated += len(out.token_ids)
             if progress:
@@ -109,7 +111,7 @@ def run_generate(args) -> int:
     from memintent.compiler.plan_source import source_for
     from memintent.ir.plan_file import check_writable, load_program, write_atomic
     from memintent.passes.verify import verify as verify_plan
-    from memintent.runtime.device import check_host_memory, pick_device
+    from memintent.runtime.device import pick_device
 
     program = verify_plan(load_program(args.plan))   # a plan file is untrusted input: run only what verifies
     if program.generation is None or program.kv_pool is None:
@@ -120,7 +122,6 @@ def run_generate(args) -> int:
     device = pick_device(args.device)
     src = source_for(program, args.allow_code)
     requests, where = load_requests(args, program, src)
-    check_host_memory(program)
     con = _console()
     for r in requests:
         reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,

@@ -80,6 +80,11 @@ def _inputs(src: ModelSource, program: Program, args, device: torch.device) -> t
                                  f"runs on {what}; leave --tokens out")
         return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in own), what, None
     batch, seq = parse_tokens(args.tokens) if args.tokens else (program.shape.batch, program.shape.seq)
+    from memintent.runtime.executor import proven_shape_error
+
+    why = proven_shape_error(program, [(batch, seq)])
+    if why is not None:   # before the host store is filled: the plan's proof says nothing about this shape
+        raise MemintentError(f"--tokens {batch}x{seq}: {why}")
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, src.vocab_size or 2, (batch, seq), generator=gen).to(device)   # (B, S) token ids
     return (ids,), f"tokens {batch}x{seq}", f"{batch}x{seq}"
@@ -105,15 +110,17 @@ def _streamed_forwards(fw: _Forward, store, args, rep: RunReport) -> torch.Tenso
     """Run ``args.forwards`` streamed forwards under the plan, recording each into ``rep``; the last logits."""
     from memintent.runtime import attach
 
+    from memintent.runtime.memory import PeakMeter
+
     model = fw.src.build("meta")
-    if fw.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(fw.device)
+    meter = PeakMeter(fw.device, fw.program.arena.size_bytes)
     handle = attach(model, fw.program, fw.device, check=args.check, host_store=store)
     try:
         with torch.no_grad():
             for _ in range(args.forwards):
                 t = time.perf_counter()
-                out = model(*fw.inputs, **fw.kwargs)
+                with meter:
+                    out = model(*fw.inputs, **fw.kwargs)
                 sync_compute(fw.device)
                 wall = time.perf_counter() - t
                 st = handle.last_stats
@@ -121,8 +128,7 @@ def _streamed_forwards(fw: _Forward, store, args, rep: RunReport) -> torch.Tenso
                                      "copy_gbps": st.copy_gbps,
                                      "host_overhead_per_block_s": st.host_overhead_per_block_s})
             logits = fw.src.logits(out).float().cpu()
-        if fw.device.type == "cuda":
-            rep.peak_hbm_bytes = torch.cuda.max_memory_allocated(fw.device)
+        rep.peak_hbm_bytes = meter.peak_bytes
         if getattr(args, "trace", None):
             write_run_trace(args.trace, fw.program, handle.stats())
     except MemintentError:

@@ -391,6 +391,9 @@ def trace(spec: TraceSpec, shape: RunShape, progress: Callable[[str], None] | No
     objects += buffers.objects
     if steps:
         objects += _finish_steps(steps, protos, outputs, buffers, spec)
+    # What a forward plan proves: the shapes of the tensors it was traced with, positional then keyword.
+    tensors = [*spec.inputs, *spec.kwargs.values()]
+    shape = shape.model_copy(update={"inputs": [list(t.shape) for t in tensors if isinstance(t, torch.Tensor)]})
     return Program(
         name=spec.name, model=spec.ref.model_copy(update={"traced_layers": traced_layers}),
         fingerprint=fingerprint_entries(entries), shape=shape,

@@ -135,6 +135,7 @@ class ModelRef(_Model):
 class RunShape(_Model):
     batch: Pos                    # sequences per forward
     seq: Pos                      # tokens per sequence in the traced forward (an engine step: its tokens)
+    inputs: list[list[NonNeg]] = Field(default_factory=list)   # shapes of the traced forward's tensor inputs
 
 
 class HardwareProfile(_Model):

@@ -194,12 +194,12 @@ class _Builder(Transformer):
                       {}, name)
 
     def header(self, c):
-        (schema, kind, ref, dtype, traced, attention, fingerprint, batch, seq, budget, passes) = c
+        (schema, kind, ref, dtype, traced, attention, fingerprint, batch, seq, inputs, budget, passes) = c
         if str(kind) not in _MODEL_KINDS:
             raise _SemanticError(f"unknown model kind {kind!s}: expected one of {', '.join(_MODEL_KINDS)}", kind)
         model = _build(ModelRef, dict(ref=_string(ref), kind=str(kind), dtype=_name(dtype),
                                       traced_layers=_opt_int(traced), attention=_name(attention)), {}, kind)
-        shape = _build(RunShape, dict(batch=_int(batch), seq=_int(seq)), {}, batch)
+        shape = _build(RunShape, dict(batch=_int(batch), seq=_int(seq), inputs=inputs), {}, batch)
         return dict(schema_version=_int(schema), model=model, fingerprint=_string(fingerprint), shape=shape,
                     budget_bytes=_opt_int(budget), passes=passes)
 
@@ -246,6 +246,9 @@ class _Builder(Transformer):
 
     def dims(self, c):
         return [_int(t) for t in c]
+
+    def shapes(self, c):
+        return list(c)
 
     def placement(self, c):
         return _opt_symbol(c[0]), (_int(c[1]) if len(c) > 1 else None)

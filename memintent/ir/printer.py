@@ -144,7 +144,7 @@ def _block(b: Block) -> str:
 
 
 def _object(o: Object) -> str:
-    dims = ", ".join(_int(d) for d in o.shape)
+    dims = ", ".join(_int(d) for d in o.shape)   # as _dims, inside the object's type
     placement = "none" if o.block is None else sym(o.block)
     if o.block_offset_bytes is not None:
         placement += f"+{_int(o.block_offset_bytes)}"
@@ -234,6 +234,10 @@ def _list_section(keyword: str, lines: list[str]) -> list[str]:
     return [f"{INDENT}{keyword} {{", *(INDENT * 2 + line for line in lines), INDENT + "}"]
 
 
+def _dims(shape: list[int]) -> str:
+    return "[" + ", ".join(_int(d) for d in shape) + "]"
+
+
 # ---- program ---------------------------------------------------------------------------------------------------
 
 def dump(program: Program) -> str:
@@ -246,7 +250,7 @@ def dump(program: Program) -> str:
         f"{INDENT}model {word(m.kind)} {quote(m.ref)} dtype={word(m.dtype)} traced_layers={_opt_int(m.traced_layers)} "
         f"attention={word(m.attention)}",
         f"{INDENT}fingerprint {quote(p.fingerprint)}",
-        f"{INDENT}shape batch={_int(s.batch)} seq={_int(s.seq)}",
+        f"{INDENT}shape batch={_int(s.batch)} seq={_int(s.seq)} inputs=[{', '.join(_dims(d) for d in s.inputs)}]",
         f"{INDENT}budget {_opt_bytes(p.budget_bytes)}",
         f"{INDENT}passes {_names([quote(n) for n in p.passes], INDENT)}",
     ]

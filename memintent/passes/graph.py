@@ -6,7 +6,7 @@ built from the steps' ``uses`` and ``defs`` alone, never from what a pass record
 ``last_use``), so the verifier can walk it on an untrusted plan file. Its readers:
 
 * ``lifetimes``: an object's live range is the span of its neighbours, from the first step that defines or reads it
-  to the last (``live_range``);
+  to the last, extended to the end of each module call it is an argument of (``live_range``, ``module_calls``);
 * ``verify``: every name is an object of the plan (``names``); no object is read before the step that first defines
   it, i.e. the plan's step order is a topological order of the graph: each dependency edge runs forward
   (``early_uses``); the recorded live ranges cover the graph's.
@@ -37,12 +37,42 @@ def names(g: nx.DiGraph) -> Iterator[str]:
     return (n for n in g if isinstance(n, str))
 
 
-def live_range(g: nx.DiGraph, name: str) -> tuple[int, int] | None:
-    """(first, last) step that defines or reads ``name``; None if no step does."""
+def module_calls(steps: Sequence[Step]) -> list[tuple[tuple[str, int], ...]]:
+    """For each step, the module calls it runs inside, outermost first: (module path, the call's last step). A call
+    of module M is a maximal run of consecutive steps whose module path is M or lies under it."""
+    out: list[tuple[tuple[str, int], ...]] = [()] * len(steps)
+    end: dict[str, int] = {}
+    after: set[str] = set()
+    for i in range(len(steps) - 1, -1, -1):
+        parts = steps[i].module.split(".") if steps[i].module else []
+        paths = [".".join(parts[:d]) for d in range(1, len(parts) + 1)]
+        for path in paths:
+            if path not in after:
+                end[path] = i       # scanning backwards: the run of this call ends here
+        out[i] = tuple((path, end[path]) for path in paths)
+        after = set(paths)
+    return out
+
+
+def live_range(g: nx.DiGraph, name: str, calls: Sequence[tuple[tuple[str, int], ...]] | None = None
+               ) -> tuple[int, int] | None:
+    """(first, last) step that defines or reads ``name``; None if no step does. With ``calls``
+    (``module_calls``), the range also runs to the end of every module call that reads the object without having
+    made it: in eager PyTorch a module's forward holds its arguments until it returns (the caller's variable, the
+    callee's parameter), after the last operation that reads them."""
     if name not in g:
         return None
     touching = [*g.pred[name], *g.succ[name]]   # the steps that define it, then those that read it
-    return (min(touching), max(touching)) if touching else None
+    if not touching:
+        return None
+    first, last = min(touching), max(touching)
+    if calls is not None:
+        made = set(calls[min(g.pred[name])]) if g.pred[name] else set()
+        for u in g.succ[name]:
+            for call in calls[u]:
+                if call not in made:
+                    last = max(last, call[1])
+    return first, last
 
 
 def early_uses(g: nx.DiGraph) -> Iterator[tuple[str, int, int]]:

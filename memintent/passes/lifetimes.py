@@ -5,13 +5,14 @@ Ensures: every used object has ``first_use <= last_use``; stages partition the s
 stage needs has a visit covering that stage.
 
 An object's live range is its span in the dependency graph (``passes.graph``): from the first step that defines or
-reads it to the last.
+reads it to the last, and on to the end of any module call it is an argument of (eager PyTorch keeps a module's
+arguments alive until the call returns).
 """
 
 from __future__ import annotations
 
 from memintent.ir.model import ObjectKind, Program, Stage, Visit
-from memintent.passes.graph import dependency_graph, live_range
+from memintent.passes.graph import dependency_graph, live_range, module_calls
 from memintent.passes.manager import Pass, ensure
 
 
@@ -53,8 +54,9 @@ def build_visits(stages: list[Stage], block_order: list[str]) -> list[Visit]:
 def lifetimes(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
     g = dependency_graph(p.steps)
+    calls = module_calls(p.steps)
     for o in p.objects:
-        o.first_use, o.last_use = live_range(g, o.name) or (None, None)
+        o.first_use, o.last_use = live_range(g, o.name, calls) or (None, None)
         o.urgency_step = o.first_use
     p.stages = build_stages(p)
     p.visits = build_visits(p.stages, [b.name for b in p.blocks])

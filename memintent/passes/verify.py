@@ -35,7 +35,7 @@ from memintent.ir.layout import kv_block_parts
 from memintent.ir.model import (KVQuant, DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind,
                                 dtype_bytes)
 from memintent.passes.costs import transfer_bytes
-from memintent.passes.graph import dependency_graph, early_uses, live_range, names
+from memintent.passes.graph import dependency_graph, early_uses, live_range, module_calls, names
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
 from memintent.passes.residency import slot_need_bytes, workspace_bytes
@@ -258,10 +258,12 @@ def defined_before_use(p: Program, f: Facts) -> None:
 @_rule("live-ranges")
 def live_ranges(p: Program, f: Facts) -> None:
     """Each object's recorded live range [first_use, last_use] lies within the steps and covers every step that
-    defines or reads it (the activation peak is computed from these ranges)."""
+    defines or reads it, and the module calls that hold it as an argument (the activation peak is computed from
+    these ranges)."""
     n = len(p.steps)
+    calls = module_calls(p.steps)
     for o in p.objects:
-        span = live_range(f.graph, o.name)
+        span = live_range(f.graph, o.name, calls)
         if o.first_use is None and o.last_use is None and span is None:
             continue
         lo, hi = span or (o.first_use, o.last_use)
@@ -490,6 +492,8 @@ def kv_pool(p: Program, f: Facts) -> None:
         if kv:
             fail(f"object {kv[0].name} is a KV object, but the plan has no KV pool")
         return
+    if p.model.dtype not in DTYPE_BITS:
+        fail(f"the model's dtype {p.model.dtype!r} is not an IR dtype, so the KV pool's layout is unknown")
     parts = kv_block_parts(pool.layers, pool.kv_heads, pool.head_dim, pool.block_tokens, p.model.dtype,
                            pool.quant == KVQuant.int8)
     if pool.block_bytes != sum(parts):

@@ -46,6 +46,30 @@ _START, _DONE, _FREE = 0, 1, 2
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def proven_shape_error(program: Program, shapes: list[tuple[int, ...]]) -> str | None:
+    """Why a forward given tensors of ``shapes`` (positional, then keyword) runs outside what the plan proved, or
+    None. A forward plan proves the shapes it was traced with; a generation plan proves engine steps of ``(1, T)``
+    token ids, ``T <= step_tokens``. The plan's memory proof says nothing about other shapes, so they are refused."""
+    fmt = lambda s: "x".join(map(str, s)) or "scalar"  # noqa: E731
+    g = program.generation
+    if g is not None:
+        ids = tuple(shapes[0]) if shapes else ()
+        if len(ids) != 2 or ids[0] != 1 or not 1 <= ids[1] <= g.step_tokens:
+            return (f"token ids of shape {fmt(ids)}: this generation plan proves engine steps of 1xT tokens with T "
+                    f"<= {g.step_tokens} (run it through memintent.Engine or `memintent generate`)")
+        return None
+    want = [tuple(s) for s in program.shape.inputs]
+    got = [tuple(s) for s in shapes[:len(want)]]
+    if want and got != want:
+        return (f"inputs of shape {', '.join(map(fmt, got)) or 'none'}: the plan proves "
+                f"{', '.join(map(fmt, want))} only (a plan is compiled for one shape: compile one for this shape)")
+    return None
+
+
+def _tensor_shapes(args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+
+
 class StreamedModel:
     """A model bound to a plan. Construct through ``attach``; ``detach()`` undoes everything.
 
@@ -293,7 +317,7 @@ class StreamedModel:
         modules = dict(self.model.named_modules())
         for name, mid in self._mid_of.items():
             self._hooks.append(modules[name].register_forward_pre_hook(self._stage_hook(mid)))
-        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
+        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post))
 
     def _reset_forward_state(self) -> None:
@@ -353,9 +377,12 @@ class StreamedModel:
         raise RuntimeFault(f"plan order violated at stage {s}: the model ran {ran}, but the plan expected module "
                            f"{st.module!r} (block {st.block!r}) at stage {s}")
 
-    def _root_pre(self, module: torch.nn.Module, args: Any) -> None:
+    def _root_pre(self, module: torch.nn.Module, args: Any, kwargs: dict) -> None:
         if self._paused:
             return
+        why = proven_shape_error(self.program, _tensor_shapes(args, kwargs))
+        if why is not None:
+            raise MemintentError(why)
         t0 = perf_counter()
         if self._in_forward:
             # The previous forward raised before its end: its copies and slot states are stale.

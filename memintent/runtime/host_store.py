@@ -103,6 +103,11 @@ class HostStore:
             raise MemintentError(f"pin={pin!r}: use one of {', '.join(PIN_MODES)}")
         if pin == "auto":
             pin = "register" if torch.cuda.is_available() else "none"
+        if blocks is None:
+            # The plan states what a run holds on the host; refuse before allocating a byte if it cannot fit.
+            from memintent.runtime.device import check_host_memory
+
+            check_host_memory(program)
         self._select_blocks(program, blocks)
         # Packed blocks: those the plan quantizes. Their buffer is the packed layout (what a visit copies).
         self.packed: set[str] = {n for n, b in self.blocks.items() if b.quant != Quant.none}

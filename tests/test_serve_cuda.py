@@ -1,0 +1,55 @@
+"""Serving on a GPU: the engine's copies (weights, swapped KV blocks) on the copy stream, its attention on CUDA.
+Skipped without CUDA (CI has none; benchmarks/RESULTS.md records the GPU runs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memintent.commands.generate import serve
+from memintent.compiler.hardware import BUILTIN
+from memintent.compiler.planner import plan_generation
+from memintent.engine import Engine
+from memintent.engine.requests import synthetic
+from memintent.ir.model import Residency
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = torch.device("cuda")
+
+
+def _plan(**kw):
+    # 37 MiB: the cuBLAS workspace (36 MiB) and a little: tiny-llama's layers must stream.
+    args = dict(budget_bytes=40 << 20, hardware=BUILTIN["h200"], context=48, prompt_len=8, gen_len=8, quant="none",
+                concurrency=3, kv_block_tokens=4, swap_blocks=64, dtype="f32")
+    args.update(kw)
+    return plan_generation("tiny-llama", **args)
+
+
+@pytest.fixture(scope="module")
+def plan():
+    p = _plan()
+    assert any(b.residency == Residency.streamed for b in p.blocks)
+    return p
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute"])
+def test_cuda_engine_is_bitwise_the_resident_engine(plan, policy):
+    reqs = synthetic(24, (2, 30), (1, 14), 512, seed=7)
+    runs = []
+    for resident in (False, True):
+        with Engine(plan, CUDA, preempt=policy, check=not resident, resident=resident) as eng:
+            runs.append(({o.id: o.token_ids for o in eng.generate(reqs)}, eng.stats))
+    (a, sa), (b, sb) = runs
+    assert {p.kind for p in sa.preemptions} == {policy}
+    assert a == b and [s.tokens for s in sa.steps] == [s.tokens for s in sb.steps]
+
+
+def test_cuda_engine_agrees_with_the_model_alone_and_keeps_the_budget(plan):
+    rep, _, _ = serve(plan, synthetic(8, (4, 24), (4, 10), 512, seed=3), device=CUDA, verify=True)
+    assert rep.agreement == 1.0, rep.agreement            # float32, nothing quantized
+    assert rep.peak_hbm_bytes <= plan.budget_bytes, (rep.peak_hbm_bytes, plan.budget_bytes)
+
+
+def test_cuda_int8_kv_reports_agreement():
+    rep, _, _ = serve(_plan(kv_quant="int8"), synthetic(6, (4, 16), (4, 8), 512, seed=1), device=CUDA, verify=True)
+    assert rep.agreement >= 0.9 and rep.max_logit_error < 0.1
