@@ -78,3 +78,13 @@ def load_profile(spec: str) -> HardwareProfile:
         first = e.errors()[0] if isinstance(e, ValidationError) else {"loc": (), "msg": str(e)}
         where = ".".join(map(str, first["loc"])) or "file"
         raise MemintentError(f"hardware profile {spec} is not a valid profile: {where}: {first['msg']}") from None
+
+
+# Device names (as torch.cuda.get_device_name reports them) -> the built-in profile measured on that card.
+_BY_DEVICE_NAME = (("H200", "h200"), ("H100", "h100-sxm"))
+
+
+def profile_for_device(device_name: str) -> HardwareProfile | None:
+    """The built-in profile of the card called ``device_name``, or None when there is none: benchmarks then measure
+    the card (``memintent profile``) rather than assume another card's rates."""
+    return next((BUILTIN[key] for part, key in _BY_DEVICE_NAME if part in device_name), None)

@@ -443,6 +443,9 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
     if not (src.num_layers and src.n_kv_heads and src.head_dim):
         raise MemintentError(f"{ref}: generation plans need a decoder model with known layers, KV heads and head "
                              "size")
+    if src.max_positions and context > src.max_positions:
+        raise MemintentError(f"--context {context} is longer than the {src.max_positions} positions {ref} encodes: "
+                             f"use --context {src.max_positions} or less")
     w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context)
     say("tracing the engine step at three shapes")
     step = AffineStep(src, (64, 8), say)
@@ -475,5 +478,30 @@ def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str,
     return plan
 
 
-__all__ = ["plan_generation", "step_spec", "trace_step", "Workload", "Shape", "kv_pool", "annotate_step",
+class StepPredictor:
+    """The plan's cost model applied to engine steps as they ran: the plan's residency, bit widths and stream slots,
+    each step's own tokens and sequences, and the attention work its sequences did (a ``StepRecord``). Prediction
+    errors per kind of step (decode-only, prompt-heavy; streamed or resident) come from comparing these with the
+    measured steps (benchmarks/generate.py)."""
+
+    def __init__(self, program: Program, progress: Callable[[str], None] | None = None):
+        self.program = program
+        self.src = resolve(program.model.ref, dtype=program.model.dtype)
+        self.step = AffineStep(self.src, (64, 8), progress or (lambda m: None))
+        pool = program.kv_pool
+        self.token_bytes = pool.block_bytes // (pool.block_tokens * pool.layers)
+
+    def predict_s(self, record) -> float:
+        work = attention.attention_work(
+            heads=self.src.n_heads, head_dim=self.src.head_dim, decode_context_tokens=record.decode_context_tokens,
+            prefill_context_tokens=record.prefill_context_tokens, prefill_pairs=record.prefill_pairs,
+            kv_token_bytes=self.token_bytes)
+        times = self.step.stage_times(max(record.tokens, 1), max(record.sequences, 1), self.program.hardware, work)
+        shell = self.program.model_copy(update={"stages": [st.model_copy(update={"time_s": t})
+                                                           for st, t in zip(self.program.stages, times)]})
+        _, sim, _ = schedule_of(shell)
+        return sim.step_time_s
+
+
+__all__ = ["plan_generation", "StepPredictor", "step_spec", "trace_step", "Workload", "Shape", "kv_pool", "annotate_step",
            "fmt_bytes"]

@@ -251,6 +251,7 @@ class ModelSource:
         self.n_kv_heads, self.head_dim, self.vocab_size = n_kv_heads, head_dim, vocab_size
         self.n_heads = n_heads or n_kv_heads
         self.attention = "sdpa"       # the attention implementation the built model uses (explain shows it)
+        self.max_positions: int | None = None   # the longest sequence the model's position encoding covers
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(ref={self.ref!r}, kind={self.kind!r}, dtype={self.dtype!r}, "
@@ -307,6 +308,7 @@ class PresetSource(ModelSource):
         super().__init__(ref, cfg.dtype, cfg.n_layers, "layers", cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
                          cfg.n_heads)
         self.config, self.seed = cfg, seed
+        self.max_positions = cfg.max_positions
         # Where init_weight draws: CUDA when there is one (fast; note CPU and CUDA draw different values).
         self.init_device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -345,6 +347,7 @@ class HFSource(ModelSource):
         super().__init__(ref, dtype, getattr(text, "num_hidden_layers", None), None, n_kv, head_dim,
                          getattr(text, "vocab_size", None), n_heads)
         self.path, self.config, self.files = path, config, files
+        self.max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
         self.dtype_forced, self.allow_code = dtype_forced, allow_code
         self._meta: dict[int | None, nn.Module] = {}
         self._buffers: dict[int | None, nn.Module] = {}

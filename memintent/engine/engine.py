@@ -41,6 +41,9 @@ class StepRecord:
     used_blocks: int              # KV pool blocks owned after the step
     preemptions: tuple[Preemption, ...] = ()
     swapped_in: int = 0           # sequences whose blocks came back in this step
+    decode_context_tokens: int = 0   # keys the decode tokens attended to (the sum of their contexts)
+    prefill_context_tokens: int = 0  # keys the prompt chunks read (the sum of their contexts)
+    prefill_pairs: int = 0        # (query, key) pairs the prompt chunks scored
 
 
 @dataclass(slots=True)
@@ -51,6 +54,19 @@ class EngineStats:
     @property
     def preemptions(self) -> list[Preemption]:
         return [p for s in self.steps for p in s.preemptions]
+
+
+def _record(plan, start_s: float, time_s: float, used_blocks: int) -> StepRecord:
+    """What the step held: its tokens by kind and the attention work they did (the cost model's inputs)."""
+    dec = [c for c in plan.chunks if c.length == 1]
+    pre = [c for c in plan.chunks if c.length > 1]
+    return StepRecord(
+        index=plan.index, start_s=start_s, time_s=time_s, tokens=plan.tokens, decode_tokens=len(dec),
+        prefill_tokens=plan.tokens - len(dec), sequences=len(plan.chunks), used_blocks=used_blocks,
+        preemptions=tuple(plan.preemptions), swapped_in=len(plan.swap_in),
+        decode_context_tokens=sum(c.start + 1 for c in dec),
+        prefill_context_tokens=sum(c.start + c.length for c in pre),
+        prefill_pairs=sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in pre))
 
 
 def _load(plan) -> Program:
@@ -125,11 +141,7 @@ class Engine:
         self.runner.poison(freed)
         if self.check:
             self.pool.check()
-        decode = sum(1 for c in plan.chunks if c.length == 1)
-        self.stats.steps.append(StepRecord(
-            index=plan.index, start_s=t - self._t0, time_s=perf_counter() - t, tokens=plan.tokens,
-            decode_tokens=decode, prefill_tokens=plan.tokens - decode, sequences=len(plan.chunks),
-            used_blocks=self.pool.used_blocks, preemptions=tuple(plan.preemptions), swapped_in=len(plan.swap_in)))
+        self.stats.steps.append(_record(plan, t - self._t0, perf_counter() - t, self.pool.used_blocks))
         return [self._output(s) for s in finished]
 
     def _keep_logits(self, plan) -> None:
