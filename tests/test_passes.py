@@ -191,16 +191,56 @@ def test_folded_trace_equals_full_trace():
     assert folded.fingerprint == full.fingerprint
 
 
-def test_lifetimes_are_first_and_last_touch_of_each_object(tiny_streamed):
-    # An independent reference: scan the steps for each object's first and last mention.
+def _calls_ending(steps) -> list[dict[str, int]]:
+    """For each step, {called module: the last step of that call}, by a forward scan: a call of module M runs while
+    consecutive steps' module paths start with M (numbered children of a container are called; it is not)."""
+    def called(module: str) -> list[str]:
+        parts = module.split(".") if module else []
+        return [".".join(parts[:d]) for d in range(1, len(parts) + 1) if d == len(parts) or not parts[d].isdigit()]
+    out: list[dict[str, int]] = []
+    open_: dict[str, list[int]] = {}
+    for i, st in enumerate(steps):
+        now = called(st.module)
+        for m in list(open_):
+            if m not in now:
+                del open_[m]
+        mine = {}
+        for m in now:
+            open_.setdefault(m, [])
+            open_[m].append(i)
+            mine[m] = open_[m]          # shared list: grows while the call lasts
+        out.append(mine)
+    return [{m: lst[-1] for m, lst in d.items()} for d in out]
+
+
+def test_lifetimes_are_first_and_last_touch_held_by_the_calls_in_between(tiny_streamed):
+    # An independent reference: scan the steps for each object's first and last mention; an activation also lives
+    # to the end of each module call it is an argument of, and the model's inputs and the root forward's own values
+    # to the end of the forward.
+    steps = tiny_streamed.steps
+    ends = _calls_ending(steps)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
-    for i, st in enumerate(tiny_streamed.steps):
+    made: dict[str, int] = {}
+    for i, st in enumerate(steps):
         for name in (*st.uses, *st.defs):
             first[name] = min(first.get(name, i), i)
             last[name] = max(last.get(name, i), i)
+        for name in st.defs:
+            made.setdefault(name, i)
+    held = dict(last)
+    for i, st in enumerate(steps):
+        for name in st.uses:
+            d = made.get(name)
+            if d is None or not ends[d]:
+                held[name] = len(steps) - 1
+                continue
+            for m, end in ends[i].items():
+                if ends[d].get(m) != end:
+                    held[name] = max(held[name], end)
     for o in tiny_streamed.objects:
-        assert (o.first_use, o.last_use) == (first.get(o.name), last.get(o.name)), o.name
+        want_last = held.get(o.name) if o.kind.value == "buffer" else last.get(o.name)
+        assert (o.first_use, o.last_use) == (first.get(o.name), want_last), o.name
 
 
 def _corrupting(p: Pass, corrupt) -> Pass:

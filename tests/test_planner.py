@@ -92,16 +92,17 @@ def test_kv_quant_auto_takes_int8_only_when_it_pays():
 @pytest.mark.parametrize("quant,kv_quant,min_agreement", [("int8", "none", 0.8), ("int4", "none", 0.4),
                                                           ("none", "int8", 0.9)])
 def test_quantized_generation_reports_agreement(quant, kv_quant, min_agreement):
-    # Random tiny weights make greedy tokens fragile: int8 keeps most of them, int4 fewer. The exactness of the
-    # quantized runtime itself is tested bitwise in test_quant_stream.py; here generation end to end reports its
-    # agreement with the float32 resident model (greedy tokens and logit error) and never fails for it.
+    # Random tiny weights make greedy tokens fragile: int8 keeps most of them, int4 fewer (0.45-0.7 across request
+    # seeds; a broken unpacking agrees on next to none). The exactness of the quantized runtime itself is tested
+    # bitwise in test_quant_stream.py; here generation end to end reports its agreement with the float32 resident
+    # model (greedy tokens and logit error) and never fails for it.
     import torch
 
     p = tiny(quant=quant, kv_quant=kv_quant, concurrency=3)
-    rep, _, _ = serve(p, synthetic(6, (4, 16), (4, 8), 512, seed=1), device=torch.device("cpu"), verify=True)
+    rep, _, _ = serve(p, synthetic(16, (4, 16), (4, 8), 512, seed=2), device=torch.device("cpu"), verify=True)
     print(f"weights {quant}, KV {kv_quant}: {100 * rep.agreement:.1f}% of greedy tokens agree, max |logit error| "
           f"{rep.max_logit_error:.3g}")
-    assert rep.verified_requests == 6 and rep.max_logit_error > 0
+    assert rep.verified_requests == 8 and rep.max_logit_error > 0
     assert rep.agreement >= min_agreement
 
 

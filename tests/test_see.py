@@ -157,15 +157,17 @@ def test_timeline_of_a_unit_cost_plan_worked_by_hand(unit_plan):
     assert [(c.deadline_s, c.slack_s, c.stall_s) for c in tl.copies] == [(2.0 * i, -1.0, 1.0) for i in range(4)]
     assert tl.streamed_bytes == 4 * 16640 and all(c.transfer_bytes == c.block_bytes == 16640 for c in tl.copies)
     # Memory: two 16640 B stream slots, both held at every step (each slot's next occupant is copied in as soon
-    # as the previous one is freed); two (2, 64) f32 activations of 512 B live at each step; no KV, no workspace.
+    # as the previous one is freed); (2, 64) f32 activations of 512 B: the model's input (its caller holds it for
+    # the whole forward) and each layer's output, which lives while the next layer runs; at step 0 the input is the
+    # layer's input itself, so 2 x 512 B there and 3 x 512 B at steps 1-3; no KV, no workspace.
     assert [(m.step, m.stage, m.start_s) for m in tl.memory] == [(i, i, 2.0 * i + 1) for i in range(4)]
-    for m in tl.memory:
+    for m, act in zip(tl.memory, (1024, 1536, 1536, 1536)):
         assert (m.resident_bytes, m.stream_allocated_bytes, m.stream_occupied_bytes, m.kv_bytes,
-                m.activation_bytes, m.workspace_bytes) == (0, 33280, 33280, 0, 1024, 0)
-    assert tl.peak.step == 0 and tl.peak.total_bytes == 34304
+                m.activation_bytes, m.workspace_bytes) == (0, 33280, 33280, 0, act, 0)
+    assert tl.peak.step == 1 and tl.peak.total_bytes == 34816
     # and the compiler recorded the same numbers in the plan
     pr = unit_plan.prediction
-    assert (pr.step_time_s, pr.first_step_time_s, pr.stall_s, pr.peak_hbm_bytes) == (8.0, 9.0, 4.0, 34304)
+    assert (pr.step_time_s, pr.first_step_time_s, pr.stall_s, pr.peak_hbm_bytes) == (8.0, 9.0, 4.0, 34816)
 
 
 @pytest.mark.parametrize("which", ["plan", "stalling_plan", "kv_plan", "quant_plan"])

@@ -187,15 +187,28 @@ def kv_pool(src, shape: Shape, block_tokens: int, swap_blocks: int) -> KVPool:
     return probe.model_copy(update={"block_bytes": layout_of(probe, src.torch_dtype).block_bytes})
 
 
-def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork, context: int) -> Program:
-    """Give the step's attention ops their cost for the workload, the KV pool as what they read and write, and
-    their gather scratch (``attention.gather_scratch_bytes``, the bound the runtime chunks its gathers to)."""
+def step_scratch(src, pool: KVPool, context: int, step_tokens: int, max_seqs: int) -> tuple[int, int]:
+    """(each attention op's scratch, the step's attention metadata) in bytes: the bounds the runtime keeps to."""
     layout = layout_of(pool, src.torch_dtype)
-    scratch = attention.gather_scratch_bytes(gather_tokens(pool, context), pool.kv_heads, pool.head_dim,
-                                             src.torch_dtype, layout.quantized)
+    scratch = attention.scratch_bytes(
+        gather_tokens=gather_tokens(pool, context), kv_heads=pool.kv_heads, head_dim=pool.head_dim,
+        heads=src.n_heads, dtype=src.torch_dtype, quantized=layout.quantized, step_tokens=step_tokens,
+        max_seqs=max_seqs, context=context)
+    meta = attention.metadata_bytes(step_tokens=step_tokens, max_seqs=max_seqs, context=context,
+                                    block_tokens=pool.block_tokens, num_blocks=pool.num_blocks)
+    return scratch, meta
+
+
+def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork, context: int,
+                  max_seqs: int) -> Program:
+    """Give the step's attention ops their cost for the workload, the KV pool as what they read and write, and
+    their scratch; the step's attention metadata is a workspace held through the step (``step_scratch``)."""
+    scratch, meta = step_scratch(src, pool, context, p.shape.seq, max_seqs)
     p.objects.append(Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8",
                             shape=[pool.num_blocks, pool.block_bytes], size_bytes=pool.num_blocks * pool.block_bytes,
                             home=Tier.hbm))
+    p.objects.append(Object(name="step.metadata", kind=ObjectKind.workspace, dtype="u8", shape=[meta],
+                            size_bytes=meta, home=Tier.hbm))
     for s in p.steps:
         if not is_attention(s.op):
             continue
@@ -276,7 +289,8 @@ class Search:
             p = trace_step(self.src, shape.step_tokens, shape.max_seqs, self.say)
         else:
             p = self.step.at(shape.step_tokens, shape.max_seqs)
-        p = annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w), self.w.context)
+        p = annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w), self.w.context,
+                          shape.max_seqs)
         # What the plan proves, before its prediction is known (verify, the pipeline's last pass, checks it).
         p.generation = GenerationPlan(
             objective=self.objective, step_tokens=shape.step_tokens, max_seqs=shape.max_seqs, context=self.w.context,
@@ -286,12 +300,10 @@ class Search:
 
     def light(self, shape: Shape) -> Program:
         pool = kv_pool(self.src, shape, self.block_tokens, self.swap(shape))
-        layout = layout_of(pool, self.src.torch_dtype)
         work = step_work(self.src, pool, shape, self.w)
         times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work)
-        scratch = attention.gather_scratch_bytes(gather_tokens(pool, self.w.context), pool.kv_heads,
-                                                 pool.head_dim, self.src.torch_dtype, layout.quantized)
-        held = (align_up(pool.num_blocks * pool.block_bytes)
+        scratch, meta = step_scratch(self.src, pool, self.w.context, shape.step_tokens, shape.max_seqs)
+        held = (align_up(pool.num_blocks * pool.block_bytes) + meta
                 + self.step.activation_peak(shape.step_tokens, shape.max_seqs, scratch))
         reserve = Object(name="kv.pool+activations", kind=ObjectKind.workspace, dtype="u8", shape=[held],
                          size_bytes=held, home=Tier.hbm)

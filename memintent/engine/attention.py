@@ -269,20 +269,36 @@ def attention_work(*, heads: int, head_dim: int, decode_context_tokens: int, pre
     return AttentionWork(flops=flops, hbm_bytes=hbm)
 
 
-def gather_scratch_bytes(gather_tokens: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                         quantized: bool) -> int:
-    """Device memory one attention call holds beyond its output: the gathered keys and values of at most
-    ``gather_tokens`` (padded) positions in the model dtype, plus, under int8 KV, their float32 dequantization
-    temporaries, plus the mask."""
-    per_token = 2 * kv_heads * head_dim * dtype.itemsize
-    if quantized:
-        per_token += 2 * kv_heads * head_dim * (1 + 4)      # gathered int8 values and their float32 product
-    return gather_tokens * per_token + gather_tokens
+def scratch_bytes(*, gather_tokens: int, kv_heads: int, head_dim: int, heads: int, dtype: torch.dtype,
+                  quantized: bool, step_tokens: int, max_seqs: int, context: int) -> int:
+    """Device memory one layer's attention holds beyond its output, at most: the larger of a decode chunk's and a
+    prompt chunk's temporaries (they run one after the other). Both gather at most ``gather_tokens`` padded key
+    positions (keys and values in the model dtype, plus, under int8 KV, the int8 gather and the float32
+    dequantization temporaries); a decode chunk also folds the queries of up to ``max_seqs`` sequences and holds its
+    output and mask, a prompt chunk the queries and output of up to ``step_tokens`` tokens and its mask repeated for
+    the query heads of each KV head."""
+    e = dtype.itemsize
+    per_value = 2 * e + 9 if quantized else 4 * e      # keys and values gathered (and any copy SDPA makes)
+    gathered = gather_tokens * kv_heads * head_dim * per_value
+    group = max(heads // max(kv_heads, 1), 1)
+    decode = gathered + gather_tokens + 2 * max_seqs * heads * head_dim * e
+    prompt = gathered + group * step_tokens * context + 2 * step_tokens * heads * head_dim * e
+    return max(decode, prompt)
+
+
+def metadata_bytes(*, step_tokens: int, max_seqs: int, context: int, block_tokens: int, num_blocks: int) -> int:
+    """Device memory of a step's attention metadata (``StepMeta`` and the token ids, positions and logit rows), held
+    for the whole step: at most ``step_tokens`` tokens of ``max_seqs`` sequences, none longer than ``context``."""
+    blocks = -(-context // block_tokens)
+    ints = 8 * (4 * step_tokens + max_seqs)                    # ids, positions, write blocks and offsets, rows
+    decode = 8 * max_seqs * blocks + max_seqs * blocks * block_tokens + 24 * max_seqs   # tables, masks, indices
+    prompt = step_tokens * context + 8 * step_tokens + 8 * num_blocks                  # masks, positions, tables
+    return ints + decode + prompt
 
 
 def gather_tokens(pool, context: int) -> int:
     """Padded positions one decode chunk may gather (per layer): an eighth of the pool, and never less than one
-    sequence of the plan's context. The plan counts this scratch (``gather_scratch_bytes``) and the runner splits
+    sequence of the plan's context. The plan counts this scratch (``scratch_bytes``) and the runner splits
     decode sequences into chunks within it (``plan_decode_chunks``): one rule for both."""
     capacity = (pool.num_blocks - 1) * pool.block_tokens
     whole = -(-context // pool.block_tokens) * pool.block_tokens

@@ -39,13 +39,14 @@ def names(g: nx.DiGraph) -> Iterator[str]:
 
 def module_calls(steps: Sequence[Step]) -> list[tuple[tuple[str, int], ...]]:
     """For each step, the module calls it runs inside, outermost first: (module path, the call's last step). A call
-    of module M is a maximal run of consecutive steps whose module path is M or lies under it."""
+    of module M is a maximal run of consecutive steps whose module path is M or lies under it. A container of
+    numbered children (a ModuleList such as the decoder layers) is iterated, not called: its path is no call."""
     out: list[tuple[tuple[str, int], ...]] = [()] * len(steps)
     end: dict[str, int] = {}
     after: set[str] = set()
     for i in range(len(steps) - 1, -1, -1):
         parts = steps[i].module.split(".") if steps[i].module else []
-        paths = [".".join(parts[:d]) for d in range(1, len(parts) + 1)]
+        paths = [".".join(parts[:d]) for d in range(1, len(parts) + 1) if d == len(parts) or not parts[d].isdigit()]
         for path in paths:
             if path not in after:
                 end[path] = i       # scanning backwards: the run of this call ends here
@@ -59,7 +60,8 @@ def live_range(g: nx.DiGraph, name: str, calls: Sequence[tuple[tuple[str, int], 
     """(first, last) step that defines or reads ``name``; None if no step does. With ``calls``
     (``module_calls``), the range also runs to the end of every module call that reads the object without having
     made it: in eager PyTorch a module's forward holds its arguments until it returns (the caller's variable, the
-    callee's parameter), after the last operation that reads them."""
+    callee's parameter), after the last operation that reads them; the model's inputs and the values its root
+    forward makes live until the forward returns."""
     if name not in g:
         return None
     touching = [*g.pred[name], *g.succ[name]]   # the steps that define it, then those that read it
@@ -67,7 +69,11 @@ def live_range(g: nx.DiGraph, name: str, calls: Sequence[tuple[tuple[str, int], 
         return None
     first, last = min(touching), max(touching)
     if calls is not None:
-        made = set(calls[min(g.pred[name])]) if g.pred[name] else set()
+        if not g.pred[name] or not calls[min(g.pred[name])]:
+            # A model input (the caller holds it) or a value the root forward itself made (its locals: positions,
+            # rotary tables, masks) lives until the forward returns.
+            return first, len(calls) - 1
+        made = set(calls[min(g.pred[name])])
         for u in g.succ[name]:
             for call in calls[u]:
                 if call not in made:

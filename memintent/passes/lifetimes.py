@@ -56,7 +56,9 @@ def lifetimes(program: Program) -> Program:
     g = dependency_graph(p.steps)
     calls = module_calls(p.steps)
     for o in p.objects:
-        o.first_use, o.last_use = live_range(g, o.name, calls) or (None, None)
+        # Activations are what frames hold; a weight is held by its module whatever the calls.
+        held = calls if o.kind == ObjectKind.buffer else None
+        o.first_use, o.last_use = live_range(g, o.name, held) or (None, None)
         o.urgency_step = o.first_use
     p.stages = build_stages(p)
     p.visits = build_visits(p.stages, [b.name for b in p.blocks])

@@ -263,7 +263,7 @@ def live_ranges(p: Program, f: Facts) -> None:
     n = len(p.steps)
     calls = module_calls(p.steps)
     for o in p.objects:
-        span = live_range(f.graph, o.name, calls)
+        span = live_range(f.graph, o.name, calls if o.kind == ObjectKind.buffer else None)
         if o.first_use is None and o.last_use is None and span is None:
             continue
         lo, hi = span or (o.first_use, o.last_use)
