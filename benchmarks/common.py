@@ -22,9 +22,13 @@ from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 GiB = 1 << 30
 
 
-def card_profile(device: torch.device, measure: bool = False):
-    """The built-in profile of this card (by its name), or one measured here and now (``measure``, or no built-in
-    one): a benchmark never plans with another card's rates."""
+def card_profile(device: torch.device, measure: bool = False, spec: str | None = None):
+    """``spec`` (a profile file or built-in name) if given, else the built-in profile of this card (by its name), or
+    one measured here and now (``measure``, or no built-in one): a benchmark never plans with another card's rates."""
+    if spec:
+        from memintent.compiler.hardware import load_profile
+
+        return load_profile(spec)
     if device.type != "cuda":
         return BUILTIN["cpu"]
     known = profile_for_device(torch.cuda.get_device_name(device))

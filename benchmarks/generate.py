@@ -114,10 +114,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny models: a smoke test of the script")
     ap.add_argument("--work", default=None, help="folder for the Hugging Face folder hf8b writes (default: a temp)")
+    ap.add_argument("--hw", default=None, help="hardware profile (file or built-in name; default: this card's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    hw = card_profile(device)
+    hw = card_profile(device, spec=args.hw)
     doc = header(device, hw)
     for s in args.sections:
         SECTIONS[s](args, device, hw, doc)
