@@ -59,8 +59,8 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
             args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
             prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
             kv_quant=args.kv_quant, concurrency=args.concurrency, kv_block_tokens=args.kv_block_tokens,
-            swap_blocks=args.swap_blocks, dtype=args.dtype, progress=say)
-    for flag in ("concurrency", "swap_blocks"):
+            swap_blocks=args.swap_blocks, dtype=args.dtype, max_step_tokens=args.max_step_tokens, progress=say)
+    for flag in ("concurrency", "swap_blocks", "max_step_tokens"):
         if getattr(args, flag) is not None:
             raise MemintentError(f"--{flag.replace('_', '-')} is for generation plans: add --objective throughput")
     from memintent.compiler.compile import compile_model
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--concurrency", type=int, default=None,
                    help="with --objective: force the sequences the pool is sized for (default: searched)")
     c.add_argument("--kv-block-tokens", type=int, default=16, help="with --objective: tokens per KV block (16)")
+    c.add_argument("--max-step-tokens", type=int, default=None,
+                   help="with --objective: at most this many tokens per engine step (default: as many as the "
+                        "streamed weights' time hides, up to 8192)")
     c.add_argument("--swap-blocks", type=int, default=None,
                    help="with --objective: KV blocks of pinned host swap space (default: the pool's size when "
                         "the plan's copy engine has idle time to swap, else none)")

@@ -78,8 +78,9 @@ def test_paged_attention_equals_dense_attention(quantized, softcap, window):
     nblocks = 16
     views = PoolViews(torch.zeros(nblocks * layout.block_bytes, dtype=torch.uint8), layout, nblocks)
     pool = BlockPool(nblocks)
-    # Three sequences: two decoding (7 and 2 tokens cached), one prompt chunk of 5 tokens after 3 cached.
-    lens = [(7, 1), (2, 1), (3, 5)]
+    # Three sequences: two decoding (7 and 2 tokens cached), one prompt chunk of 6 tokens after 3 cached (9 tokens:
+    # its last block is partly filled, so the padded keys must be masked).
+    lens = [(7, 1), (2, 1), (3, 6)]
     full_k = {i: torch.randn(kvh, c + n, hd) for i, (c, n) in enumerate(lens)}
     full_v = {i: torch.randn(kvh, c + n, hd) for i, (c, n) in enumerate(lens)}
     for i, (c, n) in enumerate(lens):
@@ -111,9 +112,10 @@ def test_paged_attention_equals_dense_attention(quantized, softcap, window):
     meta = StepMeta(write_blocks=torch.tensor(wb), write_offsets=torch.tensor(wo))
     meta.decode.append(DecodeChunk(rows=torch.tensor([0, 1]), tables=tables,
                                    mask=(torch.arange(nb * bt) < ctx[:, None])[:, None, None], positions=ctx - 1))
-    qpos = torch.arange(3, 8)
-    meta.prefill.append(PrefillChunk(start=2, length=5, context=8, table=torch.tensor(pool.table(2)),
-                                     mask=torch.arange(8)[None, :] <= qpos[:, None]))
+    qpos = torch.arange(3, 9)
+    L = len(pool.table(2)) * bt                                   # 12 padded key positions for 9 tokens
+    meta.prefill.append(PrefillChunk(start=2, length=6, context=9, table=torch.tensor(pool.table(2)),
+                                     mask=torch.arange(L)[None, :] <= qpos[:, None]))
     with attention.step(views, meta, torch.float32):
         out = attention.paged_attention(q, k_new, v_new, 0, softcap=softcap, window=window)   # (1, H, T, hd)
     scale = hd ** -0.5

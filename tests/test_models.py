@@ -153,7 +153,7 @@ def _one_sequence_steps(m, cfg, x, prompt: int, block_tokens: int = 4):
                                            positions=torch.tensor([ctx - 1])))
         else:
             meta.prefill.append(PrefillChunk(start=0, length=n, context=ctx, table=table[:nb],
-                                             mask=torch.arange(ctx)[None, :] <= pos[:, None]))
+                                             mask=torch.arange(nb * block_tokens)[None, :] <= pos[:, None]))
         with attention.step(views, meta, cfg.torch_dtype):
             outs.append(m(x[:, start:start + n], pos, torch.tensor([n - 1]))[0])     # (vocab,)
     return outs
@@ -170,8 +170,8 @@ def test_paged_steps_match_full_forward(kind):
     m = fill_random(build(cfg, "cpu"))
     x = ids(seq=12)[:1]
     with torch.inference_mode():
-        outs = _one_sequence_steps(m, cfg, x, prompt=8)
-        for i, p in enumerate(range(8, 13)):
+        outs = _one_sequence_steps(m, cfg, x, prompt=7)   # 7: a partly filled block, whose padding is masked
+        for i, p in enumerate(range(7, 13)):
             ref = m(x[:, :p])[0]
             assert torch.allclose(outs[i], ref, atol=1e-4, rtol=1e-4), p
     assert not torch.allclose(outs[0], outs[1])

@@ -72,6 +72,7 @@ class Workload:
     prompt_len: int               # mean prompt tokens
     gen_len: int                  # mean generated tokens
     context: int                  # longest sequence: prompt + generated
+    max_step_tokens: int = MAX_STEP_TOKENS   # a cap on a step's tokens (its activations), from --max-step-tokens
 
     @property
     def seq_tokens(self) -> int:
@@ -241,11 +242,13 @@ def step_work(src, pool: KVPool, shape: Shape, w: Workload) -> attention.Attenti
 
 
 def shape_for(n: int, kvq: KVQuant, w: Workload, block_tokens: int, hide_tokens: int) -> Shape:
+    n = min(n, w.max_step_tokens)                  # every running sequence needs a token of each step
     need = math.ceil(STEP_TOKEN_HEADROOM * n * (1 + w.prompt_len / max(w.gen_len, 1)))
-    tokens = min(max(need, hide_tokens, 2 * n), MAX_STEP_TOKENS)
+    seqs = min(2 * n, w.max_step_tokens)
+    tokens = max(min(max(need, hide_tokens), w.max_step_tokens), seqs)
     blocks = math.ceil(n * w.seq_tokens / block_tokens) + 1
     blocks = max(blocks, math.ceil(w.context / block_tokens) + 1)   # one sequence of the full context always fits
-    return Shape(concurrency=n, kv_quant=kvq, step_tokens=max(tokens, 2 * n), max_seqs=2 * n, num_blocks=blocks)
+    return Shape(concurrency=n, kv_quant=kvq, step_tokens=tokens, max_seqs=seqs, num_blocks=blocks)
 
 
 def hide_tokens(src, step: Program, hw: HardwareProfile) -> int:
@@ -344,8 +347,7 @@ def _largest_fitting(search: Search, kvq: KVQuant, hide: int) -> int:
     for the sweep (bisection on the pool's size alone; the residency pass decides the rest)."""
     w, bt = search.w, search.block_tokens
     per_seq = kv_pool(search.src, shape_for(1, kvq, w, bt, hide), bt, 0).block_bytes * w.seq_tokens / bt
-    hi = max(1, int(search.budget / max(per_seq, 1)))
-    return hi
+    return max(1, min(int(search.budget / max(per_seq, 1)), w.max_step_tokens))
 
 
 def sweep(search: Search, kvq: KVQuant, hide: int, fixed: int | None) -> list[Outcome]:
@@ -445,7 +447,8 @@ def _check_args(objective: str, context: int, prompt_len: int, gen_len: int, blo
 def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, context: int, prompt_len: int,
                     gen_len: int, objective: str = "throughput", quant: str = "auto", kv_quant: str = "none",
                     concurrency: int | None = None, kv_block_tokens: int = 16, swap_blocks: int | None = None,
-                    dtype: str | None = None, progress: Callable[[str], None] | None = None) -> Program:
+                    dtype: str | None = None, max_step_tokens: int | None = None,
+                    progress: Callable[[str], None] | None = None) -> Program:
     """A verified generation plan for ``ref`` under ``budget_bytes``. ``concurrency`` fixes N (tests,
     experiments); ``latency`` plans one sequence whose whole prompt fits one step. ``swap_blocks``: host swap
     space in blocks (None: as many as the pool when the plan's copy engine has idle time to swap in, else none)."""
@@ -458,7 +461,8 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
     if src.max_positions and context > src.max_positions:
         raise MemintentError(f"--context {context} is longer than the {src.max_positions} positions {ref} encodes: "
                              f"use --context {src.max_positions} or less")
-    w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context)
+    w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context,
+                 max_step_tokens=max_step_tokens or MAX_STEP_TOKENS)
     say("tracing the engine step at three shapes")
     step = AffineStep(src, (64, 8), say)
     hide = hide_tokens(src, step.p, hardware) if objective == "throughput" else prompt_len + 1

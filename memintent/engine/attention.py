@@ -59,7 +59,8 @@ class PrefillChunk:
     length: int
     context: int                  # tokens of the sequence in the cache once this chunk is written
     table: torch.Tensor           # (nb,) long: the sequence's blocks
-    mask: torch.Tensor            # (length, context) bool: causal, offset by the tokens already cached
+    mask: torch.Tensor            # (length, L) bool, L = the table's blocks x block_tokens: causal, offset by the
+                                  # tokens already cached, False on the padding past ``context``
 
 
 @dataclass(slots=True)
@@ -157,7 +158,10 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_kv(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (values.float() * scales[..., None]).to(dtype)
+    """int8 values (..., hd) times their scales (...) in ``dtype``: an int8 value is exact in bf16, so the result
+    differs from the float32 product by the rounding of the scale and of the product (half a unit of the dtype's
+    last place each), and it moves 2 + 2 bytes per value instead of 4 + 4 + 2."""
+    return values.to(dtype) * scales.to(dtype)[..., None]
 
 
 def write_kv(ctx: _Context, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -239,20 +243,18 @@ def _decode(ctx: _Context, layer: int, q: torch.Tensor, c: DecodeChunk, scale: f
 
 def _prefill(ctx: _Context, layer: int, q: torch.Tensor, c: PrefillChunk, scale: float, softcap: float | None,
              window: int | None) -> torch.Tensor:
-    """q (H, n, hd) of one prompt chunk -> (H, n, hd)."""
-    k, v = _gather(ctx, layer, c.table)                                   # (nb * bt, KV, hd) each
-    k = k[:c.context].transpose(0, 1).unsqueeze(0)                        # (1, KV, ctx, hd)
-    v = v[:c.context].transpose(0, 1).unsqueeze(0)
+    """q (H, n, hd) of one prompt chunk -> (H, n, hd). The keys keep their padded length (whole blocks: a multiple of
+    the block size, which the fused SDPA kernels want) with the padding masked; each KV head is repeated for its
+    query heads, so the mask (n, L) broadcasts over heads instead of being repeated for them."""
+    k, v = _gather(ctx, layer, c.table)                                   # (L, KV, hd) each, L = nb * bt
     kvh, heads, n = k.shape[1], q.shape[0], q.shape[1]
-    g = heads // kvh
-    qs = _fold(q.unsqueeze(0), kvh)                                       # (1, KV, G * n, hd)
-    mask = c.mask
+    k = k.transpose(0, 1).repeat_interleave(heads // kvh, 0)[None]        # (1, H, L, hd)
+    v = v.transpose(0, 1).repeat_interleave(heads // kvh, 0)[None]
+    mask = c.mask                                                         # (n, L): causal from the cached prefix
     if window:
         q_pos = torch.arange(c.context - n, c.context, device=mask.device)  # (n,)
         mask = _window_mask(mask, q_pos, window)
-    mask = mask.repeat(g, 1)[None, None]                                  # (1, 1, G * n, ctx)
-    o = attend(qs, k, v, mask, scale, softcap)                            # (1, KV, G * n, hd)
-    return _unfold(o, heads)[0]                                           # (H, n, hd)
+    return attend(q[None], k, v, mask[None, None], scale, softcap)[0]     # (H, n, hd)
 
 
 # ---- what it costs --------------------------------------------------------------------------------------------
@@ -272,17 +274,17 @@ def attention_work(*, heads: int, head_dim: int, decode_context_tokens: int, pre
 def scratch_bytes(*, gather_tokens: int, kv_heads: int, head_dim: int, heads: int, dtype: torch.dtype,
                   quantized: bool, step_tokens: int, max_seqs: int, context: int) -> int:
     """Device memory one layer's attention holds beyond its output, at most: the larger of a decode chunk's and a
-    prompt chunk's temporaries (they run one after the other). Both gather at most ``gather_tokens`` padded key
-    positions (keys and values in the model dtype, plus, under int8 KV, the int8 gather and the float32
-    dequantization temporaries); a decode chunk also folds the queries of up to ``max_seqs`` sequences and holds its
-    output and mask, a prompt chunk the queries and output of up to ``step_tokens`` tokens and its mask repeated for
-    the query heads of each KV head."""
+    prompt chunk's temporaries (they run one after the other). A decode chunk gathers at most ``gather_tokens``
+    padded key positions (keys and values in the model dtype, plus, under int8 KV, the int8 gather and the
+    dequantization's temporaries), folds the queries of up to ``max_seqs`` sequences and holds its output; a prompt
+    chunk gathers one sequence's context, repeats its keys and values for every query head, and holds the queries'
+    output and the float mask SDPA makes of the boolean one (up to ``step_tokens`` tokens over ``context`` keys)."""
     e = dtype.itemsize
-    per_value = 2 * e + 9 if quantized else 4 * e      # keys and values gathered (and any copy SDPA makes)
-    gathered = gather_tokens * kv_heads * head_dim * per_value
-    group = max(heads // max(kv_heads, 1), 1)
-    decode = gathered + gather_tokens + 2 * max_seqs * heads * head_dim * e
-    prompt = gathered + group * step_tokens * context + 2 * step_tokens * heads * head_dim * e
+    per_value = 2 * e + 5 if quantized else 4 * e      # keys and values gathered (and any copy SDPA makes)
+    decode = gather_tokens * kv_heads * head_dim * per_value + gather_tokens + 2 * max_seqs * heads * head_dim * e
+    whole = context + 16                               # one sequence, padded to whole blocks
+    prompt = (whole * kv_heads * head_dim * per_value + 2 * whole * heads * head_dim * e
+              + 4 * step_tokens * whole + 2 * step_tokens * heads * head_dim * e)
     return max(decode, prompt)
 
 
@@ -297,12 +299,14 @@ def metadata_bytes(*, step_tokens: int, max_seqs: int, context: int, block_token
 
 
 def gather_tokens(pool, context: int) -> int:
-    """Padded positions one decode chunk may gather (per layer): an eighth of the pool, and never less than one
-    sequence of the plan's context. The plan counts this scratch (``scratch_bytes``) and the runner splits
-    decode sequences into chunks within it (``plan_decode_chunks``): one rule for both."""
+    """Padded positions one decode chunk may gather (per layer): half the pool, and never less than one sequence of
+    the plan's context. Decode sequences are chunked shortest first, so the padding is small and a full pool's
+    decodes take about two chunks per layer (each chunk is a dozen kernel launches). The plan counts this scratch
+    (``scratch_bytes``) and the runner splits decode sequences into chunks within it (``plan_decode_chunks``): one
+    rule for both."""
     capacity = (pool.num_blocks - 1) * pool.block_tokens
     whole = -(-context // pool.block_tokens) * pool.block_tokens
-    return min(capacity, max(whole, -(-capacity // 8)))
+    return min(capacity, max(whole, -(-capacity // 2)))
 
 
 def plan_decode_chunks(contexts: list[int], block_tokens: int, gather_tokens: int) -> list[list[int]]:

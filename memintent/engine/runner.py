@@ -153,7 +153,8 @@ class ModelRunner:
         for c in chunks:
             starts.append(at)
             at += c.length
-        decode = [i for i, c in enumerate(chunks) if c.length == 1]
+        # Decode sequences shortest first: a chunk pads to its longest table, so like lengths pad little.
+        decode = sorted((i for i, c in enumerate(chunks) if c.length == 1), key=lambda i: chunks[i].start)
         for group in plan_decode_chunks([chunks[i].start + 1 for i in decode], bt, self.gather_tokens):
             idx = [decode[j] for j in group]
             nb = max(len(tables[id(chunks[i])]) for i in idx)
@@ -171,9 +172,11 @@ class ModelRunner:
             if c.length == 1:
                 continue
             context = c.start + c.length
-            table = torch.tensor(tables[id(c)][:-(-context // bt)], dtype=torch.long, device=dev)
+            nb = -(-context // bt)
+            table = torch.tensor(tables[id(c)][:nb], dtype=torch.long, device=dev)
             q_pos = torch.arange(c.start, context, device=dev)                # (n,)
-            mask = torch.arange(context, device=dev)[None, :] <= q_pos[:, None]   # (n, context)
+            mask = torch.arange(nb * bt, device=dev)[None, :] <= q_pos[:, None]   # (n, L): padding past context is
+            # above every query's position, so it is masked too
             meta.prefill.append(PrefillChunk(start=starts[i], length=c.length, context=context, table=table,
                                              mask=mask))
 
