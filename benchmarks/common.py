@@ -65,7 +65,8 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
     decode_only = [s.time_s for s in steps if s.decode_tokens == s.tokens and s.tokens]
     row = dict(case=tag, requests=rep.requests, generated=rep.generated_tokens, prompt_tokens=rep.prompt_tokens,
                total_s=rep.total_s, wall_with_setup_s=wall, tokens_per_s=rep.tokens_per_s,
-               decode_tokens_per_s=rep.decode_tokens_per_s, predicted_tokens_per_s=g.tokens_per_s,
+               decode_tokens_per_s=rep.decode_tokens_per_s, full_decode_tokens_per_s=rep.full_decode_tokens_per_s,
+               predicted_tokens_per_s=g.tokens_per_s,
                concurrency=g.concurrency, kv_quant=plan.kv_pool.quant.value, num_blocks=plan.kv_pool.num_blocks,
                step_tokens=g.step_tokens, steps=rep.steps, step_median_s=rep.step_median_s,
                decode_only_step_median_s=statistics.median(decode_only) if decode_only else None,
@@ -79,8 +80,13 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
                max_steps_over_floor=max(s.time_s for s in steps) / floor if floor and steps else None)
     if predictor is not None:
         row["prediction"] = prediction_errors(predictor, steps)
+        row["step_records"] = [dict(tokens=s.tokens, decode=s.decode_tokens, prefill=s.prefill_tokens,
+                                    seqs=s.sequences, decode_ctx=s.decode_context_tokens,
+                                    prefill_ctx=s.prefill_context_tokens, pairs=s.prefill_pairs, time_s=s.time_s,
+                                    predicted_s=predictor.predict_s(s)) for s in steps]
     row["_outputs"] = {o.id: o.token_ids for o in outs}
-    print(f"{tag}: {rep.tokens_per_s:.1f} tok/s generated, decode {rep.decode_tokens_per_s:.1f} tok/s (plan "
+    print(f"{tag}: {rep.tokens_per_s:.1f} tok/s generated, decode {rep.decode_tokens_per_s:.1f} tok/s, at full "
+          f"concurrency {rep.full_decode_tokens_per_s:.1f} tok/s (plan "
           f"{g.tokens_per_s:.1f}); step median {rep.step_median_s * 1e3:.1f} ms vs floor {floor * 1e3:.1f} ms; peak "
           f"{(rep.peak_hbm_bytes or 0) / GiB:.2f} GiB of {plan.budget_bytes / GiB:.2f}", flush=True)
     free(device)
@@ -117,13 +123,14 @@ def header(device: torch.device, hw) -> dict:
 
 def table(doc: dict) -> None:
     print(f"\n{doc['device']}, pinned H2D {doc['h2d_gbps']:.1f} GB/s, profile {doc['hw']}")
-    print(f"{'case':34s} {'tok/s':>8s} {'decode':>8s} {'plan':>8s} {'step ms':>8s} {'floor':>8s} {'x floor':>7s} "
-          f"{'peak GiB':>8s} {'budget':>7s} {'preempt':>12s}")
+    print(f"{'case':34s} {'tok/s':>8s} {'decode':>8s} {'full':>8s} {'plan':>8s} {'step ms':>8s} {'floor':>8s} "
+          f"{'x floor':>7s} {'peak GiB':>8s} {'budget':>7s} {'preempt':>12s}")
     for r in doc["rows"]:
         if "tokens_per_s" not in r:
             continue
         pre = ",".join(f"{k[0]}{v}" for k, v in sorted(r["preemptions"].items())) or "-"
         print(f"{r['case'][:34]:34s} {r['tokens_per_s']:8.1f} {r['decode_tokens_per_s']:8.1f} "
+              f"{r['full_decode_tokens_per_s']:8.1f} "
               f"{r['predicted_tokens_per_s']:8.1f} {r['step_median_s'] * 1e3:8.1f} {r['floor_s'] * 1e3:8.1f} "
               f"{(r['step_over_floor'] or 0):7.3f} {(r['peak_hbm_bytes'] or 0) / GiB:8.2f} "
               f"{r['budget_bytes'] / GiB:7.2f} {pre:>12s}")

@@ -37,15 +37,37 @@ def section_opt30b(args, device, hw, doc):
     budget = (3 << 20) if args.small else 24 * GiB
     src = resolve(name, dtype="f32" if args.small else None)
     reqs = synthetic(64, (512, 512), (32, 32), src.vocab_size, seed=1)
-    for kv in ("none", "auto"):
+    for kv in args.opt_kv:
         plan = plan_generation(name, budget_bytes=budget, hardware=hw, context=544, prompt_len=512, gen_len=32,
                                quant="auto", kv_quant=kv, dtype="f32" if args.small else None)
         store, _ = fill(plan, src, device)
         doc["rows"].append(serve_row(f"{name} 24GiB kv-quant {kv}", plan, reqs, device, doc["h2d_gbps"], store,
                                      StepPredictor(plan)))
+        if args.profile_steps and device.type == "cuda":
+            doc.setdefault("kernel_tables", {})[kv] = profile_steps(plan, reqs[:12], device, store,
+                                                                    args.profile_steps)
         del store
         free(device)
         write(args.out, "generate.json", doc)
+
+
+def profile_steps(plan, reqs, device, store, n: int) -> str:
+    """The CUDA kernels of an engine's first ``n`` steps (prompt-heavy: the requests all arrive at once), as
+    torch.profiler's table: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with Engine(plan, device, store=store) as eng:
+        for r in reqs:
+            eng.add(r)
+        eng.step()                                     # first-call costs outside the profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                eng.step()
+            torch.cuda.synchronize(device)
+        times = [f"{s.tokens} tokens ({s.prefill_tokens} prompt) {s.time_s * 1e3:.1f} ms" for s in eng.stats.steps]
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=48)
+    print("steps: " + "; ".join(times) + "\n" + table, flush=True)
+    return "steps: " + "; ".join(times) + "\n" + table
 
 
 def section_resident(args, device, hw, doc):
@@ -114,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny models: a smoke test of the script")
     ap.add_argument("--work", default=None, help="folder for the Hugging Face folder hf8b writes (default: a temp)")
+    ap.add_argument("--opt-kv", nargs="+", default=["none", "auto"], help="opt30b: the --kv-quant policies to run")
+    ap.add_argument("--profile-steps", type=int, default=0, help="opt30b: profile this many prompt-heavy steps")
     ap.add_argument("--hw", default=None, help="hardware profile (file or built-in name; default: this card's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

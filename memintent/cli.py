@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --objective: at most this many tokens per engine step (default: as many as the "
                         "streamed weights' time hides, up to 8192)")
     c.add_argument("--swap-blocks", type=int, default=None,
-                   help="with --objective: KV blocks of pinned host swap space (default: the pool's size when "
-                        "the plan's copy engine has idle time to swap, else none)")
+                   help="with --objective: KV blocks of pinned host swap space (default: a quarter of the pool "
+                        "when the plan's copy engine has idle time to swap, else none)")
     c.add_argument("-o", "--output", help="plan file to write (default MODEL.plan.json)")
     c.set_defaults(fn=cmd_compile)
 

@@ -165,8 +165,9 @@ def _print(program: Program, rep: ServeReport, con) -> None:
     q = lambda t: fmt_s(t) if t is not None else "-"  # noqa: E731
     con.print(f"{program.name}: {rep.requests} requests, {rep.prompt_tokens} prompt + {rep.generated_tokens} "
               f"generated tokens in {fmt_s(rep.total_s)} on {rep.device}")
-    con.print(f"generated {rep.tokens_per_s:.2f} tok/s over the run; decode {rep.decode_tokens_per_s:.2f} tok/s "
-              f"(plan {program.generation.tokens_per_s:.2f} tok/s)")
+    con.print(f"generated {rep.tokens_per_s:.2f} tok/s over the run; decode {rep.decode_tokens_per_s:.2f} tok/s, "
+              f"{rep.full_decode_tokens_per_s:.2f} tok/s at full concurrency (plan {program.generation.tokens_per_s:.2f} "
+              "tok/s)")
     con.print(f"time to first token: median {q(rep.ttft_median_s)}, p99 {q(rep.ttft_p99_s)}; time per output "
               f"token: median {q(rep.tpot_median_s)}, p99 {q(rep.tpot_p99_s)}")
     con.print(f"steps: {rep.steps}, median {fmt_s(rep.step_median_s)} (plan {fmt_s(rep.predicted_step_s)}, PCIe floor "

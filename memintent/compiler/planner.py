@@ -451,7 +451,7 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
                     progress: Callable[[str], None] | None = None) -> Program:
     """A verified generation plan for ``ref`` under ``budget_bytes``. ``concurrency`` fixes N (tests,
     experiments); ``latency`` plans one sequence whose whole prompt fits one step. ``swap_blocks``: host swap
-    space in blocks (None: as many as the pool when the plan's copy engine has idle time to swap in, else none)."""
+    space in blocks (None: a quarter of the pool when the plan's copy engine has idle time to swap in, else none)."""
     say = progress or (lambda m: None)
     _check_args(objective, context, prompt_len, gen_len, kv_block_tokens)
     src = resolve(ref, dtype=dtype)
@@ -481,10 +481,10 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
 
 def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str, swap_blocks: int | None) -> Program:
     s = chosen.shape
-    if swap_blocks is None and chosen.binding == "pcie":
+    if swap_blocks is None:
         # A PCIe-bound plan never swaps (its copy engine has no idle time, so victims recompute): no pinned swap
-        # space is reserved for it.
-        search.swap = lambda shape: 0
+        # space. Otherwise a quarter of the pool: victims are the newest sequences, a few at a time.
+        search.swap = (lambda shape: 0) if chosen.binding == "pcie" else (lambda shape: shape.num_blocks // 4)
     plan = schedule_program(search.program(s, exact=True), search.budget, search.hw, quant=quant)
     pr = plan.prediction
     plan.generation = plan.generation.model_copy(update=dict(

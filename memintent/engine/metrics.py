@@ -28,6 +28,8 @@ class ServeReport:
     total_s: float
     tokens_per_s: float                 # generated tokens over the whole run
     decode_tokens_per_s: float          # decode tokens over the time of the steps that decoded
+    full_decode_tokens_per_s: float     # the decode rate of steps at full concurrency (>= 90 % of the run's most
+                                        # decoding sequences): what a wave's decode phase runs at
     steps: int
     step_median_s: float
     predicted_step_s: float
@@ -72,10 +74,13 @@ def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: floa
     kinds: dict[str, int] = {}
     for p in stats.preemptions:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    top = max((s.decode_tokens for s in steps), default=0)
+    full = [s for s in decode_steps if s.decode_tokens >= 0.9 * top]
     return ServeReport(
         device=device, requests=len(outputs), generated_tokens=generated, prompt_tokens=prompt_tokens,
         total_s=total_s, tokens_per_s=generated / total_s if total_s else 0.0,
         decode_tokens_per_s=sum(s.decode_tokens for s in decode_steps) / decode_s if decode_s else 0.0,
+        full_decode_tokens_per_s=statistics.median(s.decode_tokens / s.time_s for s in full) if full else 0.0,
         steps=len(steps), step_median_s=statistics.median(s.time_s for s in steps) if steps else 0.0,
         predicted_step_s=program.generation.decode_step_s,
         ttft_median_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
