@@ -34,7 +34,7 @@ from memintent.engine.requests import synthetic  # noqa: E402
 
 def section_opt30b(args, device, hw, doc):
     name = "tiny-llama" if args.small else "opt-30b"
-    budget = (3 << 20) if args.small else 24 * GiB
+    budget = (8 << 20) if args.small else 24 * GiB
     src = resolve(name, dtype="f32" if args.small else None)
     reqs = synthetic(64, (512, 512), (32, 32), src.vocab_size, seed=1)
     for kv in args.opt_kv:
