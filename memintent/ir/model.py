@@ -130,6 +130,7 @@ class ModelRef(_Model):
     dtype: str = "bf16"           # dtype of the weights as traced
     traced_layers: int | None = None  # decoder layers actually traced when repeated layers were folded
     attention: str = "sdpa"       # the attention implementation the traced model runs ("memintent": the engine's)
+    stage: list[NonNeg] = Field(default_factory=list)   # a pipeline stage: its decoder layers [first, last); [] all
 
 
 class RunShape(_Model):
@@ -320,3 +321,21 @@ class Program(_Model):
 
     def block_map(self) -> dict[str, Block]:
         return {b.name: b for b in self.blocks}
+
+
+class Pipeline(_Model):
+    """One model over several GPUs (``compile --stages N``): each stage is a plan of its own over a contiguous range
+    of decoder layers (the first with the embedding, the last with the head), under its own budget, with its share
+    of every KV block (its layers'). All stages serve the same steps (one ``GenerationPlan``: a step is one of
+    ``len(stages)`` micro-batches, the pool holds them all); a step's activations pass from stage to stage."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["pipeline"] = "pipeline"   # tells a pipeline file from a plan file
+    name: str
+    model: ModelRef               # the whole model
+    layers: list[list[NonNeg]]    # each stage's decoder layers [first, last)
+    stages: list[Program]         # each stage's plan, in pipeline order
+    send_bytes: list[NonNeg] = Field(default_factory=list)   # per cut: activation bytes a step sends downstream
+    pipelined_step_s: NonNegF = 0.0   # a tick, every stage busy with its own micro-batch: the slowest stage's step
+    serial_step_s: NonNegF = 0.0      # one micro-batch through every stage: the stages' steps summed
+    tokens_per_s: NonNegF = 0.0       # predicted: a micro-batch (concurrency / stages sequences) per tick

@@ -193,12 +193,16 @@ class _Builder(Transformer):
                                     visits=visits, prediction=prediction, generation=generation, kv_pool=kv_pool),
                       {}, name)
 
+    def pipeline_stage(self, c):
+        return c[0] if c else []
+
     def header(self, c):
-        (schema, kind, ref, dtype, traced, attention, fingerprint, batch, seq, inputs, budget, passes) = c
+        (schema, kind, ref, dtype, traced, attention, stage, fingerprint, batch, seq, inputs, budget, passes) = c
         if str(kind) not in _MODEL_KINDS:
             raise _SemanticError(f"unknown model kind {kind!s}: expected one of {', '.join(_MODEL_KINDS)}", kind)
         model = _build(ModelRef, dict(ref=_string(ref), kind=str(kind), dtype=_name(dtype),
-                                      traced_layers=_opt_int(traced), attention=_name(attention)), {}, kind)
+                                      traced_layers=_opt_int(traced), attention=_name(attention), stage=stage),
+                       {}, kind)
         shape = _build(RunShape, dict(batch=_int(batch), seq=_int(seq), inputs=inputs), {}, batch)
         return dict(schema_version=_int(schema), model=model, fingerprint=_string(fingerprint), shape=shape,
                     budget_bytes=_opt_int(budget), passes=passes)

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from memintent.errors import MemintentError
-from memintent.ir.model import SCHEMA_VERSION, Program
+from memintent.ir.model import SCHEMA_VERSION, Pipeline, Program
 
 
 def _read_text(path: Path, what: str, hint: str = "") -> str:
@@ -40,6 +40,25 @@ def load_program(path: str | os.PathLike) -> Program:
 
 
 def plan_from_json(text: str, source: str = "<plan>") -> Program:
+    plan = plan_or_pipeline_from_json(text, source)
+    if isinstance(plan, Pipeline):
+        raise MemintentError(f"{source} is a pipeline of {len(plan.stages)} stages (`compile --stages`): name one "
+                             "plan, or give the pipeline to `generate`, `explain` or `check`")
+    return plan
+
+
+def load_plan_or_pipeline(path: str | os.PathLike) -> Program | Pipeline:
+    """A plan file, a pipeline file (``compile --stages``) or IR text."""
+    path = Path(path)
+    text = _read_text(path, "file")
+    if path.suffix == ".json" or text.lstrip().startswith("{"):
+        return plan_or_pipeline_from_json(text, str(path))
+    from memintent.ir.parser import parse
+
+    return parse(text, source=str(path))
+
+
+def plan_or_pipeline_from_json(text: str, source: str = "<plan>") -> Program | Pipeline:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -56,7 +75,7 @@ def plan_from_json(text: str, source: str = "<plan>") -> Program:
         raise MemintentError(f"{source}: plan schema_version {version!r} is not {SCHEMA_VERSION}: recompile the "
                              "plan with this version of memintent")
     try:
-        return Program.model_validate(raw)
+        return (Pipeline if raw.get("kind") == "pipeline" else Program).model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"])) or "plan"
@@ -106,7 +125,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def save_plan(program: Program, path: str | os.PathLike) -> None:
+def save_plan(program: Program | Pipeline, path: str | os.PathLike) -> None:
     write_atomic(path, program.model_dump_json(indent=1) + "\n")
 
 
