@@ -252,13 +252,19 @@ def _clean_fqn(path: str) -> str:
 _FOLDABLE = (["pre", "L0", "L1", "post"], ["L0", "L1", "post"], ["pre", "L0", "L1"], ["L0", "L1"])
 
 
+def _first_layer(protos: list[_Proto]) -> int:
+    """The index of the first traced layer: 0, or a pipeline stage's first layer (its layers keep their names)."""
+    return min((p.layer for p in protos if p.layer is not None), default=0)
+
+
 def _segment_tags(protos: list[_Proto]) -> dict[str, str] | None:
-    """Each proto's segment of a two-layer trace: "pre" (before layer 0), "L0", "L1", "post"; None when the
+    """Each proto's segment of a two-layer trace: "pre" (before the first layer), "L0", "L1", "post"; None when the
     trace is not laid out as those segments in that order (it cannot be folded)."""
     seg: list[str] = []
     tags: dict[str, str] = {}
+    base = _first_layer(protos)
     for p in protos:
-        tag = "L0" if p.layer == 0 else "L1" if p.layer == 1 else "pre" if "L0" not in seg else "post"
+        tag = "L0" if p.layer == base else "L1" if p.layer == base + 1 else "pre" if "L0" not in seg else "post"
         if not seg or seg[-1] != tag:
             seg.append(tag)
         tags[p.key] = tag
@@ -272,6 +278,7 @@ class _Template:
     l1: list[_Proto]
     l0_of_l1: dict[str, str]   # layer-1 key -> the corresponding layer-0 key
     l1_of_l0: dict[str, str]   # layer-0 key -> the corresponding layer-1 key
+    base: int = 0              # the first traced layer's index (a pipeline stage's first layer); i counts from it
 
     def key_in(self, layer: int, l1_key: str) -> str:
         """Key of the node in ``layer`` that corresponds to the template node ``l1_key``."""
@@ -282,8 +289,9 @@ class _Template:
         out = []
         for p in self.l1:
             inputs = [self._input_in(i, kind, ref, layers_path) for kind, ref in p.inputs]
-            out.append(dataclasses.replace(p, key=self.key_in(i, p.key), layer=i, inputs=inputs,
-                                           module=_rename_layer(p.module, layers_path, 1, i)))
+            out.append(dataclasses.replace(p, key=self.key_in(i, p.key), layer=self.base + i, inputs=inputs,
+                                           module=_rename_layer(p.module, layers_path, self.base + 1,
+                                                                self.base + i)))
         return out
 
     def _input_in(self, i: int, kind: str, ref: str, layers_path: str) -> tuple[str, str]:
@@ -292,7 +300,7 @@ class _Template:
         if kind == "node" and ref in self.l1_of_l0:          # a node of the previous layer
             return "node", self.key_in(i - 1, self.l1_of_l0[ref]) if i > 1 else ref
         if kind == "weight":
-            return kind, _rename_layer(ref, layers_path, 1, i)
+            return kind, _rename_layer(ref, layers_path, self.base + 1, self.base + i)
         return kind, ref
 
 
@@ -312,7 +320,7 @@ def _fold(protos: list[_Proto], layers_path: str, n_layers: int) -> list[_Proto]
     if not _same_layers(l0, l1):
         return []
     l0_of_l1 = {b.key: a.key for a, b in zip(l0, l1)}
-    template = _Template(l1, l0_of_l1, {v: k for k, v in l0_of_l1.items()})
+    template = _Template(l1, l0_of_l1, {v: k for k, v in l0_of_l1.items()}, _first_layer(protos))
     out: list[_Proto] = [p for p in protos if tags[p.key] in ("pre", "L0")]
     for i in range(1, n_layers):
         out.extend(template.layer(i, layers_path))

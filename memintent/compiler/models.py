@@ -44,6 +44,7 @@ class ModelConfig:
     dtype: str = "bf16"           # "bf16" | "f16" | "f32"
     max_seq_len: int = 4096       # rows of the RoPE tables
     pos_offset: int = 0           # learned positions start at this row (OPT: 2)
+    stage: tuple[int, int] | None = None   # a pipeline stage: decoder layers [first, last) of the model only
 
     def __post_init__(self):
         if self.norm not in ("rms", "layer"):
@@ -289,17 +290,27 @@ class Transformer(nn.Module):
         self.to(cfg.torch_dtype)
 
     def _make(self, cfg: ModelConfig) -> None:
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_embed = nn.Embedding(cfg.learned_pos + cfg.pos_offset, cfg.dim) if cfg.learned_pos else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        for i, layer in enumerate(self.layers):
+        lo, hi = cfg.stage or (0, cfg.n_layers)
+        self.first, self.last = lo == 0, hi == cfg.n_layers
+        # A stage holds its own layers under their names in the whole model (layers.12 stays layers.12), so its
+        # weights, their values and the plan's names are the whole model's.
+        if self.first or (self.last and cfg.tie_embeddings):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embed = (nn.Embedding(cfg.learned_pos + cfg.pos_offset, cfg.dim)
+                          if cfg.learned_pos and self.first else None)
+        if cfg.stage is None:
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        else:
+            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(lo, hi)})
+        for i, layer in zip(range(lo, hi), self.layers.values() if cfg.stage else self.layers):
             layer.attention.layer_idx = i
-        self.norm = _norm(cfg)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.embed.weight
+        if self.last:
+            self.norm = _norm(cfg)
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.output.weight = self.embed.weight
         if not cfg.learned_pos:
-            cos, sin = rope_tables(cfg, device=self.embed.weight.device)
+            cos, sin = rope_tables(cfg, device=torch.get_default_device())
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim/2)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -307,18 +318,21 @@ class Transformer(nn.Module):
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the last position, (B, vocab). In an engine step (``memintent.engine``): input_ids (1, T) of
         several sequences packed, input_pos (T,) each token's position in its own sequence, and the logits of the
-        rows ``logits_index`` (S,) only: (S, vocab)."""
-        B, S = input_ids.shape  # input_ids: (B, S) int64
+        rows ``logits_index`` (S,) only: (S, vocab). A pipeline stage after the first takes the previous stage's
+        hidden states (B, S, dim) instead of token ids; one before the last returns its hidden states."""
+        B, S = input_ids.shape[:2]  # input_ids: (B, S) int64, or (B, S, dim) hidden states
         if input_pos is None:
             input_pos = torch.arange(S, device=input_ids.device)  # (S,)
-        x = self.embed(input_ids)  # (B, S, dim)
+        x = self.embed(input_ids) if self.first else input_ids  # (B, S, dim)
         if self.pos_embed is not None:
             x = x + self.pos_embed(input_pos + self.config.pos_offset)  # (B, S, dim)
-            cos = sin = None
-        else:
+        cos = sin = None
+        if not self.config.learned_pos:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (S, hd/2) each
-        for layer in self.layers:
+        for layer in (self.layers.values() if self.config.stage else self.layers):
             x = layer(x, cos, sin)  # (B, S, dim)
+        if not self.last:
+            return x  # (B, S, dim): the next stage's input
         if logits_index is not None:
             return self.output(self.norm(x[0, logits_index]))  # (S, vocab): the rows the engine samples
         x = self.norm(x[:, -1])  # (B, dim): only the last position feeds the head

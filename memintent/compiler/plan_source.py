@@ -16,6 +16,10 @@ def source_for(program: Program, allow_code: bool) -> ModelSource:
         raise MemintentError(f"the plan names a py: model factory ({program.model.ref}); running it imports and "
                              "runs that code: pass --allow-code if you trust it")
     src = resolve(program.model.ref, dtype=program.model.dtype, allow_code=allow_code)
+    if program.model.stage:
+        from memintent.compiler.stages import stage_of
+
+        src = stage_of(src, program.model.stage)      # one pipeline stage's layers of the model
     check_source(program, src)
     return src
 

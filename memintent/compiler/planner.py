@@ -98,6 +98,8 @@ class Shape:
 def step_spec(src, tokens: int, seqs: int) -> TraceSpec:
     """One engine step as the front end traces it: ``tokens`` packed tokens, logits for ``seqs`` rows."""
     ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")          # (1, T)
+    if getattr(src, "lo", 0):       # a pipeline stage after the first takes the previous stage's hidden states
+        ids = torch.zeros(1, tokens, src.config.dim, dtype=src.torch_dtype, device="meta")   # (1, T, dim)
     pos = torch.zeros(tokens, dtype=torch.long, device="meta")             # (T,)
     rows = torch.zeros(seqs, dtype=torch.long, device="meta")              # (S,)
     if src.kind == "hf":
@@ -444,6 +446,18 @@ def _check_args(objective: str, context: int, prompt_len: int, gen_len: int, blo
                              "tokens: raise --context")
 
 
+def generation_source(ref: str, dtype: str | None, context: int):
+    """The model a generation plan is for, refused when the engine cannot serve it at ``context``."""
+    src = resolve(ref, dtype=dtype)
+    if not (src.num_layers and src.n_kv_heads and src.head_dim):
+        raise MemintentError(f"{ref}: generation plans need a decoder model with known layers, KV heads and head "
+                             "size")
+    if src.max_positions and context > src.max_positions:
+        raise MemintentError(f"--context {context} is longer than the {src.max_positions} positions {ref} encodes: "
+                             f"use --context {src.max_positions} or less")
+    return src
+
+
 def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, context: int, prompt_len: int,
                     gen_len: int, objective: str = "throughput", quant: str = "auto", kv_quant: str = "none",
                     concurrency: int | None = None, kv_block_tokens: int = 16, swap_blocks: int | None = None,
@@ -454,13 +468,7 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
     space in blocks (None: a quarter of the pool when the plan's copy engine has idle time to swap in, else none)."""
     say = progress or (lambda m: None)
     _check_args(objective, context, prompt_len, gen_len, kv_block_tokens)
-    src = resolve(ref, dtype=dtype)
-    if not (src.num_layers and src.n_kv_heads and src.head_dim):
-        raise MemintentError(f"{ref}: generation plans need a decoder model with known layers, KV heads and head "
-                             "size")
-    if src.max_positions and context > src.max_positions:
-        raise MemintentError(f"--context {context} is longer than the {src.max_positions} positions {ref} encodes: "
-                             f"use --context {src.max_positions} or less")
+    src = generation_source(ref, dtype, context)
     w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context,
                  max_step_tokens=max_step_tokens or MAX_STEP_TOKENS)
     say("tracing the engine step at three shapes")

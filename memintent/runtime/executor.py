@@ -54,8 +54,10 @@ def proven_shape_error(program: Program, shapes: list[tuple[int, ...]]) -> str |
     g = program.generation
     if g is not None:
         ids = tuple(shapes[0]) if shapes else ()
-        if len(ids) != 2 or ids[0] != 1 or not 1 <= ids[1] <= g.step_tokens:
-            return (f"token ids of shape {fmt(ids)}: this generation plan proves engine steps of 1xT tokens with T "
+        # A pipeline stage after the first takes the previous stage's hidden states (1, T, dim), not token ids.
+        rank, what = (3, "hidden states of 1xTxdim") if program.model.stage[:1] not in ([], [0]) else (2, "1xT tokens")
+        if len(ids) != rank or ids[0] != 1 or not 1 <= ids[1] <= g.step_tokens:
+            return (f"inputs of shape {fmt(ids)}: this generation plan proves engine steps of {what} with T "
                     f"<= {g.step_tokens} (run it through memintent.Engine or `memintent generate`)")
         return None
     want = [tuple(s) for s in program.shape.inputs]
