@@ -19,7 +19,7 @@ from memintent.engine.engine import Engine
 from memintent.engine.metrics import ServeReport, summarize
 from memintent.errors import MemintentError
 from memintent.runtime.memory import PeakMeter
-from memintent.ir.model import KVQuant, Program, Quant, Residency
+from memintent.ir.model import KVQuant, Pipeline, Program, Quant, Residency
 from memintent.units import fmt_bytes, fmt_s
 
 VERIFY_REQUESTS = 8   # --verify compares this many requests with the resident model (each runs alone, densely)
@@ -42,12 +42,20 @@ def load_requests(args, program: Program, src) -> list[reqs.Request]:
 
 
 def serve(program: Program, requests, *, device, check=False, store=None, preempt="cost", warmup=False,
-          verify=False, progress=None, log=None, allow_code=False) -> tuple[ServeReport, list, object]:
-    """Run ``requests`` through an engine on ``program``; returns the report, the outputs in request order, and the
+          verify=False, progress=None, log=None, allow_code=False, link=None) -> tuple[ServeReport, list, object]:
+    """Run ``requests`` through an engine on ``program`` (a plan or a pipeline; ``link``: how a pipeline's stages
+    reach each other, ``engine.pipeline``); returns the report, the outputs in request order, and the
     engine (closed). ``progress(done_requests, generated_tokens)`` is called after each step."""
     from memintent.runtime.profile import measure_h2d_gbps
 
-    engine = Engine(program, device, check=check, store=store, preempt=preempt, log=log, allow_code=allow_code)
+    if isinstance(program, Pipeline):
+        from memintent.engine.pipeline import PipelineEngine
+
+        engine = PipelineEngine(program, device, link=link, check=check, preempt=preempt, log=log,
+                                allow_code=allow_code)
+    else:
+        engine = Engine(program, device, check=check, store=store, preempt=preempt, log=log, allow_code=allow_code)
+    program = engine.report_program
     outputs: dict[str, object] = {}
     try:
         if warmup:   # first-call costs (kernel selection, allocator growth) out of the numbers, as a server pays once
@@ -109,17 +117,20 @@ def exact(program: Program) -> bool:
 def run_generate(args) -> int:
     """The CLI command."""
     from memintent.compiler.plan_source import source_for
-    from memintent.ir.plan_file import check_writable, load_program, write_atomic
+    from memintent.compiler.stages import verify_pipeline
+    from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, write_atomic
     from memintent.passes.verify import verify as verify_plan
-    from memintent.runtime.device import pick_device
 
-    program = verify_plan(load_program(args.plan))   # a plan file is untrusted input: run only what verifies
+    plan = load_plan_or_pipeline(args.plan)
+    # a plan file is untrusted input: run only what verifies
+    plan = verify_pipeline(plan) if isinstance(plan, Pipeline) else verify_plan(plan)
+    program = plan.stages[0] if isinstance(plan, Pipeline) else plan
     if program.generation is None or program.kv_pool is None:
         raise MemintentError(f"{args.plan} is not a generation plan: compile it with --objective throughput|latency")
     for flag in ("output", "json", "trace"):
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
-    device = pick_device(args.device)
+    device, link = _device_and_link(args, plan)
     src = source_for(program, args.allow_code)
     requests, where = load_requests(args, program, src)
     con = _console()
@@ -130,9 +141,15 @@ def run_generate(args) -> int:
 
     with status(f"serving {len(requests)} requests", console=con) as st:
         rep, outputs, engine = serve(
-            program, requests, device=device, check=args.check, preempt=args.preempt, warmup=args.warmup,
+            plan, requests, device=device, check=args.check, preempt=args.preempt, warmup=args.warmup,
             verify=args.verify, allow_code=args.allow_code, log=lambda line: con.print(f"[dim]{line}[/dim]"),
-            progress=lambda done, gen: st.update(f"{done} of {len(requests)} requests done, {gen} tokens generated"))
+            progress=lambda done, gen: st.update(f"{done} of {len(requests)} requests done, {gen} tokens generated"),
+            link=link)
+    program = engine.report_program
+    if link is not None and link.rank > 0:   # every rank holds the same tokens: the first one writes them
+        con.print(f"rank {link.rank}: peak HBM {fmt_bytes(rep.peak_hbm_bytes)} (budget "
+                  f"{fmt_bytes(program.budget_bytes)})")
+        return _exit_code(program, rep, con)
     tokenizer = src.tokenizer() if hasattr(src, "tokenizer") else None
     if args.output:
         write_atomic(args.output, "".join(json.dumps(_with_text(o, tokenizer).as_json()) + "\n" for o in outputs))
@@ -144,6 +161,28 @@ def run_generate(args) -> int:
         write_serve_trace(args.trace, program, engine)
     _print(program, rep, con)
     return _exit_code(program, rep, con)
+
+
+def _device_and_link(args, plan):
+    """The device this process serves on and, for a pipeline, how its stages reach each other: one process per
+    stage under ``torchrun`` (each on its own GPU), else every stage in this process."""
+    import os
+
+    from memintent.runtime.device import pick_device
+
+    if not isinstance(plan, Pipeline):
+        return pick_device(args.device), None
+    from memintent.engine.pipeline import link_from_env
+
+    device = pick_device(args.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    link = link_from_env(device)
+    if link.world > 1 and args.verify:
+        raise MemintentError("--verify builds the whole model in one process: run the pipeline in one process "
+                             "(without torchrun) to verify it")
+    return device, link
 
 
 def _with_text(out, tokenizer):

@@ -167,6 +167,7 @@ def dequantize_kv(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
 def write_kv(ctx: _Context, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store the step's new keys and values, k and v (T, KV, hd), at their (block, offset)."""
     views, m = ctx.views, ctx.meta
+    layer -= views.layer_offset
     idx = (m.write_blocks, m.write_offsets)
     if views.key_scales is None:
         views.keys[layer].index_put_(idx, k.to(views.keys[layer].dtype))
@@ -183,6 +184,7 @@ def _gather(ctx: _Context, layer: int, tables: torch.Tensor) -> tuple[torch.Tens
     """Keys and values of the blocks in ``tables`` (..., nb) -> (..., nb * block_tokens, KV, hd) each, in the
     model dtype (int8 KV is dequantized here)."""
     views = ctx.views
+    layer -= views.layer_offset
     out = []
     for vals, scales in ((views.keys, views.key_scales), (views.values, views.value_scales)):
         x = vals[layer][tables]                                           # (..., nb, bt, KV, hd)

@@ -106,6 +106,11 @@ class Engine:
         self.track: set[str] = set()                          # request ids whose logits are kept (--verify)
         self.tracked_logits: dict[str, list[torch.Tensor]] = {}
 
+    @property
+    def report_program(self) -> Program:
+        """The program serving reports describe (a pipeline's engine describes its stages as one)."""
+        return self.program
+
     # -- requests ---------------------------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
         """Refuse what the plan cannot serve, naming the request (``requests.validate``)."""

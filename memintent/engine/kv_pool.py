@@ -74,12 +74,14 @@ class PoolViews:
     ``flat``: uint8 [num_blocks * block_bytes], the arena's KV slot (or, for an all-resident engine, a tensor of
     the same size)."""
 
-    def __init__(self, flat: torch.Tensor, layout: BlockLayout, num_blocks: int):
+    def __init__(self, flat: torch.Tensor, layout: BlockLayout, num_blocks: int, layer_offset: int = 0):
         need = num_blocks * layout.block_bytes
         if flat.numel() < need:
             raise MemintentError(f"the KV region holds {flat.numel()} bytes but {num_blocks} blocks of "
                                  f"{layout.block_bytes} bytes need {need}: recompile the plan")
         self.layout, self.num_blocks = layout, num_blocks
+        # A pipeline stage's pool holds its own layers; attention names layers as the whole model does.
+        self.layer_offset = layer_offset
         blocks = flat[:need].view(num_blocks, layout.block_bytes)                     # uint8 (N, block_bytes)
         self.blocks = blocks
         L, bt, kvh, hd = layout.layers, layout.block_tokens, layout.kv_heads, layout.head_dim

@@ -4,6 +4,7 @@ over time and preemptions by kind (``generate`` prints it, ``--json`` writes it,
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
 from memintent.engine.engine import EngineStats
@@ -62,26 +63,37 @@ class ServeReport:
                        for c in cols)
 
 
+def _per(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def _median(xs) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else 0.0
+
+
+def _full_concurrency_rate(decode_steps) -> float:
+    """Decode tokens/s over the steps that ran at (within 10 % of) the run's highest decode concurrency: the steady
+    state the plan predicts, without the ramp-up and the tail."""
+    top = max((s.decode_tokens for s in decode_steps), default=0)
+    return _median(s.decode_tokens / s.time_s for s in decode_steps if s.decode_tokens >= 0.9 * top)
+
+
 def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: float, device: str, program,
               prompt_tokens: int) -> ServeReport:
     steps = stats.steps
     generated = sum(len(o.token_ids) for o in outputs)
     decode_steps = [s for s in steps if s.decode_tokens]
-    decode_s = sum(s.time_s for s in decode_steps)
     ttft = [o.ttft_s for o in outputs]
     tpot = [o.tpot_s for o in outputs if o.tpot_s is not None]
     used = [s.used_blocks for s in steps]
-    kinds: dict[str, int] = {}
-    for p in stats.preemptions:
-        kinds[p.kind] = kinds.get(p.kind, 0) + 1
-    top = max((s.decode_tokens for s in steps), default=0)
-    full = [s for s in decode_steps if s.decode_tokens >= 0.9 * top]
+    kinds = dict(Counter(p.kind for p in stats.preemptions))
     return ServeReport(
         device=device, requests=len(outputs), generated_tokens=generated, prompt_tokens=prompt_tokens,
-        total_s=total_s, tokens_per_s=generated / total_s if total_s else 0.0,
-        decode_tokens_per_s=sum(s.decode_tokens for s in decode_steps) / decode_s if decode_s else 0.0,
-        full_decode_tokens_per_s=statistics.median(s.decode_tokens / s.time_s for s in full) if full else 0.0,
-        steps=len(steps), step_median_s=statistics.median(s.time_s for s in steps) if steps else 0.0,
+        total_s=total_s, tokens_per_s=_per(generated, total_s),
+        decode_tokens_per_s=_per(sum(s.decode_tokens for s in decode_steps), sum(s.time_s for s in decode_steps)),
+        full_decode_tokens_per_s=_full_concurrency_rate(decode_steps),
+        steps=len(steps), step_median_s=_median(s.time_s for s in steps),
         predicted_step_s=program.generation.decode_step_s,
         ttft_median_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
         tpot_median_s=_quantile(tpot, 0.5), tpot_p99_s=_quantile(tpot, 0.99),

@@ -74,7 +74,8 @@ class ModelRunner:
         # Unwritten positions are masked, but a masked score still multiplies its value by zero and 0 * NaN is NaN:
         # the pool starts zeroed, never as whatever the arena held (checked mode fills it with NaN on purpose).
         flat.zero_()
-        self.views = PoolViews(flat, self.layout, pool.num_blocks)
+        stage = program.model.stage
+        self.views = PoolViews(flat, self.layout, pool.num_blocks, layer_offset=stage[0] if stage else 0)
         self.swap = SwapSpace(pool.swap_blocks, pool.block_bytes, pin=device.type == "cuda")
 
     # -- moving blocks ----------------------------------------------------------------------------------------
@@ -180,12 +181,17 @@ class ModelRunner:
             meta.prefill.append(PrefillChunk(start=starts[i], length=c.length, context=context, table=table,
                                              mask=mask))
 
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Run the step; returns one greedy token per sampling chunk, in chunk order."""
+    def forward(self, plan: StepPlan, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Move the step's blocks and run it: logits (S, vocab); a pipeline stage before the last returns its
+        hidden states (1, T, dim) instead, and one after the first takes the previous stage's as ``hidden``."""
         self.move_blocks(plan)
         ids, positions, rows, meta = self.inputs(plan)
         with torch.no_grad(), attention.step(self.views, meta, self.dtype):
-            logits = step_logits(self.src, self.model, ids, positions, rows)   # (S, vocab)
+            return step_logits(self.src, self.model, ids if hidden is None else hidden, positions, rows)
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Run the step; returns one greedy token per sampling chunk, in chunk order."""
+        logits = self.forward(plan)                                           # (S, vocab)
         self.last_logits = logits
         return logits.argmax(-1).tolist()
 

@@ -127,7 +127,9 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, swap: SwapSpace | None, costs: Costs, *, max_seqs: int, step_tokens: int,
-                 context: int, preempt: str = "cost"):
+                 context: int, preempt: str = "cost", seq_ids: tuple[int, int] = (0, 1)):
+        """``seq_ids``: (first, stride) of the sequence ids it hands out; schedulers sharing a pool (a pipeline's
+        micro-batch groups) use disjoint ones."""
         if preempt not in PREEMPT_POLICIES:
             raise MemintentError(f"preempt={preempt!r}: use one of {', '.join(PREEMPT_POLICIES)}")
         self.pool, self.swap, self.costs = pool, swap, costs
@@ -138,11 +140,13 @@ class Scheduler:
         self.resuming: list[Sequence] = []     # swap-in issued last step; they run from this step on
         self.sequences: list[Sequence] = []
         self.steps = 0
+        self.seq_ids = seq_ids
         self._freed_per_step = 0.0             # moving average of blocks finished sequences return per step
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> Sequence:
-        seq = Sequence(seq_id=len(self.sequences), request=request, tokens=list(request.prompt_ids))
+        first, stride = self.seq_ids
+        seq = Sequence(seq_id=first + stride * len(self.sequences), request=request, tokens=list(request.prompt_ids))
         self.sequences.append(seq)
         self.waiting.append(seq)
         return seq
