@@ -13,6 +13,7 @@ from pathlib import Path
 
 from memintent import __version__
 from memintent.errors import MemintentError
+from memintent.ir.model import Pipeline
 from memintent.ir.plan_file import check_writable
 
 EPILOG = "Run `memintent COMMAND -h` for a command's options. Sizes take units: 24GiB, 512MiB, 80GB."
@@ -49,6 +50,8 @@ def _hardware_origin(spec: str | None) -> str:
 
 
 def _compile(args: argparse.Namespace, hw, budget: int | None, say):
+    if args.stages is not None:
+        return _compile_pipeline(args, hw, budget, say)
     if args.objective:
         from memintent.compiler.planner import plan_generation
 
@@ -70,6 +73,38 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
         allow_code=True, depth=args.depth, quant=args.quant, progress=say)
 
 
+def _compile_pipeline(args: argparse.Namespace, hw, budget: int | None, say):
+    from memintent.compiler.stages import plan_pipeline
+
+    if not args.objective:
+        raise MemintentError("--stages splits a generation plan: add --objective throughput (or latency)")
+    for flag in ("batch_given", "swap_blocks"):
+        if getattr(args, flag):
+            raise MemintentError(f"--{flag.replace('_given', '').replace('_', '-')} is not for pipelines: the "
+                                 "planner sizes every stage's pool alike, without swap space")
+    return plan_pipeline(
+        args.model, stages=args.stages, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
+        prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
+        kv_quant=args.kv_quant, concurrency=args.concurrency, kv_block_tokens=args.kv_block_tokens, dtype=args.dtype,
+        max_step_tokens=args.max_step_tokens, progress=say)
+
+
+def _print_pipeline(pl, out: Path, console) -> None:
+    from memintent.units import fmt_bytes, fmt_s
+
+    g = pl.stages[0].generation
+    console.print(f"wrote {out}: {len(pl.stages)} stages of {pl.model.ref}, each under "
+                  f"{fmt_bytes(pl.stages[0].budget_bytes)}; {g.concurrency} sequences at once, steps of up to "
+                  f"{g.step_tokens} tokens")
+    for i, (rng, p) in enumerate(zip(pl.layers, pl.stages)):
+        send = f", sends {fmt_bytes(pl.send_bytes[i])} per step" if i < len(pl.send_bytes) else ""
+        console.print(f"  stage {i}: layers {rng[0]}-{rng[1] - 1}, peak {fmt_bytes(p.prediction.peak_hbm_bytes)}, "
+                      f"step {fmt_s(p.prediction.step_time_s)} (binds: {p.prediction.binding}){send}")
+    console.print(f"{len(pl.stages)} micro-batches of about {-(-g.concurrency // len(pl.stages))} sequences keep every "
+                  f"stage busy: a tick {fmt_s(pl.pipelined_step_s)} (the slowest stage), a micro-batch through "
+                  f"every stage {fmt_s(pl.serial_step_s)}; predicted {pl.tokens_per_s:.2f} tok/s")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from memintent.compiler.hardware import load_profile
     from memintent.ir.plan_file import save_plan
@@ -88,6 +123,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     with status(f"compiling {args.model}", console=console) as st:
         plan = _compile(args, hw, budget, lambda msg: st.update(f"compiling {args.model}: {msg}"))
     save_plan(plan, out)
+    if isinstance(plan, Pipeline):
+        _print_pipeline(plan, out, console)
+        return 0
     pr = plan.prediction
     streamed = sum(1 for b in plan.blocks if b.residency.value == "streamed")
     console.print(
@@ -117,8 +155,14 @@ def _load_any(path: str):
 def _load_verified(path: str):
     """``_load_any``, then, for a program that holds a plan, the verifier: explain, simulate and report index the
     plan's tables freely, so an inconsistent (edited, truncated-and-repaired) plan file is refused in one line
-    rather than crashing them."""
-    program = _load_any(path)
+    rather than crashing them. A pipeline file (``compile --stages``) is verified stage by stage."""
+    from memintent.ir.plan_file import load_plan_or_pipeline
+
+    program = load_plan_or_pipeline(path)
+    if isinstance(program, Pipeline):
+        from memintent.compiler.stages import verify_pipeline
+
+        return verify_pipeline(program)
     if program.arena is not None:
         from memintent.passes.verify import verify
 
@@ -129,7 +173,13 @@ def _load_verified(path: str):
 def cmd_explain(args: argparse.Namespace) -> int:
     from memintent.see.explain import explain
 
-    explain(_load_verified(args.plan), _out_console())
+    plan = _load_verified(args.plan)
+    if isinstance(plan, Pipeline):
+        from memintent.see.explain import explain_pipeline
+
+        explain_pipeline(plan, _out_console())
+        return 0
+    explain(plan, _out_console())
     return 0
 
 
@@ -141,14 +191,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from memintent.passes.verify import verify
     from memintent.units import fmt_bytes
 
-    program = _load_any(args.file)
+    program = _load_verified(args.file)
+    if isinstance(program, Pipeline):
+        _console().print(f"{args.file}: ok (a pipeline of {len(program.stages)} stages, each verified under its "
+                         f"budget {fmt_bytes(program.stages[0].budget_bytes)}; layers {program.layers})")
+        return 0
     if program.arena is None:
         _console().print(f"{args.file}: parses; it holds no plan yet, so there is nothing more to verify")
         return 0
-    verify(program)
     pr = program.prediction
     peak = fmt_bytes(pr.peak_hbm_bytes) if pr else "-"
     _console().print(f"{args.file}: ok ({len(program.steps)} steps, {len(program.actions)} actions; peak {peak} <= "
@@ -327,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--swap-blocks", type=int, default=None,
                    help="with --objective: KV blocks of pinned host swap space (default: a quarter of the pool "
                         "when the plan's copy engine has idle time to swap, else none)")
+    c.add_argument("--stages", type=int, default=None,
+                   help="with --objective: split the model's layers over N GPUs, a plan per stage under --budget "
+                        "each (writes a pipeline file for `generate`; preset models)")
     c.add_argument("-o", "--output", help="plan file to write (default MODEL.plan.json)")
     c.set_defaults(fn=cmd_compile)
 

@@ -132,3 +132,24 @@ def explain(p: Program, console: Console) -> None:
     console.print(_blocks_table(p))
     n_stream = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
     console.print(f"{len(p.actions)} actions; {n_stream} stream slots; slack < 0 means compute waits for that copy")
+
+
+def explain_pipeline(pl, console: Console) -> None:
+    """A pipeline (``compile --stages``): each stage's layers, memory, step and what it sends downstream; then the
+    tick (every stage busy with its own micro-batch) and a micro-batch's time through all of them."""
+    g = pl.stages[0].generation
+    console.print(f"[bold]{pl.name}[/bold]: {pl.model.ref} over {len(pl.stages)} stages; every stage serves steps of "
+                  f"up to {g.step_tokens} tokens of {g.max_seqs} sequences, {g.concurrency} at once, over "
+                  f"{pl.stages[0].kv_pool.num_blocks - 1} KV blocks (each stage holds its layers' part)")
+    t = Table(title="stages")
+    for col in ("stage", "layers", "budget", "peak", "streamed/step", "step", "binds", "sends/step"):
+        t.add_column(col, justify="right" if col not in ("layers", "binds") else "left")
+    for i, (rng, p) in enumerate(zip(pl.layers, pl.stages)):
+        pr = p.prediction
+        t.add_row(str(i), f"{rng[0]}-{rng[1] - 1}", fmt_bytes(p.budget_bytes), fmt_bytes(pr.peak_hbm_bytes),
+                  fmt_bytes(pr.streamed_bytes), fmt_s(pr.step_time_s), pr.binding,
+                  fmt_bytes(pl.send_bytes[i]) if i < len(pl.send_bytes) else "-")
+    console.print(t)
+    console.print(f"{len(pl.stages)} micro-batches keep every stage busy: a tick (the slowest stage) "
+                  f"{fmt_s(pl.pipelined_step_s)}, one micro-batch through every stage {fmt_s(pl.serial_step_s)}; "
+                  f"predicted {pl.tokens_per_s:.2f} tok/s")
