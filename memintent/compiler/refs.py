@@ -401,7 +401,9 @@ class HFSource(ModelSource):
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", **kw)
+            # A copy: a refused attempt leaves "sdpa" recorded in the config it was given, which the fallback
+            # would then insist on.
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa", **kw)
         except (ValueError, ImportError):  # this architecture has no SDPA attention: the best it has
             model = AutoModelForCausalLM.from_config(cfg, **kw)
         self.attention = getattr(model.config, "_attn_implementation", None) or "eager"
