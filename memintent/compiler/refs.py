@@ -294,6 +294,15 @@ class ModelSource:
         """Refuse stored weights that differ from ``{name: (shape, dtype)}`` before any is read (a checkpoint that
         changed since compiling). Sources without files (presets, py: factories) have nothing to check."""
 
+    def check_engine_attention(self, calls: int) -> None:
+        """Refuse an engine step whose trace calls the serving engine's attention ``calls`` times, other than once
+        per decoder layer: a layer that does not would attend without the KV pool, across every sequence the step
+        packs, and the tokens would be wrong without any error."""
+        if calls != self.num_layers:
+            raise MemintentError(f"{self.ref}: {calls} of the model's {self.num_layers} layers call the serving "
+                                 "engine's attention: generation plans need every layer to (plain forwards work: "
+                                 "compile without --objective)")
+
     def model_ref(self, traced_layers: int | None = None, attention: str | None = None):
         from memintent.ir.model import ModelRef
 
@@ -374,28 +383,52 @@ class HFSource(ModelSource):
     def _construct(self, cfg, attention: str | None = None):
         """Build from ``cfg`` with ``attention`` (an implementation registered with transformers), or else with
         SDPA, falling back to the best one transformers offers for an architecture without SDPA (eager)."""
-        from transformers import AutoModelForCausalLM
-
         kw = dict(dtype=self.torch_dtype, trust_remote_code=self.allow_code)
         try:
-            if attention is not None:
-                model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
-            else:
-                model = self._construct_default(cfg, kw)
+            model = self._construct_default(cfg, kw) if attention is None else \
+                self._construct_engine(cfg, kw, attention)
         except MemintentError:
             raise
-        except (KeyError, ValueError) as e:
-            if attention is not None:
-                raise MemintentError(f"{self.ref}: the {type(cfg).__name__.removesuffix('Config')} architecture does "
-                                     "not route attention through transformers' attention interface, which "
-                                     "generation plans need (plain forwards work: compile without --objective)"
-                                     ) from None
-            raise MemintentError(f"{self.ref}: transformers cannot build the model from config.json: "
-                                 f"{type(e).__name__}: {_first_line(e)}") from None
         except Exception as e:
             raise MemintentError(f"{self.ref}: transformers cannot build the model from config.json: "
                                  f"{type(e).__name__}: {_first_line(e)}") from None
         return model.eval().requires_grad_(False)
+
+    def _construct_engine(self, cfg, kw: dict, attention: str):
+        """Build with attention routed to ``attention``. An architecture that looks implementations up in a table
+        of its own refuses the name (Falcon: KeyError); one whose modeling code never consults transformers'
+        attention interface (Bloom, MPT, GPT-Neo) builds with any name and is refused here, by its modeling
+        module, before a trace could fail on it. The proof is the traced step's attention calls
+        (``check_engine_attention``); this only names the cause early."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
+        except (KeyError, ValueError):
+            raise MemintentError(self._bypasses_interface("")) from None
+        module = type(model).__module__
+        # Only transformers' own modeling files: custom code may reach the interface under another name.
+        if module.startswith("transformers.") and "ALL_ATTENTION_FUNCTIONS" not in vars(sys.modules[module]):
+            raise MemintentError(self._bypasses_interface(""))
+        if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+            raise MemintentError(self._unservable("attention adds learned sink logits (GPT-OSS's s_aux), which the "
+                                                  "serving engine's attention does not compute"))
+        return model
+
+    def _unservable(self, why: str) -> str:
+        arch = type(self.config).__name__.removesuffix("Config")
+        return f"{self.ref}: the {arch} architecture's {why} (plain forwards work: compile without --objective)"
+
+    def _bypasses_interface(self, where: str) -> str:
+        return self._unservable(f"attention does not go through transformers' attention interface{where}, which "
+                                "generation plans need")
+
+    def check_engine_attention(self, calls: int) -> None:
+        """A model whose traced step calls the engine's attention in fewer layers than it has (a hybrid whose other
+        layers keep a recurrent state, like Jamba's Mamba layers) is refused here."""
+        if calls != self.num_layers:
+            n = self.num_layers
+            raise MemintentError(self._bypasses_interface(f" in {n - calls} of its {n} layers"))
 
     def _construct_default(self, cfg, kw: dict):
         from transformers import AutoModelForCausalLM
