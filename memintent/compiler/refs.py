@@ -616,7 +616,9 @@ class HFSource(ModelSource):
         alias, (converter, target, items) = conv
         if target not in converted:
             converted[target] = self._convert(converter, target, items, shards.read, model)
-        out = converted[target].get(alias)
+        # Each converted weight is copied once: dropped right after, so the converted tensors held at any time are
+        # one converter's outputs (a layer's experts), never the whole model a second time.
+        out = converted[target].pop(alias, None)
         if out is None:
             raise MemintentError(f"converting {target} from {self.path} did not produce {alias}")
         self._copy(name, f"{alias} (converted)", self.files[items[0][1]].name, out, t)
