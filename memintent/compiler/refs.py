@@ -711,7 +711,8 @@ def _safetensors_index(path: Path) -> dict[str, Path]:
         files = {name: path / fname for name, fname in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
-                raise MemintentError(f"{index} names {f.name}, which is not in {path}")
+                raise MemintentError(f"{index} names {f.name}, which is not in {path}: copy that shard into the "
+                                     "folder (the index's weight_map names the file of every tensor)")
         return files
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
@@ -746,7 +747,8 @@ def _read_config_json(ref: str, path: Path, allow_code: bool) -> dict:
     """config.json of an hf: folder as JSON, checked to be a transformers config whose code may run."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise MemintentError(f"{ref}: no config.json in {path}")
+        raise MemintentError(f"{ref}: no config.json in {path}: a Hugging Face model folder holds the config.json "
+                             "that save_pretrained writes next to its safetensors files")
     try:
         raw_cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -760,25 +762,37 @@ def _read_config_json(ref: str, path: Path, allow_code: bool) -> dict:
     return raw_cfg
 
 
+_CAUSAL_EXAMPLES = "llama, mistral, qwen2, gemma2, phi3, gpt2"   # model types named in errors as what would do
+
+
 def _load_causal_config(ref: str, path: Path, raw_cfg: dict, allow_code: bool):
     """transformers' config of the folder, refused unless AutoModelForCausalLM builds a decoder-only model of it."""
     try:
         import transformers
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+        from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
     except ImportError:
         raise MemintentError("hf: references need transformers: pip install 'memintent[hf]'") from None
     transformers.logging.set_verbosity_error()
+    cfg_file = path / "config.json"
+    model_type = raw_cfg.get("model_type")
+    if not raw_cfg.get("auto_map") and model_type not in CONFIG_MAPPING:
+        raise MemintentError(f"{cfg_file} is not a config transformers can read: model_type {model_type!r} is not "
+                             f"an architecture transformers {transformers.__version__} knows: use a folder of a "
+                             f"decoder-only causal LM it builds ({_CAUSAL_EXAMPLES}), or a transformers release "
+                             f"that has {model_type!r}")
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=allow_code, local_files_only=True)
     except Exception as e:
-        raise MemintentError(f"{path / 'config.json'} is not a config transformers can read (model_type "
-                             f"{raw_cfg.get('model_type')!r}): {type(e).__name__}: {e}") from None
+        raise MemintentError(f"{cfg_file} is not a config transformers can read (model_type {model_type!r}): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
     # The public config -> causal-LM class table that AutoModelForCausalLM itself looks models up in.
     causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or (
         allow_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
     if not causal or getattr(config, "is_encoder_decoder", False):
-        raise MemintentError(f"{ref}: model_type {config.model_type!r} is not a decoder-only causal LM that "
-                             "AutoModelForCausalLM builds")
+        what = "an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else \
+            "no causal LM class"
+        raise MemintentError(f"{cfg_file}: model_type {config.model_type!r} is not a decoder-only causal LM that "
+                             f"AutoModelForCausalLM builds ({what}): use a folder of one ({_CAUSAL_EXAMPLES}, ...)")
     return config
 
 
