@@ -116,7 +116,9 @@ def step_spec(src, tokens: int, seqs: int) -> TraceSpec:
 
 def trace_step(src, tokens: int, seqs: int, progress: Callable[[str], None]) -> Program:
     with attention.tracing():
-        return trace(step_spec(src, tokens, seqs), RunShape(batch=1, seq=tokens), progress=progress)
+        p = trace(step_spec(src, tokens, seqs), RunShape(batch=1, seq=tokens), progress=progress)
+    src.check_engine_attention(sum(1 for s in p.steps if is_attention(s.op)))
+    return p
 
 
 def is_attention(op: str) -> bool:

@@ -294,6 +294,15 @@ class ModelSource:
         """Refuse stored weights that differ from ``{name: (shape, dtype)}`` before any is read (a checkpoint that
         changed since compiling). Sources without files (presets, py: factories) have nothing to check."""
 
+    def check_engine_attention(self, calls: int) -> None:
+        """Refuse an engine step whose trace calls the serving engine's attention ``calls`` times, other than once
+        per decoder layer: a layer that does not would attend without the KV pool, across every sequence the step
+        packs, and the tokens would be wrong without any error."""
+        if calls != self.num_layers:
+            raise MemintentError(f"{self.ref}: {calls} of the model's {self.num_layers} layers call the serving "
+                                 "engine's attention: generation plans need every layer to (plain forwards work: "
+                                 "compile without --objective)")
+
     def model_ref(self, traced_layers: int | None = None, attention: str | None = None):
         from memintent.ir.model import ModelRef
 
@@ -374,34 +383,60 @@ class HFSource(ModelSource):
     def _construct(self, cfg, attention: str | None = None):
         """Build from ``cfg`` with ``attention`` (an implementation registered with transformers), or else with
         SDPA, falling back to the best one transformers offers for an architecture without SDPA (eager)."""
-        from transformers import AutoModelForCausalLM
-
         kw = dict(dtype=self.torch_dtype, trust_remote_code=self.allow_code)
         try:
-            if attention is not None:
-                model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
-            else:
-                model = self._construct_default(cfg, kw)
+            model = self._construct_default(cfg, kw) if attention is None else \
+                self._construct_engine(cfg, kw, attention)
         except MemintentError:
             raise
-        except (KeyError, ValueError) as e:
-            if attention is not None:
-                raise MemintentError(f"{self.ref}: the {type(cfg).__name__.removesuffix('Config')} architecture does "
-                                     "not route attention through transformers' attention interface, which "
-                                     "generation plans need (plain forwards work: compile without --objective)"
-                                     ) from None
-            raise MemintentError(f"{self.ref}: transformers cannot build the model from config.json: "
-                                 f"{type(e).__name__}: {_first_line(e)}") from None
         except Exception as e:
             raise MemintentError(f"{self.ref}: transformers cannot build the model from config.json: "
                                  f"{type(e).__name__}: {_first_line(e)}") from None
         return model.eval().requires_grad_(False)
 
+    def _construct_engine(self, cfg, kw: dict, attention: str):
+        """Build with attention routed to ``attention``. An architecture that looks implementations up in a table
+        of its own refuses the name (Falcon: KeyError); one whose modeling code never consults transformers'
+        attention interface (Bloom, MPT, GPT-Neo) builds with any name and is refused here, by its modeling
+        module, before a trace could fail on it. The proof is the traced step's attention calls
+        (``check_engine_attention``); this only names the cause early."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
+        except (KeyError, ValueError):
+            raise MemintentError(self._bypasses_interface("")) from None
+        module = type(model).__module__
+        # Only transformers' own modeling files: custom code may reach the interface under another name.
+        if module.startswith("transformers.") and "ALL_ATTENTION_FUNCTIONS" not in vars(sys.modules[module]):
+            raise MemintentError(self._bypasses_interface(""))
+        if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+            raise MemintentError(self._unservable("attention adds learned sink logits (GPT-OSS's s_aux), which the "
+                                                  "serving engine's attention does not compute"))
+        return model
+
+    def _unservable(self, why: str) -> str:
+        arch = type(self.config).__name__.removesuffix("Config")
+        return f"{self.ref}: the {arch} architecture's {why} (plain forwards work: compile without --objective)"
+
+    def _bypasses_interface(self, where: str) -> str:
+        return self._unservable(f"attention does not go through transformers' attention interface{where}, which "
+                                "generation plans need")
+
+    def check_engine_attention(self, calls: int) -> None:
+        """A model whose traced step calls the engine's attention in fewer layers than it has (a hybrid whose other
+        layers keep a recurrent state, like Jamba's Mamba layers) is refused here."""
+        if calls != self.num_layers:
+            n = self.num_layers
+            raise MemintentError(self._bypasses_interface(f" in {n - calls} of its {n} layers"))
+
     def _construct_default(self, cfg, kw: dict):
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", **kw)
+            # A copy: a refused attempt leaves "sdpa" recorded in the config it was given, which the fallback
+            # would then insist on.
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa", **kw)
         except (ValueError, ImportError):  # this architecture has no SDPA attention: the best it has
             model = AutoModelForCausalLM.from_config(cfg, **kw)
         self.attention = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -581,7 +616,9 @@ class HFSource(ModelSource):
         alias, (converter, target, items) = conv
         if target not in converted:
             converted[target] = self._convert(converter, target, items, shards.read, model)
-        out = converted[target].get(alias)
+        # Each converted weight is copied once: dropped right after, so the converted tensors held at any time are
+        # one converter's outputs (a layer's experts), never the whole model a second time.
+        out = converted[target].pop(alias, None)
         if out is None:
             raise MemintentError(f"converting {target} from {self.path} did not produce {alias}")
         self._copy(name, f"{alias} (converted)", self.files[items[0][1]].name, out, t)
@@ -674,7 +711,8 @@ def _safetensors_index(path: Path) -> dict[str, Path]:
         files = {name: path / fname for name, fname in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
-                raise MemintentError(f"{index} names {f.name}, which is not in {path}")
+                raise MemintentError(f"{index} names {f.name}, which is not in {path}: copy that shard into the "
+                                     "folder (the index's weight_map names the file of every tensor)")
         return files
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
@@ -709,7 +747,8 @@ def _read_config_json(ref: str, path: Path, allow_code: bool) -> dict:
     """config.json of an hf: folder as JSON, checked to be a transformers config whose code may run."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise MemintentError(f"{ref}: no config.json in {path}")
+        raise MemintentError(f"{ref}: no config.json in {path}: a Hugging Face model folder holds the config.json "
+                             "that save_pretrained writes next to its safetensors files")
     try:
         raw_cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -723,25 +762,37 @@ def _read_config_json(ref: str, path: Path, allow_code: bool) -> dict:
     return raw_cfg
 
 
+_CAUSAL_EXAMPLES = "llama, mistral, qwen2, gemma2, phi3, gpt2"   # model types named in errors as what would do
+
+
 def _load_causal_config(ref: str, path: Path, raw_cfg: dict, allow_code: bool):
     """transformers' config of the folder, refused unless AutoModelForCausalLM builds a decoder-only model of it."""
     try:
         import transformers
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+        from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
     except ImportError:
         raise MemintentError("hf: references need transformers: pip install 'memintent[hf]'") from None
     transformers.logging.set_verbosity_error()
+    cfg_file = path / "config.json"
+    model_type = raw_cfg.get("model_type")
+    if not raw_cfg.get("auto_map") and model_type not in CONFIG_MAPPING:
+        raise MemintentError(f"{cfg_file} is not a config transformers can read: model_type {model_type!r} is not "
+                             f"an architecture transformers {transformers.__version__} knows: use a folder of a "
+                             f"decoder-only causal LM it builds ({_CAUSAL_EXAMPLES}), or a transformers release "
+                             f"that has {model_type!r}")
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=allow_code, local_files_only=True)
     except Exception as e:
-        raise MemintentError(f"{path / 'config.json'} is not a config transformers can read (model_type "
-                             f"{raw_cfg.get('model_type')!r}): {type(e).__name__}: {e}") from None
+        raise MemintentError(f"{cfg_file} is not a config transformers can read (model_type {model_type!r}): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
     # The public config -> causal-LM class table that AutoModelForCausalLM itself looks models up in.
     causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or (
         allow_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
     if not causal or getattr(config, "is_encoder_decoder", False):
-        raise MemintentError(f"{ref}: model_type {config.model_type!r} is not a decoder-only causal LM that "
-                             "AutoModelForCausalLM builds")
+        what = "an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else \
+            "no causal LM class"
+        raise MemintentError(f"{cfg_file}: model_type {config.model_type!r} is not a decoder-only causal LM that "
+                             f"AutoModelForCausalLM builds ({what}): use a folder of one ({_CAUSAL_EXAMPLES}, ...)")
     return config
 
 

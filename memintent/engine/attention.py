@@ -342,11 +342,17 @@ def register_hf_attention() -> str:
     return ENGINE_ATTENTION
 
 
-def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                 sliding_window=None, **kwargs):
+def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """transformers' attention-function signature: query (B, H, T, hd), key and value (B, KV, T, hd) after the
-    model's rotary embedding; returns (B, T, H, hd) and no weights. The mask transformers would build is not used:
-    the engine's block tables say what each query sees."""
+    model's rotary embedding; returns (B, T, H, hd) and no weights. The mask transformers would build is not used
+    (for an implementation it has no mask function for, it builds none): the engine's block tables say what each
+    query sees, and the window comes from the arguments. A sliding layer is one the model passes a
+    ``sliding_window`` for; a model that passes no such argument at all has its window on the attention module
+    (Qwen2-MoE's sliding layers: its mask applies ``module.sliding_window``, the call does not carry it)."""
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise MemintentError(f"{type(module).__name__} passes attention sinks, which the serving engine's attention "
+                             "does not compute: generation plans cannot serve this model")
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     out = paged_attention(query, key, value, module.layer_idx, scale=scaling, softcap=softcap,
-                          window=sliding_window)                           # (1, H, T, hd)
+                          window=window)                                  # (1, H, T, hd)
     return out.transpose(1, 2), None

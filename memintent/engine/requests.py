@@ -110,7 +110,9 @@ def encode(tokenizer, text: str, chat: bool) -> tuple[int, ...]:
     """Token ids of ``text``; with ``chat``, wrapped as one user turn by the folder's chat template."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise MemintentError("--chat: the model folder's tokenizer defines no chat template")
+            raise MemintentError("--chat: the model folder's tokenizer defines no chat template (neither "
+                                 "chat_template.jinja nor a chat_template in tokenizer_config.json): leave --chat out "
+                                 "to send the text as it is")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
