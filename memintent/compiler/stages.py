@@ -69,6 +69,10 @@ class StageSource:
     def check_checkpoint(self, expected) -> None:
         """Presets have no files to check."""
 
+    def check_engine_attention(self, calls: int) -> None:
+        """The preset's rule, over the stage's own layers."""
+        type(self.src).check_engine_attention(self, calls)
+
     def tokenizer(self):
         return None
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from memintent.engine.engine import EngineStats, _record
+from memintent.engine.engine import EngineStats, StepRecord, _record
 from memintent.engine.kv_pool import BlockPool, SwapSpace
 from memintent.engine.runner import ModelRunner
 from memintent.engine.scheduler import Costs, Scheduler, StepPlan
@@ -144,8 +144,8 @@ class PipelineEngine:
     def __init__(self, pipeline: Pipeline | str | os.PathLike, device: str | torch.device | None = None, *,
                  link=None, check: bool = False, preempt: str = "cost", allow_code: bool = False,
                  log: Callable[[str], None] | None = None):
-        from memintent.compiler.refs import resolve
         from memintent.compiler.plan_source import source_for
+        from memintent.compiler.refs import resolve
         from memintent.runtime.device import pick_device
 
         self.pipeline = _load(pipeline)
@@ -172,6 +172,9 @@ class PipelineEngine:
         self.track: set[str] = set()
         self.tracked_logits: dict[str, list[torch.Tensor]] = {}
         self.last_logits: torch.Tensor | None = None
+        # Per stage here, one record per forward: its time from its input's arrival to its output (the device
+        # synchronized), to compare with that stage's own PCIe floor; in one process a tick runs the stages in turn.
+        self.stage_steps: dict[int, list[StepRecord]] = {r: [] for r in self.local}
 
     @property
     def report_program(self) -> Program:
@@ -238,7 +241,12 @@ class PipelineEngine:
         hidden = None
         if r > 0:
             hidden = self.link.recv(r, (1, plan.tokens, runner.src.config.dim), runner.dtype)     # (1, T, dim)
+        start_s = perf_counter()
         out = runner.forward(plan, hidden)           # (1, T, dim); the last stage's: logits (S, vocab)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.stage_steps[r].append(_record(plan, start_s - self._t0, perf_counter() - start_s,
+                                           self.pool.used_blocks))
         if r < self.n - 1:
             self.link.send(r, out)
         else:
@@ -275,6 +283,7 @@ class PipelineEngine:
 
     def reset_stats(self) -> None:
         self.stats = EngineStats(num_blocks=self.stats.num_blocks)
+        self.stage_steps = {r: [] for r in self.local}
         self._t0 = None
 
     def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:

@@ -1,0 +1,118 @@
+"""A pipeline of stages on the one GPU this machine has, against the one-GPU plan of the same model and requests.
+
+Both stages of ``compile --stages 2`` run in this process on one card, one after another in each tick (they share
+one PCIe link and one GPU), so the run's tokens/s is not a multi-GPU figure. What one card can measure: each
+stage's step (from its input's arrival to its output) against that stage's own PCIe floor (its streamed bytes /
+pinned H2D measured in this run), the tokens against the one-GPU plan's on the same requests, and peak HBM against
+the stages' budgets summed. ``2-GPU estimate``: a micro-batch's tokens per the slowest stage's measured step, what
+ticks would take with each stage on its own GPU and link (an estimate from this run, not a measurement).
+
+    python benchmarks/pipeline.py --out $OUT
+    python benchmarks/pipeline.py --model tiny-llama --device cpu --budget 5MiB --requests 8 --dtype f32   # smoke
+
+Prints a table last and writes pipeline.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import GiB, card_profile, free, header, serve_row, write  # noqa: E402
+from memintent.commands.generate import serve  # noqa: E402
+from memintent.compiler.planner import plan_generation  # noqa: E402
+from memintent.compiler.refs import resolve  # noqa: E402
+from memintent.compiler.stages import plan_pipeline  # noqa: E402
+from memintent.engine.requests import synthetic  # noqa: E402
+from memintent.units import parse_bytes  # noqa: E402
+
+
+def stage_rows(pipeline, engine, h2d_gbps: float) -> list[dict]:
+    rows = []
+    for r, steps in engine.stage_steps.items():
+        p = pipeline.stages[r]
+        floor_s = p.prediction.streamed_bytes / (h2d_gbps * 1e9)
+        # decode-only micro-batches: the steps the floor bounds (prompt-heavy ones may be compute-bound)
+        decode = [s.time_s for s in steps if s.decode_tokens == s.tokens]
+        med = statistics.median(decode or [s.time_s for s in steps])
+        rows.append(dict(stage=r, layers=pipeline.layers[r], streamed_bytes=p.prediction.streamed_bytes,
+                         floor_s=floor_s, step_median_s=med, step_over_floor=med / floor_s if floor_s else None,
+                         predicted_step_s=p.prediction.step_time_s, steps=len(steps), decode_steps=len(decode),
+                         budget_bytes=p.budget_bytes))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3-70b")
+    ap.add_argument("--budget", default="24GiB", help="per GPU")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--hw", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    hw = card_profile(device, spec=a.hw)
+    doc = header(device, hw)
+    budget = parse_bytes(a.budget)
+    src = resolve(a.model, dtype=a.dtype)
+    context = min(576, src.max_positions or 576)           # prompts up to 512 + 64 generated
+    reqs = synthetic(a.requests, (64, context - 64), (16, 64), src.vocab_size, seed=0)
+    kw = dict(budget_bytes=budget, hardware=hw, context=context, prompt_len=288, gen_len=40, quant="int4",
+              dtype=a.dtype)
+    say = lambda m: print(f"[pipeline] {m}", flush=True)  # noqa: E731
+
+    say("planning one GPU")
+    one = plan_generation(a.model, progress=say, **kw)
+    row = serve_row(f"{a.model} 1 GPU", one, reqs, device, doc["h2d_gbps"])
+    ref = row.pop("_outputs")
+    doc["rows"].append(row)
+    free(device)
+
+    say(f"planning {a.stages} stages")
+    t = time.perf_counter()
+    pipe = plan_pipeline(a.model, stages=a.stages, progress=say, **kw)
+    doc["pipeline_plan_s"] = time.perf_counter() - t
+    rep, outs, engine = serve(pipe, reqs, device=device, warmup=True)
+    stages = stage_rows(pipe, engine, doc["h2d_gbps"])
+    same = sum(1 for o in outs if o.token_ids == ref[o.id])
+    micro = statistics.median(s.decode_tokens for s in engine.stats.steps if s.decode_tokens)
+    slowest_s = max(s["step_median_s"] for s in stages)
+    doc["pipeline"] = dict(layers=pipe.layers, concurrency=pipe.stages[0].generation.concurrency,
+                           tokens_per_s_one_card=rep.tokens_per_s, full_decode_tokens_per_s_one_card=(
+                               rep.full_decode_tokens_per_s), predicted_tokens_per_s=pipe.tokens_per_s,
+                           predicted_tick_s=pipe.pipelined_step_s, micro_batch_decode_tokens=micro,
+                           two_gpu_estimate_tokens_per_s=micro / slowest_s, stages=stages,
+                           requests_identical=same, requests=len(outs), peak_hbm_bytes=rep.peak_hbm_bytes,
+                           budget_bytes=sum(p.budget_bytes for p in pipe.stages))
+    write(a.out, "pipeline.json", doc)
+    free(device)
+
+    d = doc["pipeline"]
+    print(f"\n{doc['device']}, pinned H2D {doc['h2d_gbps']:.1f} GB/s, profile {doc['hw']}; {a.model}, {a.budget} "
+          f"per stage")
+    print(f"1 GPU: {row['tokens_per_s']:.1f} tok/s over the run, {row['full_decode_tokens_per_s']:.1f} at full "
+          f"concurrency, step {row['step_median_s'] * 1e3:.1f} ms vs floor {row['floor_s'] * 1e3:.1f} ms")
+    print(f"{'stage':>5} {'layers':>9} {'streamed GB':>11} {'step ms':>8} {'floor ms':>8} {'x floor':>7} "
+          f"{'plan ms':>8}")
+    for s in stages:
+        print(f"{s['stage']:>5} {str(s['layers']):>9} {s['streamed_bytes'] / 1e9:11.2f} {s['step_median_s'] * 1e3:8.1f} "
+              f"{s['floor_s'] * 1e3:8.1f} {s['step_over_floor'] or 0:7.3f} {s['predicted_step_s'] * 1e3:8.1f}")
+    print(f"tokens identical to 1 GPU: {same}/{len(outs)} requests; peak {(d['peak_hbm_bytes'] or 0) / GiB:.2f} GiB "
+          f"of {d['budget_bytes'] / GiB:.2f} (stages summed, one card); 2-GPU estimate "
+          f"{d['two_gpu_estimate_tokens_per_s']:.1f} tok/s (plan {d['predicted_tokens_per_s']:.1f}) vs 1 GPU "
+          f"{row['full_decode_tokens_per_s']:.1f} at full concurrency")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
