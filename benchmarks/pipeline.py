@@ -49,14 +49,30 @@ def stage_rows(pipeline, engine, h2d_gbps: float) -> list[dict]:
     return rows
 
 
+def agreement(outs, ref: dict) -> dict:
+    """How far each request's tokens agree with the one-GPU plan's: identical requests, the same first token, and
+    the share of tokens before the first difference. bf16 steps of other compositions (a micro-batch holds other
+    sequences than a one-GPU step) round differently, and greedy decoding of random weights turns a near tie into
+    another token; a wrong pipeline would already differ at the first token."""
+    same = first = prefix = total = 0
+    for o in outs:
+        want = ref[o.id]
+        same += o.token_ids == want
+        first += bool(o.token_ids) and bool(want) and o.token_ids[0] == want[0]
+        k = next((i for i, (a, b) in enumerate(zip(o.token_ids, want)) if a != b), min(len(o.token_ids), len(want)))
+        prefix, total = prefix + k, total + len(want)
+    return dict(requests_identical=same, first_token_same=first, prefix_token_share=prefix / total if total else 0.0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3-70b")
     ap.add_argument("--budget", default="24GiB", help="per GPU")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--stages", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--quant", default="int4", help="weights' bit width for both plans (none: bf16, bitwise exact)")
     ap.add_argument("--hw", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -67,7 +83,7 @@ def main(argv=None) -> int:
     src = resolve(a.model, dtype=a.dtype)
     context = min(576, src.max_positions or 576)           # prompts up to 512 + 64 generated
     reqs = synthetic(a.requests, (64, context - 64), (16, 64), src.vocab_size, seed=0)
-    kw = dict(budget_bytes=budget, hardware=hw, context=context, prompt_len=288, gen_len=40, quant="int4",
+    kw = dict(budget_bytes=budget, hardware=hw, context=context, prompt_len=288, gen_len=40, quant=a.quant,
               dtype=a.dtype)
     say = lambda m: print(f"[pipeline] {m}", flush=True)  # noqa: E731
 
@@ -76,6 +92,7 @@ def main(argv=None) -> int:
     row = serve_row(f"{a.model} 1 GPU", one, reqs, device, doc["h2d_gbps"])
     ref = row.pop("_outputs")
     doc["rows"].append(row)
+    write(a.out, "pipeline.json", doc)
     free(device)
 
     say(f"planning {a.stages} stages")
@@ -84,7 +101,11 @@ def main(argv=None) -> int:
     doc["pipeline_plan_s"] = time.perf_counter() - t
     rep, outs, engine = serve(pipe, reqs, device=device, warmup=True)
     stages = stage_rows(pipe, engine, doc["h2d_gbps"])
-    same = sum(1 for o in outs if o.token_ids == ref[o.id])
+    agree = agreement(outs, ref)
+    # Other bit widths (a stage with room keeps a block resident in the model dtype that one GPU streams as int4)
+    # are other weights: tokens then differ for that reason alone.
+    bits = {b.name: b.quant.value for p in pipe.stages for b in p.blocks}
+    agree["blocks_at_other_bit_widths"] = sorted(b.name for b in one.blocks if bits.get(b.name) != b.quant.value)
     micro = statistics.median(s.decode_tokens for s in engine.stats.steps if s.decode_tokens)
     slowest_s = max(s["step_median_s"] for s in stages)
     doc["pipeline"] = dict(layers=pipe.layers, concurrency=pipe.stages[0].generation.concurrency,
@@ -92,7 +113,7 @@ def main(argv=None) -> int:
                                rep.full_decode_tokens_per_s), predicted_tokens_per_s=pipe.tokens_per_s,
                            predicted_tick_s=pipe.pipelined_step_s, micro_batch_decode_tokens=micro,
                            two_gpu_estimate_tokens_per_s=micro / slowest_s, stages=stages,
-                           requests_identical=same, requests=len(outs), peak_hbm_bytes=rep.peak_hbm_bytes,
+                           **agree, requests=len(outs), peak_hbm_bytes=rep.peak_hbm_bytes,
                            budget_bytes=sum(p.budget_bytes for p in pipe.stages))
     write(a.out, "pipeline.json", doc)
     free(device)
@@ -105,9 +126,13 @@ def main(argv=None) -> int:
     print(f"{'stage':>5} {'layers':>9} {'streamed GB':>11} {'step ms':>8} {'floor ms':>8} {'x floor':>7} "
           f"{'plan ms':>8}")
     for s in stages:
-        print(f"{s['stage']:>5} {str(s['layers']):>9} {s['streamed_bytes'] / 1e9:11.2f} {s['step_median_s'] * 1e3:8.1f} "
+        print(f"{s['stage']:>5} {str(s['layers']):>9} {s['streamed_bytes'] / 1e9:11.2f} "
+              f"{s['step_median_s'] * 1e3:8.1f} "
               f"{s['floor_s'] * 1e3:8.1f} {s['step_over_floor'] or 0:7.3f} {s['predicted_step_s'] * 1e3:8.1f}")
-    print(f"tokens identical to 1 GPU: {same}/{len(outs)} requests; peak {(d['peak_hbm_bytes'] or 0) / GiB:.2f} GiB "
+    print(f"tokens identical to 1 GPU: {d['requests_identical']}/{len(outs)} requests, first token "
+          f"{d['first_token_same']}/{len(outs)}, {100 * d['prefix_token_share']:.1f} % of tokens before a difference; "
+          f"blocks at other bit widths than 1 GPU's: {', '.join(d['blocks_at_other_bit_widths']) or 'none'}")
+    print(f"peak {(d['peak_hbm_bytes'] or 0) / GiB:.2f} GiB "
           f"of {d['budget_bytes'] / GiB:.2f} (stages summed, one card); 2-GPU estimate "
           f"{d['two_gpu_estimate_tokens_per_s']:.1f} tok/s (plan {d['predicted_tokens_per_s']:.1f}) vs 1 GPU "
           f"{row['full_decode_tokens_per_s']:.1f} at full concurrency")

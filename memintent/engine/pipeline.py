@@ -239,6 +239,11 @@ class PipelineEngine:
             runner.move_blocks(plan)
             return
         hidden = None
+        # What this stage sent last tick has arrived (the next stage received it at this tick's start): waited on
+        # before the forward, it is not device memory beside the step's activations, which the stage's proof counts.
+        self.link.flush()
+        if r == self.n - 1:
+            self.last_logits = None       # the previous step's: not held through this one (the proof counts one)
         if r > 0:
             hidden = self.link.recv(r, (1, plan.tokens, runner.src.config.dim), runner.dtype)     # (1, T, dim)
         start_s = perf_counter()

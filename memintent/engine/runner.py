@@ -191,6 +191,9 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> list[int]:
         """Run the step; returns one greedy token per sampling chunk, in chunk order."""
+        # The previous step's logits go first: held through this step, they would be device memory the plan's
+        # proof (one step's activations) does not count.
+        self.last_logits = None
         logits = self.forward(plan)                                           # (S, vocab)
         self.last_logits = logits
         return logits.argmax(-1).tolist()
