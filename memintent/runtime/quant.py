@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 
+from memintent.errors import RuntimeFault
 from memintent.ir.dtypes import torch_dtypes
 from memintent.ir.layout import (  # noqa: F401 -- the layout's names, re-exported for the runtime's callers
     INT4_GROUP, PART_ALIGN_BYTES, QUANTIZABLE_DTYPES, Part, QuantEntry, Storage, int4_shapes, quant_layout,
@@ -277,7 +278,8 @@ def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
         # raw bytes: src uint8 [n] -> out uint8 [n], copied byte for byte
         return (Storage.raw, src[v.offset_bytes:v.offset_bytes + v.size_bytes], None, out)
     s = e.scales
-    assert s is not None
+    if s is None:   # the plan's quant layout is validated on load; a quantized entry without scales is a bug here
+        raise RuntimeFault(f"quantized entry of shape {e.shape} has no scales")
     out_ch, in_ch = e.shape
     if e.storage == Storage.int8:
         q = typed_view(src, v.offset_bytes, torch.int8, (out_ch, in_ch))             # int8 (out, in)
@@ -418,6 +420,7 @@ def _triton_dequant_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.
     triton, _, dq_int4 = _triton_kernels()
     out_ch, in_ch = out.shape
     n_bytes, n_groups = packed.shape[1], scales.shape[1]
-    assert INT4_GROUP == 128   # the kernel's j // 64 assumes it
+    if INT4_GROUP != 128:   # the kernel's j // 64 assumes it
+        raise RuntimeFault(f"the int4 kernel assumes groups of 128 values, not {INT4_GROUP}")
     grid = (out_ch, triton.cdiv(n_bytes, _TRITON_BLOCK))
     dq_int4[grid](packed, scales.contiguous(), out, in_ch, n_bytes, n_groups, out.stride(0), BLOCK=_TRITON_BLOCK)
