@@ -286,11 +286,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = check_writable(args.output, "-o")
     program = _load_verified(args.plan)
+    if isinstance(program, Pipeline):     # a stage is a plan of its own: report one, with the run's KV pool
+        if not 0 <= args.stage < len(program.stages):
+            raise MemintentError(f"--stage {args.stage}: the pipeline has stages 0 to {len(program.stages) - 1}")
+        program = program.stages[args.stage]
     measured = engine = None
     if args.trace:
         from memintent.see.perfetto import read_engine, read_measured
 
-        measured, engine = read_measured(args.trace), read_engine(args.trace)
+        engine = read_engine(args.trace)
+        # a pipeline's serving trace has the engine's lanes only (its stages run on clocks of their own)
+        measured = read_measured(args.trace) if engine is None or program.model.stage == [] else None
     with status(f"writing {out}", console=_console()):
         written = write_report(program, out, measured=measured, plan_source=args.plan, engine=engine)
     pngs = ", ".join(str(p) for p in written[:-1])
@@ -455,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "stalls beside the predicted ones")
     rp.add_argument("-o", "--output", default="report.html",
                     help="HTML file to write (default report.html); figures go beside it as STEM-*.png")
+    rp.add_argument("--stage", type=int, default=0, help="for a pipeline file: the stage to report (default 0)")
     rp.set_defaults(fn=cmd_report)
 
     pf = sub.add_parser("profile", help="measure this machine's copy, memory and compute rates into a profile "

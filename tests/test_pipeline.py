@@ -175,6 +175,22 @@ def test_cli_compiles_and_explains_a_pipeline(tmp_path):
     assert _cli("check", str(out)).returncode == 0
 
 
+def test_trace_of_a_pipeline_run_has_a_lane_per_stage_and_reports(tmp_path, two_stages):
+    plan, trace = tmp_path / "p.json", tmp_path / "run.trace.json"
+    save_plan(two_stages, plan)
+    r = _cli("generate", str(plan), "--synthetic", "6", "--prompt-len", "8:30", "--gen-len", "3:8", "--device", "cpu",
+             "--trace", str(trace))
+    assert r.returncode == 0, r.stderr
+    events = json.loads(trace.read_text())["traceEvents"]
+    lanes = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert {"stage 0", "stage 1", "steps"} <= lanes
+    per_stage = [sum(1 for e in events if e.get("cat") == "stage" and e["tid"] == 2 + k) for k in (0, 1)]
+    assert per_stage[0] > 0 and per_stage[0] == per_stage[1]     # every micro-batch ran through both stages
+    rep = _cli("report", str(plan), "--trace", str(trace), "--stage", "1", "-o", str(tmp_path / "r.html"))
+    assert rep.returncode == 0, rep.stderr
+    assert "KV pool" in (tmp_path / "r.html").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--stages", "2"], "--stages splits a generation plan: add --objective"),
     (["--stages", "9", "--objective", "throughput"], "splits into 1..4 stages"),

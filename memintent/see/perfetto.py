@@ -363,13 +363,29 @@ def engine_events(stats) -> list[dict]:
     return ev
 
 
+def stage_events(stage_steps: dict) -> list[dict]:
+    """A pipeline's stages (``PipelineEngine.stage_steps``) as one lane each in the engine process: every forward
+    of a stage from its input's arrival to its output, on the engine's wall clock."""
+    pid, ev = PID_ENGINE, []
+    for r, steps in sorted(stage_steps.items()):
+        ev.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": 2 + r, "args": {"name": f"stage {r}"}})
+        for s in steps:
+            ev.append(_x(f"step {s.index}", "stage", pid, 2 + r, s.start_s, s.start_s + s.time_s, 0.0,
+                         {"tokens": s.tokens, "decode_tokens": s.decode_tokens, "time_s": s.time_s}))
+    return ev
+
+
 def write_serve_trace(path: str, program: Program, engine) -> None:
-    """A serving run: the plan's predicted step, the runtime's measured steps and the engine's process."""
+    """A serving run: the plan's predicted step, the runtime's measured steps and the engine's process. A
+    pipeline's stages are plans of their own, on clocks of their own: its trace has the engine process with a lane
+    per stage instead of the one plan's predicted and measured timelines."""
     from memintent.see.timeline import build_timeline
 
-    measured = stats_events(engine.runner.forward_stats)
-    doc = trace_document(build_timeline(program) if program.prediction else None, measured or None)
-    doc["traceEvents"] += engine_events(engine.stats)
+    runner = getattr(engine, "runner", None)
+    measured = stats_events(runner.forward_stats) if runner is not None else None
+    predicted = build_timeline(program) if runner is not None and program.prediction else None
+    doc = trace_document(predicted, measured or None)
+    doc["traceEvents"] += engine_events(engine.stats) + stage_events(getattr(engine, "stage_steps", {}))
     doc["otherData"]["kv_pool_blocks"] = max(engine.stats.num_blocks - 1, 0)
     write_bytes_atomic(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
 
