@@ -40,7 +40,7 @@ TOLERANCE = {"int8": 5e-2, "int4": 5e-1}
 @functools.lru_cache(maxsize=None)
 def _plan(ref: str, quant: str, depth: int) -> Program:
     """The first budget (smallest first) at which the plan is feasible; it streams several quantized layers."""
-    for budget in (1 << 20, 3 << 19, 2 << 20):
+    for budget in (1 << 19, 5 << 17, 3 << 18, 7 << 17, 1 << 20, 3 << 19, 2 << 20):
         try:
             return compile_model(ref, budget_bytes=budget, hardware=BUILTIN["cpu"], batch=1, seq=16, depth=depth,
                                  quant=quant)
@@ -255,10 +255,14 @@ def test_checked_mode_poisons_the_whole_slot_on_free():
     h.backend.poison = lambda dst: (poisoned.append((dst.data_ptr(), dst.numel())), real_poison(dst))
     in_flight = []
 
+    unpack = p.unpack_slot()
+    assert unpack is not None, "the int8 plan's quantized visits share one unpack slot"
+
     def probe(*_):
         # Runs after the runtime's pre-hook of the same module. A quantized visit whose copy has started but whose
-        # copy_done has not run yet: its packed bytes are at the end of the slot, and the weights region at the
-        # start is still poisoned (0xFF from the free, or from the allocation): only the dequantization writes it.
+        # copy_done has not run yet: its packed bytes are at the end of its stream slot, and the rest of the slot
+        # is still poisoned (0xFF from the free, or from the allocation): its weights go to the unpack slot, which
+        # only the dequantization writes.
         e = h.engine
         for sl in streams:
             vid = e.slot_occupant[sl.index]
@@ -267,7 +271,7 @@ def test_checked_mode_poisons_the_whole_slot_on_free():
             b = bmap[e.keys[vid].split("@")[0]]
             flat = h.arena.slot(sl.index)   # uint8 [slot size]
             packed = flat[sl.size_bytes - b.transfer_bytes:]
-            in_flight.append(bool((flat[:b.size_bytes] == POISON_BYTE).all())
+            in_flight.append(bool((flat[:sl.size_bytes - b.transfer_bytes] == POISON_BYTE).all())
                              and torch.equal(packed, h.host_store.buffer(b.name)))
 
     hooks = [model.get_submodule(st.module).register_forward_pre_hook(probe) for st in p.stages if st.module]
@@ -277,9 +281,12 @@ def test_checked_mode_poisons_the_whole_slot_on_free():
     for k in hooks:
         k.remove()
     assert in_flight and all(in_flight)
-    # every free poisoned a whole stream slot, packed region included
+    # every free poisoned a whole stream slot, packed region included, and a quantized visit's free the whole
+    # unpack slot its weights were in
     whole = {(h.arena.slot(sl.index).data_ptr(), sl.size_bytes) for sl in streams}
-    assert poisoned and set(poisoned) <= whole
+    unpacked = (h.arena.slot(unpack).data_ptr(), p.arena.slots[unpack].size_bytes)
+    assert poisoned and set(poisoned) <= whole | {unpacked}
+    assert poisoned.count(unpacked) == sum(1 for a in p.actions if a.kind == ActionKind.free) * 2
     h.detach()
 
 
@@ -293,16 +300,22 @@ def test_wrong_plans_are_refused():
         attach_streamed(TINY, p)
 
     p = base.model_copy(deep=True)
+    assert p.unpack_slot() is not None
     for s in p.arena.slots:
         if s.kind == SlotKind.stream:
-            s.size_bytes = q.size_bytes + q.transfer_bytes - 256   # 256 bytes short: weights and packed overlap
-    with pytest.raises(MemintentError, match="packed bytes at its end"):
+            s.size_bytes = q.transfer_bytes - 256   # 256 bytes short of the packed bytes the copy lands
+    with pytest.raises(MemintentError, match=r"bytes as it arrives\) does not fit stream slot"):
         attach_streamed(TINY, p)
 
     p = base.model_copy(deep=True)
-    r = next(b for b in p.blocks if b.residency == Residency.resident and b.name == "embed")
+    p.arena.slots[p.unpack_slot()].size_bytes = q.size_bytes - 256    # too small for the unpacked weights
+    with pytest.raises(MemintentError, match=r"unpack slot \d+ \(\d+ bytes\) cannot hold the unpacked weights"):
+        attach_streamed(TINY, p)
+
+    p = base.model_copy(deep=True)
+    r = next(b for b in p.blocks if b.residency == Residency.resident and b.weights)
     r.quant = Quant.int8
-    with pytest.raises(MemintentError, match="resident block 'embed' is quantized"):
+    with pytest.raises(MemintentError, match=f"resident block '{r.name}' is quantized"):
         attach_streamed(TINY, p)
 
 
@@ -310,8 +323,8 @@ def test_given_host_store_must_match_the_plans_quantization():
     p8, p4 = plan(TINY, "int8", 2), plan(TINY, "int4", 2)
     store = HostStore(p4, pin="none")
     model = _source(TINY).build("meta")
-    with pytest.raises(MemintentError, match=r"does not match block 'embed': the plan needs 131072 bytes \(quant "
-                                             r"none\), the store holds 33792 bytes \(quant int4\)"):
+    with pytest.raises(MemintentError, match=r"does not match block 'embed': the plan needs \d+ bytes \(quant "
+                                             r"int8\), the store holds 33792 bytes \(quant int4\)"):
         attach(model, p8, "cpu", host_store=store)
 
 

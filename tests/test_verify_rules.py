@@ -39,6 +39,7 @@ def test_compiled_plans_verify():
         assert verify(p) is p
         assert any(b.residency == Residency.streamed for b in p.blocks) and p.actions, name
     assert any(b.quant == Quant.int8 for b in compiled("int8").blocks)
+    assert compiled("int8").unpack_slot() is not None, "quantized visits share one unpack slot"
     assert any(o.kind == ObjectKind.kv for o in compiled("kv").objects)
 
 
@@ -175,6 +176,16 @@ def break_stream_slots_fit(p):
             s.size_bytes -= 256
 
 
+def break_unpack_one_at_a_time(p):
+    # the second quantized visit unpacks (copy_done) at the first one's free stage, before that free runs
+    quantized = {b.name for b in p.blocks if b.quant != Quant.none}
+    dones = [a for a in p.actions if a.kind == ActionKind.copy_done and a.block in quantized and not a.next_forward]
+    first, second = dones[0], dones[1]
+    free = next(i for i, a in enumerate(p.actions)
+                if a.kind == ActionKind.free and (a.block, a.visit_stage) == (first.block, first.visit_stage))
+    _move(p, p.actions.index(second), p.actions[free].stage, before=free)
+
+
 def break_actions_hookable(p):
     a, _ = _streamed_visit(p)
     a.stage = next(s.index for s in p.stages if not s.module and s.index < a.stage)   # root glue, no hook
@@ -267,8 +278,7 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
     "transfer-bytes": ("int8", break_transfer_bytes,
         r"the plan's transfer_bytes \d+ differ from the runtime's packed layout of \d+ bytes"),
     "stream-slots-fit": ("int8", break_stream_slots_fit,
-        (r"stream slot \d+ \(\d+ bytes\) cannot hold the int8 visit of '.+': its weights .* at the slot's start "
-         r"and its packed bytes at its end")),
+        r"block '.+' \(\d+ bytes as it arrives\) does not fit stream slot \d+ \(\d+ bytes\)"),
     "actions-hookable": ("stream", break_actions_hookable,
         r"fires at stage \d+, which is root glue code with no module hook"),
     "kv-pool": ("kv", break_kv_pool, r"KV pool blocks of \d+ bytes: \d+ layers x \d+ tokens x \d+ heads x \d+ "
@@ -286,6 +296,8 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
     "free-ready-occupant": ("stream", break_free_ready_occupant,
         r"free of '.+' in slot \d+, which holds '.+' \(loading\)"),
     "free-after-last-use": ("stream", break_free_after_last_use, r"'.+' is freed before its last use at stage \d+"),
+    "unpack-slot-one-at-a-time": ("int8", break_unpack_one_at_a_time,
+        r"copy_done of '.+' unpacks into slot \d+, which still holds the weights of '.+' \(visit at stage \d+\)"),
     "arrival-before-use": ("stream", break_arrival_before_use,
         (r"failed at step \d+ \(stage \d+, module '.+'\): it reads '.+' of streamed block '.+' before the block's copy "
          r"arrived")),

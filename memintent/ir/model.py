@@ -122,6 +122,7 @@ class SlotKind(str, enum.Enum):
     resident = "resident"
     stream = "stream"
     kv = "kv"
+    unpack = "unpack"   # where quantized visits unpack (one at a time): their stream slots hold the packed bytes
 
 
 class ModelRef(_Model):
@@ -321,6 +322,12 @@ class Program(_Model):
 
     def block_map(self) -> dict[str, Block]:
         return {b.name: b for b in self.blocks}
+
+    def unpack_slot(self) -> int | None:
+        """The arena slot quantized visits unpack into, or None: each unpacks at the start of its stream slot."""
+        if self.arena is None:
+            return None
+        return next((s.index for s in self.arena.slots if s.kind == SlotKind.unpack), None)
 
 
 class Pipeline(_Model):

@@ -39,8 +39,9 @@ def schedule_of(p: Program):
     return sched, None if sched is None else simulate(p.stages, p.visits, sched, copy_s, deq_s), deq_s
 
 
-def _lay_out_arena(p: Program, k: int, slot_bytes: int) -> int:
-    """Resident blocks (in block order), then ``k`` stream slots, then the KV cache; returns the first stream slot."""
+def _lay_out_arena(p: Program, k: int, slot_bytes: int, unpack_bytes: int = 0) -> int:
+    """Resident blocks (in block order), then ``k`` stream slots, the unpack slot (``unpack_bytes``; 0: none), then
+    the KV cache; returns the first stream slot."""
     slots: list[Slot] = []
     off = 0
     for b in p.blocks:
@@ -53,6 +54,11 @@ def _lay_out_arena(p: Program, k: int, slot_bytes: int) -> int:
     for _ in range(k):
         slots.append(Slot(index=len(slots), kind=SlotKind.stream, offset_bytes=off, size_bytes=slot_bytes))
         off += slot_bytes
+    if unpack_bytes:
+        quantized = [b.name for b in p.blocks if b.residency == Residency.streamed and b.quant != Quant.none]
+        slots.append(Slot(index=len(slots), kind=SlotKind.unpack, offset_bytes=off, size_bytes=unpack_bytes,
+                          holds=quantized))
+        off += unpack_bytes
     kv_bytes = sum(align_up(o.size_bytes) for o in p.objects if o.kind == ObjectKind.kv)
     if kv_bytes:
         slots.append(Slot(index=len(slots), kind=SlotKind.kv, offset_bytes=off, size_bytes=kv_bytes,
@@ -99,7 +105,7 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
         compute_s=round_s(sim.compute_s), stall_s=round_s(sim.stall_s), streamed_bytes=streamed_bytes,
         floor_s=round_s(floor), host_pinned_bytes=pinned, host_pageable_bytes=pageable,
         resident_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.resident),
-        stream_slot_bytes=slot_bytes * sched.k,
+        stream_slot_bytes=slot_bytes * sched.k + sum(s.size_bytes for s in slots if s.kind == SlotKind.unpack),
         kv_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.kv), activation_peak_bytes=peak_act,
         workspace_bytes=workspace, arena_bytes=arena_bytes, peak_hbm_bytes=arena_bytes + peak_act + workspace,
         peak_step=prof.index(peak_act) if prof else 0, prefetch_depth=sched.k, binding=binding,
@@ -122,11 +128,12 @@ def prefetch(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
     stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
     slot_bytes = stream_slots[0].size_bytes if stream_slots else 0
+    unpack_bytes = sum(s.size_bytes for s in p.arena.slots if s.kind == SlotKind.unpack)
     sched, sim, deq_s = schedule_of(p)
     if sched is None:
         raise PassContractError(f"residency chose {len(stream_slots)} stream slot(s), which cannot hold the schedule "
                                 f"of its streamed blocks")
-    first_stream = _lay_out_arena(p, sched.k, slot_bytes)
+    first_stream = _lay_out_arena(p, sched.k, slot_bytes, unpack_bytes)
     _place_visits(p, sched, sim, deq_s, first_stream)
     p.prediction = _prediction(p, sched, sim, slot_bytes)
     return p

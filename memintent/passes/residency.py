@@ -23,7 +23,7 @@ from memintent.ir.model import ALIGN_BYTES, align_up, Arena, Block, ObjectKind, 
 from memintent.passes.costs import copy_time_s, dequant_time_s, transfer_bytes
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, ensure
-from memintent.passes.schedule import hookable, make_schedule, wait_stages
+from memintent.passes.schedule import hookable, make_schedule, unpack_shareable, wait_stages
 from memintent.passes.simulate import simulate
 from memintent.units import fmt_bytes
 
@@ -55,13 +55,39 @@ def forced_resident(program: Program) -> set[str]:
     return forced
 
 
-def slot_need_bytes(b: Block) -> int:
-    """Stream-slot bytes a visit of ``b`` needs: its weights, plus, when quantized, the packed bytes it arrives as
-    (they land at the end of the slot and are unpacked into its start)."""
-    need = align_up(b.size_bytes)
-    if b.quant != Quant.none:
-        need += align_up(b.transfer_bytes or 0)
-    return need
+def slot_need_bytes(b: Block, shared_unpack: bool = False) -> int:
+    """Stream-slot bytes a visit of ``b`` needs. Unquantized: its weights. Quantized: the packed bytes it arrives
+    as (at the slot's end), plus, unless the plan has an unpack slot (``shared_unpack``), its unpacked weights at
+    the slot's start."""
+    if b.quant == Quant.none:
+        return align_up(b.size_bytes)
+    packed = align_up(b.transfer_bytes or 0)
+    return packed if shared_unpack else align_up(b.size_bytes) + packed
+
+
+def unpack_need_bytes(b: Block) -> int:
+    """Unpack-slot bytes a quantized visit of ``b`` needs: its unpacked weights (0 unquantized)."""
+    return align_up(b.size_bytes) if b.quant != Quant.none else 0
+
+
+def slot_layout(k: int, in_slot: list[int], landing: list[int], unpacked: list[int],
+                shared_unpack: bool) -> tuple[int, int]:
+    """(bytes of each of ``k`` stream slots, bytes of the unpack slot; 0: none) for streamed visits whose slot needs
+    are ``in_slot`` (each unpacking in its own slot) or ``landing`` plus ``unpacked`` in one unpack slot, whichever
+    arena is smaller; the unpack slot only where one serves every quantized visit (``shared_unpack``). The one rule
+    that sizes them, for the residency search, its slots and the smallest-budget error."""
+    own = (max(in_slot, default=0), 0)
+    if not shared_unpack or not any(unpacked):
+        return own
+    shared = (max(landing, default=0), max(unpacked))
+    return shared if k * shared[0] + shared[1] < k * own[0] else own
+
+
+def stream_arena_bytes(blocks, k: int, shared_unpack: bool) -> tuple[int, int]:
+    """``slot_layout`` for streaming ``blocks`` through ``k`` slots."""
+    blocks = list(blocks)
+    return slot_layout(k, [slot_need_bytes(b) for b in blocks], [slot_need_bytes(b, True) for b in blocks],
+                       [unpack_need_bytes(b) for b in blocks], shared_unpack)
 
 
 class _Search:
@@ -69,7 +95,12 @@ class _Search:
         self.p = program
         self.hw = program.hardware
         self.size = {b.name: align_up(b.size_bytes) for b in program.blocks}
+        # one unpack slot when every block that may stream quantized unpacks after the previous one was freed
+        self.shared_unpack = unpack_shareable(program.stages, program.visits,
+                                              {b.name for b in program.blocks if b.quant != Quant.none})
         self.need = {b.name: slot_need_bytes(b) for b in program.blocks}
+        self.land = {b.name: slot_need_bytes(b, True) for b in program.blocks}
+        self.unpack = {b.name: unpack_need_bytes(b) for b in program.blocks}
         self.nvisits = {b.name: 0 for b in program.blocks}
         for v in program.visits:
             self.nvisits[v.block] += 1
@@ -84,6 +115,8 @@ class _Search:
     def requant(self, block: Block) -> None:
         """``block``'s bit width changed: its copy and unpacking times and slot need follow; cached times go."""
         self.need[block.name] = slot_need_bytes(block)
+        self.land[block.name] = slot_need_bytes(block, True)
+        self.unpack[block.name] = unpack_need_bytes(block)
         for i, v in enumerate(self.p.visits):
             if v.block == block.name:
                 self.copy_s[i] = copy_time_s(block, self.hw)
@@ -98,9 +131,14 @@ class _Search:
                 self.p.stages, self.p.visits, sched, self.copy_s, self.deq_s).step_time_s
         return self._cache[key]
 
+    def stream_bytes(self, streamed, k: int) -> int:
+        """Stream and unpack slots' bytes for ``streamed`` through ``k`` slots (``slot_layout``)."""
+        slot, unpack = slot_layout(k, [self.need[b] for b in streamed], [self.land[b] for b in streamed],
+                                   [self.unpack[b] for b in streamed], self.shared_unpack)
+        return k * slot + unpack
+
     def memory(self, resident: set[str], streamed: frozenset, k: int) -> int:
-        slot = max((self.need[b] for b in streamed), default=0)
-        return sum(self.size[b] for b in resident) + (k * slot if streamed else 0)
+        return sum(self.size[b] for b in resident) + (self.stream_bytes(streamed, k) if streamed else 0)
 
     def greedy(self, k: int, forced: set[str], room: int) -> tuple[set[str], frozenset, float] | None:
         resident = set(forced)
@@ -209,7 +247,7 @@ def _infeasible(p: Program, search: _Search, depth: int | None, forced: set[str]
                 res: dict[str, int]) -> MemintentError:
     """The budget is below what any plan needs: say the smallest feasible budget and what it is made of."""
     used = {v.block for v in p.visits}
-    streamable = [search.need[b] for b in used - forced]
+    streamable = sorted(used - forced)
     # The fewest slots that can hold the schedule with everything streamed: one, unless a stage reads two streamed
     # blocks at once, or a block is read again while the next one must already be loading (a tied embedding read
     # by the head).
@@ -217,12 +255,13 @@ def _infeasible(p: Program, search: _Search, depth: int | None, forced: set[str]
     slots = depth or next((k for k in range(1, MAX_DEPTH + 1) if search.time(all_streamed, k) is not None),
                           MAX_DEPTH)
     forced_bytes = sum(search.size[b] for b in forced)
-    minimum = sum(res.values()) + forced_bytes + slots * max(streamable, default=0)
+    stream = search.stream_bytes(streamable, slots)
+    minimum = sum(res.values()) + forced_bytes + stream
     return MemintentError(
         f"budget {fmt_bytes(p.budget_bytes)} is below the smallest feasible budget {fmt_bytes(minimum)} "
         f"({minimum} bytes) for this model and shape: KV {fmt_bytes(res['kv'])}, activations "
         f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, always-resident "
-        f"blocks {fmt_bytes(forced_bytes)}, {slots} stream slot(s) of {fmt_bytes(max(streamable, default=0))}; "
+        f"blocks {fmt_bytes(forced_bytes)}, {slots} stream slot(s) {fmt_bytes(stream)} in all; "
         f"raise --budget, or lower --batch/--seq (a generation plan: --context or --concurrency)"
         + (" or --depth" if depth else "") + f" (hardware profile {p.hardware.name})")
 
@@ -237,12 +276,16 @@ def _set_residencies(p: Program, resident: set[str]) -> None:
 
 
 def _stream_slots(p: Program, streamed: frozenset, k: int) -> None:
-    """``k`` stream slots sized for the largest streamed visit (offsets are laid out by ``prefetch``)."""
+    """``k`` stream slots sized for the largest streamed visit and, when a streamed block is quantized and one
+    unpack slot serves them all, that slot (offsets are laid out by ``prefetch``)."""
     bmap = p.block_map()
-    slot_bytes = max((slot_need_bytes(bmap[b]) for b in streamed), default=0)
-    p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN_BYTES,
-                    slots=[Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes)
-                           for i in range(k)])
+    quantized = {b for b in streamed if bmap[b].quant != Quant.none}
+    slot_bytes, unpack_bytes = stream_arena_bytes((bmap[b] for b in streamed), k,
+                                                  unpack_shareable(p.stages, p.visits, quantized))
+    slots = [Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes) for i in range(k)]
+    if unpack_bytes:
+        slots.append(Slot(index=k, kind=SlotKind.unpack, offset_bytes=0, size_bytes=unpack_bytes))
+    p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN_BYTES, slots=slots)
 
 
 def residency(program: Program, depth: int | None = None, quant: str = "none") -> Program:

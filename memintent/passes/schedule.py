@@ -15,6 +15,10 @@ Policy:
   stage. A visit with no such stage cannot stream (no hook runs before its first use): its block stays resident.
 - Free: the slot is freed on entry to the first hookable stage after the visit's last stage, or at the forward's
   end.
+- Unpack: a quantized visit unpacks at its wait into the plan's one unpack slot, which holds its weights until its
+  free. One slot serves every quantized visit when no two of those [wait, free] spans overlap (a free runs before
+  a wait on the same stage's entry): ``unpack_shareable``. Otherwise each stream slot holds its visit's unpacked
+  weights too.
 - Issue: a visit's copy is issued as early as possible, on entry to the stage where its slot's previous occupant is
   freed (for the first visits of a forward that occupant is in the previous forward: the copy is issued in its
   tail), but never before the copy ahead of it in FIFO order.
@@ -113,3 +117,14 @@ def make_schedule(stages: list[Stage], visits: list[Visit], streamed: set[str], 
     if any(not nxt[i] and issue[i] > wait[i] for i in order):
         return None              # the slot is still in use when its next occupant is needed: too few slots
     return Schedule(k, order, slot, wait, free, issue, nxt)
+
+
+def unpack_shareable(stages: list[Stage], visits: list[Visit], blocks: set[str]) -> bool:
+    """Whether one unpack slot can serve every visit of ``blocks`` (those that may stream quantized): their [wait,
+    free] stage spans follow one another, each free at or before the next wait (frees run first on a stage's
+    entry)."""
+    hook = hookable(stages)
+    wait_at, free_at = wait_stages(hook), free_stages(hook)
+    spans = sorted((wait_at[v.first_stage], free_at[v.last_stage]) for v in visits
+                   if v.block in blocks and wait_at[v.first_stage] is not None)
+    return all(free <= nxt for (_, free), (nxt, _) in zip(spans, spans[1:]))

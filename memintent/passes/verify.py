@@ -441,19 +441,25 @@ def transfer_bytes_match(p: Program, f: Facts) -> None:
 @_rule("stream-slots-fit")
 def stream_slots_fit(p: Program, f: Facts) -> None:
     """Every action names a stream slot that holds its block's visit: the weights at the slot's start and, for a
-    quantized block, its packed bytes at the slot's end, the two disjoint (``residency.slot_need_bytes``)."""
-    slots = p.arena.slots
+    quantized block, its packed bytes at the slot's end, the two disjoint; with an unpack slot, a quantized visit's
+    stream slot holds only its packed bytes and the unpack slot its weights (``residency.slot_need_bytes``)."""
+    slots, unpack = p.arena.slots, p.unpack_slot()
+    if sum(1 for s in slots if s.kind == SlotKind.unpack) > 1:
+        fail("the arena has more than one unpack slot: quantized visits share one")
     for a in p.actions:
         s, b = slots[a.slot], f.bmap[a.block]
         if s.kind != SlotKind.stream:
             fail(f"{a.kind.value} of {a.block!r} names slot {a.slot}, a {s.kind.value} slot, not a stream slot",
                  at_stage(p, a.stage))
-        need = slot_need_bytes(b)
+        if unpack is not None and b.quant != Quant.none and slots[unpack].size_bytes < b.size_bytes:
+            fail(f"unpack slot {unpack} ({slots[unpack].size_bytes} bytes) cannot hold the unpacked weights of "
+                 f"{a.block!r} ({b.size_bytes} bytes)", at_stage(p, a.stage))
+        need = slot_need_bytes(b, unpack is not None)
         if s.size_bytes >= need:
             continue
-        if b.quant == Quant.none:
-            fail(f"block {a.block!r} ({b.size_bytes} bytes) does not fit stream slot {a.slot} ({s.size_bytes} bytes)",
-                 at_stage(p, a.stage))
+        if b.quant == Quant.none or unpack is not None:
+            fail(f"block {a.block!r} ({need} bytes as it arrives) does not fit stream slot {a.slot} "
+                 f"({s.size_bytes} bytes)", at_stage(p, a.stage))
         fail(f"stream slot {a.slot} ({s.size_bytes} bytes) cannot hold the {b.quant.value} visit of {a.block!r}: its "
              f"weights ({b.size_bytes} bytes) at the slot's start and its packed bytes at its end "
              f"({b.transfer_bytes} bytes) need {need} bytes", at_stage(p, a.stage))
@@ -573,6 +579,8 @@ class _Trace:
     def __init__(self, p: Program, f: Facts):
         self.p, self.f = p, f
         self.occ: dict[int, _Occupant] = {}
+        self.unpack = p.unpack_slot()
+        self.unpacked: tuple[str, int] | None = None   # the quantized visit whose weights the unpack slot holds
 
     def ready(self, block: str, forward: int) -> bool:
         return any(o.block == block and o.state == "ready" and o.forward == forward for o in self.occ.values())
@@ -633,14 +641,32 @@ def arrival_before_use(t: _Trace, stage: int, forward: int) -> None:
              f"or after its slot was freed", at_stage(t.p, stage))
 
 
+@_rule("unpack-slot-one-at-a-time", TRACE_RULES)
+def unpack_one_at_a_time(t: _Trace, a: Action, stage: int, forward: int) -> None:
+    """With an unpack slot, a quantized visit's copy_done unpacks into it and its weights stay there until its
+    free: no copy_done unpacks over weights whose visit was not freed yet."""
+    if t.unpack is None or t.f.bmap[a.block].quant == Quant.none:
+        return
+    visit = (a.block, a.visit_stage)
+    if a.kind == ActionKind.copy_done:
+        if t.unpacked is not None:
+            fail(f"copy_done of {a.block!r} unpacks into slot {t.unpack}, which still holds the weights of "
+                 f"{t.unpacked[0]!r} (visit at stage {t.unpacked[1]}): free that visit first", at_stage(t.p, stage))
+        t.unpacked = visit
+    elif a.kind == ActionKind.free and t.unpacked == visit:
+        t.unpacked = None
+
+
 def _act(t: _Trace, a: Action, stage: int, forward: int) -> None:
     if a.kind == ActionKind.copy_start:
         copy_into_free_slot(t, a, stage, forward + 1 if a.next_forward else forward)
     elif a.kind == ActionKind.copy_done:
         wait_for_issued_copy(t, a, stage, forward)
+        unpack_one_at_a_time(t, a, stage, forward)
     else:
         free_ready_occupant(t, a, stage, forward)
         free_after_last_use(t, a, stage, forward)
+        unpack_one_at_a_time(t, a, stage, forward)
 
 
 def run_trace(p: Program, f: Facts) -> None:

@@ -356,9 +356,9 @@ class CopyEngine:
             self._cur.dequant_host_s += perf_counter() - t0
             self._cur.dequants.append((vid, start, end))
 
-    def free(self, vid: int, slot: int, poison: torch.Tensor | None) -> None:
-        if poison is not None:
-            self.backend.poison(poison)
+    def free(self, vid: int, slot: int, poison: torch.Tensor | list[torch.Tensor] | None) -> None:
+        for t in ([] if poison is None else poison if isinstance(poison, list) else [poison]):
+            self.backend.poison(t)
         self.slot_free_event[slot] = self.backend.record_free(self.slot_free_event[slot])
         self.slot_freed[slot] = True
 

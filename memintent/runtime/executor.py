@@ -177,7 +177,8 @@ class StreamedModel:
     def _packed_start(self, b: Block, slot_bytes: int) -> int:
         """Offset in a stream slot of ``slot_bytes`` where a quantized visit of ``b`` lands its packed bytes: the
         slot's last ``aligned(transfer_bytes)`` bytes (residency.slot_need_bytes sizes slots as weights first, packed
-        bytes last). The packed layout's size is a multiple of 256 already; aligning again states the contract."""
+        bytes last; with an unpack slot, packed bytes only). The packed layout's size is a multiple of 256 already;
+        aligning again states the contract."""
         return slot_bytes - align_up(self._host_bytes[b.name])
 
     # -- precomputed tables (so hooks only index lists) ---------------------------------------------------------
@@ -188,21 +189,27 @@ class StreamedModel:
         start = self._packed_start(b, flat.numel())
         return flat[start:start + self._host_bytes[b.name]]
 
+    def _weights_slot(self, bi: int, slot: int) -> int:
+        """The slot a visit's weights are bound in: its stream slot, or, for a quantized visit of a plan with an
+        unpack slot, that slot (the verifier proved it holds one visit's weights at a time)."""
+        unpack = self.program.unpack_slot()
+        return slot if unpack is None or self.program.blocks[bi].quant == Quant.none else unpack
+
     def _unpacker(self, bi: int, slot: int) -> Callable[[], None]:
         """The dequantization of a quantized visit: views built once (they alias the arena), so copy_done only
-        launches kernels. src: the packed region at the end of the slot; dst: uint8 [size_bytes] at its start, the
-        unquantized layout the block's tensors are bound to."""
+        launches kernels. src: the packed region at the end of the stream slot; dst: uint8 [size_bytes] at the start
+        of the weights' slot, the unquantized layout the block's tensors are bound to."""
         if (bi, slot) not in self._unpacks:
             b = self.program.blocks[bi]
-            flat = self.arena.slot(slot)
+            flat = self.arena.slot(self._weights_slot(bi, slot))
             ops = prepare_unpack(b, self._objects, self._packed_region(bi, slot), flat[:b.size_bytes])
             self._unpacks[(bi, slot)] = functools.partial(run_unpack, ops, self.dequant_backend)
         return self._unpacks[(bi, slot)]
 
     def _bindings(self, bi: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(model tensor, typed view into the slot) pairs: a visit's copy_done rebinds them in one loop."""
+        """(model tensor, typed view into the weights' slot) pairs: a visit's copy_done rebinds them in one loop."""
         if (bi, slot) not in self._views:
-            flat, objects = self.arena.slot(slot), self._objects
+            flat, objects = self.arena.slot(self._weights_slot(bi, slot)), self._objects
             self._views[(bi, slot)] = [
                 (self._tensors[w], typed_view(flat, objects[w].block_offset_bytes, torch_dtype(objects[w].dtype),
                                               objects[w].shape)) for w in self.program.blocks[bi].weights]
@@ -231,7 +238,10 @@ class StreamedModel:
             return (_START, vid, a.slot, dst, self.host_store.buffer(a.block), size, a.next_forward)
         if a.kind == ActionKind.copy_done:
             return (_DONE, vid, self._bindings(bi, a.slot), bi, self._unpacker(bi, a.slot) if quantized else None)
-        return (_FREE, vid, a.slot, self.arena.slot(a.slot) if self.check else None, bi)
+        # checked mode poisons what the visit held: its stream slot and, unpacked elsewhere, its weights there
+        held = (self.arena.slot(a.slot) if self._weights_slot(bi, a.slot) == a.slot
+                else [self.arena.slot(a.slot), self.arena.slot(self._weights_slot(bi, a.slot))])
+        return (_FREE, vid, a.slot, held if self.check else None, bi)
 
     def _build_actions(self) -> None:
         """Per stage (and at the forward's end, index ``len(stages)``) the actions to run, in plan order; the

@@ -27,9 +27,12 @@ def _print_header(p: Program, console: Console) -> None:
 
 def _print_prediction(p: Program, console: Console) -> None:
     pr = p.prediction
+    unpack = p.unpack_slot()
+    slots = f"{pr.prefetch_depth} stream slots {fmt_bytes(pr.stream_slot_bytes)}" + (
+        f" (an unpack slot of {fmt_bytes(p.arena.slots[unpack].size_bytes)} among them)" if unpack is not None else "")
     console.print(
         f"budget {fmt_bytes(p.budget_bytes)}: arena {fmt_bytes(pr.arena_bytes)} (resident {fmt_bytes(pr.resident_bytes)}"
-        f", {pr.prefetch_depth} stream slots {fmt_bytes(pr.stream_slot_bytes)}, KV {fmt_bytes(pr.kv_bytes)}) + "
+        f", {slots}, KV {fmt_bytes(pr.kv_bytes)}) + "
         f"activations {fmt_bytes(pr.activation_peak_bytes)} (peak at step {pr.peak_step}) + workspace "
         f"{fmt_bytes(pr.workspace_bytes)} = peak {fmt_bytes(pr.peak_hbm_bytes)}")
     console.print(

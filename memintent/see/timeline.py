@@ -195,7 +195,8 @@ def _copy_spans(p: Program, sched, sim, deq_s: dict[int, float], entry_s: list[f
         v, e, b = p.visits[i], by_visit[i], bmap[p.visits[i].block]
         w = sched.wait_stage[i]
         # a visit occupies its need (weights, + packed bytes when quantized), at most its slot
-        held_bytes = (min(slot_need_bytes(b), p.arena.slots[v.slot].size_bytes) if v.slot is not None
+        held_bytes = (min(slot_need_bytes(b, p.unpack_slot() is not None), p.arena.slots[v.slot].size_bytes)
+                      if v.slot is not None
                       else b.size_bytes)
         copies.append(CopySpan(
             visit=i, block=v.block, label=_visit_label(v.block, v.first_stage),
@@ -253,7 +254,8 @@ def _memory_points(p: Program, sim, copies: list[CopySpan]) -> list[MemoryPoint]
         t_in_stage[s] = t + step.time_s
         memory.append(MemoryPoint(
             step=i, stage=s, start_s=t, resident_bytes=by_kind[SlotKind.resident],
-            stream_allocated_bytes=by_kind[SlotKind.stream], stream_occupied_bytes=occupied[s] if n else 0,
+            stream_allocated_bytes=by_kind[SlotKind.stream] + by_kind[SlotKind.unpack],
+            stream_occupied_bytes=occupied[s] if n else 0,
             kv_bytes=by_kind[SlotKind.kv], activation_bytes=act[i] if i < len(act) else 0,
             workspace_bytes=p.prediction.workspace_bytes))
     return memory
