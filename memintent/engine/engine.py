@@ -76,7 +76,52 @@ def _load(plan) -> Program:
     return verify(plan if isinstance(plan, Program) else load_program(plan))
 
 
-class Engine:
+def request_output(seq: Sequence) -> RequestOutput:
+    """A finished sequence's result: its generated tokens and its times."""
+    n = len(seq.generated)
+    tpot = (seq.finish_s - seq.first_token_s) / (n - 1) if n > 1 else None
+    return RequestOutput(id=seq.request.id, token_ids=list(seq.generated), finish_reason=seq.finish_reason,
+                         ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions))
+
+
+class Serving:
+    """What ``Engine`` and the pipeline's engine share: requests checked against the plan (``program``) and the
+    whole model (``src``), the serving loop, tracked logits (``--verify``) and the ``with`` form. A subclass
+    provides ``add``, ``has_work``, ``step`` and ``close``."""
+
+    program: Program
+    src: object                                     # the whole model's source (vocabulary, --verify's reference)
+    track: set[str]                                 # request ids whose logits are kept (--verify)
+    tracked_logits: dict[str, list[torch.Tensor]]
+
+    def validate(self, request: Request) -> None:
+        """Refuse what the plan cannot serve, naming the request (``requests.validate``)."""
+        from memintent.engine.requests import validate
+
+        validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
+        """Serve ``requests`` (all arriving now); yields each result as its request finishes."""
+        for r in requests:
+            self.add(r)
+        while self.has_work:
+            yield from self.step()
+
+    def keep_logits(self, plan, logits: torch.Tensor) -> None:
+        """Keep the tracked requests' rows of a step's logits (S, vocab), one row per sampling chunk."""
+        rows = [c.seq.request.id for c in plan.chunks if c.sample]
+        for j, rid in enumerate(rows):
+            if rid in self.track:
+                self.tracked_logits.setdefault(rid, []).append(logits[j].float().cpu())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Engine(Serving):
     """A generation plan, ready to serve. ``resident``: the reference engine with every weight on the device
     (same scheduler, same steps). ``preempt``: "cost" (default), "swap" or "recompute". ``check``: checked mode
     (freed blocks poisoned with NaN, pool invariants checked after every step). ``log``: called with one line per
@@ -112,12 +157,6 @@ class Engine:
         return self.program
 
     # -- requests ---------------------------------------------------------------------------------------------
-    def validate(self, request: Request) -> None:
-        """Refuse what the plan cannot serve, naming the request (``requests.validate``)."""
-        from memintent.engine.requests import validate
-
-        validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
-
     def add(self, request: Request) -> Sequence:
         self.validate(request)
         return self.scheduler.add(request)
@@ -139,21 +178,15 @@ class Engine:
         for p in plan.preemptions:
             self.log(p.describe())
         sampled = self.runner.execute(plan) if plan.chunks else self._only_move(plan)
-        if self.track:
-            self._keep_logits(plan)
+        if self.track and plan.chunks:
+            self.keep_logits(plan, self.runner.last_logits)
         now = perf_counter() - self._t0
         finished, freed = self.scheduler.postprocess(plan, sampled, now)
         self.runner.poison(freed)
         if self.check:
             self.pool.check()
         self.stats.steps.append(_record(plan, t - self._t0, perf_counter() - t, self.pool.used_blocks))
-        return [self._output(s) for s in finished]
-
-    def _keep_logits(self, plan) -> None:
-        rows = [c.seq.request.id for c in plan.chunks if c.sample]
-        for j, rid in enumerate(rows):
-            if rid in self.track:
-                self.tracked_logits.setdefault(rid, []).append(self.runner.last_logits[j].float().cpu())
+        return [request_output(s) for s in finished]
 
     def reset_stats(self) -> None:
         """Forget the steps measured so far (after a warm-up), and start the clock again."""
@@ -164,24 +197,5 @@ class Engine:
         self.runner.move_blocks(plan)
         return []
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        n = len(seq.generated)
-        tpot = (seq.finish_s - seq.first_token_s) / (n - 1) if n > 1 else None
-        return RequestOutput(id=seq.request.id, token_ids=list(seq.generated), finish_reason=seq.finish_reason,
-                             ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions))
-
-    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
-        """Serve ``requests`` (all arriving now); yields each result as its request finishes."""
-        for r in requests:
-            self.add(r)
-        while self.has_work:
-            yield from self.step()
-
     def close(self) -> None:
         self.runner.close()
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -24,11 +24,11 @@ import collections
 import dataclasses
 import os
 from time import perf_counter
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import torch
 
-from memintent.engine.engine import EngineStats, StepRecord, _record
+from memintent.engine.engine import EngineStats, Serving, StepRecord, _record, request_output
 from memintent.engine.kv_pool import BlockPool, SwapSpace
 from memintent.engine.runner import ModelRunner
 from memintent.engine.scheduler import Costs, Scheduler, StepPlan
@@ -137,7 +137,7 @@ class _InFlight:
     plan: StepPlan
 
 
-class PipelineEngine:
+class PipelineEngine(Serving):
     """``Engine``'s interface over a pipeline: ``add``, ``step`` (one tick), ``generate``, ``stats``, ``close``.
     ``link``: how the stages reach each other (``LocalLink`` when None: every stage here)."""
 
@@ -178,8 +178,6 @@ class PipelineEngine:
 
     @property
     def report_program(self) -> Program:
-        from memintent.engine.pipeline import report_program
-
         return report_program(self.pipeline, [self.pipeline.stages[r] for r in self.local])
 
     @property
@@ -188,11 +186,6 @@ class PipelineEngine:
         return self.groups[0]
 
     # -- requests ---------------------------------------------------------------------------------------------
-    def validate(self, request: Request) -> None:
-        from memintent.engine.requests import validate
-
-        validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
-
     def add(self, request: Request) -> Sequence:
         self.validate(request)
         group = self.groups[self._dealt % self.n]
@@ -269,7 +262,7 @@ class PipelineEngine:
             mine = self.last_logits.argmax(-1).tolist() if self.n - 1 in self.runners else None
             sampled = self.link.tokens(mine, sum(1 for c in plan.chunks if c.sample))
             if self.track and mine is not None:
-                self._keep_logits(plan)
+                self.keep_logits(plan, self.last_logits)
         now = perf_counter() - self._t0
         finished, freed = self.groups[entry.group].postprocess(plan, sampled, now)
         for runner in self.runners.values():
@@ -278,42 +271,17 @@ class PipelineEngine:
             self.pool.check()
         self.stats.steps.append(_record(plan, tick_start_s - self._t0, perf_counter() - tick_start_s,
                                         self.pool.used_blocks))
-        return [_output(s) for s in finished]
-
-    def _keep_logits(self, plan: StepPlan) -> None:
-        rows = [c.seq.request.id for c in plan.chunks if c.sample]
-        for j, rid in enumerate(rows):
-            if rid in self.track:
-                self.tracked_logits.setdefault(rid, []).append(self.last_logits[j].float().cpu())
+        return [request_output(s) for s in finished]
 
     def reset_stats(self) -> None:
         self.stats = EngineStats(num_blocks=self.stats.num_blocks)
         self.stage_steps = {r: [] for r in self.local}
         self._t0 = None
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
-        for r in requests:
-            self.add(r)
-        while self.has_work:
-            yield from self.step()
-
     def close(self) -> None:
         self.link.flush()
         for runner in self.runners.values():
             runner.close()
-
-    def __enter__(self) -> "PipelineEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _output(seq: Sequence) -> RequestOutput:
-    n = len(seq.generated)
-    tpot = (seq.finish_s - seq.first_token_s) / (n - 1) if n > 1 else None
-    return RequestOutput(id=seq.request.id, token_ids=list(seq.generated), finish_reason=seq.finish_reason,
-                         ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions))
 
 
 def _load(pipeline) -> Pipeline:
