@@ -115,6 +115,13 @@ def test_tampered_pipeline_is_refused(two_stages):
     other = s1.model_copy(update={"generation": s1.generation.model_copy(update={"concurrency": 1000})})
     with pytest.raises(MemintentError, match="same steps"):
         verify_pipeline(two_stages.model_copy(update={"stages": [two_stages.stages[0], other]}))
+    # the first stage alone: every plan in it verifies, but nothing holds the last layers and the head
+    first = two_stages.model_copy(update={"stages": two_stages.stages[:1], "layers": two_stages.layers[:1]})
+    with pytest.raises(MemintentError, match="the last stage must end with the last layer"):
+        verify_pipeline(first)
+    named = two_stages.model_copy(update={"model": two_stages.model.model_copy(update={"kind": "py"})})
+    with pytest.raises(MemintentError, match="is not a preset"):
+        verify_pipeline(named)
 
 
 # -- serving --------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ own budget and streaming its own blocks over its own host link (``compile --stag
 
 Partition. The decoder layers are split into N contiguous ranges (the first stage also holds the embedding, the
 last the final norm and the head) so that the slowest stage's work is as small as possible: a layer's work is
-the time its weights take over PCIe at the plan's bit width or, where that is less, its compute, and the ranges
+the time its weights take over PCIe at the bit width the policy starts from (``layer_work_s``), and the ranges
 are found by bisection on the slowest stage's work with a greedy fill (the classic linear partition). The cut
 between two stages is found on the IR's dependency graph: the activations defined before the cut and read after
 it are what a step sends to the next stage (``send_bytes``; for a transformer, the hidden states).
@@ -36,6 +36,7 @@ from memintent.ir.layout import quantized_block_bytes
 from memintent.ir.model import HardwareProfile, ModelRef, Pipeline, Program, Quant
 from memintent.passes import schedule_program
 from memintent.passes.graph import dependency_graph
+from memintent.passes.residency import starting_quant
 
 SWEEP_POINTS = 7
 
@@ -93,7 +94,7 @@ def layer_work_s(p: Program, hw: HardwareProfile, quant: str) -> tuple[list[floa
     """(each decoder layer's work, the embedding's, the final norm's and head's) in seconds: a block's copy at the
     bit width the policy starts from (int4 for ``auto``), the work the stage's link does for it each step."""
     objects = p.object_map()
-    q = {"auto": Quant.int4, "int4": Quant.int4, "int8": Quant.int8}.get(quant, Quant.none)
+    q = starting_quant(quant)
 
     def work(b) -> float:
         size = b.size_bytes if q == Quant.none else quantized_block_bytes(b.model_copy(update={"quant": q}), objects)
@@ -243,10 +244,7 @@ def plan_pipeline(ref: str, *, stages: int, budget_bytes: int, hardware: Hardwar
                                quant=quant, block_tokens=kv_block_tokens, swap=lambda s: 0, say=say,
                                objective=objective, kv_quant=kv_quant))
     shape, _ = _search(searches, _kv_options(kv_quant), hide, 1 if objective == "latency" else concurrency)
-    plans = []
-    for s in searches:
-        p = schedule_program(s.program(shape, exact=True), budget_bytes, hardware, quant=quant)
-        plans.append(p)
+    plans = [schedule_program(s.program(shape, exact=True), budget_bytes, hardware, quant=quant) for s in searches]
     steps = [p.prediction.step_time_s for p in plans]
     rate = shape.concurrency / stages / max(steps)
     for p in plans:   # the engine's step is a tick: every stage busy with its own micro-batch
@@ -279,6 +277,16 @@ def verify_pipeline(pl: Pipeline) -> Pipeline:
         verify(p)
         if p.generation is None or p.kv_pool is None:
             raise MemintentError(f"pipeline {pl.name}: stage {i} is not a generation plan")
+    if pl.model.kind != "preset":     # checked before resolving: a plan file never makes code run
+        raise MemintentError(f"pipeline {pl.name}: its model {pl.model.ref} is not a preset; pipelines are built "
+                             "from presets: recompile it with `compile --stages`")
+    from memintent.compiler.refs import resolve
+
+    layers = resolve(pl.model.ref, dtype=pl.model.dtype).num_layers
+    if at != layers:
+        raise MemintentError(f"pipeline {pl.name}: its stages hold layers 0..{at - 1} of the model's {layers}: the "
+                             "last stage must end with the last layer and the head; recompile it with "
+                             "`compile --stages`")
     first = pl.stages[0]
     for i, p in enumerate(pl.stages[1:], 1):
         for what, a, b in (("steps", _served(first), _served(p)), ("pool", _pool(first), _pool(p))):

@@ -218,9 +218,14 @@ def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: s
             search.requant(b)
 
 
+def starting_quant(quant: str) -> Quant:
+    """The bit width a ``--quant`` policy gives a streamable block first (``auto`` starts from int4)."""
+    return Quant.int4 if quant == "auto" else Quant(quant)
+
+
 def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
-    """Every block that could stream at the policy's bit width (``auto`` starts from int4); the rest unquantized."""
-    policy = Quant.int4 if quant == "auto" else Quant(quant)
+    """Every block that could stream at the policy's bit width (``starting_quant``); the rest unquantized."""
+    policy = starting_quant(quant)
     objs = p.object_map()
     for b in p.blocks:
         quantizable = any(len(objs[w].shape) == 2 for w in b.weights)
