@@ -35,7 +35,7 @@ from memintent.commands.generate import serve  # noqa: E402
 from memintent.compiler.planner import plan_generation  # noqa: E402
 from memintent.compiler.refs import resolve  # noqa: E402
 from memintent.compiler.stages import plan_pipeline  # noqa: E402
-from memintent.engine.pipeline import link_from_env  # noqa: E402
+from memintent.engine.pipeline import link_from_env, rank_device  # noqa: E402
 from memintent.engine.requests import synthetic  # noqa: E402
 from memintent.units import parse_bytes  # noqa: E402
 
@@ -141,10 +141,7 @@ def run_stages(a, device, doc, reqs, kw, say, row, ref, link) -> dict:
 def main(argv=None) -> int:
     a = parse(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1    # torchrun: one process (and GPU) per stage
-    device = torch.device(a.device)
-    if distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = rank_device(torch.device(a.device))
     hw = card_profile(device, spec=a.hw)
     doc = header(device, hw)
     src = resolve(a.model, dtype=a.dtype)

@@ -166,18 +166,13 @@ def run_generate(args) -> int:
 def _device_and_link(args, plan):
     """The device this process serves on and, for a pipeline, how its stages reach each other: one process per
     stage under ``torchrun`` (each on its own GPU), else every stage in this process."""
-    import os
-
     from memintent.runtime.device import pick_device
 
     if not isinstance(plan, Pipeline):
         return pick_device(args.device), None
-    from memintent.engine.pipeline import link_from_env
+    from memintent.engine.pipeline import link_from_env, rank_device
 
-    device = pick_device(args.device)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = rank_device(pick_device(args.device))
     link = link_from_env(device)
     if link.world > 1 and args.verify:
         raise MemintentError("--verify builds the whole model in one process: run the pipeline in one process "

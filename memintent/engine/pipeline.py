@@ -116,6 +116,15 @@ class DistLink:
         self._sends.clear()
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """The device this process serves on: under torchrun with several processes on CUDA, its own GPU
+    (``LOCAL_RANK``), made current; else ``device``."""
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
 def link_from_env(device: torch.device):
     """A ``DistLink`` when this process was started as one of several (WORLD_SIZE > 1), else a ``LocalLink``."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -307,4 +316,5 @@ def report_program(pipeline: Pipeline, programs: list[Program]) -> Program:
         arena=p0.arena.model_copy(update=dict(size_bytes=sum(p.arena.size_bytes for p in programs)))))
 
 
-__all__ = ["DistLink", "LocalLink", "PipelineEngine", "link_from_env", "pipeline_costs", "report_program"]
+__all__ = ["DistLink", "LocalLink", "PipelineEngine", "link_from_env", "pipeline_costs", "rank_device",
+           "report_program"]

@@ -191,12 +191,12 @@ def _copy_spans(p: Program, sched, sim, deq_s: dict[int, float], entry_s: list[f
     ready = {i: by_visit[i].end_s + deq_s[i] for i in sched.visits}
     charged = _stall_charges(p, sched, entry_s, ready)
     copies: list[CopySpan] = []
+    unpack_slot = p.unpack_slot() is not None
     for i in sched.visits:
         v, e, b = p.visits[i], by_visit[i], bmap[p.visits[i].block]
         w = sched.wait_stage[i]
         # a visit occupies its need (weights, + packed bytes when quantized), at most its slot
-        held_bytes = (min(slot_need_bytes(b, p.unpack_slot() is not None), p.arena.slots[v.slot].size_bytes)
-                      if v.slot is not None
+        held_bytes = (min(slot_need_bytes(b, unpack_slot), p.arena.slots[v.slot].size_bytes) if v.slot is not None
                       else b.size_bytes)
         copies.append(CopySpan(
             visit=i, block=v.block, label=_visit_label(v.block, v.first_stage),
