@@ -90,6 +90,7 @@ def _compile_pipeline(args: argparse.Namespace, hw, budget: int | None, say):
 
 
 def _print_pipeline(pl, out: Path, console) -> None:
+    from memintent.see.explain import pipeline_summary
     from memintent.units import fmt_bytes, fmt_s
 
     g = pl.stages[0].generation
@@ -100,9 +101,7 @@ def _print_pipeline(pl, out: Path, console) -> None:
         send = f", sends {fmt_bytes(pl.send_bytes[i])} per step" if i < len(pl.send_bytes) else ""
         console.print(f"  stage {i}: layers {rng[0]}-{rng[1] - 1}, peak {fmt_bytes(p.prediction.peak_hbm_bytes)}, "
                       f"step {fmt_s(p.prediction.step_time_s)} (binds: {p.prediction.binding}){send}")
-    console.print(f"{len(pl.stages)} micro-batches of about {-(-g.concurrency // len(pl.stages))} sequences keep every "
-                  f"stage busy: a tick {fmt_s(pl.pipelined_step_s)} (the slowest stage), a micro-batch through "
-                  f"every stage {fmt_s(pl.serial_step_s)}; predicted {pl.tokens_per_s:.2f} tok/s")
+    console.print(pipeline_summary(pl))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

@@ -153,6 +153,12 @@ def explain_pipeline(pl, console: Console) -> None:
                   fmt_bytes(pr.streamed_bytes), fmt_s(pr.step_time_s), pr.binding,
                   fmt_bytes(pl.send_bytes[i]) if i < len(pl.send_bytes) else "-")
     console.print(t)
-    console.print(f"{len(pl.stages)} micro-batches keep every stage busy: a tick (the slowest stage) "
-                  f"{fmt_s(pl.pipelined_step_s)}, one micro-batch through every stage {fmt_s(pl.serial_step_s)}; "
-                  f"predicted {pl.tokens_per_s:.2f} tok/s")
+    console.print(pipeline_summary(pl))
+
+
+def pipeline_summary(pl) -> str:
+    """A pipeline's ticks in one line (``compile`` and ``explain`` print it)."""
+    n, g = len(pl.stages), pl.stages[0].generation
+    return (f"{n} micro-batches of about {-(-g.concurrency // n)} sequences keep every stage busy: a tick (the "
+            f"slowest stage) {fmt_s(pl.pipelined_step_s)}, one micro-batch through every stage "
+            f"{fmt_s(pl.serial_step_s)}; predicted {pl.tokens_per_s:.2f} tok/s")
