@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memintent.engine import attention  # noqa: E402
-from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta  # noqa: E402
-from memintent.engine.kv_pool import BlockLayout, BlockPool, PoolViews  # noqa: E402
+from memintent.kv import attention  # noqa: E402
+from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta  # noqa: E402
+from memintent.kv.layout import PageLayout, PoolViews  # noqa: E402
+from memintent.engine.pages import PagePool
 
 H, KVH, HD, BT = 64, 8, 128, 16
 
@@ -51,9 +52,9 @@ def setup(S, quantized, dev, seed=0):
     rng = random.Random(seed)
     ctx = [rng.randint(200, 1024) for _ in range(S)]
     need = sum(math.ceil(c / BT) for c in ctx) + 1
-    layout = BlockLayout(1, KVH, HD, BT, torch.int8 if quantized else torch.bfloat16, quantized)
-    views = PoolViews(torch.zeros(need * layout.block_bytes, dtype=torch.uint8, device=dev), layout, need)
-    pool = BlockPool(need)
+    layout = PageLayout(1, KVH, HD, BT, torch.int8 if quantized else torch.bfloat16, quantized)
+    views = PoolViews(torch.zeros(need * layout.page_bytes, dtype=torch.uint8, device=dev), layout, need)
+    pool = PagePool(need)
     order = list(range(1, need))
     rng.shuffle(order)
     tables, at = [], 0

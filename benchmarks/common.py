@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memintent.engine.core import RunOptions
 from memintent.commands.generate import serve  # noqa: E402
 from memintent.compiler.hardware import BUILTIN, profile_for_device  # noqa: E402
 from memintent.runtime import HostStore  # noqa: E402
@@ -57,7 +58,7 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
     """One measured serving run: throughput, steps against the PCIe floor and the plan, peak HBM against the
     budget; ``predictor`` (a ``planner.StepPredictor``): the cost model's time for each step as it ran."""
     t = time.perf_counter()
-    rep, outs, engine = serve(plan, requests, device=device, store=store, warmup=True)
+    rep, outs, engine = serve(plan, requests, RunOptions(device=device), store=store, warmup=True)
     wall = time.perf_counter() - t
     g, pr = plan.generation, plan.prediction
     floor = pr.streamed_bytes / (h2d_gbps * 1e9)
@@ -67,13 +68,13 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
                total_s=rep.total_s, wall_with_setup_s=wall, tokens_per_s=rep.tokens_per_s,
                decode_tokens_per_s=rep.decode_tokens_per_s, full_decode_tokens_per_s=rep.full_decode_tokens_per_s,
                predicted_tokens_per_s=g.tokens_per_s,
-               concurrency=g.concurrency, kv_quant=plan.kv_pool.quant.value, num_blocks=plan.kv_pool.num_blocks,
+               concurrency=g.concurrency, kv_quant=plan.kv_pool.quant.value, num_pages=plan.kv_pool.num_pages,
                step_tokens=g.step_tokens, steps=rep.steps, step_median_s=rep.step_median_s,
                decode_only_step_median_s=statistics.median(decode_only) if decode_only else None,
                predicted_step_s=g.decode_step_s, floor_s=floor, streamed_bytes=pr.streamed_bytes,
                step_over_floor=rep.step_median_s / floor if floor else None, ttft_median_s=rep.ttft_median_s,
                ttft_p99_s=rep.ttft_p99_s, tpot_median_s=rep.tpot_median_s, tpot_p99_s=rep.tpot_p99_s,
-               kv_peak_blocks=rep.kv_peak_blocks, preemptions=rep.preemptions, peak_hbm_bytes=rep.peak_hbm_bytes,
+               kv_peak_pages=rep.kv_peak_pages, preemptions=rep.preemptions, peak_hbm_bytes=rep.peak_hbm_bytes,
                budget_bytes=plan.budget_bytes, predicted_peak_bytes=pr.peak_hbm_bytes,
                peak_within_budget=rep.peak_hbm_bytes is not None and rep.peak_hbm_bytes <= plan.budget_bytes,
                streamed_blocks=sum(1 for b in plan.blocks if b.residency.value == "streamed"),

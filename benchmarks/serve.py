@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import card_profile, fill, free, header, serve_row, table, write  # noqa: E402
 from memintent.compiler.planner import StepPredictor, plan_generation  # noqa: E402
-from memintent.compiler.refs import resolve  # noqa: E402
+from memintent.models.refs import resolve  # noqa: E402
 from memintent.engine.requests import synthetic  # noqa: E402
 from memintent.units import parse_bytes  # noqa: E402
 

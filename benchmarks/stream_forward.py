@@ -26,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memintent.passes.verify import prove
 from memintent.compiler.compile import compile_model  # noqa: E402
 from memintent.compiler.hardware import BUILTIN, load_profile  # noqa: E402
-from memintent.compiler.refs import resolve  # noqa: E402
+from memintent.models.refs import resolve  # noqa: E402
 from memintent.ir.model import Residency  # noqa: E402
-from memintent.compiler.plan_source import resident_model
+from memintent.models.plan_model import resident_model
 from memintent.runtime.profile import time_back_to_back as timed  # noqa: E402
 from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 from memintent.runtime import HostStore, attach  # noqa: E402
@@ -49,7 +50,7 @@ def run_streamed(src, plan, store, device, inputs, repeats, check=False):
     model = src.build("meta")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    handle = attach(model, plan, device, check=check, host_store=store)
+    handle = attach(model, prove(plan), device, check=check, host_store=store)
     try:
         with torch.no_grad():
             med, ts, out = timed(lambda: model(*inputs), device, repeats)

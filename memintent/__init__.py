@@ -1,18 +1,20 @@
 """memintent: GPU memory as a bounded working set. Trace a PyTorch model into the Memory Intent IR, plan which
-blocks stay resident and which stream from pinned host memory under an HBM budget, and run the plan."""
+blocks stay resident and which stream from pinned host memory under an HBM budget, and run the plan.
+
+``memintent.load(plan)`` builds the plan's model and attaches the plan; ``memintent.wrap(model, plan)`` attaches it
+to a model you built (``memintent.api``); ``memintent.engine.Engine`` serves a generation plan."""
+
+import importlib
 
 __version__ = "0.1.0"
 
 
-def load(plan, device=None, *, allow_code=False, check=False):
-    """See ``memintent.api.load``: the plan's model, filled and attached; returns ``(model, handle)``."""
-    from memintent.api import load as _load
+def __getattr__(name: str):
+    # ``load`` and ``wrap`` come from the top layer (``api``); resolved on first use, so importing a lower layer
+    # (the IR, the passes: plain arithmetic) does not import torch and the runtime through this package.
+    if name in ("load", "wrap"):
+        return getattr(importlib.import_module("memintent.api"), name)
+    raise AttributeError(f"module 'memintent' has no attribute {name!r}")
 
-    return _load(plan, device, allow_code=allow_code, check=check)
 
-
-def wrap(model, plan, device=None, *, check=False):
-    """See ``memintent.api.wrap``: attach a plan to your own model; returns the handle."""
-    from memintent.api import wrap as _wrap
-
-    return _wrap(model, plan, device, check=check)
+__all__ = ["__version__", "load", "wrap"]

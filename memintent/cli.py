@@ -12,24 +12,40 @@ import sys
 import traceback
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from memintent import __version__
+from memintent.commands.generate import run_generate
+from memintent.commands.run import run_plan
+from memintent.compiler.compile import compile_model
+from memintent.compiler.hardware import BUILTIN, load_profile
+from memintent.compiler.pipeline import plan_pipeline
+from memintent.compiler.planner import plan_generation
 from memintent.errors import MemintentError
-from memintent.ir.model import Pipeline
-from memintent.ir.plan_file import check_writable
+from memintent.ir.model import Pipeline, Program
+from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, load_program, save_plan
+from memintent.ir.printer import dump
+from memintent.models.gguf import convert
+from memintent.models.preset import PRESETS
+from memintent.passes.verify import prove
+from memintent.progress import status
+from memintent.runtime.profile import profile_device, resolve_device, sizes_for
+from memintent.see.explain import explain, explain_pipeline, pipeline_summary
+from memintent.see.perfetto import read_engine, read_measured, write_bytes_atomic, write_trace
+from memintent.see.report import write_report
+from memintent.see.timeline import build_timeline
+from memintent.units import fmt_bytes, fmt_s, parse_bytes
 
 EPILOG = "Run `memintent COMMAND -h` for a command's options. Sizes take units: 24GiB, 512MiB, 80GB."
 
 
 def _console():
-    from rich.console import Console
-
     # A log gets whole lines rather than lines wrapped at rich's 80-column default.
     return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def _out_console():
-    from rich.console import Console
-
     # A pipe gets a wide table rather than rich's 80-column default.
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
@@ -43,7 +59,6 @@ DEFAULT_HW = "h100-sxm"
 
 def _hardware_origin(spec: str | None) -> str:
     """Where the profile ``compile`` plans for comes from, for the line that names it."""
-    from memintent.compiler.hardware import BUILTIN
 
     if spec is None:
         return "built in, the default: pass --hw to plan for another card"
@@ -51,10 +66,9 @@ def _hardware_origin(spec: str | None) -> str:
 
 
 def _compile(args: argparse.Namespace, hw, budget: int | None, say):
-    if args.stages is not None:
+    if args.gpus is not None:
         return _compile_pipeline(args, hw, budget, say)
     if args.objective:
-        from memintent.compiler.planner import plan_generation
 
         if args.batch_given:
             raise MemintentError("--batch is for forward plans; a generation plan's concurrency is chosen by the "
@@ -62,12 +76,11 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
         return plan_generation(
             args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
             prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
-            kv_quant=args.kv_quant, concurrency=args.concurrency, kv_block_tokens=args.kv_block_tokens,
-            swap_blocks=args.swap_blocks, dtype=args.dtype, max_step_tokens=args.max_step_tokens, progress=say)
-    for flag in ("concurrency", "swap_blocks", "max_step_tokens"):
+            kv_quant=args.kv_quant, concurrency=args.concurrency, kv_page_tokens=args.kv_page_tokens,
+            swap_pages=args.swap_pages, dtype=args.dtype, max_step_tokens=args.max_step_tokens, progress=say)
+    for flag in ("concurrency", "swap_pages", "max_step_tokens"):
         if getattr(args, flag) is not None:
             raise MemintentError(f"--{flag.replace('_', '-')} is for generation plans: add --objective throughput")
-    from memintent.compiler.compile import compile_model
 
     return compile_model(
         args.model, budget_bytes=budget, hardware=hw, batch=args.batch, seq=args.seq, dtype=args.dtype,
@@ -75,42 +88,32 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
 
 
 def _compile_pipeline(args: argparse.Namespace, hw, budget: int | None, say):
-    from memintent.compiler.stages import plan_pipeline
-
     if not args.objective:
-        raise MemintentError("--stages splits a generation plan: add --objective throughput (or latency)")
-    for flag in ("batch_given", "swap_blocks"):
+        raise MemintentError("--gpus splits a generation plan: add --objective throughput (or latency)")
+    for flag in ("batch_given", "swap_pages"):
         if getattr(args, flag):
             raise MemintentError(f"--{flag.replace('_given', '').replace('_', '-')} is not for pipelines: the "
-                                 "planner sizes every stage's pool alike, without swap space")
+                                 "planner sizes every part's pool alike, without swap space")
     return plan_pipeline(
-        args.model, stages=args.stages, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
+        args.model, parts=args.gpus, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
         prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
-        kv_quant=args.kv_quant, concurrency=args.concurrency, kv_block_tokens=args.kv_block_tokens, dtype=args.dtype,
+        kv_quant=args.kv_quant, concurrency=args.concurrency, kv_page_tokens=args.kv_page_tokens, dtype=args.dtype,
         max_step_tokens=args.max_step_tokens, progress=say)
 
 
 def _print_pipeline(pl, out: Path, console) -> None:
-    from memintent.see.explain import pipeline_summary
-    from memintent.units import fmt_bytes, fmt_s
-
-    g = pl.stages[0].generation
-    console.print(f"wrote {out}: {len(pl.stages)} stages of {pl.model.ref}, each under "
-                  f"{fmt_bytes(pl.stages[0].budget_bytes)}; {g.concurrency} sequences at once, steps of up to "
+    g = pl.parts[0].generation
+    console.print(f"wrote {out}: {len(pl.parts)} parts of {pl.model.ref}, each under "
+                  f"{fmt_bytes(pl.parts[0].budget_bytes)}; {g.concurrency} sequences at once, steps of up to "
                   f"{g.step_tokens} tokens")
-    for i, (rng, p) in enumerate(zip(pl.layers, pl.stages)):
+    for i, (rng, p) in enumerate(zip(pl.layers, pl.parts)):
         send = f", sends {fmt_bytes(pl.send_bytes[i])} per step" if i < len(pl.send_bytes) else ""
-        console.print(f"  stage {i}: layers {rng[0]}-{rng[1] - 1}, peak {fmt_bytes(p.prediction.peak_hbm_bytes)}, "
+        console.print(f"  part {i}: layers {rng[0]}-{rng[1] - 1}, peak {fmt_bytes(p.prediction.peak_hbm_bytes)}, "
                       f"step {fmt_s(p.prediction.step_time_s)} (binds: {p.prediction.binding}){send}")
     console.print(pipeline_summary(pl))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from memintent.compiler.hardware import load_profile
-    from memintent.ir.plan_file import save_plan
-    from memintent.progress import status
-    from memintent.units import fmt_bytes, fmt_s, parse_bytes
-
     hw = load_profile(args.hw or DEFAULT_HW)
     args.batch_given = args.batch is not None
     args.batch = args.batch if args.batch_given else 1
@@ -135,8 +138,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     console.print(f"hardware profile {hw.name} ({_hardware_origin(args.hw)}): {hw.source}")
     if plan.generation:
         g, kv = plan.generation, plan.kv_pool
-        console.print(f"generation: {g.concurrency} sequences at once ({kv.num_blocks - 1} KV blocks of "
-                      f"{kv.block_tokens} tokens, {kv.quant.value} KV; steps of up to {g.step_tokens} tokens, "
+        console.print(f"generation: {g.concurrency} sequences at once ({kv.num_pages - 1} KV pages of "
+                      f"{kv.page_tokens} tokens, {kv.quant.value} KV; steps of up to {g.step_tokens} tokens, "
                       f"{g.max_seqs} sequences): {g.tokens_per_s:.2f} tok/s predicted, step "
                       f"{fmt_s(g.decode_step_s)}, binds: {g.binding}")
     return 0
@@ -146,36 +149,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
 # explain / dump / check
 
 
-def _load_any(path: str):
-    from memintent.ir.plan_file import load_program
-
-    return load_program(path)
-
-
 def _load_verified(path: str):
-    """``_load_any``, then, for a program that holds a plan, the verifier: explain, simulate and report index the
+    """A plan file or IR text, with the verifier for one that holds a plan: explain, simulate and report index the
     plan's tables freely, so an inconsistent (edited, truncated-and-repaired) plan file is refused in one line
-    rather than crashing them. A pipeline file (``compile --stages``) is verified stage by stage."""
-    from memintent.ir.plan_file import load_plan_or_pipeline
-
+    rather than crashing them. A pipeline file (``compile --gpus``) is verified part by part. IR text that holds
+    no plan yet (no arena) is returned as it parses."""
     program = load_plan_or_pipeline(path)
-    if isinstance(program, Pipeline):
-        from memintent.compiler.stages import verify_pipeline
-
-        return verify_pipeline(program)
-    if program.arena is not None:
-        from memintent.passes.verify import verify
-
-        verify(program)
-    return program
+    if isinstance(program, Program) and program.arena is None:
+        return program
+    proven = prove(program)
+    return proven.pipeline if proven.pipeline is not None else proven.program
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from memintent.see.explain import explain
-
     plan = _load_verified(args.plan)
     if isinstance(plan, Pipeline):
-        from memintent.see.explain import explain_pipeline
 
         explain_pipeline(plan, _out_console())
         return 0
@@ -184,19 +172,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from memintent.ir.printer import dump
-
-    sys.stdout.write(dump(_load_any(args.plan)))
+    sys.stdout.write(dump(load_program(args.plan)))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from memintent.units import fmt_bytes
-
     program = _load_verified(args.file)
     if isinstance(program, Pipeline):
-        _console().print(f"{args.file}: ok (a pipeline of {len(program.stages)} stages, each verified under its "
-                         f"budget {fmt_bytes(program.stages[0].budget_bytes)}; layers {program.layers})")
+        _console().print(f"{args.file}: ok (a pipeline of {len(program.parts)} parts, each verified under its "
+                         f"budget {fmt_bytes(program.parts[0].budget_bytes)}; layers {program.layers})")
         return 0
     if program.arena is None:
         _console().print(f"{args.file}: parses; it holds no plan yet, so there is nothing more to verify")
@@ -209,9 +193,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from memintent.compiler.models import PRESETS
-    from memintent.units import fmt_bytes
-
     con = _out_console()
     for name, cfg in PRESETS.items():
         con.print(f"{name:14s} {cfg.n_layers:3d} layers  dim {cfg.dim:5d}  {cfg.num_params() / 1e9:7.2f}B params  "
@@ -224,21 +205,14 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from memintent.commands.run import run_plan
-
     return run_plan(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from memintent.commands.generate import run_generate
-
     return run_generate(args)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from memintent.models.gguf import convert
-    from memintent.progress import status
-
     with status(f"converting {args.gguf}", console=_console()):
         out = convert(args.gguf, args.output, dtype=args.dtype)
     _console().print(f"wrote {out}: use it as hf:{out}")
@@ -250,11 +224,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from memintent.see.timeline import build_timeline
-    from memintent.units import fmt_bytes, fmt_s
-
     trace_out = check_writable(args.trace, "--trace") if args.trace else None
     program = _load_verified(args.plan)
     tl = build_timeline(program)
@@ -283,7 +252,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     con.print(t)
     con.print("times from the steady-state forward's start; copies named block@first stage")
     if trace_out is not None:
-        from memintent.see.perfetto import write_trace
 
         write_trace(trace_out, predicted=tl)
         _console().print(f"wrote {trace_out} (Chrome trace: open it in https://ui.perfetto.dev)")
@@ -291,22 +259,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from memintent.progress import status
-    from memintent.see.report import write_report
-
     out = check_writable(args.output, "-o")
     program = _load_verified(args.plan)
-    if isinstance(program, Pipeline):     # a stage is a plan of its own: report one, with the run's KV pool
-        if not 0 <= args.stage < len(program.stages):
-            raise MemintentError(f"--stage {args.stage}: the pipeline has stages 0 to {len(program.stages) - 1}")
-        program = program.stages[args.stage]
+    if isinstance(program, Pipeline):     # a part is a plan of its own: report one, with the run's KV pool
+        if not 0 <= args.part < len(program.parts):
+            raise MemintentError(f"--part {args.part}: the pipeline has parts 0 to {len(program.parts) - 1}")
+        program = program.parts[args.part]
     measured = engine = None
     if args.trace:
-        from memintent.see.perfetto import read_engine, read_measured
 
         engine = read_engine(args.trace)
-        # a pipeline's serving trace has the engine's lanes only (its stages run on clocks of their own)
-        measured = read_measured(args.trace) if engine is None or program.model.stage == [] else None
+        # a pipeline's serving trace has the engine's lanes only (its parts run on clocks of their own)
+        measured = read_measured(args.trace) if engine is None or program.model.part == [] else None
     with status(f"writing {out}", console=_console()):
         written = write_report(program, out, measured=measured, plan_source=args.plan, engine=engine)
     pngs = ", ".join(str(p) for p in written[:-1])
@@ -315,13 +279,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from memintent.progress import status
-    from memintent.runtime.profile import profile_device, resolve_device, sizes_for
-    from memintent.see.perfetto import write_bytes_atomic
-    from memintent.units import fmt_bytes, fmt_s
-
     out = check_writable(args.output, "-o")
     dev = resolve_device(args.device)
     total = 2 * len(sizes_for(dev, args.quick).copy_bytes) + 5
@@ -388,15 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "it predicts more tokens/s)")
     c.add_argument("--concurrency", type=int, default=None,
                    help="with --objective: force the sequences the pool is sized for (default: searched)")
-    c.add_argument("--kv-block-tokens", type=int, default=16, help="with --objective: tokens per KV block (16)")
+    c.add_argument("--kv-page-tokens", type=int, default=16, help="with --objective: tokens per KV page (16)")
     c.add_argument("--max-step-tokens", type=int, default=None,
                    help="with --objective: at most this many tokens per engine step (default: as many as the "
                         "streamed weights' time hides, up to 8192)")
-    c.add_argument("--swap-blocks", type=int, default=None,
-                   help="with --objective: KV blocks of pinned host swap space (default: a quarter of the pool "
+    c.add_argument("--swap-pages", type=int, default=None,
+                   help="with --objective: KV pages of pinned host swap space (default: a quarter of the pool "
                         "when the plan's copy engine has idle time to swap, else none)")
-    c.add_argument("--stages", type=int, default=None,
-                   help="with --objective: split the model's layers over N GPUs, a plan per stage under --budget "
+    c.add_argument("--gpus", type=int, default=None,
+                   help="with --objective: split the model's layers over N GPUs, a plan per part under --budget "
                         "each (writes a pipeline file for `generate`; preset models)")
     c.add_argument("-o", "--output", help="plan file to write (default MODEL.plan.json)")
     c.set_defaults(fn=cmd_compile)
@@ -450,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preemption when the KV pool runs out: by predicted cost (default), or forced")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     g.add_argument("--check", action="store_true",
-                   help="poison returned KV blocks and freed slots with NaN; check the pool after every step")
+                   help="poison returned KV pages and freed slots with NaN; check the pool after every step")
     g.add_argument("--verify", action="store_true",
                    help="compare the first requests' tokens and logits with the resident model running each alone")
     g.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
@@ -477,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "stalls beside the predicted ones")
     rp.add_argument("-o", "--output", default="report.html",
                     help="HTML file to write (default report.html); figures go beside it as STEM-*.png")
-    rp.add_argument("--stage", type=int, default=0, help="for a pipeline file: the stage to report (default 0)")
+    rp.add_argument("--part", type=int, default=0, help="for a pipeline file: the part to report (default 0)")
     rp.set_defaults(fn=cmd_report)
 
     pf = sub.add_parser("profile", help="measure this machine's copy, memory and compute rates into a profile "

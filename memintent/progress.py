@@ -21,7 +21,7 @@ API (the compile command, ``HostStore.fill`` and ``profile`` use it; any long st
 
 Both take ``enabled`` (False: a reporter that shows nothing, so callers need no second code path), ``console``
 (default: a rich Console on stderr; its ``is_terminal`` picks the mode), ``interval_s`` (default: the module's
-``INTERVAL_S``, 5 s, read at each call) and ``clock`` (seconds, default ``time.monotonic``; tests pass their own).
+``INTERVAL_S``, 5 s or ``MEMINTENT_PROGRESS_INTERVAL_S``, read at each call) and ``clock`` (seconds, default ``time.monotonic``; tests pass their own).
 ``Reporter.line()`` is the plain line of the current state, in either mode.
 
 Amounts and rates are printed in decimal units (kB, MB, GB: 1e3, 1e6, 1e9 bytes), the units of "GB/s" elsewhere
@@ -31,11 +31,16 @@ in memintent, so amount and rate read in one unit.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
-INTERVAL_S = 5.0          # seconds between plain lines off a terminal
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+# Seconds between plain lines off a terminal; MEMINTENT_PROGRESS_INTERVAL_S sets another (a quieter log, or none).
+INTERVAL_S = float(os.environ.get("MEMINTENT_PROGRESS_INTERVAL_S", "5"))
 _DECIMAL_UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
 
 
@@ -110,8 +115,6 @@ class Reporter:
 
 
 def _stderr_console():
-    from rich.console import Console
-
     return Console(stderr=True, highlight=False)
 
 
@@ -158,7 +161,6 @@ def _report(description: str, total_bytes: int | None, *, enabled: bool, console
             rep._live = st
             yield rep
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as prog:

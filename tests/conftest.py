@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
+
+# Tests assert that a refusal is one line on stderr; on a loaded machine a slow step would add a progress line
+# ("compiling ... (5 s)") before it. Progress off a terminal is tested with its own intervals (tests/test_see.py).
+os.environ.setdefault("MEMINTENT_PROGRESS_INTERVAL_S", "3600")
 
 
 

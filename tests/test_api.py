@@ -9,9 +9,9 @@ import memintent
 from memintent.errors import MemintentError
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN
-from memintent.compiler.refs import resolve
+from memintent.models.refs import resolve
 from memintent.ir.plan_file import save_plan
-from memintent.compiler.plan_source import resident_model
+from memintent.models.plan_model import resident_model
 
 
 def test_load_streams_bitwise_like_the_resident_model(tmp_path):

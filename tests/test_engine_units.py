@@ -1,4 +1,4 @@
-"""The serving engine's parts on small examples: the block pool's invariants, attention over block tables against
+"""The serving engine's parts on small examples: the page pool's invariants, attention over page tables against
 float64 dense attention, and the scheduler's policy (no model: steps are simulated)."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from memintent.engine import attention
-from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
-from memintent.engine.kv_pool import BlockLayout, BlockPool, PoolViews, SwapSpace
+from memintent.kv import attention
+from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
+from memintent.kv.layout import PageLayout, PoolViews
+from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.scheduler import Costs, Scheduler
 from memintent.engine.sequence import Request, State
 from memintent.errors import MemintentError, RuntimeFault
@@ -19,23 +20,23 @@ from memintent.errors import MemintentError, RuntimeFault
 # ---- the pool -------------------------------------------------------------------------------------------------
 
 def test_pool_hands_out_lowest_blocks_first_and_never_the_null_block():
-    pool = BlockPool(6)
+    pool = PagePool(6)
     assert pool.allocate(0, 2) == [1, 2]
     assert pool.allocate(1, 2) == [3, 4]
     pool.release(0)
     assert pool.allocate(2, 3) == [1, 2, 5]
-    assert pool.free_blocks == 0 and not pool.can_allocate(1)
+    assert pool.free_pages == 0 and not pool.can_allocate(1)
     pool.check()
 
 
 def test_pool_check_finds_a_shared_block_and_a_lost_one():
-    pool = BlockPool(5)
+    pool = PagePool(5)
     pool.allocate(0, 2)
     pool.allocate(1, 1)
-    pool.tables[1].append(pool.tables[0][0])          # corrupt: one block in two tables
+    pool.tables[1].append(pool.tables[0][0])          # corrupt: one page in two tables
     with pytest.raises(RuntimeFault, match="in the tables of sequences"):
         pool.check()
-    pool = BlockPool(5)
+    pool = PagePool(5)
     pool.allocate(0, 2)
     pool.tables[0].pop()                              # corrupt: owned by nobody, not free
     with pytest.raises(RuntimeFault, match="neither free nor owned|owned by"):
@@ -43,11 +44,11 @@ def test_pool_check_finds_a_shared_block_and_a_lost_one():
 
 
 def test_pool_of_one_block_is_refused():
-    with pytest.raises(MemintentError, match="at least 2 blocks"):
-        BlockPool(1)
+    with pytest.raises(MemintentError, match="at least 2 pages"):
+        PagePool(1)
 
 
-# ---- attention over block tables ------------------------------------------------------------------------------
+# ---- attention over page tables ------------------------------------------------------------------------------
 
 def _dense_reference(q, k, v, scale, softcap=None, window=None):
     """q (H, n, hd) of the last n positions, k and v (KV, L, hd) of all L positions: causal attention in float64."""
@@ -73,13 +74,13 @@ def _dense_reference(q, k, v, scale, softcap=None, window=None):
 def test_paged_attention_equals_dense_attention(quantized, softcap, window):
     torch.manual_seed(0)
     heads, kvh, hd, bt, L = 4, 2, 8, 4, 1
-    layout = BlockLayout(layers=L, kv_heads=kvh, head_dim=hd, block_tokens=bt,
+    layout = PageLayout(layers=L, kv_heads=kvh, head_dim=hd, page_tokens=bt,
                          value_dtype=torch.int8 if quantized else torch.float32, quantized=quantized)
     nblocks = 16
-    views = PoolViews(torch.zeros(nblocks * layout.block_bytes, dtype=torch.uint8), layout, nblocks)
-    pool = BlockPool(nblocks)
+    views = PoolViews(torch.zeros(nblocks * layout.page_bytes, dtype=torch.uint8), layout, nblocks)
+    pool = PagePool(nblocks)
     # Three sequences: two decoding (7 and 2 tokens cached), one prompt chunk of 6 tokens after 3 cached (9 tokens:
-    # its last block is partly filled, so the padded keys must be masked).
+    # its last page is partly filled, so the padded keys must be masked).
     lens = [(7, 1), (2, 1), (3, 6)]
     full_k = {i: torch.randn(kvh, c + n, hd) for i, (c, n) in enumerate(lens)}
     full_v = {i: torch.randn(kvh, c + n, hd) for i, (c, n) in enumerate(lens)}
@@ -129,13 +130,13 @@ def test_paged_attention_equals_dense_attention(quantized, softcap, window):
 
 def test_decode_chunks_keep_the_gather_within_its_bound():
     contexts = [5, 30, 7, 64, 1, 12]
-    chunks = plan_decode_chunks(contexts, block_tokens=4, gather_tokens=96)
+    chunks = plan_decode_chunks(contexts, page_tokens=4, gather_tokens=96)
     assert sorted(i for c in chunks for i in c) == list(range(6))
     for c in chunks:
         widest = max(math.ceil(contexts[i] / 4) * 4 for i in c)
         assert len(c) * widest <= 96
     with pytest.raises(MemintentError, match="exceeds the attention gather"):
-        plan_decode_chunks([200], block_tokens=4, gather_tokens=96)
+        plan_decode_chunks([200], page_tokens=4, gather_tokens=96)
 
 
 def test_int8_kv_round_trip_error_is_within_half_a_step():
@@ -148,7 +149,7 @@ def test_int8_kv_round_trip_error_is_within_half_a_step():
 # ---- the scheduler --------------------------------------------------------------------------------------------
 
 def _costs(**kw):
-    base = dict(block_tokens=4, step_tokens=16, evict_block_s=1.0, swap_in_block_s=0.5, recompute_block_s=1.0,
+    base = dict(page_tokens=4, step_tokens=16, evict_page_s=1.0, swap_in_page_s=0.5, recompute_page_s=1.0,
                 copy_idle_s=0.0, compute_slack_s=0.0, urgency_s=10.0)
     base.update(kw)
     return Costs(**base)
@@ -171,7 +172,7 @@ def _run(sched, steps=200, vocab=50, stop=None):
 
 
 def test_scheduler_serves_everything_within_budgets_and_fcfs():
-    pool = BlockPool(9)   # 8 usable blocks of 4 tokens
+    pool = PagePool(9)   # 8 usable pages of 4 tokens
     sched = Scheduler(pool, None, _costs(), max_seqs=3, step_tokens=8, context=24)
     for i in range(6):
         sched.add(Request(f"r{i}", tuple(range(1, 6 + i)), max_new_tokens=4))
@@ -183,7 +184,7 @@ def test_scheduler_serves_everything_within_budgets_and_fcfs():
 
 
 def test_preemption_takes_the_newest_sequence_and_recomputes_when_cheaper():
-    pool = BlockPool(5)   # 4 usable blocks: two sequences of 8 tokens fill it
+    pool = PagePool(5)   # 4 usable pages: two sequences of 8 tokens fill it
     sched = Scheduler(pool, SwapSpace(8, 16, pin=False), _costs(copy_idle_s=0.0, compute_slack_s=100.0),
                       max_seqs=4, step_tokens=16, context=32)
     for i in range(2):
@@ -196,7 +197,7 @@ def test_preemption_takes_the_newest_sequence_and_recomputes_when_cheaper():
 
 
 def test_preemption_swaps_when_the_copy_engine_idles():
-    pool = BlockPool(5)
+    pool = PagePool(5)
     swap = SwapSpace(8, 16, pin=False)
     sched = Scheduler(pool, swap, _costs(copy_idle_s=100.0, compute_slack_s=0.0), max_seqs=4, step_tokens=16,
                       context=32)
@@ -205,12 +206,12 @@ def test_preemption_swaps_when_the_copy_engine_idles():
     log = _run(sched)
     pre = [p for plan in log for p in plan.preemptions]
     assert pre and all(p.kind == "swap" and p.swap_s < p.recompute_s for p in pre)
-    assert any(plan.swap_in for plan in log) and swap.free_blocks == 8
+    assert any(plan.swap_in for plan in log) and swap.free_pages == 8
 
 
 @pytest.mark.parametrize("policy", ["swap", "recompute"])
 def test_forced_policy_is_obeyed(policy):
-    pool = BlockPool(5)
+    pool = PagePool(5)
     sched = Scheduler(pool, SwapSpace(8, 16, pin=False), _costs(), max_seqs=4, step_tokens=16, context=32,
                       preempt=policy)
     for i in range(3):
@@ -221,7 +222,7 @@ def test_forced_policy_is_obeyed(policy):
 
 
 def test_stop_token_and_context_end_a_sequence():
-    pool = BlockPool(9)
+    pool = PagePool(9)
     sched = Scheduler(pool, None, _costs(), max_seqs=2, step_tokens=8, context=7)
     sched.add(Request("stop", (1, 2), max_new_tokens=10, stop_token_ids=(1,)))   # step 0 samples (0+0)%50 = 0
     sched.add(Request("ctx", (1, 2, 3, 4, 5), max_new_tokens=10))

@@ -18,6 +18,9 @@ import pytest
 import torch
 
 import memintent.runtime as runtime
+from memintent.commands import run as run_command
+from memintent.engine import runner as engine_runner
+from memintent.passes.verify import prove
 from memintent.cli import main
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN
@@ -63,14 +66,16 @@ def gen_plan(tmp_path_factory) -> Path:
 
 
 class Spy:
-    """Wraps ``memintent.runtime.attach``: records the handles, optionally adds a hook to the attached model."""
+    """Wraps ``attach`` where `run` and the engine's runner call it: records the handles, optionally adds a hook to
+    the attached model."""
 
     def __init__(self, monkeypatch, hook=None):
         self.handles, self.models, self._attach, self._hook = [], [], runtime.attach, hook
-        monkeypatch.setattr(runtime, "attach", self)
+        for module in (run_command, engine_runner):
+            monkeypatch.setattr(module, "attach", self)
 
     def __call__(self, model, program, device, **kw):
-        h = self._attach(model, program, device, **kw)
+        h = self._attach(model, prove(program), device, **kw)
         self.handles.append(h)
         self.models.append(model)
         if self._hook is not None:
@@ -321,11 +326,11 @@ def test_arena_larger_than_free_device_memory(monkeypatch, tiny_plan):
         DeviceArena(program.arena, torch.device("cuda", 0))
     assert "\n" not in str(e.value)
     # through attach: refused after validating the plan and before allocating anything on the device
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     model = resolve("tiny-llama").build("meta")
     with pytest.raises(MemintentError, match="short by"):
-        runtime.attach(model, program, "cuda:0")
+        runtime.attach(model, prove(program), "cuda:0")
     assert not any("cuda" in d for d in devices)
     assert all(not m._forward_pre_hooks for m in model.modules())
     # activations that do not fit beside an arena that does: a warning, not an error
@@ -337,7 +342,7 @@ def test_arena_larger_than_free_device_memory(monkeypatch, tiny_plan):
 def test_pinned_registration_failure_falls_back_with_a_warning(monkeypatch, tiny_plan):
     """cudaHostRegister failing: the store warns and uses PyTorch's pinned allocator; the run still matches."""
     import memintent.runtime.host_store as hs
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     class Cudart:
         def cudaHostRegister(self, ptr, size, flags):
@@ -365,7 +370,7 @@ def test_pinned_registration_failure_falls_back_with_a_warning(monkeypatch, tiny
     with torch.no_grad():
         want = ref(ids)
     model = src.build("meta")
-    h = runtime.attach(model, program, "cpu", host_store=store)
+    h = runtime.attach(model, prove(program), "cpu", host_store=store)
     try:
         with torch.no_grad():
             assert torch.equal(model(ids), want)
@@ -424,12 +429,12 @@ def test_copy_failing_mid_run(monkeypatch, tiny_plan, tmp_path, capsys, exc):
 
 def test_copy_failing_in_the_api_is_a_clean_fault_after_reset(monkeypatch, tiny_plan):
     """Through the Python API the copy's own exception propagates; the handle recovers on the next forward."""
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     src = resolve("tiny-llama")
     program = load_plan(tiny_plan)
     model = src.build("meta")
-    h = runtime.attach(model, program, "cpu", fill=src.fill_weights)
+    h = runtime.attach(model, prove(program), "cpu", fill=src.fill_weights)
     ids = torch.zeros(1, 16, dtype=torch.long)
     with torch.no_grad():
         want = model(ids)

@@ -35,6 +35,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memintent.passes.verify import prove
 from memintent.cli import main
 from memintent.compiler.compile import compile_model
 from memintent.compiler.planner import plan_generation
@@ -67,7 +68,7 @@ def base_plans() -> dict[str, Program]:
     return {
         "tiny-llama": compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2),
         "tiny-llama-kv": plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8,
-                                         gen_len=8, quant="none", concurrency=2, kv_block_tokens=8),
+                                         gen_len=8, quant="none", concurrency=2, kv_page_tokens=8),
         "toy-mlp": compile_model(TOY, budget_bytes=300 << 10, hardware=CPU, batch=1, seq=1),
     }
 
@@ -497,7 +498,7 @@ def test_random_text(text, fuzz_tally):
 
 @lru_cache(maxsize=None)
 def _toy_reference():
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     src = resolve(TOY)
     with torch.no_grad():
@@ -521,7 +522,7 @@ def _execute_mutant(data, fuzz_tally, seen) -> None:
     model = src.build("meta")
     with time_limit(EXAMPLE_LIMIT_S):
         try:
-            handle = attach(model, program, "cpu", check=True, fill=src.fill_weights)
+            handle = attach(model, prove(program), "cpu", check=True, fill=src.fill_weights)
         except MemintentError as e:
             _one_line(e)
             return
@@ -686,7 +687,7 @@ def test_budget_honesty(model, budget_kib, batch, seq, fuzz_tally):
     """Compile either refuses the budget, stating a minimum that does compile, or emits a plan that verifies, whose
     predicted peak is within the budget, whose CPU execution allocates an arena within the budget and whose logits
     are bitwise the resident model's."""
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
     from memintent.runtime import attach
 
     fuzz_tally["compiled"] += 1
@@ -716,7 +717,7 @@ def test_budget_honesty(model, budget_kib, batch, seq, fuzz_tally):
     with torch.no_grad():
         want = src.logits(resident(*inputs))
     model = src.build("meta")
-    handle = attach(model, plan, "cpu", fill=src.fill_weights)
+    handle = attach(model, prove(plan), "cpu", fill=src.fill_weights)
     try:
         # the one device allocation is the arena; activations (not measurable on the CPU backend) are predicted
         assert handle.arena.size_bytes == plan.arena.size_bytes

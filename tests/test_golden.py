@@ -17,7 +17,7 @@ import pytest
 from memintent.compiler import planner
 from memintent.compiler.compile import trace_ref
 from memintent.compiler.hardware import BUILTIN
-from memintent.compiler.refs import resolve
+from memintent.models.refs import resolve
 from memintent.ir.model import GenerationPlan, KVQuant, Program, Quant, Residency, RunShape
 from memintent.ir.parser import parse
 from memintent.ir.printer import dump
@@ -35,10 +35,10 @@ LLAMA_BUDGET_BYTES = 800 * 1024   # int4: the embedding resident, the 4 layers a
 
 def llama_step(kv_quant: KVQuant) -> Program:
     """tiny-llama's engine step as the generation planner traces it: 12 tokens of at most 4 sequences, a pool of 8
-    blocks of 8 tokens (+ the null block), the attention costed for 2 sequences of an 8 + 8 token workload."""
+    blocks of 8 tokens (+ the null page), the attention costed for 2 sequences of an 8 + 8 token workload."""
     src = resolve("tiny-llama")
-    shape = planner.Shape(concurrency=2, kv_quant=kv_quant, step_tokens=12, max_seqs=4, num_blocks=9)
-    pool = planner.kv_pool(src, shape, block_tokens=8, swap_blocks=4)
+    shape = planner.Shape(concurrency=2, kv_quant=kv_quant, step_tokens=12, max_seqs=4, num_pages=9)
+    pool = planner.kv_pool(src, shape, page_tokens=8, swap_pages=4)
     work = planner.step_work(src, pool, shape, planner.Workload(prompt_len=8, gen_len=8, context=64))
     p = planner.annotate_step(planner.trace_step(src, 12, 4, lambda m: None), src, pool, work, 64, 4)
     p.generation = GenerationPlan(objective="throughput", step_tokens=12, max_seqs=4, context=64, prompt_len=8, gen_len=8,
@@ -105,7 +105,7 @@ def test_golden_kv_plan_covers_kv_and_quantization(llama_int4_stages: dict, llam
     # annotations, and quantized streamed blocks in the plan.
     p: Program = (llama_int4_stages if quant == Quant.int4 else llama_int8_stages)["plan"]
     kv = [o for o in p.objects if o.kind.value == "kv"]
-    assert len(kv) == 1 and kv[0].size_bytes == 9 * p.kv_pool.block_bytes
+    assert len(kv) == 1 and kv[0].size_bytes == 9 * p.kv_pool.page_bytes
     assert kv[0].evict_cost_s > 0 and kv[0].recompute_cost_s > 0 and kv[0].urgency_s > 0
     readers = [s for s in p.steps if kv[0].name in s.uses]
     assert len(readers) == 4 and all(s.op.startswith("memintent.paged_attention") for s in readers)

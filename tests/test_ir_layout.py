@@ -8,8 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from memintent.ir.dtypes import (DTYPES, MODEL_DTYPES, dtype_bytes, ir_dtype_of, normalize_float_dtype,
-                                 safetensors_dtype, torch_dtype, torch_dtypes)
+from memintent.ir.dtypes import DTYPES, MODEL_DTYPES, dtype_bytes, ir_dtype_of, normalize_float_dtype, safetensors_dtype, torch_dtype, torch_dtypes
 from memintent.ir.layout import weight_offsets
 from memintent.ir.model import ALIGN_BYTES, Arena, align_up
 

@@ -15,9 +15,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from memintent.errors import IRParseError
-from memintent.ir.model import (
-    Action, Arena, Block, HardwareProfile, ModelRef, Object, Prediction, Program, RunShape, Slot, Stage, Step, Visit,
-)
+from memintent.ir.model import Action, Arena, Block, HardwareProfile, ModelRef, Object, Prediction, Program, RunShape, Slot, Stage, Step, Visit
 from memintent.ir.parser import parse
 from memintent.ir.printer import dump
 
@@ -223,7 +221,7 @@ def golden_program() -> Program:
 GOLDEN = r'''
 // Memory Intent IR (spec/IR.md)
 program @toy {
-  schema 1
+  schema 2
   model py "py:examples/toy.py:toy" dtype=bf16 traced_layers=2 attention=sdpa
   fingerprint "5f0c6a1e"
   shape batch=1 seq=16 inputs=[]

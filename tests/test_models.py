@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memintent.compiler.models import (PRESETS, ModelConfig, build, fill_random, init_weight,
-                                       list_presets)
+from memintent.models.fingerprint import named_weights
+from memintent.models.preset import PRESETS, ModelConfig, PresetSource, build, init_weight
 from memintent.errors import MemintentError
 
 PUBLISHED = {
@@ -61,7 +61,15 @@ def test_module_names():
     moe = build(ModelConfig.from_name("mixtral-8x7b"), "meta")
     assert len(moe.layers[0].moe.experts) == 8 and moe.layers[0].moe.gate.weight.shape == (8, 4096)
     assert ModelConfig.from_name("llama-3-70b").head_dim == 128
-    assert "tiny-llama" in list_presets()
+    assert "tiny-llama" in PRESETS
+
+
+def fill_random(model):
+    """``model`` (built on the CPU) with its preset's weight values (``PresetSource.fill_weights``)."""
+    src = PresetSource("test", model.config)
+    src.init_device = "cpu"
+    src.fill_weights(named_weights(model))
+    return model
 
 
 def test_unknown_preset():
@@ -131,29 +139,29 @@ def test_deep_bf16_forward_finite(kind):
     assert torch.isfinite(out).all() and out.float().std() > 0
 
 
-def _one_sequence_steps(m, cfg, x, prompt: int, block_tokens: int = 4):
+def _one_sequence_steps(m, cfg, x, prompt: int, page_tokens: int = 4):
     """Logits of a prefill of ``prompt`` tokens, then one decode step per further token, through the engine's paged
     attention with a small pool (one sequence, blocks 1, 2, ... in order)."""
-    from memintent.engine import attention
-    from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta
-    from memintent.engine.kv_pool import BlockLayout, PoolViews
+    from memintent.kv import attention
+    from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta
+    from memintent.kv.layout import PageLayout, PoolViews
 
-    layout = BlockLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_tokens, cfg.torch_dtype, False)
-    views = PoolViews(torch.zeros(16 * layout.block_bytes, dtype=torch.uint8), layout, 16)
+    layout = PageLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, page_tokens, cfg.torch_dtype, False)
+    views = PoolViews(torch.zeros(16 * layout.page_bytes, dtype=torch.uint8), layout, 16)
     table = torch.arange(1, 16)
     outs = []
     for start, n in [(0, prompt)] + [(p, 1) for p in range(prompt, x.shape[1])]:
         pos = torch.arange(start, start + n)
-        meta = StepMeta(write_blocks=table[pos // block_tokens], write_offsets=pos % block_tokens)
+        meta = StepMeta(write_blocks=table[pos // page_tokens], write_offsets=pos % page_tokens)
         ctx = start + n
-        nb = -(-ctx // block_tokens)
+        nb = -(-ctx // page_tokens)
         if n == 1:
             meta.decode.append(DecodeChunk(rows=torch.tensor([0]), tables=table[None, :nb],
-                                           mask=(torch.arange(nb * block_tokens) < ctx)[None, None, None],
+                                           mask=(torch.arange(nb * page_tokens) < ctx)[None, None, None],
                                            positions=torch.tensor([ctx - 1])))
         else:
             meta.prefill.append(PrefillChunk(start=0, length=n, context=ctx, table=table[:nb],
-                                             mask=torch.arange(nb * block_tokens)[None, :] <= pos[:, None]))
+                                             mask=torch.arange(nb * page_tokens)[None, :] <= pos[:, None]))
         with attention.step(views, meta, cfg.torch_dtype):
             outs.append(m(x[:, start:start + n], pos, torch.tensor([n - 1]))[0])     # (vocab,)
     return outs
@@ -199,7 +207,7 @@ def test_export_on_meta(kind):
 
 def test_export_engine_step():
     # What the generation planner traces: a packed step, one paged attention op per layer, logits of S rows.
-    from memintent.engine import attention
+    from memintent.kv import attention
 
     cfg = tiny()
     m = build(cfg, "meta")

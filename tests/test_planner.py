@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from memintent.engine.core import RunOptions
 from memintent.commands.generate import serve
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
@@ -24,7 +25,7 @@ BUDGET_BYTES = 3 << 20   # tiny-llama f32 weights are 3.4 MiB: some layers strea
 
 def tiny(**kw):
     args = dict(budget_bytes=BUDGET_BYTES, hardware=CPU, context=48, prompt_len=8, gen_len=8, quant="none",
-                kv_block_tokens=4, dtype="f32")
+                kv_page_tokens=4, dtype="f32")
     args.update(kw)
     return plan_generation("tiny-llama", **args)
 
@@ -39,10 +40,10 @@ def test_choice_fits_the_budget_and_records_alternatives(plan):
     verify(plan)
     kv = [o for o in plan.objects if o.kind == ObjectKind.kv]
     slot = next(s for s in plan.arena.slots if s.kind == SlotKind.kv)
-    assert len(kv) == 1 and kv[0].size_bytes == pool.num_blocks * pool.block_bytes <= slot.size_bytes
+    assert len(kv) == 1 and kv[0].size_bytes == pool.num_pages * pool.page_bytes <= slot.size_bytes
     assert plan.prediction.peak_hbm_bytes <= plan.budget_bytes
     assert plan.shape.seq == g.step_tokens and g.max_seqs <= g.step_tokens
-    assert (pool.num_blocks - 1) * pool.block_tokens >= g.context, "one sequence of the full context must fit"
+    assert (pool.num_pages - 1) * pool.page_tokens >= g.context, "one sequence of the full context must fit"
     assert g.tokens_per_s > 0 and g.alternatives, "the planner records the candidates it rejected"
     assert any(b.residency == Residency.streamed for b in plan.blocks), "this budget must stream some layers"
 
@@ -78,7 +79,7 @@ def test_budget_below_any_pool_is_refused_naming_why():
 def test_int8_kv_holds_more_sequences_in_the_same_budget():
     plain, int8 = tiny(concurrency=None), tiny(kv_quant="int8")
     assert int8.kv_pool.quant == KVQuant.int8
-    assert int8.kv_pool.block_bytes < plain.kv_pool.block_bytes
+    assert int8.kv_pool.page_bytes < plain.kv_pool.page_bytes
     assert int8.generation.concurrency > plain.generation.concurrency
 
 
@@ -99,7 +100,7 @@ def test_quantized_generation_reports_agreement(quant, kv_quant, min_agreement):
     import torch
 
     p = tiny(quant=quant, kv_quant=kv_quant, concurrency=3)
-    rep, _, _ = serve(p, synthetic(16, (4, 16), (4, 8), 512, seed=2), device=torch.device("cpu"), verify=True)
+    rep, _, _ = serve(p, synthetic(16, (4, 16), (4, 8), 512, seed=2), RunOptions(device=torch.device("cpu")), verify=True)
     print(f"weights {quant}, KV {kv_quant}: {100 * rep.agreement:.1f}% of greedy tokens agree, max |logit error| "
           f"{rep.max_logit_error:.3g}")
     assert rep.verified_requests == 8 and rep.max_logit_error > 0

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from memintent.engine.core import RunOptions
 from memintent.cli import main
 from memintent.commands.generate import serve
 from memintent.compiler.compile import compile_model
@@ -36,8 +37,8 @@ def test_planned_peak_bounds_the_cpu_backends_measured_peak_in_forwards(tmp_path
 @pytest.mark.parametrize("kv_quant,budget_bytes", [("none", 3 << 20), ("int8", 3 << 20), ("none", 6 << 20)])
 def test_planned_peak_bounds_the_measured_peak_of_engine_steps(kv_quant, budget_bytes):
     p = plan_generation("tiny-llama", budget_bytes=budget_bytes, hardware=CPU, context=48, prompt_len=8, gen_len=8,
-                        quant="none", kv_block_tokens=4, dtype="f32", kv_quant=kv_quant)
-    rep, _, _ = serve(p, synthetic(30, (2, 40), (1, 8), 512, seed=1), device=torch.device("cpu"))
+                        quant="none", kv_page_tokens=4, dtype="f32", kv_quant=kv_quant)
+    rep, _, _ = serve(p, synthetic(30, (2, 40), (1, 8), 512, seed=1), RunOptions(device=torch.device("cpu")))
     assert rep.steps >= 5 and max(rep.kv_over_time) > 0
     assert 0 < rep.peak_hbm_bytes <= p.prediction.peak_hbm_bytes <= budget_bytes
 
@@ -73,10 +74,10 @@ def test_a_host_store_larger_than_the_machine_is_refused_before_filling(plan_1x6
 
 def test_generation_plan_states_its_host_memory_and_explain_shows_it(tmp_path, capsys):
     p = plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=CPU, context=48, prompt_len=8, gen_len=8,
-                        quant="int8", kv_block_tokens=4, dtype="f32", swap_blocks=16)
+                        quant="int8", kv_page_tokens=4, dtype="f32", swap_pages=16)
     pr, pool = p.prediction, p.kv_pool
     streamed = [b for b in p.blocks if b.residency.value == "streamed"]
-    assert pr.host_pinned_bytes >= sum(b.transfer_bytes for b in streamed) + 16 * pool.block_bytes
+    assert pr.host_pinned_bytes >= sum(b.transfer_bytes for b in streamed) + 16 * pool.page_bytes
     assert pr.host_pageable_bytes > 0
     path = tmp_path / "g.json"
     save_plan(p, path)

@@ -17,15 +17,15 @@ import functools
 import pytest
 import torch
 
+from memintent.passes.verify import prove
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN
-from memintent.compiler.refs import resolve
+from memintent.models.refs import resolve
 from memintent.errors import MemintentError
 from memintent.ir.model import ActionKind, Program, Quant, Residency, SlotKind
 from memintent.runtime import POISON_BYTE, HostStore, attach, fill_from_module
 from memintent.runtime.host_store import torch_dtype
-from memintent.runtime.quant import (Storage, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
-                                     relative_error, weight_storage)
+from memintent.runtime.quant import Storage, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, relative_error, weight_storage
 from test_quant import packed_bytes_by_quantizing
 
 TINY = "tiny-llama"
@@ -133,9 +133,9 @@ def attach_streamed(ref: str, p: Program, device: str = "cpu", **kw):
     src = _source(ref)
     if src.kind == "py":
         model = copy.deepcopy(src.module)
-        return model, attach(model, p, device, **kw)
+        return model, attach(model, prove(p), device, **kw)
     model = src.build("meta")
-    return model, attach(model, p, device, fill=src.fill_weights, **kw)
+    return model, attach(model, prove(p), device, fill=src.fill_weights, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_given_host_store_must_match_the_plans_quantization():
     model = _source(TINY).build("meta")
     with pytest.raises(MemintentError, match=r"does not match block 'embed': the plan needs \d+ bytes \(quant "
                                              r"int8\), the store holds 33792 bytes \(quant int4\)"):
-        attach(model, p8, "cpu", host_store=store)
+        attach(model, prove(p8), "cpu", host_store=store)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from memintent.compiler.fingerprint import fingerprint_module, ir_dtype, named_weights
+from memintent.passes.verify import prove
+from memintent.models.fingerprint import fingerprint_module, ir_dtype, named_weights
 from memintent.compiler.hardware import BUILTIN
 from memintent.errors import MemintentError, PlanVerificationError, RuntimeFault
-from memintent.ir.model import (ActionKind, Block, ModelRef, Object, ObjectKind, Program, RunShape, Step, Tier,
-                                dtype_bytes)
+from memintent.ir.model import ActionKind, Block, ModelRef, Object, ObjectKind, Program, RunShape, Step, Tier, dtype_bytes
 from memintent.passes import run_passes
 from memintent.passes.actions import ACTIONS
 from memintent.passes.costs import COSTS
@@ -155,7 +155,7 @@ def test_streamed_logits_bitwise_equal_over_forwards(n_slots, streamed):
     ref = toy()
     model = copy.deepcopy(ref)
     plan = plan_for(model, streamed, n_slots)
-    h = attach(model, plan, "cpu")
+    h = attach(model, prove(plan), "cpu")
     for i in range(4):   # forwards 1.. consume copies issued in the previous forward's tail
         x = ids(i + 1)
         with torch.no_grad():
@@ -175,7 +175,7 @@ def test_tied_streamed_embedding_is_visited_twice():
     plan = plan_for(model, ["embed", *LAYERS], 3)
     starts = [a for a in plan.actions if a.kind == ActionKind.copy_start and a.block == "embed"]
     assert sorted(a.visit_stage for a in starts) == [0, 6]
-    h = attach(model, plan, "cpu", check=True)
+    h = attach(model, prove(plan), "cpu", check=True)
     for i in range(3):
         with torch.no_grad():
             assert torch.equal(model(ids(i)), ref(ids(i)))
@@ -186,7 +186,7 @@ def test_tied_streamed_embedding_is_visited_twice():
 def test_inference_mode_and_json_plan():
     ref = toy()
     model = copy.deepcopy(ref)
-    with attach(model, plan_for(model), "cpu"):
+    with attach(model, prove(plan_for(model)), "cpu"):
         with torch.inference_mode():
             for i in range(3):
                 assert torch.equal(model(ids(i)), ref(ids(i)))
@@ -195,7 +195,7 @@ def test_inference_mode_and_json_plan():
 def test_checked_mode_correct_plan_is_exact_and_poisons_after_use():
     ref = toy()
     model = copy.deepcopy(ref)
-    h = attach(model, plan_for(model, n_slots=3), "cpu", check=True)
+    h = attach(model, prove(plan_for(model, n_slots=3)), "cpu", check=True)
     for i in range(3):
         with torch.no_grad():
             assert torch.equal(model(ids(i)), ref(ids(i)))
@@ -230,7 +230,7 @@ def _move_free_into_last_use(plan: Program, block: str, first: bool) -> Program:
 def refused(model: nn.Module, plan: Program, rule: str, match: str, **kw) -> None:
     """``attach`` refuses ``plan`` for breaking ``rule``, before hooking anything."""
     with pytest.raises(PlanVerificationError, match=match) as e:
-        attach(model, plan, "cpu", **kw)
+        attach(model, prove(plan), "cpu", **kw)
     assert e.value.rule == rule
     assert all(not m._forward_pre_hooks for m in model.modules())
 
@@ -272,12 +272,12 @@ def test_checked_mode_turns_a_read_outside_the_plan_into_nan():
     torch.manual_seed(0)
     leaky = LeakyToy().eval()
     leaky.load_state_dict(ref.state_dict())
-    h = attach(leaky, plan, "cpu", check=True)
+    h = attach(leaky, prove(plan), "cpu", check=True)
     with torch.no_grad():
         assert leaky(ids(1)).isnan().all()
     h.detach()
     # unchecked, the CPU backend cannot see it (on a GPU it is a race): that is what checked mode is for
-    with attach(leaky, plan, "cpu"):
+    with attach(leaky, prove(plan), "cpu"):
         with torch.no_grad():
             assert torch.equal(leaky(ids(1)), ref(ids(1)))
 
@@ -313,14 +313,14 @@ def test_different_model_is_refused_by_fingerprint():
     other = toy(dim=48)
     with pytest.raises(MemintentError, match=r"does not match the plan.*fingerprint sha256:.*sha256:.*"
                                              r"embed.weight: model 64x48 f32, plan 64x32 f32"):
-        attach(other, plan, "cpu")
+        attach(other, prove(plan), "cpu")
     assert not other._forward_pre_hooks
 
 
 def test_out_of_order_forward_names_the_block():
     plan = plan_for(toy())
     rev = toy(reverse=True)   # same weights, layers run last to first
-    h = attach(rev, plan, "cpu")
+    h = attach(rev, prove(plan), "cpu")
     with pytest.raises(RuntimeFault, match=r"at stage 2: the model ran module 'layers.3' \(block 'layers.3'\), "
                                            r"but the plan expected module 'layers.0' \(block 'layers.0'\)"):
         rev(ids(1))
@@ -330,7 +330,7 @@ def test_out_of_order_forward_names_the_block():
 def test_recovers_after_a_forward_that_raised():
     ref = toy()
     model = copy.deepcopy(ref)
-    h = attach(model, plan_for(model), "cpu", check=True)
+    h = attach(model, prove(plan_for(model)), "cpu", check=True)
     boom = model.layers[2].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(ValueError("boom")))
     with pytest.raises(ValueError):
         model(ids(1))
@@ -344,7 +344,7 @@ def test_recovers_after_a_forward_that_raised():
 def test_detach_removes_hooks_and_releases_arena():
     ref = toy()
     model = copy.deepcopy(ref)
-    h = attach(model, plan_for(model), "cpu")
+    h = attach(model, prove(plan_for(model)), "cpu")
     with torch.no_grad():
         model(ids(1))
     arena = weakref.ref(h.arena.tensor)
@@ -366,7 +366,7 @@ def test_fill_a_meta_model_from_a_source():
     with torch.device("meta"):
         model = Toy()
     plan = plan_for(ref)
-    with attach(model, plan, "cpu", fill=fill_from_module(ref, adopt=False)):
+    with attach(model, prove(plan), "cpu", fill=fill_from_module(ref, adopt=False)):
         with torch.no_grad():
             assert torch.equal(model(ids(3)), ref(ids(3)))
     assert not ref.embed.weight.is_meta and not model.embed.weight.is_meta
@@ -389,7 +389,7 @@ def test_host_store_layout_and_adopt():
 
 def test_stats_report_overhead_and_copy_time():
     model = toy()
-    h = attach(model, plan_for(model), "cpu")
+    h = attach(model, prove(plan_for(model)), "cpu")
     for i in range(3):
         with torch.no_grad():
             model(ids(i))
@@ -435,7 +435,7 @@ def test_hugging_face_generate_runs_unchanged():
     plan = hand_plan(model, prompt, blocks, set(layers) | {"lm_head"}, 2)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     want = ref.generate(prompt, **kw)
-    h = attach(model, plan, "cpu", check=True)
+    h = attach(model, prove(plan), "cpu", check=True)
     got = model.generate(prompt, **kw)
     assert torch.equal(got, want)
     assert len(h.stats()) == 6 and {s.bytes_copied for s in h.stats()} == {streamed_bytes_per_forward(plan)}
@@ -445,10 +445,10 @@ def test_hugging_face_generate_runs_unchanged():
 def test_second_attach_is_refused_until_detach():
     model = toy()
     plan = plan_for(model)
-    h = attach(model, plan, "cpu")
+    h = attach(model, prove(plan), "cpu")
     with pytest.raises(MemintentError, match="already attached"):
-        attach(model, plan, "cpu")
+        attach(model, prove(plan), "cpu")
     h.detach()
-    with attach(model, plan, "cpu", host_store=h.host_store):   # re-attach, reusing the filled host store
+    with attach(model, prove(plan), "cpu", host_store=h.host_store):   # re-attach, reusing the filled host store
         with torch.no_grad():
             assert torch.equal(model(ids(1)), toy()(ids(1)))

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_runtime import (BLOCKS, LAYERS, LeakyToy, _move_free_into_last_use, hand_plan, ids, plan_for,  # noqa: E402
                           streamed_bytes_per_forward, toy)
 
+from memintent.passes.verify import prove
 from memintent.errors import MemintentError, PlanVerificationError  # noqa: E402
 from memintent.ir.model import Arena, Slot, SlotKind  # noqa: E402
 from memintent.runtime import DeviceArena, HostStore, attach  # noqa: E402
@@ -38,7 +39,7 @@ def test_cuda_bitwise_equal(n_slots, streamed, check):
     cpu = bf16_toy()
     ref = copy.deepcopy(cpu).cuda()
     plan = plan_for(cpu, streamed, n_slots)
-    h = attach(cpu, plan, "cuda", check=check)
+    h = attach(cpu, prove(plan), "cuda", check=check)
     # cudaHostRegister'ed memory copies at pinned speed but Tensor.is_pinned() (torch 2.11) only knows
     # PyTorch's own pinned allocator, so it says False here; check the mode instead.
     assert h.host_store.pinned and h.host_store.pin == "register"
@@ -58,7 +59,7 @@ def test_cuda_early_free_is_refused_at_attach():
     model = bf16_toy()
     bad = _move_free_into_last_use(plan_for(model), "layers.2", first=False)
     with pytest.raises(PlanVerificationError, match="'layers.2' is freed before its last use") as e:
-        attach(model, bad, "cuda", check=True)
+        attach(model, prove(bad), "cuda", check=True)
     assert e.value.rule == "free-after-last-use"
 
 
@@ -68,7 +69,7 @@ def test_cuda_checked_mode_read_outside_the_plan_is_nan():
     plan = plan_for(ref, n_slots=3)
     leaky = LeakyToy().eval().to(torch.bfloat16)
     leaky.load_state_dict(ref.state_dict())
-    h = attach(leaky, plan, "cuda", check=True)
+    h = attach(leaky, prove(plan), "cuda", check=True)
     with torch.no_grad():
         assert leaky(ids(1).cuda()).isnan().all()
     h.detach()
@@ -79,7 +80,7 @@ def test_cuda_detach_releases_device_memory():
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     model = bf16_toy()
-    h = attach(model, plan_for(model), "cuda")
+    h = attach(model, prove(plan_for(model)), "cuda")
     with torch.no_grad():
         model(ids(1).cuda())
     assert torch.cuda.memory_allocated() >= before + h.arena.size_bytes
@@ -109,7 +110,7 @@ def test_cuda_hugging_face_generate():
                      set(layers) | {"lm_head"}, 2)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     want = ref.generate(prompt.cuda(), **kw)
-    h = attach(cpu, plan, "cuda", check=True)
+    h = attach(cpu, prove(plan), "cuda", check=True)
     assert torch.equal(cpu.generate(prompt.cuda(), **kw), want)
     h.detach()
 
@@ -152,7 +153,7 @@ def test_cuda_streaming_overlaps_and_stays_exact():
     x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
     for k in (1, 2):
         model = copy.deepcopy(cpu)
-        h = attach(model, stack_plan(model, k), "cuda")
+        h = attach(model, prove(stack_plan(model, k)), "cuda")
         with torch.no_grad():
             want = ref(x)
             outs = [model(x) for _ in range(6)]   # back to back: the host runs ahead of the GPU
@@ -210,7 +211,7 @@ def test_cuda_copies_hide_under_compute():
     ref = copy.deepcopy(cpu).cuda()
     model = copy.deepcopy(cpu)
     plan = stack_plan(model, 2)
-    h = attach(model, plan, "cuda", timing=False)
+    h = attach(model, prove(plan), "cuda", timing=False)
     try:
         copy_s = _copy_time_s(plan, h.host_store)
         for tokens in (8192, 16384, 32768, 65536):
@@ -241,7 +242,7 @@ def test_cuda_without_copy_done_waits_the_output_is_wrong():
     ref = copy.deepcopy(cpu).cuda()
     model = copy.deepcopy(cpu)
     x = torch.randn(64, 8192, device="cuda", dtype=torch.bfloat16)
-    h = attach(model, stack_plan(model, 2), "cuda", check=True)
+    h = attach(model, prove(stack_plan(model, 2)), "cuda", check=True)
     try:
         with torch.no_grad():
             want = ref(x)
@@ -299,7 +300,7 @@ def bench() -> None:
         for k in (1, 2, 3):
             for timing in (True, False):
                 model = copy.deepcopy(cpu)
-                h = attach(model, stack_plan(model, k), "cuda", timing=timing)
+                h = attach(model, prove(stack_plan(model, k)), "cuda", timing=timing)
                 with torch.no_grad():
                     first = model(x)
                     t_str = _time(lambda: model(x))
@@ -322,7 +323,7 @@ def bench() -> None:
                 h.detach()
         # Negative control: drop the slot-free waits; the copy may then overwrite a slot still being read.
         model = copy.deepcopy(cpu)
-        h = attach(model, stack_plan(model, 1), "cuda")
+        h = attach(model, prove(stack_plan(model, 1)), "cuda")
         real_copy = h.backend.copy
         h.backend.copy = lambda dst, src, after: real_copy(dst, src, None)
         with torch.no_grad():

@@ -25,7 +25,7 @@ from memintent.cli import main
 from memintent.compiler.compile import compile_model
 from memintent.compiler.planner import plan_generation
 from memintent.compiler.hardware import BUILTIN, load_profile
-from memintent.compiler.refs import resolve
+from memintent.models.refs import resolve
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile, SlotKind
 from memintent.ir.plan_file import load_plan, save_plan
@@ -56,7 +56,7 @@ def stalling_plan():
 def kv_plan():
     # A generation plan: an engine step with the KV pool in the arena
     return plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8, gen_len=8,
-                           quant="none", concurrency=2, kv_block_tokens=8)
+                           quant="none", concurrency=2, kv_page_tokens=8)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Serving on a GPU: the engine's copies (weights, swapped KV blocks) on the copy stream, its attention on CUDA.
+"""Serving on a GPU: the engine's copies (weights, swapped KV pages) on the copy stream, its attention on CUDA.
 Skipped without CUDA (CI has none; benchmarks/RESULTS.md records the GPU runs)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memintent.engine.core import RunOptions
 from memintent.commands.generate import serve
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
@@ -20,7 +21,7 @@ CUDA = torch.device("cuda")
 def _plan(**kw):
     # 38.5 MiB: the cuBLAS workspace (36 MiB) and a little: 4 or 5 of tiny-llama's blocks stream.
     args = dict(budget_bytes=int(38.5 * (1 << 20)), hardware=BUILTIN["h200"], context=48, prompt_len=8, gen_len=8, quant="none",
-                concurrency=3, kv_block_tokens=4, swap_blocks=64, dtype="f32", max_step_tokens=64)
+                concurrency=3, kv_page_tokens=4, swap_pages=64, dtype="f32", max_step_tokens=64)
     args.update(kw)
     return plan_generation("tiny-llama", **args)
 
@@ -45,11 +46,11 @@ def test_cuda_engine_is_bitwise_the_resident_engine(plan, policy):
 
 
 def test_cuda_engine_agrees_with_the_model_alone_and_keeps_the_budget(plan):
-    rep, _, _ = serve(plan, synthetic(8, (4, 24), (4, 10), 512, seed=3), device=CUDA, verify=True)
+    rep, _, _ = serve(plan, synthetic(8, (4, 24), (4, 10), 512, seed=3), RunOptions(device=CUDA), verify=True)
     assert rep.agreement == 1.0, rep.agreement            # float32, nothing quantized
     assert rep.peak_hbm_bytes <= plan.budget_bytes, (rep.peak_hbm_bytes, plan.budget_bytes)
 
 
 def test_cuda_int8_kv_reports_agreement():
-    rep, _, _ = serve(_plan(kv_quant="int8"), synthetic(6, (4, 16), (4, 8), 512, seed=1), device=CUDA, verify=True)
+    rep, _, _ = serve(_plan(kv_quant="int8"), synthetic(6, (4, 16), (4, 8), 512, seed=1), RunOptions(device=CUDA), verify=True)
     assert rep.agreement >= 0.9 and rep.max_logit_error < 0.1

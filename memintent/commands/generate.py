@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
+from rich.console import Console
 
 from memintent.engine import requests as reqs
-from memintent.engine.engine import Engine
+from memintent.engine.core import Engine, RunOptions
+from memintent.engine.links import link_from_env, rank_device
 from memintent.engine.metrics import ServeReport, summarize
+from memintent.engine.reference import compare
 from memintent.errors import MemintentError
+from memintent.ir.model import KVQuant, Program, Quant, Residency
+from memintent.ir.plan_file import check_writable, write_atomic
+from memintent.ir.proven import Proven
+from memintent.models.plan_model import PlanSources, plan_sources
+from memintent.passes.verify import prove
+from memintent.progress import status
+from memintent.runtime.device import as_fault, pick_device
 from memintent.runtime.memory import PeakMeter
-from memintent.ir.model import KVQuant, Pipeline, Program, Quant, Residency
+from memintent.runtime.profile import measure_h2d_gbps
+from memintent.see.perfetto import write_serve_trace
 from memintent.units import fmt_bytes, fmt_s
 
 VERIFY_REQUESTS = 8   # --verify compares this many requests with the resident model (each runs alone, densely)
@@ -27,7 +38,7 @@ VERIFY_REQUESTS = 8   # --verify compares this many requests with the resident m
 
 def load_requests(args, program: Program, src) -> list[reqs.Request]:
     g = program.generation
-    tokenizer = src.tokenizer() if hasattr(src, "tokenizer") else None
+    tokenizer = src.tokenizer()
     if args.prompts:
         out = reqs.load(args.prompts, tokenizer=tokenizer, default_max_new=reqs.parse_range(
             args.gen_len or str(g.gen_len), "--gen-len")[1], chat=args.chat)
@@ -41,20 +52,14 @@ def load_requests(args, program: Program, src) -> list[reqs.Request]:
     return out, where
 
 
-def serve(program: Program, requests, *, device, check=False, store=None, preempt="cost", warmup=False,
-          verify=False, progress=None, log=None, allow_code=False, link=None) -> tuple[ServeReport, list, object]:
-    """Run ``requests`` through an engine on ``program`` (a plan or a pipeline; ``link``: how a pipeline's stages
-    reach each other, ``engine.pipeline``); returns the report, the outputs in request order, and the
-    engine (closed). ``progress(done_requests, generated_tokens)`` is called after each step."""
-    from memintent.runtime.profile import measure_h2d_gbps
-
-    if isinstance(program, Pipeline):
-        from memintent.engine.pipeline import PipelineEngine
-
-        engine = PipelineEngine(program, device, link=link, check=check, preempt=preempt, log=log,
-                                allow_code=allow_code)
-    else:
-        engine = Engine(program, device, check=check, store=store, preempt=preempt, log=log, allow_code=allow_code)
+def serve(plan, requests, options: RunOptions, *, sources: PlanSources | None = None, store=None, warmup=False,
+          verify=False, progress=None, link=None) -> tuple[ServeReport, list, Engine]:
+    """Run ``requests`` through an engine on ``plan`` (a plan or a pipeline, ideally ``Proven``; ``sources``: its
+    models, already resolved and checked; ``link``: how a pipeline's parts reach each other, ``engine.links``);
+    returns the report, the outputs in request order, and the engine (closed). ``progress(done_requests,
+    generated_tokens)`` is called after each step."""
+    device = options.device
+    engine = Engine(plan, options=options, sources=sources, link=link, store=store)
     program = engine.report_program
     outputs: dict[str, object] = {}
     try:
@@ -80,8 +85,6 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
     rep.h2d_gbps = measure_h2d_gbps(device)
     rep.step_floor_s = rep.streamed_bytes / (rep.h2d_gbps * 1e9) if rep.h2d_gbps else 0.0
     if verify:
-        from memintent.engine.reference import compare
-
         a = compare(engine.src, device, requests, ordered, engine.tracked_logits)
         rep.agreement, rep.max_logit_error, rep.verified_requests = a.fraction, a.max_logit_error, a.requests
     return rep, ordered, engine
@@ -90,8 +93,6 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
 def _run(engine: Engine, outputs: dict, progress, meter) -> None:
     """Step the engine until every request finished, each step measured by ``meter``; a failure mid-run (a copy,
     the device's memory) is one line."""
-    from memintent.runtime.device import as_fault
-
     generated = 0
     try:
         while engine.has_work:
@@ -115,63 +116,48 @@ def exact(program: Program) -> bool:
 
 
 def run_generate(args) -> int:
-    """The CLI command."""
-    from memintent.compiler.plan_source import source_for
-    from memintent.compiler.stages import verify_pipeline
-    from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, write_atomic
-    from memintent.passes.verify import verify as verify_plan
-
-    plan = load_plan_or_pipeline(args.plan)
-    # a plan file is untrusted input: run only what verifies
-    plan = verify_pipeline(plan) if isinstance(plan, Pipeline) else verify_plan(plan)
-    program = plan.stages[0] if isinstance(plan, Pipeline) else plan
-    if program.generation is None or program.kv_pool is None:
-        raise MemintentError(f"{args.plan} is not a generation plan: compile it with --objective throughput|latency")
+    """The CLI command. The plan is loaded and verified once (``prove``) and its model resolved once
+    (``model_of``); the engine takes both as they are."""
+    proven = prove(args.plan).generation_plan(args.plan)
+    program = proven.program
     for flag in ("output", "json", "trace"):
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
-    device, link = _device_and_link(args, plan)
-    src = source_for(program, args.allow_code)
+    device, link = _device_and_link(args, proven)
+    sources = plan_sources(proven, args.allow_code, link.parts(proven.parts) if link is not None else (0,))
+    src = sources.whole
     requests, where = load_requests(args, program, src)
     con = _console()
     for r in requests:
         reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
                       where=f"{args.prompts}:{where[r.id]}: " if r.id in where else "")
-    from memintent.progress import status
-
+    options = RunOptions(device=device, check=args.check, preempt=args.preempt, allow_code=args.allow_code,
+                         log=lambda line: con.print(f"[dim]{line}[/dim]"))
     with status(f"serving {len(requests)} requests", console=con) as st:
         rep, outputs, engine = serve(
-            plan, requests, device=device, check=args.check, preempt=args.preempt, warmup=args.warmup,
-            verify=args.verify, allow_code=args.allow_code, log=lambda line: con.print(f"[dim]{line}[/dim]"),
-            progress=lambda done, gen: st.update(f"{done} of {len(requests)} requests done, {gen} tokens generated"),
-            link=link)
+            proven, requests, options, sources=sources, warmup=args.warmup, verify=args.verify, link=link,
+            progress=lambda done, gen: st.update(f"{done} of {len(requests)} requests done, {gen} tokens generated"))
     program = engine.report_program
     if link is not None and link.rank > 0:   # every rank holds the same tokens: the first one writes them
         con.print(f"rank {link.rank}: peak HBM {fmt_bytes(rep.peak_hbm_bytes)} (budget "
                   f"{fmt_bytes(program.budget_bytes)})")
         return _exit_code(program, rep, con)
-    tokenizer = src.tokenizer() if hasattr(src, "tokenizer") else None
+    tokenizer = src.tokenizer()
     if args.output:
         write_atomic(args.output, "".join(json.dumps(_with_text(o, tokenizer).as_json()) + "\n" for o in outputs))
     if args.json:
         write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
     if args.trace:
-        from memintent.see.perfetto import write_serve_trace
-
         write_serve_trace(args.trace, program, engine)
     _print(program, rep, con)
     return _exit_code(program, rep, con)
 
 
-def _device_and_link(args, plan):
-    """The device this process serves on and, for a pipeline, how its stages reach each other: one process per
-    stage under ``torchrun`` (each on its own GPU), else every stage in this process."""
-    from memintent.runtime.device import pick_device
-
-    if not isinstance(plan, Pipeline):
+def _device_and_link(args, proven: Proven):
+    """The device this process serves on and, for a pipeline, how its parts reach each other: one process per
+    part under ``torchrun`` (each on its own GPU), else every part in this process."""
+    if proven.pipeline is None:
         return pick_device(args.device), None
-    from memintent.engine.pipeline import link_from_env, rank_device
-
     device = rank_device(pick_device(args.device))
     link = link_from_env(device)
     if link.world > 1 and args.verify:
@@ -183,14 +169,10 @@ def _device_and_link(args, plan):
 def _with_text(out, tokenizer):
     if tokenizer is None:
         return out
-    from dataclasses import replace
-
     return replace(out, text=tokenizer.decode(out.token_ids, skip_special_tokens=True))
 
 
 def _console():
-    from rich.console import Console
-
     return Console(stderr=True, highlight=False)
 
 
@@ -206,9 +188,9 @@ def _print(program: Program, rep: ServeReport, con) -> None:
               f"token: median {q(rep.tpot_median_s)}, p99 {q(rep.tpot_p99_s)}")
     con.print(f"steps: {rep.steps}, median {fmt_s(rep.step_median_s)} (plan {fmt_s(rep.predicted_step_s)}, PCIe floor "
               f"{fmt_s(rep.step_floor_s)} = {fmt_bytes(rep.streamed_bytes)} / {rep.h2d_gbps:.1f} GB/s pinned)")
-    used = 100 * rep.kv_peak_blocks / max(rep.num_blocks - 1, 1)
-    con.print(f"KV pool: {rep.num_blocks - 1} blocks; peak {used:.0f}%, mean "
-              f"{100 * rep.kv_mean_blocks / max(rep.num_blocks - 1, 1):.0f}%; over time {rep.sparkline()}")
+    used = 100 * rep.kv_peak_pages / max(rep.num_pages - 1, 1)
+    con.print(f"KV pool: {rep.num_pages - 1} blocks; peak {used:.0f}%, mean "
+              f"{100 * rep.kv_mean_pages / max(rep.num_pages - 1, 1):.0f}%; over time {rep.sparkline()}")
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(rep.preemptions.items())) or "none"
     con.print(f"preemptions: {kinds}")
     if rep.peak_hbm_bytes is not None:

@@ -12,16 +12,26 @@ factory, the factory's own example inputs (``--tokens`` does not apply to them).
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from memintent.compiler.plan_source import resident_model, source_for
-from memintent.compiler.refs import ModelSource
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Quant, Residency
+from memintent.ir.plan_file import check_writable, load_program, write_atomic
+from memintent.ir.proven import Proven
+from memintent.models.plan_model import resident_model, source_for
+from memintent.models.source import ModelSource
+from memintent.passes.verify import prove
 from memintent.runtime.device import as_fault, pick_device, sync_compute
+from memintent.runtime.executor import attach, proven_shape_error
+from memintent.runtime.host_store import HostStore
+from memintent.runtime.memory import PeakMeter
 from memintent.runtime.profile import measure_h2d_gbps, time_forward
 from memintent.see.perfetto import write_run_trace
 from memintent.units import fmt_bytes, fmt_s, parse_tokens
@@ -49,19 +59,17 @@ class RunReport:
 class _Forward:
     """What the forwards run on: the model source, its inputs and keyword arguments, on ``device``."""
 
-    program: Program
+    proven: Proven
     src: ModelSource
     device: torch.device
     inputs: tuple
     kwargs: dict
 
 
-def load_verified(path: str) -> Program:
-    """A plan file or IR text, verified: both are untrusted input, so only what verifies runs."""
-    from memintent.ir.plan_file import load_program
-    from memintent.passes.verify import verify
-
-    return verify(load_program(path))
+def load_verified(path: str) -> Proven:
+    """A plan file or IR text, verified once: both are untrusted input, so only what verifies runs. A pipeline file
+    is refused in one line (``load_program``)."""
+    return prove(load_program(path))
 
 
 def _describe(x) -> str:
@@ -72,7 +80,7 @@ def _describe(x) -> str:
 
 def _inputs(src: ModelSource, program: Program, args, device: torch.device) -> tuple[tuple, str, str | None]:
     """The forward's positional inputs on ``device``, how to describe them, and the BATCHxSEQ of token ids."""
-    if src.kind == "py":
+    if src.own_inputs:
         own = src.example_inputs(program.shape.batch, program.shape.seq, "cpu")
         what = "the factory's example inputs " + ", ".join(_describe(x) for x in own)
         if args.tokens:
@@ -80,8 +88,6 @@ def _inputs(src: ModelSource, program: Program, args, device: torch.device) -> t
                                  f"runs on {what}; leave --tokens out")
         return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in own), what, None
     batch, seq = parse_tokens(args.tokens) if args.tokens else (program.shape.batch, program.shape.seq)
-    from memintent.runtime.executor import proven_shape_error
-
     why = proven_shape_error(program, [(batch, seq)])
     if why is not None:   # before the host store is filled: the plan's proof says nothing about this shape
         raise MemintentError(f"--tokens {batch}x{seq}: {why}")
@@ -108,13 +114,9 @@ def _resident_reference(fw: _Forward, forwards: int, rep: RunReport) -> torch.Te
 
 def _streamed_forwards(fw: _Forward, store, args, rep: RunReport) -> torch.Tensor:
     """Run ``args.forwards`` streamed forwards under the plan, recording each into ``rep``; the last logits."""
-    from memintent.runtime import attach
-
-    from memintent.runtime.memory import PeakMeter
-
     model = fw.src.build("meta")
-    meter = PeakMeter(fw.device, fw.program.arena.size_bytes)
-    handle = attach(model, fw.program, fw.device, check=args.check, host_store=store)
+    meter = PeakMeter(fw.device, fw.proven.program.arena.size_bytes)
+    handle = attach(model, fw.proven, fw.device, check=args.check, host_store=store, model_checked=True)
     try:
         with torch.no_grad():
             for _ in range(args.forwards):
@@ -130,7 +132,7 @@ def _streamed_forwards(fw: _Forward, store, args, rep: RunReport) -> torch.Tenso
             logits = fw.src.logits(out).float().cpu()
         rep.peak_hbm_bytes = meter.peak_bytes
         if getattr(args, "trace", None):
-            write_run_trace(args.trace, fw.program, handle.stats())
+            write_run_trace(args.trace, fw.proven.program, handle.stats())
     except MemintentError:
         raise
     except Exception as e:   # a failed copy, out of memory mid-forward: one line, after the finally drained it
@@ -143,8 +145,6 @@ def _streamed_forwards(fw: _Forward, store, args, rep: RunReport) -> torch.Tenso
 def _verdict(program: Program, rep: RunReport, logits: torch.Tensor, ref_logits: torch.Tensor | None,
              check: bool) -> int:
     """Compare with the resident model, print the report and what failed; the exit code."""
-    from rich.console import Console
-
     con = Console(stderr=True, highlight=False)
     code = 0
     if ref_logits is not None:
@@ -163,10 +163,8 @@ def _verdict(program: Program, rep: RunReport, logits: torch.Tensor, ref_logits:
 
 
 def run_plan(args) -> int:
-    from memintent.ir.plan_file import check_writable, write_atomic
-    from memintent.runtime import HostStore
-
-    program = load_verified(args.plan)
+    proven = load_verified(args.plan)
+    program = proven.program
     for flag in ("json", "trace"):
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")   # before the run, not after it
@@ -175,7 +173,7 @@ def run_plan(args) -> int:
     if args.forwards < 1:
         raise MemintentError(f"--forwards {args.forwards} must be at least 1")
     inputs, what, tokens = _inputs(src, program, args, device)
-    fw = _Forward(program, src, device, inputs, src.forward_kwargs())
+    fw = _Forward(proven, src, device, inputs, src.forward_kwargs())
 
     store = HostStore(program, pin="auto" if device.type == "cuda" else "none")
     store.fill(src.fill_weights)
@@ -189,18 +187,11 @@ def run_plan(args) -> int:
     logits = _streamed_forwards(fw, store, args, rep)
     code = _verdict(program, rep, logits, ref_logits, args.check)
     if getattr(args, "json", None):
-        import json
-
         write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
     return code
 
 
 def _print_report(program: Program, rep: RunReport) -> None:
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
     con = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
     t = Table(title=f"{program.name} on {rep.device}, {rep.inputs}", show_edge=False, header_style="bold")
     cols = ["forward", "wall", "stall", "copied", "H2D GB/s", "host/block", "predicted", "PCIe floor"]

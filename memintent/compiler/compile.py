@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Callable
 
 from memintent.compiler.frontend import TraceSpec, trace
-from memintent.compiler.refs import resolve
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile, Program, RunShape
+from memintent.models.refs import resolve
 from memintent.passes import schedule_program
 
 

@@ -21,13 +21,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import flop_registry
 
-from memintent.compiler.fingerprint import fingerprint_entries, ir_dtype, weight_entries
 from memintent.errors import MemintentError
 from memintent.ir.layout import weight_offsets
-from memintent.ir.model import (
-    Block, ModelRef, Object, ObjectKind, Program, RunShape, Step, Tier, dtype_bytes,
-)
+from memintent.ir.model import Block, ModelRef, Object, ObjectKind, Program, RunShape, Step, Tier, dtype_bytes
+from memintent.models.fingerprint import fingerprint_entries, ir_dtype, weight_entries
 
 ROOT_BLOCK = "root"        # weights held by the root module itself (rotary tables and the like): always resident
 # ops whose eager kernels hold a float32 copy of a 16-bit input while they run
@@ -63,7 +62,6 @@ def _node_flops(target: Any, args: tuple, kwargs: dict, out: Any) -> int:
         # QK^T and PV: 2 matmuls of (B, H, Sq, D) x (B, H, D, Skv); causal masking is not subtracted.
         b_h = q.numel() // (q.shape[-2] * q.shape[-1])
         return 4 * b_h * int(q.shape[-2]) * int(k.shape[-2]) * int(q.shape[-1])
-    from torch.utils.flop_counter import flop_registry
 
     fn = flop_registry.get(target) or flop_registry.get(getattr(target, "overloadpacket", None))
     if fn is None:

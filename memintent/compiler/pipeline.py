@@ -1,21 +1,21 @@
-"""Pipeline stages: one model over several GPUs, each GPU holding a contiguous range of decoder layers under its
-own budget and streaming its own blocks over its own host link (``compile --stages N``).
+"""Pipeline parts: one model over several GPUs, each GPU holding a contiguous range of decoder layers under its
+own budget and streaming its own blocks over its own host link (``compile --gpus N``).
 
-Partition. The decoder layers are split into N contiguous ranges (the first stage also holds the embedding, the
-last the final norm and the head) so that the slowest stage's work is as small as possible: a layer's work is
+Partition. The decoder layers are split into N contiguous ranges (the first part also holds the embedding, the
+last the final norm and the head) so that the slowest part's work is as small as possible: a layer's work is
 the time its weights take over PCIe at the bit width the policy starts from (``layer_work_s``), and the ranges
-are found by bisection on the slowest stage's work with a greedy fill (the classic linear partition). The cut
-between two stages is found on the IR's dependency graph: the activations defined before the cut and read after
-it are what a step sends to the next stage (``send_bytes``; for a transformer, the hidden states).
+are found by bisection on the slowest part's work with a greedy fill (the classic linear partition). The cut
+between two parts is found on the IR's dependency graph: the activations defined before the cut and read after
+it are what a step sends to the next part (``send_bytes``; for a transformer, the hidden states).
 
-Plans. Every stage serves the same steps: the same pool of KV blocks (each stage holds its layers' part of every
+Plans. Every part serves the same steps: the same pool of KV pages (each part holds its layers' part of every
 block), the same token and sequence budgets, so one scheduler decision is valid on every rank. The engine keeps
-every stage busy with N micro-batches (``engine/pipeline.py``): the pool holds the sequences of all N, a step is
-one micro-batch's, so a stage's plan proves steps of about concurrency / N sequences over a pool for all of them
-(``micro_shape``). A tick is the slowest stage's step (``pipelined_step_s``) and the pipeline makes one
-micro-batch of tokens per tick; a micro-batch passes all stages in ``serial_step_s`` (a sequence's time per
+every part busy with N micro-batches (``engine/core.py``): the pool holds the sequences of all N, a step is
+one micro-batch's, so a part's plan proves steps of about concurrency / N sequences over a pool for all of them
+(``micro_shape``). A tick is the slowest part's step (``pipelined_step_s``) and the pipeline makes one
+micro-batch of tokens per tick; a micro-batch passes all parts in ``serial_step_s`` (a sequence's time per
 token is N ticks). For each concurrency the planner tries (as ``planner.plan_generation`` does for one GPU),
-every stage's residency is decided under the per-stage budget; each stage's plan is verified under it.
+every part's residency is decided under the per-part budget; each part's plan is verified under it.
 """
 
 from __future__ import annotations
@@ -23,67 +23,29 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import torch
-from torch import nn
-
-from memintent.compiler import models
 from memintent.compiler.planner import (
-    MAX_STEP_TOKENS, AffineStep, Outcome, Search, Shape, Workload, _check_args, _kv_options, generation_source,
-    hide_tokens, shape_for,
+    MAX_STEP_TOKENS,
+    AffineStep,
+    Outcome,
+    Search,
+    Shape,
+    Workload,
+    _check_args,
+    _kv_options,
+    generation_source,
+    hide_tokens,
+    shape_for,
 )
 from memintent.errors import MemintentError
 from memintent.ir.layout import quantized_block_bytes
-from memintent.ir.model import HardwareProfile, ModelRef, Pipeline, Program, Quant
+from memintent.ir.model import HardwareProfile, Pipeline, Program, Quant
+from memintent.models.part import PartSource
 from memintent.passes import schedule_program
 from memintent.passes.graph import dependency_graph
 from memintent.passes.residency import starting_quant
+from memintent.passes.verify import verify_pipeline
 
 SWEEP_POINTS = 7
-
-
-class StageSource:
-    """A preset's decoder layers [lo, hi) as a model source: the stage module (``ModelConfig.stage``), its weights
-    filled exactly as the whole model's (same names, same values)."""
-
-    kind = "preset"
-
-    def __init__(self, src, lo: int, hi: int):
-        if src.kind != "preset":
-            raise MemintentError(f"{src.ref}: pipeline stages are built from presets; {src.ref} is {src.kind}")
-        self.src, self.lo, self.hi = src, lo, hi
-        for name in ("ref", "dtype", "vocab_size", "n_heads", "n_kv_heads", "head_dim", "max_positions", "attention",
-                     "layers_path", "torch_dtype"):
-            setattr(self, name, getattr(src, name))
-        self.num_layers = hi - lo
-        self.config = src.config
-
-    def build(self, device="meta", num_layers: int | None = None, attention: str | None = None) -> nn.Module:
-        cfg = self.config
-        hi = self.hi if num_layers is None else self.lo + num_layers
-        # A smaller build (the front end traces two layers and folds) keeps the stage's ends: the head if it has it.
-        n = cfg.n_layers if self.hi < cfg.n_layers else hi
-        return models.build(dataclasses.replace(cfg, n_layers=n, stage=(self.lo, hi)), device).requires_grad_(False)
-
-    def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
-        self.src.fill_weights(named)
-
-    def check_checkpoint(self, expected) -> None:
-        """Presets have no files to check."""
-
-    def check_engine_attention(self, calls: int) -> None:
-        """The preset's rule, over the stage's own layers."""
-        type(self.src).check_engine_attention(self, calls)
-
-    def tokenizer(self):
-        return None
-
-    def model_ref(self, traced_layers: int | None = None, attention: str | None = None) -> ModelRef:
-        return self.src.model_ref(traced_layers, attention).model_copy(update={"stage": [self.lo, self.hi]})
-
-
-def stage_of(src, stage: list[int]):
-    """The source a stage's plan names: ``src`` itself, or its layers ``stage`` = [lo, hi)."""
-    return StageSource(src, *stage) if stage else src
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,7 +54,7 @@ def stage_of(src, stage: list[int]):
 
 def layer_work_s(p: Program, hw: HardwareProfile, quant: str) -> tuple[list[float], float, float]:
     """(each decoder layer's work, the embedding's, the final norm's and head's) in seconds: a block's copy at the
-    bit width the policy starts from (int4 for ``auto``), the work the stage's link does for it each step."""
+    bit width the policy starts from (int4 for ``auto``), the work the part's link does for it each step."""
     objects = p.object_map()
     q = starting_quant(quant)
 
@@ -107,8 +69,8 @@ def layer_work_s(p: Program, hw: HardwareProfile, quant: str) -> tuple[list[floa
 
 def check_stages(n: int, num_layers: int) -> None:
     if not 1 <= n <= num_layers:
-        raise MemintentError(f"--stages {n}: a model of {num_layers} decoder layers splits into 1..{num_layers} "
-                             "stages")
+        raise MemintentError(f"--gpus {n}: a model of {num_layers} decoder layers splits into 1..{num_layers} "
+                             "parts")
 
 
 def partition(layers: list[float], embed: float, head: float, n: int) -> list[tuple[int, int]]:
@@ -122,7 +84,7 @@ def partition(layers: list[float], embed: float, head: float, n: int) -> list[tu
     work[-1] += head
 
     def fill(cap: float) -> list[tuple[int, int]] | None:
-        """Ranges filled greedily up to ``cap`` each; None when they need more than ``n`` stages."""
+        """Ranges filled greedily up to ``cap`` each; None when they need more than ``n`` parts."""
         out, lo, load = [], 0, 0.0
         for i, w in enumerate(work):
             if load + w > cap and i > lo:
@@ -155,8 +117,8 @@ def _split_to(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
 
 def send_bytes(p: Program, cut_layer: int) -> int:
     """Bytes of the activations a decoder layer before ``cut_layer`` defines and a step from that layer on reads:
-    what the stage before the cut sends the stage after it (a walk of the IR's dependency graph across the cut).
-    Values the model's root computes from the step's inputs (RoPE's rows) are not sent: every stage computes its
+    what the part before the cut sends the part after it (a walk of the IR's dependency graph across the cut).
+    Values the model's root computes from the step's inputs (RoPE's rows) are not sent: every part computes its
     own."""
     first = next(s.index for s in p.steps if s.block == f"layers.{cut_layer}")
     g = dependency_graph(p.steps)
@@ -171,24 +133,24 @@ def send_bytes(p: Program, cut_layer: int) -> int:
 # Plans
 
 
-def micro_shape(n: int, stages: int, kvq, w: Workload, block_tokens: int, hide: int) -> Shape:
-    """A pool for ``n`` sequences, steps of one of ``stages`` micro-batches (ceil(n / stages) sequences)."""
-    whole = shape_for(n, kvq, w, block_tokens, hide)
-    step = shape_for(-(-n // stages), kvq, w, block_tokens, hide)
-    return dataclasses.replace(step, concurrency=n, num_blocks=whole.num_blocks)
+def micro_shape(n: int, parts: int, kvq, w: Workload, page_tokens: int, hide: int) -> Shape:
+    """A pool for ``n`` sequences, steps of one of ``parts`` micro-batches (ceil(n / parts) sequences)."""
+    whole = shape_for(n, kvq, w, page_tokens, hide)
+    step = shape_for(-(-n // parts), kvq, w, page_tokens, hide)
+    return dataclasses.replace(step, concurrency=n, num_pages=whole.num_pages)
 
 
 def _candidates(searches: list[Search], kvq, hide: int, fixed: int | None) -> list[int]:
     if fixed:
         return [fixed]
-    w, bt = searches[0].w, searches[0].block_tokens
+    w, bt = searches[0].w, searches[0].page_tokens
     per_seq = max(s.light(shape_for(1, kvq, w, bt, hide)).objects[-1].size_bytes for s in searches)
     hi = max(1, min(int(searches[0].budget / max(per_seq, 1)) * 4, w.max_step_tokens))
     return sorted({max(1, round(hi ** (i / (SWEEP_POINTS - 1)))) for i in range(SWEEP_POINTS)})
 
 
 def _evaluate(searches: list[Search], shape: Shape) -> tuple[float, list[Outcome]]:
-    """Tokens per second: a micro-batch of concurrency / N sequences per tick, the slowest stage's step."""
+    """Tokens per second: a micro-batch of concurrency / N sequences per tick, the slowest part's step."""
     outs = [s.evaluate(shape) for s in searches]
     if any(o.plan is None for o in outs):
         return 0.0, outs
@@ -196,10 +158,10 @@ def _evaluate(searches: list[Search], shape: Shape) -> tuple[float, list[Outcome
 
 
 def _search(searches: list[Search], kv_options, hide: int, fixed: int | None) -> tuple[Shape, list[Outcome]]:
-    """The concurrency (and KV bit width) whose slowest stage serves the most tokens per second: a geometric sweep
+    """The concurrency (and KV bit width) whose slowest part serves the most tokens per second: a geometric sweep
     then the integers around the best point."""
     best: tuple[float, Shape | None, list[Outcome]] = (0.0, None, [])
-    w, bt = searches[0].w, searches[0].block_tokens
+    w, bt = searches[0].w, searches[0].page_tokens
     for kvq in kv_options:
         grid = _candidates(searches, kvq, hide, fixed)
         scored = [(_evaluate(searches, micro_shape(n, len(searches), kvq, w, bt, hide)), n) for n in grid]
@@ -212,99 +174,45 @@ def _search(searches: list[Search], kv_options, hide: int, fixed: int | None) ->
         if rate > best[0]:
             best = (rate, micro_shape(n, len(searches), kvq, w, bt, hide), outs)
     if best[1] is None:
-        raise MemintentError("no concurrency fits every stage's budget: raise --budget or add --stages")
+        raise MemintentError("no concurrency fits every part's budget: raise --budget or add --gpus")
     return best[1], best[2]
 
 
-def plan_pipeline(ref: str, *, stages: int, budget_bytes: int, hardware: HardwareProfile, context: int,
+def plan_pipeline(ref: str, *, parts: int, budget_bytes: int, hardware: HardwareProfile, context: int,
                   prompt_len: int, gen_len: int, objective: str = "throughput", quant: str = "auto",
-                  kv_quant: str = "none", concurrency: int | None = None, kv_block_tokens: int = 16,
+                  kv_quant: str = "none", concurrency: int | None = None, kv_page_tokens: int = 16,
                   dtype: str | None = None, max_step_tokens: int | None = None,
                   progress: Callable[[str], None] | None = None) -> Pipeline:
-    """A pipeline of ``stages`` plans, each under ``budget_bytes`` (per GPU), serving one engine's steps."""
+    """A pipeline of ``parts`` plans, each under ``budget_bytes`` (per GPU), serving one engine's steps."""
     say = progress or (lambda m: None)
-    _check_args(objective, context, prompt_len, gen_len, kv_block_tokens)
+    _check_args(objective, context, prompt_len, gen_len, kv_page_tokens)
     src = generation_source(ref, dtype, context)
-    if src.kind != "preset":
-        raise MemintentError(f"{ref}: pipeline stages are built from presets (the project's model code splits at "
-                             "any layer); compile an hf: folder for one GPU")
-    check_stages(stages, src.num_layers)
+    check_stages(parts, src.num_layers)
     w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context,
                  max_step_tokens=max_step_tokens or MAX_STEP_TOKENS)
     say("tracing the whole step to partition its layers")
     whole = AffineStep(src, (64, 8), say)
-    ranges = partition(*layer_work_s(whole.p, hardware, quant), stages)
-    # Every stage streams a share of the weights: the tokens whose compute hides under a stage's stream.
-    hide = hide_tokens(src, whole.p, hardware) // stages if objective == "throughput" else prompt_len + 1
+    ranges = partition(*layer_work_s(whole.p, hardware, quant), parts)
+    # Every part streams a share of the weights: the tokens whose compute hides under a part's stream.
+    hide = hide_tokens(src, whole.p, hardware) // parts if objective == "throughput" else prompt_len + 1
     searches = []
     for lo, hi in ranges:
-        say(f"stage layers {lo}-{hi - 1}: tracing")
-        st = StageSource(src, lo, hi)
+        say(f"part layers {lo}-{hi - 1}: tracing")
+        st = PartSource(src, lo, hi)
         searches.append(Search(st, AffineStep(st, (64, 8), say), w, budget_bytes=budget_bytes, hw=hardware,
-                               quant=quant, block_tokens=kv_block_tokens, swap=lambda s: 0, say=say,
+                               quant=quant, page_tokens=kv_page_tokens, swap=lambda s: 0, say=say,
                                objective=objective, kv_quant=kv_quant))
     shape, _ = _search(searches, _kv_options(kv_quant), hide, 1 if objective == "latency" else concurrency)
     plans = [schedule_program(s.program(shape, exact=True), budget_bytes, hardware, quant=quant) for s in searches]
     steps = [p.prediction.step_time_s for p in plans]
-    rate = shape.concurrency / stages / max(steps)
-    for p in plans:   # the engine's step is a tick: every stage busy with its own micro-batch
+    rate = shape.concurrency / parts / max(steps)
+    for p in plans:   # the engine's step is a tick: every part busy with its own micro-batch
         p.generation = p.generation.model_copy(update=dict(
             decode_step_s=max(steps), tokens_per_s=rate, binding=p.prediction.binding))
     return verify_pipeline(Pipeline(
-        name=f"{whole.p.name} x{stages}", model=src.model_ref(), layers=[list(r) for r in ranges], stages=plans,
+        name=f"{whole.p.name} x{parts}", model=src.model_ref(), layers=[list(r) for r in ranges], parts=plans,
         send_bytes=[send_bytes(whole.at(shape.step_tokens, shape.max_seqs), lo) for lo, _ in ranges[1:]],
         pipelined_step_s=max(steps), serial_step_s=sum(steps), tokens_per_s=rate))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checks
-
-
-def verify_pipeline(pl: Pipeline) -> Pipeline:
-    """Every stage's plan verified under its own budget, and the promises the stages make each other: their layers
-    cover the model's in order, and they serve the same steps over the same pool (one scheduler decides for all)."""
-    from memintent.passes.verify import verify
-
-    if not pl.stages or len(pl.stages) != len(pl.layers):
-        raise MemintentError(f"pipeline {pl.name}: {len(pl.stages)} plans for {len(pl.layers)} layer ranges: "
-                             "recompile it with `compile --stages`")
-    at = 0
-    for i, (rng, p) in enumerate(zip(pl.layers, pl.stages)):
-        if len(rng) != 2 or rng[0] != at or rng[1] <= at or p.model.stage != rng:
-            raise MemintentError(f"pipeline {pl.name}: stage {i} holds layers {p.model.stage}, expected {at}.. in "
-                                 f"order (ranges {pl.layers}): recompile it with `compile --stages`")
-        at = rng[1]
-        verify(p)
-        if p.generation is None or p.kv_pool is None:
-            raise MemintentError(f"pipeline {pl.name}: stage {i} is not a generation plan")
-    if pl.model.kind != "preset":     # checked before resolving: a plan file never makes code run
-        raise MemintentError(f"pipeline {pl.name}: its model {pl.model.ref} is not a preset; pipelines are built "
-                             "from presets: recompile it with `compile --stages`")
-    from memintent.compiler.refs import resolve
-
-    layers = resolve(pl.model.ref, dtype=pl.model.dtype).num_layers
-    if at != layers:
-        raise MemintentError(f"pipeline {pl.name}: its stages hold layers 0..{at - 1} of the model's {layers}: the "
-                             "last stage must end with the last layer and the head; recompile it with "
-                             "`compile --stages`")
-    first = pl.stages[0]
-    for i, p in enumerate(pl.stages[1:], 1):
-        for what, a, b in (("steps", _served(first), _served(p)), ("pool", _pool(first), _pool(p))):
-            if a != b:
-                raise MemintentError(f"pipeline {pl.name}: stage {i} serves {what} {b}, stage 0 {a}: every stage "
-                                     "must serve the same steps; recompile it with `compile --stages`")
-    return pl
-
-
-def _served(p: Program) -> tuple:
-    g = p.generation
-    return (g.step_tokens, g.max_seqs, g.context, g.concurrency)
-
-
-def _pool(p: Program) -> tuple:
-    k = p.kv_pool
-    return (k.num_blocks, k.block_tokens, k.swap_blocks, k.quant.value)
-
-
-__all__ = ["StageSource", "stage_of", "partition", "plan_pipeline", "send_bytes",
-           "verify_pipeline"]
+__all__ = ["partition", "plan_pipeline", "send_bytes"]

@@ -7,7 +7,7 @@ sequences running, a workload of mean prompt ``P`` and mean output ``G`` needs, 
 and ``N * P / G`` prompt tokens per step, and keeps ``N`` contexts of up to ``P + G`` tokens in the pool. So ``N``
 (the concurrency) sizes everything:
 
-    pool blocks   ceil(N * (P + G) / block_tokens) + 1 (the null block)
+    pool pages   ceil(N * (P + G) / page_tokens) + 1 (the null page)
     step tokens   max(1.25 * N * (1 + P / G), the prompt tokens whose compute hides under the streamed bytes)
     step seqs     2 * N (short requests let more sequences share the pool)
 
@@ -42,16 +42,24 @@ from typing import Callable
 import torch
 
 from memintent.compiler.frontend import TraceSpec, trace
-from memintent.compiler.refs import resolve
-from memintent.engine import attention
-from memintent.engine.attention import gather_tokens
-from memintent.engine.kv_pool import layout_of
-from memintent.engine.runner import engine_build_kwargs
 from memintent.errors import MemintentError
 from memintent.ir.model import (
-    GenerationPlan, HardwareProfile, KVPool, KVQuant, Object, ObjectKind, Program, Residency, RunShape, Tier,
+    GenerationPlan,
+    HardwareProfile,
+    KVPool,
+    KVQuant,
+    Object,
+    ObjectKind,
+    Program,
+    Residency,
+    RunShape,
+    Tier,
     align_up,
 )
+from memintent.kv import attention
+from memintent.kv.attention import gather_tokens
+from memintent.kv.layout import layout_of
+from memintent.models.refs import resolve
 from memintent.passes import schedule_program
 from memintent.passes.costs import step_time_s
 from memintent.passes.lifetimes import activation_profile, lifetimes
@@ -88,7 +96,7 @@ class Shape:
     kv_quant: KVQuant
     step_tokens: int
     max_seqs: int
-    num_blocks: int
+    num_pages: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,18 +106,14 @@ class Shape:
 def step_spec(src, tokens: int, seqs: int) -> TraceSpec:
     """One engine step as the front end traces it: ``tokens`` packed tokens, logits for ``seqs`` rows."""
     ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")          # (1, T)
-    if getattr(src, "lo", 0):       # a pipeline stage after the first takes the previous stage's hidden states
+    if src.takes_hidden:            # a pipeline part after the first takes the previous part's hidden states
         ids = torch.zeros(1, tokens, src.config.dim, dtype=src.torch_dtype, device="meta")   # (1, T, dim)
     pos = torch.zeros(tokens, dtype=torch.long, device="meta")             # (T,)
     rows = torch.zeros(seqs, dtype=torch.long, device="meta")              # (S,)
-    if src.kind == "hf":
-        inputs, kwargs = (), dict(input_ids=ids, position_ids=pos[None], logits_to_keep=rows, use_cache=False)
-    else:
-        inputs, kwargs = (ids, pos, rows), {}
-    build_kw = engine_build_kwargs(src)
+    inputs, kwargs = src.step_call(ids, pos, rows)
     return TraceSpec(name=src.ref.removeprefix("hf:").rstrip("/").rsplit("/", 1)[-1],
                      ref=src.model_ref(attention=attention.ENGINE_ATTENTION),
-                     build=lambda n: src.build("meta", num_layers=n, **build_kw), inputs=inputs, kwargs=kwargs,
+                     build=lambda n: src.engine_build("meta", num_layers=n), inputs=inputs, kwargs=kwargs,
                      layers_path=src.layers_path, num_layers=src.num_layers, n_kv_heads=src.n_kv_heads,
                      head_dim=src.head_dim)
 
@@ -186,10 +190,10 @@ class AffineStep:
 # Attention, the pool and the candidate's program
 
 
-def kv_pool(src, shape: Shape, block_tokens: int, swap_blocks: int) -> KVPool:
-    probe = KVPool(layers=src.num_layers, kv_heads=src.n_kv_heads, head_dim=src.head_dim, block_tokens=block_tokens,
-                   num_blocks=shape.num_blocks, quant=shape.kv_quant, block_bytes=1, swap_blocks=swap_blocks)
-    return probe.model_copy(update={"block_bytes": layout_of(probe, src.torch_dtype).block_bytes})
+def kv_pool(src, shape: Shape, page_tokens: int, swap_pages: int) -> KVPool:
+    probe = KVPool(layers=src.num_layers, kv_heads=src.n_kv_heads, head_dim=src.head_dim, page_tokens=page_tokens,
+                   num_pages=shape.num_pages, quant=shape.kv_quant, page_bytes=1, swap_pages=swap_pages)
+    return probe.model_copy(update={"page_bytes": layout_of(probe, src.torch_dtype).page_bytes})
 
 
 def step_scratch(src, pool: KVPool, context: int, step_tokens: int, max_seqs: int) -> tuple[int, int]:
@@ -200,7 +204,7 @@ def step_scratch(src, pool: KVPool, context: int, step_tokens: int, max_seqs: in
         heads=src.n_heads, dtype=src.torch_dtype, quantized=layout.quantized, step_tokens=step_tokens,
         max_seqs=max_seqs, context=context)
     meta = attention.metadata_bytes(step_tokens=step_tokens, max_seqs=max_seqs, context=context,
-                                    block_tokens=pool.block_tokens, num_blocks=pool.num_blocks)
+                                    page_tokens=pool.page_tokens, num_pages=pool.num_pages)
     return scratch, meta
 
 
@@ -210,7 +214,7 @@ def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork, 
     their scratch; the step's attention metadata is a workspace held through the step (``step_scratch``)."""
     scratch, meta = step_scratch(src, pool, context, p.shape.seq, max_seqs)
     p.objects.append(Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8",
-                            shape=[pool.num_blocks, pool.block_bytes], size_bytes=pool.num_blocks * pool.block_bytes,
+                            shape=[pool.num_pages, pool.page_bytes], size_bytes=pool.num_pages * pool.page_bytes,
                             home=Tier.hbm))
     p.objects.append(Object(name="step.metadata", kind=ObjectKind.workspace, dtype="u8", shape=[meta],
                             size_bytes=meta, home=Tier.hbm))
@@ -232,7 +236,7 @@ def step_work(src, pool: KVPool, shape: Shape, w: Workload) -> attention.Attenti
     (prompt + half the output), and the step's prompt tokens over half their prompt on average."""
     n = shape.concurrency
     layout = layout_of(pool, src.torch_dtype)
-    token_bytes = layout.block_bytes // (pool.block_tokens * pool.layers)
+    token_bytes = layout.page_bytes // (pool.page_tokens * pool.layers)
     prefill = min(shape.step_tokens - n, math.ceil(n * w.prompt_len / max(w.gen_len, 1)))
     chunks = max(1, math.ceil(prefill / max(w.prompt_len, 1)))
     return attention.attention_work(heads=src.n_heads, head_dim=src.head_dim,
@@ -245,14 +249,14 @@ def step_work(src, pool: KVPool, shape: Shape, w: Workload) -> attention.Attenti
 # Candidates
 
 
-def shape_for(n: int, kvq: KVQuant, w: Workload, block_tokens: int, hide_tokens: int) -> Shape:
+def shape_for(n: int, kvq: KVQuant, w: Workload, page_tokens: int, hide_tokens: int) -> Shape:
     n = min(n, w.max_step_tokens)                  # every running sequence needs a token of each step
     need = math.ceil(STEP_TOKEN_HEADROOM * n * (1 + w.prompt_len / max(w.gen_len, 1)))
     seqs = min(2 * n, w.max_step_tokens)
     tokens = max(min(max(need, hide_tokens), w.max_step_tokens), seqs)
-    blocks = math.ceil(n * w.seq_tokens / block_tokens) + 1
-    blocks = max(blocks, math.ceil(w.context / block_tokens) + 1)   # one sequence of the full context always fits
-    return Shape(concurrency=n, kv_quant=kvq, step_tokens=tokens, max_seqs=seqs, num_blocks=blocks)
+    blocks = math.ceil(n * w.seq_tokens / page_tokens) + 1
+    blocks = max(blocks, math.ceil(w.context / page_tokens) + 1)   # one sequence of the full context always fits
+    return Shape(concurrency=n, kv_quant=kvq, step_tokens=tokens, max_seqs=seqs, num_pages=blocks)
 
 
 def hide_tokens(src, step: Program, hw: HardwareProfile) -> int:
@@ -280,18 +284,18 @@ class Search:
     reservation), so a candidate costs one residency search rather than a trace and the whole pipeline."""
 
     def __init__(self, src, step: AffineStep, w: Workload, *, budget_bytes: int, hw: HardwareProfile, quant: str,
-                 block_tokens: int, swap: Callable[[Shape], int], say: Callable[[str], None],
+                 page_tokens: int, swap: Callable[[Shape], int], say: Callable[[str], None],
                  objective: str = "throughput", kv_quant: str = "none"):
         self.src, self.step, self.w = src, step, w
         self.objective, self.kv_quant = objective, kv_quant
-        self.budget, self.hw, self.quant, self.block_tokens = budget_bytes, hw, quant, block_tokens
+        self.budget, self.hw, self.quant, self.page_tokens = budget_bytes, hw, quant, page_tokens
         self.swap, self.say = swap, say
         self.cache: dict[tuple[int, str], Outcome] = {}
         self.weights = [o for o in step.p.objects if o.kind == ObjectKind.weight]
 
     def program(self, shape: Shape, exact: bool = False) -> Program:
         """The candidate's traced step, annotated: exactly traced, or interpolated from the three traces."""
-        pool = kv_pool(self.src, shape, self.block_tokens, self.swap(shape))
+        pool = kv_pool(self.src, shape, self.page_tokens, self.swap(shape))
         if exact or not self.step.exact:
             p = trace_step(self.src, shape.step_tokens, shape.max_seqs, self.say)
         else:
@@ -306,11 +310,11 @@ class Search:
         return p
 
     def light(self, shape: Shape) -> Program:
-        pool = kv_pool(self.src, shape, self.block_tokens, self.swap(shape))
+        pool = kv_pool(self.src, shape, self.page_tokens, self.swap(shape))
         work = step_work(self.src, pool, shape, self.w)
         times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work)
         scratch, meta = step_scratch(self.src, pool, self.w.context, shape.step_tokens, shape.max_seqs)
-        held = (align_up(pool.num_blocks * pool.block_bytes) + meta
+        held = (align_up(pool.num_pages * pool.page_bytes) + meta
                 + self.step.activation_peak(shape.step_tokens, shape.max_seqs, scratch))
         reserve = Object(name="kv.pool+activations", kind=ObjectKind.workspace, dtype="u8", shape=[held],
                          size_bytes=held, home=Tier.hbm)
@@ -349,14 +353,14 @@ class Search:
 def _largest_fitting(search: Search, kvq: KVQuant, hide: int) -> int:
     """The largest concurrency whose pool, activations and workspace leave room for one stream slot: an upper bound
     for the sweep (bisection on the pool's size alone; the residency pass decides the rest)."""
-    w, bt = search.w, search.block_tokens
-    per_seq = kv_pool(search.src, shape_for(1, kvq, w, bt, hide), bt, 0).block_bytes * w.seq_tokens / bt
+    w, bt = search.w, search.page_tokens
+    per_seq = kv_pool(search.src, shape_for(1, kvq, w, bt, hide), bt, 0).page_bytes * w.seq_tokens / bt
     return max(1, min(int(search.budget / max(per_seq, 1)), w.max_step_tokens))
 
 
 def sweep(search: Search, kvq: KVQuant, hide: int, fixed: int | None) -> list[Outcome]:
     """Coarse geometric sweep of the concurrency, then integer refinement around the best feasible point."""
-    w, bt = search.w, search.block_tokens
+    w, bt = search.w, search.page_tokens
     if fixed:
         return [search.evaluate(shape_for(fixed, kvq, w, bt, hide))]
     hi = _largest_fitting(search, kvq, hide)
@@ -404,7 +408,7 @@ def _pick(outs: list[Outcome], kv_quant: str) -> Outcome:
 
 def _describe(o: Outcome, chosen: Outcome) -> str:
     s = o.shape
-    head = f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_blocks} blocks, {s.step_tokens} tokens/step)"
+    head = f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_pages} blocks, {s.step_tokens} tokens/step)"
     if o.plan is None:
         return f"{head}: {o.why}"
     streamed = sum(1 for b in o.plan.blocks if b.residency == Residency.streamed)
@@ -436,11 +440,11 @@ def _binding(plan: Program, chosen: Outcome, outs: list[Outcome]) -> str:
 # The entry point
 
 
-def _check_args(objective: str, context: int, prompt_len: int, gen_len: int, block_tokens: int) -> None:
+def _check_args(objective: str, context: int, prompt_len: int, gen_len: int, page_tokens: int) -> None:
     if objective not in ("throughput", "latency"):
         raise MemintentError(f"--objective {objective!r}: use throughput or latency")
     for flag, v in (("--context", context), ("--prompt-len", prompt_len), ("--gen-len", gen_len),
-                    ("--kv-block-tokens", block_tokens)):
+                    ("--kv-page-tokens", page_tokens)):
         if v < 1:
             raise MemintentError(f"{flag} {v} must be at least 1")
     if context < prompt_len + gen_len - 1:
@@ -462,22 +466,22 @@ def generation_source(ref: str, dtype: str | None, context: int):
 
 def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, context: int, prompt_len: int,
                     gen_len: int, objective: str = "throughput", quant: str = "auto", kv_quant: str = "none",
-                    concurrency: int | None = None, kv_block_tokens: int = 16, swap_blocks: int | None = None,
+                    concurrency: int | None = None, kv_page_tokens: int = 16, swap_pages: int | None = None,
                     dtype: str | None = None, max_step_tokens: int | None = None,
                     progress: Callable[[str], None] | None = None) -> Program:
     """A verified generation plan for ``ref`` under ``budget_bytes``. ``concurrency`` fixes N (tests,
-    experiments); ``latency`` plans one sequence whose whole prompt fits one step. ``swap_blocks``: host swap
+    experiments); ``latency`` plans one sequence whose whole prompt fits one step. ``swap_pages``: host swap
     space in blocks (None: a quarter of the pool when the plan's copy engine has idle time to swap in, else none)."""
     say = progress or (lambda m: None)
-    _check_args(objective, context, prompt_len, gen_len, kv_block_tokens)
+    _check_args(objective, context, prompt_len, gen_len, kv_page_tokens)
     src = generation_source(ref, dtype, context)
     w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context,
                  max_step_tokens=max_step_tokens or MAX_STEP_TOKENS)
     say("tracing the engine step at three shapes")
     step = AffineStep(src, (64, 8), say)
     hide = hide_tokens(src, step.p, hardware) if objective == "throughput" else prompt_len + 1
-    search = Search(src, step, w, budget_bytes=budget_bytes, hw=hardware, quant=quant, block_tokens=kv_block_tokens,
-                    swap=lambda s: s.num_blocks if swap_blocks is None else swap_blocks, say=say,
+    search = Search(src, step, w, budget_bytes=budget_bytes, hw=hardware, quant=quant, page_tokens=kv_page_tokens,
+                    swap=lambda s: s.num_pages if swap_pages is None else swap_pages, say=say,
                     objective=objective, kv_quant=kv_quant)
     fixed = 1 if objective == "latency" else concurrency
     outs: list[Outcome] = []
@@ -486,15 +490,15 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
         outs += sweep(search, kvq, hide, fixed)
     chosen = _pick(outs, kv_quant)
     say(f"{chosen.shape.concurrency} sequences, {chosen.shape.kv_quant.value} KV: tracing the step exactly")
-    return _finish(search, chosen, outs, quant=quant, swap_blocks=swap_blocks)
+    return _finish(search, chosen, outs, quant=quant, swap_pages=swap_pages)
 
 
-def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str, swap_blocks: int | None) -> Program:
+def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str, swap_pages: int | None) -> Program:
     s = chosen.shape
-    if swap_blocks is None:
+    if swap_pages is None:
         # A PCIe-bound plan never swaps (its copy engine has no idle time, so victims recompute): no pinned swap
         # space. Otherwise a quarter of the pool: victims are the newest sequences, a few at a time.
-        search.swap = (lambda shape: 0) if chosen.binding == "pcie" else (lambda shape: shape.num_blocks // 4)
+        search.swap = (lambda shape: 0) if chosen.binding == "pcie" else (lambda shape: shape.num_pages // 4)
     plan = schedule_program(search.program(s, exact=True), search.budget, search.hw, quant=quant)
     pr = plan.prediction
     plan.generation = plan.generation.model_copy(update=dict(
@@ -515,7 +519,7 @@ class StepPredictor:
         self.src = resolve(program.model.ref, dtype=program.model.dtype)
         self.step = AffineStep(self.src, (64, 8), progress or (lambda m: None))
         pool = program.kv_pool
-        self.token_bytes = pool.block_bytes // (pool.block_tokens * pool.layers)
+        self.token_bytes = pool.page_bytes // (pool.page_tokens * pool.layers)
 
     def predict_s(self, record) -> float:
         work = attention.attention_work(

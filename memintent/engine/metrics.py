@@ -7,7 +7,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from memintent.engine.engine import EngineStats
+from memintent.engine.core import EngineStats
 from memintent.engine.sequence import RequestOutput
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -38,9 +38,9 @@ class ServeReport:
     ttft_p99_s: float | None
     tpot_median_s: float | None
     tpot_p99_s: float | None
-    num_blocks: int
-    kv_peak_blocks: int
-    kv_mean_blocks: float
+    num_pages: int
+    kv_peak_pages: int
+    kv_mean_pages: float
     kv_over_time: list[int] = field(default_factory=list)     # used blocks after each step
     preemptions: dict[str, int] = field(default_factory=dict)
     h2d_gbps: float = 0.0
@@ -59,7 +59,7 @@ class ServeReport:
             return ""
         step = max(1, len(xs) // width)
         cols = [max(xs[i:i + step]) for i in range(0, len(xs), step)]
-        return "".join(SPARK[min(len(SPARK) - 1, int(c / max(self.num_blocks - 1, 1) * (len(SPARK) - 1) + 0.5))]
+        return "".join(SPARK[min(len(SPARK) - 1, int(c / max(self.num_pages - 1, 1) * (len(SPARK) - 1) + 0.5))]
                        for c in cols)
 
 
@@ -86,7 +86,7 @@ def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: floa
     decode_steps = [s for s in steps if s.decode_tokens]
     ttft = [o.ttft_s for o in outputs]
     tpot = [o.tpot_s for o in outputs if o.tpot_s is not None]
-    used = [s.used_blocks for s in steps]
+    used = [s.used_pages for s in steps]
     kinds = dict(Counter(p.kind for p in stats.preemptions))
     return ServeReport(
         device=device, requests=len(outputs), generated_tokens=generated, prompt_tokens=prompt_tokens,
@@ -97,7 +97,7 @@ def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: floa
         predicted_step_s=program.generation.decode_step_s,
         ttft_median_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
         tpot_median_s=_quantile(tpot, 0.5), tpot_p99_s=_quantile(tpot, 0.99),
-        num_blocks=stats.num_blocks, kv_peak_blocks=max(used, default=0),
-        kv_mean_blocks=statistics.fmean(used) if used else 0.0, kv_over_time=used, preemptions=kinds,
+        num_pages=stats.num_pages, kv_peak_pages=max(used, default=0),
+        kv_mean_pages=statistics.fmean(used) if used else 0.0, kv_over_time=used, preemptions=kinds,
         streamed_bytes=program.prediction.streamed_bytes, budget_bytes=program.budget_bytes or 0,
         predicted_peak_bytes=program.prediction.peak_hbm_bytes)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memintent.engine.runner import step_logits
+from memintent.models.plan_model import resident_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,16 +29,12 @@ def reference_logits(src, model, prompt: tuple[int, ...], generated: list[int], 
     ids = torch.tensor([tokens], dtype=torch.long, device=device)                 # (1, L)
     rows = torch.arange(len(prompt) - 1, len(tokens), device=device)              # (len(generated),)
     with torch.no_grad():
-        if src.kind == "hf":
-            out = model(input_ids=ids, logits_to_keep=rows, use_cache=False).logits[0]
-        else:
-            out = model(ids, None, rows)
+        out = src.dense_logits(model, ids, rows)                                 # (len(generated), vocab)
     return out.float().cpu()
 
 
 def compare(src, device, requests, outputs, engine_logits: dict[str, list[torch.Tensor]]) -> Agreement:
     """Teacher-forced comparison of the tracked requests (those with ``engine_logits``)."""
-    from memintent.compiler.plan_source import resident_model
 
     by_id = {o.id: o for o in outputs}
     model = resident_model(src, device)
@@ -61,4 +57,4 @@ def compare(src, device, requests, outputs, engine_logits: dict[str, list[torch.
     return Agreement(requests=len(engine_logits), tokens=tokens, agreeing=agreeing, max_logit_error=err)
 
 
-__all__ = ["Agreement", "compare", "reference_logits", "step_logits"]
+__all__ = ["Agreement", "compare", "reference_logits"]

@@ -1,8 +1,8 @@
-"""The model runner: one engine step on the device, from a ``StepPlan`` to the sampled tokens.
+"""The model runner: one engine step on the device, from a ``Batch`` to the sampled tokens.
 
 It owns the model (built on meta and bound to the plan, so its weights stream as planned; or, for the all-resident
 reference engine, filled on the device), the KV pool's views over the arena's KV slot, the host swap space, and
-the copies that move swapped blocks. Copies use the runtime's copy engine backend: on CUDA the copy stream that
+the copies that move swapped pages. Copies use the runtime's copy engine backend: on CUDA the copy stream that
 weight streaming also uses (so a swap waits its turn behind the weight copies issued before it, FIFO), on the CPU
 backend plain synchronous copies.
 """
@@ -11,75 +11,59 @@ from __future__ import annotations
 
 import torch
 
-from memintent.compiler.fingerprint import named_weights
-from memintent.engine import attention
-from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
-from memintent.engine.kv_pool import PoolViews, SwapSpace, layout_of
-from memintent.engine.scheduler import Chunk, StepPlan
-from memintent.errors import MemintentError
-from memintent.ir.model import Program, SlotKind
+from memintent.engine.pages import PagePool, SwapSpace
+from memintent.engine.scheduler import Batch, Chunk
+from memintent.ir.model import SlotKind
+from memintent.ir.proven import Proven
+from memintent.kv import attention
+from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
+from memintent.kv.layout import PoolViews, layout_of
+from memintent.models.plan_model import resident_model
 from memintent.runtime.arena import POISON_BYTE
 from memintent.runtime.copy_engine import CpuBackend, CudaBackend
-
-
-def engine_build_kwargs(src) -> dict:
-    """How to build the source's model for engine steps: Hugging Face models route attention to the engine."""
-    if src.kind == "hf":
-        return {"attention": attention.register_hf_attention()}
-    return {}
-
-
-def step_logits(src, model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor,
-                logits_index: torch.Tensor) -> torch.Tensor:
-    """One engine step's forward: ids (1, T), positions (T,), logits_index (S,) -> logits (S, vocab)."""
-    if src.kind == "hf":
-        out = model(input_ids=ids, position_ids=positions[None], logits_to_keep=logits_index, use_cache=False)
-        return out.logits[0]                                              # (S, vocab)
-    return model(ids, positions, logits_index)                            # (S, vocab)
+from memintent.runtime.executor import attach
+from memintent.runtime.host_store import HostStore
 
 
 class ModelRunner:
-    """``resident=True``: the same engine with every weight on the device and the pool in its own tensor (the
-    reference the streamed engine must match bitwise on the same requests)."""
+    """One part of a proven generation plan (the whole model, or a pipeline part) on ``device``. ``resident=True``:
+    the same engine with every weight on the device and the pool in its own tensor (the reference the streamed
+    engine must match bitwise on the same requests). ``src``: the plan's model, already checked against the plan
+    (``models.plan_model.source_for``)."""
 
-    def __init__(self, program: Program, src, device: torch.device, pool, *, check: bool = False, store=None,
-                 resident: bool = False):
-        from memintent.runtime import HostStore, attach
-
-        if program.kv_pool is None or program.generation is None:
-            raise MemintentError(f"{program.name} is not a generation plan: compile it with --objective")
+    def __init__(self, proven: Proven, src, device: torch.device, pool: PagePool, *, check: bool = False,
+                 store: HostStore | None = None, resident: bool = False):
+        program = proven.program
         self.program, self.src, self.device, self.check, self.pool = program, src, device, check, pool
-        pool = program.kv_pool
-        self.layout = layout_of(pool, src.torch_dtype)
+        kv = program.kv_pool
+        self.layout = layout_of(kv, src.torch_dtype)
         self.dtype = src.torch_dtype
-        self.gather_tokens = attention.gather_tokens(pool, program.generation.context)
+        self.gather_tokens = attention.gather_tokens(kv, program.generation.context)
         self.handle = None
         self.forward_stats: list = []                    # the runtime's per-step statistics, kept at close
-        model = src.build("meta", **engine_build_kwargs(src))
+        model = src.engine_build("meta")
         if resident:
-            model = model.to_empty(device=device)
-            with torch.no_grad():
-                src.fill_weights(named_weights(model))
-            flat = torch.empty(pool.num_blocks * pool.block_bytes, dtype=torch.uint8, device=device)
+            model = resident_model(src, device, model)
+            flat = torch.empty(kv.num_pages * kv.page_bytes, dtype=torch.uint8, device=device)
             self.backend = CudaBackend(device, timing=False) if device.type == "cuda" else CpuBackend(device)
         else:
             if store is None:
                 store = HostStore(program, pin="auto" if device.type == "cuda" else "none")
                 store.fill(src.fill_weights)
-            self.handle = attach(model, program, device, check=check, host_store=store)
-            kv = next(s for s in program.arena.slots if s.kind == SlotKind.kv)
-            flat = self.handle.arena.slot(kv.index)
+            self.handle = attach(model, proven, device, check=check, host_store=store, model_checked=True)
+            slot = next(s for s in program.arena.slots if s.kind == SlotKind.kv)
+            flat = self.handle.arena.slot(slot.index)
             self.backend = self.handle.backend
         self.model = model
         # Unwritten positions are masked, but a masked score still multiplies its value by zero and 0 * NaN is NaN:
         # the pool starts zeroed, never as whatever the arena held (checked mode fills it with NaN on purpose).
         flat.zero_()
-        stage = program.model.stage
-        self.views = PoolViews(flat, self.layout, pool.num_blocks, layer_offset=stage[0] if stage else 0)
-        self.swap = SwapSpace(pool.swap_blocks, pool.block_bytes, pin=device.type == "cuda")
+        first_layer = program.model.part[0] if program.model.part else 0
+        self.views = PoolViews(flat, self.layout, kv.num_pages, layer_offset=first_layer)
+        self.swap = SwapSpace(kv.swap_pages, kv.page_bytes, pin=device.type == "cuda")
 
-    # -- moving blocks ----------------------------------------------------------------------------------------
-    def _copy_blocks(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+    # -- moving pages ----------------------------------------------------------------------------------------
+    def _copy_pages(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
         arrivals = []
         for dst, src in pairs:
             _, arrived = self.backend.copy(dst, src, None)
@@ -91,41 +75,41 @@ class ModelRunner:
             if a is not None:
                 self.backend.wait(a)
 
-    def move_blocks(self, plan: StepPlan) -> None:
+    def move_pages(self, batch: Batch) -> None:
         """Swap out, (checked mode: poison what was freed, zero what was handed out), swap in. The host read the
-        previous step's tokens, so no compute of it still reads or writes these blocks; the compute stream waits
+        previous step's tokens, so no compute of it still reads or writes these pages; the compute stream waits
         for every copy before this step's attention touches the pool."""
-        out = [(self.swap.buffer[h], self.views.block(b)) for blocks, slots in plan.swap_out
-               for b, h in zip(blocks, slots)]
-        arrivals = self._copy_blocks(out)
+        out = [(self.swap.buffer[h], self.views.page(b)) for pages, slots in batch.swap_out
+               for b, h in zip(pages, slots)]
+        arrivals = self._copy_pages(out)
         if self.check:
-            self._wait(arrivals)      # the poison below must not overwrite blocks before they are read out
+            self._wait(arrivals)      # the poison below must not overwrite pages before they are read out
             arrivals = []
-            self.poison(plan.freed_blocks)
-            for b in plan.new_blocks:
-                self.views.block(b).zero_()
-        ins = [(self.views.block(b), self.swap.buffer[h]) for slots, blocks in plan.swap_in
-               for h, b in zip(slots, blocks)]
+            self.poison(batch.freed_pages)
+            for b in batch.new_pages:
+                self.views.page(b).zero_()
+        ins = [(self.views.page(b), self.swap.buffer[h]) for slots, pages in batch.swap_in
+               for h, b in zip(slots, pages)]
         if self.check and ins and self.device.type == "cuda":
-            # the copy stream must not write a block before the zero fill on the compute stream has run
+            # the copy stream must not write a page before the zero fill on the compute stream has run
             torch.cuda.current_stream(self.device).synchronize()
-        arrivals += self._copy_blocks(ins)
+        arrivals += self._copy_pages(ins)
         self._wait(arrivals)
 
-    def poison(self, blocks: list[int]) -> None:
-        """Checked mode: returned blocks are filled with NaN (0xFF) so that a read of a block nobody owns shows."""
+    def poison(self, pages: list[int]) -> None:
+        """Checked mode: returned pages are filled with NaN (0xFF) so that a read of a page nobody owns shows."""
         if self.check:
-            for b in blocks:
-                self.views.block(b).fill_(POISON_BYTE)
+            for b in pages:
+                self.views.page(b).fill_(POISON_BYTE)
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepMeta]:
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepMeta]:
         """The step's token ids (1, T), positions (T,), logits rows (S,) and attention metadata."""
-        bt = self.layout.block_tokens
+        bt = self.layout.page_tokens
         ids, pos, wblk, woff, sample_rows = [], [], [], [], []
         tables = {}
         at = 0
-        for c in plan.chunks:
+        for c in batch.chunks:
             table = self._table(c)
             tables[id(c)] = table
             for p in range(c.start, c.start + c.length):
@@ -142,14 +126,14 @@ class ModelRunner:
         dev = host.to(self.device)
         ids_d, pos_d, wblk_d, woff_d = dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n]
         meta = StepMeta(write_blocks=wblk_d, write_offsets=woff_d)
-        self._attention_groups(plan.chunks, tables, meta)
+        self._attention_groups(batch.chunks, tables, meta)
         return ids_d[None], pos_d, dev[4 * n:], meta
 
     def _table(self, c: Chunk) -> list[int]:
         return self.pool.table(c.seq.seq_id)
 
     def _attention_groups(self, chunks: list[Chunk], tables: dict, meta: StepMeta) -> None:
-        bt, dev = self.layout.block_tokens, self.device
+        bt, dev = self.layout.page_tokens, self.device
         starts, at = [], 0
         for c in chunks:
             starts.append(at)
@@ -160,7 +144,7 @@ class ModelRunner:
             idx = [decode[j] for j in group]
             nb = max(len(tables[id(chunks[i])]) for i in idx)
             rows = torch.tensor([starts[i] for i in idx], dtype=torch.long)
-            tab = torch.zeros(len(idx), nb, dtype=torch.long)             # padded with the null block (0)
+            tab = torch.zeros(len(idx), nb, dtype=torch.long)             # padded with the null page (0)
             for r, i in enumerate(idx):
                 t = tables[id(chunks[i])]
                 tab[r, :len(t)] = torch.tensor(t, dtype=torch.long)
@@ -181,22 +165,13 @@ class ModelRunner:
             meta.prefill.append(PrefillChunk(start=starts[i], length=c.length, context=context, table=table,
                                              mask=mask))
 
-    def forward(self, plan: StepPlan, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Move the step's blocks and run it: logits (S, vocab); a pipeline stage before the last returns its
-        hidden states (1, T, dim) instead, and one after the first takes the previous stage's as ``hidden``."""
-        self.move_blocks(plan)
-        ids, positions, rows, meta = self.inputs(plan)
+    def forward(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Move the step's pages and run it: logits (S, vocab); a pipeline part before the last returns its hidden
+        states (1, T, dim) instead, and one after the first takes the previous part's as ``hidden``."""
+        self.move_pages(batch)
+        ids, positions, rows, meta = self.inputs(batch)
         with torch.no_grad(), attention.step(self.views, meta, self.dtype):
-            return step_logits(self.src, self.model, ids if hidden is None else hidden, positions, rows)
-
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Run the step; returns one greedy token per sampling chunk, in chunk order."""
-        # The previous step's logits go first: held through this step, they would be device memory the plan's
-        # proof (one step's activations) does not count.
-        self.last_logits = None
-        logits = self.forward(plan)                                           # (S, vocab)
-        self.last_logits = logits
-        return logits.argmax(-1).tolist()
+            return self.src.step_logits(self.model, ids if hidden is None else hidden, positions, rows)
 
     def close(self) -> None:
         if self.handle is not None:

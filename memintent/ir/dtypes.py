@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
+
 @dataclass(frozen=True)
 class DType:
     bits: int                       # width of one value; int4 packs two values in a byte
@@ -57,7 +58,7 @@ def dtype_bytes(dtype: str, numel: int) -> int:
 @functools.lru_cache(maxsize=None)
 def torch_dtypes() -> dict[str, Any]:
     """``{IR name: torch.dtype}`` for every dtype the runtime can hold (do not modify: it is cached)."""
-    import torch
+    import torch  # deferred: the IR and the passes are plain data and arithmetic, and run without torch
 
     return {name: getattr(torch, d.torch) for name, d in DTYPES.items() if d.torch is not None}
 

@@ -27,8 +27,8 @@ residency
     ``resident``: the block is placed once in its own arena slot and never moves. ``streamed``: the block's home
     is host memory and each visit copies it into a stream slot.
 kv pool
-    The KV cache of a generation plan: ``num_blocks`` fixed-size blocks of ``block_tokens`` tokens, each holding
-    keys and values of every layer (spec/serving.md). A sequence owns a block table; blocks are taken as it grows
+    The KV cache of a generation plan: ``num_pages`` fixed-size blocks of ``page_tokens`` tokens, each holding
+    keys and values of every layer (spec/serving.md). A sequence owns a page table; blocks are taken as it grows
     and returned when it finishes or is preempted (swapped to host memory, or dropped for recomputation).
 step
     (of the serving engine) one forward over the model: the decode tokens of the running sequences plus chunks of
@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memintent.ir.dtypes import DTYPE_BITS, dtype_bytes  # noqa: F401 -- the IR's dtype table, named here too
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2      # 2: KV pages (were blocks), pipeline parts (were stages)
 
 # Every weight in a block's flat buffer, every part of a packed block, every host block buffer and every arena
 # slot starts on this boundary (vectorised copies, and a dtype-aligned view of any weight at any offset).
@@ -131,7 +131,7 @@ class ModelRef(_Model):
     dtype: str = "bf16"           # dtype of the weights as traced
     traced_layers: int | None = None  # decoder layers actually traced when repeated layers were folded
     attention: str = "sdpa"       # the attention implementation the traced model runs ("memintent": the engine's)
-    stage: list[NonNeg] = Field(default_factory=list)   # a pipeline stage: its decoder layers [first, last); [] all
+    part: list[NonNeg] = Field(default_factory=list)    # a pipeline part: its decoder layers [first, last); [] all
 
 
 class RunShape(_Model):
@@ -262,17 +262,17 @@ class Prediction(_Model):
 
 
 class KVPool(_Model):
-    """The paged KV cache of a generation plan (spec/serving.md): the arena's KV slot holds ``num_blocks`` blocks
-    of ``block_bytes``; block 0 is the null block that pads block tables."""
+    """The paged KV cache of a generation plan (spec/serving.md): the arena's KV slot holds ``num_pages`` blocks
+    of ``page_bytes``; block 0 is the null page that pads page tables."""
 
     layers: Pos
     kv_heads: Pos
     head_dim: Pos
-    block_tokens: Pos             # tokens per block
-    num_blocks: Pos               # blocks in the pool, the null block included
+    page_tokens: Pos             # tokens per block
+    num_pages: Pos               # blocks in the pool, the null page included
     quant: KVQuant = KVQuant.none
-    block_bytes: Pos              # one block: keys and values of every layer (+ int8 scales)
-    swap_blocks: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
+    page_bytes: Pos              # one block: keys and values of every layer (+ int8 scales)
+    swap_pages: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
 
 
 class GenerationPlan(_Model):
@@ -331,18 +331,18 @@ class Program(_Model):
 
 
 class Pipeline(_Model):
-    """One model over several GPUs (``compile --stages N``): each stage is a plan of its own over a contiguous range
-    of decoder layers (the first with the embedding, the last with the head), under its own budget, with its share
-    of every KV block (its layers'). All stages serve the same steps (one ``GenerationPlan``: a step is one of
-    ``len(stages)`` micro-batches, the pool holds them all); a step's activations pass from stage to stage."""
+    """One model over several GPUs (``compile --gpus N``): each part is a plan of its own over a contiguous range of
+    decoder layers (the first with the embedding, the last with the head), under its own budget, with its share of
+    every KV page (its layers'). All parts serve the same steps (one ``GenerationPlan``: a step is one of
+    ``len(parts)`` micro-batches, the pool holds them all); a step's activations pass from part to part."""
 
     schema_version: int = SCHEMA_VERSION
     kind: Literal["pipeline"] = "pipeline"   # tells a pipeline file from a plan file
     name: str
     model: ModelRef               # the whole model
-    layers: list[list[NonNeg]]    # each stage's decoder layers [first, last)
-    stages: list[Program]         # each stage's plan, in pipeline order
+    layers: list[list[NonNeg]]    # each part's decoder layers [first, last)
+    parts: list[Program]          # each part's plan, in pipeline order
     send_bytes: list[NonNeg] = Field(default_factory=list)   # per cut: activation bytes a step sends downstream
-    pipelined_step_s: NonNegF = 0.0   # a tick, every stage busy with its own micro-batch: the slowest stage's step
-    serial_step_s: NonNegF = 0.0      # one micro-batch through every stage: the stages' steps summed
+    pipelined_step_s: NonNegF = 0.0   # a tick, every part busy with its own micro-batch: the slowest part's step
+    serial_step_s: NonNegF = 0.0      # one micro-batch through every part: the parts' steps summed
     tokens_per_s: NonNegF = 0.0       # predicted: a micro-batch (concurrency / stages sequences) per tick

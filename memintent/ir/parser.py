@@ -25,9 +25,27 @@ from pydantic import BaseModel, ValidationError
 
 from memintent.errors import IRParseError
 from memintent.ir.model import (
-    Action, ActionKind, Arena, Block, HardwareProfile, ModelRef, Object, ObjectKind, Prediction, Program, Quant,
-    GenerationPlan, KVPool,
-    Residency, RunShape, Slot, SlotKind, Stage, Step, Tier, Visit,
+    Action,
+    ActionKind,
+    Arena,
+    Block,
+    GenerationPlan,
+    HardwareProfile,
+    KVPool,
+    ModelRef,
+    Object,
+    ObjectKind,
+    Prediction,
+    Program,
+    Quant,
+    Residency,
+    RunShape,
+    Slot,
+    SlotKind,
+    Stage,
+    Step,
+    Tier,
+    Visit,
 )
 
 GRAMMAR_PATH = Path(__file__).with_name("memintent.lark")
@@ -193,15 +211,15 @@ class _Builder(Transformer):
                                     visits=visits, prediction=prediction, generation=generation, kv_pool=kv_pool),
                       {}, name)
 
-    def pipeline_stage(self, c):
+    def pipeline_part(self, c):
         return c[0] if c else []
 
     def header(self, c):
-        (schema, kind, ref, dtype, traced, attention, stage, fingerprint, batch, seq, inputs, budget, passes) = c
+        (schema, kind, ref, dtype, traced, attention, part, fingerprint, batch, seq, inputs, budget, passes) = c
         if str(kind) not in _MODEL_KINDS:
             raise _SemanticError(f"unknown model kind {kind!s}: expected one of {', '.join(_MODEL_KINDS)}", kind)
         model = _build(ModelRef, dict(ref=_string(ref), kind=str(kind), dtype=_name(dtype),
-                                      traced_layers=_opt_int(traced), attention=_name(attention), stage=stage),
+                                      traced_layers=_opt_int(traced), attention=_name(attention), part=part),
                        {}, kind)
         shape = _build(RunShape, dict(batch=_int(batch), seq=_int(seq), inputs=inputs), {}, batch)
         return dict(schema_version=_int(schema), model=model, fingerprint=_string(fingerprint), shape=shape,

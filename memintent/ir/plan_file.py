@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from memintent.errors import MemintentError
 from memintent.ir.model import SCHEMA_VERSION, Pipeline, Program
+from memintent.ir.parser import parse
 
 
 def _read_text(path: Path, what: str, hint: str = "") -> str:
@@ -34,7 +35,6 @@ def load_program(path: str | os.PathLike) -> Program:
     text = _read_text(path, "file")
     if path.suffix == ".json" or text.lstrip().startswith("{"):
         return plan_from_json(text, str(path))
-    from memintent.ir.parser import parse
 
     return parse(text, source=str(path))
 
@@ -42,18 +42,17 @@ def load_program(path: str | os.PathLike) -> Program:
 def plan_from_json(text: str, source: str = "<plan>") -> Program:
     plan = plan_or_pipeline_from_json(text, source)
     if isinstance(plan, Pipeline):
-        raise MemintentError(f"{source} is a pipeline of {len(plan.stages)} stages (`compile --stages`): name one "
+        raise MemintentError(f"{source} is a pipeline of {len(plan.parts)} parts (`compile --gpus`): name one "
                              "plan, or give the pipeline to `generate`, `explain` or `check`")
     return plan
 
 
 def load_plan_or_pipeline(path: str | os.PathLike) -> Program | Pipeline:
-    """A plan file, a pipeline file (``compile --stages``) or IR text."""
+    """A plan file, a pipeline file (``compile --gpus``) or IR text."""
     path = Path(path)
     text = _read_text(path, "file")
     if path.suffix == ".json" or text.lstrip().startswith("{"):
         return plan_or_pipeline_from_json(text, str(path))
-    from memintent.ir.parser import parse
 
     return parse(text, source=str(path))
 

@@ -29,7 +29,6 @@ The output is deterministic: it depends on the program only.
 from __future__ import annotations
 
 import enum
-
 import json
 import re
 from collections import deque
@@ -248,7 +247,7 @@ def dump(program: Program) -> str:
         f"program {sym(p.name)} {{",
         f"{INDENT}schema {_int(p.schema_version)}",
         f"{INDENT}model {word(m.kind)} {quote(m.ref)} dtype={word(m.dtype)} traced_layers={_opt_int(m.traced_layers)} "
-        f"attention={word(m.attention)}" + (f" stage={_dims(m.stage)}" if m.stage else ""),
+        f"attention={word(m.attention)}" + (f" part={_dims(m.part)}" if m.part else ""),
         f"{INDENT}fingerprint {quote(p.fingerprint)}",
         f"{INDENT}shape batch={_int(s.batch)} seq={_int(s.seq)} inputs=[{', '.join(_dims(d) for d in s.inputs)}]",
         f"{INDENT}budget {_opt_bytes(p.budget_bytes)}",

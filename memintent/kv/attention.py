@@ -1,14 +1,14 @@
-"""Attention over block tables: the one attention implementation of the serving engine, for presets and for
+"""Attention over page tables: the one attention implementation of the serving engine, for presets and for
 Hugging Face models (registered with transformers' attention interface as ``"memintent"``).
 
 A step packs the new tokens of many sequences into one forward, ``(1, T)`` tokens. For each layer the model calls
 ``paged_attention(q, k, v, layer)`` with this layer's queries, keys and values of the T new tokens; it
 
-1. writes the new keys and values into the pool at each token's (block, offset) (quantized per token and head
+1. writes the new keys and values into the pool at each token's (page, offset) (quantized per token and head
    under int8 KV), then
 2. computes attention of every query over its own sequence's context, read back from the pool through the
-   sequence's block table:
-   - decode tokens (one query per sequence) in chunks of sequences: their blocks are gathered into a padded
+   sequence's page table:
+   - decode tokens (one query per sequence) in chunks of sequences: their pages are gathered into a padded
      ``(S, kv_heads, L, head_dim)`` tensor and attended with a key-padding mask in one call;
    - each prompt chunk on its own: its context gathered ``(1, kv_heads, ctx, head_dim)``, a causal mask offset by
      the tokens already in the cache.
@@ -34,8 +34,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from memintent.engine.kv_pool import PoolViews
 from memintent.errors import MemintentError
+from memintent.kv.layout import PoolViews
 
 OP_NAME = "memintent.paged_attention"
 ENGINE_ATTENTION = "memintent"      # the name registered with transformers, and ModelRef.attention of a generation plan
@@ -46,8 +46,8 @@ class DecodeChunk:
     """Decode queries of ``S`` sequences attended together."""
 
     rows: torch.Tensor            # (S,) long: the queries' indices among the step's T tokens
-    tables: torch.Tensor          # (S, nb) long: block tables, padded with the null block
-    mask: torch.Tensor            # (S, 1, 1, nb * block_tokens) bool: True where a key position is in the context
+    tables: torch.Tensor          # (S, nb) long: page tables, padded with the null page
+    mask: torch.Tensor            # (S, 1, 1, nb * page_tokens) bool: True where a key position is in the context
     positions: torch.Tensor       # (S,) long: each query's position (for sliding windows)
 
 
@@ -58,8 +58,8 @@ class PrefillChunk:
     start: int
     length: int
     context: int                  # tokens of the sequence in the cache once this chunk is written
-    table: torch.Tensor           # (nb,) long: the sequence's blocks
-    mask: torch.Tensor            # (length, L) bool, L = the table's blocks x block_tokens: causal, offset by the
+    table: torch.Tensor           # (nb,) long: the sequence's pages
+    mask: torch.Tensor            # (length, L) bool, L = the table's pages x page_tokens: causal, offset by the
                                   # tokens already cached, False on the padding past ``context``
 
 
@@ -67,8 +67,8 @@ class PrefillChunk:
 class StepMeta:
     """Where a step's tokens go and what each one attends to (device tensors, built once per step)."""
 
-    write_blocks: torch.Tensor    # (T,) long: block of each token's key/value
-    write_offsets: torch.Tensor   # (T,) long: its position inside the block
+    write_blocks: torch.Tensor    # (T,) long: page of each token's key/value
+    write_offsets: torch.Tensor   # (T,) long: its position inside the page
     decode: list[DecodeChunk] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
 
@@ -165,7 +165,7 @@ def dequantize_kv(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
 
 
 def write_kv(ctx: _Context, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store the step's new keys and values, k and v (T, KV, hd), at their (block, offset)."""
+    """Store the step's new keys and values, k and v (T, KV, hd), at their (page, offset)."""
     views, m = ctx.views, ctx.meta
     layer -= views.layer_offset
     idx = (m.write_blocks, m.write_offsets)
@@ -181,7 +181,7 @@ def write_kv(ctx: _Context, layer: int, k: torch.Tensor, v: torch.Tensor) -> Non
 
 
 def _gather(ctx: _Context, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of the blocks in ``tables`` (..., nb) -> (..., nb * block_tokens, KV, hd) each, in the
+    """Keys and values of the pages in ``tables`` (..., nb) -> (..., nb * page_tokens, KV, hd) each, in the
     model dtype (int8 KV is dequantized here)."""
     views = ctx.views
     layer -= views.layer_offset
@@ -245,8 +245,8 @@ def _decode(ctx: _Context, layer: int, q: torch.Tensor, c: DecodeChunk, scale: f
 
 def _prefill(ctx: _Context, layer: int, q: torch.Tensor, c: PrefillChunk, scale: float, softcap: float | None,
              window: int | None) -> torch.Tensor:
-    """q (H, n, hd) of one prompt chunk -> (H, n, hd). The keys keep their padded length (whole blocks: a multiple of
-    the block size, which the fused SDPA kernels want) with the padding masked; each KV head is repeated for its
+    """q (H, n, hd) of one prompt chunk -> (H, n, hd). The keys keep their padded length (whole pages: a multiple of
+    the page size, which the fused SDPA kernels want) with the padding masked; each KV head is repeated for its
     query heads, so the mask (n, L) broadcasts over heads instead of being repeated for them."""
     k, v = _gather(ctx, layer, c.table)                                   # (L, KV, hd) each, L = nb * bt
     kvh, heads, n = k.shape[1], q.shape[0], q.shape[1]
@@ -284,19 +284,19 @@ def scratch_bytes(*, gather_tokens: int, kv_heads: int, head_dim: int, heads: in
     e = dtype.itemsize
     per_value = 2 * e + 5 if quantized else 4 * e      # keys and values gathered (and any copy SDPA makes)
     decode = gather_tokens * kv_heads * head_dim * per_value + gather_tokens + 2 * max_seqs * heads * head_dim * e
-    whole = context + 16                               # one sequence, padded to whole blocks
+    whole = context + 16                               # one sequence, padded to whole pages
     prompt = (whole * kv_heads * head_dim * per_value + 2 * whole * heads * head_dim * e
               + 4 * step_tokens * whole + 2 * step_tokens * heads * head_dim * e)
     return max(decode, prompt)
 
 
-def metadata_bytes(*, step_tokens: int, max_seqs: int, context: int, block_tokens: int, num_blocks: int) -> int:
+def metadata_bytes(*, step_tokens: int, max_seqs: int, context: int, page_tokens: int, num_pages: int) -> int:
     """Device memory of a step's attention metadata (``StepMeta`` and the token ids, positions and logit rows), held
     for the whole step: at most ``step_tokens`` tokens of ``max_seqs`` sequences, none longer than ``context``."""
-    blocks = -(-context // block_tokens)
-    ints = 8 * (4 * step_tokens + max_seqs)                    # ids, positions, write blocks and offsets, rows
-    decode = 8 * max_seqs * blocks + max_seqs * blocks * block_tokens + 24 * max_seqs   # tables, masks, indices
-    prompt = step_tokens * context + 8 * step_tokens + 8 * num_blocks                  # masks, positions, tables
+    pages = -(-context // page_tokens)
+    ints = 8 * (4 * step_tokens + max_seqs)                    # ids, positions, write pages and offsets, rows
+    decode = 8 * max_seqs * pages + max_seqs * pages * page_tokens + 24 * max_seqs   # tables, masks, indices
+    prompt = step_tokens * context + 8 * step_tokens + 8 * num_pages                  # masks, positions, tables
     return ints + decode + prompt
 
 
@@ -306,20 +306,20 @@ def gather_tokens(pool, context: int) -> int:
     decodes take about two chunks per layer (each chunk is a dozen kernel launches). The plan counts this scratch
     (``scratch_bytes``) and the runner splits decode sequences into chunks within it (``plan_decode_chunks``): one
     rule for both."""
-    capacity = (pool.num_blocks - 1) * pool.block_tokens
-    whole = -(-context // pool.block_tokens) * pool.block_tokens
+    capacity = (pool.num_pages - 1) * pool.page_tokens
+    whole = -(-context // pool.page_tokens) * pool.page_tokens
     return min(capacity, max(whole, -(-capacity // 2)))
 
 
-def plan_decode_chunks(contexts: list[int], block_tokens: int, gather_tokens: int) -> list[list[int]]:
+def plan_decode_chunks(contexts: list[int], page_tokens: int, gather_tokens: int) -> list[list[int]]:
     """Split decode sequences (their context lengths, in step order) into chunks whose padded gather,
-    len(chunk) * max blocks * block_tokens, stays within ``gather_tokens``: the attention scratch the plan
+    len(chunk) * max pages * page_tokens, stays within ``gather_tokens``: the attention scratch the plan
     proves. Order is kept, so the split is a function of the step alone."""
     chunks: list[list[int]] = []
     cur: list[int] = []
     widest = 0
     for i, n in enumerate(contexts):
-        w = math.ceil(n / block_tokens) * block_tokens
+        w = math.ceil(n / page_tokens) * page_tokens
         if w > gather_tokens:
             raise MemintentError(f"a sequence of {n} tokens exceeds the attention gather of {gather_tokens} tokens "
                                  "the plan proves")
@@ -336,7 +336,7 @@ def plan_decode_chunks(contexts: list[int], block_tokens: int, gather_tokens: in
 def register_hf_attention() -> str:
     """Register ``"memintent"`` with transformers' attention interface (idempotent); returns the name to build a
     model with (``attn_implementation=...``)."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # deferred: heavy, optional
 
     AttentionInterface.register(ENGINE_ATTENTION, hf_attention)
     return ENGINE_ATTENTION
@@ -345,7 +345,7 @@ def register_hf_attention() -> str:
 def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """transformers' attention-function signature: query (B, H, T, hd), key and value (B, KV, T, hd) after the
     model's rotary embedding; returns (B, T, H, hd) and no weights. The mask transformers would build is not used
-    (for an implementation it has no mask function for, it builds none): the engine's block tables say what each
+    (for an implementation it has no mask function for, it builds none): the engine's page tables say what each
     query sees, and the window comes from the arguments. A sliding layer is one the model passes a
     ``sliding_window`` for; a model that passes no such argument at all has its window on the attention module
     (Qwen2-MoE's sliding layers: its mask applies ``module.sliding_window``, the call does not carry it)."""

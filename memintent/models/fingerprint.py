@@ -10,6 +10,7 @@ from memintent.errors import MemintentError
 from memintent.ir.dtypes import ir_dtype_of, torch_dtypes
 from memintent.ir.model import ObjectKind, Program
 
+
 def ir_dtype(dtype: torch.dtype) -> str:
     """The IR name of a tensor's dtype (``memintent.ir.dtypes`` is the one table); a one-line error for others."""
     name = ir_dtype_of(dtype)

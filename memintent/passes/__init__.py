@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from memintent.ir.model import HardwareProfile, Program
-from memintent.passes.costs import COSTS
 from memintent.passes.actions import ACTIONS
+from memintent.passes.costs import COSTS
 from memintent.passes.lifetimes import LIFETIMES
 from memintent.passes.manager import Pass, run_passes
 from memintent.passes.prefetch import PREFETCH

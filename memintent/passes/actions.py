@@ -7,7 +7,7 @@ that the copies issued there land in), then copies in FIFO order, then waits. Th
 the verifier's to prove, in the pass after this one.
 
 Weights are clean, so eviction is a free: the slot is released once the visit's last reader is done, with no copy
-back. (KV blocks, which are dirty, never leave HBM in these plans: the KV cache lives there.)
+back. (KV pages, which are dirty, never leave HBM in these plans: the KV cache lives there.)
 """
 
 from __future__ import annotations

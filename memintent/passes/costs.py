@@ -10,9 +10,10 @@ host-to-device bandwidth; a quantized block adds its dequantisation (output byte
 
 from __future__ import annotations
 
+from memintent.ir.layout import quantized_block_bytes
 from memintent.ir.model import Block, HardwareProfile, Object, ObjectKind, Program, Quant
-from memintent.units import round_s
 from memintent.passes.manager import Pass, ensure
+from memintent.units import round_s
 
 INT4_GROUP = 128  # int4 values per bf16 scale
 
@@ -26,7 +27,6 @@ def transfer_bytes(block: Block, program: Program, objects: dict[str, Object] | 
     if block.quant == Quant.none:
         return block.size_bytes
     # Imported here: memintent.runtime pulls in torch and the executor, which the passes do not otherwise need.
-    from memintent.ir.layout import quantized_block_bytes
 
     return quantized_block_bytes(block, objects if objects is not None else program.object_map())
 
@@ -77,10 +77,10 @@ def costs(program: Program) -> Program:
 def kv_block_costs(p: Program, step_s: float) -> tuple[float, float]:
     """The KV pool's intent annotations, per block (the scheduler reads them to preempt by cost):
     (seconds to swap one block out to host memory and back in on the copy engine, seconds to recompute its tokens:
-    ``block_tokens`` times the step's compute per token)."""
+    ``page_tokens`` times the step's compute per token)."""
     pool, hw = p.kv_pool, p.hardware
-    swap_s = pool.block_bytes / (hw.d2h_gbps * 1e9) + pool.block_bytes / (hw.h2d_gbps * 1e9)
-    return round_s(swap_s), round_s(pool.block_tokens * step_s / max(p.shape.seq, 1))
+    swap_s = pool.page_bytes / (hw.d2h_gbps * 1e9) + pool.page_bytes / (hw.h2d_gbps * 1e9)
+    return round_s(swap_s), round_s(pool.page_tokens * step_s / max(p.shape.seq, 1))
 
 
 def _ensure(p: Program) -> None:

@@ -15,15 +15,24 @@ behind the last layers' compute.
 from __future__ import annotations
 
 from memintent.ir.model import (
-    ALIGN_BYTES, Arena, ObjectKind, Prediction, Program, Quant, Residency, Slot, SlotKind, align_up,
+    ALIGN_BYTES,
+    Arena,
+    ObjectKind,
+    Prediction,
+    Program,
+    Quant,
+    Residency,
+    Slot,
+    SlotKind,
+    align_up,
 )
-from memintent.units import round_s
 from memintent.passes.costs import copy_time_s, dequant_time_s
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, PassContractError, ensure
 from memintent.passes.residency import reserved_bytes
 from memintent.passes.schedule import Schedule, make_schedule
 from memintent.passes.simulate import SimResult, simulate
+from memintent.units import round_s
 
 
 def schedule_of(p: Program):
@@ -120,7 +129,7 @@ def host_bytes(p: Program) -> tuple[int, int]:
     pageable = sum(align_up(b.size_bytes) for b in p.blocks if b.residency == Residency.resident)
     pageable += max((b.size_bytes for b in p.blocks if b.quant != Quant.none), default=0)
     if p.kv_pool is not None:
-        pinned += p.kv_pool.swap_blocks * p.kv_pool.block_bytes
+        pinned += p.kv_pool.swap_pages * p.kv_pool.page_bytes
     return pinned, pageable
 
 

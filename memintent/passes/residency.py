@@ -19,7 +19,18 @@ trades against resident blocks through the same simulated time.
 from __future__ import annotations
 
 from memintent.errors import MemintentError
-from memintent.ir.model import ALIGN_BYTES, align_up, Arena, Block, ObjectKind, Program, Quant, Residency, Slot, SlotKind
+from memintent.ir.model import (
+    ALIGN_BYTES,
+    Arena,
+    Block,
+    ObjectKind,
+    Program,
+    Quant,
+    Residency,
+    Slot,
+    SlotKind,
+    align_up,
+)
 from memintent.passes.costs import copy_time_s, dequant_time_s, transfer_bytes
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, ensure

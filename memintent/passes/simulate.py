@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memintent.ir.model import Stage, Visit
-from memintent.passes.schedule import Schedule, make_schedule  # noqa: F401  (make_schedule: the old import path)
+from memintent.passes.schedule import Schedule, make_schedule  # noqa: F401  (make_schedule: the old import path
 
 
 @dataclass(slots=True)

@@ -26,14 +26,28 @@ ones reason about the program the runtime will execute and never trip over a mal
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, NoReturn
 
-from memintent.errors import PlanVerificationError
-from memintent.ir.layout import kv_block_parts
-from memintent.ir.model import (KVQuant, DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind,
-                                dtype_bytes)
+from memintent.errors import MemintentError, PlanVerificationError
+from memintent.ir.layout import kv_page_parts
+from memintent.ir.model import (
+    DTYPE_BITS,
+    Action,
+    ActionKind,
+    KVQuant,
+    ObjectKind,
+    Pipeline,
+    Program,
+    Quant,
+    Residency,
+    SlotKind,
+    dtype_bytes,
+)
+from memintent.ir.plan_file import load_plan_or_pipeline
+from memintent.ir.proven import Proven
 from memintent.passes.costs import transfer_bytes
 from memintent.passes.graph import dependency_graph, early_uses, live_range, module_calls, names
 from memintent.passes.lifetimes import activation_profile
@@ -207,10 +221,10 @@ def weight_layout(p: Program, f: Facts) -> None:
         if o.size_bytes != dtype_bytes(o.dtype, numel):
             fail(f"weight {o.name!r} of shape {o.shape} {o.dtype} is {dtype_bytes(o.dtype, numel)} bytes, not the "
                  f"{o.size_bytes} bytes the plan records")
-        off, block_bytes, align = o.block_offset_bytes, f.bmap[o.block].size_bytes, max(1, DTYPE_BITS[o.dtype] // 8)
-        if off is None or off + o.size_bytes > block_bytes:
+        off, page_bytes, align = o.block_offset_bytes, f.bmap[o.block].size_bytes, max(1, DTYPE_BITS[o.dtype] // 8)
+        if off is None or off + o.size_bytes > page_bytes:
             fail(f"weight {o.name!r} at offset {off} ({o.size_bytes} bytes) lies outside its block {o.block!r} "
-                 f"({block_bytes} bytes)")
+                 f"({page_bytes} bytes)")
         if off % align:
             fail(f"weight {o.name!r} ({o.dtype}) at offset {off} of block {o.block!r} is not aligned to its "
                  f"{align}-byte dtype")
@@ -500,13 +514,13 @@ def kv_pool(p: Program, f: Facts) -> None:
         return
     if p.model.dtype not in DTYPE_BITS:
         fail(f"the model's dtype {p.model.dtype!r} is not an IR dtype, so the KV pool's layout is unknown")
-    parts = kv_block_parts(pool.layers, pool.kv_heads, pool.head_dim, pool.block_tokens, p.model.dtype,
+    parts = kv_page_parts(pool.layers, pool.kv_heads, pool.head_dim, pool.page_tokens, p.model.dtype,
                            pool.quant == KVQuant.int8)
-    if pool.block_bytes != sum(parts):
-        fail(f"KV pool blocks of {pool.block_bytes} bytes: {pool.layers} layers x {pool.block_tokens} tokens x "
+    if pool.page_bytes != sum(parts):
+        fail(f"KV pool pages of {pool.page_bytes} bytes: {pool.layers} layers x {pool.page_tokens} tokens x "
              f"{pool.kv_heads} heads x {pool.head_dim} ({pool.quant.value} KV) are {sum(parts)} bytes")
-    if len(kv) != 1 or kv[0].size_bytes != pool.num_blocks * pool.block_bytes:
-        fail(f"the KV pool of {pool.num_blocks} blocks needs one KV object of {pool.num_blocks * pool.block_bytes} "
+    if len(kv) != 1 or kv[0].size_bytes != pool.num_pages * pool.page_bytes:
+        fail(f"the KV pool of {pool.num_pages} blocks needs one KV object of {pool.num_pages * pool.page_bytes} "
              f"bytes; the plan has {[(o.name, o.size_bytes) for o in kv]}")
 
 
@@ -522,8 +536,8 @@ def step_shape(p: Program, f: Facts) -> None:
              f"{g.step_tokens}: recompile the plan")
     if g.max_seqs > g.step_tokens:
         fail(f"{g.max_seqs} sequences per step need at least as many tokens, not {g.step_tokens}")
-    if (pool.num_blocks - 1) * pool.block_tokens < g.context:
-        fail(f"the KV pool holds {(pool.num_blocks - 1) * pool.block_tokens} tokens, fewer than one sequence of the "
+    if (pool.num_pages - 1) * pool.page_tokens < g.context:
+        fail(f"the KV pool holds {(pool.num_pages - 1) * pool.page_tokens} tokens, fewer than one sequence of the "
              f"plan's context {g.context}")
 
 
@@ -699,3 +713,63 @@ def verify(program: Program) -> Program:
 
 
 VERIFY = Pass("verify", verify, requires=("actions",))
+# ---------------------------------------------------------------------------------------------------------------
+# Pipelines, and the one entry point that proves a plan file
+
+
+def verify_pipeline(pl: Pipeline) -> Pipeline:
+    """Every part's plan verified under its own budget, and the promises the parts make each other: their layers
+    cover the model's in order, and they serve the same steps over the same pool (one scheduler decides for all)."""
+    redo = "recompile it with `compile --gpus`"
+    if not pl.parts or len(pl.parts) != len(pl.layers):
+        raise MemintentError(f"pipeline {pl.name}: {len(pl.parts)} plans for {len(pl.layers)} layer ranges: {redo}")
+    at = 0
+    for i, (rng, p) in enumerate(zip(pl.layers, pl.parts)):
+        if len(rng) != 2 or rng[0] != at or rng[1] <= at or p.model.part != rng:
+            raise MemintentError(f"pipeline {pl.name}: part {i} holds layers {p.model.part}, expected {at}.. in "
+                                 f"order (ranges {pl.layers}): {redo}")
+        at = rng[1]
+        verify(p)
+        if p.generation is None or p.kv_pool is None:
+            raise MemintentError(f"pipeline {pl.name}: part {i} is not a generation plan")
+    if pl.model.kind != "preset":     # checked before resolving: a plan file never makes code run
+        raise MemintentError(f"pipeline {pl.name}: its model {pl.model.ref} is not a preset; pipelines are built "
+                             f"from presets: {redo}")
+    # The head (a preset's block "output") is in the last part and in no other: the last part ends the model, so its
+    # step samples from logits, never from hidden states.
+    holding = [i for i, p in enumerate(pl.parts) if any(b.name == "output" for b in p.blocks)]
+    if holding != [len(pl.parts) - 1]:
+        raise MemintentError(f"pipeline {pl.name}: its parts hold layers 0..{at - 1} and the head is in parts "
+                             f"{holding}: the last part must end with the last layer and the head; {redo}")
+    first = pl.parts[0]
+    for i, p in enumerate(pl.parts[1:], 1):
+        for what, a, b in (("steps", _served(first), _served(p)), ("pool", _pool(first), _pool(p))):
+            if a != b:
+                raise MemintentError(f"pipeline {pl.name}: part {i} serves {what} {b}, part 0 {a}: every part "
+                                     f"must serve the same steps; {redo}")
+    return pl
+
+
+def _served(p: Program) -> tuple:
+    g = p.generation
+    return (g.step_tokens, g.max_seqs, g.context, g.concurrency)
+
+
+def _pool(p: Program) -> tuple:
+    k = p.kv_pool
+    return (k.num_pages, k.page_tokens, k.swap_pages, k.quant.value)
+
+
+def prove(plan: Program | Pipeline | Proven | str | os.PathLike) -> Proven:
+    """The one way a plan becomes runnable: a plan file or IR text (loaded), a ``Program`` or a ``Pipeline``,
+    verified once. A ``Proven`` is returned as it is."""
+    if isinstance(plan, Proven):
+        return plan
+    if not isinstance(plan, (Program, Pipeline)):
+        plan = load_plan_or_pipeline(plan)
+    if isinstance(plan, Pipeline):
+        return Proven(verify_pipeline(plan).parts[0], plan)
+    return Proven(verify(plan))
+
+
+__all__ = ["RULES", "Rule", "RuleViolation", "VERIFY", "prove", "verify", "verify_pipeline"]

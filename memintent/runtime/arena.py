@@ -6,6 +6,8 @@ after attach, so streaming cannot fragment it or trigger its synchronising frees
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from memintent.errors import MemintentError
@@ -29,7 +31,6 @@ def check_fits(size_bytes: int, device: torch.device, extra_bytes: int = 0) -> N
             f"{fmt_bytes(total_bytes)}: short by {fmt_bytes(size_bytes - free_bytes)}; compile the plan for a "
             f"smaller budget or free device memory")
     if size_bytes + extra_bytes > free_bytes:
-        import warnings
 
         warnings.warn(f"arena {fmt_bytes(size_bytes)} + predicted activations/workspace {fmt_bytes(extra_bytes)} "
                       f"exceed the {fmt_bytes(free_bytes)} free on {device}: the forward may run out of memory",

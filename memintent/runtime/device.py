@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from memintent.errors import MemintentError, RuntimeFault
+from memintent.units import fmt_bytes
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -55,7 +56,6 @@ def available_host_bytes() -> int | None:
 def check_host_memory(program, *, extra_bytes: int = 0, available_bytes: int | None = None) -> None:
     """Refuse, before filling anything, a plan whose host store (pinned + pageable, as the plan states them) does
     not fit the memory this machine has available: the kernel would kill the process midway instead."""
-    from memintent.units import fmt_bytes
 
     pr = program.prediction
     if pr is None:

@@ -10,9 +10,9 @@ bytes into the end of its stream slot and copy_done dequantizes them, on the com
 slot, where the block's tensors are bound exactly as for an unquantized block (spec/runtime.md, "Quantized
 blocks").
 
-Attach verifies the plan with ``memintent.passes.verify`` (the one proof of a plan's rules) and checks only what
-the verifier cannot see: the model against the plan (fingerprint, weights present with the plan's shapes and
-dtypes, stage modules present) and a given host store against the plan.
+Attach takes a ``Proven`` plan (``passes.verify.prove``: the one proof of a plan's rules, run once by whoever
+loaded the plan) and checks only what the proof cannot see: the model against the plan (fingerprint, weights
+present with the plan's shapes and dtypes, stage modules present) and a given host store against the plan.
 
 Hook contract (see spec/runtime.md): the root pre-hook opens a forward (and, on a first forward, issues the copies
 that a previous forward's tail would have issued); each stage module's pre-hook checks that it is the next stage
@@ -22,8 +22,8 @@ runs the end-of-forward actions (frees and next-forward prefetches).
 
 from __future__ import annotations
 
-import functools
 import contextlib
+import functools
 import warnings
 import weakref
 from time import perf_counter
@@ -31,10 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-from memintent.compiler.fingerprint import check_fingerprint, named_weights
 from memintent.errors import MemintentError, RuntimeFault
-from memintent.ir.model import align_up, Action, ActionKind, Block, Program, Quant, Residency
-from memintent.passes.verify import verify
+from memintent.ir.model import Action, ActionKind, Block, Program, Quant, Residency, align_up
+from memintent.ir.proven import Proven, require_proven
+from memintent.models.fingerprint import check_fingerprint, named_weights
 from memintent.runtime.arena import DeviceArena, check_fits
 from memintent.runtime.copy_engine import CopyEngine, CpuBackend, CudaBackend, ForwardStats
 from memintent.runtime.host_store import FillFn, HostStore, fill_from_module, rebind, torch_dtype, typed_view
@@ -54,8 +54,8 @@ def proven_shape_error(program: Program, shapes: list[tuple[int, ...]]) -> str |
     g = program.generation
     if g is not None:
         ids = tuple(shapes[0]) if shapes else ()
-        # A pipeline stage after the first takes the previous stage's hidden states (1, T, dim), not token ids.
-        rank, what = (3, "hidden states of 1xTxdim") if program.model.stage[:1] not in ([], [0]) else (2, "1xT tokens")
+        # A pipeline part after the first takes the previous part's hidden states (1, T, dim), not token ids.
+        rank, what = (3, "hidden states of 1xTxdim") if program.model.part[:1] not in ([], [0]) else (2, "1xT tokens")
         if len(ids) != rank or ids[0] != 1 or not 1 <= ids[1] <= g.step_tokens:
             return (f"inputs of shape {fmt(ids)}: this generation plan proves engine steps of {what} with T "
                     f"<= {g.step_tokens} (run it through memintent.Engine or `memintent generate`)")
@@ -86,10 +86,10 @@ class StreamedModel:
     two bitwise equal), ``"torch"`` (elementwise torch ops, the reference) or ``"triton"``.
     """
 
-    def __init__(self, model: torch.nn.Module, program: Program, device: torch.device | str = "cuda", *,
+    def __init__(self, model: torch.nn.Module, plan: Proven, device: torch.device | str = "cuda", *,
                  check: bool = False, host_store: HostStore | None = None, fill: FillFn | None = None,
                  timing: bool = True, pin: str = "auto", progress: bool | None = None,
-                 dequant_backend: str = "auto"):
+                 dequant_backend: str = "auto", model_checked: bool = False):
         dev = torch.device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
@@ -102,14 +102,14 @@ class StreamedModel:
             raise MemintentError("the model is already attached to a plan: detach() that handle first")
         if dequant_backend not in ("torch", "auto", "triton"):
             raise MemintentError(f"dequant_backend={dequant_backend!r}: use torch, auto or triton")
+        program = require_proven(plan, "attach").program
         self.model, self.program, self.device, self.check = model, program, dev, check
         self.dequant_backend = dequant_backend
         self._hooks: list[Any] = []
         self._detached = False
         self._paused = False
 
-        verify(program)        # the plan's own rules: one proof, shared with `memintent check`
-        self._check_model()    # the model against the plan
+        self._check_model(model_checked)    # the model against the plan
         pred = program.prediction
         extra = pred.activation_peak_bytes + pred.workspace_bytes
         # Refuse an arena the device cannot hold before the (possibly long) fill; the arena itself is allocated
@@ -138,11 +138,13 @@ class StreamedModel:
         _ATTACHED[model] = self
 
     # -- the model and the host store against the plan ---------------------------------------------------------
-    def _check_model(self) -> None:
-        """What the verifier cannot see: that this model is the one the plan was compiled for. Its fingerprint,
-        every block weight present with the plan's shape and dtype, every stage module present."""
+    def _check_model(self, fingerprint_checked: bool) -> None:
+        """What the verifier cannot see: that this model is the one the plan was compiled for. Its fingerprint
+        (unless the caller checked it against the plan already: ``models.plan_model.check_source``), every block
+        weight present with the plan's shape and dtype, every stage module present."""
         p, model = self.program, self.model
-        check_fingerprint(model, p)
+        if not fingerprint_checked:
+            check_fingerprint(model, p)
         tensors = named_weights(model)
         objects = p.object_map()
         for b in p.blocks:
@@ -515,8 +517,8 @@ class StreamedModel:
         self.detach()
 
 
-def attach(model: torch.nn.Module, program: Program, device: torch.device | str = "cuda", check: bool = False,
+def attach(model: torch.nn.Module, plan: Proven, device: torch.device | str = "cuda", check: bool = False,
            **kwargs: Any) -> StreamedModel:
-    """Bind ``model`` to ``program`` on ``device`` and return the handle; see ``StreamedModel`` for the options
-    (host_store, fill, timing, pin, progress, dequant_backend)."""
-    return StreamedModel(model, program, device, check=check, **kwargs)
+    """Bind ``model`` to the proven ``plan`` on ``device`` and return the handle; see ``StreamedModel`` for the
+    options (host_store, fill, timing, pin, progress, dequant_backend, model_checked)."""
+    return StreamedModel(model, plan, device, check=check, **kwargs)

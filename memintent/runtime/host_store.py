@@ -25,6 +25,8 @@ import torch
 from memintent.errors import MemintentError
 from memintent.ir.dtypes import torch_dtypes
 from memintent.ir.model import ALIGN_BYTES, Block, Object, Program, Quant, Residency, align_up
+from memintent.progress import bar
+from memintent.runtime.device import check_host_memory
 from memintent.runtime.quant import pack_block, quantized_block_bytes, typed_view, unpack_weight
 
 # A fill callback receives {weight name: host tensor of that weight's dtype and shape} and writes each value in.
@@ -105,7 +107,6 @@ class HostStore:
             pin = "register" if torch.cuda.is_available() else "none"
         if blocks is None:
             # The plan states what a run holds on the host; refuse before allocating a byte if it cannot fit.
-            from memintent.runtime.device import check_host_memory
 
             check_host_memory(program)
         self._select_blocks(program, blocks)
@@ -254,7 +255,6 @@ class HostStore:
         need = max((self.blocks[n].size_bytes for n in self.packed), default=0)
         # One scratch for all packed blocks: uint8 [largest packed block's size_bytes], pageable host memory.
         scratch = torch.empty(need, dtype=torch.uint8) if need else None
-        from memintent.progress import bar
 
         show = self.source_nbytes > PROGRESS_MIN_BYTES if progress is None else progress
         with bar("filling host weights", self.source_nbytes, enabled=show) as shown:

@@ -43,6 +43,7 @@ import torch
 
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile
+from memintent.runtime import quant
 from memintent.runtime.device import sync
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -152,21 +153,8 @@ class _Clock:
 # the measurements
 
 
-def _dequant_kernel():
-    """The quantization module's int8 dequantisation (Triton on CUDA when available), or None without it."""
-    try:
-        from memintent.runtime.quant import dequantize_int8
-    except ImportError:  # pragma: no cover - a tree without the quantization module
-        return None
-    return dequantize_int8
-
-
 def dequant_kernel_name(device: torch.device) -> str:
     """What ``dequant_int8_rowscale`` runs on ``device``, for the profile's ``source``."""
-    if _dequant_kernel() is None:
-        return "plain-torch stand-in"
-    from memintent.runtime import quant
-
     triton = device.type == "cuda" and quant.triton_available()
     return f"memintent.runtime.quant.dequantize_int8, {'triton' if triton else 'torch'} path"
 
@@ -175,13 +163,8 @@ def dequant_int8_rowscale(q: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
     """int8 ``q`` [rows, cols] with one bf16 ``scale`` per row -> ``out`` (bf16, same shape), in place.
 
     Calls the runtime's dequantisation kernel (``memintent.runtime.quant.dequantize_int8``), so the profile
-    measures what a streamed int8 block costs; without that module it falls back to the same arithmetic in plain
-    torch."""
-    kernel = _dequant_kernel()
-    if kernel is not None:
-        return kernel(q, scale, out)
-    out.copy_(q)
-    return out.mul_(scale[:, None])
+    measures what a streamed int8 block costs."""
+    return quant.dequantize_int8(q, scale, out)
 
 
 def measure_dequant_gbps(clock: _Clock, rows: int, cols: int, repeats: int) -> float:

@@ -51,8 +51,17 @@ import torch
 from memintent.errors import RuntimeFault
 from memintent.ir.dtypes import torch_dtypes
 from memintent.ir.layout import (  # noqa: F401 -- the layout's names, re-exported for the runtime's callers
-    INT4_GROUP, PART_ALIGN_BYTES, QUANTIZABLE_DTYPES, Part, QuantEntry, Storage, int4_shapes, quant_layout,
-    quantized_block_bytes, quantized_payload_bytes, weight_storage,
+    INT4_GROUP,
+    PART_ALIGN_BYTES,
+    QUANTIZABLE_DTYPES,
+    Part,
+    QuantEntry,
+    Storage,
+    int4_shapes,
+    quant_layout,
+    quantized_block_bytes,
+    quantized_payload_bytes,
+    weight_storage,
 )
 from memintent.ir.model import Block, Object, align_up
 
@@ -352,8 +361,8 @@ def unpack_weight(block: Block, objects: dict[str, Object], src: torch.Tensor, n
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton  # deferred: heavy, optional  # noqa: F401
+        import triton.language  # deferred: heavy, optional  # noqa: F401
     except Exception:  # noqa: BLE001 -- any import failure means: use torch
         return False
     return True
@@ -375,8 +384,8 @@ _TRITON_BLOCK = 1024   # output columns (int8) or packed bytes (int4) per progra
 
 @functools.lru_cache(maxsize=None)
 def _triton_kernels():
-    import triton
-    import triton.language as tl
+    import triton  # deferred: heavy, optional
+    import triton.language as tl  # deferred: heavy, optional
 
     @triton.jit
     def dq_int8(q_ptr, s_ptr, o_ptr, n_cols, q_row_stride, o_row_stride, BLOCK: tl.constexpr):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from memintent.ir.model import Block, Program, Residency, SlotKind, Visit
+from memintent.ir.model import Block, ObjectKind, Program, Residency, SlotKind, Visit
 from memintent.units import fmt_bytes, fmt_s
 
 _COLUMNS = ("block", "where", "bytes", "moved", "slot", "stages", "issue", "arrive", "deadline", "slack")
@@ -62,24 +62,23 @@ def _print_generation(p: Program, console: Console) -> None:
 
 def _print_pool(p: Program, console: Console) -> None:
     """The KV pool, its intent annotations and the preemption policy they drive (spec/serving.md)."""
-    from memintent.ir.model import ObjectKind
 
     kv, g = p.kv_pool, p.generation
     obj = next((o for o in p.objects if o.kind == ObjectKind.kv), None)
     if kv is None or obj is None:
         return
     console.print(
-        f"KV pool: {kv.num_blocks - 1} blocks of {kv.block_tokens} tokens (+ the null block), "
-        f"{fmt_bytes(kv.block_bytes)} each, {fmt_bytes(kv.num_blocks * kv.block_bytes)}; keys and values "
+        f"KV pool: {kv.num_pages - 1} blocks of {kv.page_tokens} tokens (+ the null page), "
+        f"{fmt_bytes(kv.page_bytes)} each, {fmt_bytes(kv.num_pages * kv.page_bytes)}; keys and values "
         f"{kv.quant.value if kv.quant.value != 'none' else p.model.dtype} (policy {g.kv_quant_policy}); "
-        f"{(kv.num_blocks - 1) * kv.block_tokens} tokens, {fmt_bytes(kv.swap_blocks * kv.block_bytes)} of host swap "
+        f"{(kv.num_pages - 1) * kv.page_tokens} tokens, {fmt_bytes(kv.swap_pages * kv.page_bytes)} of host swap "
         f"space")
     console.print(
         f"preemption by cost, per block: swap {fmt_s(obj.evict_cost_s)} (out and back in on the copy engine), "
         f"recompute {fmt_s(obj.recompute_cost_s)}; per step the copy engine idles "
         f"{fmt_s(max(p.prediction.step_time_s - p.prediction.streamed_bytes / (p.hardware.h2d_gbps * 1e9), 0))} "
         f"and compute {fmt_s(max(p.prediction.step_time_s - p.prediction.compute_s, 0))}: victims "
-        f"{'recompute' if p.prediction.binding == 'pcie' else 'swap when that is cheaper'}; swapped blocks come "
+        f"{'recompute' if p.prediction.binding == 'pcie' else 'swap when that is cheaper'}; swapped pages come "
         f"back before the first attention, {fmt_s(obj.urgency_s)} into a step")
 
 
@@ -138,16 +137,16 @@ def explain(p: Program, console: Console) -> None:
 
 
 def explain_pipeline(pl, console: Console) -> None:
-    """A pipeline (``compile --stages``): each stage's layers, memory, step and what it sends downstream; then the
-    tick (every stage busy with its own micro-batch) and a micro-batch's time through all of them."""
-    g = pl.stages[0].generation
-    console.print(f"[bold]{pl.name}[/bold]: {pl.model.ref} over {len(pl.stages)} stages; every stage serves steps of "
+    """A pipeline (``compile --gpus``): each part's layers, memory, step and what it sends downstream; then the
+    tick (every part busy with its own micro-batch) and a micro-batch's time through all of them."""
+    g = pl.parts[0].generation
+    console.print(f"[bold]{pl.name}[/bold]: {pl.model.ref} over {len(pl.parts)} parts; every part serves steps of "
                   f"up to {g.step_tokens} tokens of {g.max_seqs} sequences, {g.concurrency} at once, over "
-                  f"{pl.stages[0].kv_pool.num_blocks - 1} KV blocks (each stage holds its layers' part)")
-    t = Table(title="stages")
-    for col in ("stage", "layers", "budget", "peak", "streamed/step", "step", "binds", "sends/step"):
+                  f"{pl.parts[0].kv_pool.num_pages - 1} KV pages (each part holds its layers' share)")
+    t = Table(title="parts")
+    for col in ("part", "layers", "budget", "peak", "streamed/step", "step", "binds", "sends/step"):
         t.add_column(col, justify="right" if col not in ("layers", "binds") else "left")
-    for i, (rng, p) in enumerate(zip(pl.layers, pl.stages)):
+    for i, (rng, p) in enumerate(zip(pl.layers, pl.parts)):
         pr = p.prediction
         t.add_row(str(i), f"{rng[0]}-{rng[1] - 1}", fmt_bytes(p.budget_bytes), fmt_bytes(pr.peak_hbm_bytes),
                   fmt_bytes(pr.streamed_bytes), fmt_s(pr.step_time_s), pr.binding,
@@ -158,7 +157,7 @@ def explain_pipeline(pl, console: Console) -> None:
 
 def pipeline_summary(pl) -> str:
     """A pipeline's ticks in one line (``compile`` and ``explain`` print it)."""
-    n, g = len(pl.stages), pl.stages[0].generation
-    return (f"{n} micro-batches of about {-(-g.concurrency // n)} sequences keep every stage busy: a tick (the "
-            f"slowest stage) {fmt_s(pl.pipelined_step_s)}, one micro-batch through every stage "
+    n, g = len(pl.parts), pl.parts[0].generation
+    return (f"{n} micro-batches of about {-(-g.concurrency // n)} sequences keep every part busy: a tick (the "
+            f"slowest part) {fmt_s(pl.pipelined_step_s)}, one micro-batch through every part "
             f"{fmt_s(pl.serial_step_s)}; predicted {pl.tokens_per_s:.2f} tok/s")

@@ -34,7 +34,7 @@ from typing import Iterable, Literal
 
 from memintent.errors import MemintentError
 from memintent.ir.model import Program
-from memintent.see.timeline import MEMORY_KINDS, Timeline
+from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline
 
 PID_PREDICTED, PID_MEASURED = 1, 2
 TID_COMPUTE, TID_COPY, TID_DEQUANT = 1, 2, 3
@@ -325,7 +325,6 @@ def stats_events(stats) -> list[MeasuredEvent]:
 
 def write_run_trace(path: str, program: Program, stats) -> None:
     """Predicted and measured timelines side by side, as a Chrome trace (opens in Perfetto)."""
-    from memintent.see.timeline import build_timeline
 
     measured = stats_events(stats)
     write_trace(path, build_timeline(program) if program.prediction else None, measured or None)
@@ -347,46 +346,44 @@ def engine_events(stats) -> list[dict]:
     ev = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": "engine"}},
           {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}},
           {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "steps"}}]
-    usable = max(stats.num_blocks - 1, 0)
+    usable = max(stats.num_pages - 1, 0)
     for s in stats.steps:
         ev.append(_x(f"step {s.index}", "step", pid, 1, s.start_s, s.start_s + s.time_s, 0.0,
                      {"tokens": s.tokens, "decode_tokens": s.decode_tokens, "prefill_tokens": s.prefill_tokens,
                       "sequences": s.sequences, "swapped_in": s.swapped_in, "start_s": s.start_s,
                       "time_s": s.time_s}))
         ev.append({"name": KV_COUNTER, "ph": "C", "pid": pid, "tid": 0, "ts": (s.start_s + s.time_s) * _US_PER_S,
-                   "args": {"used": s.used_blocks, "free": usable - s.used_blocks}})
+                   "args": {"used": s.used_pages, "free": usable - s.used_pages}})
         for p in s.preemptions:
             ev.append({"name": f"preempt {p.request} ({p.kind})", "cat": "preemption", "ph": "i", "s": "p",
                        "pid": pid, "tid": 1, "ts": s.start_s * _US_PER_S,
-                       "args": {"request": p.request, "kind": p.kind, "blocks": p.blocks, "tokens": p.tokens,
+                       "args": {"request": p.request, "kind": p.kind, "pages": p.pages, "tokens": p.tokens,
                                 "swap_s": p.swap_s, "recompute_s": p.recompute_s, "step": p.step}})
     return ev
 
 
-def stage_events(stage_steps: dict) -> list[dict]:
-    """A pipeline's stages (``PipelineEngine.stage_steps``) as one lane each in the engine process: every forward
-    of a stage from its input's arrival to its output, on the engine's wall clock."""
+def part_events(part_steps: dict) -> list[dict]:
+    """A pipeline's parts (``Engine.part_steps``) as one lane each in the engine process: every forward of a part
+    from its input's arrival to its output, on the engine's wall clock."""
     pid, ev = PID_ENGINE, []
-    for r, steps in sorted(stage_steps.items()):
-        ev.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": 2 + r, "args": {"name": f"stage {r}"}})
+    for r, steps in sorted(part_steps.items()):
+        ev.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": 2 + r, "args": {"name": f"part {r}"}})
         for s in steps:
-            ev.append(_x(f"step {s.index}", "stage", pid, 2 + r, s.start_s, s.start_s + s.time_s, 0.0,
+            ev.append(_x(f"step {s.index}", "part", pid, 2 + r, s.start_s, s.start_s + s.time_s, 0.0,
                          {"tokens": s.tokens, "decode_tokens": s.decode_tokens, "time_s": s.time_s}))
     return ev
 
 
 def write_serve_trace(path: str, program: Program, engine) -> None:
     """A serving run: the plan's predicted step, the runtime's measured steps and the engine's process. A
-    pipeline's stages are plans of their own, on clocks of their own: its trace has the engine process with a lane
-    per stage instead of the one plan's predicted and measured timelines."""
-    from memintent.see.timeline import build_timeline
-
-    runner = getattr(engine, "runner", None)
+    pipeline's parts are plans of their own, on clocks of their own: its trace has the engine process with a lane
+    per part instead of the one plan's predicted and measured timelines."""
+    runner = engine.runners[0] if engine.n == 1 else None
     measured = stats_events(runner.forward_stats) if runner is not None else None
     predicted = build_timeline(program) if runner is not None and program.prediction else None
     doc = trace_document(predicted, measured or None)
-    doc["traceEvents"] += engine_events(engine.stats) + stage_events(getattr(engine, "stage_steps", {}))
-    doc["otherData"]["kv_pool_blocks"] = max(engine.stats.num_blocks - 1, 0)
+    doc["traceEvents"] += engine_events(engine.stats) + part_events(engine.part_steps)
+    doc["otherData"]["kv_pool_blocks"] = max(engine.stats.num_pages - 1, 0)
     write_bytes_atomic(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Residency
-from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline
 from memintent.see.perfetto import MeasuredEvent, write_bytes_atomic
+from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline
 from memintent.units import fmt_bytes, fmt_s
 
 # Colours per memory kind, in MEMORY_KINDS order (colour-blind-safe Okabe-Ito palette).
@@ -130,7 +130,7 @@ def _time_unit(max_s: float) -> tuple[str, float]:
 
 def _figure(width_in: float, height_in: float):
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # deferred: heavy, optional
     except ImportError:
         raise MemintentError("memintent report needs matplotlib: pip install 'memintent[plot]'") from None
     return Figure(figsize=(width_in, height_in), layout="constrained")
@@ -249,7 +249,7 @@ def _draw_measured(ax, events: list[MeasuredEvent], forward: int) -> None:
 
 def timeline_figure(tl: Timeline, p: Program, measured: list[MeasuredEvent] | None,
                     summary: MeasuredSummary | None) -> bytes:
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # deferred: heavy, optional
 
     rows = 2 if measured else 1
     fig = _figure(12, 2.6 * rows + 0.9)
@@ -360,7 +360,7 @@ def _summary_table(p: Program, tl: Timeline, summary: MeasuredSummary | None) ->
     peak = tl.peak
     rows = [
         ("model", f"{p.model.ref} ({p.model.dtype}), batch {p.shape.batch} x seq {p.shape.seq}"
-                  + (f", a KV pool of {p.kv_pool.num_blocks - 1} blocks of {p.kv_pool.block_tokens} tokens"
+                  + (f", a KV pool of {p.kv_pool.num_pages - 1} blocks of {p.kv_pool.page_tokens} tokens"
                      if p.kv_pool else "")),
         ("hardware", f"{p.hardware.name}: {p.hardware.source}"),
         ("forward, steady state", fmt_s(tl.step_time_s)),
@@ -481,7 +481,7 @@ def kv_pool_figure(engine: tuple[list[tuple[float, int]], list[dict], int]) -> b
                     label=f"{len(xs)} preempted by {kind}")
     ax.set_ylim(0, usable * 1.15 + 1)
     ax.set_xlabel("time from the run's start (s)")
-    ax.set_ylabel("KV blocks")
+    ax.set_ylabel("KV pages")
     ax.set_title("KV pool use over the run, and preemptions")
     fig.legend(loc="outside right upper", fontsize=8)
     ax.grid(axis="y", alpha=0.3)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Residency, SlotKind
 from memintent.passes.lifetimes import activation_profile
+from memintent.passes.prefetch import schedule_of
 from memintent.passes.residency import slot_need_bytes
 
 
@@ -263,7 +264,6 @@ def _memory_points(p: Program, sim, copies: list[CopySpan]) -> list[MemoryPoint]
 
 def build_timeline(p: Program) -> Timeline:
     """The predicted timeline of a scheduled plan (raises ``MemintentError`` for a trace without a plan)."""
-    from memintent.passes.prefetch import schedule_of   # imports networkx; only needed here
 
     if p.arena is None or p.prediction is None or p.hardware is None:
         raise MemintentError(f"{p.name}: the program holds no plan (no arena, prediction or hardware): compile it "
