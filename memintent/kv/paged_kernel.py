@@ -6,7 +6,8 @@ sequence's page table straight from one layer's pages of the pool (no gather cop
 
 - a program per (query tile, KV head, key split) handles the ``G = H / KV`` query heads that share the KV head
   together: its score tile has ``BLOCK_M * G`` rows (query token major, padded to a power of two >= 16 for
-  ``tl.dot``), so grouped-query heads read each key once and never repeat it;
+  ``tl.dot``), so grouped-query heads read each key once and never repeat it; a tile of one row (the decode of a
+  model with as many KV heads as query heads) takes its products on the CUDA cores instead;
 - it walks the sequence's keys ``BLOCK_N`` at a time (several pages: each key's page comes from the page table),
   with an online softmax in float32 (base 2), causal and sliding-window masks from positions, and logit
   soft-capping (``softcap * tanh(logit / softcap)``) before the mask;
@@ -50,7 +51,6 @@ MIN_SPLIT_KEYS = 256             # a decode split reads at least this many keys 
 MAX_SPLITS = 16
 SPLIT_PROGRAMS_PER_SM = 2        # split decode keys until this many programs per SM (when the keys allow)
 DESIGN_SMS = 132                 # H200; the split rule's SM count where no CUDA device answers (the interpreter)
-_LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,7 @@ class PagedMeta:
     page_table: torch.Tensor     # (sizes.seqs, sizes.pages) int32, padded with page 0 (the null page)
     seq_lens: torch.Tensor       # (sizes.seqs,) int32: keys of each sequence once this step's keys are written
     prompt_block_m: int          # query tokens per prompt tile
+    group: int                   # query heads per KV head it was built for (prompt tiles have block_m * group rows)
     page_tokens: int
     sizes: MetaSizes
 
@@ -226,7 +227,7 @@ def build_meta(starts: Sequence[int], lengths: Sequence[int], contexts: Sequence
                      prompt_tiles=buf[nd:nd + np_].view(sizes.prompt_tiles, TILE_FIELDS),
                      page_table=buf[nd + np_:nd + np_ + nt].view(sizes.seqs, sizes.pages),
                      seq_lens=buf[nd + np_ + nt:nd + np_ + nt + sizes.seqs],
-                     prompt_block_m=block_m, page_tokens=page_tokens, sizes=sizes)
+                     prompt_block_m=block_m, group=group, page_tokens=page_tokens, sizes=sizes)
 
 
 # ---- the kernels ------------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def _kernels(interpret: bool):
                G: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, HD: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
                SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
         # One program: tile pid0's queries x the G query heads of KV head pid1, over key split pid2.
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -304,12 +305,16 @@ def _kernels(interpret: bool):
             if QUANT:
                 ks = tl.load(KS + page * sks_p + slot * sks_t + kvh * sks_h, mask=n_ok, other=0.0)   # (BLOCK_N,)
                 vs = tl.load(VS + page * svs_p + slot * svs_t + kvh * svs_h, mask=n_ok, other=0.0)
-                k = k.to(tl.float32).to(dtype)                  # int8 is exact in the model dtype
-                v = v.to(tl.float32).to(dtype)
-            if DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)                         # (ROWS, BLOCK_N)
+                if USE_DOT:
+                    k = k.to(tl.float32).to(dtype)              # int8 is exact in the model dtype
+                    v = v.to(tl.float32).to(dtype)
+            if USE_DOT:
+                if DOT_F32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)                     # (ROWS, BLOCK_N)
+            else:   # one row: on the CUDA cores (a tensor-core tile would be 16 rows, 15 of them padding)
+                s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1)[None, :]              # (1, BLOCK_N)
             if QUANT:
                 s = s * ks[None, :]
             if SOFTCAP:
@@ -328,10 +333,14 @@ def _kernels(interpret: bool):
             l_i = l_i * alpha + tl.sum(p, 1)
             if QUANT:
                 p = p * vs[None, :]                             # each value row's scale, on its weight
-            p = p.to(dtype)
-            if DOT_F32:
-                p = p.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            if USE_DOT:
+                p = p.to(dtype)
+                if DOT_F32:
+                    p = p.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            else:
+                w = tl.sum(p, 0)                                # (BLOCK_N,): the one row's weights
+                acc = acc * alpha[:, None] + tl.sum(w[:, None] * v.to(tl.float32), 0)[None, :]
             m_i = m_new
         out_ok = row_ok[:, None] & d_ok[None, :]
         if SPLITS == 1:
@@ -390,24 +399,35 @@ def decode_splits(decode_tiles: int, kv_heads: int, max_keys: int, sm_count: int
     return 1 << (n.bit_length() - 1)
 
 
-def _check_inputs(q, k_pages, v_pages, k_scales, v_scales, meta: PagedMeta) -> None:
+def _check_inputs(q, k_pages, v_pages, k_scales, v_scales, meta: PagedMeta, out) -> None:
     if q.dim() != 3 or k_pages.dim() != 4 or v_pages.shape != k_pages.shape:
         raise MemintentError(f"paged attention: q must be (T, H, hd) and k/v pages (P, page_tokens, KV, hd) alike, "
                              f"not {tuple(q.shape)}, {tuple(k_pages.shape)}, {tuple(v_pages.shape)}")
     heads, hd = q.shape[1], q.shape[2]
     _, page_tokens, kv_heads, khd = k_pages.shape
-    if khd != hd or heads % kv_heads or page_tokens != meta.page_tokens:
+    if khd != hd or heads % kv_heads or page_tokens != meta.page_tokens or heads != kv_heads * meta.group:
         raise MemintentError(f"paged attention: {heads} query heads of dim {hd} over {kv_heads} KV heads of dim "
-                             f"{khd} in pages of {page_tokens} (the metadata says {meta.page_tokens}): the heads "
-                             "must be a multiple of the KV heads, with equal head dims")
+                             f"{khd} in pages of {page_tokens} (the metadata says pages of {meta.page_tokens}, "
+                             f"{meta.group} query heads per KV head): the heads must be a multiple of the KV heads, "
+                             "with equal head dims, as the metadata was built for")
+    _check_storage(q, k_pages, v_pages, k_scales, v_scales, meta, out)
+
+
+def _check_storage(q, k_pages, v_pages, k_scales, v_scales, meta: PagedMeta, out) -> None:
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise MemintentError(f"paged attention: queries in {q.dtype}; the kernel takes bf16, f16 or f32")
     quantized = k_pages.dtype == torch.int8
-    if quantized != (k_scales is not None and v_scales is not None) or (not quantized and k_pages.dtype != q.dtype):
+    if (quantized != (k_scales is not None and v_scales is not None) or v_pages.dtype != k_pages.dtype
+            or (not quantized and k_pages.dtype != q.dtype)):
         raise MemintentError(f"paged attention: pages of {k_pages.dtype} for queries of {q.dtype}: pages hold the "
                              "model dtype, or int8 with float32 scales for both keys and values")
     if any(t.stride(-1) != 1 for t in (q, k_pages, v_pages)):
         raise MemintentError("paged attention: q and the pages need a contiguous head dim (stride 1)")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise MemintentError(f"paged attention: out {tuple(out.shape)} {out.dtype} for q {tuple(q.shape)} {q.dtype}: "
+                             "give one of q's shape and dtype with a contiguous head dim")
+    if meta.page_table.device != q.device:
+        raise MemintentError(f"paged attention: the metadata is on {meta.page_table.device}, q on {q.device}")
 
 
 def paged_attention_varlen(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -423,7 +443,7 @@ def paged_attention_varlen(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     position p sees keys p - window + 1 .. p. Returns ``out`` (T, H, hd) in q's dtype (a new contiguous tensor, or
     the one given); rows of q that no tile covers are left as they were. Launches depend only on shapes: run it
     once before capturing it in a CUDA graph (Triton compiles on first use)."""
-    _check_inputs(q, k_pages, v_pages, k_scales, v_scales, meta)
+    _check_inputs(q, k_pages, v_pages, k_scales, v_scales, meta, out)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     heads, hd = q.shape[1], q.shape[2]
@@ -454,15 +474,21 @@ class _Launch:
         self.scalars = (float(scale), float(softcap or 1.0), int(window or 0))
         hd = q.shape[2]
         interpret = _interpreting()
-        dot_f32 = interpret or q.dtype == torch.float32   # the interpreter's dot takes no bf16/f16 operands
+        f32 = q.dtype == torch.float32
+        dot_f32 = interpret or f32                         # the interpreter's dot takes no bf16/f16 operands
+        # float32 on a GPU: three tf32 passes (float32 accuracy on the tensor cores; "ieee" spills registers).
+        precision = "ieee" if interpret else ("tf32x3" if f32 else None)
         self.flags = dict(HEAD_DIM=hd, HD=max(MIN_ROWS, 1 << (hd - 1).bit_length()), PAGE=meta.page_tokens,
                           QUANT=quant, SOFTCAP=bool(softcap), WINDOW=bool(window), DOT_F32=dot_f32,
-                          PRECISION="ieee" if dot_f32 else None)
-        self.triton, self.attend, self.merge = _kernels(interpret)
+                          PRECISION=precision)
+        self.max_block_n = 32 if f32 and not interpret else 1 << 30
+        _, self.attend, self.merge = _kernels(interpret)
 
     def run(self, tiles: torch.Tensor, block_m: int, splits: int, block_n: int, warps: int, stages: int) -> None:
         n_tiles, heads, kv_heads = tiles.shape[0], self.q.shape[1], self.k.shape[2]
-        rows = max(MIN_ROWS, 1 << (block_m * self.group - 1).bit_length())
+        used = block_m * self.group                        # score rows with a query: one is a vector product
+        block_n = min(block_n, self.max_block_n)
+        rows = 1 if used == 1 else max(MIN_ROWS, 1 << (used - 1).bit_length())
         po = pml = self.out
         if splits > 1:
             po = torch.empty((splits, n_tiles, heads, self.flags["HD"]), dtype=torch.float32, device=self.q.device)
@@ -470,7 +496,8 @@ class _Launch:
         self.attend[(n_tiles, kv_heads, splits)](
             self.q, self.k, self.v, self.ks, self.vs, self.out, po, pml, tiles, self.meta.page_table,
             self.meta.seq_lens, *self.strides, n_tiles, heads, *self.scalars, G=self.group, BLOCK_M=block_m,
-            ROWS=rows, BLOCK_N=block_n, SPLITS=splits, num_warps=warps, num_stages=stages, **self.flags)
+            ROWS=rows, BLOCK_N=block_n, SPLITS=splits, USE_DOT=used > 1, num_warps=warps, num_stages=stages,
+            **self.flags)
         if splits > 1:
             self.merge[(n_tiles, heads)](po, pml, self.out, tiles, self.out.stride(0), self.out.stride(1), n_tiles,
                                          heads, SPLITS=splits, SP=max(2, 1 << (splits - 1).bit_length()),
