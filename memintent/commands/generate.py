@@ -1,9 +1,11 @@
 """``memintent generate``: serve requests under a generation plan with the engine, then report what it measured.
 
-Requests come from ``--prompts FILE`` (JSON lines) or ``--synthetic N`` (seeded lengths from ranges); results go
-to ``--output FILE`` (JSON lines, in request order) once the run is complete. Everything that can be refused is
-refused before the host store is filled: unreadable requests, prompts longer than the plan's context, outputs that
-cannot be written, a host store larger than the machine's available memory.
+Requests come from ``--prompts FILE`` (JSON lines; ``-``: stdin) or ``--synthetic N`` (seeded lengths from
+ranges); each result goes to ``--output FILE`` as its request finishes (``commands/results.py``: a partial file
+that becomes the output, in request order, when the run completes; ``--resume`` serves only what it lacks).
+Everything that can be refused is refused before the host store is filled: unreadable requests, prompts longer
+than the plan's context, outputs that cannot be written or that name an input, a host store larger than the
+machine's available memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from memintent.engine import requests as reqs
 from memintent.engine.engine import Engine
+from memintent.commands.results import Results
 from memintent.engine.metrics import ServeReport, summarize
 from memintent.errors import MemintentError
 from memintent.runtime.memory import PeakMeter
@@ -25,13 +28,14 @@ from memintent.units import fmt_bytes, fmt_s
 VERIFY_REQUESTS = 8   # --verify compares this many requests with the resident model (each runs alone, densely)
 
 
-def load_requests(args, program: Program, src) -> list[reqs.Request]:
+def load_requests(args, program: Program, src) -> tuple[list[reqs.Request], dict]:
+    """The requests and, for a file, each one's line (request id -> line number)."""
     g = program.generation
     tokenizer = src.tokenizer() if hasattr(src, "tokenizer") else None
-    if args.prompts:
-        out = reqs.load(args.prompts, tokenizer=tokenizer, default_max_new=reqs.parse_range(
+    if args.prompts is not None:
+        numbered = reqs.load_numbered(args.prompts, tokenizer=tokenizer, default_max_new=reqs.parse_range(
             args.gen_len or str(g.gen_len), "--gen-len")[1], chat=args.chat)
-        where = reqs.line_numbers(args.prompts)
+        out, where = [r for _, r in numbered], {r.id: n for n, r in numbered}
     else:
         n = args.synthetic or args.requests or g.concurrency
         out = reqs.synthetic(n, reqs.parse_range(args.prompt_len or str(g.prompt_len), "--prompt-len"),
@@ -42,10 +46,12 @@ def load_requests(args, program: Program, src) -> list[reqs.Request]:
 
 
 def serve(program: Program, requests, *, device, check=False, store=None, preempt="cost", warmup=False,
-          verify=False, progress=None, log=None, allow_code=False, link=None) -> tuple[ServeReport, list, object]:
+          verify=False, progress=None, log=None, allow_code=False, link=None,
+          on_done=None) -> tuple[ServeReport, list, object]:
     """Run ``requests`` through an engine on ``program`` (a plan or a pipeline; ``link``: how a pipeline's stages
     reach each other, ``engine.pipeline``); returns the report, the outputs in request order, and the
-    engine (closed). ``progress(done_requests, generated_tokens)`` is called after each step."""
+    engine (closed). ``progress(done_requests, generated_tokens)`` is called after each step, ``on_done(output)``
+    as each request finishes."""
     from memintent.runtime.profile import measure_h2d_gbps
 
     if isinstance(program, Pipeline):
@@ -67,7 +73,7 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
         for r in requests:
             engine.add(r)
         t0 = time.perf_counter()
-        _run(engine, outputs, progress, meter)
+        _run(engine, outputs, progress, meter, on_done)
         total_s = time.perf_counter() - t0
         peak = meter.peak_bytes
     finally:   # also on Ctrl-C: waits for in-flight copies, removes the hooks, releases the arena
@@ -87,7 +93,7 @@ def serve(program: Program, requests, *, device, check=False, store=None, preemp
     return rep, ordered, engine
 
 
-def _run(engine: Engine, outputs: dict, progress, meter) -> None:
+def _run(engine: Engine, outputs: dict, progress, meter, on_done=None) -> None:
     """Step the engine until every request finished, each step measured by ``meter``; a failure mid-run (a copy,
     the device's memory) is one line."""
     from memintent.runtime.device import as_fault
@@ -100,6 +106,8 @@ def _run(engine: Engine, outputs: dict, progress, meter) -> None:
             for out in done:
                 outputs[out.id] = out
                 generated += len(out.token_ids)
+                if on_done is not None:
+                    on_done(out)
             if progress:
                 progress(len(outputs), generated)
     except MemintentError:
@@ -118,7 +126,7 @@ def run_generate(args) -> int:
     """The CLI command."""
     from memintent.compiler.plan_source import source_for
     from memintent.compiler.stages import verify_pipeline
-    from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, write_atomic
+    from memintent.ir.plan_file import load_plan_or_pipeline, write_atomic
     from memintent.passes.verify import verify as verify_plan
 
     plan = load_plan_or_pipeline(args.plan)
@@ -127,40 +135,84 @@ def run_generate(args) -> int:
     program = plan.stages[0] if isinstance(plan, Pipeline) else plan
     if program.generation is None or program.kv_pool is None:
         raise MemintentError(f"{args.plan} is not a generation plan: compile it with --objective throughput|latency")
-    for flag in ("output", "json", "trace"):
-        if getattr(args, flag, None):
-            check_writable(getattr(args, flag), f"--{flag}")
+    _check_flags(args)
     device, link = _device_and_link(args, plan)
     src = source_for(program, args.allow_code)
     requests, where = load_requests(args, program, src)
-    con = _console()
     for r in requests:
         reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
-                      where=f"{args.prompts}:{where[r.id]}: " if r.id in where else "")
-    from memintent.progress import status
-
-    with status(f"serving {len(requests)} requests", console=con) as st:
-        rep, outputs, engine = serve(
-            plan, requests, device=device, check=args.check, preempt=args.preempt, warmup=args.warmup,
-            verify=args.verify, allow_code=args.allow_code, log=lambda line: con.print(f"[dim]{line}[/dim]"),
-            progress=lambda done, gen: st.update(f"{done} of {len(requests)} requests done, {gen} tokens generated"),
-            link=link)
+                      where=f"{'stdin' if args.prompts == '-' else args.prompts}:{where[r.id]}: " if r.id in where
+                      else "")
+    first = link is None or link.rank == 0    # every rank holds the same tokens: the first one writes them
+    results = Results(args.output, resume=args.resume, inputs=_inputs(args)) if args.output and first else None
+    todo = results.open(requests) if results else requests
+    con = _console()
+    if not todo:
+        results.finish(requests)
+        con.print(f"{args.output}: all {len(requests)} results were already there (--resume); nothing to serve")
+        return 0
+    tokenizer = src.tokenizer() if hasattr(src, "tokenizer") else None
+    rep, engine = _serve_into(plan, todo, results, tokenizer, args, device, link, con, total=len(requests))
     program = engine.report_program
-    if link is not None and link.rank > 0:   # every rank holds the same tokens: the first one writes them
+    if not first:
         con.print(f"rank {link.rank}: peak HBM {fmt_bytes(rep.peak_hbm_bytes)} (budget "
                   f"{fmt_bytes(program.budget_bytes)})")
         return _exit_code(program, rep, con)
-    tokenizer = src.tokenizer() if hasattr(src, "tokenizer") else None
-    if args.output:
-        write_atomic(args.output, "".join(json.dumps(_with_text(o, tokenizer).as_json()) + "\n" for o in outputs))
+    if results:
+        results.finish(requests)
     if args.json:
-        write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
+        write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n", "--json")
     if args.trace:
         from memintent.see.perfetto import write_serve_trace
 
         write_serve_trace(args.trace, program, engine)
     _print(program, rep, con)
     return _exit_code(program, rep, con)
+
+
+def _inputs(args) -> dict:
+    """The files ``generate`` reads, which no output may name."""
+    return {"--prompts": args.prompts, "plan": args.plan}
+
+
+def _check_flags(args) -> None:
+    """Refuse, before anything runs, flags that contradict each other and outputs that cannot be written."""
+    from memintent.ir.plan_file import check_writable
+
+    if args.prompts is not None and (args.synthetic is not None or args.requests is not None):
+        raise MemintentError("--prompts and --synthetic both name the requests: give one of them")
+    if args.prompts == "":
+        raise MemintentError('--prompts "": name a JSON-lines file, or - for stdin')
+    if args.resume and not args.output:
+        raise MemintentError("--resume finishes the results of an earlier run: name its file with --output")
+    outputs = {f"--{flag}": getattr(args, flag, None) for flag in ("output", "json", "trace")}
+    for flag, path in outputs.items():
+        if path is not None:
+            others = {f: p for f, p in outputs.items() if f != flag and p is not None}
+            check_writable(path, flag, _inputs(args) | others)
+
+
+def _serve_into(plan, todo, results, tokenizer, args, device, link, con, *, total: int):
+    """Serve ``todo``, each result into ``results`` as it finishes; a failure or an interrupt says what was kept."""
+    from memintent.progress import status
+
+    def done(out) -> None:
+        if results is not None:
+            results.add(_with_text(out, tokenizer).as_json())
+
+    try:
+        with status(f"serving {len(todo)} requests", console=con) as st:
+            rep, _, engine = serve(
+                plan, todo, device=device, check=args.check, preempt=args.preempt, warmup=args.warmup,
+                verify=args.verify, allow_code=args.allow_code, log=lambda line: con.print(f"[dim]{line}[/dim]"),
+                progress=lambda n, gen: st.update(f"{n} of {len(todo)} requests done, {gen} tokens generated"),
+                link=link, on_done=done)
+    except BaseException as e:     # also Ctrl-C and SIGTERM: the lines written so far stay, and the message says where
+        note = results.note(total) if results is not None else None
+        if note:
+            e.add_note(note)
+        raise
+    return rep, engine
 
 
 def _device_and_link(args, plan):
