@@ -295,7 +295,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from memintent.progress import status
     from memintent.see.report import write_report
 
-    out = check_writable(args.output, "-o")
+    from memintent.ir.plan_file import output_target
+
+    out = check_writable(args.output, "-o", {"plan": args.plan, "--trace": args.trace})
+    if output_target(out, "-o").kind != "file":
+        raise MemintentError(f"-o {out}: report writes its figures beside the page: name a file")
     program = _load_verified(args.plan)
     if isinstance(program, Pipeline):     # a stage is a plan of its own: report one, with the run's KV pool
         if not 0 <= args.stage < len(program.stages):

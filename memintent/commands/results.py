@@ -75,7 +75,6 @@ class Results:
             raise MemintentError(f"--resume reads the results back from --output, and {path} is not a regular file: "
                                  "name a file")
         self.done: dict[RequestId, str] = {}      # results of earlier runs (--resume), kept as they were written
-        self.kept = 0                             # results in the partial file
         self.in_output = 0                        # --resume: results an existing OUT holds (not in the partial)
         self._fd: int | None = None
         self._stream = None
@@ -103,7 +102,6 @@ class Results:
         """--resume: the results ``OUT`` and ``OUT.partial`` hold (``OUT``'s first), each for one of ``requests``."""
         earlier = read_results(Path(self.path)) if Path(self.path).is_file() else {}
         in_partial = read_results(self.partial)
-        self.kept = len(in_partial)
         self.in_output = len(set(earlier) - set(in_partial))
         ids = {r.id for r in requests}
         for rid, line in [*earlier.items(), *in_partial.items()]:
@@ -142,7 +140,6 @@ class Results:
         except OSError as e:
             os.ftruncate(self._fd, size)
             raise MemintentError(f"cannot write {self.partial}: {e.strerror or e}") from None
-        self.kept += 1
 
     def finish(self, requests: list) -> None:
         """Every request is done: ``OUT`` gets each one's line once, in request order, and the partial file goes."""
@@ -157,15 +154,16 @@ class Results:
     def note(self, total: int) -> str | None:
         """After a failure or an interrupt: what is on disk, in one clause (None when nothing was kept)."""
         self._close()
-        if self.partial is None:
+        if self.partial is None or not self.partial.exists():
             return None
-        if self.kept == 0 and self._created:
+        n = len(read_results(self.partial))   # counted on disk: a signal may land between a write and any count
+        if n == 0 and self._created:
             self.partial.unlink(missing_ok=True)
             return None
-        kept = f"{self.kept} of {total} results are in {self.partial}"
+        kept = f"{n} of {total} results are in {self.partial}"
         if self.in_output:
-            kept = (f"{self.kept + self.in_output} of {total} results are in {self.partial} ({self.kept}) and "
-                    f"{self.path} ({self.in_output})")
+            kept = (f"{n + self.in_output} of {total} results are in {self.partial} ({n}) and {self.path} "
+                    f"({self.in_output})")
         return f"{kept}; run the same command with --resume to serve the rest"
 
     def _close(self) -> None:

@@ -22,7 +22,7 @@ import torch
 from memintent.engine.kv_pool import BlockPool
 from memintent.engine.runner import ModelRunner
 from memintent.engine.scheduler import Costs, Preemption, Scheduler
-from memintent.engine.sequence import Request, RequestOutput, Sequence
+from memintent.engine.sequence import Request, RequestOutput, Sequence, State
 from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import Program
 
@@ -94,18 +94,58 @@ class Serving:
     track: set[str]                                 # request ids whose logits are kept (--verify)
     tracked_logits: dict[str, list[torch.Tensor]]
 
+    closed = False
+
     def validate(self, request: Request) -> None:
-        """Refuse what the plan cannot serve, naming the request (``requests.validate``)."""
+        """Refuse what the plan cannot serve, naming the request (``requests.validate``), a request that is not a
+        ``Request``, and any request once the engine is closed."""
         from memintent.engine.requests import validate
 
+        self.check_open()
+        if not isinstance(request, Request):
+            raise MemintentError(f"the engine serves Request objects, not {type(request).__name__}: build one with "
+                                 "Request(id, prompt_ids, max_new_tokens)")
         validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
 
+    def check_open(self) -> None:
+        if self.closed:
+            raise MemintentError("the engine is closed (its arena was released): make a new Engine to serve more "
+                                 "requests")
+
     def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
-        """Serve ``requests`` (all arriving now); yields each result as its request finishes."""
+        """Serve ``requests`` (all arriving now; ids unique); yields each result as its request finishes. Closing
+        the generator early (``break``) cancels the requests it queued that did not finish: their KV pages go back,
+        and no later call returns them."""
+        requests = list(requests)
+        queued = {s.request.id for sched in self._schedulers() for s in sched.sequences if s.state != State.finished}
+        seen: set = set()
         for r in requests:
-            self.add(r)
-        while self.has_work:
-            yield from self.step()
+            self.validate(r)                # every request before any is queued: all or none
+            if r.id in seen or r.id in queued:
+                twice = "in this call" if r.id in seen else "in this call and queued already"
+                raise MemintentError(f"request {r.id!r} appears twice ({twice}): the ids of the requests an engine "
+                                     "serves at once must be unique")
+            seen.add(r.id)
+        mine = [self.add(r) for r in requests]
+        try:
+            while self.has_work:
+                yield from self.step()
+        finally:
+            self.cancel([s for s in mine if s.state != State.finished])
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        """Drop unfinished sequences: their pool blocks (poisoned in checked mode) and swap slots go back."""
+        for seq in sequences:
+            sched = next(s for s in self._schedulers() if any(x is seq for x in s.sequences))
+            freed = sched.cancel(seq)
+            for runner in self._runners():
+                runner.poison(freed)
+
+    def _schedulers(self) -> list:
+        return [self.scheduler]
+
+    def _runners(self) -> list:
+        return [self.runner]
 
     def keep_logits(self, plan, logits: torch.Tensor) -> None:
         """Keep the tracked requests' rows of a step's logits (S, vocab), one row per sampling chunk."""
@@ -168,6 +208,7 @@ class Engine(Serving):
     # -- steps ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that finished in it."""
+        self.check_open()
         if self._t0 is None:
             self._t0 = perf_counter()
         t = perf_counter()
@@ -199,3 +240,4 @@ class Engine(Serving):
 
     def close(self) -> None:
         self.runner.close()
+        self.closed = True

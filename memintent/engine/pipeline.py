@@ -32,7 +32,7 @@ from memintent.engine.engine import EngineStats, Serving, StepRecord, _record, r
 from memintent.engine.kv_pool import BlockPool, SwapSpace
 from memintent.engine.runner import ModelRunner
 from memintent.engine.scheduler import Costs, Scheduler, StepPlan
-from memintent.engine.sequence import Request, RequestOutput, Sequence
+from memintent.engine.sequence import Request, RequestOutput, Sequence, State
 from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import Pipeline, Program
 
@@ -177,6 +177,7 @@ class PipelineEngine(Serving):
         self.stats = EngineStats(num_blocks=kv.num_blocks)
         self.tick, self._dealt, self._idle = 0, 0, 0
         self._inflight: dict[int, _InFlight] = {}
+        self._cancel_later: set[int] = set()          # sequence ids cancelled while in a micro-batch in flight
         self._t0: float | None = None
         self.track: set[str] = set()
         self.tracked_logits: dict[str, list[torch.Tensor]] = {}
@@ -205,9 +206,22 @@ class PipelineEngine(Serving):
     def has_work(self) -> bool:
         return bool(self._inflight) or any(s.has_work for s in self.groups)
 
+    def _schedulers(self) -> list:
+        return self.groups
+
+    def _runners(self) -> list:
+        return list(self.runners.values())
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        """``Serving.cancel``; a sequence in a micro-batch still in flight is dropped when that batch leaves."""
+        moving = {c.seq.seq_id for e in self._inflight.values() for c in e.plan.chunks}
+        self._cancel_later.update(s.seq_id for s in sequences if s.seq_id in moving)
+        super().cancel([s for s in sequences if s.seq_id not in moving])
+
     # -- ticks ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One tick: a micro-batch enters, every stage here runs its own, and one leaves the last stage."""
+        self.check_open()
         if self._t0 is None:
             self._t0 = perf_counter()
         t, start_s = self.tick, perf_counter()
@@ -276,6 +290,11 @@ class PipelineEngine(Serving):
         finished, freed = self.groups[entry.group].postprocess(plan, sampled, now)
         for runner in self.runners.values():
             runner.poison(freed)
+        if self._cancel_later:
+            late = [c.seq for c in plan.chunks if c.seq.seq_id in self._cancel_later]
+            self._cancel_later.difference_update(s.seq_id for s in late)
+            finished = [s for s in finished if all(s is not x for x in late)]     # no one waits for them
+            super().cancel([s for s in late if s.state != State.finished])
         if self.check:
             self.pool.check()
         self.stats.steps.append(_record(plan, tick_start_s - self._t0, perf_counter() - tick_start_s,
@@ -291,6 +310,7 @@ class PipelineEngine(Serving):
         self.link.flush()
         for runner in self.runners.values():
             runner.close()
+        self.closed = True
 
 
 def _load(pipeline) -> Pipeline:

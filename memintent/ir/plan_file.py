@@ -152,11 +152,11 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def check_writable(path: str | os.PathLike, what: str = "output",
                    inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
-    """``path`` once it may be written (``output_target``) and names none of ``inputs`` (flag -> path: the files
-    the command reads, which writing would destroy): checked before long work, so a run does not fail at its very
-    end or overwrite what it reads."""
+    """``path`` once it may be written (``output_target``) and, when it is a file, names none of ``inputs`` (flag ->
+    path: the files the command reads or also writes, which writing it would destroy): checked before long work, so
+    a run does not fail at its very end or overwrite what it reads."""
     target = output_target(path, what)
-    if target.kind != "stdout":
+    if target.kind == "file":      # a device or FIFO is no file to destroy: /dev/null may take two outputs
         for flag, other in (inputs or {}).items():
             if other not in (None, "", STDOUT) and same_file(path, other):
                 raise MemintentError(f"{what} {path} is the same file as {flag} {other}: writing it would destroy "
