@@ -562,3 +562,23 @@ def test_breaking_out_of_generate_cancels_what_it_queued(engine):
     engine.pool.check()
     assert [o.id for o in engine.generate([Request("next", (4, 5), max_new_tokens=2)])] == ["next"], \
         "no result of the abandoned call comes out of the next one"
+
+
+def test_breaking_out_of_a_pipelines_generate_cancels_what_it_queued():
+    """A pipeline's sequence may be in a micro-batch still in flight when the caller stops: it is dropped when that
+    batch leaves, and nothing of the abandoned call comes out later."""
+    from memintent.compiler.stages import plan_pipeline
+    from memintent.engine import Request
+    from memintent.engine.pipeline import PipelineEngine
+
+    pl = plan_pipeline("tiny-llama", stages=2, budget_bytes=2 << 20, hardware=CPU, context=32, prompt_len=8,
+                       gen_len=4, dtype="f32")
+    with PipelineEngine(pl, "cpu") as engine:
+        free = engine.pool.free_blocks
+        for _ in engine.generate([Request(i, (1 + i, 2, 3), max_new_tokens=2 + i) for i in range(10)]):
+            break
+        assert engine._inflight, "a micro-batch was in flight when the caller stopped"
+        left = [o.id for o in engine.generate([Request("next", (4, 5), max_new_tokens=2)])]
+        assert left == ["next"] and not engine.has_work
+        assert engine.pool.free_blocks == free
+        engine.pool.check()

@@ -138,11 +138,7 @@ def run_generate(args) -> int:
     _check_flags(args)
     device, link = _device_and_link(args, plan)
     src = source_for(program, args.allow_code)
-    requests, where = load_requests(args, program, src)
-    for r in requests:
-        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
-                      where=f"{'stdin' if args.prompts == '-' else args.prompts}:{where[r.id]}: " if r.id in where
-                      else "")
+    requests = _checked_requests(args, program, src)
     first = link is None or link.rank == 0    # every rank holds the same tokens: the first one writes them
     results = Results(args.output, resume=args.resume, inputs=_inputs(args)) if args.output and first else None
     todo = results.open(requests) if results else requests
@@ -168,6 +164,16 @@ def run_generate(args) -> int:
         write_serve_trace(args.trace, program, engine)
     _print(program, rep, con)
     return _exit_code(program, rep, con)
+
+
+def _checked_requests(args, program: Program, src) -> list[reqs.Request]:
+    """The requests, each refused (naming its line) if the plan cannot serve it: all before the first step."""
+    requests, where = load_requests(args, program, src)
+    shown = "stdin" if args.prompts == "-" else args.prompts
+    for r in requests:
+        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
+                      where=f"{shown}:{where[r.id]}: " if r.id in where else "")
+    return requests
 
 
 def _inputs(args) -> dict:

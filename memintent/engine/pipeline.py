@@ -200,6 +200,7 @@ class PipelineEngine(Serving):
         self.validate(request)
         group = self.groups[self._dealt % self.n]
         self._dealt += 1
+        self._idle = 0           # new work: idle ticks before it (a cancelled batch's last) are no stall
         return group.add(request)
 
     @property
@@ -290,16 +291,22 @@ class PipelineEngine(Serving):
         finished, freed = self.groups[entry.group].postprocess(plan, sampled, now)
         for runner in self.runners.values():
             runner.poison(freed)
-        if self._cancel_later:
-            late = [c.seq for c in plan.chunks if c.seq.seq_id in self._cancel_later]
-            self._cancel_later.difference_update(s.seq_id for s in late)
-            finished = [s for s in finished if all(s is not x for x in late)]     # no one waits for them
-            super().cancel([s for s in late if s.state != State.finished])
+        finished = self._drop_cancelled(plan, finished)
         if self.check:
             self.pool.check()
         self.stats.steps.append(_record(plan, tick_start_s - self._t0, perf_counter() - tick_start_s,
                                         self.pool.used_blocks))
         return [request_output(s) for s in finished]
+
+    def _drop_cancelled(self, plan: StepPlan, finished: list[Sequence]) -> list[Sequence]:
+        """Sequences cancelled while this micro-batch was in flight: cancelled now, their results dropped (no one
+        waits for them)."""
+        if not self._cancel_later:
+            return finished
+        late = [c.seq for c in plan.chunks if c.seq.seq_id in self._cancel_later]
+        self._cancel_later.difference_update(s.seq_id for s in late)
+        super().cancel([s for s in late if s.state != State.finished])
+        return [s for s in finished if all(s is not x for x in late)]
 
     def reset_stats(self) -> None:
         self.stats = EngineStats(num_blocks=self.stats.num_blocks)

@@ -59,6 +59,8 @@ def token_ids(v: Any, name: str) -> tuple[int, ...]:
         v = v.tolist()
     if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
         raise _Bad(f"{name} must be a list of integer token ids, not {_kind(v)}")
+    if set(map(type, v)) <= {int}:                              # the common case, checked at C speed
+        return v if isinstance(v, tuple) else tuple(v)
     bad = next((t for t in v if not _is_int(t)), None)
     if bad is not None:
         raise _Bad(f"{name} must hold integer token ids: {bad!r} is a {type(bad).__name__}")
