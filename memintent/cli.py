@@ -509,7 +509,7 @@ def _terminate(signum, frame) -> None:
 
 def _with_notes(message: str, e: BaseException) -> str:
     """The one line, with what the command kept on the way out (``add_note``: ``generate``'s results file)."""
-    notes = [" ".join(n.split()) for n in getattr(e, "__notes__", ())]
+    notes = [" ".join(n.split()) for n in getattr(e, "__notes__", ()) if n.strip()]
     return "; ".join([message, *notes]) if notes and message else (message or "; ".join(notes))
 
 
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     finally:
-        if main_thread:
+        if main_thread and previous is not None:     # None: a handler set outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, previous)
 
 

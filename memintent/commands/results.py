@@ -148,7 +148,11 @@ class Results:
             return
         got = read_results(self.partial)
         text = "".join(self.done.get(r.id) or got[r.id] for r in requests)
-        write_atomic(self.path, text, "--output")
+        try:
+            write_atomic(self.path, text, "--output")
+        except MemintentError as e:       # a full disk at the very end: the results are still in the partial file
+            e.add_note(self.note(len(requests)) or "")
+            raise
         self.partial.unlink(missing_ok=True)
 
     def note(self, total: int) -> str | None:
