@@ -321,7 +321,7 @@ def test_arena_larger_than_free_device_memory(monkeypatch, tiny_plan):
         DeviceArena(program.arena, torch.device("cuda", 0))
     assert "\n" not in str(e.value)
     # through attach: refused after validating the plan and before allocating anything on the device
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     model = resolve("tiny-llama").build("meta")
     with pytest.raises(MemintentError, match="short by"):
@@ -337,7 +337,7 @@ def test_arena_larger_than_free_device_memory(monkeypatch, tiny_plan):
 def test_pinned_registration_failure_falls_back_with_a_warning(monkeypatch, tiny_plan):
     """cudaHostRegister failing: the store warns and uses PyTorch's pinned allocator; the run still matches."""
     import memintent.runtime.host_store as hs
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     class Cudart:
         def cudaHostRegister(self, ptr, size, flags):
@@ -424,7 +424,7 @@ def test_copy_failing_mid_run(monkeypatch, tiny_plan, tmp_path, capsys, exc):
 
 def test_copy_failing_in_the_api_is_a_clean_fault_after_reset(monkeypatch, tiny_plan):
     """Through the Python API the copy's own exception propagates; the handle recovers on the next forward."""
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     src = resolve("tiny-llama")
     program = load_plan(tiny_plan)

@@ -42,8 +42,8 @@ def plan(tmp_path_factory) -> Path:
     """A tiny generation plan: up to 8 sequences at once in a pool of 12 pages of 4 tokens, 8 pages of swap."""
     path = tmp_path_factory.mktemp("hold") / "gen.plan.json"
     save_plan(plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=CPU, context=32, prompt_len=8, gen_len=4,
-                              objective="throughput", quant="none", dtype="f32", concurrency=4, kv_block_tokens=4,
-                              swap_blocks=8), path)
+                              objective="throughput", quant="none", dtype="f32", concurrency=4, kv_page_tokens=4,
+                              swap_pages=8), path)
     return path
 
 
@@ -410,7 +410,7 @@ def test_check_and_generate_agree_on_every_edited_field(plan, tmp_path, capsys, 
     refuse with the same one line (``generate`` runs the same proof)."""
     raw = json.loads(plan.read_text())
     fields = numeric_fields(raw)
-    assert len(fields) > 60 and "kv_pool.swap_blocks" in fields
+    assert len(fields) > 60 and "kv_pool.swap_pages" in fields
     edited = tmp_path / "edited.plan.json"
     tally = {"served": 0, "refused": 0}
     for name, path in fields.items():
@@ -436,7 +436,7 @@ def test_check_and_generate_agree_on_every_edited_field(plan, tmp_path, capsys, 
 
 def test_an_edited_swap_space_is_refused_by_check(plan, tmp_path, capsys):
     raw = json.loads(plan.read_text())
-    raw["kv_pool"]["swap_blocks"] = 10**18
+    raw["kv_pool"]["swap_pages"] = 10**18
     edited = tmp_path / "swap.plan.json"
     edited.write_text(json.dumps(raw))
     assert main(["check", str(edited)]) == 2
@@ -551,14 +551,14 @@ def test_engine_refuses_duplicate_ids_and_work_after_close(engine):
 def test_breaking_out_of_generate_cancels_what_it_queued(engine):
     from memintent.engine import Request
 
-    free = engine.pool.free_blocks
+    free = engine.pool.free_pages
     requests = [Request(i, (1 + i, 2, 3), max_new_tokens=2 + i) for i in range(10)]
     first = None
     for out in engine.generate(requests):
         first = out
         break
     assert first is not None and first.id in range(10)
-    assert not engine.has_work and engine.pool.free_blocks == free, "every page went back"
+    assert not engine.has_work and engine.pool.free_pages == free, "every page went back"
     engine.pool.check()
     assert [o.id for o in engine.generate([Request("next", (4, 5), max_new_tokens=2)])] == ["next"], \
         "no result of the abandoned call comes out of the next one"
@@ -567,18 +567,18 @@ def test_breaking_out_of_generate_cancels_what_it_queued(engine):
 def test_breaking_out_of_a_pipelines_generate_cancels_what_it_queued():
     """A pipeline's sequence may be in a micro-batch still in flight when the caller stops: it is dropped when that
     batch leaves, and nothing of the abandoned call comes out later."""
-    from memintent.compiler.stages import plan_pipeline
+    from memintent.compiler.pipeline import plan_pipeline
     from memintent.engine import Request
     from memintent.engine.pipeline import PipelineEngine
 
     pl = plan_pipeline("tiny-llama", stages=2, budget_bytes=2 << 20, hardware=CPU, context=32, prompt_len=8,
                        gen_len=4, dtype="f32")
     with PipelineEngine(pl, "cpu") as engine:
-        free = engine.pool.free_blocks
+        free = engine.pool.free_pages
         for _ in engine.generate([Request(i, (1 + i, 2, 3), max_new_tokens=2 + i) for i in range(10)]):
             break
         assert engine._inflight, "a micro-batch was in flight when the caller stopped"
         left = [o.id for o in engine.generate([Request("next", (4, 5), max_new_tokens=2)])]
         assert left == ["next"] and not engine.has_work
-        assert engine.pool.free_blocks == free
+        assert engine.pool.free_pages == free
         engine.pool.check()

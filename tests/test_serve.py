@@ -14,9 +14,9 @@ import torch
 
 from memintent.cli import main
 from memintent.compiler.hardware import BUILTIN
-from memintent.compiler.plan_source import resident_model
+from memintent.models.plan_model import resident_model
 from memintent.compiler.planner import plan_generation
-from memintent.compiler.refs import resolve
+from memintent.models.refs import resolve
 from memintent.engine import Engine
 from memintent.engine.reference import reference_logits
 from memintent.engine.requests import synthetic
@@ -31,7 +31,7 @@ REQUESTS = 40
 def plan():
     # Weights are 3.4 MiB in float32; the budget leaves room for a few sequences' KV next to the streamed layers.
     p = plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=CPU, context=48, prompt_len=8, gen_len=8,
-                        quant="none", concurrency=3, kv_block_tokens=4, swap_blocks=64, dtype="f32")
+                        quant="none", concurrency=3, kv_page_tokens=4, swap_pages=64, dtype="f32")
     assert any(b.residency == Residency.streamed for b in p.blocks), "the plan must stream some layers"
     return p
 
@@ -95,12 +95,12 @@ def test_cost_policy_logs_both_predicted_costs(plan, requests):
 def test_checked_mode_poisons_freed_blocks(plan, requests):
     with Engine(plan, "cpu", check=True, preempt="recompute") as eng:
         list(eng.generate(requests[:6]))
-        free = [eng.runner.views.block(b) for b in range(1, eng.pool.num_blocks) if eng.pool.owner[b] is None]
-        assert len(free) == eng.pool.num_blocks - 1, "every block is back in the pool"
+        free = [eng.runner.views.block(b) for b in range(1, eng.pool.num_pages) if eng.pool.owner[b] is None]
+        assert len(free) == eng.pool.num_pages - 1, "every block is back in the pool"
         poisoned = [bool((blk == 0xFF).all()) for blk in free]
         assert any(poisoned), "blocks that were used and returned are poisoned"
         assert all(p or not blk.any() for p, blk in zip(poisoned, free)), "the others were never written"
-        assert not eng.runner.views.block(0).any(), "the null block stays zero"
+        assert not eng.runner.views.block(0).any(), "the null page stays zero"
 
 
 def test_a_step_holds_no_logits_of_the_step_before(plan, requests):
@@ -183,4 +183,4 @@ def test_trace_and_report_show_the_pool_and_preemptions(plan_file, tmp_path):
 
 
 def plan_file_usable(path) -> int:
-    return json.loads(path.read_text())["kv_pool"]["num_blocks"] - 1
+    return json.loads(path.read_text())["kv_pool"]["num_pages"] - 1

@@ -30,7 +30,7 @@ def compiled(name: str) -> Program:
     if name == "int8":
         return compile_model("tiny-llama", budget_bytes=3 << 19, hardware=CPU, batch=1, seq=16, depth=2, quant="int8")
     return plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8, gen_len=8,
-                           quant="none", concurrency=2, kv_block_tokens=8)
+                           quant="none", concurrency=2, kv_page_tokens=8)
 
 
 def test_compiled_plans_verify():
@@ -192,7 +192,7 @@ def break_actions_hookable(p):
 
 
 def break_kv_pool(p: Program) -> None:
-    p.kv_pool = p.kv_pool.model_copy(update={"block_bytes": p.kv_pool.block_bytes + 256})
+    p.kv_pool = p.kv_pool.model_copy(update={"page_bytes": p.kv_pool.page_bytes + 256})
 
 
 def break_step_shape(p: Program) -> None:
@@ -247,7 +247,7 @@ def break_arrival_before_use(p):
 
 def break_host_memory(p):
     # a swap space of a million blocks, the prediction's host figures as compiled: the machine check would pass it
-    p.kv_pool.swap_blocks = 10**6
+    p.kv_pool.swap_pages = 10**6
 
 
 CASES = {   # rule -> (base plan, edit, what the message must say)
@@ -286,7 +286,7 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
         r"block '.+' \(\d+ bytes as it arrives\) does not fit stream slot \d+ \(\d+ bytes\)"),
     "actions-hookable": ("stream", break_actions_hookable,
         r"fires at stage \d+, which is root glue code with no module hook"),
-    "kv-pool": ("kv", break_kv_pool, r"KV pool blocks of \d+ bytes: \d+ layers x \d+ tokens x \d+ heads x \d+ "
+    "kv-pool": ("kv", break_kv_pool, r"KV pool pages of \d+ bytes: \d+ layers x \d+ tokens x \d+ heads x \d+ "
                                      r"\(none KV\) are \d+ bytes"),
     "step-shape": ("kv", break_step_shape, r"the traced step is 1x\d+ tokens but the plan proves steps of \d+"),
     "kv-reserved": ("kv", break_kv_reserved, r"the KV cache needs .+ but the arena's KV slots hold \d+ bytes"),

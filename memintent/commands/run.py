@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from memintent.compiler.plan_source import resident_model, source_for
-from memintent.compiler.refs import ModelSource
+from memintent.models.plan_model import resident_model, source_for
+from memintent.models.source import ModelSource
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Quant, Residency
 from memintent.runtime.device import as_fault, pick_device, sync_compute

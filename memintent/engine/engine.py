@@ -5,7 +5,7 @@
         print(out.id, out.token_ids, out.finish_reason)
     engine.close()
 
-Each step the scheduler packs tokens (``scheduler.py``), the runner moves swapped blocks and runs one forward over
+Each step the scheduler packs tokens (``scheduler.py``), the runner moves swapped pages and runs one forward over
 the model (``runner.py``), the greedy tokens go back to their sequences, and finished sequences return their
 blocks. ``generate`` yields each request's result as soon as it finishes.
 """
@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from memintent.engine.kv_pool import BlockPool
+from memintent.engine.pages import PagePool
 from memintent.engine.runner import ModelRunner
 from memintent.engine.scheduler import Costs, Preemption, Scheduler
 from memintent.engine.sequence import Request, RequestOutput, Sequence, State
@@ -38,7 +38,7 @@ class StepRecord:
     decode_tokens: int            # chunks of one token (a running sequence's next token)
     prefill_tokens: int
     sequences: int
-    used_blocks: int              # KV pool blocks owned after the step
+    used_pages: int              # KV pool pages owned after the step
     preemptions: tuple[Preemption, ...] = ()
     swapped_in: int = 0           # sequences whose blocks came back in this step
     decode_context_tokens: int = 0   # keys the decode tokens attended to (the sum of their contexts)
@@ -49,20 +49,20 @@ class StepRecord:
 @dataclass(slots=True)
 class EngineStats:
     steps: list[StepRecord] = field(default_factory=list)
-    num_blocks: int = 0
+    num_pages: int = 0
 
     @property
     def preemptions(self) -> list[Preemption]:
         return [p for s in self.steps for p in s.preemptions]
 
 
-def _record(plan, start_s: float, time_s: float, used_blocks: int) -> StepRecord:
+def _record(plan, start_s: float, time_s: float, used_pages: int) -> StepRecord:
     """What the step held: its tokens by kind and the attention work they did (the cost model's inputs)."""
     dec = [c for c in plan.chunks if c.length == 1]
     pre = [c for c in plan.chunks if c.length > 1]
     return StepRecord(
         index=plan.index, start_s=start_s, time_s=time_s, tokens=plan.tokens, decode_tokens=len(dec),
-        prefill_tokens=plan.tokens - len(dec), sequences=len(plan.chunks), used_blocks=used_blocks,
+        prefill_tokens=plan.tokens - len(dec), sequences=len(plan.chunks), used_pages=used_pages,
         preemptions=tuple(plan.preemptions), swapped_in=len(plan.swap_in),
         decode_context_tokens=sum(c.start + 1 for c in dec),
         prefill_context_tokens=sum(c.start + c.length for c in pre),
@@ -134,7 +134,7 @@ class Serving:
             self.cancel([s for s in mine if s.state != State.finished])
 
     def cancel(self, sequences: list[Sequence]) -> None:
-        """Drop unfinished sequences: their pool blocks (poisoned in checked mode) and swap slots go back."""
+        """Drop unfinished sequences: their pool pages (poisoned in checked mode) and swap slots go back."""
         for seq in sequences:
             sched = next(s for s in self._schedulers() if any(x is seq for x in s.sequences))
             freed = sched.cancel(seq)
@@ -170,7 +170,7 @@ class Engine(Serving):
     def __init__(self, plan: Program | str | os.PathLike, device: str | torch.device | None = None, *,
                  allow_code: bool = False, check: bool = False, store=None, preempt: str = "cost",
                  resident: bool = False, log: Callable[[str], None] | None = None):
-        from memintent.compiler.plan_source import source_for
+        from memintent.models.plan_model import source_for
         from memintent.runtime.device import pick_device
 
         self.program = _load(plan)
@@ -181,12 +181,12 @@ class Engine(Serving):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.src = source_for(self.program, allow_code)
         self.check, self.log = check, log or (lambda line: None)
-        self.pool = BlockPool(pool.num_blocks)
+        self.pool = PagePool(pool.num_pages)
         self.runner = ModelRunner(self.program, self.src, self.device, self.pool, check=check, store=store,
                                   resident=resident)
         self.scheduler = Scheduler(self.pool, self.runner.swap, Costs.of(self.program), max_seqs=g.max_seqs,
                                    step_tokens=g.step_tokens, context=g.context, preempt=preempt)
-        self.stats = EngineStats(num_blocks=pool.num_blocks)
+        self.stats = EngineStats(num_pages=pool.num_pages)
         self._t0: float | None = None
         self.track: set[str] = set()                          # request ids whose logits are kept (--verify)
         self.tracked_logits: dict[str, list[torch.Tensor]] = {}
@@ -215,7 +215,7 @@ class Engine(Serving):
         plan = self.scheduler.schedule()
         if not plan.chunks and not plan.swap_in and not plan.preemptions:
             raise RuntimeFault("no sequence can run: the KV pool cannot hold the next request's first chunk "
-                               f"({self.pool.free_blocks} of {self.pool.num_blocks - 1} blocks free)")
+                               f"({self.pool.free_pages} of {self.pool.num_pages - 1} blocks free)")
         for p in plan.preemptions:
             self.log(p.describe())
         sampled = self.runner.execute(plan) if plan.chunks else self._only_move(plan)
@@ -226,16 +226,16 @@ class Engine(Serving):
         self.runner.poison(freed)
         if self.check:
             self.pool.check()
-        self.stats.steps.append(_record(plan, t - self._t0, perf_counter() - t, self.pool.used_blocks))
+        self.stats.steps.append(_record(plan, t - self._t0, perf_counter() - t, self.pool.used_pages))
         return [request_output(s) for s in finished]
 
     def reset_stats(self) -> None:
         """Forget the steps measured so far (after a warm-up), and start the clock again."""
-        self.stats = EngineStats(num_blocks=self.stats.num_blocks)
+        self.stats = EngineStats(num_pages=self.stats.num_pages)
         self._t0 = None
 
     def _only_move(self, plan) -> list[int]:
-        self.runner.move_blocks(plan)
+        self.runner.move_pages(plan)
         return []
 
     def close(self) -> None:

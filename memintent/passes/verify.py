@@ -32,9 +32,8 @@ from functools import cached_property
 from typing import Callable, NoReturn
 
 from memintent.errors import PlanVerificationError
-from memintent.ir.layout import kv_block_parts
-from memintent.ir.model import (KVQuant, DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind,
-                                dtype_bytes)
+from memintent.ir.layout import kv_page_parts
+from memintent.ir.model import KVQuant, DTYPE_BITS, Action, ActionKind, ObjectKind, Program, Quant, Residency, SlotKind, dtype_bytes
 from memintent.passes.costs import transfer_bytes
 from memintent.passes.graph import dependency_graph, early_uses, live_range, module_calls, names
 from memintent.passes.lifetimes import activation_profile
@@ -208,10 +207,10 @@ def weight_layout(p: Program, f: Facts) -> None:
         if o.size_bytes != dtype_bytes(o.dtype, numel):
             fail(f"weight {o.name!r} of shape {o.shape} {o.dtype} is {dtype_bytes(o.dtype, numel)} bytes, not the "
                  f"{o.size_bytes} bytes the plan records")
-        off, block_bytes, align = o.block_offset_bytes, f.bmap[o.block].size_bytes, max(1, DTYPE_BITS[o.dtype] // 8)
-        if off is None or off + o.size_bytes > block_bytes:
+        off, page_bytes, align = o.block_offset_bytes, f.bmap[o.block].size_bytes, max(1, DTYPE_BITS[o.dtype] // 8)
+        if off is None or off + o.size_bytes > page_bytes:
             fail(f"weight {o.name!r} at offset {off} ({o.size_bytes} bytes) lies outside its block {o.block!r} "
-                 f"({block_bytes} bytes)")
+                 f"({page_bytes} bytes)")
         if off % align:
             fail(f"weight {o.name!r} ({o.dtype}) at offset {off} of block {o.block!r} is not aligned to its "
                  f"{align}-byte dtype")
@@ -501,13 +500,13 @@ def kv_pool(p: Program, f: Facts) -> None:
         return
     if p.model.dtype not in DTYPE_BITS:
         fail(f"the model's dtype {p.model.dtype!r} is not an IR dtype, so the KV pool's layout is unknown")
-    parts = kv_block_parts(pool.layers, pool.kv_heads, pool.head_dim, pool.block_tokens, p.model.dtype,
+    parts = kv_page_parts(pool.layers, pool.kv_heads, pool.head_dim, pool.page_tokens, p.model.dtype,
                            pool.quant == KVQuant.int8)
-    if pool.block_bytes != sum(parts):
-        fail(f"KV pool blocks of {pool.block_bytes} bytes: {pool.layers} layers x {pool.block_tokens} tokens x "
+    if pool.page_bytes != sum(parts):
+        fail(f"KV pool pages of {pool.page_bytes} bytes: {pool.layers} layers x {pool.page_tokens} tokens x "
              f"{pool.kv_heads} heads x {pool.head_dim} ({pool.quant.value} KV) are {sum(parts)} bytes")
-    if len(kv) != 1 or kv[0].size_bytes != pool.num_blocks * pool.block_bytes:
-        fail(f"the KV pool of {pool.num_blocks} blocks needs one KV object of {pool.num_blocks * pool.block_bytes} "
+    if len(kv) != 1 or kv[0].size_bytes != pool.num_pages * pool.page_bytes:
+        fail(f"the KV pool of {pool.num_pages} blocks needs one KV object of {pool.num_pages * pool.page_bytes} "
              f"bytes; the plan has {[(o.name, o.size_bytes) for o in kv]}")
 
 
@@ -523,8 +522,8 @@ def step_shape(p: Program, f: Facts) -> None:
              f"{g.step_tokens}: recompile the plan")
     if g.max_seqs > g.step_tokens:
         fail(f"{g.max_seqs} sequences per step need at least as many tokens, not {g.step_tokens}")
-    if (pool.num_blocks - 1) * pool.block_tokens < g.context:
-        fail(f"the KV pool holds {(pool.num_blocks - 1) * pool.block_tokens} tokens, fewer than one sequence of the "
+    if (pool.num_pages - 1) * pool.page_tokens < g.context:
+        fail(f"the KV pool holds {(pool.num_pages - 1) * pool.page_tokens} tokens, fewer than one sequence of the "
              f"plan's context {g.context}")
 
 
@@ -568,14 +567,14 @@ def prediction_honest(p: Program, f: Facts) -> None:
 def host_memory(p: Program, f: Facts) -> None:
     """The plan states the host memory its run holds, and the runtime checks that figure against the machine's
     available memory before it allocates anything: the stated pinned bytes are exactly the streamed blocks' host
-    buffers plus the KV swap space (``swap_blocks`` x ``block_bytes``), the stated pageable bytes exactly the
+    buffers plus the KV swap space (``swap_pages`` x ``page_bytes``), the stated pageable bytes exactly the
     resident blocks' buffers plus the fill's one full-precision scratch block. A plan stating less (an edited swap
     space) would pass that check and then fail, or be killed, while allocating."""
     from memintent.passes.prefetch import host_bytes
 
     pr = p.prediction
     pinned, pageable = host_bytes(p)
-    swap = p.kv_pool.swap_blocks * p.kv_pool.block_bytes if p.kv_pool is not None else 0
+    swap = p.kv_pool.swap_pages * p.kv_pool.page_bytes if p.kv_pool is not None else 0
     for what, stated, need, parts in (
             ("pinned", pr.host_pinned_bytes, pinned, f"streamed blocks {fmt_bytes(pinned - swap)} + KV swap space "
                                                      f"{fmt_bytes(swap)}"),

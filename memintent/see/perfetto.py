@@ -317,14 +317,14 @@ def engine_events(stats) -> list[dict]:
     ev = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": "engine"}},
           {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}},
           {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "steps"}}]
-    usable = max(stats.num_blocks - 1, 0)
+    usable = max(stats.num_pages - 1, 0)
     for s in stats.steps:
         ev.append(_x(f"step {s.index}", "step", pid, 1, s.start_s, s.start_s + s.time_s, 0.0,
                      {"tokens": s.tokens, "decode_tokens": s.decode_tokens, "prefill_tokens": s.prefill_tokens,
                       "sequences": s.sequences, "swapped_in": s.swapped_in, "start_s": s.start_s,
                       "time_s": s.time_s}))
         ev.append({"name": KV_COUNTER, "ph": "C", "pid": pid, "tid": 0, "ts": (s.start_s + s.time_s) * _US_PER_S,
-                   "args": {"used": s.used_blocks, "free": usable - s.used_blocks}})
+                   "args": {"used": s.used_pages, "free": usable - s.used_pages}})
         for p in s.preemptions:
             ev.append({"name": f"preempt {p.request} ({p.kind})", "cat": "preemption", "ph": "i", "s": "p",
                        "pid": pid, "tid": 1, "ts": s.start_s * _US_PER_S,
@@ -356,7 +356,7 @@ def write_serve_trace(path: str, program: Program, engine) -> None:
     predicted = build_timeline(program) if runner is not None and program.prediction else None
     doc = trace_document(predicted, measured or None)
     doc["traceEvents"] += engine_events(engine.stats) + stage_events(getattr(engine, "stage_steps", {}))
-    doc["otherData"]["kv_pool_blocks"] = max(engine.stats.num_blocks - 1, 0)
+    doc["otherData"]["kv_pool_blocks"] = max(engine.stats.num_pages - 1, 0)
     write_bytes_atomic(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
 
 
