@@ -68,7 +68,7 @@ def setup(S, quantized, dev, seed=0):
     for i, c in enumerate(ctx):
         pos = torch.arange(c, device=dev)
         t = torch.tensor(tables[i], device=dev)
-        ctxobj.meta = StepMeta(write_blocks=t[pos // BT], write_offsets=pos % BT)
+        ctxobj.meta = StepMeta(write_pages=t[pos // BT], write_offsets=pos % BT)
         attention.write_kv(ctxobj, 0, k_all[i], v_all[i])
     return ctx, tables, views, k_all, v_all, pool
 

@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memintent.engine import attention  # noqa: E402
-from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta, quantize_kv  # noqa: E402
-from memintent.engine.kv_pool import BlockLayout, PoolViews  # noqa: E402
+from memintent.kv import attention  # noqa: E402
+from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, quantize_kv  # noqa: E402
+from memintent.kv.layout import PageLayout, PoolViews  # noqa: E402
 from memintent.kv import paged_kernel as pk  # noqa: E402
 
 PT = 16
@@ -122,9 +122,9 @@ class Setup:
 def setup(case: Case, dev, prompt_rows: int = pk.PROMPT_ROWS) -> Setup:
     rng = random.Random(1)
     need = sum(-(-c // PT) for _, c in case.seqs)
-    layout = BlockLayout(LAYERS, case.kv_heads, case.head_dim, PT, torch.int8 if case.quantized else torch.bfloat16,
+    layout = PageLayout(LAYERS, case.kv_heads, case.head_dim, PT, torch.int8 if case.quantized else torch.bfloat16,
                          case.quantized)
-    views = PoolViews(torch.zeros((need + 1) * layout.block_bytes, dtype=torch.uint8, device=dev), layout, need + 1)
+    views = PoolViews(torch.zeros((need + 1) * layout.page_bytes, dtype=torch.uint8, device=dev), layout, need + 1)
     gen = torch.Generator(device=dev).manual_seed(0)
     for i, x in enumerate((views.keys[1], views.values[1])):
         for p0 in range(1, need + 1, 2048):                                  # page 0 stays zero: the null page
@@ -152,7 +152,7 @@ def setup(case: Case, dev, prompt_rows: int = pk.PROMPT_ROWS) -> Setup:
 
 def engine_meta(case: Case, s: Setup, dev) -> StepMeta:
     """The engine's gather + SDPA metadata: every decode in one chunk (its best case), one chunk per prompt."""
-    meta = StepMeta(write_blocks=torch.zeros(1, dtype=torch.long, device=dev),
+    meta = StepMeta(write_pages=torch.zeros(1, dtype=torch.long, device=dev),
                     write_offsets=torch.zeros(1, dtype=torch.long, device=dev))
     dec = [i for i, (n, _) in enumerate(case.seqs) if n == 1]
     if dec:

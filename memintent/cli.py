@@ -2,13 +2,15 @@
 profile.
 
 Every user error is a ``MemintentError``: one line on stderr, exit code 2, no traceback unless ``--debug``.
-Ctrl-C exits 130 after the runtime has drained its streams.
+Ctrl-C exits 130 and SIGTERM 143, both after the runtime has drained its streams.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from memintent.compiler.pipeline import plan_pipeline
 from memintent.compiler.planner import plan_generation
 from memintent.errors import MemintentError
 from memintent.ir.model import Pipeline, Program
-from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, load_program, save_plan
+from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, load_program, output_target, save_plan
 from memintent.ir.printer import dump
 from memintent.models.gguf import convert
 from memintent.models.preset import PRESETS
@@ -120,8 +122,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     budget = parse_bytes(args.budget, "--budget") if args.budget else None
     if args.quant not in ("none", "int8", "int4", "auto"):
         raise MemintentError(f"--quant {args.quant!r}: use none, int8, int4 or auto")
-    out = Path(args.output or f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json")
-    check_writable(out, "-o")
+    out = args.output if args.output is not None else \
+        f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json"
+    out = check_writable(out, "-o")
     console = _console()
     with status(f"compiling {args.model}", console=console) as st:
         plan = _compile(args, hw, budget, lambda msg: st.update(f"compiling {args.model}: {msg}"))
@@ -224,7 +227,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    trace_out = check_writable(args.trace, "--trace") if args.trace else None
+    trace_out = check_writable(args.trace, "--trace", {"plan": args.plan}) if args.trace is not None else None
     program = _load_verified(args.plan)
     tl = build_timeline(program)
     pr = program.prediction
@@ -259,7 +262,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    out = check_writable(args.output, "-o")
+    out = check_writable(args.output, "-o", {"plan": args.plan, "--trace": args.trace})
+    if output_target(out, "-o").kind != "file":
+        raise MemintentError(f"-o {out}: report writes its figures beside the page: name a file")
     program = _load_verified(args.plan)
     if isinstance(program, Pipeline):     # a part is a plan of its own: report one, with the run's KV pool
         if not 0 <= args.part < len(program.parts):
@@ -391,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="serve requests under a generation plan (compile --objective): paged KV, "
                                         "continuous batching, preemption by cost")
     g.add_argument("plan")
-    g.add_argument("--prompts", metavar="FILE", help='requests, one JSON object per line: {"id": .., "prompt": "text"} '
-                                                   'or {"id": .., "prompt_ids": [..]}, optional "max_new_tokens", '
-                                                   '"stop_token_ids"')
+    g.add_argument("--prompts", metavar="FILE", help='requests (- for stdin), one JSON object per line: {"id": .., '
+                                                   '"prompt": "text"} or {"id": .., "prompt_ids": [..]}, optional '
+                                                   '"max_new_tokens", "stop_token_ids"')
     g.add_argument("--synthetic", type=int, metavar="N", help="N seeded random requests (default: the plan's "
                                                               "concurrency) of --prompt-len and --gen-len tokens")
     g.add_argument("--requests", type=int, help=argparse.SUPPRESS)   # the older spelling of --synthetic
@@ -401,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-len", help="tokens to generate: a length or LOW:HIGH (default: the plan's; with "
                                      "--prompts: for lines without max_new_tokens)")
     g.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests")
-    g.add_argument("--output", metavar="FILE", help="results, one JSON line per request, in request order")
+    g.add_argument("--output", metavar="FILE", help="results, one JSON line per request: written as each finishes "
+                                                    "to FILE.partial, which becomes FILE (in request order) when all "
+                                                    "are done; - or a device or FIFO: written there as they finish")
+    g.add_argument("--resume", action="store_true", help="serve only the requests whose results --output's file (or "
+                                                         "its .partial) does not hold yet")
     g.add_argument("--chat", action="store_true", help="wrap text prompts in the folder's chat template")
     g.add_argument("--preempt", default="cost", choices=("cost", "swap", "recompute"),
                    help="preemption when the KV pool runs out: by predicted cost (default), or forced")
@@ -446,24 +455,47 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as Ctrl-C raises ``KeyboardInterrupt``: the same cleanup runs (streams
+    drained, arena released, finished results kept), and the command exits 143 (128 + SIGTERM)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _with_notes(message: str, e: BaseException) -> str:
+    """The one line, with what the command kept on the way out (``add_note``: ``generate``'s results file)."""
+    notes = [" ".join(n.split()) for n in getattr(e, "__notes__", ()) if n.strip()]
+    return "; ".join([message, *notes]) if notes and message else (message or "; ".join(notes))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "fn", None):
         ap.print_help()
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()   # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.fn(args) or 0)
     except MemintentError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"memintent: error: {e}", file=sys.stderr)
+        print(f"memintent: error: {_with_notes(str(e), e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("memintent: interrupted", file=sys.stderr)
+    except Terminated as e:
+        print(f"memintent: terminated (SIGTERM): {_with_notes('', e) or 'stopped'}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt as e:
+        print(_with_notes("memintent: interrupted", e), file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        if main_thread and previous is not None:     # None: a handler set outside Python, which cannot be restored
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

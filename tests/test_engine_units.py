@@ -90,7 +90,7 @@ def test_paged_attention_equals_dense_attention(quantized, softcap, window):
     for i, (c, n) in enumerate(lens):
         if c:
             t = pool.table(i)
-            meta = StepMeta(write_blocks=torch.tensor([t[p // bt] for p in range(c)]),
+            meta = StepMeta(write_pages=torch.tensor([t[p // bt] for p in range(c)]),
                             write_offsets=torch.tensor([p % bt for p in range(c)]))
             attention.write_kv(attention._Context(views, meta, torch.float32), 0,
                                full_k[i][:, :c].transpose(0, 1), full_v[i][:, :c].transpose(0, 1))
@@ -110,7 +110,7 @@ def test_paged_attention_equals_dense_attention(quantized, softcap, window):
     for r, i in enumerate(dec):
         tables[r, :len(pool.table(i))] = torch.tensor(pool.table(i))
     ctx = torch.tensor([8, 3])
-    meta = StepMeta(write_blocks=torch.tensor(wb), write_offsets=torch.tensor(wo))
+    meta = StepMeta(write_pages=torch.tensor(wb), write_offsets=torch.tensor(wo))
     meta.decode.append(DecodeChunk(rows=torch.tensor([0, 1]), tables=tables,
                                    mask=(torch.arange(nb * bt) < ctx[:, None])[:, None, None], positions=ctx - 1))
     qpos = torch.arange(3, 9)

@@ -152,7 +152,7 @@ def _one_sequence_steps(m, cfg, x, prompt: int, page_tokens: int = 4):
     outs = []
     for start, n in [(0, prompt)] + [(p, 1) for p in range(prompt, x.shape[1])]:
         pos = torch.arange(start, start + n)
-        meta = StepMeta(write_blocks=table[pos // page_tokens], write_offsets=pos % page_tokens)
+        meta = StepMeta(write_pages=table[pos // page_tokens], write_offsets=pos % page_tokens)
         ctx = start + n
         nb = -(-ctx // page_tokens)
         if n == 1:

@@ -32,12 +32,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from memintent.engine import attention  # noqa: E402
-from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta, quantize_kv  # noqa: E402
-from memintent.engine.kv_pool import BlockLayout, PoolViews  # noqa: E402
+from memintent.kv import attention  # noqa: E402
+from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, quantize_kv  # noqa: E402
+from memintent.kv.layout import PageLayout, PoolViews  # noqa: E402
 from memintent.errors import MemintentError  # noqa: E402
-from memintent.kv.paged_kernel import (KernelConfig, MetaSizes, MetaStaging, build_meta, decode_splits,  # noqa: E402
-                                       paged_attention_reference, paged_attention_varlen)
+from memintent.kv.paged_kernel import KernelConfig, MetaSizes, MetaStaging, build_meta, decode_splits, paged_attention_reference, paged_attention_varlen  # noqa: E402
 
 PT = 16            # tokens per page
 LAYERS = 2         # the pool holds two layers; the kernel reads the second
@@ -176,7 +175,7 @@ def _jobs() -> dict[str, dict]:
         st, _, views = engine_step(dtype, quantized)
         # The pool's bytes travel whole (its typed views share them, which torch.save refuses); the child makes the
         # same views of them.
-        jobs["engine-" + case] = dict(q=st.q[:sum(st.lengths)], pool=views.blocks, layout=views.layout,
+        jobs["engine-" + case] = dict(q=st.q[:sum(st.lengths)], pool=views.pages, layout=views.layout,
                                       starts=st.starts, lengths=st.lengths, contexts=st.contexts,
                                       tables=st.tables, group=HEADS // ENGINE_KV_HEADS, rows=64,
                                       scale=ENGINE_HEAD_DIM ** -0.5, softcap=ENGINE_SOFTCAP, window=ENGINE_WINDOW,
@@ -256,10 +255,10 @@ def engine_step(dtype, quantized: bool):
     output (T, H, hd) and the pool views the kernel then reads."""
     kv_heads, head_dim = ENGINE_KV_HEADS, ENGINE_HEAD_DIM
     st = make_step(11, dtype, kv_heads, head_dim, quantized)
-    layout = BlockLayout(LAYERS, kv_heads, head_dim, PT, torch.int8 if quantized else dtype, quantized)
+    layout = PageLayout(LAYERS, kv_heads, head_dim, PT, torch.int8 if quantized else dtype, quantized)
     pages = st.pool.shape[0]
     gen = torch.Generator().manual_seed(1)
-    flat = (torch.rand(pages * layout.block_bytes, generator=gen) * 60).to(torch.uint8)   # finite garbage
+    flat = (torch.rand(pages * layout.page_bytes, generator=gen) * 60).to(torch.uint8)   # finite garbage
     views = PoolViews(flat, layout, pages)
     for x in (views.keys[1], views.values[1]) + ((views.key_scales[1], views.value_scales[1]) if quantized else ()):
         x[0] = 0                                                           # the null page
@@ -269,7 +268,7 @@ def engine_step(dtype, quantized: bool):
     ctx = attention._Context(views, None, dtype)
     for start, n, c, table, k, v in zip(st.starts, st.lengths, st.contexts, st.tables, st.dense_k, st.dense_v):
         pos = torch.arange(c - n)                                          # the cached prefix
-        ctx.meta = StepMeta(write_blocks=torch.tensor(table, dtype=torch.long)[pos // PT], write_offsets=pos % PT)
+        ctx.meta = StepMeta(write_pages=torch.tensor(table, dtype=torch.long)[pos // PT], write_offsets=pos % PT)
         attention.write_kv(ctx, 1, k[:c - n].to(dtype), v[:c - n].to(dtype))
         k_new[start:start + n], v_new[start:start + n] = k[c - n:].to(dtype), v[c - n:].to(dtype)
     q = st.q[:t].transpose(0, 1)[None]                                    # (1, H, T, hd)
@@ -285,7 +284,7 @@ def _engine_meta(st: Step) -> StepMeta:
     for n, c, table in zip(st.lengths, st.contexts, st.tables):
         wb += [table[p // PT] for p in range(c - n, c)]
         wo += [p % PT for p in range(c - n, c)]
-    meta = StepMeta(write_blocks=torch.tensor(wb), write_offsets=torch.tensor(wo))
+    meta = StepMeta(write_pages=torch.tensor(wb), write_offsets=torch.tensor(wo))
     dec = [i for i, n in enumerate(st.lengths) if n == 1]
     nb = max(len(st.tables[i]) for i in dec)
     tables = torch.tensor([st.tables[i] + [0] * (nb - len(st.tables[i])) for i in dec])

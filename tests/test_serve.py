@@ -132,7 +132,7 @@ def test_generate_command_writes_one_line_per_request(plan_file, tmp_path, capsy
     out = tmp_path / "out.jsonl"
     assert main(["generate", str(plan_file), "--device", "cpu", "--prompts", str(reqs), "--output", str(out)]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["id"] for x in lines] == ["a", "7"]
+    assert [x["id"] for x in lines] == ["a", 7]   # each id keeps its JSON type
     assert len(lines[0]["token_ids"]) == 4 and lines[0]["finish_reason"] == "length"
     assert set(lines[1]) == {"id", "token_ids", "finish_reason", "ttft_s", "tpot_s", "preemptions"}
     err = capsys.readouterr().err

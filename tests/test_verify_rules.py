@@ -245,6 +245,11 @@ def break_arrival_before_use(p):
     _move(p, pos[ActionKind.copy_done], len(p.stages))
 
 
+def break_host_memory(p):
+    # a swap space of a million blocks, the prediction's host figures as compiled: the machine check would pass it
+    p.kv_pool.swap_pages = 10**6
+
+
 CASES = {   # rule -> (base plan, edit, what the message must say)
     "plan-complete": ("stream", break_plan_complete,
         r"^plan verification failed: the program carries no complete plan: it has no prediction"),
@@ -289,6 +294,9 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
         (r"^plan verification failed: budget .+ is below the plan's peak .+ \(arena .+ \+ activations .+ \+ workspace "
          r".+, at step \d+ \(.+\)")),
     "prediction-honest": ("stream", break_prediction_honest, r"the plan's recorded predicted peak 1 bytes understates"),
+    "host-memory": ("kv", break_host_memory,
+        r"the plan states \d+ bytes of pinned host memory, but its streamed blocks .+ \+ KV swap space .+ need \d+ "
+        r"bytes"),
     "copy-into-free-slot": ("stream", break_copy_into_free_slot,
         r"the copy of '.+' into slot \d+ would overwrite '.+' \(visit at stage \d+\), which is still in use"),
     "wait-for-issued-copy": ("stream", break_wait_for_issued_copy,

@@ -1,9 +1,11 @@
 """``memintent generate``: serve requests under a generation plan with the engine, then report what it measured.
 
-Requests come from ``--prompts FILE`` (JSON lines) or ``--synthetic N`` (seeded lengths from ranges); results go
-to ``--output FILE`` (JSON lines, in request order) once the run is complete. Everything that can be refused is
-refused before the host store is filled: unreadable requests, prompts longer than the plan's context, outputs that
-cannot be written, a host store larger than the machine's available memory.
+Requests come from ``--prompts FILE`` (JSON lines; ``-``: stdin) or ``--synthetic N`` (seeded lengths from
+ranges); each result goes to ``--output FILE`` as its request finishes (``commands/results.py``: a partial file
+that becomes the output, in request order, when the run completes; ``--resume`` serves only what it lacks).
+Everything that can be refused is refused before the host store is filled: unreadable requests, prompts longer
+than the plan's context, outputs that cannot be written or that name an input, a host store larger than the
+machine's available memory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import asdict, replace
 import torch
 from rich.console import Console
 
+from memintent.commands.results import Results
 from memintent.engine import requests as reqs
 from memintent.engine.core import Engine, RunOptions
 from memintent.engine.links import link_from_env, rank_device
@@ -36,13 +39,14 @@ from memintent.units import fmt_bytes, fmt_s
 VERIFY_REQUESTS = 8   # --verify compares this many requests with the resident model (each runs alone, densely)
 
 
-def load_requests(args, program: Program, src) -> list[reqs.Request]:
+def load_requests(args, program: Program, src) -> tuple[list[reqs.Request], dict]:
+    """The requests and, for a file, each one's line (request id -> line number)."""
     g = program.generation
     tokenizer = src.tokenizer()
-    if args.prompts:
-        out = reqs.load(args.prompts, tokenizer=tokenizer, default_max_new=reqs.parse_range(
+    if args.prompts is not None:
+        numbered = reqs.load_numbered(args.prompts, tokenizer=tokenizer, default_max_new=reqs.parse_range(
             args.gen_len or str(g.gen_len), "--gen-len")[1], chat=args.chat)
-        where = reqs.line_numbers(args.prompts)
+        out, where = [r for _, r in numbered], {r.id: n for n, r in numbered}
     else:
         n = args.synthetic or args.requests or g.concurrency
         out = reqs.synthetic(n, reqs.parse_range(args.prompt_len or str(g.prompt_len), "--prompt-len"),
@@ -53,11 +57,11 @@ def load_requests(args, program: Program, src) -> list[reqs.Request]:
 
 
 def serve(plan, requests, options: RunOptions, *, sources: PlanSources | None = None, store=None, warmup=False,
-          verify=False, progress=None, link=None) -> tuple[ServeReport, list, Engine]:
+          verify=False, progress=None, link=None, on_done=None) -> tuple[ServeReport, list, Engine]:
     """Run ``requests`` through an engine on ``plan`` (a plan or a pipeline, ideally ``Proven``; ``sources``: its
     models, already resolved and checked; ``link``: how a pipeline's parts reach each other, ``engine.links``);
     returns the report, the outputs in request order, and the engine (closed). ``progress(done_requests,
-    generated_tokens)`` is called after each step."""
+    generated_tokens)`` is called after each step, ``on_done(output)`` as each request finishes."""
     device = options.device
     engine = Engine(plan, options=options, sources=sources, link=link, store=store)
     program = engine.report_program
@@ -72,7 +76,7 @@ def serve(plan, requests, options: RunOptions, *, sources: PlanSources | None = 
         for r in requests:
             engine.add(r)
         t0 = time.perf_counter()
-        _run(engine, outputs, progress, meter)
+        _run(engine, outputs, progress, meter, on_done)
         total_s = time.perf_counter() - t0
         peak = meter.peak_bytes
     finally:   # also on Ctrl-C: waits for in-flight copies, removes the hooks, releases the arena
@@ -90,7 +94,7 @@ def serve(plan, requests, options: RunOptions, *, sources: PlanSources | None = 
     return rep, ordered, engine
 
 
-def _run(engine: Engine, outputs: dict, progress, meter) -> None:
+def _run(engine: Engine, outputs: dict, progress, meter, on_done=None) -> None:
     """Step the engine until every request finished, each step measured by ``meter``; a failure mid-run (a copy,
     the device's memory) is one line."""
     generated = 0
@@ -101,6 +105,8 @@ def _run(engine: Engine, outputs: dict, progress, meter) -> None:
             for out in done:
                 outputs[out.id] = out
                 generated += len(out.token_ids)
+                if on_done is not None:
+                    on_done(out)
             if progress:
                 progress(len(outputs), generated)
     except MemintentError:
@@ -117,40 +123,90 @@ def exact(program: Program) -> bool:
 
 def run_generate(args) -> int:
     """The CLI command. The plan is loaded and verified once (``prove``) and its model resolved once
-    (``model_of``); the engine takes both as they are."""
+    (``plan_sources``); the engine takes both as they are."""
     proven = prove(args.plan).generation_plan(args.plan)
     program = proven.program
-    for flag in ("output", "json", "trace"):
-        if getattr(args, flag, None):
-            check_writable(getattr(args, flag), f"--{flag}")
+    _check_flags(args)
     device, link = _device_and_link(args, proven)
     sources = plan_sources(proven, args.allow_code, link.parts(proven.parts) if link is not None else (0,))
     src = sources.whole
-    requests, where = load_requests(args, program, src)
+    requests = _checked_requests(args, program, src)
+    first = link is None or link.rank == 0    # every rank holds the same tokens: the first one writes them
+    results = Results(args.output, resume=args.resume, inputs=_inputs(args)) if args.output and first else None
+    todo = results.open(requests) if results else requests
     con = _console()
-    for r in requests:
-        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
-                      where=f"{args.prompts}:{where[r.id]}: " if r.id in where else "")
-    options = RunOptions(device=device, check=args.check, preempt=args.preempt, allow_code=args.allow_code,
-                         log=lambda line: con.print(f"[dim]{line}[/dim]"))
-    with status(f"serving {len(requests)} requests", console=con) as st:
-        rep, outputs, engine = serve(
-            proven, requests, options, sources=sources, warmup=args.warmup, verify=args.verify, link=link,
-            progress=lambda done, gen: st.update(f"{done} of {len(requests)} requests done, {gen} tokens generated"))
+    if not todo:
+        results.finish(requests)
+        con.print(f"{args.output}: all {len(requests)} results were already there (--resume); nothing to serve")
+        return 0
+    rep, engine = _serve_into(proven, sources, todo, results, args, device, link, con, total=len(requests))
     program = engine.report_program
-    if link is not None and link.rank > 0:   # every rank holds the same tokens: the first one writes them
+    if not first:
         con.print(f"rank {link.rank}: peak HBM {fmt_bytes(rep.peak_hbm_bytes)} (budget "
                   f"{fmt_bytes(program.budget_bytes)})")
         return _exit_code(program, rep, con)
-    tokenizer = src.tokenizer()
-    if args.output:
-        write_atomic(args.output, "".join(json.dumps(_with_text(o, tokenizer).as_json()) + "\n" for o in outputs))
+    if results:
+        results.finish(requests)
     if args.json:
-        write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n")
+        write_atomic(args.json, json.dumps(asdict(rep), indent=1) + "\n", "--json")
     if args.trace:
         write_serve_trace(args.trace, program, engine)
     _print(program, rep, con)
     return _exit_code(program, rep, con)
+
+
+def _checked_requests(args, program: Program, src) -> list[reqs.Request]:
+    """The requests, each refused (naming its line) if the plan cannot serve it: all before the first step."""
+    requests, where = load_requests(args, program, src)
+    shown = "stdin" if args.prompts == "-" else args.prompts
+    for r in requests:
+        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
+                      where=f"{shown}:{where[r.id]}: " if r.id in where else "")
+    return requests
+
+
+def _inputs(args) -> dict:
+    """The files ``generate`` reads, which no output may name."""
+    return {"--prompts": args.prompts, "plan": args.plan}
+
+
+def _check_flags(args) -> None:
+    """Refuse, before anything runs, flags that contradict each other and outputs that cannot be written."""
+    if args.prompts is not None and (args.synthetic is not None or args.requests is not None):
+        raise MemintentError("--prompts and --synthetic both name the requests: give one of them")
+    if args.prompts == "":
+        raise MemintentError('--prompts "": name a JSON-lines file, or - for stdin')
+    if args.resume and not args.output:
+        raise MemintentError("--resume finishes the results of an earlier run: name its file with --output")
+    outputs = {f"--{flag}": getattr(args, flag, None) for flag in ("output", "json", "trace")}
+    for flag, path in outputs.items():
+        if path is not None:
+            others = {f: p for f, p in outputs.items() if f != flag and p is not None}
+            check_writable(path, flag, _inputs(args) | others)
+
+
+def _serve_into(proven: Proven, sources: PlanSources, todo, results, args, device, link, con, *, total: int):
+    """Serve ``todo``, each result into ``results`` as it finishes; a failure or an interrupt says what was kept."""
+    tokenizer = sources.whole.tokenizer()
+
+    def done(out) -> None:
+        if results is not None:
+            results.add(_with_text(out, tokenizer).as_json())
+
+    options = RunOptions(device=device, check=args.check, preempt=args.preempt, allow_code=args.allow_code,
+                         log=lambda line: con.print(f"[dim]{line}[/dim]"))
+    try:
+        with status(f"serving {len(todo)} requests", console=con) as st:
+            rep, _, engine = serve(
+                proven, todo, options, sources=sources, warmup=args.warmup, verify=args.verify, link=link,
+                progress=lambda n, gen: st.update(f"{n} of {len(todo)} requests done, {gen} tokens generated"),
+                on_done=done)
+    except BaseException as e:     # also Ctrl-C and SIGTERM: the lines written so far stay, and the message says where
+        note = results.note(total) if results is not None else None
+        if note:
+            e.add_note(note)
+        raise
+    return rep, engine
 
 
 def _device_and_link(args, proven: Proven):

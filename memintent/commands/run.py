@@ -166,8 +166,8 @@ def run_plan(args) -> int:
     proven = load_verified(args.plan)
     program = proven.program
     for flag in ("json", "trace"):
-        if getattr(args, flag, None):
-            check_writable(getattr(args, flag), f"--{flag}")   # before the run, not after it
+        if getattr(args, flag, None) is not None:   # before the run, not after it; "" is refused, not skipped
+            check_writable(getattr(args, flag), f"--{flag}", {"plan": args.plan})
     device = pick_device(args.device)
     src = source_for(program, args.allow_code)
     if args.forwards < 1:

@@ -37,7 +37,7 @@ from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.requests import validate
 from memintent.engine.runner import ModelRunner
 from memintent.engine.scheduler import Batch, Costs, Preemption, Scheduler
-from memintent.engine.sequence import Request, RequestOutput, Sequence
+from memintent.engine.sequence import Request, RequestOutput, Sequence, State
 from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import Pipeline, Program
 from memintent.ir.proven import Proven
@@ -170,6 +170,8 @@ class Engine:
         self.stats = EngineStats(num_pages=kv.num_pages)
         self.tick, self._dealt, self._idle = 0, 0, 0
         self._inflight: dict[int, _InFlight] = {}
+        self._cancel_later: set[int] = set()          # sequence ids cancelled while in a batch in flight
+        self.closed = False
         self._t0: float | None = None
         self.track: set[str] = set()                          # request ids whose logits are kept (--verify)
         self.tracked_logits: dict[str, list[torch.Tensor]] = {}
@@ -201,13 +203,24 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
-        """Refuse what the plan cannot serve, naming the request (``requests.validate``)."""
+        """Refuse what the plan cannot serve, naming the request (``requests.validate``), a request that is not a
+        ``Request``, and any request once the engine is closed."""
+        self.check_open()
+        if not isinstance(request, Request):
+            raise MemintentError(f"the engine serves Request objects, not {type(request).__name__}: build one with "
+                                 "Request(id, prompt_ids, max_new_tokens)")
         validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise MemintentError("the engine is closed (its arena was released): make a new Engine to serve more "
+                                 "requests")
 
     def add(self, request: Request) -> Sequence:
         self.validate(request)
         group = self.groups[self._dealt % self.n]
         self._dealt += 1
+        self._idle = 0           # new work: idle ticks before it (a cancelled batch's last) are no stall
         return group.add(request)
 
     @property
@@ -215,16 +228,45 @@ class Engine:
         return bool(self._inflight) or any(s.has_work for s in self.groups)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
-        """Serve ``requests`` (all arriving now); yields each result as its request finishes."""
+        """Serve ``requests`` (all arriving now; ids unique); yields each result as its request finishes. Closing
+        the generator early (``break``) cancels the requests it queued that did not finish: their KV pages go back,
+        and no later call returns them."""
+        requests = list(requests)
+        queued = {s.request.id for g in self.groups for s in g.sequences if s.state != State.finished}
+        seen: set = set()
         for r in requests:
-            self.add(r)
-        while self.has_work:
-            yield from self.step()
+            self.validate(r)                # every request before any is queued: all or none
+            if r.id in seen or r.id in queued:
+                twice = "in this call" if r.id in seen else "in this call and queued already"
+                raise MemintentError(f"request {r.id!r} appears twice ({twice}): the ids of the requests an engine "
+                                     "serves at once must be unique")
+            seen.add(r.id)
+        mine = [self.add(r) for r in requests]
+        try:
+            while self.has_work:
+                yield from self.step()
+        finally:
+            self.cancel([s for s in mine if s.state != State.finished])
+
+    def cancel(self, sequences: list[Sequence]) -> None:
+        """Drop unfinished sequences between steps: their pages (poisoned in checked mode) and swap slots go back.
+        A sequence in a batch still in flight through a pipeline's parts is dropped when that batch leaves."""
+        moving = {c.seq.seq_id for e in self._inflight.values() for c in e.batch.chunks}
+        self._cancel_later.update(s.seq_id for s in sequences if s.seq_id in moving)
+        for seq in sequences:
+            if seq.seq_id not in moving:
+                self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        freed = next(g for g in self.groups if any(x is seq for x in g.sequences)).cancel(seq)
+        for runner in self.runners.values():
+            runner.poison(freed)
 
     # -- ticks ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One tick: a batch enters, every part here runs its own, and one leaves the last part; returns the
         requests that finished in it."""
+        self.check_open()
         if self._t0 is None:
             self._t0 = perf_counter()
         t, start_s = self.tick, perf_counter()
@@ -297,11 +339,24 @@ class Engine:
         finished, freed = self.groups[entry.group].postprocess(batch, sampled, now)
         for runner in self.runners.values():
             runner.poison(freed)
+        finished = self._drop_cancelled(batch, finished)
         if self.check:
             self.pool.check()
         self.stats.steps.append(record_step(batch, tick_start_s - self._t0, perf_counter() - tick_start_s,
                                             self.pool.used_pages))
         return [request_output(s) for s in finished]
+
+    def _drop_cancelled(self, batch: Batch, finished: list[Sequence]) -> list[Sequence]:
+        """Sequences cancelled while this batch was in flight: cancelled now, their results dropped (no one waits for
+        them)."""
+        if not self._cancel_later:
+            return finished
+        late = [c.seq for c in batch.chunks if c.seq.seq_id in self._cancel_later]
+        self._cancel_later.difference_update(s.seq_id for s in late)
+        for seq in late:
+            if seq.state != State.finished:
+                self._release(seq)
+        return [s for s in finished if all(s is not x for x in late)]
 
     def keep_logits(self, batch: Batch, logits: torch.Tensor) -> None:
         """Keep the tracked requests' rows of a step's logits (S, vocab), one row per sampling chunk."""
@@ -320,6 +375,7 @@ class Engine:
         self.link.flush()
         for runner in self.runners.values():
             runner.close()
+        self.closed = True
 
     def __enter__(self) -> Engine:
         return self

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
-from memintent.engine.sequence import Request
+from memintent.engine.sequence import Request, RequestId
 from memintent.errors import MemintentError
 
 KEYS = ("id", "prompt", "prompt_ids", "max_new_tokens", "stop_token_ids")
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
@@ -43,52 +45,61 @@ def synthetic(n: int, prompt_len: tuple[int, int], gen_len: tuple[int, int], voc
     return out
 
 
-def _ids(value, where: str, what: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise MemintentError(f"{where}: {what} must be a list of integer token ids")
-    return tuple(value)
-
-
 def _one(raw: dict, where: str, tokenizer, default_max_new: int, chat: bool) -> Request:
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
         raise MemintentError(f"{where}: unknown key {unknown[0]!r}: a request has {', '.join(KEYS)}")
-    rid = raw.get("id")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise MemintentError(f"{where}: \"id\" must be a string or an integer")
+    if "id" not in raw:
+        raise MemintentError(f"{where}: no \"id\": every request has one (a string or an integer)")
     if ("prompt" in raw) == ("prompt_ids" in raw):
         raise MemintentError(f"{where}: give exactly one of \"prompt\" (text) and \"prompt_ids\" (token ids)")
     text = raw.get("prompt")
-    if text is not None:
-        if not isinstance(text, str):
-            raise MemintentError(f"{where}: \"prompt\" must be a string")
-        if tokenizer is None:
-            raise MemintentError(f"{where}: a text prompt needs a tokenizer, and this plan's model has none "
-                                 "(a Hugging Face folder with tokenizer.json): give \"prompt_ids\"")
-        ids = encode(tokenizer, text, chat)
-    else:
-        ids = _ids(raw["prompt_ids"], where, "\"prompt_ids\"")
-    max_new = raw.get("max_new_tokens", default_max_new)
-    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
-        raise MemintentError(f"{where}: \"max_new_tokens\" must be a positive integer")
-    stops = _ids(raw.get("stop_token_ids", []), where, "\"stop_token_ids\"")
-    return Request(id=str(rid), prompt_ids=ids, max_new_tokens=max_new, stop_token_ids=stops, prompt=text)
-
-
-def load(path: str, *, tokenizer=None, default_max_new: int, chat: bool = False) -> list[Request]:
-    """Requests of a JSON-lines file (blank lines skipped); ids must be unique."""
     try:
-        lines = Path(path).read_text().splitlines()
+        if text is not None and isinstance(text, str):
+            if tokenizer is None:
+                raise MemintentError("a text prompt needs a tokenizer, and this plan's model has none (a Hugging "
+                                     "Face folder with tokenizer.json): give \"prompt_ids\"")
+            ids = encode(tokenizer, text, chat)
+        else:
+            ids = raw.get("prompt_ids", ())
+        # the request checks its own fields (types, a positive max_new_tokens), naming the one that is wrong
+        return Request(id=raw["id"], prompt_ids=ids, max_new_tokens=raw.get("max_new_tokens", default_max_new),
+                       stop_token_ids=raw.get("stop_token_ids", ()), prompt=text)
+    except MemintentError as e:
+        raise MemintentError(f"{where}: {e}") from None
+
+
+def read_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a JSON-lines file, or of stdin for ``-``. Lines end at ``\\n``
+    only (a JSON string may hold U+2028, U+2029 or U+0085, which ``str.splitlines`` would split at); a UTF-8 byte
+    order mark is skipped; a gzip file is refused."""
+    name = "--prompts -" if path == "-" else f"--prompts {path}"
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except FileNotFoundError:
-        raise MemintentError(f"--prompts {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemintentError(f"--prompts {path} cannot be read as text: {e}") from None
-    out: list[Request] = []
-    seen: set[str] = set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
+        raise MemintentError(f"{name} does not exist") from None
+    except OSError as e:
+        raise MemintentError(f"{name} cannot be read: {e.strerror or e}") from None
+    if data[:2] == GZIP_MAGIC:
+        raise MemintentError(f"{name} is gzip-compressed: decompress it first (gunzip -k FILE), then give the "
+                             "JSON-lines file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MemintentError(f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): write "
+                             "the requests as UTF-8 JSON lines") from None
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def load_numbered(path: str, *, tokenizer=None, default_max_new: int, chat: bool = False
+                  ) -> list[tuple[int, Request]]:
+    """(line number, request) of each request of a JSON-lines file (``-``: stdin; blank lines skipped); ids must
+    be unique (1 and "1" are different ids: an id keeps its JSON type)."""
+    shown = "stdin" if path == "-" else path
+    out: list[tuple[int, Request]] = []
+    seen: dict[RequestId, int] = {}
+    for n, line in read_lines(path):
+        where = f"{shown}:{n}"
         try:
             raw = json.loads(line)
         except (json.JSONDecodeError, RecursionError, ValueError) as e:
@@ -98,12 +109,18 @@ def load(path: str, *, tokenizer=None, default_max_new: int, chat: bool = False)
             raise MemintentError(f"{where}: a request line is a JSON object, not {type(raw).__name__}")
         req = _one(raw, where, tokenizer, default_max_new, chat)
         if req.id in seen:
-            raise MemintentError(f"{where}: id {req.id!r} appears twice: request ids must be unique")
-        seen.add(req.id)
-        out.append(req)
+            raise MemintentError(f"{where}: id {req.id!r} appears twice (first on line {seen[req.id]}): request ids "
+                                 "must be unique")
+        seen[req.id] = n
+        out.append((n, req))
     if not out:
         raise MemintentError(f"--prompts {path} holds no requests: write one JSON object per line")
     return out
+
+
+def load(path: str, *, tokenizer=None, default_max_new: int, chat: bool = False) -> list[Request]:
+    """The requests of a JSON-lines file (``load_numbered`` without the line numbers)."""
+    return [r for _, r in load_numbered(path, tokenizer=tokenizer, default_max_new=default_max_new, chat=chat)]
 
 
 def encode(tokenizer, text: str, chat: bool) -> tuple[int, ...]:
@@ -118,19 +135,6 @@ def encode(tokenizer, text: str, chat: bool) -> tuple[int, ...]:
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         return tuple(int(t) for t in ids)
     return tuple(int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def line_numbers(path: str) -> dict[str, int]:
-    """Request id -> its line in ``path`` (for errors raised later, such as a prompt longer than the context)."""
-    out = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        try:
-            raw = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(raw, dict) and "id" in raw:
-            out[str(raw["id"])] = n
-    return out
 
 
 def validate(request: Request, *, context: int, vocab: int, where: str = "") -> None:

@@ -125,7 +125,7 @@ class ModelRunner:
         host = torch.tensor(ids + pos + wblk + woff + sample_rows, dtype=torch.long)
         dev = host.to(self.device)
         ids_d, pos_d, wblk_d, woff_d = dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n]
-        meta = StepMeta(write_blocks=wblk_d, write_offsets=woff_d)
+        meta = StepMeta(write_pages=wblk_d, write_offsets=woff_d)
         self._attention_groups(batch.chunks, tables, meta)
         return ids_d[None], pos_d, dev[4 * n:], meta
 

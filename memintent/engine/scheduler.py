@@ -170,6 +170,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped or self.resuming)
 
+    def cancel(self, seq: Sequence) -> list[int]:
+        """Drop an unfinished ``seq`` from every queue (its caller stopped waiting for it): its swap slots and pool
+        pages go back; returns the pages. Between steps only: no step in flight may hold it."""
+        for queue in (self.waiting, self.running, self.swapped, self.resuming):
+            queue[:] = [s for s in queue if s is not seq]
+        if self.swap is not None and seq.seq_id in self.swap.held:
+            self.swap.give_back(seq.seq_id)
+        seq.state, seq.finish_reason = State.finished, "cancelled"
+        return self.pool.release(seq.seq_id)
+
     # -- one step ---------------------------------------------------------------------------------------------
     def schedule(self) -> Batch:
         batch = Batch(index=self.steps)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class DType:
     bits: int                       # width of one value; int4 packs two values in a byte

@@ -67,7 +67,7 @@ class PrefillChunk:
 class StepMeta:
     """Where a step's tokens go and what each one attends to (device tensors, built once per step)."""
 
-    write_blocks: torch.Tensor    # (T,) long: page of each token's key/value
+    write_pages: torch.Tensor    # (T,) long: page of each token's key/value
     write_offsets: torch.Tensor   # (T,) long: its position inside the page
     decode: list[DecodeChunk] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
@@ -168,7 +168,7 @@ def write_kv(ctx: _Context, layer: int, k: torch.Tensor, v: torch.Tensor) -> Non
     """Store the step's new keys and values, k and v (T, KV, hd), at their (page, offset)."""
     views, m = ctx.views, ctx.meta
     layer -= views.layer_offset
-    idx = (m.write_blocks, m.write_offsets)
+    idx = (m.write_pages, m.write_offsets)
     if views.key_scales is None:
         views.keys[layer].index_put_(idx, k.to(views.keys[layer].dtype))
         views.values[layer].index_put_(idx, v.to(views.values[layer].dtype))

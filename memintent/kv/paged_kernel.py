@@ -234,7 +234,7 @@ def build_meta(starts: Sequence[int], lengths: Sequence[int], contexts: Sequence
 
 def _interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1: the CPU tests)."""
-    import triton
+    import triton  # deferred: heavy, optional
 
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
@@ -247,8 +247,8 @@ def _kernels(interpret: bool):
     """The two Triton kernels, compiled (or interpreted) per ``interpret``: the flag is read when ``triton.jit``
     wraps a function, so they are wrapped on first use and once per mode."""
     del interpret   # the cache key: triton.jit below reads the same flag
-    import triton
-    import triton.language as tl
+    import triton  # deferred: heavy, optional
+    import triton.language as tl  # deferred: heavy, optional
 
     @triton.jit
     def attend(Q, K, V, KS, VS, O, PO, PML, TILES, TABLE, LENS,
@@ -446,7 +446,7 @@ def paged_attention_varlen(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     _check_inputs(q, k_pages, v_pages, k_scales, v_scales, meta, out)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    heads, hd = q.shape[1], q.shape[2]
+    heads = q.shape[1]
     kv_heads = k_pages.shape[2]
     args = _Launch(q, k_pages, v_pages, k_scales, v_scales, out, meta, heads // kv_heads, scale, softcap, window)
     if meta.sizes.prompt_tiles:

@@ -16,7 +16,8 @@ ones reason about the program the runtime will execute and never trip over a mal
 - layout: arena slots lie inside the arena without overlapping; every block fits the slot it is placed in, a
   quantized one as the runtime lays out its packed bytes; actions sit only where the runtime has a hook;
 - memory: at every step, arena + workspace + live activations fit the budget, and the recorded prediction neither
-  exceeds the budget nor understates that peak;
+  exceeds the budget nor understates that peak; the host memory the plan states (checked against the machine
+  before a run allocates) is exactly what its host store and KV swap space take;
 - the action trace (``TRACE_RULES``): the plan's actions, run symbolically in list order through the runtime's
   slot state for a cold first forward and two steady-state forwards (so the cross-forward prefetch is checked
   too): no copy into a slot in use, a wait only for an issued copy, a free only of a ready visit after its last
@@ -52,6 +53,7 @@ from memintent.passes.costs import transfer_bytes
 from memintent.passes.graph import dependency_graph, early_uses, live_range, module_calls, names
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
+from memintent.passes.prefetch import host_bytes
 from memintent.passes.residency import slot_need_bytes, workspace_bytes
 from memintent.units import fmt_bytes
 
@@ -575,6 +577,26 @@ def prediction_honest(p: Program, f: Facts) -> None:
     if recorded < peak:
         fail(f"the plan's recorded predicted peak {recorded} bytes understates the {peak} bytes (arena + workspace + "
              f"activations) its own steps need")
+
+
+@_rule("host-memory")
+def host_memory(p: Program, f: Facts) -> None:
+    """The plan states the host memory its run holds, and the runtime checks that figure against the machine's
+    available memory before it allocates anything: the stated pinned bytes are exactly the streamed blocks' host
+    buffers plus the KV swap space (``swap_pages`` x ``page_bytes``), the stated pageable bytes exactly the
+    resident blocks' buffers plus the fill's one full-precision scratch block. A plan stating less (an edited swap
+    space) would pass that check and then fail, or be killed, while allocating."""
+    pr = p.prediction
+    pinned, pageable = host_bytes(p)
+    swap = p.kv_pool.swap_pages * p.kv_pool.page_bytes if p.kv_pool is not None else 0
+    for what, stated, need, parts in (
+            ("pinned", pr.host_pinned_bytes, pinned, f"streamed blocks {fmt_bytes(pinned - swap)} + KV swap space "
+                                                     f"{fmt_bytes(swap)}"),
+            ("pageable", pr.host_pageable_bytes, pageable, "resident blocks and the fill's scratch block")):
+        if stated != need:
+            fail(f"the plan states {stated} bytes of {what} host memory, but its {parts} need {need} bytes "
+                 f"({fmt_bytes(need)}): the host memory a run is checked against must be what it allocates; "
+                 "recompile the plan")
 
 
 # ---- the action trace -----------------------------------------------------------------------------------------

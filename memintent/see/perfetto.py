@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
 from memintent.errors import MemintentError
 from memintent.ir.model import Program
+from memintent.ir.plan_file import write_atomic
 from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline
 
 PID_PREDICTED, PID_MEASURED = 1, 2
@@ -81,41 +81,10 @@ class MeasuredEvent:
 # writing
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (Linux exposes it in /proc); 022 elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see a half-written file.
-    Failures (missing folder, no permission, full disk) are a ``MemintentError`` naming the path."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise MemintentError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise MemintentError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates the file 0600; give it the mode a plain open() would have (reports get shared).
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise MemintentError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The output rule of every command (``ir.plan_file.write_atomic``): a regular file is replaced atomically,
+    stdout, a character device or a FIFO written directly; failures are one ``MemintentError`` naming the path."""
+    write_atomic(path, data)
 
 
 def _meta(pid: int, process: str) -> list[dict]:
