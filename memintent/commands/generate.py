@@ -17,6 +17,7 @@ import torch
 from memintent.engine import requests as reqs
 from memintent.engine.engine import Engine
 from memintent.engine.metrics import ServeReport, summarize
+from memintent.engine.sampling import StopConditions
 from memintent.errors import MemintentError
 from memintent.runtime.memory import PeakMeter
 from memintent.ir.model import KVQuant, Pipeline, Program, Quant, Residency
@@ -134,9 +135,11 @@ def run_generate(args) -> int:
     src = source_for(program, args.allow_code)
     requests, where = load_requests(args, program, src)
     con = _console()
+    stops = StopConditions.of(src)
     for r in requests:
-        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
-                      where=f"{args.prompts}:{where[r.id]}: " if r.id in where else "")
+        at = f"{args.prompts}:{where[r.id]}: " if r.id in where else ""
+        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size, where=at)
+        stops.validate(r, where=at)
     from memintent.progress import status
 
     with status(f"serving {len(requests)} requests", console=con) as st:
@@ -181,7 +184,7 @@ def _device_and_link(args, plan):
 
 
 def _with_text(out, tokenizer):
-    if tokenizer is None:
+    if tokenizer is None or out.text is not None:     # text cut at a stop string is already there
         return out
     from dataclasses import replace
 

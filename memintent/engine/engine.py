@@ -6,8 +6,9 @@
     engine.close()
 
 Each step the scheduler packs tokens (``scheduler.py``), the runner moves swapped blocks and runs one forward over
-the model (``runner.py``), the greedy tokens go back to their sequences, and finished sequences return their
-blocks. ``generate`` yields each request's result as soon as it finishes.
+the model (``runner.py``), the sampled tokens go back to their sequences, and finished sequences return their
+blocks. ``generate`` yields each request's result as soon as it finishes. Tokens are chosen and sequences stop as
+``sampling.py`` says.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from memintent.engine.kv_pool import BlockPool
 from memintent.engine.runner import ModelRunner
+from memintent.engine.sampling import Sampled, StopConditions
 from memintent.engine.scheduler import Costs, Preemption, Scheduler
 from memintent.engine.sequence import Request, RequestOutput, Sequence
 from memintent.errors import MemintentError, RuntimeFault
@@ -81,7 +83,9 @@ def request_output(seq: Sequence) -> RequestOutput:
     n = len(seq.generated)
     tpot = (seq.finish_s - seq.first_token_s) / (n - 1) if n > 1 else None
     return RequestOutput(id=seq.request.id, token_ids=list(seq.generated), finish_reason=seq.finish_reason,
-                         ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions))
+                         ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions),
+                         text=seq.stop_text,
+                         logprobs=list(seq.logprobs) if seq.request.sampling.logprobs is not None else None)
 
 
 class Serving:
@@ -94,11 +98,14 @@ class Serving:
     track: set[str]                                 # request ids whose logits are kept (--verify)
     tracked_logits: dict[str, list[torch.Tensor]]
 
+    stops: StopConditions                           # the model's end-of-sequence ids and tokenizer
+
     def validate(self, request: Request) -> None:
         """Refuse what the plan cannot serve, naming the request (``requests.validate``)."""
         from memintent.engine.requests import validate
 
         validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
+        self.stops.validate(request)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
         """Serve ``requests`` (all arriving now); yields each result as its request finishes."""
@@ -142,10 +149,12 @@ class Engine(Serving):
         self.src = source_for(self.program, allow_code)
         self.check, self.log = check, log or (lambda line: None)
         self.pool = BlockPool(pool.num_blocks)
+        self.stops = StopConditions.of(self.src)
         self.runner = ModelRunner(self.program, self.src, self.device, self.pool, check=check, store=store,
                                   resident=resident)
         self.scheduler = Scheduler(self.pool, self.runner.swap, Costs.of(self.program), max_seqs=g.max_seqs,
-                                   step_tokens=g.step_tokens, context=g.context, preempt=preempt)
+                                   step_tokens=g.step_tokens, context=g.context, preempt=preempt,
+                                   stops=self.stops)
         self.stats = EngineStats(num_blocks=pool.num_blocks)
         self._t0: float | None = None
         self.track: set[str] = set()                          # request ids whose logits are kept (--verify)
@@ -181,21 +190,32 @@ class Engine(Serving):
         if self.track and plan.chunks:
             self.keep_logits(plan, self.runner.last_logits)
         now = perf_counter() - self._t0
-        finished, freed = self.scheduler.postprocess(plan, sampled, now)
+        finished, freed = self.scheduler.postprocess(plan, sampled.tokens, now, sampled.logprobs)
         self.runner.poison(freed)
         if self.check:
             self.pool.check()
         self.stats.steps.append(_record(plan, t - self._t0, perf_counter() - t, self.pool.used_blocks))
         return [request_output(s) for s in finished]
 
+    def abort(self, request_id: str) -> bool:
+        """Give up request ``request_id`` between steps (its client went away): its KV blocks and swap slots are
+        free for the next step. False if it is not being served (finished, or never added)."""
+        freed = self.scheduler.abort(request_id)
+        if freed is None:
+            return False
+        self.runner.poison(freed)
+        if self.check:
+            self.pool.check()
+        return True
+
     def reset_stats(self) -> None:
         """Forget the steps measured so far (after a warm-up), and start the clock again."""
         self.stats = EngineStats(num_blocks=self.stats.num_blocks)
         self._t0 = None
 
-    def _only_move(self, plan) -> list[int]:
+    def _only_move(self, plan) -> Sampled:
         self.runner.move_blocks(plan)
-        return []
+        return Sampled([])
 
     def close(self) -> None:
         self.runner.close()

@@ -31,6 +31,7 @@ import torch
 from memintent.engine.engine import EngineStats, Serving, StepRecord, _record, request_output
 from memintent.engine.kv_pool import BlockPool, SwapSpace
 from memintent.engine.runner import ModelRunner
+from memintent.engine.sampling import StopConditions
 from memintent.engine.scheduler import Costs, Scheduler, StepPlan
 from memintent.engine.sequence import Request, RequestOutput, Sequence
 from memintent.errors import MemintentError, RuntimeFault
@@ -169,11 +170,13 @@ class PipelineEngine(Serving):
         # Requests are checked and --verify's reference is built against the whole model.
         self.src = resolve(self.pipeline.model.ref, dtype=self.pipeline.model.dtype)
         self.pool = BlockPool(kv.num_blocks)
+        self.stops = StopConditions.of(self.src)
         self.runners = {r: ModelRunner(self.pipeline.stages[r], source_for(self.pipeline.stages[r], allow_code),
                                        self.device, self.pool, check=check) for r in self.local}
         costs, swap = pipeline_costs(self.pipeline.stages), SwapSpace(0, kv.block_bytes, pin=False)
         self.groups = [Scheduler(self.pool, swap, costs, max_seqs=g.max_seqs, step_tokens=g.step_tokens,
-                                 context=g.context, preempt=preempt, seq_ids=(i, self.n)) for i in range(self.n)]
+                                 context=g.context, preempt=preempt, seq_ids=(i, self.n),
+                                 stops=self.stops) for i in range(self.n)]
         self.stats = EngineStats(num_blocks=kv.num_blocks)
         self.tick, self._dealt, self._idle = 0, 0, 0
         self._inflight: dict[int, _InFlight] = {}
@@ -267,13 +270,15 @@ class PipelineEngine(Serving):
             return []
         plan = entry.plan
         sampled: list[int] = []
+        mine = None
         if plan.chunks:
-            mine = self.last_logits.argmax(-1).tolist() if self.n - 1 in self.runners else None
-            sampled = self.link.tokens(mine, sum(1 for c in plan.chunks if c.sample))
+            last = self.runners.get(self.n - 1)
+            mine = last.sampler.step(self.last_logits, plan.chunks) if last is not None else None
+            sampled = self.link.tokens(mine.tokens if mine else None, sum(1 for c in plan.chunks if c.sample))
             if self.track and mine is not None:
                 self.keep_logits(plan, self.last_logits)
         now = perf_counter() - self._t0
-        finished, freed = self.groups[entry.group].postprocess(plan, sampled, now)
+        finished, freed = self.groups[entry.group].postprocess(plan, sampled, now, mine.logprobs if mine else None)
         for runner in self.runners.values():
             runner.poison(freed)
         if self.check:

@@ -1,7 +1,9 @@
 """Requests from a JSON-lines file or a seeded synthetic mix, and results written back as JSON lines.
 
 A request line is ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "prompt_ids": [..]}``, with optional
-``"max_new_tokens"`` and ``"stop_token_ids"``. Text needs the model folder's tokenizer. Every problem is one line
+``"max_new_tokens"``, ``"stop_token_ids"`` and the sampling fields (``sampling.SAMPLING_KEYS``: ``"temperature"``,
+``"top_p"``, ``"top_k"``, ``"min_p"``, ``"presence_penalty"``, ``"frequency_penalty"``, ``"seed"``, ``"logprobs"``,
+``"stop"`` strings, ``"ignore_eos"``). Text needs the model folder's tokenizer. Every problem is one line
 naming the file and line and what would be right.
 """
 
@@ -11,10 +13,11 @@ import json
 import random
 from pathlib import Path
 
+from memintent.engine.sampling import SAMPLING_KEYS, SamplingParams
 from memintent.engine.sequence import Request
 from memintent.errors import MemintentError
 
-KEYS = ("id", "prompt", "prompt_ids", "max_new_tokens", "stop_token_ids")
+KEYS = ("id", "prompt", "prompt_ids", "max_new_tokens", "stop_token_ids") + SAMPLING_KEYS
 
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
@@ -31,7 +34,8 @@ def parse_range(text: str, flag: str) -> tuple[int, int]:
 
 def synthetic(n: int, prompt_len: tuple[int, int], gen_len: tuple[int, int], vocab: int, seed: int) -> list[Request]:
     """``n`` requests with prompt and output lengths drawn uniformly from the ranges and random token ids; the same
-    seed gives the same requests on any machine (Python's own generator, not torch's)."""
+    seed gives the same requests on any machine (Python's own generator, not torch's). They ignore the model's
+    end-of-sequence ids, so that each generates its drawn length."""
     if n < 1:
         raise MemintentError(f"--synthetic {n} must be at least 1")
     rng = random.Random(seed)
@@ -39,8 +43,12 @@ def synthetic(n: int, prompt_len: tuple[int, int], gen_len: tuple[int, int], voc
     for i in range(n):
         p = rng.randint(*prompt_len)
         g = rng.randint(*gen_len)
-        out.append(Request(id=str(i), prompt_ids=tuple(rng.randrange(vocab) for _ in range(p)), max_new_tokens=g))
+        out.append(Request(id=str(i), prompt_ids=tuple(rng.randrange(vocab) for _ in range(p)), max_new_tokens=g,
+                           sampling=SYNTHETIC))
     return out
+
+
+SYNTHETIC = SamplingParams(ignore_eos=True)
 
 
 def _ids(value, where: str, what: str) -> tuple[int, ...]:
@@ -72,7 +80,8 @@ def _one(raw: dict, where: str, tokenizer, default_max_new: int, chat: bool) -> 
     if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
         raise MemintentError(f"{where}: \"max_new_tokens\" must be a positive integer")
     stops = _ids(raw.get("stop_token_ids", []), where, "\"stop_token_ids\"")
-    return Request(id=str(rid), prompt_ids=ids, max_new_tokens=max_new, stop_token_ids=stops, prompt=text)
+    return Request(id=str(rid), prompt_ids=ids, max_new_tokens=max_new, stop_token_ids=stops, prompt=text,
+                   sampling=SamplingParams.parse(raw, where))
 
 
 def load(path: str, *, tokenizer=None, default_max_new: int, chat: bool = False) -> list[Request]:

@@ -15,6 +15,7 @@ from memintent.compiler.fingerprint import named_weights
 from memintent.engine import attention
 from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
 from memintent.engine.kv_pool import PoolViews, SwapSpace, layout_of
+from memintent.engine.sampling import Sampled, Sampler
 from memintent.engine.scheduler import Chunk, StepPlan
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, SlotKind
@@ -77,6 +78,7 @@ class ModelRunner:
         stage = program.model.stage
         self.views = PoolViews(flat, self.layout, pool.num_blocks, layer_offset=stage[0] if stage else 0)
         self.swap = SwapSpace(pool.swap_blocks, pool.block_bytes, pin=device.type == "cuda")
+        self.sampler = Sampler(device)
 
     # -- moving blocks ----------------------------------------------------------------------------------------
     def _copy_blocks(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
@@ -189,14 +191,14 @@ class ModelRunner:
         with torch.no_grad(), attention.step(self.views, meta, self.dtype):
             return step_logits(self.src, self.model, ids if hidden is None else hidden, positions, rows)
 
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Run the step; returns one greedy token per sampling chunk, in chunk order."""
+    def execute(self, plan: StepPlan) -> Sampled:
+        """Run the step; returns one token per sampling chunk, in chunk order (``sampling.Sampler``)."""
         # The previous step's logits go first: held through this step, they would be device memory the plan's
         # proof (one step's activations) does not count.
         self.last_logits = None
         logits = self.forward(plan)                                           # (S, vocab)
         self.last_logits = logits
-        return logits.argmax(-1).tolist()
+        return self.sampler.step(logits, plan.chunks)
 
     def close(self) -> None:
         if self.handle is not None:

@@ -46,6 +46,7 @@ import math
 from dataclasses import dataclass, field
 
 from memintent.engine.kv_pool import BlockPool, SwapSpace
+from memintent.engine.sampling import StopConditions, TokenLogprobs
 from memintent.engine.sequence import Request, Sequence, State
 from memintent.errors import MemintentError
 
@@ -127,9 +128,11 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, swap: SwapSpace | None, costs: Costs, *, max_seqs: int, step_tokens: int,
-                 context: int, preempt: str = "cost", seq_ids: tuple[int, int] = (0, 1)):
+                 context: int, preempt: str = "cost", seq_ids: tuple[int, int] = (0, 1),
+                 stops: StopConditions | None = None):
         """``seq_ids``: (first, stride) of the sequence ids it hands out; schedulers sharing a pool (a pipeline's
-        micro-batch groups) use disjoint ones."""
+        micro-batch groups) use disjoint ones. ``stops``: when a sequence stops early (default: at its request's
+        stop token ids only)."""
         if preempt not in PREEMPT_POLICIES:
             raise MemintentError(f"preempt={preempt!r}: use one of {', '.join(PREEMPT_POLICIES)}")
         self.pool, self.swap, self.costs = pool, swap, costs
@@ -141,12 +144,15 @@ class Scheduler:
         self.sequences: list[Sequence] = []
         self.steps = 0
         self.seq_ids = seq_ids
+        self.stops = stops or StopConditions()
+        self._added = 0                        # sequences ever added (ids stay unique when finished ones are dropped)
         self._freed_per_step = 0.0             # moving average of blocks finished sequences return per step
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> Sequence:
         first, stride = self.seq_ids
-        seq = Sequence(seq_id=first + stride * len(self.sequences), request=request, tokens=list(request.prompt_ids))
+        seq = Sequence(seq_id=first + stride * self._added, request=request, tokens=list(request.prompt_ids))
+        self._added += 1
         self.sequences.append(seq)
         self.waiting.append(seq)
         return seq
@@ -285,11 +291,13 @@ class Scheduler:
         plan.freed_blocks += blocks
 
     # -- after the step ---------------------------------------------------------------------------------------
-    def postprocess(self, plan: StepPlan, sampled: list[int], now_s: float) -> tuple[list[Sequence], list[int]]:
-        """Record the step's results: ``sampled`` holds one token per sampling chunk, in chunk order. Returns the
-        sequences that finished and the blocks they gave back."""
+    def postprocess(self, plan: StepPlan, sampled: list[int], now_s: float,
+                    logprobs: list[TokenLogprobs | None] | None = None) -> tuple[list[Sequence], list[int]]:
+        """Record the step's results: ``sampled`` holds one token per sampling chunk, in chunk order (``logprobs``,
+        when given, one entry each too). Returns the sequences that finished and the blocks they gave back."""
         finished, freed = [], []
         it = iter(sampled)
+        lps = iter(logprobs if logprobs is not None else ())
         for c in plan.chunks:
             seq = c.seq
             seq.cached += c.length
@@ -297,6 +305,9 @@ class Scheduler:
                 continue
             tok = next(it)
             seq.tokens.append(tok)
+            lp = next(lps, None)
+            if lp is not None:
+                seq.logprobs.append(lp)
             if seq.first_token_s is None:
                 seq.first_token_s = now_s
             reason = self._finish_reason(seq, tok)
@@ -309,10 +320,30 @@ class Scheduler:
         return finished, freed
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        if tok in seq.request.stop_token_ids:
+        if self.stops.stopped(seq, tok):
             return "stop"
         if len(seq.generated) >= seq.request.max_new_tokens:
             return "length"
         if len(seq.tokens) > self.context:
             return "context"          # the new token has no position left in the plan's context
         return None
+
+    # -- requests given up ------------------------------------------------------------------------------------
+    def abort(self, request_id: str) -> list[int] | None:
+        """End request ``request_id`` now (its client went away): its blocks go back to the pool and its host swap
+        slots to the swap space. Call between steps. Returns the blocks freed, or None if no unfinished sequence
+        serves that request."""
+        for queue in (self.waiting, self.running, self.swapped, self.resuming):
+            seq = next((s for s in queue if s.request.id == request_id), None)
+            if seq is None:
+                continue
+            queue.remove(seq)
+            if self.swap is not None and seq.seq_id in self.swap.held:
+                self.swap.give_back(seq.seq_id)
+            seq.state, seq.finish_reason = State.finished, "abort"
+            return self.pool.release(seq.seq_id)
+        return None
+
+    def forget_finished(self) -> None:
+        """Drop finished sequences from ``sequences`` (a long-running server would otherwise keep every one)."""
+        self.sequences = [s for s in self.sequences if s.state != State.finished]

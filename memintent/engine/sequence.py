@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from memintent.engine.sampling import SamplingParams, TokenLogprobs
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -15,6 +17,7 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] = ()
     prompt: str | None = None        # the text, when the request was given as text
+    sampling: SamplingParams = SamplingParams()   # how it draws tokens, stop strings, ignore_eos, logprobs
 
 
 class State(enum.Enum):
@@ -38,7 +41,9 @@ class Sequence:
     preemptions: list[str] = field(default_factory=list)    # "swap" / "recompute", in order
     first_token_s: float | None = None
     finish_s: float | None = None
-    finish_reason: str | None = None  # "stop", "length" (max_new_tokens), "context" (the plan's context)
+    finish_reason: str | None = None  # "stop", "length" (max_new_tokens), "context" (the plan's context), "abort"
+    logprobs: list[TokenLogprobs] = field(default_factory=list)   # per generated token, when the request asks
+    stop_text: str | None = None     # the generated text cut before the stop string that ended it
 
     @property
     def generated(self) -> list[int]:
@@ -61,11 +66,14 @@ class RequestOutput:
     tpot_s: float | None             # time per output token after the first (None for one token)
     preemptions: list[str]
     text: str | None = None
+    logprobs: list[TokenLogprobs] | None = None     # per generated token, when the request asked for them
 
     def as_json(self) -> dict:
         out = {"id": self.id, "token_ids": self.token_ids}
         if self.text is not None:
             out["text"] = self.text
+        if self.logprobs is not None:
+            out["logprobs"] = [{"logprob": t.logprob, "top": [list(x) for x in t.top]} for t in self.logprobs]
         out.update(finish_reason=self.finish_reason, ttft_s=self.ttft_s, tpot_s=self.tpot_s,
                    preemptions=self.preemptions)
         return out
