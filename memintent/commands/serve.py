@@ -120,8 +120,6 @@ def run_serve(args) -> int:
                   f"(--api-key KEY or ${API_KEY_ENV})[/yellow]")
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass            # uvicorn raises the Ctrl-C it handled again once it has shut down gracefully
     finally:
         loop.close()    # the lifespan closed it already, unless uvicorn stopped before its shutdown
         sock.close()
@@ -132,12 +130,29 @@ def run_serve(args) -> int:
 def _graceful_server(config, loop, grace_s: float):
     """A uvicorn server whose shutdown gives in-flight requests ``grace_s`` seconds to finish and then has the engine
     cancel them, so that each response still ends properly: a stream with an error event, an unstreamed request with
-    a 503 (uvicorn's own timeout, 5 s later, would cut the tasks with a traceback)."""
+    a 503 (uvicorn's own timeout, 5 s later, would cut the tasks with a traceback). Ctrl-C and SIGTERM start that
+    shutdown; once it is done the command returns 0 (uvicorn itself raises the signal again on the way out, which
+    would interrupt its own event loop's last tasks)."""
     import asyncio
+    import contextlib
+    import signal
+    import threading
 
     import uvicorn
 
     class Graceful(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            before = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in before.items():
+                    signal.signal(sig, handler)
+
         async def shutdown(self, sockets=None):
             timer = asyncio.get_running_loop().call_later(grace_s, loop.cancel_all, "the server is shutting down")
             try:

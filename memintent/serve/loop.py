@@ -47,10 +47,12 @@ class _Live:
 
 
 class EngineLoop:
-    """Steps ``engine`` on its own thread. ``metrics``: updated after every step."""
+    """Steps ``engine`` on its own thread. ``metrics``: updated after every step. ``keep_steps``: keep every step's
+    record in ``step_log`` (a benchmark's; a server keeps none)."""
 
-    def __init__(self, engine, metrics: ServerMetrics | None = None):
+    def __init__(self, engine, metrics: ServerMetrics | None = None, keep_steps: bool = False):
         self.engine = engine
+        self.step_log: list | None = [] if keep_steps else None
         self.metrics = metrics or ServerMetrics(num_blocks=engine.pool.num_blocks)
         self.failed: str | None = None            # why the engine stopped serving (then every request is refused)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -160,6 +162,8 @@ class EngineLoop:
                 del self._live[rid]
                 self.metrics.finished[delta.finish_reason] += 1
         records, self.engine.stats.steps = self.engine.stats.steps, []      # a server keeps no history of steps
+        if self.step_log is not None:
+            self.step_log += records
         self.metrics.observe(records, self.engine.scheduler, self.engine.pool, generated)
         self.engine.scheduler.forget_finished()
         self._post(out)
