@@ -48,19 +48,23 @@ class ServerMetrics:
         self.waiting, self.running = len(scheduler.waiting), len(scheduler.running) + len(scheduler.resuming)
         self.swapped = len(scheduler.swapped)
 
+    # The web thread reads what the engine thread changes: each reader copies first (one C call, atomic under the
+    # GIL) rather than iterating a deque or a dict that may change under it.
     def tokens_per_s(self) -> float:
-        span_s = min(self.window_s, perf_counter() - self.started_s)
-        recent = [x for x in self.recent if x[0] >= perf_counter() - self.window_s]
+        now = perf_counter()
+        span_s = min(self.window_s, now - self.started_s)
+        recent = [x for x in list(self.recent) if x[0] >= now - self.window_s]
         return sum(x[2] for x in recent) / span_s if span_s > 0 else 0.0
 
     def step_median_s(self) -> float | None:
-        times = [x[1] for x in self.recent]
+        times = [x[1] for x in list(self.recent)]
         return statistics.median(times) if times else None
 
     def text(self) -> str:
         """The exposition text."""
         step_s = self.step_median_s()
         usable = max(self.num_blocks - 1, 1)
+        finished, preemptions, rejected = dict(self.finished), dict(self.preemptions), dict(self.rejected)
         rows = [
             ("generated_tokens_total", "counter", "Tokens generated since the server started.",
              [("", self.generated_tokens)]),
@@ -74,11 +78,11 @@ class ServerMetrics:
             ("kv_pool_blocks_total", "gauge", "KV pool blocks requests can own.", [("", usable)]),
             ("kv_pool_usage_ratio", "gauge", "Fraction of the KV pool in use.", [("", self.used_blocks / usable)]),
             ("preemptions_total", "counter", "Preemptions by kind.",
-             [(f'{{kind="{k}"}}', self.preemptions[k]) for k in ("swap", "recompute")]),
+             [(f'{{kind="{k}"}}', preemptions.get(k, 0)) for k in ("swap", "recompute")]),
             ("requests_finished_total", "counter", "Requests finished, by finish reason.",
-             [(f'{{finish_reason="{k}"}}', v) for k, v in sorted(self.finished.items())]),
+             [(f'{{finish_reason="{k}"}}', v) for k, v in sorted(finished.items())]),
             ("requests_rejected_total", "counter", "Requests refused, by HTTP status.",
-             [(f'{{status="{k}"}}', v) for k, v in sorted(self.rejected.items())]),
+             [(f'{{status="{k}"}}', v) for k, v in sorted(rejected.items())]),
             ("steps_total", "counter", "Engine steps run.", [("", self.steps)]),
             ("step_seconds", "gauge", f"Median engine step over the last {self.window_s:g} s.",
              [("", step_s)] if step_s is not None else []),
