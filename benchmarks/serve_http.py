@@ -117,7 +117,7 @@ def http_row(plan, requests, device, store, floor_s: float, generate_outputs: di
     list(engine.generate([Request("warmup", requests[0].prompt_ids[:8], max_new_tokens=2)]))   # first-call costs
     engine.reset_stats()
     meter = PeakMeter(device, plan.arena.size_bytes)
-    loop = EngineLoop(engine, ServerMetrics(num_blocks=plan.kv_pool.num_blocks, floor_s=floor_s), keep_steps=True)
+    loop = EngineLoop(engine, ServerMetrics(num_pages=plan.kv_pool.num_pages, floor_s=floor_s), keep_steps=True)
     srv = Server(loop, model_name=MODEL_NAME, tokenizer=None, max_waiting=len(requests))
     server, thread, port = _start_server(create_app(srv))
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +204,7 @@ def run(args) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import GiB, card_profile, fill, header, serve_row, write
     from memintent.compiler.planner import plan_generation
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
     from memintent.engine.requests import parse_range, synthetic
     from memintent.units import parse_bytes
 

@@ -85,4 +85,4 @@ def test_ignore_eos_stop_strings_and_stop_ids(engine, hf, tokenizer):
     assert outs["cut"].token_ids == tokens[:at + 1], "nothing is generated past the token completing the stop"
     assert outs["id"].finish_reason == "stop" and outs["id"].token_ids == tokens[:3]
     engine.pool.check()
-    assert engine.pool.used_blocks == 0
+    assert engine.pool.used_pages == 0

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from memintent.compiler.hardware import BUILTIN
-from memintent.compiler.plan_source import resident_model
+from memintent.models.plan_model import resident_model
 from memintent.compiler.planner import plan_generation
-from memintent.compiler.refs import resolve
+from memintent.models.refs import resolve
 from memintent.engine import Engine, Request
 from memintent.engine.reference import reference_logits
 from memintent.engine.sampling import LOGPROB_FLOOR, Sampler, SamplingParams, StopConditions
@@ -221,7 +221,7 @@ def test_bad_sampling_parameters_are_refused_in_one_line(kw, msg):
 def plan():
     # tiny-llama in float32 with a pool small enough that sequences are preempted (as in test_serve.py)
     return plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=BUILTIN["cpu"], context=48, prompt_len=8,
-                           gen_len=8, quant="none", concurrency=3, kv_block_tokens=4, swap_blocks=64, dtype="f32")
+                           gen_len=8, quant="none", concurrency=3, kv_page_tokens=4, swap_pages=64, dtype="f32")
 
 
 def _requests(seeded: bool, n: int, prefix: str) -> list[Request]:

@@ -26,7 +26,7 @@ import uvicorn
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
 from memintent.engine import Engine, Request
-from memintent.engine.kv_pool import BlockPool, SwapSpace
+from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.scheduler import Costs, Scheduler
 from memintent.engine.sequence import State
 from memintent.ir.plan_file import save_plan
@@ -80,7 +80,7 @@ def _idle(served, timeout_s: float = 120) -> None:
     """Wait until nothing is in flight, then check the pool's invariants on the engine thread."""
     deadline = time.monotonic() + timeout_s
     while True:
-        state = served.loop.call(lambda e: (e.has_work, e.pool.used_blocks)).result(timeout=60)
+        state = served.loop.call(lambda e: (e.has_work, e.pool.used_pages)).result(timeout=60)
         if served.srv.in_flight == 0 and state == (False, 0):
             break
         assert time.monotonic() < deadline, f"still busy: {state}, {served.srv.in_flight} in flight"
@@ -101,7 +101,7 @@ def test_models_health_and_metrics(served):
     assert [m.id for m in served.client.models.list().data] == ["smollm2"]
     assert httpx.get(f"{served.base}/health").json() == {"status": "ok"}
     metrics = httpx.get(f"{served.base}/metrics").text
-    total = served.engine.pool.num_blocks - 1
+    total = served.engine.pool.num_pages - 1
     assert f"memintent_kv_pool_blocks_total {total}" in metrics.splitlines()
     assert "# TYPE memintent_generated_tokens_total counter" in metrics
 
@@ -209,9 +209,9 @@ def test_seeded_sampling_repeats_through_the_server(served):
 # ---- abort, unit --------------------------------------------------------------------------------------------
 
 def test_abort_frees_blocks_and_swap_slots_in_every_state():
-    costs = Costs(block_tokens=4, step_tokens=16, evict_block_s=1.0, swap_in_block_s=0.5, recompute_block_s=1.0,
+    costs = Costs(page_tokens=4, step_tokens=16, evict_page_s=1.0, swap_in_page_s=0.5, recompute_page_s=1.0,
                   copy_idle_s=100.0, compute_slack_s=0.0, urgency_s=10.0)
-    pool, swap = BlockPool(7), SwapSpace(8, 16, pin=False)
+    pool, swap = PagePool(7), SwapSpace(8, 16, pin=False)
     sched = Scheduler(pool, swap, costs, max_seqs=3, step_tokens=16, context=40, preempt="swap")
     for i in range(4):
         sched.add(Request(f"r{i}", tuple(range(1, 9)), max_new_tokens=20))
@@ -224,7 +224,7 @@ def test_abort_frees_blocks_and_swap_slots_in_every_state():
         assert sched.abort(rid) is not None
         pool.check()
     assert sched.abort("r0") is None, "a finished request is not aborted twice"
-    assert not sched.has_work and pool.used_blocks == 0 and swap.free_blocks == 8
+    assert not sched.has_work and pool.used_pages == 0 and swap.free_pages == 8
     assert {s.finish_reason for s in sched.sequences} == {"abort"}
 
 
@@ -232,7 +232,7 @@ def test_abort_frees_blocks_and_swap_slots_in_every_state():
 
 def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
     plan = plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=BUILTIN["cpu"], context=48, prompt_len=8,
-                           gen_len=8, quant="none", concurrency=3, kv_block_tokens=4, dtype="f32")
+                           gen_len=8, quant="none", concurrency=3, kv_page_tokens=4, dtype="f32")
     path = tmp_path / "tiny.plan.json"
     save_plan(plan, path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}

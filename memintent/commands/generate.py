@@ -117,8 +117,8 @@ def exact(program: Program) -> bool:
 
 def run_generate(args) -> int:
     """The CLI command."""
-    from memintent.compiler.plan_source import source_for
-    from memintent.compiler.stages import verify_pipeline
+    from memintent.models.plan_model import source_for
+    from memintent.passes.verify import verify_pipeline
     from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, write_atomic
     from memintent.passes.verify import verify as verify_plan
 
@@ -209,9 +209,9 @@ def _print(program: Program, rep: ServeReport, con) -> None:
               f"token: median {q(rep.tpot_median_s)}, p99 {q(rep.tpot_p99_s)}")
     con.print(f"steps: {rep.steps}, median {fmt_s(rep.step_median_s)} (plan {fmt_s(rep.predicted_step_s)}, PCIe floor "
               f"{fmt_s(rep.step_floor_s)} = {fmt_bytes(rep.streamed_bytes)} / {rep.h2d_gbps:.1f} GB/s pinned)")
-    used = 100 * rep.kv_peak_blocks / max(rep.num_blocks - 1, 1)
-    con.print(f"KV pool: {rep.num_blocks - 1} blocks; peak {used:.0f}%, mean "
-              f"{100 * rep.kv_mean_blocks / max(rep.num_blocks - 1, 1):.0f}%; over time {rep.sparkline()}")
+    used = 100 * rep.kv_peak_pages / max(rep.num_pages - 1, 1)
+    con.print(f"KV pool: {rep.num_pages - 1} blocks; peak {used:.0f}%, mean "
+              f"{100 * rep.kv_mean_pages / max(rep.num_pages - 1, 1):.0f}%; over time {rep.sparkline()}")
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(rep.preemptions.items())) or "none"
     con.print(f"preemptions: {kinds}")
     if rep.peak_hbm_bytes is not None:

@@ -101,7 +101,7 @@ def run_serve(args) -> int:
     with status(f"loading {program.name} for serving", console=con):
         engine = Engine(program, device, check=args.check, allow_code=args.allow_code, preempt=args.preempt)
     g = program.generation
-    metrics = ServerMetrics(num_blocks=program.kv_pool.num_blocks, floor_s=floor_s, predicted_step_s=g.decode_step_s)
+    metrics = ServerMetrics(num_pages=program.kv_pool.num_pages, floor_s=floor_s, predicted_step_s=g.decode_step_s)
     loop = EngineLoop(engine, metrics)
     try:
         srv = Server(loop, model_name=args.model_name or model_name(program), tokenizer=engine.src.tokenizer(),

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memintent.compiler import models
+from memintent.models import preset as models
 from memintent.errors import MemintentError
 from memintent.ir.dtypes import MODEL_DTYPES, ir_dtype_of, normalize_float_dtype, safetensors_dtype, torch_dtype
 

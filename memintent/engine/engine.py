@@ -5,7 +5,7 @@
         print(out.id, out.token_ids, out.finish_reason)
     engine.close()
 
-Each step the scheduler packs tokens (``scheduler.py``), the runner moves swapped blocks and runs one forward over
+Each step the scheduler packs tokens (``scheduler.py``), the runner moves swapped pages and runs one forward over
 the model (``runner.py``), the sampled tokens go back to their sequences, and finished sequences return their
 blocks. ``generate`` yields each request's result as soon as it finishes. Tokens are chosen and sequences stop as
 ``sampling.py`` says.
@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from memintent.engine.kv_pool import BlockPool
+from memintent.engine.pages import PagePool
 from memintent.engine.runner import ModelRunner
 from memintent.engine.sampling import Sampled, StopConditions
 from memintent.engine.scheduler import Costs, Preemption, Scheduler
@@ -40,7 +40,7 @@ class StepRecord:
     decode_tokens: int            # chunks of one token (a running sequence's next token)
     prefill_tokens: int
     sequences: int
-    used_blocks: int              # KV pool blocks owned after the step
+    used_pages: int              # KV pool pages owned after the step
     preemptions: tuple[Preemption, ...] = ()
     swapped_in: int = 0           # sequences whose blocks came back in this step
     decode_context_tokens: int = 0   # keys the decode tokens attended to (the sum of their contexts)
@@ -51,20 +51,20 @@ class StepRecord:
 @dataclass(slots=True)
 class EngineStats:
     steps: list[StepRecord] = field(default_factory=list)
-    num_blocks: int = 0
+    num_pages: int = 0
 
     @property
     def preemptions(self) -> list[Preemption]:
         return [p for s in self.steps for p in s.preemptions]
 
 
-def _record(plan, start_s: float, time_s: float, used_blocks: int) -> StepRecord:
+def _record(plan, start_s: float, time_s: float, used_pages: int) -> StepRecord:
     """What the step held: its tokens by kind and the attention work they did (the cost model's inputs)."""
     dec = [c for c in plan.chunks if c.length == 1]
     pre = [c for c in plan.chunks if c.length > 1]
     return StepRecord(
         index=plan.index, start_s=start_s, time_s=time_s, tokens=plan.tokens, decode_tokens=len(dec),
-        prefill_tokens=plan.tokens - len(dec), sequences=len(plan.chunks), used_blocks=used_blocks,
+        prefill_tokens=plan.tokens - len(dec), sequences=len(plan.chunks), used_pages=used_pages,
         preemptions=tuple(plan.preemptions), swapped_in=len(plan.swap_in),
         decode_context_tokens=sum(c.start + 1 for c in dec),
         prefill_context_tokens=sum(c.start + c.length for c in pre),
@@ -137,7 +137,7 @@ class Engine(Serving):
     def __init__(self, plan: Program | str | os.PathLike, device: str | torch.device | None = None, *,
                  allow_code: bool = False, check: bool = False, store=None, preempt: str = "cost",
                  resident: bool = False, log: Callable[[str], None] | None = None):
-        from memintent.compiler.plan_source import source_for
+        from memintent.models.plan_model import source_for
         from memintent.runtime.device import pick_device
 
         self.program = _load(plan)
@@ -148,14 +148,14 @@ class Engine(Serving):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.src = source_for(self.program, allow_code)
         self.check, self.log = check, log or (lambda line: None)
-        self.pool = BlockPool(pool.num_blocks)
+        self.pool = PagePool(pool.num_pages)
         self.stops = StopConditions.of(self.src)
         self.runner = ModelRunner(self.program, self.src, self.device, self.pool, check=check, store=store,
                                   resident=resident)
         self.scheduler = Scheduler(self.pool, self.runner.swap, Costs.of(self.program), max_seqs=g.max_seqs,
                                    step_tokens=g.step_tokens, context=g.context, preempt=preempt,
                                    stops=self.stops)
-        self.stats = EngineStats(num_blocks=pool.num_blocks)
+        self.stats = EngineStats(num_pages=pool.num_pages)
         self._t0: float | None = None
         self.track: set[str] = set()                          # request ids whose logits are kept (--verify)
         self.tracked_logits: dict[str, list[torch.Tensor]] = {}
@@ -183,7 +183,7 @@ class Engine(Serving):
         plan = self.scheduler.schedule()
         if not plan.chunks and not plan.swap_in and not plan.preemptions:
             raise RuntimeFault("no sequence can run: the KV pool cannot hold the next request's first chunk "
-                               f"({self.pool.free_blocks} of {self.pool.num_blocks - 1} blocks free)")
+                               f"({self.pool.free_pages} of {self.pool.num_pages - 1} blocks free)")
         for p in plan.preemptions:
             self.log(p.describe())
         sampled = self.runner.execute(plan) if plan.chunks else self._only_move(plan)
@@ -194,11 +194,11 @@ class Engine(Serving):
         self.runner.poison(freed)
         if self.check:
             self.pool.check()
-        self.stats.steps.append(_record(plan, t - self._t0, perf_counter() - t, self.pool.used_blocks))
+        self.stats.steps.append(_record(plan, t - self._t0, perf_counter() - t, self.pool.used_pages))
         return [request_output(s) for s in finished]
 
     def abort(self, request_id: str) -> bool:
-        """Give up request ``request_id`` between steps (its client went away): its KV blocks and swap slots are
+        """Give up request ``request_id`` between steps (its client went away): its KV pages and swap slots are
         free for the next step. False if it is not being served (finished, or never added)."""
         freed = self.scheduler.abort(request_id)
         if freed is None:
@@ -210,11 +210,11 @@ class Engine(Serving):
 
     def reset_stats(self) -> None:
         """Forget the steps measured so far (after a warm-up), and start the clock again."""
-        self.stats = EngineStats(num_blocks=self.stats.num_blocks)
+        self.stats = EngineStats(num_pages=self.stats.num_pages)
         self._t0 = None
 
     def _only_move(self, plan) -> Sampled:
-        self.runner.move_blocks(plan)
+        self.runner.move_pages(plan)
         return Sampled([])
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 its own under its own budget, streaming its own weights over its own host link with its own copy stream.
 
 Micro-batches keep every stage busy. Requests are dealt round-robin to N groups, each with its own scheduler over
-the one pool of KV blocks (each stage holds its layers' part of every block). Time runs in ticks: at tick t group
+the one pool of KV pages (each stage holds its layers' part of every block). Time runs in ticks: at tick t group
 t mod N's next step (a micro-batch) enters stage 0, and stage r runs the micro-batch that entered at tick t - r, so
 all N stages (and their links) work at once on different micro-batches. A micro-batch leaves the last stage N - 1
 ticks after it entered; its greedy tokens are broadcast to every rank, and its group schedules its next step at
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from memintent.engine.engine import EngineStats, Serving, StepRecord, _record, request_output
-from memintent.engine.kv_pool import BlockPool, SwapSpace
+from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.runner import ModelRunner
 from memintent.engine.sampling import StopConditions
 from memintent.engine.scheduler import Costs, Scheduler, StepPlan
@@ -43,9 +43,9 @@ def pipeline_costs(stages: list[Program]) -> Costs:
     summed; the idle time a swap or a recompute can hide in is the least any stage has."""
     each = [Costs.of(p) for p in stages]
     return dataclasses.replace(
-        each[0], evict_block_s=sum(c.evict_block_s for c in each),
-        swap_in_block_s=sum(c.swap_in_block_s for c in each),
-        recompute_block_s=sum(c.recompute_block_s for c in each), copy_idle_s=min(c.copy_idle_s for c in each),
+        each[0], evict_page_s=sum(c.evict_page_s for c in each),
+        swap_in_page_s=sum(c.swap_in_page_s for c in each),
+        recompute_page_s=sum(c.recompute_page_s for c in each), copy_idle_s=min(c.copy_idle_s for c in each),
         compute_slack_s=min(c.compute_slack_s for c in each))
 
 
@@ -154,8 +154,8 @@ class PipelineEngine(Serving):
     def __init__(self, pipeline: Pipeline | str | os.PathLike, device: str | torch.device | None = None, *,
                  link=None, check: bool = False, preempt: str = "cost", allow_code: bool = False,
                  log: Callable[[str], None] | None = None):
-        from memintent.compiler.plan_source import source_for
-        from memintent.compiler.refs import resolve
+        from memintent.models.plan_model import source_for
+        from memintent.models.refs import resolve
         from memintent.runtime.device import pick_device
 
         self.pipeline = _load(pipeline)
@@ -169,15 +169,15 @@ class PipelineEngine(Serving):
         self.local = self.link.stages(self.n)
         # Requests are checked and --verify's reference is built against the whole model.
         self.src = resolve(self.pipeline.model.ref, dtype=self.pipeline.model.dtype)
-        self.pool = BlockPool(kv.num_blocks)
+        self.pool = PagePool(kv.num_pages)
         self.stops = StopConditions.of(self.src)
         self.runners = {r: ModelRunner(self.pipeline.stages[r], source_for(self.pipeline.stages[r], allow_code),
                                        self.device, self.pool, check=check) for r in self.local}
-        costs, swap = pipeline_costs(self.pipeline.stages), SwapSpace(0, kv.block_bytes, pin=False)
+        costs, swap = pipeline_costs(self.pipeline.stages), SwapSpace(0, kv.page_bytes, pin=False)
         self.groups = [Scheduler(self.pool, swap, costs, max_seqs=g.max_seqs, step_tokens=g.step_tokens,
                                  context=g.context, preempt=preempt, seq_ids=(i, self.n),
                                  stops=self.stops) for i in range(self.n)]
-        self.stats = EngineStats(num_blocks=kv.num_blocks)
+        self.stats = EngineStats(num_pages=kv.num_pages)
         self.tick, self._dealt, self._idle = 0, 0, 0
         self._inflight: dict[int, _InFlight] = {}
         self._t0: float | None = None
@@ -225,7 +225,7 @@ class PipelineEngine(Serving):
         self._idle = 0 if self._inflight or finished else self._idle + 1
         if self._idle >= self.n and self.has_work:
             raise RuntimeFault("no sequence can run: the KV pool cannot hold the next request's first chunk "
-                               f"({self.pool.free_blocks} of {self.pool.num_blocks - 1} blocks free)")
+                               f"({self.pool.free_pages} of {self.pool.num_pages - 1} blocks free)")
         return finished
 
     def _enter(self, t: int) -> None:
@@ -235,13 +235,13 @@ class PipelineEngine(Serving):
         plan = group.schedule()
         for p in plan.preemptions:
             self.log(p.describe())
-        if plan.chunks or plan.freed_blocks or plan.new_blocks:
+        if plan.chunks or plan.freed_pages or plan.new_pages:
             self._inflight[t] = _InFlight(t % self.n, plan)
 
     def _run_stage(self, r: int, plan: StepPlan) -> None:
         runner = self.runners[r]
         if not plan.chunks:
-            runner.move_blocks(plan)
+            runner.move_pages(plan)
             return
         hidden = None
         # What this stage sent last tick has arrived (the next stage received it at this tick's start): waited on
@@ -256,7 +256,7 @@ class PipelineEngine(Serving):
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.stage_steps[r].append(_record(plan, start_s - self._t0, perf_counter() - start_s,
-                                           self.pool.used_blocks))
+                                           self.pool.used_pages))
         if r < self.n - 1:
             self.link.send(r, out)
         else:
@@ -284,11 +284,11 @@ class PipelineEngine(Serving):
         if self.check:
             self.pool.check()
         self.stats.steps.append(_record(plan, tick_start_s - self._t0, perf_counter() - tick_start_s,
-                                        self.pool.used_blocks))
+                                        self.pool.used_pages))
         return [request_output(s) for s in finished]
 
     def reset_stats(self) -> None:
-        self.stats = EngineStats(num_blocks=self.stats.num_blocks)
+        self.stats = EngineStats(num_pages=self.stats.num_pages)
         self.stage_steps = {r: [] for r in self.local}
         self._t0 = None
 
@@ -299,7 +299,7 @@ class PipelineEngine(Serving):
 
 
 def _load(pipeline) -> Pipeline:
-    from memintent.compiler.stages import verify_pipeline
+    from memintent.passes.verify import verify_pipeline
     from memintent.ir.plan_file import load_plan_or_pipeline
 
     loaded = pipeline if isinstance(pipeline, Pipeline) else load_plan_or_pipeline(pipeline)

@@ -2,7 +2,7 @@
 
 It owns the model (built on meta and bound to the plan, so its weights stream as planned; or, for the all-resident
 reference engine, filled on the device), the KV pool's views over the arena's KV slot, the host swap space, and
-the copies that move swapped blocks. Copies use the runtime's copy engine backend: on CUDA the copy stream that
+the copies that move swapped pages. Copies use the runtime's copy engine backend: on CUDA the copy stream that
 weight streaming also uses (so a swap waits its turn behind the weight copies issued before it, FIFO), on the CPU
 backend plain synchronous copies.
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from memintent.compiler.fingerprint import named_weights
-from memintent.engine import attention
-from memintent.engine.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
-from memintent.engine.kv_pool import PoolViews, SwapSpace, layout_of
+from memintent.models.fingerprint import named_weights
+from memintent.kv import attention
+from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
+from memintent.kv.layout import PoolViews, layout_of
+from memintent.engine.pages import SwapSpace
 from memintent.engine.sampling import Sampled, Sampler
 from memintent.engine.scheduler import Chunk, StepPlan
 from memintent.errors import MemintentError
@@ -61,7 +62,7 @@ class ModelRunner:
             model = model.to_empty(device=device)
             with torch.no_grad():
                 src.fill_weights(named_weights(model))
-            flat = torch.empty(pool.num_blocks * pool.block_bytes, dtype=torch.uint8, device=device)
+            flat = torch.empty(pool.num_pages * pool.page_bytes, dtype=torch.uint8, device=device)
             self.backend = CudaBackend(device, timing=False) if device.type == "cuda" else CpuBackend(device)
         else:
             if store is None:
@@ -76,12 +77,12 @@ class ModelRunner:
         # the pool starts zeroed, never as whatever the arena held (checked mode fills it with NaN on purpose).
         flat.zero_()
         stage = program.model.stage
-        self.views = PoolViews(flat, self.layout, pool.num_blocks, layer_offset=stage[0] if stage else 0)
-        self.swap = SwapSpace(pool.swap_blocks, pool.block_bytes, pin=device.type == "cuda")
+        self.views = PoolViews(flat, self.layout, pool.num_pages, layer_offset=stage[0] if stage else 0)
+        self.swap = SwapSpace(pool.swap_pages, pool.page_bytes, pin=device.type == "cuda")
         self.sampler = Sampler(device)
 
-    # -- moving blocks ----------------------------------------------------------------------------------------
-    def _copy_blocks(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+    # -- moving pages ----------------------------------------------------------------------------------------
+    def _copy_pages(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
         arrivals = []
         for dst, src in pairs:
             _, arrived = self.backend.copy(dst, src, None)
@@ -93,37 +94,37 @@ class ModelRunner:
             if a is not None:
                 self.backend.wait(a)
 
-    def move_blocks(self, plan: StepPlan) -> None:
+    def move_pages(self, plan: StepPlan) -> None:
         """Swap out, (checked mode: poison what was freed, zero what was handed out), swap in. The host read the
-        previous step's tokens, so no compute of it still reads or writes these blocks; the compute stream waits
+        previous step's tokens, so no compute of it still reads or writes these pages; the compute stream waits
         for every copy before this step's attention touches the pool."""
-        out = [(self.swap.buffer[h], self.views.block(b)) for blocks, slots in plan.swap_out
-               for b, h in zip(blocks, slots)]
-        arrivals = self._copy_blocks(out)
+        out = [(self.swap.buffer[h], self.views.page(b)) for pages, slots in plan.swap_out
+               for b, h in zip(pages, slots)]
+        arrivals = self._copy_pages(out)
         if self.check:
-            self._wait(arrivals)      # the poison below must not overwrite blocks before they are read out
+            self._wait(arrivals)      # the poison below must not overwrite pages before they are read out
             arrivals = []
-            self.poison(plan.freed_blocks)
-            for b in plan.new_blocks:
-                self.views.block(b).zero_()
-        ins = [(self.views.block(b), self.swap.buffer[h]) for slots, blocks in plan.swap_in
-               for h, b in zip(slots, blocks)]
+            self.poison(plan.freed_pages)
+            for b in plan.new_pages:
+                self.views.page(b).zero_()
+        ins = [(self.views.page(b), self.swap.buffer[h]) for slots, pages in plan.swap_in
+               for h, b in zip(slots, pages)]
         if self.check and ins and self.device.type == "cuda":
-            # the copy stream must not write a block before the zero fill on the compute stream has run
+            # the copy stream must not write a page before the zero fill on the compute stream has run
             torch.cuda.current_stream(self.device).synchronize()
-        arrivals += self._copy_blocks(ins)
+        arrivals += self._copy_pages(ins)
         self._wait(arrivals)
 
-    def poison(self, blocks: list[int]) -> None:
-        """Checked mode: returned blocks are filled with NaN (0xFF) so that a read of a block nobody owns shows."""
+    def poison(self, pages: list[int]) -> None:
+        """Checked mode: returned pages are filled with NaN (0xFF) so that a read of a page nobody owns shows."""
         if self.check:
-            for b in blocks:
-                self.views.block(b).fill_(POISON_BYTE)
+            for b in pages:
+                self.views.page(b).fill_(POISON_BYTE)
 
     # -- one step ---------------------------------------------------------------------------------------------
     def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepMeta]:
         """The step's token ids (1, T), positions (T,), logits rows (S,) and attention metadata."""
-        bt = self.layout.block_tokens
+        bt = self.layout.page_tokens
         ids, pos, wblk, woff, sample_rows = [], [], [], [], []
         tables = {}
         at = 0
@@ -151,7 +152,7 @@ class ModelRunner:
         return self.pool.table(c.seq.seq_id)
 
     def _attention_groups(self, chunks: list[Chunk], tables: dict, meta: StepMeta) -> None:
-        bt, dev = self.layout.block_tokens, self.device
+        bt, dev = self.layout.page_tokens, self.device
         starts, at = [], 0
         for c in chunks:
             starts.append(at)
@@ -162,7 +163,7 @@ class ModelRunner:
             idx = [decode[j] for j in group]
             nb = max(len(tables[id(chunks[i])]) for i in idx)
             rows = torch.tensor([starts[i] for i in idx], dtype=torch.long)
-            tab = torch.zeros(len(idx), nb, dtype=torch.long)             # padded with the null block (0)
+            tab = torch.zeros(len(idx), nb, dtype=torch.long)             # padded with the null page (0)
             for r, i in enumerate(idx):
                 t = tables[id(chunks[i])]
                 tab[r, :len(t)] = torch.tensor(t, dtype=torch.long)
@@ -184,9 +185,9 @@ class ModelRunner:
                                              mask=mask))
 
     def forward(self, plan: StepPlan, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Move the step's blocks and run it: logits (S, vocab); a pipeline stage before the last returns its
+        """Move the step's pages and run it: logits (S, vocab); a pipeline stage before the last returns its
         hidden states (1, T, dim) instead, and one after the first takes the previous stage's as ``hidden``."""
-        self.move_blocks(plan)
+        self.move_pages(plan)
         ids, positions, rows, meta = self.inputs(plan)
         with torch.no_grad(), attention.step(self.views, meta, self.dtype):
             return step_logits(self.src, self.model, ids if hidden is None else hidden, positions, rows)

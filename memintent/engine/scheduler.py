@@ -1,4 +1,4 @@
-"""The scheduler: which tokens of which sequences go into the next engine step, and who gives up KV blocks.
+"""The scheduler: which tokens of which sequences go into the next engine step, and who gives up KV pages.
 
 Policy
 ------
@@ -8,22 +8,22 @@ the streamed bytes. A step holds at most ``step_tokens`` tokens of at most ``max
 1. Running sequences, first come first served (admission order). A decoding sequence contributes its one new
    token; one whose prompt is only partly in the cache contributes its next chunk, as long as the step keeps one
    token for each decoding sequence behind it.
-2. A running sequence that needs a block the pool does not have takes one from the most recently admitted running
+2. A running sequence that needs a page the pool does not have takes one from the most recently admitted running
    sequence that has no token in this step yet (the victim is preempted); if there is none, it is preempted
    itself. The oldest sequences therefore always make progress and the newest yield (vLLM's order).
-3. If no one was preempted in this step, swapped-out sequences come back (oldest first) when their blocks and one
+3. If no one was preempted in this step, swapped-out sequences come back (oldest first) when their pages and one
    more token fit; then waiting requests are admitted, oldest first, with a chunk of their prompt as large as the
-   remaining token budget, while blocks are free. Admission never skips a request (no starvation).
+   remaining token budget, while pages are free. Admission never skips a request (no starvation).
 
-Preemption by cost. A victim either swaps its blocks to host memory (out now, back before it resumes, both on the
+Preemption by cost. A victim either swaps its pages to host memory (out now, back before it resumes, both on the
 copy engine that weight streaming also uses) or drops them and later prefills its prompt and generated tokens
 again. The predicted costs, from the plan's IR (the KV pool object's ``evict_cost_s`` and ``recompute_cost_s``,
-per block) extended with the victim's length and the time until it resumes:
+per page) extended with the victim's length and the time until it resumes:
 
-    swap      = blocks * evict_cost_s - copy-engine idle time of the steps the two copies land in
+    swap      = pages * evict_cost_s - copy-engine idle time of the steps the two copies land in
                 (the swap-out lands in this step; the swap-in in the step before it resumes, unless it resumes
                 within one step: then both share one step's idle time)
-    recompute = blocks * recompute_cost_s - compute slack of the ceil(tokens / step_tokens) steps that re-run
+    recompute = pages * recompute_cost_s - compute slack of the ceil(tokens / step_tokens) steps that re-run
                 its tokens
 
 (each floored at zero) and the cheaper wins; a tie, or a swap the host swap space cannot hold, recomputes. In a
@@ -31,7 +31,7 @@ plan whose steps are bound by PCIe the copy engine has no idle time and the comp
 recompute; in a plan whose weights are resident the copy engine idles and victims swap. ``preempt="swap"`` or
 ``"recompute"`` forces one kind (tests, experiments).
 
-Swapped blocks come back ahead of the step that needs them, using the pool's urgency (the predicted time of the
+Swapped pages come back ahead of the step that needs them, using the pool's urgency (the predicted time of the
 step's first attention, ``urgency_s`` of the KV pool object): a swap-in that takes no longer than that is issued at
 the start of the resuming step itself; a longer one is issued one step earlier.
 
@@ -45,7 +45,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from memintent.engine.kv_pool import BlockPool, SwapSpace
+from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.sampling import StopConditions, TokenLogprobs
 from memintent.engine.sequence import Request, Sequence, State
 from memintent.errors import MemintentError
@@ -57,11 +57,11 @@ PREEMPT_POLICIES = ("cost", "swap", "recompute")
 class Costs:
     """What preemption decisions weigh (seconds), read from the plan: ``Costs.of(program)``."""
 
-    block_tokens: int
+    page_tokens: int
     step_tokens: int
-    evict_block_s: float          # the KV pool object's evict_cost_s: one block out to host memory and back
-    swap_in_block_s: float        # its host -> device half
-    recompute_block_s: float      # the KV pool object's recompute_cost_s: re-running one block's tokens
+    evict_page_s: float          # the KV pool object's evict_cost_s: one page out to host memory and back
+    swap_in_page_s: float        # its host -> device half
+    recompute_page_s: float      # the KV pool object's recompute_cost_s: re-running one page's tokens
     copy_idle_s: float            # copy engine idle per step (predicted step - copy busy)
     compute_slack_s: float        # compute idle per step (predicted step - compute)
     urgency_s: float              # the pool's urgency: when the step's first attention starts
@@ -73,9 +73,9 @@ class Costs:
         pool, g, pr, hw = program.kv_pool, program.generation, program.prediction, program.hardware
         kv = next(o for o in program.objects if o.kind == ObjectKind.kv)
         copy_busy_s = pr.streamed_bytes / (hw.h2d_gbps * 1e9)
-        return cls(block_tokens=pool.block_tokens, step_tokens=g.step_tokens, evict_block_s=kv.evict_cost_s,
-                   swap_in_block_s=pool.block_bytes / (hw.h2d_gbps * 1e9),
-                   recompute_block_s=kv.recompute_cost_s or 0.0,
+        return cls(page_tokens=pool.page_tokens, step_tokens=g.step_tokens, evict_page_s=kv.evict_cost_s,
+                   swap_in_page_s=pool.page_bytes / (hw.h2d_gbps * 1e9),
+                   recompute_page_s=kv.recompute_cost_s or 0.0,
                    copy_idle_s=max(pr.step_time_s - copy_busy_s, 0.0),
                    compute_slack_s=max(pr.step_time_s - pr.compute_s, 0.0), urgency_s=kv.urgency_s or 0.0)
 
@@ -87,7 +87,7 @@ class Preemption:
     step: int
     request: str
     kind: str                     # "swap" | "recompute"
-    blocks: int
+    pages: int
     tokens: int
     swap_s: float
     recompute_s: float
@@ -95,7 +95,7 @@ class Preemption:
 
     def describe(self) -> str:
         why = "forced" if self.forced else "cheaper"
-        return (f"step {self.step}: preempt {self.request} ({self.tokens} tokens, {self.blocks} blocks): "
+        return (f"step {self.step}: preempt {self.request} ({self.tokens} tokens, {self.pages} pages): "
                 f"{self.kind} ({why}; predicted swap {self.swap_s * 1e3:.2f} ms, recompute "
                 f"{self.recompute_s * 1e3:.2f} ms)")
 
@@ -115,10 +115,10 @@ class Chunk:
 class StepPlan:
     index: int
     chunks: list[Chunk] = field(default_factory=list)
-    new_blocks: list[int] = field(default_factory=list)       # handed out in this step
-    freed_blocks: list[int] = field(default_factory=list)     # returned by preemption (finished: postprocess)
-    swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)   # (device blocks, host slots)
-    swap_in: list[tuple[list[int], list[int]]] = field(default_factory=list)    # (host slots, device blocks)
+    new_pages: list[int] = field(default_factory=list)       # handed out in this step
+    freed_pages: list[int] = field(default_factory=list)     # returned by preemption (finished: postprocess)
+    swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)   # (device pages, host slots)
+    swap_in: list[tuple[list[int], list[int]]] = field(default_factory=list)    # (host slots, device pages)
     preemptions: list[Preemption] = field(default_factory=list)
 
     @property
@@ -127,7 +127,7 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, swap: SwapSpace | None, costs: Costs, *, max_seqs: int, step_tokens: int,
+    def __init__(self, pool: PagePool, swap: SwapSpace | None, costs: Costs, *, max_seqs: int, step_tokens: int,
                  context: int, preempt: str = "cost", seq_ids: tuple[int, int] = (0, 1),
                  stops: StopConditions | None = None):
         """``seq_ids``: (first, stride) of the sequence ids it hands out; schedulers sharing a pool (a pipeline's
@@ -146,7 +146,7 @@ class Scheduler:
         self.seq_ids = seq_ids
         self.stops = stops or StopConditions()
         self._added = 0                        # sequences ever added (ids stay unique when finished ones are dropped)
-        self._freed_per_step = 0.0             # moving average of blocks finished sequences return per step
+        self._freed_per_step = 0.0             # moving average of pages finished sequences return per step
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> Sequence:
@@ -175,8 +175,8 @@ class Scheduler:
             self._admit_waiting(plan, budget)
         return plan
 
-    def _blocks_needed(self, seq: Sequence, n: int) -> int:
-        return math.ceil((seq.cached + n) / self.costs.block_tokens) - len(self.pool.table(seq.seq_id))
+    def _pages_needed(self, seq: Sequence, n: int) -> int:
+        return math.ceil((seq.cached + n) / self.costs.page_tokens) - len(self.pool.table(seq.seq_id))
 
     def _schedule_running(self, plan: StepPlan) -> int:
         budget = self.step_tokens
@@ -191,16 +191,16 @@ class Scheduler:
             n = 1 if decoding else min(seq.pending, budget - decodes_left)
             if n <= 0:
                 continue
-            if not self._make_room(plan, seq, self._blocks_needed(seq, n), scheduled):
+            if not self._make_room(plan, seq, self._pages_needed(seq, n), scheduled):
                 continue                                   # seq itself was preempted
-            plan.new_blocks += self.pool.allocate(seq.seq_id, self._blocks_needed(seq, n))
+            plan.new_pages += self.pool.allocate(seq.seq_id, self._pages_needed(seq, n))
             plan.chunks.append(Chunk(seq, seq.cached, n, sample=seq.cached + n == len(seq.tokens)))
             scheduled.add(seq.seq_id)
             budget -= n
         return budget
 
     def _make_room(self, plan: StepPlan, seq: Sequence, need: int, scheduled: set[int]) -> bool:
-        """Preempt the newest unscheduled running sequences until ``need`` blocks are free; False if ``seq``
+        """Preempt the newest unscheduled running sequences until ``need`` pages are free; False if ``seq``
         itself had to go."""
         while not self.pool.can_allocate(need):
             victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
@@ -215,20 +215,20 @@ class Scheduler:
             seq = self.swapped[0]
             n = min(seq.pending, budget)
             held = len(self.swap.held[seq.seq_id])
-            grow = math.ceil((seq.cached + n) / self.costs.block_tokens) - held
+            grow = math.ceil((seq.cached + n) / self.costs.page_tokens) - held
             if not self.pool.can_allocate(held + grow):
                 break
             self.swapped.pop(0)
-            blocks = self.pool.allocate(seq.seq_id, held)
-            plan.new_blocks += blocks
-            plan.swap_in.append((self.swap.give_back(seq.seq_id), blocks))
-            if self.costs.swap_in_block_s * held > self.costs.urgency_s:
+            pages = self.pool.allocate(seq.seq_id, held)
+            plan.new_pages += pages
+            plan.swap_in.append((self.swap.give_back(seq.seq_id), pages))
+            if self.costs.swap_in_page_s * held > self.costs.urgency_s:
                 seq.state = State.swapped          # the copy needs more than the lead time: it runs next step
                 self.resuming.append(seq)
                 continue
             seq.state = State.running
             bisect.insort(self.running, seq, key=lambda s: s.seq_id)
-            plan.new_blocks += self.pool.allocate(seq.seq_id, grow)
+            plan.new_pages += self.pool.allocate(seq.seq_id, grow)
             plan.chunks.append(Chunk(seq, seq.cached, n, sample=seq.cached + n == len(seq.tokens)))
             budget -= n
         return budget
@@ -237,13 +237,13 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) + len(self.resuming) < self.max_seqs:
             seq = self.waiting[0]
             n = min(seq.pending, budget)
-            need = self._blocks_needed(seq, n)
+            need = self._pages_needed(seq, n)
             if not self.pool.can_allocate(need):
                 break
             self.waiting.pop(0)
             seq.state = State.running
             bisect.insort(self.running, seq, key=lambda s: s.seq_id)
-            plan.new_blocks += self.pool.allocate(seq.seq_id, need)
+            plan.new_pages += self.pool.allocate(seq.seq_id, need)
             plan.chunks.append(Chunk(seq, seq.cached, n, sample=seq.cached + n == len(seq.tokens)))
             budget -= n
 
@@ -251,18 +251,18 @@ class Scheduler:
     def predicted_costs(self, seq: Sequence) -> tuple[float, float]:
         """(swap_s, recompute_s) of preempting ``seq`` now (see the module docstring)."""
         c = self.costs
-        blocks = len(self.pool.table(seq.seq_id))
-        resume_steps = blocks / self._freed_per_step if self._freed_per_step > 0 else 1.0
+        pages = len(self.pool.table(seq.seq_id))
+        resume_steps = pages / self._freed_per_step if self._freed_per_step > 0 else 1.0
         windows = 1.0 if resume_steps < 1.0 else 2.0
-        swap_s = max(blocks * c.evict_block_s - c.copy_idle_s * windows, 0.0)
+        swap_s = max(pages * c.evict_page_s - c.copy_idle_s * windows, 0.0)
         rerun_steps = math.ceil(max(seq.cached, 1) / c.step_tokens)
-        recompute_s = max(blocks * c.recompute_block_s - c.compute_slack_s * rerun_steps, 0.0)
+        recompute_s = max(pages * c.recompute_page_s - c.compute_slack_s * rerun_steps, 0.0)
         return swap_s, recompute_s
 
     def _choose(self, seq: Sequence) -> tuple[str, float, float]:
         swap_s, recompute_s = self.predicted_costs(seq)
-        blocks = len(self.pool.table(seq.seq_id))
-        can_swap = self.swap is not None and self.swap.can_hold(blocks) and blocks > 0
+        pages = len(self.pool.table(seq.seq_id))
+        can_swap = self.swap is not None and self.swap.can_hold(pages) and pages > 0
         if self.preempt == "recompute" or not can_swap:
             kind = "recompute"
         elif self.preempt == "swap":
@@ -273,28 +273,28 @@ class Scheduler:
 
     def _preempt(self, plan: StepPlan, seq: Sequence) -> None:
         kind, swap_s, recompute_s = self._choose(seq)
-        blocks = list(self.pool.table(seq.seq_id))
-        plan.preemptions.append(Preemption(step=plan.index, request=seq.request.id, kind=kind, blocks=len(blocks),
+        pages = list(self.pool.table(seq.seq_id))
+        plan.preemptions.append(Preemption(step=plan.index, request=seq.request.id, kind=kind, pages=len(pages),
                                            tokens=seq.cached, swap_s=swap_s, recompute_s=recompute_s,
                                            forced=self.preempt != "cost"))
         self.running.remove(seq)
         seq.preemptions.append(kind)
         self.pool.release(seq.seq_id)
         if kind == "swap":
-            plan.swap_out.append((blocks, self.swap.take(seq.seq_id, len(blocks))))
+            plan.swap_out.append((pages, self.swap.take(seq.seq_id, len(pages))))
             seq.state = State.swapped
             bisect.insort(self.swapped, seq, key=lambda s: s.seq_id)
         else:
             seq.cached = 0
             seq.state = State.waiting
             bisect.insort(self.waiting, seq, key=lambda s: s.seq_id)
-        plan.freed_blocks += blocks
+        plan.freed_pages += pages
 
     # -- after the step ---------------------------------------------------------------------------------------
     def postprocess(self, plan: StepPlan, sampled: list[int], now_s: float,
                     logprobs: list[TokenLogprobs | None] | None = None) -> tuple[list[Sequence], list[int]]:
         """Record the step's results: ``sampled`` holds one token per sampling chunk, in chunk order (``logprobs``,
-        when given, one entry each too). Returns the sequences that finished and the blocks they gave back."""
+        when given, one entry each too). Returns the sequences that finished and the pages they gave back."""
         finished, freed = [], []
         it = iter(sampled)
         lps = iter(logprobs if logprobs is not None else ())
@@ -330,8 +330,8 @@ class Scheduler:
 
     # -- requests given up ------------------------------------------------------------------------------------
     def abort(self, request_id: str) -> list[int] | None:
-        """End request ``request_id`` now (its client went away): its blocks go back to the pool and its host swap
-        slots to the swap space. Call between steps. Returns the blocks freed, or None if no unfinished sequence
+        """End request ``request_id`` now (its client went away): its pages go back to the pool and its host swap
+        slots to the swap space. Call between steps. Returns the pages freed, or None if no unfinished sequence
         serves that request."""
         for queue in (self.waiting, self.running, self.swapped, self.resuming):
             seq = next((s for s in queue if s.request.id == request_id), None)

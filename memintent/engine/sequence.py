@@ -22,8 +22,8 @@ class Request:
 
 class State(enum.Enum):
     waiting = "waiting"      # not admitted yet, or preempted for recomputation: its KV is not in the pool
-    running = "running"      # owns blocks in the pool; scheduled every step until it finishes
-    swapped = "swapped"      # preempted: its blocks wait in host memory
+    running = "running"      # owns pages in the pool; scheduled every step until it finishes
+    swapped = "swapped"      # preempted: its pages wait in host memory
     finished = "finished"
 
 

@@ -9,7 +9,7 @@
 ``stream: true`` answers with server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``); a streamed
 choice's text adds up to what the same request returns unstreamed (``text.TextStream``). Every request of every
 client goes to the one engine thread (``loop.EngineLoop``), which steps all of them together. A client that
-disconnects has its sequences aborted: their KV blocks are free before the next step.
+disconnects has its sequences aborted: their KV pages are free before the next step.
 
 Errors are OpenAI's JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for a malformed body, an
 unknown model, a prompt (plus ``max_tokens``) past the plan's context, or a field this server does not implement;

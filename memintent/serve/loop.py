@@ -5,7 +5,7 @@ through a thread-safe inbox.
     loop.start(asyncio.get_running_loop())
     loop.submit(request, sink)        # sink(delta) runs on the event loop after each step that gave the request
                                       # tokens; the last delta has a finish_reason (or an error)
-    loop.abort(request.id)            # its client went away: its KV blocks are free before the next step
+    loop.abort(request.id)            # its client went away: its KV pages are free before the next step
     loop.close()                      # cancels what is left, closes the engine
 
 Requests join the running batch at the step after they arrive (the scheduler admits them as its budgets allow).
@@ -53,7 +53,7 @@ class EngineLoop:
     def __init__(self, engine, metrics: ServerMetrics | None = None, keep_steps: bool = False):
         self.engine = engine
         self.step_log: list | None = [] if keep_steps else None
-        self.metrics = metrics or ServerMetrics(num_blocks=engine.pool.num_blocks)
+        self.metrics = metrics or ServerMetrics(num_pages=engine.pool.num_pages)
         self.failed: str | None = None            # why the engine stopped serving (then every request is refused)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}

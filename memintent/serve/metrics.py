@@ -17,7 +17,7 @@ PREFIX = "memintent_"
 
 @dataclass
 class ServerMetrics:
-    num_blocks: int                   # the KV pool's blocks, the null block included
+    num_pages: int                   # the KV pool's blocks, the null page included
     floor_s: float = 0.0              # streamed bytes per step / measured pinned H2D (0: nothing streams)
     predicted_step_s: float = 0.0     # the plan's decode step
     window_s: float = 10.0
@@ -25,7 +25,7 @@ class ServerMetrics:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     steps: int = 0
-    used_blocks: int = 0
+    used_pages: int = 0
     waiting: int = 0
     running: int = 0
     swapped: int = 0
@@ -44,7 +44,7 @@ class ServerMetrics:
         self.generated_tokens += generated
         while self.recent and self.recent[0][0] < now - self.window_s:
             self.recent.popleft()
-        self.used_blocks = pool.used_blocks
+        self.used_pages = pool.used_pages
         self.waiting, self.running = len(scheduler.waiting), len(scheduler.running) + len(scheduler.resuming)
         self.swapped = len(scheduler.swapped)
 
@@ -63,7 +63,7 @@ class ServerMetrics:
     def text(self) -> str:
         """The exposition text."""
         step_s = self.step_median_s()
-        usable = max(self.num_blocks - 1, 1)
+        usable = max(self.num_pages - 1, 1)
         finished, preemptions, rejected = dict(self.finished), dict(self.preemptions), dict(self.rejected)
         rows = [
             ("generated_tokens_total", "counter", "Tokens generated since the server started.",
@@ -71,12 +71,12 @@ class ServerMetrics:
             ("prompt_tokens_total", "counter", "Prompt tokens of the requests admitted.", [("", self.prompt_tokens)]),
             ("generation_tokens_per_second", "gauge", f"Tokens generated per second over the last {self.window_s:g} s.",
              [("", self.tokens_per_s())]),
-            ("requests_running", "gauge", "Requests with KV blocks in the pool.", [("", self.running)]),
+            ("requests_running", "gauge", "Requests with KV pages in the pool.", [("", self.running)]),
             ("requests_waiting", "gauge", "Requests waiting to be admitted (or to recompute).", [("", self.waiting)]),
-            ("requests_swapped", "gauge", "Requests whose KV blocks wait in host memory.", [("", self.swapped)]),
-            ("kv_pool_blocks_used", "gauge", "KV pool blocks owned by requests.", [("", self.used_blocks)]),
-            ("kv_pool_blocks_total", "gauge", "KV pool blocks requests can own.", [("", usable)]),
-            ("kv_pool_usage_ratio", "gauge", "Fraction of the KV pool in use.", [("", self.used_blocks / usable)]),
+            ("requests_swapped", "gauge", "Requests whose KV pages wait in host memory.", [("", self.swapped)]),
+            ("kv_pool_blocks_used", "gauge", "KV pool pages owned by requests.", [("", self.used_pages)]),
+            ("kv_pool_blocks_total", "gauge", "KV pool pages requests can own.", [("", usable)]),
+            ("kv_pool_usage_ratio", "gauge", "Fraction of the KV pool in use.", [("", self.used_pages / usable)]),
             ("preemptions_total", "counter", "Preemptions by kind.",
              [(f'{{kind="{k}"}}', preemptions.get(k, 0)) for k in ("swap", "recompute")]),
             ("requests_finished_total", "counter", "Requests finished, by finish reason.",
