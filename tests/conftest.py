@@ -57,3 +57,14 @@ def smollm2_dir(tmp_path_factory):
     if not (out / "config.json").is_file():
         convert("smollm2", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_plan(smollm2_dir):
+    """A small generation plan for the real chat model on the CPU, every weight resident (1 GiB budget): context
+    256, a pool sized for 8 sequences of a 32-token prompt and 16 generated tokens. Built once per session."""
+    from memintent.compiler.hardware import BUILTIN
+    from memintent.compiler.planner import plan_generation
+
+    return plan_generation(f"hf:{smollm2_dir}", budget_bytes=1 << 30, hardware=BUILTIN["cpu"], context=256,
+                           prompt_len=32, gen_len=16, quant="none", concurrency=8, dtype="f32")

@@ -23,6 +23,7 @@ from memintent.engine.core import Engine, RunOptions
 from memintent.engine.links import link_from_env, rank_device
 from memintent.engine.metrics import ServeReport, summarize
 from memintent.engine.reference import compare
+from memintent.engine.sampling import StopConditions
 from memintent.errors import MemintentError
 from memintent.ir.model import KVQuant, Program, Quant, Residency
 from memintent.ir.plan_file import check_writable, write_atomic
@@ -159,9 +160,11 @@ def _checked_requests(args, program: Program, src) -> list[reqs.Request]:
     """The requests, each refused (naming its line) if the plan cannot serve it: all before the first step."""
     requests, where = load_requests(args, program, src)
     shown = "stdin" if args.prompts == "-" else args.prompts
+    stops = StopConditions.of(src)
     for r in requests:
-        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size,
-                      where=f"{shown}:{where[r.id]}: " if r.id in where else "")
+        at = f"{shown}:{where[r.id]}: " if r.id in where else ""
+        reqs.validate(r, context=program.generation.context, vocab=src.vocab_size, where=at)
+        stops.validate(r, where=at)
     return requests
 
 
@@ -223,7 +226,7 @@ def _device_and_link(args, proven: Proven):
 
 
 def _with_text(out, tokenizer):
-    if tokenizer is None:
+    if tokenizer is None or out.text is not None:     # text cut at a stop string is already there
         return out
     return replace(out, text=tokenizer.decode(out.token_ids, skip_special_tokens=True))
 

@@ -36,6 +36,7 @@ from memintent.engine.links import LocalLink
 from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.requests import validate
 from memintent.engine.runner import ModelRunner
+from memintent.engine.sampling import Sampler, StopConditions
 from memintent.engine.scheduler import Batch, Costs, Preemption, Scheduler
 from memintent.engine.sequence import Request, RequestOutput, Sequence, State
 from memintent.errors import MemintentError, RuntimeFault
@@ -102,16 +103,13 @@ def record_step(batch: Batch, start_s: float, time_s: float, used_pages: int) ->
 
 
 def request_output(seq: Sequence) -> RequestOutput:
-    """A finished sequence's result: its generated tokens and its times."""
+    """A finished sequence's result: its generated tokens, its text cut at a stop string, logprobs, its times."""
     n = len(seq.generated)
     tpot = (seq.finish_s - seq.first_token_s) / (n - 1) if n > 1 else None
     return RequestOutput(id=seq.request.id, token_ids=list(seq.generated), finish_reason=seq.finish_reason,
-                         ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions))
-
-
-def greedy(logits: torch.Tensor) -> list[int]:
-    """One token per row of logits (S, vocab): the most likely."""
-    return logits.argmax(-1).tolist()
+                         ttft_s=seq.first_token_s, tpot_s=tpot, preemptions=list(seq.preemptions),
+                         text=seq.stop_text,
+                         logprobs=list(seq.logprobs) if seq.request.sampling.logprobs is not None else None)
 
 
 def report_program(pipeline: Pipeline, programs: list[Program]) -> Program:
@@ -160,13 +158,16 @@ class Engine:
         self.local = self.link.parts(self.n)
         sources = sources or plan_sources(self.proven, opts.allow_code, self.local)
         self.src = sources.whole
+        self.stops = StopConditions.of(self.src)              # the model's end-of-sequence ids and tokenizer
+        self.sampler = Sampler(self.device)
         self.pool = PagePool(kv.num_pages)
         self.runners = {r: ModelRunner(self.proven.part(r), sources.parts[r], self.device, self.pool,
                                        check=opts.check, store=store, resident=opts.resident) for r in self.local}
         swap = self.runners[0].swap if self.n == 1 else SwapSpace(0, kv.page_bytes, pin=False)
         costs = Costs.of_parts([self.proven.part(r).program for r in range(self.n)])
         self.groups = [Scheduler(self.pool, swap, costs, max_seqs=g.max_seqs, step_tokens=g.step_tokens,
-                                 context=g.context, preempt=opts.preempt, seq_ids=(i, self.n)) for i in range(self.n)]
+                                 context=g.context, preempt=opts.preempt, seq_ids=(i, self.n), stops=self.stops)
+                       for i in range(self.n)]
         self.stats = EngineStats(num_pages=kv.num_pages)
         self.tick, self._dealt, self._idle = 0, 0, 0
         self._inflight: dict[int, _InFlight] = {}
@@ -210,6 +211,7 @@ class Engine:
             raise MemintentError(f"the engine serves Request objects, not {type(request).__name__}: build one with "
                                  "Request(id, prompt_ids, max_new_tokens)")
         validate(request, context=self.program.generation.context, vocab=self.src.vocab_size)
+        self.stops.validate(request)
 
     def check_open(self) -> None:
         if self.closed:
@@ -256,6 +258,17 @@ class Engine:
         for seq in sequences:
             if seq.seq_id not in moving:
                 self._release(seq)
+
+    def abort(self, request_id) -> bool:
+        """Give up request ``request_id`` between steps (its client went away): ``cancel``. False if it is not being
+        served (finished, or never added)."""
+        seq = next((s for g in self.groups if (s := g.find(request_id)) is not None), None)
+        if seq is None:
+            return False
+        self.cancel([seq])
+        if self.check:
+            self.pool.check()
+        return True
 
     def _release(self, seq: Sequence) -> None:
         freed = next(g for g in self.groups if any(x is seq for x in g.sequences)).cancel(seq)
@@ -330,13 +343,15 @@ class Engine:
             return []
         batch = entry.batch
         sampled: list[int] = []
+        mine = None
         if batch.chunks:
-            mine = greedy(self.last_logits) if self.n - 1 in self.runners else None
-            sampled = self.link.tokens(mine, sum(1 for c in batch.chunks if c.sample))
+            # The whole step's tokens in one batched call on the device (``sampling.Sampler``), on the last part.
+            mine = self.sampler.step(self.last_logits, batch.chunks) if self.n - 1 in self.runners else None
+            sampled = self.link.tokens(mine.tokens if mine else None, sum(1 for c in batch.chunks if c.sample))
             if self.track and mine is not None:
                 self.keep_logits(batch, self.last_logits)
         now = perf_counter() - self._t0
-        finished, freed = self.groups[entry.group].postprocess(batch, sampled, now)
+        finished, freed = self.groups[entry.group].postprocess(batch, sampled, now, mine.logprobs if mine else None)
         for runner in self.runners.values():
             runner.poison(freed)
         finished = self._drop_cancelled(batch, finished)
@@ -384,5 +399,5 @@ class Engine:
         self.close()
 
 
-__all__ = ["Engine", "EngineStats", "RunOptions", "StepRecord", "greedy", "record_step", "report_program",
+__all__ = ["Engine", "EngineStats", "RunOptions", "StepRecord", "record_step", "report_program",
            "request_output"]

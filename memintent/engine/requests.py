@@ -1,7 +1,9 @@
 """Requests from a JSON-lines file or a seeded synthetic mix, and results written back as JSON lines.
 
 A request line is ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "prompt_ids": [..]}``, with optional
-``"max_new_tokens"`` and ``"stop_token_ids"``. Text needs the model folder's tokenizer. Every problem is one line
+``"max_new_tokens"``, ``"stop_token_ids"`` and the sampling fields (``sampling.SAMPLING_KEYS``: ``"temperature"``,
+``"top_p"``, ``"top_k"``, ``"min_p"``, ``"presence_penalty"``, ``"frequency_penalty"``, ``"seed"``, ``"logprobs"``,
+``"stop"`` strings, ``"ignore_eos"``). Text needs the model folder's tokenizer. Every problem is one line
 naming the file and line and what would be right.
 """
 
@@ -12,11 +14,13 @@ import random
 import sys
 from pathlib import Path
 
+from memintent.engine.sampling import SAMPLING_KEYS, SamplingParams
 from memintent.engine.sequence import Request, RequestId
 from memintent.errors import MemintentError
 
-KEYS = ("id", "prompt", "prompt_ids", "max_new_tokens", "stop_token_ids")
+KEYS = ("id", "prompt", "prompt_ids", "max_new_tokens", "stop_token_ids") + SAMPLING_KEYS
 GZIP_MAGIC = b"\x1f\x8b"
+SYNTHETIC = SamplingParams(ignore_eos=True)     # synthetic requests generate their drawn lengths
 
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
@@ -33,7 +37,8 @@ def parse_range(text: str, flag: str) -> tuple[int, int]:
 
 def synthetic(n: int, prompt_len: tuple[int, int], gen_len: tuple[int, int], vocab: int, seed: int) -> list[Request]:
     """``n`` requests with prompt and output lengths drawn uniformly from the ranges and random token ids; the same
-    seed gives the same requests on any machine (Python's own generator, not torch's)."""
+    seed gives the same requests on any machine (Python's own generator, not torch's). They ignore the model's
+    end-of-sequence ids, so that each generates its drawn length."""
     if n < 1:
         raise MemintentError(f"--synthetic {n} must be at least 1")
     rng = random.Random(seed)
@@ -41,7 +46,8 @@ def synthetic(n: int, prompt_len: tuple[int, int], gen_len: tuple[int, int], voc
     for i in range(n):
         p = rng.randint(*prompt_len)
         g = rng.randint(*gen_len)
-        out.append(Request(id=str(i), prompt_ids=tuple(rng.randrange(vocab) for _ in range(p)), max_new_tokens=g))
+        out.append(Request(id=str(i), prompt_ids=tuple(rng.randrange(vocab) for _ in range(p)), max_new_tokens=g,
+                           sampling=SYNTHETIC))
     return out
 
 
@@ -64,7 +70,8 @@ def _one(raw: dict, where: str, tokenizer, default_max_new: int, chat: bool) -> 
             ids = raw.get("prompt_ids", ())
         # the request checks its own fields (types, a positive max_new_tokens), naming the one that is wrong
         return Request(id=raw["id"], prompt_ids=ids, max_new_tokens=raw.get("max_new_tokens", default_max_new),
-                       stop_token_ids=raw.get("stop_token_ids", ()), prompt=text)
+                       stop_token_ids=raw.get("stop_token_ids", ()), prompt=text,
+                       sampling=SamplingParams.parse(raw, where))
     except MemintentError as e:
         raise MemintentError(f"{where}: {e}") from None
 

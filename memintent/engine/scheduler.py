@@ -47,6 +47,7 @@ import math
 from dataclasses import dataclass, field
 
 from memintent.engine.pages import PagePool, SwapSpace
+from memintent.engine.sampling import StopConditions, TokenLogprobs
 from memintent.engine.sequence import Request, Sequence, State
 from memintent.errors import MemintentError
 from memintent.ir.model import ObjectKind, Program
@@ -142,9 +143,11 @@ class Batch:
 
 class Scheduler:
     def __init__(self, pool: PagePool, swap: SwapSpace | None, costs: Costs, *, max_seqs: int, step_tokens: int,
-                 context: int, preempt: str = "cost", seq_ids: tuple[int, int] = (0, 1)):
+                 context: int, preempt: str = "cost", seq_ids: tuple[int, int] = (0, 1),
+                 stops: StopConditions | None = None):
         """``seq_ids``: (first, stride) of the sequence ids it hands out; schedulers sharing a pool (a pipeline's
-        micro-batch groups) use disjoint ones."""
+        micro-batch groups) use disjoint ones. ``stops``: when a sequence stops early (default: at its request's
+        stop token ids only)."""
         if preempt not in PREEMPT_POLICIES:
             raise MemintentError(f"preempt={preempt!r}: use one of {', '.join(PREEMPT_POLICIES)}")
         self.pool, self.swap, self.costs = pool, swap, costs
@@ -156,12 +159,15 @@ class Scheduler:
         self.sequences: list[Sequence] = []
         self.steps = 0
         self.seq_ids = seq_ids
+        self.stops = stops or StopConditions()
+        self._added = 0                        # sequences ever added (ids stay unique when finished ones are dropped)
         self._freed_per_step = 0.0             # moving average of pages finished sequences return per step
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> Sequence:
         first, stride = self.seq_ids
-        seq = Sequence(seq_id=first + stride * len(self.sequences), request=request, tokens=list(request.prompt_ids))
+        seq = Sequence(seq_id=first + stride * self._added, request=request, tokens=list(request.prompt_ids))
+        self._added += 1
         self.sequences.append(seq)
         self.waiting.append(seq)
         return seq
@@ -310,11 +316,13 @@ class Scheduler:
         batch.freed_pages += pages
 
     # -- after the step ---------------------------------------------------------------------------------------
-    def postprocess(self, batch: Batch, sampled: list[int], now_s: float) -> tuple[list[Sequence], list[int]]:
-        """Record the step's results: ``sampled`` holds one token per sampling chunk, in chunk order. Returns the
-        sequences that finished and the pages they gave back."""
+    def postprocess(self, batch: Batch, sampled: list[int], now_s: float,
+                    logprobs: list[TokenLogprobs | None] | None = None) -> tuple[list[Sequence], list[int]]:
+        """Record the step's results: ``sampled`` holds one token per sampling chunk, in chunk order (``logprobs``,
+        when given, one entry each too). Returns the sequences that finished and the pages they gave back."""
         finished, freed = [], []
         it = iter(sampled)
+        lps = iter(logprobs if logprobs is not None else ())
         for c in batch.chunks:
             seq = c.seq
             seq.cached += c.length
@@ -322,6 +330,9 @@ class Scheduler:
                 continue
             tok = next(it)
             seq.tokens.append(tok)
+            lp = next(lps, None)
+            if lp is not None:
+                seq.logprobs.append(lp)
             if seq.first_token_s is None:
                 seq.first_token_s = now_s
             reason = self._finish_reason(seq, tok)
@@ -334,10 +345,25 @@ class Scheduler:
         return finished, freed
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        if tok in seq.request.stop_token_ids:
+        if self.stops.stopped(seq, tok):
             return "stop"
         if len(seq.generated) >= seq.request.max_new_tokens:
             return "length"
         if len(seq.tokens) > self.context:
             return "context"          # the new token has no position left in the plan's context
         return None
+
+    # -- requests given up ------------------------------------------------------------------------------------
+    def abort(self, request_id: str) -> list[int] | None:
+        """``cancel`` the unfinished sequence serving request ``request_id`` (its client went away); the pages freed,
+        or None if no unfinished sequence serves that request."""
+        seq = self.find(request_id)
+        return None if seq is None else self.cancel(seq)
+
+    def find(self, request_id) -> Sequence | None:
+        """The unfinished sequence serving request ``request_id``, or None."""
+        return next((s for s in self.sequences if s.request.id == request_id and s.state != State.finished), None)
+
+    def forget_finished(self) -> None:
+        """Drop finished sequences from ``sequences`` (a long-running server would otherwise keep every one)."""
+        self.sequences = [s for s in self.sequences if s.state != State.finished]

@@ -11,6 +11,8 @@ from memintent.errors import MemintentError
 
 RequestId = str | int      # a request's id keeps its JSON type: 1 stays 1, "a" stays "a"
 
+from memintent.engine.sampling import SamplingParams, TokenLogprobs
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -22,6 +24,7 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] = ()
     prompt: str | None = None        # the text, when the request was given as text
+    sampling: SamplingParams = SamplingParams()   # how it draws tokens, stop strings, ignore_eos, logprobs
 
     def __post_init__(self) -> None:
         check_request(self)
@@ -79,9 +82,16 @@ def optional_text(v: Any, name: str) -> str | None:
     return v
 
 
+def sampling_params(v: Any, name: str) -> SamplingParams:
+    """A ``SamplingParams`` (its own fields are checked when it is built)."""
+    if not isinstance(v, SamplingParams):
+        raise _Bad(f"{name} must be a SamplingParams, not {_kind(v)}")
+    return v
+
+
 REQUEST_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "id": request_id, "prompt_ids": token_ids, "max_new_tokens": positive_int, "stop_token_ids": token_ids,
-    "prompt": optional_text,
+    "prompt": optional_text, "sampling": sampling_params,
 }
 
 
@@ -118,7 +128,9 @@ class Sequence:
     preemptions: list[str] = field(default_factory=list)    # "swap" / "recompute", in order
     first_token_s: float | None = None
     finish_s: float | None = None
-    finish_reason: str | None = None  # "stop", "length" (max_new_tokens), "context" (the plan's context)
+    finish_reason: str | None = None  # "stop", "length" (max_new_tokens), "context" (the plan's context), "cancelled"
+    logprobs: list[TokenLogprobs] = field(default_factory=list)   # per generated token, when the request asks
+    stop_text: str | None = None     # the generated text cut before the stop string that ended it
 
     @property
     def generated(self) -> list[int]:
@@ -141,11 +153,14 @@ class RequestOutput:
     tpot_s: float | None             # time per output token after the first (None for one token)
     preemptions: list[str]
     text: str | None = None
+    logprobs: list[TokenLogprobs] | None = None     # per generated token, when the request asked for them
 
     def as_json(self) -> dict:
         out = {"id": self.id, "token_ids": self.token_ids}
         if self.text is not None:
             out["text"] = self.text
+        if self.logprobs is not None:
+            out["logprobs"] = [{"logprob": t.logprob, "top": [list(x) for x in t.top]} for t in self.logprobs]
         out.update(finish_reason=self.finish_reason, ttft_s=self.ttft_s, tpot_s=self.tpot_s,
                    preemptions=self.preemptions)
         return out

@@ -280,6 +280,25 @@ class HFSource(ModelSource):
             raise MemintentError(f"{self.path}: the tokenizer files cannot be loaded: {type(e).__name__}: "
                                  f"{_first_line(e)}") from None
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ``eos_token_id`` of config.json and of generation_config.json (each one id or a list), in that order:
+        Hugging Face's ``generate`` stops at them."""
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        found = [getattr(text, "eos_token_id", None)]
+        gen = self.path / "generation_config.json"
+        if gen.is_file():
+            try:
+                found.append(json.loads(gen.read_text()).get("eos_token_id"))
+            except (OSError, ValueError, AttributeError) as e:
+                raise MemintentError(f"{gen} is not a JSON object ({type(e).__name__}): fix or remove it") from None
+        ids: list[int] = []
+        for x in found:
+            for i in x if isinstance(x, list) else [x]:
+                if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                    ids.append(i)
+        return tuple(ids)
+
     def _buffer_model(self, num_layers: int | None) -> nn.Module:
         """A build whose parameters are on meta and whose buffers are real CPU tensors from the model's own init."""
         if num_layers not in self._buffers:

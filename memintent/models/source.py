@@ -138,6 +138,11 @@ class ModelSource:
         """The model's tokenizer, or None (presets and py: factories have none)."""
         return None
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The token ids that end a generated sequence unless the request ignores them (presets have none)."""
+        return ()
+
     def example_inputs(self, batch: int, seq: int, device="meta") -> tuple:
         return (_tokens(batch, seq, self.vocab_size, device),)
 
