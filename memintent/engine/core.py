@@ -58,6 +58,8 @@ class RunOptions:
     allow_code: bool = False      # run a py: factory the plan names
     resident: bool = False        # the reference engine: every weight on the device (one plan, not a pipeline)
     log: Callable[[str], None] | None = None   # called with one line per preemption decision
+    attention: str = "auto"       # "kernel" (Triton, CUDA), "reference" (gather + SDPA), "auto": the kernel on CUDA
+    graphs: bool = True           # decode steps of a plan that streams nothing replay CUDA graphs (CUDA only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +164,8 @@ class Engine:
         self.sampler = Sampler(self.device)
         self.pool = PagePool(kv.num_pages)
         self.runners = {r: ModelRunner(self.proven.part(r), sources.parts[r], self.device, self.pool,
-                                       check=opts.check, store=store, resident=opts.resident) for r in self.local}
+                                       check=opts.check, store=store, resident=opts.resident,
+                                       attention_backend=opts.attention, graphs=opts.graphs) for r in self.local}
         swap = self.runners[0].swap if self.n == 1 else SwapSpace(0, kv.page_bytes, pin=False)
         costs = Costs.of_parts([self.proven.part(r).program for r in range(self.n)])
         self.groups = [Scheduler(self.pool, swap, costs, max_seqs=g.max_seqs, step_tokens=g.step_tokens,

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import torch
 
+from memintent.engine.graphs import DecodeGraphs
 from memintent.engine.pages import PagePool, SwapSpace
-from memintent.engine.scheduler import Batch, Chunk
+from memintent.engine.scheduler import Batch
+from memintent.engine.step_inputs import StepLists, use_kernel
 from memintent.ir.model import SlotKind
 from memintent.ir.proven import Proven
 from memintent.kv import attention
 from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
 from memintent.kv.layout import PoolViews, layout_of
+from memintent.kv.paged_kernel import MetaSizes, MetaStaging, PagedMeta, build_meta
 from memintent.models.plan_model import resident_model
 from memintent.runtime.arena import POISON_BYTE
 from memintent.runtime.copy_engine import CpuBackend, CudaBackend
@@ -32,7 +35,8 @@ class ModelRunner:
     (``models.plan_model.source_for``)."""
 
     def __init__(self, proven: Proven, src, device: torch.device, pool: PagePool, *, check: bool = False,
-                 store: HostStore | None = None, resident: bool = False):
+                 store: HostStore | None = None, resident: bool = False, attention_backend: str = "auto",
+                 graphs: bool = True):
         program = proven.program
         self.program, self.src, self.device, self.check, self.pool = program, src, device, check, pool
         kv = program.kv_pool
@@ -61,6 +65,13 @@ class ModelRunner:
         first_layer = program.model.part[0] if program.model.part else 0
         self.views = PoolViews(flat, self.layout, kv.num_pages, layer_offset=first_layer)
         self.swap = SwapSpace(kv.swap_pages, kv.page_bytes, pin=device.type == "cuda")
+        self.kernel = use_kernel(attention_backend, device)
+        self.staging = MetaStaging(device, torch.long)             # the step's token integers
+        self.meta_staging = MetaStaging(device)                    # the kernel's attention metadata
+        # Decode steps as CUDA graphs where nothing streams: a plan with actions issues its copies from Python hooks
+        # that a replay would skip, and checked mode poisons slots between steps (spec/runtime.md).
+        capturable = device.type == "cuda" and self.kernel and not program.actions and not check
+        self.graphs = DecodeGraphs(self, program.generation.max_seqs) if graphs and capturable else None
 
     # -- moving pages ----------------------------------------------------------------------------------------
     def _copy_pages(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
@@ -103,75 +114,75 @@ class ModelRunner:
                 self.views.page(b).fill_(POISON_BYTE)
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepMeta]:
-        """The step's token ids (1, T), positions (T,), logits rows (S,) and attention metadata."""
-        bt = self.layout.page_tokens
-        ids, pos, wblk, woff, sample_rows = [], [], [], [], []
-        tables = {}
-        at = 0
-        for c in batch.chunks:
-            table = self._table(c)
-            tables[id(c)] = table
-            for p in range(c.start, c.start + c.length):
-                ids.append(c.seq.tokens[p])
-                pos.append(p)
-                wblk.append(table[p // bt])
-                woff.append(p % bt)
-            at += c.length
-            if c.sample:
-                sample_rows.append(at - 1)
-        n = len(ids)
-        # One host -> device transfer for all the integer metadata of the step.
-        host = torch.tensor(ids + pos + wblk + woff + sample_rows, dtype=torch.long)
-        dev = host.to(self.device)
-        ids_d, pos_d, wblk_d, woff_d = dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n]
-        meta = StepMeta(write_pages=wblk_d, write_offsets=woff_d)
-        self._attention_groups(batch.chunks, tables, meta)
-        return ids_d[None], pos_d, dev[4 * n:], meta
+    def lists(self, batch: Batch) -> StepLists:
+        """The step's integers on the host: one pass over its chunks."""
+        return StepLists.of(batch, self.pool, self.layout.page_tokens)
 
-    def _table(self, c: Chunk) -> list[int]:
-        return self.pool.table(c.seq.seq_id)
+    def inputs(self, lists: StepLists) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepMeta]:
+        """The step's token ids (1, T), positions (T,), logits rows (S,) and attention metadata on the device."""
+        n = len(lists.ids)
+        # One host -> device transfer for the step's token integers (from pinned staging on CUDA, not blocking).
+        dev = self.staging.upload(lists.ids + lists.positions + lists.write_pages + lists.write_offsets + lists.rows,
+                                  "eager")
+        ids, pos, wpages, woffs = dev[:n], dev[n:2 * n], dev[2 * n:3 * n], dev[3 * n:4 * n]
+        meta = StepMeta(write_pages=wpages, write_offsets=woffs)
+        if self.kernel:
+            meta.paged = self._paged_meta(lists)
+        else:
+            self._attention_groups(lists, meta)
+        return ids[None], pos, dev[4 * n:], meta
 
-    def _attention_groups(self, chunks: list[Chunk], tables: dict, meta: StepMeta) -> None:
+    def _paged_meta(self, lists: StepLists, sizes: MetaSizes | None = None) -> PagedMeta:
+        return build_meta(lists.starts, lists.lengths, lists.contexts, lists.tables, page_tokens=self.layout.page_tokens,
+                          group=self.src.n_heads // self.src.n_kv_heads, device=self.device, staging=self.meta_staging,
+                          sizes=sizes)
+
+    def _attention_groups(self, lists: StepLists, meta: StepMeta) -> None:
+        """The reference backend's metadata: decode sequences in chunks within the gather the plan proves, prompt
+        chunks one by one (gather + SDPA, ``kv.attention``)."""
         bt, dev = self.layout.page_tokens, self.device
-        starts, at = [], 0
-        for c in chunks:
-            starts.append(at)
-            at += c.length
         # Decode sequences shortest first: a chunk pads to its longest table, so like lengths pad little.
-        decode = sorted((i for i, c in enumerate(chunks) if c.length == 1), key=lambda i: chunks[i].start)
-        for group in plan_decode_chunks([chunks[i].start + 1 for i in decode], bt, self.gather_tokens):
+        decode = sorted((i for i, n in enumerate(lists.lengths) if n == 1), key=lambda i: lists.contexts[i])
+        for group in plan_decode_chunks([lists.contexts[i] for i in decode], bt, self.gather_tokens):
             idx = [decode[j] for j in group]
-            nb = max(len(tables[id(chunks[i])]) for i in idx)
-            rows = torch.tensor([starts[i] for i in idx], dtype=torch.long)
+            nb = max(len(lists.tables[i]) for i in idx)
+            rows = torch.tensor([lists.starts[i] for i in idx], dtype=torch.long)
             tab = torch.zeros(len(idx), nb, dtype=torch.long)             # padded with the null page (0)
             for r, i in enumerate(idx):
-                t = tables[id(chunks[i])]
-                tab[r, :len(t)] = torch.tensor(t, dtype=torch.long)
-            ctx = torch.tensor([chunks[i].start + 1 for i in idx], dtype=torch.long)
+                tab[r, :len(lists.tables[i])] = torch.tensor(lists.tables[i], dtype=torch.long)
+            ctx = torch.tensor([lists.contexts[i] for i in idx], dtype=torch.long)
             rows, tab, ctx = rows.to(dev), tab.to(dev), ctx.to(dev)
             keys = torch.arange(nb * bt, device=dev)                        # (L,)
             meta.decode.append(DecodeChunk(rows=rows, tables=tab, mask=(keys < ctx[:, None])[:, None, None],
                                            positions=ctx - 1))
-        for i, c in enumerate(chunks):
-            if c.length == 1:
+        for i, n in enumerate(lists.lengths):
+            if n == 1:
                 continue
-            context = c.start + c.length
+            context = lists.contexts[i]
             nb = -(-context // bt)
-            table = torch.tensor(tables[id(c)][:nb], dtype=torch.long, device=dev)
-            q_pos = torch.arange(c.start, context, device=dev)                # (n,)
+            table = torch.tensor(lists.tables[i][:nb], dtype=torch.long, device=dev)
+            q_pos = torch.arange(context - n, context, device=dev)          # (n,)
             mask = torch.arange(nb * bt, device=dev)[None, :] <= q_pos[:, None]   # (n, L): padding past context is
             # above every query's position, so it is masked too
-            meta.prefill.append(PrefillChunk(start=starts[i], length=c.length, context=context, table=table,
+            meta.prefill.append(PrefillChunk(start=lists.starts[i], length=n, context=context, table=table,
                                              mask=mask))
 
     def forward(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Move the step's pages and run it: logits (S, vocab); a pipeline part before the last returns its hidden
-        states (1, T, dim) instead, and one after the first takes the previous part's as ``hidden``."""
+        states (1, T, dim) instead, and one after the first takes the previous part's as ``hidden``. A decode step
+        of a plan that streams nothing replays its bucket's CUDA graph (``DecodeGraphs``)."""
         self.move_pages(batch)
-        ids, positions, rows, meta = self.inputs(batch)
+        lists = self.lists(batch)
+        if self.graphs is not None and hidden is None and lists.decode_only:
+            return self.graphs.step(lists)
+        ids, positions, rows, meta = self.inputs(lists)
+        return self.run_model(ids if hidden is None else hidden, positions, rows, meta)
+
+    def run_model(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                  meta: StepMeta) -> torch.Tensor:
+        """The model's forward over one step's inputs, its attention over the pool as ``meta`` says."""
         with torch.no_grad(), attention.step(self.views, meta, self.dtype):
-            return self.src.step_logits(self.model, ids if hidden is None else hidden, positions, rows)
+            return self.src.step_logits(self.model, ids, positions, rows)
 
     def close(self) -> None:
         if self.handle is not None:

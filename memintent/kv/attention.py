@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from memintent.errors import MemintentError
 from memintent.kv.layout import PoolViews
+from memintent.kv.paged_kernel import PagedMeta, paged_attention_varlen, write_kv_pages
 
 OP_NAME = "memintent.paged_attention"
 ENGINE_ATTENTION = "memintent"      # the name registered with transformers, and ModelRef.attention of a generation plan
@@ -65,12 +66,15 @@ class PrefillChunk:
 
 @dataclass(slots=True)
 class StepMeta:
-    """Where a step's tokens go and what each one attends to (device tensors, built once per step)."""
+    """Where a step's tokens go and what each one attends to (device tensors, built once per step). The kernel
+    backend reads ``paged`` (one call per layer for every sequence, pages read in place); the reference backend
+    reads ``decode`` and ``prefill`` (gather + SDPA)."""
 
-    write_pages: torch.Tensor    # (T,) long: page of each token's key/value
+    write_pages: torch.Tensor     # (T,) long: page of each token's key/value; -1: a padding token, written nowhere
     write_offsets: torch.Tensor   # (T,) long: its position inside the page
     decode: list[DecodeChunk] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
+    paged: PagedMeta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     if ctx is None:
         raise MemintentError("paged attention outside an engine step: run the model through memintent's engine")
     scale = scale or q.shape[-1] ** -0.5
+    if ctx.meta.paged is not None:
+        return _paged_kernel(ctx, layer, q, k, v, scale, softcap, window)
     write_kv(ctx, layer, k[0].transpose(0, 1), v[0].transpose(0, 1))     # (T, KV, hd) each
     out = torch.empty_like(q)                                             # (1, H, T, hd)
     for chunk in ctx.meta.decode:
@@ -145,6 +151,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         rows = slice(chunk.start, chunk.start + chunk.length)
         out[0, :, rows] = _prefill(ctx, layer, q[0, :, rows], chunk, scale, softcap, window)
     return out
+
+
+def _paged_kernel(ctx: _Context, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  softcap: float | None, window: int | None) -> torch.Tensor:
+    """The kernel backend (``kv.paged_kernel``): one launch writes the step's keys and values, one call attends
+    every query over its own sequence's pages in place. q (1, H, T, hd) -> (1, H, T, hd), a view of (T, H, hd)."""
+    views, m = ctx.views, ctx.meta
+    i = layer - views.layer_offset
+    ks = views.key_scales[i] if views.key_scales is not None else None
+    vs = views.value_scales[i] if views.value_scales is not None else None
+    write_kv_pages(k[0].transpose(0, 1), v[0].transpose(0, 1), views.keys[i], views.values[i], ks, vs,
+                   m.write_pages, m.write_offsets)                       # (T, KV, hd) each
+    out = paged_attention_varlen(q[0].transpose(0, 1), views.keys[i], views.values[i], ks, vs, m.paged,
+                                 scale=scale, softcap=softcap, window=window)   # (T, H, hd)
+    return out.transpose(0, 1)[None]                                      # (1, H, T, hd)
 
 
 # ---- the pool -------------------------------------------------------------------------------------------------

@@ -152,13 +152,14 @@ def _check_sizes(sizes: MetaSizes, need: MetaSizes) -> None:
 
 class MetaStaging:
     """Where a step's metadata goes on its way to the device: two pinned host buffers used in turn (the one being
-    refilled waits for its previous copy, two steps back, to finish) and one device buffer per ``MetaSizes``.
+    refilled waits for its previous copy, two steps back, to finish) and one device buffer per key (``MetaSizes``,
+    or the caller's own: the engine stages its token ids the same way, in int64).
 
     The device buffer is reused: a meta built with the same sizes overwrites the previous one's tensors (in stream
     order, so a step's kernels read their own metadata), and a CUDA graph captured against it sees each new step."""
 
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | str, dtype: torch.dtype = torch.int32):
+        self.device, self.dtype = torch.device(device), dtype
         self._pin = self.device.type == "cuda"
         self._host: list[torch.Tensor | None] = [None, None]
         self._copied: list[object | None] = [None, None]   # the event after each host buffer's last copy
@@ -171,18 +172,19 @@ class MetaStaging:
             self._copied[i].synchronize()
         buf = self._host[i]
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=self._pin)
+            buf = torch.empty(max(n, 1024), dtype=self.dtype, pin_memory=self._pin)
             self._host[i] = buf
         return buf
 
-    def upload(self, flat: list[int], sizes: MetaSizes) -> torch.Tensor:
-        """``flat`` (sizes.ints ints) -> the int32 device buffer of ``sizes``: one host->device copy."""
+    def upload(self, flat: list[int], key) -> torch.Tensor:
+        """``flat`` -> the device buffer of ``key`` (``MetaSizes``: ``sizes.ints`` ints): one host->device copy. A
+        key's buffer keeps its address; a longer ``flat`` than it holds gets a new one."""
         n = len(flat)
         host = self._host_buffer(n)
-        host[:n] = torch.tensor(flat, dtype=torch.int32)
-        dev = self._device.get(sizes)
-        if dev is None:
-            dev = self._device[sizes] = torch.empty(n, dtype=torch.int32, device=self.device)
+        host[:n] = torch.tensor(flat, dtype=self.dtype)
+        dev = self._device.get(key)
+        if dev is None or dev.numel() != n:
+            dev = self._device[key] = torch.empty(n, dtype=self.dtype, device=self.device)
         dev.copy_(host[:n], non_blocking=self._pin)
         if self._pin:
             ev = torch.cuda.Event()
@@ -232,7 +234,7 @@ def build_meta(starts: Sequence[int], lengths: Sequence[int], contexts: Sequence
 
 # ---- the kernels ------------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1: the CPU tests)."""
     import triton  # deferred: heavy, optional
 
@@ -473,7 +475,7 @@ class _Launch:
                         out.stride(0), out.stride(1), meta.page_table.stride(0))
         self.scalars = (float(scale), float(softcap or 1.0), int(window or 0))
         hd = q.shape[2]
-        interpret = _interpreting()
+        interpret = interpreting()
         f32 = q.dtype == torch.float32
         dot_f32 = interpret or f32                         # the interpreter's dot takes no bf16/f16 operands
         # float32 on a GPU: three tf32 passes (float32 accuracy on the tensor cores; "ieee" spills registers).
@@ -540,6 +542,74 @@ def paged_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: t
     return out
 
 
+# ---- writing a step's keys and values ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _write_kernel(interpret: bool):
+    """The Triton kernel that stores a step's new keys and values at their (page, offset): one program per (token,
+    KV head); a token whose page is negative (the padding of a CUDA graph's bucket) writes nothing. Under int8 KV it
+    quantizes as ``kv.attention.quantize_kv`` does: one float32 scale per token and head, absmax / 127, values
+    rounded half to even (``div_rn``: IEEE division; then torch.round's rule)."""
+    del interpret   # the cache key (see ``_kernels``)
+    import triton  # deferred: heavy, optional
+    import triton.language as tl  # deferred: heavy, optional
+
+    @triton.jit
+    def write(K, V, KP, VP, KS, VS, PAGES, OFFS, sk_t, sk_h, sv_t, sv_h, skp_p, skp_t, skp_h, svp_p, svp_t, svp_h,
+              sks_p, sks_t, sks_h, svs_p, svs_t, svs_h,
+              HEAD_DIM: tl.constexpr, HD: tl.constexpr, QUANT: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        page = tl.load(PAGES + t)
+        if page >= 0:
+            off = tl.load(OFFS + t)
+            d = tl.arange(0, HD)
+            ok = d < HEAD_DIM
+            k = tl.load(K + t.to(tl.int64) * sk_t + h * sk_h + d, mask=ok, other=0.0)
+            v = tl.load(V + t.to(tl.int64) * sv_t + h * sv_h + d, mask=ok, other=0.0)
+            kdst = KP + page.to(tl.int64) * skp_p + off * skp_t + h * skp_h + d
+            vdst = VP + page.to(tl.int64) * svp_p + off * svp_t + h * svp_h + d
+            if QUANT:
+                kf, vf = k.to(tl.float32), v.to(tl.float32)
+                ks = tl.max(tl.abs(kf), 0) / 127.0
+                vs = tl.max(tl.abs(vf), 0) / 127.0
+                kx = tl.math.div_rn(kf, tl.where(ks == 0.0, 1.0, ks))
+                vx = tl.math.div_rn(vf, tl.where(vs == 0.0, 1.0, vs))
+                # torch.round's rule (half to even) in plain arithmetic: libdevice's rint is not in the interpreter
+                kf, vf = tl.floor(kx), tl.floor(vx)
+                k_odd = (kf - 2.0 * tl.floor(kf * 0.5)) != 0.0
+                v_odd = (vf - 2.0 * tl.floor(vf * 0.5)) != 0.0
+                kq = tl.where((kx - kf > 0.5) | ((kx - kf == 0.5) & k_odd), kf + 1.0, kf)
+                vq = tl.where((vx - vf > 0.5) | ((vx - vf == 0.5) & v_odd), vf + 1.0, vf)
+                tl.store(kdst, tl.minimum(tl.maximum(kq, -127.0), 127.0).to(tl.int8), mask=ok)
+                tl.store(vdst, tl.minimum(tl.maximum(vq, -127.0), 127.0).to(tl.int8), mask=ok)
+                tl.store(KS + page.to(tl.int64) * sks_p + off * sks_t + h * sks_h, ks)
+                tl.store(VS + page.to(tl.int64) * svs_p + off * svs_t + h * svs_h, vs)
+            else:
+                tl.store(kdst, k.to(KP.dtype.element_ty), mask=ok)
+                tl.store(vdst, v.to(VP.dtype.element_ty), mask=ok)
+
+    return write
+
+
+def write_kv_pages(k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                   k_scales: torch.Tensor | None, v_scales: torch.Tensor | None, pages: torch.Tensor,
+                   offsets: torch.Tensor) -> None:
+    """Store k and v (T, KV, hd), any strides with a contiguous head dim, at (pages[t], offsets[t]) of one layer's
+    pages (P, page_tokens, KV, hd), quantized under int8 KV (scales (P, page_tokens, KV) float32). ``pages`` (T,)
+    int: a negative page skips its token. One launch for keys and values; what it launches depends only on shapes."""
+    t, kv_heads, hd = k.shape
+    quant = k_scales is not None
+    ks = k_scales if quant else pages
+    vs = v_scales if quant else pages
+    kss = k_scales.stride() if quant else (0, 0, 0)
+    vss = v_scales.stride() if quant else (0, 0, 0)
+    _write_kernel(interpreting())[(t, kv_heads)](
+        k, v, k_pages, v_pages, ks, vs, pages, offsets, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *k_pages.stride()[:3], *v_pages.stride()[:3], *kss, *vss,
+        HEAD_DIM=hd, HD=max(16, 1 << (hd - 1).bit_length()), QUANT=quant, num_warps=1)
+
+
 def kv_bytes_read(contexts: Sequence[int], kv_heads: int, head_dim: int, value_bytes: int, quantized: bool) -> int:
     """Bytes of keys and values (and int8 scales) the step's sequences hold, each read once: the HBM floor's
     numerator."""
@@ -548,4 +618,5 @@ def kv_bytes_read(contexts: Sequence[int], kv_heads: int, head_dim: int, value_b
 
 
 __all__ = ["KernelConfig", "MetaSizes", "MetaStaging", "PagedMeta", "build_meta", "bucket", "decode_splits",
-           "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen", "prompt_block_m"]
+           "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen", "prompt_block_m",
+           "interpreting", "write_kv_pages"]

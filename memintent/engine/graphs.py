@@ -1,0 +1,90 @@
+"""Decode steps as CUDA graphs: the plan is static, so a decode step of ``S`` sequences is the same kernels every
+time, on the same weights, pool and buffers; only its integers change (token ids, positions, page tables).
+
+One graph per bucket of sequences (1, 2, 4, ... up to the plan's ``max_seqs``): a step of ``S`` sequences pads to
+the smallest bucket ``B >= S``. Its integers are staged into device buffers whose addresses never change (one per
+bucket: ``MetaStaging`` keys them), the padding tokens write their keys and values nowhere (page -1) and attend to
+nothing (empty tiles), and their logit rows are dropped. The first step of a bucket runs eagerly (it is the step
+itself, and it compiles the Triton kernels), then the graph is captured from the same buffers; later steps of that
+bucket replay it.
+
+Only plans that stream nothing are captured (``ModelRunner`` decides): a plan's copies are issued from Python hooks
+between layers, which a replay would not run. Prompt-heavy and mixed steps run eagerly. A capture that fails (a model
+whose forward synchronizes with the host) leaves that bucket eager, with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from memintent.engine.step_inputs import StepLists
+from memintent.kv.attention import StepMeta
+from memintent.kv.paged_kernel import MetaSizes, bucket
+
+
+def graph_buckets(max_seqs: int) -> list[int]:
+    """The sequence counts a graph is captured for: powers of two up to the one that holds ``max_seqs``."""
+    return [1 << i for i in range(bucket(max(max_seqs, 1)).bit_length())]
+
+
+@dataclass(slots=True)
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor          # (B, vocab): what a replay writes
+
+
+class DecodeGraphs:
+    """The CUDA graphs of a runner's decode steps (see the module docstring)."""
+
+    def __init__(self, runner, max_seqs: int):
+        self.runner = runner
+        self.buckets = graph_buckets(max_seqs)
+        g = runner.program.generation
+        # Every graph's page table is as wide as the plan's longest sequence needs.
+        self.pages = -(-g.context // runner.layout.page_tokens)
+        self.pool = torch.cuda.graph_pool_handle()          # one memory pool: the graphs replay one at a time
+        self.graphs: dict[int, _Captured | None] = {}       # bucket -> its graph (None: it stays eager)
+
+    def bucket_of(self, seqs: int) -> int:
+        return next(b for b in self.buckets if b >= seqs)
+
+    def step(self, lists: StepLists) -> torch.Tensor:
+        """Run a decode step of ``len(lists.ids)`` sequences: logits (S, vocab)."""
+        s = len(lists.ids)
+        b = self.bucket_of(s)
+        pad = b - s
+        r = self.runner
+        dev = r.staging.upload(lists.ids + [0] * pad + lists.positions + [0] * pad + lists.write_pages + [-1] * pad
+                               + lists.write_offsets + [0] * pad + list(range(b)), ("graph", b))   # (5 B,) int64
+        paged = r._paged_meta(lists, MetaSizes(decode_tiles=b, prompt_tiles=0, seqs=b, pages=self.pages))
+        meta = StepMeta(write_pages=dev[2 * b:3 * b], write_offsets=dev[3 * b:4 * b], paged=paged)
+        ids, positions, rows = dev[:b][None], dev[b:2 * b], dev[4 * b:]
+        if b not in self.graphs:
+            logits = r.run_model(ids, positions, rows, meta)          # (B, vocab): the step itself, eagerly
+            self.graphs[b] = self._capture(b, ids, positions, rows, meta)
+            return logits[:s]
+        captured = self.graphs[b]
+        if captured is None:
+            return r.run_model(ids, positions, rows, meta)[:s]
+        captured.graph.replay()
+        return captured.logits[:s]
+
+    def _capture(self, b: int, ids, positions, rows, meta: StepMeta) -> _Captured | None:
+        r = self.runner
+        paused = r.handle.hooks_paused() if r.handle is not None else contextlib.nullcontext()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with paused, torch.cuda.graph(graph, pool=self.pool):
+                logits = r.run_model(ids, positions, rows, meta)
+        except RuntimeError as e:
+            warnings.warn(f"decode steps of {b} sequences run eagerly: capturing them as a CUDA graph failed "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
+            return None
+        return _Captured(graph, logits)
+
+
+__all__ = ["DecodeGraphs", "graph_buckets"]
