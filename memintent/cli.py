@@ -295,7 +295,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     out = check_writable(args.output, "-o")
     dev = resolve_device(args.device)
-    total = 2 * len(sizes_for(dev, args.quick).copy_bytes) + 5
+    total = 2 * len(sizes_for(dev, args.quick).copy_bytes) + 7
     console = _console()
     with status(f"profiling {dev}", console=console) as st:
         started = [0]
@@ -320,6 +320,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
               f"{hw.hbm_gbps:.3g} GB/s (read+write); bf16 matmul {hw.bf16_tflops:.3g} TFLOP/s; launch overhead "
               f"{fmt_s(hw.launch_overhead_s)}; copy latency {fmt_s(hw.copy_latency_s)}; dequant int8->bf16 "
               f"{hw.dequant_gbps:.3g} GB/s (output bytes); memory {fmt_bytes(hw.hbm_bytes)}")
+    con.print("matmul by tokens: " + ", ".join(f"{int(t)} {r:.3g}" for t, r in hw.gemm_tflops) + " TFLOP/s"
+              + (f"; paged attention {hw.attention_tflops:.3g} TFLOP/s on prompts, {hw.attention_gbps:.4g} GB/s on "
+                 "decode" if hw.attention_gbps else ""))
     console.print(f"wrote {out}: use it with `memintent compile MODEL --hw {out}`")
     return 0
 

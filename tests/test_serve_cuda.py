@@ -38,7 +38,8 @@ def test_cuda_engine_is_bitwise_the_resident_engine(plan, policy):
     reqs = synthetic(24, (2, 30), (1, 14), 512, seed=7)
     runs = []
     for resident in (False, True):
-        with Engine(plan, CUDA, preempt=policy, check=not resident, resident=resident) as eng:
+        # both eager: decode graphs pad to a bucket, and a matmul of more rows may round differently
+        with Engine(plan, CUDA, preempt=policy, check=not resident, resident=resident, graphs=False) as eng:
             runs.append(({o.id: o.token_ids for o in eng.generate(reqs)}, eng.stats))
     (a, sa), (b, sb) = runs
     assert {p.kind for p in sa.preemptions} == {policy}

@@ -57,7 +57,7 @@ BUILTIN: dict[str, HardwareProfile] = {
         name="cpu",
         source="estimate for the CPU backend (memcpy-speed copies, a few cores); measure with `memintent profile`",
         h2d_gbps=8.0, d2h_gbps=8.0, hbm_gbps=16.0, bf16_tflops=0.2, hbm_bytes=16 * GiB,
-        launch_overhead_s=2e-5, copy_latency_s=2e-6, dequant_gbps=2.0, workspace_bytes=0,
+        launch_overhead_s=2e-5, copy_latency_s=2e-6, dequant_gbps=2.0, workspace_bytes=0, attention="reference",
     ),
 }
 

@@ -61,7 +61,7 @@ from memintent.kv.attention import gather_tokens
 from memintent.kv.layout import layout_of
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
-from memintent.passes.costs import step_time_s
+from memintent.passes.costs import launches, op_time_s, stage_time_s
 from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
@@ -170,11 +170,13 @@ class AffineStep:
         """Each stage's compute time at (tokens, seqs) with the attention ops costed as ``attn`` (the costs pass's
         step rule, without building the program)."""
         dt, ds = tokens - self.base[0], seqs - self.base[1]
-        attn_s = step_time_s(attn.flops, attn.hbm_bytes, hw)
-        per_step = [attn_s if is_attention(s.op) else step_time_s(
-            max(0, round(s.flops + a * dt + c * ds)), max(0, round(s.hbm_bytes + b * dt + d * ds)), hw)
-            for s, (a, b, c, d) in zip(self.p.steps, self.d_steps)]
-        return [sum(per_step[st.first_step:st.last_step + 1]) for st in self.p.stages]
+        work = [(attn.flops, attn.hbm_bytes) if is_attention(s.op) else
+                (max(0, round(s.flops + a * dt + c * ds)), max(0, round(s.hbm_bytes + b * dt + d * ds)))
+                for s, (a, b, c, d) in zip(self.p.steps, self.d_steps)]
+        device = [op_time_s(s.op, f, b, hw, tokens) for s, (f, b) in zip(self.p.steps, work)]
+        kernels = [launches(f, b) for f, b in work]
+        return [stage_time_s(sum(device[st.first_step:st.last_step + 1]),
+                             sum(kernels[st.first_step:st.last_step + 1]), hw) for st in self.p.stages]
 
     def activation_peak(self, tokens: int, seqs: int, scratch_bytes: int) -> int:
         """Peak live activation bytes at (tokens, seqs), each attention op also holding ``scratch_bytes``."""
@@ -231,7 +233,7 @@ def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork, 
     return p
 
 
-def step_work(src, pool: KVPool, shape: Shape, w: Workload) -> attention.AttentionWork:
+def step_work(src, pool: KVPool, shape: Shape, w: Workload, hw: HardwareProfile) -> attention.AttentionWork:
     """One layer's attention in a steady-state step: ``N`` decode queries over contexts of the mean length
     (prompt + half the output), and the step's prompt tokens over half their prompt on average."""
     n = shape.concurrency
@@ -242,7 +244,8 @@ def step_work(src, pool: KVPool, shape: Shape, w: Workload) -> attention.Attenti
     return attention.attention_work(heads=src.n_heads, head_dim=src.head_dim,
                                     decode_context_tokens=n * (w.prompt_len + w.gen_len // 2),
                                     prefill_context_tokens=chunks * w.prompt_len,
-                                    prefill_pairs=prefill * w.prompt_len // 2, kv_token_bytes=token_bytes)
+                                    prefill_pairs=prefill * w.prompt_len // 2, kv_token_bytes=token_bytes,
+                                    kv_heads=src.n_kv_heads, kernel=hw.attention == "kernel")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ class Search:
             p = trace_step(self.src, shape.step_tokens, shape.max_seqs, self.say)
         else:
             p = self.step.at(shape.step_tokens, shape.max_seqs)
-        p = annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w), self.w.context,
+        p = annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w, self.hw), self.w.context,
                           shape.max_seqs)
         # What the plan proves, before its prediction is known (verify, the pipeline's last pass, checks it).
         p.generation = GenerationPlan(
@@ -311,7 +314,7 @@ class Search:
 
     def light(self, shape: Shape) -> Program:
         pool = kv_pool(self.src, shape, self.page_tokens, self.swap(shape))
-        work = step_work(self.src, pool, shape, self.w)
+        work = step_work(self.src, pool, shape, self.w, self.hw)
         times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work)
         scratch, meta = step_scratch(self.src, pool, self.w.context, shape.step_tokens, shape.max_seqs)
         held = (align_up(pool.num_pages * pool.page_bytes) + meta
@@ -525,7 +528,8 @@ class StepPredictor:
         work = attention.attention_work(
             heads=self.src.n_heads, head_dim=self.src.head_dim, decode_context_tokens=record.decode_context_tokens,
             prefill_context_tokens=record.prefill_context_tokens, prefill_pairs=record.prefill_pairs,
-            kv_token_bytes=self.token_bytes)
+            kv_token_bytes=self.token_bytes, kv_heads=self.src.n_kv_heads,
+            kernel=self.program.hardware.attention == "kernel")
         times = self.step.stage_times(max(record.tokens, 1), max(record.sequences, 1), self.program.hardware, work)
         shell = self.program.model_copy(update={"stages": [st.model_copy(update={"time_s": t})
                                                            for st, t in zip(self.program.stages, times)]})

@@ -59,6 +59,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memintent.ir.dtypes import DTYPE_BITS, dtype_bytes  # noqa: F401 -- the IR's dtype table, named here too
 
+# The serving engine's attention, one op of a traced engine step (``kv.attention``): the passes cost it by the
+# attention kernel's own rates.
+PAGED_ATTENTION_OP = "memintent.paged_attention"
+
 SCHEMA_VERSION = 2      # 2: KV pages (were blocks), pipeline parts (were stages)
 
 # Every weight in a block's flat buffer, every part of a packed block, every host block buffer and every arena
@@ -148,10 +152,18 @@ class HardwareProfile(_Model):
     hbm_gbps: PosF               # device memory bandwidth (bytes read + written)
     bf16_tflops: PosF            # dense bf16 matmul rate
     hbm_bytes: Pos                # device memory capacity
-    launch_overhead_s: NonNegF = 5e-6   # fixed host+launch cost per step
+    launch_overhead_s: NonNegF = 5e-6   # host time to launch one kernel (a stage is host-bound past its sum)
     copy_latency_s: NonNegF = 1e-5      # fixed cost per issued copy (descriptor setup, event)
     dequant_gbps: NonNegF = 0.0         # device rate of int8/int4 -> bf16 dequantisation, in output bytes; 0: unknown
     workspace_bytes: NonNeg = 32 << 20   # scratch reserved for kernels (cuBLAS workspace and the like)
+    # Matmul rate by the tokens a step multiplies (its rows): [[tokens, TFLOP/s], ...] ascending, measured on shapes of
+    # the large models (``memintent profile``); a few tokens run far below ``bf16_tflops``. Empty: bf16_tflops.
+    gemm_tflops: list[tuple[PosF, PosF]] = Field(default_factory=list)
+    # How the engine attends on this device: "kernel" (the Triton paged kernel, CUDA) or "reference" (gather + SDPA:
+    # the CPU backend); the cost model counts the bytes each moves.
+    attention: Literal["kernel", "reference"] = "kernel"
+    attention_tflops: NonNegF = 0.0     # the paged-attention kernel's rate on prompt chunks; 0: bf16_tflops
+    attention_gbps: NonNegF = 0.0       # its rate reading keys and values of decode tokens; 0: hbm_gbps
 
 
 class Object(_Model):

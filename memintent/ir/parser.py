@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -143,6 +144,10 @@ def _build(cls: type[BaseModel], fields: dict[str, Any], where: dict[str, Token]
         raise _SemanticError(f"{cls.__name__}.{field}: {error['msg']}", where.get(field, start)) from None
 
 
+class _Table(list):
+    """A ``[[number, number], ...]`` value (a list of pairs), told apart from a list of strings."""
+
+
 def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
     """A model from a ``keyword { field = value ... }`` section (None for ``keyword none``); each value must have
     its field's type."""
@@ -158,9 +163,14 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
         if name in values:
             raise _SemanticError(f"field {name} given twice in {head}", key)
         kind = info.annotation
-        literal = value.type if isinstance(value, Token) else "list"
+        literal = value.type if isinstance(value, Token) else ("table" if isinstance(value, _Table) else "list")
+        pairs = typing.get_origin(kind) is list and typing.get_origin(typing.get_args(kind)[0]) is tuple
         if kind is str and literal == "STRING":
             values[name] = _string(value)
+        elif typing.get_origin(kind) is typing.Literal and literal == "STRING":
+            values[name] = _string(value)      # pydantic checks it is one of the literal's values
+        elif pairs and (literal == "table" or (literal == "list" and not value)):
+            values[name] = list(value)
         elif kind == list[str] and literal == "list":
             values[name] = value
         elif kind is int and literal == "NUMBER":
@@ -170,7 +180,8 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
         elif isinstance(kind, type) and issubclass(kind, enum.Enum) and literal == "STRING":
             values[name] = _string(value)      # pydantic checks it is one of the enum's values
         else:
-            wanted = {str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
+            wanted = "a list of [number, number] rows" if pairs else {
+                str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
             raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
         where[name] = key
     return _build(cls, values, where, head)
@@ -358,6 +369,12 @@ class _Builder(Transformer):
     # -- lists of names
     def strings(self, c):
         return [_string(t) for t in c]
+
+    def table(self, c):
+        return _Table(c)
+
+    def pair(self, c):
+        return (_float(c[0]), _float(c[1]))
 
     def symbols(self, c):
         return [_name(t, 1) for t in c]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import typing
 from collections import deque
 from typing import Iterable
 
@@ -127,6 +128,10 @@ def _fields(keyword: str, model: BaseModel | None) -> list[str]:
             text = _names([quote(v) for v in value], INDENT * 2)
         elif isinstance(value, enum.Enum):
             text = quote(value.value)
+        elif typing.get_origin(info.annotation) is typing.Literal:
+            text = quote(value)
+        elif typing.get_origin(info.annotation) is list and all(isinstance(v, tuple) for v in value):
+            text = "[" + ", ".join(f"[{_float(a)}, {_float(b)}]" for a, b in value) + "]"
         else:  # a new field type needs a spelling here and in parser._fields_model
             raise TypeError(f"cannot print {type(model).__name__}.{name} of type {info.annotation}")
         lines.append(f"{INDENT * 2}{name} = {text}")

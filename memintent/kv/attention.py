@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from memintent.errors import MemintentError
+from memintent.ir.model import PAGED_ATTENTION_OP
 from memintent.kv.layout import PoolViews
-from memintent.kv.paged_kernel import PagedMeta, paged_attention_varlen, write_kv_pages
+from memintent.kv.paged_kernel import (MAX_SPLITS, PagedMeta, bucket, paged_attention_varlen, prompt_block_m,
+                                       write_kv_pages)
 
-OP_NAME = "memintent.paged_attention"
+OP_NAME = PAGED_ATTENTION_OP
 ENGINE_ATTENTION = "memintent"      # the name registered with transformers, and ModelRef.attention of a generation plan
 
 
@@ -283,15 +285,32 @@ def _prefill(ctx: _Context, layer: int, q: torch.Tensor, c: PrefillChunk, scale:
 # ---- what it costs --------------------------------------------------------------------------------------------
 
 def attention_work(*, heads: int, head_dim: int, decode_context_tokens: int, prefill_context_tokens: int,
-                   prefill_pairs: int, kv_token_bytes: int) -> AttentionWork:
+                   prefill_pairs: int, kv_token_bytes: int, kv_heads: int | None = None,
+                   kernel: bool = True) -> AttentionWork:
     """One layer's attention in a step: the decode queries read ``decode_context_tokens`` keys (the sum of their
     contexts), the prompt chunks read ``prefill_context_tokens`` and score ``prefill_pairs`` (query, key) pairs;
     ``kv_token_bytes``: one token's keys and values of one layer as stored. QK^T and PV are 2 multiply-adds each
-    per (query head, key) pair."""
+    per (query head, key) pair.
+
+    Bytes moved: the kernel (``kernel``, ``kv.paged_kernel``) reads each decode query's keys and values once in
+    place, and each prompt tile (``prompt_block_m`` queries) its keys once, so a prompt chunk reads about
+    ``prefill_pairs / prompt_block_m`` keys; the reference backend gathers the stored keys and values once and writes
+    them in the model dtype, which SDPA reads again (three times the bytes)."""
     flops = 4 * heads * head_dim * (decode_context_tokens + prefill_pairs)
-    # The gather reads the stored keys and values once and writes them in the model dtype, which SDPA reads again.
-    hbm = 3 * kv_token_bytes * (decode_context_tokens + prefill_context_tokens)
+    if kernel:
+        block_m = prompt_block_m(heads // (kv_heads or heads))
+        hbm = kv_token_bytes * (decode_context_tokens + -(-prefill_pairs // block_m))
+    else:
+        hbm = 3 * kv_token_bytes * (decode_context_tokens + prefill_context_tokens)
     return AttentionWork(flops=flops, hbm_bytes=hbm)
+
+
+def kernel_scratch_bytes(*, heads: int, head_dim: int, max_seqs: int) -> int:
+    """The kernel's own scratch in one call: the partial outputs (float32, with their max and sum) of decode tiles
+    whose keys are split over several programs, at most ``MAX_SPLITS`` splits of every decode tile of a step of
+    ``max_seqs`` sequences (padded to a power of two)."""
+    hd = max(16, 1 << (head_dim - 1).bit_length())
+    return MAX_SPLITS * bucket(max_seqs) * heads * (hd + 2) * 4
 
 
 def scratch_bytes(*, gather_tokens: int, kv_heads: int, head_dim: int, heads: int, dtype: torch.dtype,
@@ -308,7 +327,9 @@ def scratch_bytes(*, gather_tokens: int, kv_heads: int, head_dim: int, heads: in
     whole = context + 16                               # one sequence, padded to whole pages
     prompt = (whole * kv_heads * head_dim * per_value + 2 * whole * heads * head_dim * e
               + 4 * step_tokens * whole + 2 * step_tokens * heads * head_dim * e)
-    return max(decode, prompt)
+    kernel = kernel_scratch_bytes(heads=heads, head_dim=head_dim, max_seqs=max_seqs)
+    # The plan holds for either backend (the CPU runs the reference, CUDA the kernel): the larger scratch.
+    return max(decode, prompt, kernel)
 
 
 def metadata_bytes(*, step_tokens: int, max_seqs: int, context: int, page_tokens: int, num_pages: int) -> int:

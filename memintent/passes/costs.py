@@ -3,15 +3,20 @@
 Requires: ``lifetimes``; ``program.hardware`` set.
 Ensures: every step, stage and block has a time/transfer size; every used object has an urgency time.
 
-Step time is a roofline, max(FLOPs / matmul rate, bytes / HBM bandwidth), plus a fixed launch overhead for ops that
-launch a kernel (views launch none). A block's copy costs a fixed latency plus its transfer bytes over the pinned
-host-to-device bandwidth; a quantized block adds its dequantisation (output bytes over ``dequant_gbps``).
+A step's device time is a roofline, max(FLOPs / rate, bytes / HBM bandwidth), where a matmul's rate is the profile's
+rate at the step's token count (``gemm_tflops``: a decode step's few rows run far below the card's peak) and other ops
+take ``bf16_tflops``. A stage's time is its steps' device time, or, when longer, the host's time to launch them
+(``launch_overhead_s`` per op that launches a kernel; views launch none): an eager step whose kernels are shorter
+than their launches is bound by the host. A block's copy costs a fixed latency plus its transfer bytes over the
+pinned host-to-device bandwidth; a quantized block adds its dequantisation (output bytes over ``dequant_gbps``).
 """
 
 from __future__ import annotations
 
+import math
+
 from memintent.ir.layout import quantized_block_bytes
-from memintent.ir.model import Block, HardwareProfile, Object, ObjectKind, Program, Quant
+from memintent.ir.model import PAGED_ATTENTION_OP, Block, HardwareProfile, Object, ObjectKind, Program, Quant
 from memintent.passes.manager import Pass, ensure
 from memintent.units import round_s
 
@@ -42,24 +47,76 @@ def dequant_time_s(block: Block, hw: HardwareProfile) -> float:
     return block.size_bytes / (rate * 1e9)
 
 
-def step_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile) -> float:
+MATMUL_OPS = ("linear", ".mm.", "addmm", "matmul", "bmm", "baddbmm")
+
+
+def is_matmul(op: str) -> bool:
+    return any(m in op for m in MATMUL_OPS)
+
+
+def gemm_tflops(hw: HardwareProfile, tokens: int) -> float:
+    """The matmul rate at ``tokens`` rows: the profile's table interpolated in log(tokens), held flat past its ends."""
+    table = hw.gemm_tflops
+    if not table or tokens <= 0:
+        return hw.bf16_tflops
+    if tokens <= table[0][0]:
+        return table[0][1]
+    for (t0, r0), (t1, r1) in zip(table, table[1:]):
+        if tokens <= t1:
+            f = math.log(tokens / t0) / math.log(t1 / t0)
+            return r0 + f * (r1 - r0)
+    return table[-1][1]
+
+
+def step_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile, op: str = "", tokens: int = 0) -> float:
+    """One op's device time (see the module docstring)."""
     if flops == 0 and hbm_bytes == 0:
         return 0.0
-    return max(flops / (hw.bf16_tflops * 1e12), hbm_bytes / (hw.hbm_gbps * 1e9)) + hw.launch_overhead_s
+    rate = gemm_tflops(hw, tokens) if is_matmul(op) else hw.bf16_tflops
+    return max(flops / (rate * 1e12), hbm_bytes / (hw.hbm_gbps * 1e9))
+
+
+def op_time_s(op: str, flops: int, hbm_bytes: int, hw: HardwareProfile, tokens: int) -> float:
+    """Any step's device time: the paged attention by the kernel's rates, the rest by ``step_time_s``."""
+    if op.startswith(PAGED_ATTENTION_OP):
+        return attention_time_s(flops, hbm_bytes, hw)
+    return step_time_s(flops, hbm_bytes, hw, op, tokens)
+
+
+def launches(flops: int, hbm_bytes: int) -> int:
+    """Kernels an op launches: none for a view (no FLOPs, no bytes), else one."""
+    return 0 if flops == 0 and hbm_bytes == 0 else 1
+
+
+def stage_time_s(device_s: float, kernels: int, hw: HardwareProfile) -> float:
+    """A stage's time: its steps' device time, or the host's time to launch its kernels when that is longer."""
+    return max(device_s, kernels * hw.launch_overhead_s)
+
+
+def attention_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile) -> float:
+    """A paged-attention op's device time: the kernel's own measured rates (``attention_tflops``, ``attention_gbps``),
+    else the card's."""
+    if flops == 0 and hbm_bytes == 0:
+        return 0.0
+    return max(flops / ((hw.attention_tflops or hw.bf16_tflops) * 1e12),
+               hbm_bytes / ((hw.attention_gbps or hw.hbm_gbps) * 1e9))
 
 
 def costs(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
     hw = p.hardware
+    tokens = p.shape.batch * p.shape.seq
     for s in p.steps:
-        s.time_s = round_s(step_time_s(s.flops, s.hbm_bytes, hw))
+        s.time_s = round_s(op_time_s(s.op, s.flops, s.hbm_bytes, hw, tokens))
     start_s = []
     t = 0.0
     for s in p.steps:
         start_s.append(t)
         t += s.time_s
     for st in p.stages:
-        st.time_s = round_s(sum(p.steps[i].time_s for i in range(st.first_step, st.last_step + 1)))
+        span = p.steps[st.first_step:st.last_step + 1]
+        st.time_s = round_s(stage_time_s(sum(s.time_s for s in span),
+                                         sum(launches(s.flops, s.hbm_bytes) for s in span), hw))
     for b in p.blocks:
         b.transfer_bytes = transfer_bytes(b, p)
     for o in p.objects:

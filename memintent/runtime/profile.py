@@ -20,6 +20,12 @@ What is measured (medians of several repetitions after a warm-up; sizes depend o
 * ``dequant_gbps``: int8 -> bf16 with one scale per row (``dequant_int8_rowscale``), in output bytes per second.
   It calls the runtime's dequantisation kernel (``memintent.runtime.quant.dequantize_int8``: Triton on CUDA when
   importable, else torch), falling back to the same arithmetic in plain torch where that module is absent.
+* ``gemm_tflops``: a bf16 linear layer of a large model's shape (8192 -> 28672 features) applied to 1 ... 16384
+  tokens: the rate by token count that the cost model interpolates (a decode step's few rows read the whole weight
+  for little arithmetic).
+* ``attention_tflops`` / ``attention_gbps`` (CUDA with Triton): the paged-attention kernel on 64 query heads over 8
+  KV heads of 128, pages of 16 scattered in the pool: prompt chunks of 512 tokens after 512 cached (FLOP/s), and
+  64 decode tokens over 1024 keys each (bytes of keys and values read per second).
 * ``hbm_bytes``: the device's total memory (CPU: the machine's physical memory).
 
 On the CPU backend (``device="cpu"``) "host" and "device" are the same memory: the copies are memcpy between
@@ -43,6 +49,7 @@ import torch
 
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile
+from memintent.kv.paged_kernel import build_meta, kv_bytes_read, paged_attention_varlen
 from memintent.runtime import quant
 from memintent.runtime.device import sync
 
@@ -62,16 +69,19 @@ class Sizes:
     dequant_cols: int
     repeats: int                      # timed repetitions per measurement (after one warm-up)
     tiny_ops: int                     # ops per batch for launch overhead and copy latency
+    gemm_kn: tuple[int, int] = (8192, 28672)   # a large model's MLP matmul (in, out features) for the rate by tokens
+    gemm_tokens: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096, 16384)
 
 
 def sizes_for(device: torch.device, quick: bool) -> Sizes:
     if device.type == "cuda":
         if quick:
-            return Sizes((64 * MiB, 256 * MiB), 256 * MiB, 4096, 4096, 4096, 3, 200)
+            return Sizes((64 * MiB, 256 * MiB), 256 * MiB, 4096, 4096, 4096, 3, 200, (4096, 14336),
+                         (1, 64, 1024, 8192))
         return Sizes((64 * MiB, 256 * MiB, 1 * GiB, 2 * GiB), 1 * GiB, 8192, 8192, 8192, 7, 1000)
     if quick:
-        return Sizes((256 * KiB, 1 * MiB), 2 * MiB, 128, 256, 256, 3, 50)
-    return Sizes((4 * MiB, 16 * MiB, 64 * MiB), 64 * MiB, 512, 1024, 1024, 5, 500)
+        return Sizes((256 * KiB, 1 * MiB), 2 * MiB, 128, 256, 256, 3, 50, (256, 704), (1, 64, 512))
+    return Sizes((4 * MiB, 16 * MiB, 64 * MiB), 64 * MiB, 512, 1024, 1024, 5, 500, (512, 1408), (1, 16, 64, 256, 1024))
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +255,51 @@ def measure_matmul_tflops(clock: _Clock, n: int, repeats: int) -> float:
     return 2 * n**3 / statistics.median(t) / 1e12
 
 
+def measure_gemm_by_tokens(clock: _Clock, kn: tuple[int, int], tokens: tuple[int, ...], repeats: int
+                           ) -> list[tuple[int, float]]:
+    """[(tokens, TFLOP/s)]: a bf16 linear layer of ``kn`` (in, out) features applied to that many tokens; the rate a
+    decode step's few rows get is far below the card's peak (they read the whole weight for little arithmetic)."""
+    k, n = kn
+    w = torch.randn(n, k, dtype=torch.bfloat16, device=clock.device)                 # (out, in)
+    out = []
+    for m in tokens:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=clock.device)             # (tokens, in)
+        t = clock.time_s(lambda: torch.nn.functional.linear(x, w), repeats)
+        out.append((m, 2 * m * k * n / statistics.median(t) / 1e12))
+    return out
+
+
+def measure_attention(clock: _Clock, repeats: int) -> tuple[float, float]:
+    """(TFLOP/s on prompt chunks, GB/s of keys and values read by decode tokens) of the paged-attention kernel
+    (``kv.paged_kernel``) on a pool of 64 query heads over 8 KV heads of 128 (a 70B-class layer), pages of 16."""
+    dev, pt, kvh, hd, heads = clock.device, 16, 8, 128, 64
+    pages = 4096
+    kp = torch.randn(pages, pt, kvh, hd, dtype=torch.bfloat16, device=dev)          # (P, page_tokens, KV, hd)
+    vp = torch.randn_like(kp)
+    perm = torch.randperm(pages - 1).add(1).tolist()                                # scattered pages, not page 0
+
+    def rate(lengths: list[int], contexts: list[int]) -> float:
+        tables, at = [], 0
+        for c in contexts:
+            n = -(-c // pt)
+            tables.append(perm[at:at + n])
+            at += n
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        meta = build_meta(starts, lengths, contexts, tables, page_tokens=pt, group=heads // kvh, device=dev)
+        q = torch.randn(sum(lengths), heads, hd, dtype=torch.bfloat16, device=dev)   # (T, H, hd)
+        t = statistics.median(clock.time_s(lambda: paged_attention_varlen(q, kp, vp, None, None, meta,
+                                                                          scale=hd ** -0.5), repeats))
+        return t
+
+    prompt = [512] * 8
+    t = rate(prompt, [1024] * 8)                   # chunks of 512 after 512 cached: pairs = 512 * 768.5 each
+    tflops = 4 * heads * hd * sum(n * (1024 - n) + n * (n + 1) // 2 for n in prompt) / t / 1e12
+    contexts = [1024] * 64
+    t = rate([1] * 64, contexts)
+    gbps = kv_bytes_read(contexts, kvh, hd, 2, False) / t / 1e9
+    return tflops, gbps
+
+
 def measure_launch_overhead_s(clock: _Clock, ops: int, repeats: int) -> float:
     x = torch.zeros(1, device=clock.device)
     return clock.wall_per_op_s(lambda: x.add_(1), ops, repeats)
@@ -329,6 +384,12 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         launch_s = measure_launch_overhead_s(clock, sz.tiny_ops, sz.repeats)
         say(f"int8 -> bf16 dequantisation {sz.dequant_rows}x{sz.dequant_cols}")
         deq_gbps = measure_dequant_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
+        say(f"bf16 linear {sz.gemm_kn[0]}x{sz.gemm_kn[1]} by tokens")
+        gemm = measure_gemm_by_tokens(clock, sz.gemm_kn, sz.gemm_tokens, sz.repeats)
+        attn = (0.0, 0.0)
+        if clock.cuda and quant.triton_available():
+            say("paged attention kernel (prompt chunks, decode)")
+            attn = measure_attention(clock, sz.repeats)
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         first = (str(e).splitlines() or ["out of memory"])[0]
         raise MemintentError(f"profiling ran out of memory on {name}: {first}; free the device or try --quick") \
@@ -353,6 +414,8 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         # Kernel scratch: the default cuBLAS workspace reservation on CUDA; the CPU backend reserves none.
         # cuBLAS workspace (32 MiB) plus the caching allocator's rounding, which W1 showed at 2 MiB on an H100
         workspace_bytes=(36 << 20) if clock.cuda else 0,
+        attention="kernel" if clock.cuda else "reference",
+        gemm_tflops=gemm, attention_tflops=attn[0], attention_gbps=attn[1],
     )
     return ProfileResult(profile=profile, device_name=name, sizes=sz, h2d=h2d, d2h=d2h)
 

@@ -1,0 +1,134 @@
+"""Engine steps at the hardware's limit (issue 18): a plan that keeps every weight resident, its decode steps against
+their HBM floor, and where a prompt-heavy and a decode step spend their time.
+
+Case ``resident``: opt-30b f16 on the whole card, 64 requests of prompt 512 + 32 generated at concurrency 64 (every
+weight resident; decode steps replayed as CUDA graphs). Reported: the run's time, each decode step against its HBM
+floor (the weights' bytes plus the live keys and values, each read once, over the profile's device bandwidth), the
+cost model's prediction per kind of step (decode-only, prompt-heavy, mixed), and torch.profiler tables of one
+prompt-heavy and one decode step (host and device time, which kernels).
+
+    python benchmarks/step.py --hw h200.json --out $OUT                   # on the GPU (the profile from this call)
+    python benchmarks/step.py --device cpu --small                          # smoke test here
+
+Prints a table last and writes step.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import GiB, card_profile, free, header, serve_row, write  # noqa: E402
+from memintent.compiler.planner import StepPredictor, plan_generation  # noqa: E402
+from memintent.engine import Engine  # noqa: E402
+from memintent.engine.requests import synthetic  # noqa: E402
+from memintent.models.refs import resolve  # noqa: E402
+
+
+def kind(s) -> str:
+    if s.decode_tokens == s.tokens:
+        return "decode"
+    return "prompt" if s.prefill_tokens >= 0.8 * s.tokens else "mixed"
+
+
+def hbm_floor_s(plan, record, hbm_gbps: float) -> float:
+    """Weights (every block resident) plus the live keys and values the step's queries read, each once."""
+    kv = plan.kv_pool
+    weights = sum(b.size_bytes for b in plan.blocks)
+    kv_bytes = (record.decode_context_tokens + record.prefill_context_tokens) * kv.page_bytes // kv.page_tokens
+    return (weights + kv_bytes) / (hbm_gbps * 1e9)
+
+
+def by_kind(plan, steps, predictor, hbm_gbps: float) -> dict:
+    out = {}
+    for k in ("decode", "prompt", "mixed"):
+        group = [s for s in steps if s.tokens and kind(s) == k]
+        if not group:
+            continue
+        ratios = [s.time_s / predictor.predict_s(s) for s in group]
+        floors = [s.time_s / hbm_floor_s(plan, s, hbm_gbps) for s in group]
+        out[k] = dict(steps=len(group), median_s=statistics.median(s.time_s for s in group),
+                      measured_over_predicted=statistics.median(ratios), over_hbm_floor=statistics.median(floors))
+    return out
+
+
+def profile_steps(plan, reqs, device, n_prompt: int = 1) -> dict:
+    """torch.profiler tables of the first prompt-heavy step and of a decode step (after the graphs are captured)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    with Engine(plan, device) as eng:
+        for r in reqs:
+            eng.add(r)
+        eng.step()                                          # first-call costs outside the profile
+        for name in ("prompt", "decode"):
+            while name == "decode" and eng.has_work and eng.scheduler.waiting:
+                eng.step()                                  # every prompt admitted: the next steps decode
+            for _ in range(2):
+                if eng.has_work:
+                    eng.step()                              # a decode bucket captured before it is profiled
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                eng.step()
+                torch.cuda.synchronize(device)
+            s = eng.stats.steps[-1]
+            tables[name] = (f"{name} step: {s.tokens} tokens ({s.prefill_tokens} prompt), {s.time_s * 1e3:.1f} ms\n"
+                            + prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                                        max_name_column_width=44))
+            print(tables[name], flush=True)
+    return tables
+
+
+def section_resident(args, device, hw, doc) -> None:
+    name = "tiny-llama" if args.small else "opt-30b"
+    budget = (64 << 20) if args.small else int(0.95 * torch.cuda.get_device_properties(device).total_memory)
+    src = resolve(name, dtype="f32" if args.small else None)
+    reqs = synthetic(64, (512, 512) if not args.small else (16, 16), (32, 32) if not args.small else (8, 8),
+                     src.vocab_size, seed=1)
+    plan = plan_generation(name, budget_bytes=budget, hardware=hw, context=544 if not args.small else 32,
+                           prompt_len=512 if not args.small else 16, gen_len=32 if not args.small else 8,
+                           quant="none", concurrency=64, dtype="f32" if args.small else None)
+    predictor = StepPredictor(plan)
+    row = serve_row(f"{name} whole card, concurrency 64", plan, reqs, device, doc["h2d_gbps"], predictor=predictor)
+    row["streamed_blocks"] = sum(1 for b in plan.blocks if b.residency.value == "streamed")
+    # the steps again, for the per-kind table: serve_row keeps only the summary
+    with Engine(plan, device) as eng:
+        list(eng.generate(reqs))
+        row["kinds"] = by_kind(plan, eng.stats.steps, predictor, hw.hbm_gbps)
+        row["run_s_second"] = sum(s.time_s for s in eng.stats.steps)
+    if device.type == "cuda" and args.profile:
+        row["profiles"] = profile_steps(plan, reqs, device)
+    doc["rows"].append(row)
+    free(device)
+    write(args.out, "step.json", doc)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="tiny models: a smoke test of the script")
+    ap.add_argument("--hw", default=None, help="hardware profile (file or built-in name; default: this card's)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler tables")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    hw = card_profile(device, spec=args.hw)
+    doc = header(device, hw)
+    section_resident(args, device, hw, doc)
+    print(f"\n{doc['device']}, profile {hw.name}")
+    for r in doc["rows"]:
+        print(f"{r['case']}: run {r['total_s']:.2f} s ({r['tokens_per_s']:.1f} tok/s), {r['streamed_blocks']} blocks "
+              f"streamed, peak {(r['peak_hbm_bytes'] or 0) / GiB:.2f} GiB of {r['budget_bytes'] / GiB:.2f}")
+        for k, v in r["kinds"].items():
+            print(f"  {k:7s} {v['steps']:4d} steps, median {v['median_s'] * 1e3:8.2f} ms, measured/predicted "
+                  f"{v['measured_over_predicted']:.3f}, x HBM floor {v['over_hbm_floor']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
