@@ -86,6 +86,8 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
                                     prefill_ctx=s.prefill_context_tokens, pairs=s.prefill_pairs, time_s=s.time_s,
                                     predicted_s=predictor.predict_s(s)) for s in steps]
     row["_outputs"] = {o.id: o.token_ids for o in outs}
+    row["_steps"] = steps
+    del engine                # closed: its graphs and arena go back before the next case
     print(f"{tag}: {rep.tokens_per_s:.1f} tok/s generated, decode {rep.decode_tokens_per_s:.1f} tok/s, at full "
           f"concurrency {rep.full_decode_tokens_per_s:.1f} tok/s (plan "
           f"{g.tokens_per_s:.1f}); step median {rep.step_median_s * 1e3:.1f} ms vs floor {floor * 1e3:.1f} ms; peak "

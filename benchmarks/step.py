@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import GiB, card_profile, free, header, serve_row, write  # noqa: E402
+from benchmarks.common import GiB, card_profile, fill, free, header, serve_row, write  # noqa: E402
 from memintent.compiler.planner import StepPredictor, plan_generation  # noqa: E402
 from memintent.engine import Engine  # noqa: E402
 from memintent.engine.requests import synthetic  # noqa: E402
@@ -58,12 +58,12 @@ def by_kind(plan, steps, predictor, hbm_gbps: float) -> dict:
     return out
 
 
-def profile_steps(plan, reqs, device, n_prompt: int = 1) -> dict:
+def profile_steps(plan, reqs, device, store) -> dict:
     """torch.profiler tables of the first prompt-heavy step and of a decode step (after the graphs are captured)."""
     from torch.profiler import ProfilerActivity, profile
 
     tables = {}
-    with Engine(plan, device) as eng:
+    with Engine(plan, device, store=store) as eng:
         for r in reqs:
             eng.add(r)
         eng.step()                                          # first-call costs outside the profile
@@ -94,15 +94,14 @@ def section_resident(args, device, hw, doc) -> None:
                            prompt_len=512 if not args.small else 16, gen_len=32 if not args.small else 8,
                            quant="none", concurrency=64, dtype="f32" if args.small else None)
     predictor = StepPredictor(plan)
-    row = serve_row(f"{name} whole card, concurrency 64", plan, reqs, device, doc["h2d_gbps"], predictor=predictor)
+    store, _ = fill(plan, src, device)
+    row = serve_row(f"{name} whole card, concurrency 64", plan, reqs, device, doc["h2d_gbps"], store, predictor)
     row["streamed_blocks"] = sum(1 for b in plan.blocks if b.residency.value == "streamed")
-    # the steps again, for the per-kind table: serve_row keeps only the summary
-    with Engine(plan, device) as eng:
-        list(eng.generate(reqs))
-        row["kinds"] = by_kind(plan, eng.stats.steps, predictor, hw.hbm_gbps)
-        row["run_s_second"] = sum(s.time_s for s in eng.stats.steps)
+    row["kinds"] = by_kind(plan, row.pop("_steps"), predictor, hw.hbm_gbps)
+    row["step_tokens"], row["plan_step_s"] = plan.generation.step_tokens, plan.prediction.step_time_s
+    write(args.out, "step.json", doc | {"rows": [row]})
     if device.type == "cuda" and args.profile:
-        row["profiles"] = profile_steps(plan, reqs, device)
+        row["profiles"] = profile_steps(plan, reqs, device, store)
     doc["rows"].append(row)
     free(device)
     write(args.out, "step.json", doc)

@@ -39,14 +39,20 @@ def _run(plan, reqs, **options):
 
 @pytest.mark.parametrize("kv_quant", ["none", "int8"])
 def test_kernel_matches_the_reference_backend(kv_quant):
-    plan = _plan("bf16", kv_quant, budget_bytes=int(3.5 * (1 << 20)))        # streams: eager steps only
+    # the cuBLAS workspace (36 MiB) and 2.5 MiB more: some of tiny-llama's blocks stream, so every step is eager
+    plan = _plan("bf16", kv_quant, budget_bytes=int(38.5 * (1 << 20)))
     reqs = synthetic(16, (3, 40), (2, 10), 512, seed=5)
     ko, kl, _ = _run(plan, reqs, attention="kernel")
     ro, rl, _ = _run(plan, reqs, attention="reference")
-    same = [i for i in rl if kl[i].shape == rl[i].shape]
-    assert len(same) >= len(rl) // 2, "most requests generate the same number of tokens"
-    err = max(float((kl[i] - rl[i]).abs().max()) for i in same)
-    assert err <= 0.05, err
+    # Compared up to each request's first differing token (inclusive): after it the two runs attend over other
+    # contexts. A bf16 near-tie may flip a token, never often.
+    errs, compared = [], 0
+    for i in rl:
+        n = next((j for j, (a, b) in enumerate(zip(ko[i], ro[i])) if a != b), min(len(ko[i]), len(ro[i])) - 1) + 1
+        errs.append(float((kl[i][:n] - rl[i][:n]).abs().max()))
+        compared += n
+    assert compared >= sum(len(t) for t in ro.values()) // 2, "most tokens agree"
+    assert max(errs) <= 0.05, max(errs)
 
 
 def test_decode_graphs_match_eager_steps():

@@ -20,7 +20,7 @@ from memintent.ir.proven import Proven
 from memintent.kv import attention
 from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
 from memintent.kv.layout import PoolViews, layout_of
-from memintent.kv.paged_kernel import MetaSizes, MetaStaging, PagedMeta, build_meta
+from memintent.kv.paged_kernel import KernelConfig, MetaSizes, MetaStaging, PagedMeta, build_meta, paged_attention_varlen
 from memintent.models.plan_model import resident_model
 from memintent.runtime.arena import POISON_BYTE
 from memintent.runtime.copy_engine import CpuBackend, CudaBackend
@@ -72,7 +72,25 @@ class ModelRunner:
         # that a replay would skip, and checked mode poisons slots between steps (spec/runtime.md).
         capturable = device.type == "cuda" and self.kernel and not program.actions and not check
         self.graphs = DecodeGraphs(self, program.generation.max_seqs) if graphs and capturable else None
+        if self.kernel and device.type == "cuda":
+            self._compile_kernels()
 
+    def _compile_kernels(self) -> None:
+        """Compile, before the first step, every variant of the attention kernel this plan's steps can launch (each
+        decode key split and the prompt tiles): Triton compiles a variant on its first launch, which mid-run is a
+        step several times its length."""
+        pt, g = self.layout.page_tokens, self.src.n_heads // self.src.n_kv_heads
+        q = torch.zeros(1, self.src.n_heads, self.src.head_dim, dtype=self.dtype, device=self.device)  # (T, H, hd)
+        ks, vs = self.views.keys[0], self.views.values[0]
+        kss = self.views.key_scales[0] if self.views.key_scales is not None else None
+        vss = self.views.value_scales[0] if self.views.value_scales is not None else None
+        for lengths in ([1], [2]):              # a decode tile; a prompt tile
+            meta = build_meta([0], lengths, [lengths[0]], [[0]], page_tokens=pt, group=g, device=self.device,
+                              staging=self.meta_staging)
+            qq = q.expand(lengths[0], -1, -1).contiguous()
+            for splits in ((1, 2, 4, 8, 16) if lengths == [1] else (1,)):
+                paged_attention_varlen(qq, ks, vs, kss, vss, meta, scale=1.0,
+                                       config=KernelConfig(decode_splits=splits))   # reads the null page only
     # -- moving pages ----------------------------------------------------------------------------------------
     def _copy_pages(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
         arrivals = []
@@ -185,7 +203,12 @@ class ModelRunner:
             return self.src.step_logits(self.model, ids, positions, rows)
 
     def close(self) -> None:
+        # The graphs first: their memory pool and the buffers they captured are device memory until they go.
+        self.graphs = None
         if self.handle is not None:
             self.forward_stats = self.handle.stats()     # read before detach releases the device state
             self.handle.detach()
             self.handle = None
+        self.model = self.views = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

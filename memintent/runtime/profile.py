@@ -24,8 +24,8 @@ What is measured (medians of several repetitions after a warm-up; sizes depend o
   tokens: the rate by token count that the cost model interpolates (a decode step's few rows read the whole weight
   for little arithmetic).
 * ``attention_tflops`` / ``attention_gbps`` (CUDA with Triton): the paged-attention kernel on 64 query heads over 8
-  KV heads of 128, pages of 16 scattered in the pool: prompt chunks of 512 tokens after 512 cached (FLOP/s), and
-  64 decode tokens over 1024 keys each (bytes of keys and values read per second).
+  KV heads of 128, pages of 16 scattered in a pool laid out as the engine's: prompt chunks of 512 tokens after 512
+  cached (FLOP/s), and 64 decode tokens over 200 to 1024 keys (bytes of keys and values read per second).
 * ``hbm_bytes``: the device's total memory (CPU: the machine's physical memory).
 
 On the CPU backend (``device="cpu"``) "host" and "device" are the same memory: the copies are memcpy between
@@ -271,14 +271,14 @@ def measure_gemm_by_tokens(clock: _Clock, kn: tuple[int, int], tokens: tuple[int
 
 def measure_attention(clock: _Clock, repeats: int) -> tuple[float, float]:
     """(TFLOP/s on prompt chunks, GB/s of keys and values read by decode tokens) of the paged-attention kernel
-    (``kv.paged_kernel``) on a pool of 64 query heads over 8 KV heads of 128 (a 70B-class layer), pages of 16."""
-    dev, pt, kvh, hd, heads = clock.device, 16, 8, 128, 64
-    pages = 4096
-    kp = torch.randn(pages, pt, kvh, hd, dtype=torch.bfloat16, device=dev)          # (P, page_tokens, KV, hd)
-    vp = torch.randn_like(kp)
+    (``kv.paged_kernel``) on a pool laid out as the engine's (a page holds every layer: strided views of one layer),
+    64 query heads over 8 KV heads of 128 (a 70B-class layer), pages of 16 scattered over the pool."""
+    dev, pt, kvh, hd, heads, pages = clock.device, 16, 8, 128, 64, 8192
+    pool = torch.randn(pages, 2, 2, pt, kvh, hd, dtype=torch.bfloat16, device=dev)   # (P, layers, k|v, pt, KV, hd)
+    kp, vp = pool[:, 1, 0], pool[:, 1, 1]                                            # layer 1: strided views
     perm = torch.randperm(pages - 1).add(1).tolist()                                # scattered pages, not page 0
 
-    def rate(lengths: list[int], contexts: list[int]) -> float:
+    def time_s(lengths: list[int], contexts: list[int]) -> float:
         tables, at = [], 0
         for c in contexts:
             n = -(-c // pt)
@@ -287,15 +287,14 @@ def measure_attention(clock: _Clock, repeats: int) -> tuple[float, float]:
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         meta = build_meta(starts, lengths, contexts, tables, page_tokens=pt, group=heads // kvh, device=dev)
         q = torch.randn(sum(lengths), heads, hd, dtype=torch.bfloat16, device=dev)   # (T, H, hd)
-        t = statistics.median(clock.time_s(lambda: paged_attention_varlen(q, kp, vp, None, None, meta,
-                                                                          scale=hd ** -0.5), repeats))
-        return t
+        return statistics.median(clock.time_s(lambda: paged_attention_varlen(q, kp, vp, None, None, meta,
+                                                                             scale=hd ** -0.5), repeats))
 
     prompt = [512] * 8
-    t = rate(prompt, [1024] * 8)                   # chunks of 512 after 512 cached: pairs = 512 * 768.5 each
+    t = time_s(prompt, [1024] * 8)                 # chunks of 512 after 512 cached
     tflops = 4 * heads * hd * sum(n * (1024 - n) + n * (n + 1) // 2 for n in prompt) / t / 1e12
-    contexts = [1024] * 64
-    t = rate([1] * 64, contexts)
+    contexts = [200 + (824 * i) // 63 for i in range(64)]                         # 64 decodes of 200..1024 keys
+    t = time_s([1] * 64, contexts)
     gbps = kv_bytes_read(contexts, kvh, hd, 2, False) / t / 1e9
     return tflops, gbps
 
