@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", help="weight dtype override (bf16, f16, f32)")
     c.add_argument("--depth", type=int, help="force this many stream slots (default: chosen by the cost model)")
     c.add_argument("--quant", default="none",
-                   help="bit width of streamed weights: none, int8, int4g (asymmetric int4, groups of 64: keeps "
+                   help="bit width of streamed weights: none, int8, int4g (asymmetric int4, groups of 32: keeps "
                         "quality), int4 (symmetric, groups of 128: fewest bytes), auto (per block, from the cost "
                         "model, int4g at the narrowest)")
     c.add_argument("--objective", choices=("throughput", "latency"),

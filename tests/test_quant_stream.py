@@ -77,7 +77,7 @@ def dequant_quant(w: torch.Tensor, quant: Quant) -> torch.Tensor:
     if quant == Quant.int4:
         q, s = quantize_int4(w)            # uint8 (out, ceil(in/2)), bf16 (out, ceil(in/128))
         return dequantize_int4(q, s, out, backend="torch")
-    q, s, z = quantize_int4g(w)            # uint8 (out, ceil(in/2)), bf16 and uint8 (out, ceil(in/64))
+    q, s, z = quantize_int4g(w)            # uint8 (out, ceil(in/2)), bf16 and uint8 (out, ceil(in/32))
     return dequantize_int4g(q, s, z, out, backend="torch")
 
 

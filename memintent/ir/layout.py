@@ -24,7 +24,7 @@ from typing import Iterable
 from memintent.ir.model import ALIGN_BYTES, Block, Object, Quant, align_up
 
 INT4_GROUP = 128          # input columns per int4 scale
-INT4G_GROUP = 64          # input columns per int4g scale and zero point (measured against 32: benchmarks/quality.py)
+INT4G_GROUP = 32          # input columns per int4g scale and zero point (chosen over 64 by perplexity: spec/runtime.md)
 PART_ALIGN_BYTES = ALIGN_BYTES    # every part of a packed block starts on this boundary
 QUANTIZABLE_DTYPES = ("bf16", "f16", "f32")
 SCALE_BYTES = 2           # scales are bf16
@@ -70,8 +70,8 @@ class QuantEntry:
     dst_offset_bytes: int         # where it goes in the unquantized block layout (Object.block_offset_bytes)
     dst_size_bytes: int           # Object.size_bytes
     values: Part                  # raw: the weight's bytes; int8: int8 (out, in); int4/int4g: uint8 (out, ceil(in/2))
-    scales: Part | None = None    # int8: bf16 (out,); int4: bf16 (out, ceil(in/128)); int4g: bf16 (out, ceil(in/64))
-    zeros: Part | None = None     # int4g: uint8 (out, ceil(in/64)); otherwise None
+    scales: Part | None = None    # int8: bf16 (out,); int4: bf16 (out, ceil(in/128)); int4g: bf16 (out, ceil(in/32))
+    zeros: Part | None = None     # int4g: uint8 (out, ceil(in/32)); otherwise None
 
     def parts(self) -> list[Part]:
         return [p for p in (self.values, self.scales, self.zeros) if p is not None]
@@ -105,7 +105,7 @@ def quantized_part_sizes(storage: Storage, out_ch: int, in_ch: int) -> tuple[int
 def bytes_per_weight(quant: Quant, in_ch: int) -> float:
     """Bytes one weight of a quantized ``(out, in_ch)`` matrix costs in the packed layout (values and its share of
     the scales and zero points, without the 256-byte part padding): int8 ``1 + 2/in``, int4 ``0.5 + 2/128``
-    (4.125 bits), int4g ``0.5 + 3/64`` (4.375 bits) for ``in`` a multiple of the group."""
+    (4.125 bits), int4g ``0.5 + 3/32`` (4.75 bits) for ``in`` a multiple of the group."""
     return sum(x or 0 for x in quantized_part_sizes(Storage(quant.value), 1, in_ch)) / in_ch
 
 

@@ -22,14 +22,14 @@ Formats (``w`` is a 2-D weight of shape ``(out, in)``, row = output channel):
     ``bf16 (out, ceil(in / 128))``, the last group of a row may be short. (As the scale is rounded to nearest,
     ``-absmax / scale >= -7.03``: the value -8 never occurs in practice.) 4.125 bits per weight.
 ``int4g``
-    asymmetric, one bf16 scale and one uint8 zero point per group of ``INT4G_GROUP`` = 64 consecutive input
+    asymmetric, one bf16 scale and one uint8 zero point per group of ``INT4G_GROUP`` = 32 consecutive input
     columns of a row (the scheme of GGUF's Q4_1/Q4_K, AWQ and GPTQ: all 16 levels span the group's own range):
     with ``lo = min(group, 0)`` and ``hi = max(group, 0)``, ``scale = hi / 15 - lo / 15`` (rounded to nearest
     bf16), ``z = clamp(round(-lo / scale), 0, 15)``, ``q = clamp(round(w / scale) + z, 0, 15)`` in a nibble, two
     per byte as int4. Values ``uint8 (out, ceil(in / 2))`` (a pad nibble holds ``z`` of its group: value 0),
-    scales ``bf16 (out, ceil(in / 64))``, zero points ``uint8 (out, ceil(in / 64))``. Dequantized:
+    scales ``bf16 (out, ceil(in / 32))``, zero points ``uint8 (out, ceil(in / 32))``. Dequantized:
     ``(q - z) * scale``, an integer in [-15, 15] times a bf16 scale, exact in float32, rounded once to the
-    weight's dtype. 4.375 bits per weight (``layout.bytes_per_weight``). Against int4 on SmolLM2-135M the
+    weight's dtype. 4.75 bits per weight (``layout.bytes_per_weight``). Against int4 on SmolLM2-135M the
     perplexity rise drops from ~+67 % to a few per cent (benchmarks/quality.py, README).
 
 Where ``qmax * scale`` would exceed the weight dtype's max (weights within 2^-8 of it), the scale is rounded
@@ -396,7 +396,7 @@ def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
     packed = typed_view(src, v.offset_bytes, torch.uint8, pshape)                    # uint8 (out, ceil(in/2))
     meta = (typed_view(src, s.offset_bytes, torch.bfloat16, sshape),)                # bf16 (out, ceil(in/group))
     if e.storage == Storage.int4g:
-        meta += (typed_view(src, e.zeros.offset_bytes, torch.uint8, sshape),)         # uint8 (out, ceil(in/64))
+        meta += (typed_view(src, e.zeros.offset_bytes, torch.uint8, sshape),)         # uint8 (out, ceil(in/32))
     return (e.storage, packed, meta, out)
 
 
