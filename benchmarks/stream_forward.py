@@ -155,6 +155,13 @@ def print_quant_table(results: dict, rows: list[dict]) -> None:
               f"{ms(r['copy_s']):>9s} {r['logits_rel_error']:10.2e}")
 
 
+def write_json(args, results: dict) -> None:
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        name = "stream_forward_quant.json" if args.quant else "stream_forward.json"
+        (Path(args.out) / name).write_text(json.dumps(results, indent=1, default=str))
+
+
 def accelerate_offload(src, store, device, inputs, repeats):
     try:
         from accelerate import cpu_offload
@@ -268,10 +275,7 @@ def main(argv=None) -> int:
                 rows.append(dict(tokens=tok, plan="accelerate cpu_offload", median_s=acc["median_s"], floor_s=None,
                                  resident_s=res_s, ratio_to_resident=acc["median_s"] / res_s))
     results["runs"] = rows
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = "stream_forward_quant.json" if args.quant else "stream_forward.json"
-        (Path(args.out) / name).write_text(json.dumps(results, indent=1, default=str))
+    write_json(args, results)
     if args.quant:
         print_quant_table(results, rows)
         return 0
