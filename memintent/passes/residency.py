@@ -225,7 +225,7 @@ QUANT_POLICIES = ("none", "int8", "int4", "int4g", "auto")   # --quant: a bit wi
 
 def starting_quant(quant: str) -> Quant:
     """The bit width a ``--quant`` policy gives a streamable block first. ``auto`` starts from int4g, the int4 with
-    a zero point per group of 32 (about half int4's perplexity rise on SmolLM2-135M: benchmarks/quality.py),
+    a zero point per group of 32 (a third to two fifths of int4's perplexity rise on SmolLM2-135M: benchmarks/quality.py),
     never from int4 (one symmetric scale per 128 columns), which only an explicit ``--quant int4`` asks for."""
     if quant not in QUANT_POLICIES:
         raise MemintentError(f"--quant {quant!r}: use {', '.join(QUANT_POLICIES[:-1])} or auto")

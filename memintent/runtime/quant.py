@@ -30,7 +30,7 @@ Formats (``w`` is a 2-D weight of shape ``(out, in)``, row = output channel):
     scales ``bf16 (out, ceil(in / 32))``, zero points ``uint8 (out, ceil(in / 32))``. Dequantized:
     ``(q - z) * scale``, an integer in [-15, 15] times a bf16 scale, exact in float32, rounded once to the
     weight's dtype. 4.75 bits per weight (``layout.bytes_per_weight``). On SmolLM2-135M it raises
-    perplexity about half as much as int4 does (benchmarks/quality.py, README "Quantization and quality").
+    perplexity by a third to two fifths of what int4 does (benchmarks/quality.py, README "Quantization and quality").
 
 Where ``qmax * scale`` would exceed the weight dtype's max (weights within 2^-8 of it), the scale is rounded
 down instead, so nothing dequantizes to inf.
