@@ -134,7 +134,7 @@ def engine_nll(folder: Path, wins: list[torch.Tensor], kv_quant: str, step: int)
             rows = []
             while eng.has_work:
                 plan = eng.scheduler.schedule()
-                run.move_blocks(plan)
+                run.move_pages(plan)
                 ids, positions, sample_rows, meta = run.inputs(plan)
                 with torch.no_grad(), attention.step(run.views, meta, run.dtype):
                     logits = step_logits(run.src, run.model, ids, positions, torch.arange(ids.shape[1]))

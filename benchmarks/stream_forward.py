@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memintent.compiler.compile import compile_model  # noqa: E402
 from memintent.compiler.hardware import BUILTIN, load_profile  # noqa: E402
-from memintent.compiler.refs import resolve  # noqa: E402
+from memintent.models.refs import resolve  # noqa: E402
 from memintent.ir.model import Residency  # noqa: E402
-from memintent.compiler.plan_source import resident_model
+from memintent.models.plan_model import resident_model
 from memintent.runtime.profile import time_back_to_back as timed  # noqa: E402
 from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 from memintent.runtime import HostStore, attach  # noqa: E402

@@ -62,9 +62,9 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
         return plan_generation(
             args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
             prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
-            kv_quant=args.kv_quant, concurrency=args.concurrency, kv_block_tokens=args.kv_block_tokens,
-            swap_blocks=args.swap_blocks, dtype=args.dtype, max_step_tokens=args.max_step_tokens, progress=say)
-    for flag in ("concurrency", "swap_blocks", "max_step_tokens"):
+            kv_quant=args.kv_quant, concurrency=args.concurrency, kv_page_tokens=args.kv_page_tokens,
+            swap_pages=args.swap_pages, dtype=args.dtype, max_step_tokens=args.max_step_tokens, progress=say)
+    for flag in ("concurrency", "swap_pages", "max_step_tokens"):
         if getattr(args, flag) is not None:
             raise MemintentError(f"--{flag.replace('_', '-')} is for generation plans: add --objective throughput")
     from memintent.compiler.compile import compile_model
@@ -75,18 +75,18 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
 
 
 def _compile_pipeline(args: argparse.Namespace, hw, budget: int | None, say):
-    from memintent.compiler.stages import plan_pipeline
+    from memintent.compiler.pipeline import plan_pipeline
 
     if not args.objective:
         raise MemintentError("--stages splits a generation plan: add --objective throughput (or latency)")
-    for flag in ("batch_given", "swap_blocks"):
+    for flag in ("batch_given", "swap_pages"):
         if getattr(args, flag):
             raise MemintentError(f"--{flag.replace('_given', '').replace('_', '-')} is not for pipelines: the "
                                  "planner sizes every stage's pool alike, without swap space")
     return plan_pipeline(
         args.model, stages=args.stages, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
         prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
-        kv_quant=args.kv_quant, concurrency=args.concurrency, kv_block_tokens=args.kv_block_tokens, dtype=args.dtype,
+        kv_quant=args.kv_quant, concurrency=args.concurrency, kv_page_tokens=args.kv_page_tokens, dtype=args.dtype,
         max_step_tokens=args.max_step_tokens, progress=say)
 
 
@@ -135,8 +135,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     console.print(f"hardware profile {hw.name} ({_hardware_origin(args.hw)}): {hw.source}")
     if plan.generation:
         g, kv = plan.generation, plan.kv_pool
-        console.print(f"generation: {g.concurrency} sequences at once ({kv.num_blocks - 1} KV blocks of "
-                      f"{kv.block_tokens} tokens, {kv.quant.value} KV; steps of up to {g.step_tokens} tokens, "
+        console.print(f"generation: {g.concurrency} sequences at once ({kv.num_pages - 1} KV pages of "
+                      f"{kv.page_tokens} tokens, {kv.quant.value} KV; steps of up to {g.step_tokens} tokens, "
                       f"{g.max_seqs} sequences): {g.tokens_per_s:.2f} tok/s predicted, step "
                       f"{fmt_s(g.decode_step_s)}, binds: {g.binding}")
     return 0
@@ -160,7 +160,7 @@ def _load_verified(path: str):
 
     program = load_plan_or_pipeline(path)
     if isinstance(program, Pipeline):
-        from memintent.compiler.stages import verify_pipeline
+        from memintent.passes.verify import verify_pipeline
 
         return verify_pipeline(program)
     if program.arena is not None:
@@ -209,7 +209,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from memintent.compiler.models import PRESETS
+    from memintent.models.preset import PRESETS
     from memintent.units import fmt_bytes
 
     con = _out_console()
@@ -390,12 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "it predicts more tokens/s)")
     c.add_argument("--concurrency", type=int, default=None,
                    help="with --objective: force the sequences the pool is sized for (default: searched)")
-    c.add_argument("--kv-block-tokens", type=int, default=16, help="with --objective: tokens per KV block (16)")
+    c.add_argument("--kv-page-tokens", type=int, default=16, help="with --objective: tokens per KV page (16)")
     c.add_argument("--max-step-tokens", type=int, default=None,
                    help="with --objective: at most this many tokens per engine step (default: as many as the "
                         "streamed weights' time hides, up to 8192)")
-    c.add_argument("--swap-blocks", type=int, default=None,
-                   help="with --objective: KV blocks of pinned host swap space (default: a quarter of the pool "
+    c.add_argument("--swap-pages", type=int, default=None,
+                   help="with --objective: KV pages of pinned host swap space (default: a quarter of the pool "
                         "when the plan's copy engine has idle time to swap, else none)")
     c.add_argument("--stages", type=int, default=None,
                    help="with --objective: split the model's layers over N GPUs, a plan per stage under --budget "
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preemption when the KV pool runs out: by predicted cost (default), or forced")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     g.add_argument("--check", action="store_true",
-                   help="poison returned KV blocks and freed slots with NaN; check the pool after every step")
+                   help="poison returned KV pages and freed slots with NaN; check the pool after every step")
     g.add_argument("--verify", action="store_true",
                    help="compare the first requests' tokens and logits with the resident model running each alone")
     g.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")

@@ -22,7 +22,8 @@ import hf_tiny
 from memintent.cli import main
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
-from memintent.compiler.refs import HFSource, _Shards, resolve
+from memintent.models.hf import HFSource
+from memintent.models.refs import _Shards, resolve
 from memintent.engine import Engine, attention
 from memintent.engine.sequence import Request
 from memintent.errors import MemintentError
@@ -35,7 +36,7 @@ GEN = 12
 PROMPTS = [(5, 9, 17), tuple(range(3, 24)), (40, 41, 2, 99, 7, 8, 60, 61, 62, 63), (77, 12, 12, 100, 101, 6)]
 MATRIX = ["llama", "mistral", "qwen2", "qwen2_moe", "mixtral", "gemma", "gemma2", "phi3", "gpt_neox", "opt",
           "gpt2", "starcoder2", "stablelm"]
-PLAN = {"context": 48, "prompt_len": 8, "gen_len": 8, "quant": "none", "concurrency": 3, "kv_block_tokens": 4,
+PLAN = {"context": 48, "prompt_len": 8, "gen_len": 8, "quant": "none", "concurrency": 3, "kv_page_tokens": 4,
         "dtype": "f32", "max_step_tokens": 64}
 BUDGET_FRACTION = 0.85   # of the weights' bytes: too little for all of them next to the KV pool, enough to stream
 
@@ -307,7 +308,7 @@ def test_filling_never_holds_the_checkpoint_twice(hf, monkeypatch, how):
     """Filling reads one tensor at a time, and converts one group of expert matrices at a time: the tensors read
     from the files or converted that are alive at any moment are at most one decoder layer's bytes, whether the
     host store fills block by block or one call fills the whole model (the resident reference of --verify)."""
-    from memintent.compiler.fingerprint import named_weights
+    from memintent.models.fingerprint import named_weights
     from memintent.runtime import HostStore
 
     plan = hf.plan("mixtral")

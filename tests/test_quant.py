@@ -15,11 +15,7 @@ from memintent.ir.model import Block, ModelRef, Object, ObjectKind, Program, Qua
 from memintent.passes.costs import transfer_bytes
 from memintent.ir.layout import bytes_per_weight
 from memintent.runtime import quant as quant_module
-from memintent.runtime.quant import (
-    INT4_GROUP, INT4G_GROUP, PART_ALIGN_BYTES, Storage, dequantize_int4, dequantize_int4g, dequantize_int8,
-    int4_shapes, pack_block, quant_layout, quantize_int4, quantize_int4g, quantize_int8, quantized_block_bytes,
-    quantized_payload_bytes, relative_error, unpack_block,
-)
+from memintent.runtime.quant import INT4_GROUP, INT4G_GROUP, PART_ALIGN_BYTES, Storage, dequantize_int4, dequantize_int4g, dequantize_int8, int4_shapes, pack_block, quant_layout, quantize_int4, quantize_int4g, quantize_int8, quantized_block_bytes, quantized_payload_bytes, relative_error, unpack_block
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "i64": torch.int64}
 
@@ -486,7 +482,7 @@ def test_bytes_unquantized_and_non_float_2d() -> None:
 
 def test_bytes_on_traced_model() -> None:
     from memintent.compiler.compile import trace_ref
-    from memintent.compiler.refs import resolve
+    from memintent.models.refs import resolve
 
     ref = "py:examples/toy_mlp.py:mlp_stack"
     prog = trace_ref(ref, RunShape(batch=1, seq=1))

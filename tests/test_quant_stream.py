@@ -19,13 +19,12 @@ import torch
 
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN
-from memintent.compiler.refs import resolve
+from memintent.models.refs import resolve
 from memintent.errors import MemintentError
 from memintent.ir.model import ActionKind, Program, Quant, Residency, SlotKind
 from memintent.runtime import POISON_BYTE, HostStore, attach, fill_from_module
 from memintent.runtime.host_store import torch_dtype
-from memintent.runtime.quant import (Storage, dequantize_int4, dequantize_int4g, dequantize_int8, quantize_int4,
-                                     quantize_int4g, quantize_int8, relative_error, weight_storage)
+from memintent.runtime.quant import Storage, dequantize_int4, dequantize_int4g, dequantize_int8, quantize_int4, quantize_int4g, quantize_int8, relative_error, weight_storage
 from test_quant import packed_bytes_by_quantizing
 
 TINY = "tiny-llama"

@@ -152,17 +152,17 @@ def quantized_block_bytes(block: Block, objects: dict[str, Object]) -> int:
     return total
 
 
-# ---- KV pool blocks (spec/serving.md) --------------------------------------------------------------------------
+# ---- KV pool pages (spec/serving.md) --------------------------------------------------------------------------
 
 KV_SCALE_BYTES = 4        # int8 KV: one float32 scale per token and KV head
 
 
-def kv_block_parts(layers: int, kv_heads: int, head_dim: int, block_tokens: int, value_dtype: str,
+def kv_page_parts(layers: int, kv_heads: int, head_dim: int, page_tokens: int, value_dtype: str,
                    quantized: bool) -> tuple[int, int]:
-    """(values bytes, scales bytes) of one KV pool block: values (layers, 2, block_tokens, kv_heads, head_dim) in
-    ``value_dtype`` (int8 under KV quantization), then, quantized, scales (layers, 2, block_tokens, kv_heads)."""
+    """(values bytes, scales bytes) of one KV pool block: values (layers, 2, page_tokens, kv_heads, head_dim) in
+    ``value_dtype`` (int8 under KV quantization), then, quantized, scales (layers, 2, page_tokens, kv_heads)."""
     from memintent.ir.dtypes import dtype_bytes
 
-    n = layers * 2 * block_tokens * kv_heads
+    n = layers * 2 * page_tokens * kv_heads
     values = dtype_bytes("i8" if quantized else value_dtype, n * head_dim)
     return values, (n * KV_SCALE_BYTES if quantized else 0)

@@ -27,8 +27,8 @@ residency
     ``resident``: the block is placed once in its own arena slot and never moves. ``streamed``: the block's home
     is host memory and each visit copies it into a stream slot.
 kv pool
-    The KV cache of a generation plan: ``num_blocks`` fixed-size blocks of ``block_tokens`` tokens, each holding
-    keys and values of every layer (spec/serving.md). A sequence owns a block table; blocks are taken as it grows
+    The KV cache of a generation plan: ``num_pages`` fixed-size blocks of ``page_tokens`` tokens, each holding
+    keys and values of every layer (spec/serving.md). A sequence owns a page table; blocks are taken as it grows
     and returned when it finishes or is preempted (swapped to host memory, or dropped for recomputation).
 step
     (of the serving engine) one forward over the model: the decode tokens of the running sequences plus chunks of
@@ -263,17 +263,17 @@ class Prediction(_Model):
 
 
 class KVPool(_Model):
-    """The paged KV cache of a generation plan (spec/serving.md): the arena's KV slot holds ``num_blocks`` blocks
-    of ``block_bytes``; block 0 is the null block that pads block tables."""
+    """The paged KV cache of a generation plan (spec/serving.md): the arena's KV slot holds ``num_pages`` blocks
+    of ``page_bytes``; block 0 is the null page that pads page tables."""
 
     layers: Pos
     kv_heads: Pos
     head_dim: Pos
-    block_tokens: Pos             # tokens per block
-    num_blocks: Pos               # blocks in the pool, the null block included
+    page_tokens: Pos             # tokens per block
+    num_pages: Pos               # blocks in the pool, the null page included
     quant: KVQuant = KVQuant.none
-    block_bytes: Pos              # one block: keys and values of every layer (+ int8 scales)
-    swap_blocks: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
+    page_bytes: Pos              # one block: keys and values of every layer (+ int8 scales)
+    swap_pages: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
 
 
 class GenerationPlan(_Model):
@@ -334,7 +334,7 @@ class Program(_Model):
 class Pipeline(_Model):
     """One model over several GPUs (``compile --stages N``): each stage is a plan of its own over a contiguous range
     of decoder layers (the first with the embedding, the last with the head), under its own budget, with its share
-    of every KV block (its layers'). All stages serve the same steps (one ``GenerationPlan``: a step is one of
+    of every KV page (its layers'). All stages serve the same steps (one ``GenerationPlan``: a step is one of
     ``len(stages)`` micro-batches, the pool holds them all); a step's activations pass from stage to stage."""
 
     schema_version: int = SCHEMA_VERSION

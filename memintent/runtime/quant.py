@@ -60,10 +60,7 @@ import torch
 
 from memintent.errors import RuntimeFault
 from memintent.ir.dtypes import torch_dtypes
-from memintent.ir.layout import (  # noqa: F401 -- the layout's names, re-exported for the runtime's callers
-    INT4_GROUP, INT4G_GROUP, PART_ALIGN_BYTES, QUANTIZABLE_DTYPES, Part, QuantEntry, Storage, int4_shapes, quant_layout,
-    quantized_block_bytes, quantized_payload_bytes, weight_storage,
-)
+from memintent.ir.layout import INT4_GROUP, INT4G_GROUP, PART_ALIGN_BYTES, QUANTIZABLE_DTYPES, Part, QuantEntry, Storage, int4_shapes, quant_layout, quantized_block_bytes, quantized_payload_bytes, weight_storage  # noqa: F401 -- the layout's names, re-exported for the runtime's callers
 from memintent.ir.model import Block, Object, align_up
 
 _QUANT_CHUNK_ELEMS = 1 << 24   # quantize in row chunks of about this many elements (bounds float32 temporaries)

@@ -69,17 +69,17 @@ def _print_pool(p: Program, console: Console) -> None:
     if kv is None or obj is None:
         return
     console.print(
-        f"KV pool: {kv.num_blocks - 1} blocks of {kv.block_tokens} tokens (+ the null block), "
-        f"{fmt_bytes(kv.block_bytes)} each, {fmt_bytes(kv.num_blocks * kv.block_bytes)}; keys and values "
+        f"KV pool: {kv.num_pages - 1} blocks of {kv.page_tokens} tokens (+ the null page), "
+        f"{fmt_bytes(kv.page_bytes)} each, {fmt_bytes(kv.num_pages * kv.page_bytes)}; keys and values "
         f"{kv.quant.value if kv.quant.value != 'none' else p.model.dtype} (policy {g.kv_quant_policy}); "
-        f"{(kv.num_blocks - 1) * kv.block_tokens} tokens, {fmt_bytes(kv.swap_blocks * kv.block_bytes)} of host swap "
+        f"{(kv.num_pages - 1) * kv.page_tokens} tokens, {fmt_bytes(kv.swap_pages * kv.page_bytes)} of host swap "
         f"space")
     console.print(
         f"preemption by cost, per block: swap {fmt_s(obj.evict_cost_s)} (out and back in on the copy engine), "
         f"recompute {fmt_s(obj.recompute_cost_s)}; per step the copy engine idles "
         f"{fmt_s(max(p.prediction.step_time_s - p.prediction.streamed_bytes / (p.hardware.h2d_gbps * 1e9), 0))} "
         f"and compute {fmt_s(max(p.prediction.step_time_s - p.prediction.compute_s, 0))}: victims "
-        f"{'recompute' if p.prediction.binding == 'pcie' else 'swap when that is cheaper'}; swapped blocks come "
+        f"{'recompute' if p.prediction.binding == 'pcie' else 'swap when that is cheaper'}; swapped pages come "
         f"back before the first attention, {fmt_s(obj.urgency_s)} into a step")
 
 
@@ -143,7 +143,7 @@ def explain_pipeline(pl, console: Console) -> None:
     g = pl.stages[0].generation
     console.print(f"[bold]{pl.name}[/bold]: {pl.model.ref} over {len(pl.stages)} stages; every stage serves steps of "
                   f"up to {g.step_tokens} tokens of {g.max_seqs} sequences, {g.concurrency} at once, over "
-                  f"{pl.stages[0].kv_pool.num_blocks - 1} KV blocks (each stage holds its layers' part)")
+                  f"{pl.stages[0].kv_pool.num_pages - 1} KV pages (each stage holds its layers' part)")
     t = Table(title="stages")
     for col in ("stage", "layers", "budget", "peak", "streamed/step", "step", "binds", "sends/step"):
         t.add_column(col, justify="right" if col not in ("layers", "binds") else "left")
