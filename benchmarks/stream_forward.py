@@ -9,6 +9,13 @@ that streamed logits are bitwise identical to resident ones and that peak HBM st
     python benchmarks/stream_forward.py --out $OUT                 # on the GPU machine (W1, 1x64 and 4x512)
     python benchmarks/stream_forward.py --model tiny-llama --device cpu --tokens 1x16 --quick   # smoke test here
 
+``--quant none int4 int4g`` measures, instead, every decoder layer streamed at each bit width (its own host store,
+packed), each against its own PCIe floor (its streamed bytes over the measured pinned H2D rate), with the bytes per
+weight of the streamed layers, the median unpacking time per forward (CUDA events) beside the copy time, and the
+logits' relative error against the resident bf16 model:
+
+    python benchmarks/stream_forward.py --out $OUT --tokens 1x64 --quant none int4 int4g --no-accelerate
+
 Prints a table last and writes ``stream_forward.json`` under ``--out``.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -64,26 +72,31 @@ def run_streamed(src, plan, store, device, inputs, repeats, check=False):
     overhead = statistics.median(s.host_overhead_per_block_s for s in stats)
     stall = [s.stall_s for s in stats if s.stall_s is not None]
     copy_s = [s.copy_s for s in stats if s.copy_s]
+    dequant_s = [s.dequant_s for s in stats if s.dequant_s is not None]
     return dict(
         median_s=med, all_s=ts, peak_hbm_bytes=peak, logits=logits,
         host_overhead_per_block_s=overhead, stall_s=statistics.median(stall) if stall else None,
         copy_gbps=statistics.median(s.copy_gbps for s in stats if s.copy_gbps) if copy_s else None,
         bytes_copied=stats[-1].bytes_copied, copies=stats[-1].copies,
+        copy_s=statistics.median(copy_s) if copy_s else None,
+        dequant_s=statistics.median(dequant_s) if dequant_s else None,
     )
 
 
-def every_layer_streams(model: str, probe, budget_bytes: int, hw, batch: int, seq: int):
-    """A plan that streams every decoder layer through two slots, the rest resident: the residency decision is
-    given (a budget alone lets the planner keep a layer resident where the small blocks leave room for one)."""
+def every_layer_streams(model: str, probe, budget_bytes: int, hw, batch: int, seq: int, quant: str = "none"):
+    """A plan that streams every decoder layer through two slots (at bit width ``quant``), the rest resident: the
+    residency decision is given (a budget alone lets the planner keep a layer resident where the small blocks
+    leave room for one)."""
     from memintent.compiler.compile import trace_ref
-    from memintent.ir.model import RunShape
+    from memintent.ir.model import Quant, RunShape
     from memintent.passes import ACTIONS, COSTS, LIFETIMES, PREFETCH, VERIFY, run_passes
     from memintent.passes.residency import given_residency_pass
 
     layers = {b.name for b in probe.blocks if b.name.startswith("layers.")}
     program = trace_ref(model, RunShape(batch=batch, seq=seq)).model_copy(
         update={"budget_bytes": budget_bytes, "hardware": hw})
-    return run_passes(program, (LIFETIMES, COSTS, given_residency_pass(layers, 2), PREFETCH, ACTIONS, VERIFY))
+    return run_passes(program, (LIFETIMES, COSTS, given_residency_pass(layers, 2, Quant(quant)), PREFETCH, ACTIONS,
+                                VERIFY))
 
 
 def what_streams(plan) -> str:
@@ -94,6 +107,60 @@ def what_streams(plan) -> str:
     n = sum(1 for b in streamed if b.startswith("layers."))
     others = [b for b in streamed if not b.startswith("layers.")]
     return f"{n} of {len(layers)} layers" + (f" + {', '.join(others)}" if others else "")
+
+
+def bytes_per_weight(plan) -> float:
+    """Bytes a visit copies per weight of the streamed decoder layers (values, scales, zero points, raw norms)."""
+    objs = plan.object_map()
+    layers = [b for b in plan.blocks if b.residency == Residency.streamed and b.name.startswith("layers.")]
+    return sum(b.transfer_bytes for b in layers) / sum(math.prod(objs[w].shape) for b in layers for w in b.weights)
+
+
+def quant_rows(args, src, probe, device, hw, tok, inputs, ref_logits, res_s, h2d_gbps, budget_bytes) -> list[dict]:
+    """Every decoder layer streamed at each ``--quant`` bit width, each from its own (packed) host store."""
+    from memintent.runtime.quant import relative_error
+
+    batch, seq = parse_tokens(tok)
+    rows = []
+    for quant in args.quant:
+        plan = every_layer_streams(args.model, probe, budget_bytes, hw, batch, seq, quant)
+        store = HostStore(plan, pin="auto" if device.type == "cuda" else "none",
+                          quant_device=device if device.type == "cuda" else None)
+        store.fill(src.fill_weights)
+        r = run_streamed(src, plan, store, device, inputs, args.repeats if not args.quick else 2)
+        store.close()
+        pr = plan.prediction
+        floor_s = pr.streamed_bytes / (h2d_gbps * 1e9)
+        row = dict(tokens=tok, plan=f"every layer streams, {quant}", quant=quant, streams=what_streams(plan),
+                   budget_bytes=plan.budget_bytes, streamed_bytes=pr.streamed_bytes, floor_s=floor_s,
+                   predicted_s=pr.step_time_s, resident_s=res_s, bytes_per_weight=bytes_per_weight(plan),
+                   ratio_to_floor=r["median_s"] / floor_s, logits_rel_error=relative_error(ref_logits, r["logits"]),
+                   **{k: v for k, v in r.items() if k != "logits"})
+        rows.append(row)
+        print(f"{tok} {row['plan']}: {r['median_s'] * 1e3:.1f} ms, floor {floor_s * 1e3:.1f} ms "
+              f"({row['ratio_to_floor']:.3f} x), {row['bytes_per_weight']:.4f} B/weight, unpack "
+              f"{(r['dequant_s'] or 0) * 1e3:.1f} ms of copy {(r['copy_s'] or 0) * 1e3:.1f} ms", flush=True)
+        free(device)
+    return rows
+
+
+def print_quant_table(results: dict, rows: list[dict]) -> None:
+    print(f"\n{results['device']}, torch {results['torch']}, pinned H2D {results['h2d_gbps']:.1f} GB/s, "
+          f"{results['model']}: every decoder layer streamed")
+    print(f"{'tokens':7s} {'quant':6s} {'B/weight':>9s} {'streamed':>10s} {'time':>9s} {'floor':>9s} "
+          f"{'x floor':>8s} {'unpack':>9s} {'copy':>9s} {'logits err':>10s}")
+    for r in rows:
+        ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}ms"  # noqa: E731
+        print(f"{r['tokens']:7s} {r['quant']:6s} {r['bytes_per_weight']:9.4f} {r['streamed_bytes'] / 1e9:8.2f}GB "
+              f"{ms(r['median_s']):>9s} {ms(r['floor_s']):>9s} {r['ratio_to_floor']:8.3f} {ms(r['dequant_s']):>9s} "
+              f"{ms(r['copy_s']):>9s} {r['logits_rel_error']:10.2e}")
+
+
+def write_json(args, results: dict) -> None:
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        name = "stream_forward_quant.json" if args.quant else "stream_forward.json"
+        (Path(args.out) / name).write_text(json.dumps(results, indent=1, default=str))
 
 
 def accelerate_offload(src, store, device, inputs, repeats):
@@ -125,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for stream_forward.json")
     ap.add_argument("--quick", action="store_true", help="small smoke test: fewer repeats, no baselines")
     ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--quant", nargs="+", default=None, choices=("none", "int8", "int4", "int4g"),
+                    help="measure every decoder layer streamed at each of these bit widths (and nothing else)")
     ap.add_argument("--hw", default=None, help="hardware profile for the plans (default: h100-sxm; e.g. the JSON "
                                                "`memintent profile` wrote on this card)")
     args = ap.parse_args(argv)
@@ -164,6 +233,11 @@ def main(argv=None) -> int:
         small = sum(b.size_bytes for b in probe.blocks if b.size_bytes < layer_bytes)
         # 1.5 GiB holds the activations and workspace but not a third layer (1.71 GB), so every layer streams.
         all_stream_budget = small + 2 * layer_bytes + int(1.5 * GiB if device.type == "cuda" else 1 << 20)
+        if args.quant:
+            # quantized visits need an unpack slot next to their (smaller) stream slots: a third layer's room
+            rows += quant_rows(args, src, probe, device, hw, tok, inputs, ref_logits, res_s, h2d_gbps,
+                               all_stream_budget + layer_bytes)
+            continue
         plans = {
             "every decoder layer streams": every_layer_streams(args.model, probe, all_stream_budget, hw, batch, seq),
             "planner's choice, same budget": compile_model(args.model, budget_bytes=all_stream_budget, hardware=hw,
@@ -202,9 +276,10 @@ def main(argv=None) -> int:
                 rows.append(dict(tokens=tok, plan="accelerate cpu_offload", median_s=acc["median_s"], floor_s=None,
                                  resident_s=res_s, ratio_to_resident=acc["median_s"] / res_s))
     results["runs"] = rows
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "stream_forward.json").write_text(json.dumps(results, indent=1, default=str))
+    write_json(args, results)
+    if args.quant:
+        print_quant_table(results, rows)
+        return 0
 
     print(f"\n{results['device']}, torch {results['torch']}, pinned H2D {h2d_gbps:.1f} GB/s, {args.model}")
     print(f"{'tokens':7s} {'plan':31s} {'streams':22s} {'time':>9s} {'floor':>9s} {'x floor':>8s} {'x resid':>8s} "

@@ -30,6 +30,7 @@ from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, load_p
 from memintent.ir.printer import dump
 from memintent.models.gguf import convert
 from memintent.models.preset import PRESETS
+from memintent.passes.residency import starting_quant
 from memintent.passes.verify import prove
 from memintent.progress import status
 from memintent.runtime.profile import profile_device, resolve_device, sizes_for
@@ -120,8 +121,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     args.batch_given = args.batch is not None
     args.batch = args.batch if args.batch_given else 1
     budget = parse_bytes(args.budget, "--budget") if args.budget else None
-    if args.quant not in ("none", "int8", "int4", "auto"):
-        raise MemintentError(f"--quant {args.quant!r}: use none, int8, int4 or auto")
+    starting_quant(args.quant)   # a policy name, or one line naming the right ones
     out = args.output if args.output is not None else \
         f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json"
     out = check_writable(out, "-o")
@@ -349,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", help="weight dtype override (bf16, f16, f32)")
     c.add_argument("--depth", type=int, help="force this many stream slots (default: chosen by the cost model)")
     c.add_argument("--quant", default="none",
-                   help="bit width of streamed weights: none, int8, int4, auto (per block, from the cost model)")
+                   help="bit width of streamed weights: none, int8, int4g (asymmetric int4, groups of 32: keeps "
+                        "quality), int4 (symmetric, groups of 128: fewest bytes), auto (per block, from the cost "
+                        "model, int4g at the narrowest)")
     c.add_argument("--objective", choices=("throughput", "latency"),
                    help="plan generation for the serving engine: choose the KV pool, the step's token budget, "
                         "residency and bit widths for tokens/s (throughput) or one sequence's step (latency)")

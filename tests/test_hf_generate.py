@@ -401,3 +401,31 @@ def test_shard_with_a_wrong_dtype_is_refused_before_serving(hf, tmp_path, capsys
     assert (f"tensor model.norm.weight in {shard} is torch.int32: the plan expects torch.float32 for "
             "model.norm.weight" in err[0]), err[0]
     assert not out.exists()
+
+
+# ---- a streamed block holding plain buffers (issue 20: Gemma 2 in float32) -------------------------------------
+
+def test_streaming_every_block_with_buffers_runs_forward_after_forward(hf):
+    """Every block streams, the rotary embedding's buffers (inv_freq) included: its second visit rebinds a plain
+    buffer, which once met a slot view turned into the meta tensor ('set_data ... incompatible tensor type')."""
+    import memintent
+    from memintent.compiler.compile import trace_ref
+    from memintent.ir.model import RunShape
+    from memintent.passes import ACTIONS, COSTS, LIFETIMES, PREFETCH, VERIFY, run_passes
+    from memintent.passes.residency import forced_resident, given_residency_pass
+
+    folder, _ = hf.folder("gemma2")
+    program = run_passes(trace_ref(f"hf:{folder}", RunShape(batch=1, seq=16)).model_copy(
+        update={"budget_bytes": 1 << 30, "hardware": CPU}), (LIFETIMES, COSTS))
+    streamed = {v.block for v in program.visits} - forced_resident(program)
+    assert any(b.name in streamed and any(w.endswith("inv_freq") for w in b.weights) for b in program.blocks)
+    plan = run_passes(program, (given_residency_pass(streamed, 2), PREFETCH, ACTIONS, VERIFY))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model, handle = memintent.load(plan, device="cpu")
+    try:
+        with torch.no_grad():
+            for seed in range(3):
+                ids = torch.randint(0, hf_tiny.VOCAB, (1, 16), generator=torch.Generator().manual_seed(seed))
+                torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.detach()

@@ -55,6 +55,8 @@ def _strategy(annotation: typing.Any, metadata: list[typing.Any]) -> st.SearchSt
         return st.lists(_strategy(args[0], []), max_size=5 if _is_subclass(args[0], BaseModel) else 3)
     if origin is typing.Literal:
         return st.sampled_from(args)
+    if origin is tuple:
+        return st.tuples(*(_strategy(a, []) for a in args))
     if _is_subclass(annotation, enum.Enum):
         return st.sampled_from(list(annotation))
     if _is_subclass(annotation, BaseModel):
@@ -239,6 +241,10 @@ program @toy {
     copy_latency_s = 1e-05
     dequant_gbps = 800.0
     workspace_bytes = 33554432
+    gemm_tflops = []
+    attention = "kernel"
+    attention_tflops = 0.0
+    attention_gbps = 0.0
   }
   blocks {
     @embed module="embed" size=32768 B residency=resident quant=none transfer=32768 B slot=0 weights=[%embed.weight]

@@ -1,6 +1,7 @@
-"""int8/int4 weight quantization (memintent.runtime.quant): round trips, error bounds, packed block layout.
+"""int8/int4/int4g weight quantization (memintent.runtime.quant): round trips, error bounds, packed block layout.
 
-CPU only: the torch path is the reference; the Triton kernels (CUDA) are not exercised here.
+CPU only: the torch path is the reference; the Triton kernels run here under Triton's interpreter
+(``TRITON_INTERPRET=1``) and must match it bitwise.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch
 
 from memintent.ir.model import Block, ModelRef, Object, ObjectKind, Program, Quant, RunShape, Tier
 from memintent.passes.costs import transfer_bytes
-from memintent.runtime.quant import INT4_GROUP, PART_ALIGN_BYTES, Storage, dequantize_int4, dequantize_int8, int4_shapes, pack_block, quant_layout, quantize_int4, quantize_int8, quantized_block_bytes, quantized_payload_bytes, relative_error, unpack_block
+from memintent.ir.layout import bytes_per_weight
+from memintent.runtime import quant as quant_module
+from memintent.runtime.quant import INT4_GROUP, INT4G_GROUP, PART_ALIGN_BYTES, Storage, dequantize_int4, dequantize_int4g, dequantize_int8, int4_shapes, pack_block, quant_layout, quantize_int4, quantize_int4g, quantize_int8, quantized_block_bytes, quantized_payload_bytes, relative_error, unpack_block
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "i64": torch.int64}
 
@@ -33,6 +36,18 @@ def _rt4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = torch.full_like(w, float("nan"))
     assert dequantize_int4(p, s, out) is out
     return p, s, out
+
+
+def _rt4g(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    p, s, z = quantize_int4g(w)
+    out = torch.full_like(w, float("nan"))
+    assert dequantize_int4g(p, s, z, out) is out
+    return p, s, z, out
+
+
+def _nibbles_ref(p: torch.Tensor, in_ch: int) -> torch.Tensor:
+    """Nibbles as int (out, in), low nibble first, by plain integer ops."""
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)[:, :in_ch].to(torch.int32)
 
 
 def _unpack_int4_ref(p: torch.Tensor, in_ch: int) -> torch.Tensor:
@@ -108,6 +123,108 @@ def test_int4_nibble_order() -> None:
     out = torch.empty_like(w)
     dequantize_int4(p, s, out)
     assert torch.equal(out, w)
+
+
+# ---- int4g ----------------------------------------------------------------------------------------------------
+
+INT4G_SLACK = 0.5 + 15 * 2.0 ** -8   # half a step, plus where the bf16-rounded scale makes hi land on 15.5 steps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int4g_round_trip_normal(dtype: torch.dtype) -> None:
+    w = (torch.randn(256, 4096, generator=_gen(2)) + 0.3).to(dtype)     # an offset: the groups are not symmetric
+    p, s, z, dq = _rt4g(w)
+    groups = 4096 // INT4G_GROUP
+    assert p.dtype == torch.uint8 and p.shape == (256, 2048)
+    assert s.dtype == torch.bfloat16 and s.shape == (256, groups) and z.dtype == torch.uint8 and z.shape == s.shape
+    assert int(z.max()) <= 15
+    scale_el = _per_element_scale(s, 4096, INT4G_GROUP)
+    _check_bound(w, dq, scale_el, slack=INT4G_SLACK)
+    # the reference dequantization, by integer ops and one float32 product rounded once
+    q = _nibbles_ref(p, 4096) - z.to(torch.int32).repeat_interleave(INT4G_GROUP, dim=1)
+    assert torch.equal(dq, (q.float() * scale_el).to(dtype))
+    err, err4 = relative_error(w, dq), relative_error(w, _rt4(w)[2])
+    assert err < 0.75 * err4, (err, err4)     # observed ~0.083 against int4's ~0.12
+
+
+def test_int4g_nibble_order_and_zero_point() -> None:
+    # one group spanning [-5, 10]: scale 1, zero point 5, so q = w + 5; column 0 -> low nibble of byte 0
+    w = torch.tensor([[-5.0, 10.0, 0.0, 3.0, -1.0]])
+    p, s, z = quantize_int4g(w)
+    assert s.tolist() == [[1.0]] and z.tolist() == [[5]]
+    assert p.tolist() == [[0 | (15 << 4), 5 | (8 << 4), 4 | (5 << 4)]]    # the pad nibble holds the zero point
+    out = torch.empty_like(w)
+    dequantize_int4g(p, s, z, out)
+    assert torch.equal(out, w)
+    # all of a group's 16 levels serve its own range: a positive group loses nothing to the negative half
+    pos = torch.arange(16.0)[None] * 0.25
+    out = torch.empty_like(pos)
+    dequantize_int4g(*quantize_int4g(pos), out)
+    assert torch.equal(out, pos)
+
+
+@pytest.mark.parametrize("shape", [(1, 130), (3, 7), (4, 1), (2, 65), (1, 64), (5, 255), (2, 2100)])
+def test_int4g_odd_shapes_and_zero_groups(shape: tuple[int, int]) -> None:
+    out_ch, in_ch = shape
+    w = torch.randn(shape, generator=_gen(3)).bfloat16()
+    w[0, :min(in_ch, INT4G_GROUP)] = 0        # a zero group
+    p, s, z, dq = _rt4g(w)
+    assert (tuple(p.shape), tuple(s.shape)) == int4_shapes(out_ch, in_ch, INT4G_GROUP) == (
+        (out_ch, math.ceil(in_ch / 2)), (out_ch, math.ceil(in_ch / INT4G_GROUP)))
+    assert s[0, 0] == 0 and z[0, 0] == 0 and (dq[0, :INT4G_GROUP] == 0).all()
+    _check_bound(w, dq, _per_element_scale(s, in_ch, INT4G_GROUP), slack=INT4G_SLACK)
+
+
+def test_int4g_extreme_values_do_not_overflow() -> None:
+    big = torch.finfo(torch.bfloat16).max
+    w = torch.tensor([[big, -big, 1.0, 0.0], [big, big * 0.99, 0.0, -1.0]], dtype=torch.bfloat16)
+    p, s, z, dq = _rt4g(w)
+    assert torch.isfinite(dq).all()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="inf or NaN"):
+            quantize_int4g(torch.tensor([[1.0, bad]]))
+
+
+def test_bytes_per_weight_of_each_format() -> None:
+    # int4: 4 bits + a bf16 per 128 (4.125 bits); int4g: 4 bits + a bf16 and a byte per 32 (4.75 bits)
+    assert bytes_per_weight(Quant.int4, 4096) == 0.5 + 2 / 128
+    assert bytes_per_weight(Quant.int4g, 4096) == 0.5 + 3 / 32
+    assert bytes_per_weight(Quant.int8, 4096) == 1 + 2 / 4096
+    assert bytes_per_weight(Quant.int4g, 4096) / bytes_per_weight(Quant.int4, 4096) == pytest.approx(1.1515, abs=1e-4)
+
+
+# ---- the Triton kernels under Triton's interpreter: bitwise the torch path ------------------------------------
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+    quant_module._triton_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_kernels_match_the_torch_path_bitwise(triton_interpreter, dtype: torch.dtype) -> None:
+    # shapes: whole groups, a short last group, an odd input (a pad nibble), more than one program per row
+    for shape in [(3, 256), (2, 130), (4, 255), (2, 2100)]:
+        w = (torch.randn(shape, generator=_gen(7)) * 3 + 0.5).to(dtype)
+        for quantize, dequantize in ((quantize_int8, dequantize_int8), (quantize_int4, dequantize_int4),
+                                     (quantize_int4g, dequantize_int4g)):
+            parts = quantize(w)
+            ref, got = torch.full_like(w, float("nan")), torch.full_like(w, float("nan"))
+            dequantize(*parts, ref, backend="torch")
+            dequantize(*parts, got, backend="triton")
+            assert torch.equal(got.view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8)), (
+                quantize.__name__, shape, dtype)
+
+
+def test_triton_kernel_writes_a_strided_output_bitwise(triton_interpreter) -> None:
+    w = torch.randn(6, 200, generator=_gen(8)).bfloat16()
+    big = torch.zeros(6, 300, dtype=torch.bfloat16)
+    ref = torch.empty_like(w)
+    dequantize_int4g(*quantize_int4g(w), ref, backend="torch")
+    dequantize_int4g(*quantize_int4g(w), big[:, 50:250], backend="triton")
+    assert torch.equal(big[:, 50:250], ref) and (big[:, :50] == 0).all() and (big[:, 250:] == 0).all()
 
 
 def test_zero_rows_and_groups() -> None:
@@ -204,13 +321,15 @@ def _aligned_256(n_bytes: int) -> int:
 def packed_bytes_by_quantizing(weights: list[torch.Tensor], quant: Quant) -> int:
     """Bytes of the packed buffer of a block holding ``weights`` (in block order), counted without the layout code:
     quantize each real tensor that the format quantizes (2-D, both dimensions non-zero, bf16/f16/f32) and add up
-    what ``quantize_int8``/``quantize_int4`` return (values, then scales), every other weight's own bytes, each
+    what ``quantize_int8``/``quantize_int4``/``quantize_int4g`` return (values, scales, zero points), every other
+    weight's own bytes, each
     part padded to 256 bytes."""
     total = 0
     for t in weights:
         quantized = (quant != Quant.none and t.dim() == 2 and t.numel() > 0
                      and t.dtype in (torch.bfloat16, torch.float16, torch.float32))
-        parts = (quantize_int8(t) if quant == Quant.int8 else quantize_int4(t)) if quantized else (t,)
+        quantize = {Quant.int8: quantize_int8, Quant.int4: quantize_int4, Quant.int4g: quantize_int4g}.get(quant)
+        parts = quantize(t) if quantized else (t,)
         total += sum(_aligned_256(p.numel() * p.element_size()) for p in parts)
     return total
 
@@ -246,7 +365,7 @@ def _tensors(objects: dict[str, Object], seed: int = 6) -> dict[str, torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("quant", [Quant.int8, Quant.int4, Quant.none])
+@pytest.mark.parametrize("quant", [Quant.int8, Quant.int4, Quant.int4g, Quant.none])
 def test_pack_unpack_block(quant: Quant) -> None:
     block, objects = _block(LAYER, quant)
     tensors = _tensors(objects)
@@ -286,8 +405,10 @@ def test_pack_unpack_block(quant: Quant) -> None:
             want = torch.empty_like(t)
             if e.storage == Storage.int8:
                 dequantize_int8(*quantize_int8(t), want)
-            else:
+            elif e.storage == Storage.int4:
                 dequantize_int4(*quantize_int4(t), want)
+            else:
+                dequantize_int4g(*quantize_int4g(t), want)
             assert torch.equal(got, want), e.name
             assert relative_error(t, got) < (1e-2 if quant == Quant.int8 else 1.5e-1)
         # padding between weights in the slot is not written
@@ -323,7 +444,7 @@ def _n_parts(block: Block, objects: dict[str, Object]) -> int:
     return sum(len(e.parts()) for e in quant_layout(block, objects))
 
 
-@pytest.mark.parametrize("quant", [Quant.int8, Quant.int4])
+@pytest.mark.parametrize("quant", [Quant.int8, Quant.int4, Quant.int4g])
 def test_transfer_bytes_are_what_packing_produces(quant: Quant) -> None:
     # What a visit copies is the packed buffer with its 256-byte-aligned parts: costs must count exactly that.
     block, objects = _block([("wq", "bf16", [512, 4096]), ("norm", "bf16", [4096]), ("wo", "f16", [96, 130]),
@@ -370,7 +491,7 @@ def test_bytes_on_traced_model() -> None:
     for b in prog.blocks:
         assert b.size_bytes == transfer_bytes(b, prog)       # unquantized: the front end's block buffer
         assert quantized_block_bytes(b, objects) == b.size_bytes
-        for quant in (Quant.int8, Quant.int4):
+        for quant in (Quant.int8, Quant.int4, Quant.int4g):
             bq = b.model_copy(update={"quant": quant})
             tb = transfer_bytes(bq, prog)
             assert tb == packed_bytes_by_quantizing([values[w].detach() for w in b.weights], quant)

@@ -31,11 +31,15 @@ BUILTIN: dict[str, HardwareProfile] = {
     ),
     "h200": HardwareProfile(
         name="h200",
-        source="measured 2026-12-01 on an NVIDIA H200 (143771 MiB, PCIe gen5 x16 host link, driver 580.159.04), "
-               "torch 2.11.0+cu130, by `memintent profile`: pinned 2 GiB copies 55.22 GB/s both ways, 1 GiB "
-               "device copy, 8192^3 bf16 matmul, int8 -> bf16 dequantisation (Triton)",
-        h2d_gbps=55.2, d2h_gbps=55.2, hbm_gbps=4021.0, bf16_tflops=752.0, hbm_bytes=150109880320,
-        launch_overhead_s=6.5e-6, copy_latency_s=7.0e-6, dequant_gbps=1704.0, workspace_bytes=36 << 20,
+        source="measured 2026-12-02 on an NVIDIA H200 (143771 MiB, PCIe gen5 x16 host link, driver 580.159.04), "
+               "torch 2.11.0+cu130, Triton 3.6, by `memintent profile`: pinned 2 GiB copies 55.3 GB/s both ways, 1 GiB "
+               "device copy, 8192^3 bf16 matmul, a 8192 -> 28672 linear by tokens, int8 -> bf16 dequantisation "
+               "(Triton); the paged-attention kernel by benchmarks/attention_kernel.py (64 decodes of 200-1024 keys: "
+               "2.6 TB/s of keys and values; prompt chunks 157 TFLOP/s)",
+        h2d_gbps=55.3, d2h_gbps=55.2, hbm_gbps=4203.0, bf16_tflops=782.0, hbm_bytes=150109880320,
+        launch_overhead_s=7.4e-6, copy_latency_s=3.9e-6, dequant_gbps=1674.0, workspace_bytes=36 << 20,
+        gemm_tflops=[(1, 3.23), (16, 59.9), (64, 219.4), (256, 597.7), (1024, 751.4), (4096, 790.5), (16384, 716.8)],
+        attention_tflops=157.0, attention_gbps=2600.0,
     ),
     "a100-80g": HardwareProfile(
         name="a100-80g",

@@ -20,7 +20,14 @@ from memintent.ir.proven import Proven
 from memintent.kv import attention
 from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
 from memintent.kv.layout import PoolViews, layout_of
-from memintent.kv.paged_kernel import KernelConfig, MetaSizes, MetaStaging, PagedMeta, build_meta, paged_attention_varlen
+from memintent.kv.paged_kernel import (
+    KernelConfig,
+    MetaSizes,
+    MetaStaging,
+    PagedMeta,
+    build_meta,
+    paged_attention_varlen,
+)
 from memintent.models.plan_model import resident_model
 from memintent.runtime.arena import POISON_BYTE
 from memintent.runtime.copy_engine import CpuBackend, CudaBackend

@@ -37,8 +37,14 @@ import torch.nn.functional as F
 from memintent.errors import MemintentError
 from memintent.ir.model import PAGED_ATTENTION_OP
 from memintent.kv.layout import PoolViews
-from memintent.kv.paged_kernel import (MAX_SPLITS, PagedMeta, bucket, paged_attention_varlen, prompt_block_m,
-                                       write_kv_pages)
+from memintent.kv.paged_kernel import (
+    MAX_SPLITS,
+    PagedMeta,
+    bucket,
+    paged_attention_varlen,
+    prompt_block_m,
+    write_kv_pages,
+)
 
 OP_NAME = PAGED_ATTENTION_OP
 ENGINE_ATTENTION = "memintent"      # the name registered with transformers, and ModelRef.attention of a generation plan

@@ -207,9 +207,11 @@ def _set_quant(p: Program, block: Block, q: Quant, objects: dict | None = None) 
 
 
 def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: set[str]) -> None:
-    """``--quant auto``: starting from int4 everywhere, give each streamed block the widest bit width (bf16, then
-    int8) that keeps the simulated forward within 1% of the all-int4 time and the plan within budget. Where PCIe
-    binds nothing widens; where compute hides the copies, blocks go back to bf16 and lose no accuracy."""
+    """``--quant auto``: starting from int4g everywhere (``starting_quant``), give each streamed block the widest
+    bit width (bf16, then int8) that keeps the simulated forward within 1% of the all-int4g time and the plan
+    within budget. Each width is weighed by the bytes its packed layout really copies (``costs.transfer_bytes``)
+    and its unpacking time. Where PCIe binds nothing widens; where compute hides the copies, blocks go back to
+    bf16 and lose no accuracy."""
     bmap, objs = p.block_map(), p.object_map()
     search = _Search(p)
     t_int4 = search.time(streamed, k)
@@ -229,9 +231,16 @@ def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: s
             search.requant(b)
 
 
+QUANT_POLICIES = ("none", "int8", "int4", "int4g", "auto")   # --quant: a bit width for every streamed block, or auto
+
+
 def starting_quant(quant: str) -> Quant:
-    """The bit width a ``--quant`` policy gives a streamable block first (``auto`` starts from int4)."""
-    return Quant.int4 if quant == "auto" else Quant(quant)
+    """The bit width a ``--quant`` policy gives a streamable block first. ``auto`` starts from int4g, the int4 with
+    a zero point per group of 32 (a third to two fifths of int4's perplexity rise on SmolLM2-135M: benchmarks/quality.py),
+    never from int4 (one symmetric scale per 128 columns), which only an explicit ``--quant int4`` asks for."""
+    if quant not in QUANT_POLICIES:
+        raise MemintentError(f"--quant {quant!r}: use {', '.join(QUANT_POLICIES[:-1])} or auto")
+    return Quant.int4g if quant == "auto" else Quant(quant)
 
 
 def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
@@ -306,7 +315,7 @@ def _stream_slots(p: Program, streamed: frozenset, k: int) -> None:
 
 def residency(program: Program, depth: int | None = None, quant: str = "none") -> Program:
     """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
-    ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, or auto (chosen per block)."""
+    ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, int4g, or auto (chosen per block)."""
     p = program   # in place: run_passes hands the pipeline its own copy
     p.budget_bytes = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
     res = reserved_bytes(p)
@@ -328,14 +337,17 @@ def residency(program: Program, depth: int | None = None, quant: str = "none") -
     return p
 
 
-def given_residency(program: Program, streamed: set[str], k: int) -> Program:
-    """The residency pass with the decision given rather than searched: ``streamed`` blocks stream, unquantized,
-    through ``k`` stream slots and the rest stay resident (tests and experiments that need a particular plan)."""
+def given_residency(program: Program, streamed: set[str], k: int, quant: Quant = Quant.none) -> Program:
+    """The residency pass with the decision given rather than searched: ``streamed`` blocks stream through ``k``
+    stream slots, at bit width ``quant`` where they hold a 2-D weight, and the rest stay resident (tests,
+    experiments and benchmarks that need a particular plan)."""
     p = program
     if p.budget_bytes is None:
         p.budget_bytes = p.hardware.hbm_bytes
+    objs = p.object_map()
     for b in p.blocks:
-        _set_quant(p, b, Quant.none)
+        quantizable = b.name in streamed and any(len(objs[w].shape) == 2 for w in b.weights)
+        _set_quant(p, b, quant if quantizable else Quant.none, objs)
     _set_residencies(p, {b.name for b in p.blocks} - set(streamed))
     _stream_slots(p, frozenset(streamed), k)
     return p
@@ -357,9 +369,9 @@ def residency_pass(depth: int | None = None, quant: str = "none") -> Pass:
     return Pass("residency", lambda p: residency(p, depth, quant), requires=("costs",), ensures=_ensure)
 
 
-def given_residency_pass(streamed: set[str], k: int) -> Pass:
+def given_residency_pass(streamed: set[str], k: int, quant: Quant = Quant.none) -> Pass:
     """A residency pass that records a given decision (``given_residency``) under the same contract."""
-    return Pass("residency", lambda p: given_residency(p, streamed, k), requires=("costs",), ensures=_ensure)
+    return Pass("residency", lambda p: given_residency(p, streamed, k, quant), requires=("costs",), ensures=_ensure)
 
 
 RESIDENCY = residency_pass()

@@ -66,7 +66,12 @@ def rebind(t: torch.Tensor, value: torch.Tensor) -> None:
     if torch._has_compatible_shallow_copy_type(t, value):
         t.data = value
     else:
-        new = torch.nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else value
+        # Swap with a fresh object aliasing ``value``, never ``value`` itself: the swap gives that object ``t``'s
+        # old (meta) contents, and the runtime keeps ``value`` to rebind ``t`` to at every visit. (A buffer such
+        # as a rotary embedding's inv_freq in a streamed block met exactly that: its second visit bound the model
+        # to a meta tensor and failed in set_data.)
+        fresh = value.detach()
+        new = torch.nn.Parameter(fresh, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else fresh
         torch.utils.swap_tensors(t, new)
 
 

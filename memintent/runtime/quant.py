@@ -1,8 +1,8 @@
 """Weight quantization for streamed blocks: fewer bytes over PCIe, dequantized on the device after arrival.
 
-A streamed block whose ``Block.quant`` is ``int8`` or ``int4`` lives on the host as a *packed block*: one flat
-uint8 buffer holding, for each weight in the block's order, either the weight as it is (``raw``) or its quantized
-values followed by its scales. Each part starts on a 256-byte boundary. A visit copies the packed buffer into the
+A streamed block whose ``Block.quant`` is ``int8``, ``int4`` or ``int4g`` lives on the host as a *packed block*: one
+flat uint8 buffer holding, for each weight in the block's order, either the weight as it is (``raw``) or its
+quantized values followed by its scales (and int4g's zero points). Each part starts on a 256-byte boundary. A visit copies the packed buffer into the
 end of its stream slot, and ``unpack_block`` dequantizes it into the start of the same slot, which is laid out
 exactly like the unquantized block (weight ``w`` at ``objects[w].block_offset_bytes``), so the model's views on
 the slot do not change (spec/runtime.md, "Quantized blocks").
@@ -20,7 +20,17 @@ Formats (``w`` is a 2-D weight of shape ``(out, in)``, row = output channel):
     ``q + 8`` in a nibble, two per byte, the low nibble holding the even column. A row with an odd number of
     columns is padded with one zero value (nibble 8), so values are ``uint8 (out, ceil(in / 2))``; scales
     ``bf16 (out, ceil(in / 128))``, the last group of a row may be short. (As the scale is rounded to nearest,
-    ``-absmax / scale >= -7.03``: the value -8 never occurs in practice.)
+    ``-absmax / scale >= -7.03``: the value -8 never occurs in practice.) 4.125 bits per weight.
+``int4g``
+    asymmetric, one bf16 scale and one uint8 zero point per group of ``INT4G_GROUP`` = 32 consecutive input
+    columns of a row (the scheme of GGUF's Q4_1/Q4_K, AWQ and GPTQ: all 16 levels span the group's own range):
+    with ``lo = min(group, 0)`` and ``hi = max(group, 0)``, ``scale = hi / 15 - lo / 15`` (rounded to nearest
+    bf16), ``z = clamp(round(-lo / scale), 0, 15)``, ``q = clamp(round(w / scale) + z, 0, 15)`` in a nibble, two
+    per byte as int4. Values ``uint8 (out, ceil(in / 2))`` (a pad nibble holds ``z`` of its group: value 0),
+    scales ``bf16 (out, ceil(in / 32))``, zero points ``uint8 (out, ceil(in / 32))``. Dequantized:
+    ``(q - z) * scale``, an integer in [-15, 15] times a bf16 scale, exact in float32, rounded once to the
+    weight's dtype. 4.75 bits per weight (``layout.bytes_per_weight``). On SmolLM2-135M it raises
+    perplexity by a third to two fifths of what int4 does (benchmarks/quality.py, README "Quantization and quality").
 
 Where ``qmax * scale`` would exceed the weight dtype's max (weights within 2^-8 of it), the scale is rounded
 down instead, so nothing dequantizes to inf.
@@ -28,22 +38,24 @@ down instead, so nothing dequantizes to inf.
 Which weights are quantized, and where each part sits in the packed buffer, is ``memintent.ir.layout`` (pure
 arithmetic the compiler sizes copies with); this module fills and reads that layout with torch.
 
-A zero row (int8) or zero group (int4) gets scale 0 and values 0 and dequantizes to exact zeros. Non-finite
+A zero row (int8) or zero group (int4, int4g) gets scale 0 and values 0 and dequantizes to exact zeros. Non-finite
 weights are rejected (``ValueError``): their scale would be inf/NaN and poison the whole row.
 
 Backends: the functions here are torch ops only and run on CPU and CUDA; that torch path is the reference.
-``dequantize_int8``/``dequantize_int4``/``unpack_block`` take ``backend="auto"``, which on CUDA tensors with
-``triton`` importable uses a one-pass Triton kernel (read packed values + scales, write the output dtype).
-UNTESTED HERE: the Triton kernels were written on a machine without a GPU. Before relying on them, check on a
-GPU that ``backend="triton"`` and ``backend="torch"`` give bitwise equal outputs (both compute ``q * scale`` in
-float32 and round to nearest even once, so they must) for int8 and int4, bf16 and f16 outputs, ``in`` a multiple
-of 128, not one, and odd.
+``dequantize_int8``/``dequantize_int4``/``dequantize_int4g``/``unpack_block`` take ``backend="auto"``, which on
+CUDA tensors with ``triton`` importable uses a one-pass Triton kernel (read packed values, scales and zero points,
+write the output dtype). Both compute the same exact float32 product and round it once, so they are bitwise
+equal: tests/test_quant_stream.py checks it on a GPU, and tests/test_quant.py on the CPU with Triton's
+interpreter (``TRITON_INTERPRET=1``, under which ``backend="triton"`` also takes CPU tensors).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
+import pathlib
 from typing import Literal
 
 import torch
@@ -52,6 +64,7 @@ from memintent.errors import RuntimeFault
 from memintent.ir.dtypes import torch_dtypes
 from memintent.ir.layout import (  # noqa: F401 -- the layout's names, re-exported for the runtime's callers
     INT4_GROUP,
+    INT4G_GROUP,
     PART_ALIGN_BYTES,
     QUANTIZABLE_DTYPES,
     Part,
@@ -86,9 +99,14 @@ def _bf16_scale(absmax: torch.Tensor, qmax: int, wmax: float, what: str) -> tupl
 
     ``absmax``: float32 per row/group; ``wmax``: the largest finite value of the weight's dtype.
     """
-    if not bool(torch.isfinite(absmax).all()):   # absmax is small (one value per row/group): a cheap check
+    return _round_scale(absmax / qmax, qmax, wmax, what)
+
+
+def _round_scale(scale32: torch.Tensor, qmax: int, wmax: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_bf16_scale`` from the float32 scale itself: dequantized values are at most ``qmax * scale`` in size."""
+    if not bool(torch.isfinite(scale32).all()):   # one value per row/group: a cheap check
         raise ValueError(f"{what}: the weight has inf or NaN values; they cannot be quantized")
-    scale32 = (absmax / qmax).contiguous()
+    scale32 = scale32.contiguous()
     # Round to nearest bf16 (relative error <= 2^-8): the values clamped at qmax then err by at most
     # absmax * 2^-8 < scale / 2. Only where qmax * scale would exceed the weight dtype's range (weights within
     # 2^-8 of its max) take the scale rounded *down* (low 16 bits of the float32 dropped: bf16 is its top
@@ -193,19 +211,112 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tenso
     if _use_triton(backend, packed, out):
         _triton_dequant_int4(packed, scales, out)
         return out
+    _nibbles_into(packed, out)
+    out.sub_(8)
+    _per_group(out, INT4_GROUP, lambda view, g0, g1: view.mul_(scales[:, g0:g1, None]))
+    return out
+
+
+# ---- int4g: asymmetric int4, a scale and a zero point per group ---------------------------------------------
+
+def quantize_int4g(w: torch.Tensor, group: int = INT4G_GROUP
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w (out, in)`` float -> ``(packed: uint8 (out, ceil(in/2)), scales: bf16 (out, G), zeros: uint8 (out, G))``
+    with ``G = ceil(in / group)``: asymmetric per group of ``group`` input columns (the layout's is
+    ``INT4G_GROUP``; another ``group`` is for measuring, not for packing). Nibble ``q`` in [0, 15] stands for
+    ``(q - zero) * scale``; low nibble = even column. Padding columns (to a whole group / byte) are zeros: they
+    leave ``min(group, 0)`` and ``max(group, 0)`` unchanged, and a pad nibble holds its group's zero point."""
+    _check_2d_float(w, "quantize_int4g")
+    out_ch, in_ch = w.shape
+    (_, n_bytes), (_, n_groups) = int4_shapes(out_ch, in_ch, group)
+    packed = torch.empty((out_ch, n_bytes), dtype=torch.uint8, device=w.device)
+    scales = torch.empty((out_ch, n_groups), dtype=torch.bfloat16, device=w.device)
+    zeros = torch.empty((out_ch, n_groups), dtype=torch.uint8, device=w.device)
+    if in_ch == 0:
+        return packed, scales, zeros
+    pad = n_groups * group - in_ch
+    step = _rows_per_chunk(n_groups * group)
+    for r0 in range(0, out_ch, step):
+        x = torch.nn.functional.pad(w[r0:r0 + step].float(), (0, pad))            # (r, G*group) float32
+        x = x.view(x.shape[0], n_groups, group)
+        lo, hi = x.amin(dim=2).clamp_(max=0), x.amax(dim=2).clamp_(min=0)         # (r, G): the range holds 0
+        s, div, z = _int4g_scale_zero(lo, hi, torch.finfo(w.dtype).max)
+        scales[r0:r0 + step] = s
+        zeros[r0:r0 + step] = z.to(torch.uint8)
+        u = (torch.round(x / div[:, :, None]) + z[:, :, None]).clamp_(0, 15).to(torch.uint8)  # (r, G, group)
+        u = u.view(u.shape[0], -1)[:, :2 * n_bytes]                                  # (r, 2*ceil(in/2))
+        packed[r0:r0 + step] = u[:, 0::2] | (u[:, 1::2] << 4)
+    return packed, scales, zeros
+
+
+def _int4g_scale_zero(lo: torch.Tensor, hi: torch.Tensor, wmax: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale: bf16, divisor: float32, zero point: float32 integral in [0, 15]) of groups spanning [lo, hi].
+
+    ``hi/15 - lo/15`` rather than ``(hi - lo)/15``: the difference of two weights near the dtype's max overflows.
+    So that nothing dequantizes to inf, the levels ``-z * scale`` and ``(15 - z) * scale`` must stay within the
+    dtype's range ``wmax``: the scale is at most ``wmax / 8`` (rounded down where rounding to nearest would pass
+    it), and ``z`` is kept within ``[15 - m, m]`` for ``m = floor(wmax / scale) >= 8``. Both bind only for groups
+    within a factor of two of the dtype's max; other groups get ``z = round(-lo / scale)``."""
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):   # the cap below would hide an inf
+        raise ValueError("quantize_int4g: the weight has inf or NaN values; they cannot be quantized")
+    s, div = _round_scale(torch.minimum(hi / 15 - lo / 15, torch.full_like(hi, wmax / 8)), 8, wmax,
+                          "quantize_int4g")
+    m = torch.floor(wmax / div.double()).clamp_(max=15).float()                  # >= 8: the levels that fit
+    z = torch.round(-lo / div).clamp_(0, 15)
+    return s, div, torch.minimum(torch.maximum(z, 15 - m), m)
+
+
+def dequantize_int4g(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor,
+                     backend: Backend = "auto", group: int = INT4G_GROUP) -> torch.Tensor:
+    """Write ``(q - zero) * scale`` into ``out`` (``(out, in)``, bf16/f16/f32, unit column stride) in place.
+
+    Torch path: as ``dequantize_int4`` (nibbles extracted with exact float arithmetic in ``out``), then per
+    group ``- zero`` (integers below 16: exact in every output dtype) and ``* scale`` (multiplied in float32,
+    rounded once); no output-sized temporaries. The Triton kernel does it in one pass.
+    """
+    out_ch, in_ch = out.shape if out.dim() == 2 else (-1, -1)
+    pshape, sshape = int4_shapes(out_ch, in_ch, group)
+    if (out.dim() != 2 or tuple(packed.shape) != pshape or tuple(scales.shape) != sshape
+            or tuple(zeros.shape) != sshape):
+        raise ValueError(f"dequantize_int4g: shapes packed {tuple(packed.shape)}, scales {tuple(scales.shape)}, "
+                         f"zeros {tuple(zeros.shape)}, out {tuple(out.shape)} do not match (expected {pshape} and "
+                         f"{sshape})")
+    if in_ch == 0 or out_ch == 0:
+        return out
+    if _use_triton(backend, packed, out):
+        _triton_dequant_int4g(packed, scales, zeros, out, group)
+        return out
+    _nibbles_into(packed, out)
+    _per_group(out, group, lambda view, g0, g1: view.sub_(zeros[:, g0:g1, None]))
+    _per_group(out, group, lambda view, g0, g1: view.mul_(scales[:, g0:g1, None]))
+    return out
+
+
+def _nibbles_into(packed: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:, c]`` := nibble ``c`` of ``packed`` (0..15), computed exactly in ``out``'s float dtype: a byte
+    ``p`` converts exactly, and ``p mod 16`` and ``floor(p / 16)`` are exact there too."""
     even = out[:, 0::2]                        # (out, ceil(in/2)): columns 0, 2, 4, ... take the low nibbles
     odd = out[:, 1::2]                         # (out, floor(in/2)): columns 1, 3, ... take the high nibbles
     odd.copy_(packed[:, :odd.shape[1]])        # the byte's value, exact in out's dtype
     odd.div_(16, rounding_mode="floor")        # high nibble
     even.copy_(packed)
     even.remainder_(16)                        # low nibble
-    out.sub_(8)
-    full = in_ch // INT4_GROUP
+
+
+def _per_group(out: torch.Tensor, group: int, op) -> None:
+    """``op(view, g0, g1)`` on ``out`` seen as (out, groups g0..g1, group): the whole groups, then a short last
+    one (its view has a group axis of length 1 holding the remaining columns)."""
+    in_ch = out.shape[1]
+    full = in_ch // group
     if full:
-        out[:, :full * INT4_GROUP].unflatten(1, (full, INT4_GROUP)).mul_(scales[:, :full, None])
-    if in_ch % INT4_GROUP:
-        out[:, full * INT4_GROUP:].mul_(scales[:, full:full + 1])
-    return out
+        op(out[:, :full * group].unflatten(1, (full, group)), 0, full)
+    if in_ch % group:
+        op(out[:, full * group:].unsqueeze(1), full, full + 1)
+
+
+_QUANTIZE = {Storage.int8: quantize_int8, Storage.int4: quantize_int4, Storage.int4g: quantize_int4g}
+_DEQUANTIZE = {Storage.int8: dequantize_int8, Storage.int4: dequantize_int4, Storage.int4g: dequantize_int4g}
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -264,10 +375,8 @@ def pack_block(block: Block, objects: dict[str, Object], tensors: dict[str, torc
                              f"{e.dtype} {list(e.shape)}")
         if e.storage == Storage.raw:
             parts = [_bytes_of(t)]
-        elif e.storage == Storage.int8:
-            parts = [_bytes_of(x) for x in quantize_int8(t)]
         else:
-            parts = [_bytes_of(x) for x in quantize_int4(t)]
+            parts = [_bytes_of(x) for x in _QUANTIZE[e.storage](t)]
         for part, data in zip(e.parts(), parts):
             if data.numel() != part.size_bytes:   # the quantizer and the layout disagree: never write past a part
                 raise ValueError(f"pack_block: {e.name} packs to {data.numel()} bytes, its layout part holds "
@@ -277,7 +386,7 @@ def pack_block(block: Block, objects: dict[str, Object], tensors: dict[str, torc
     return layout
 
 
-UnpackOp = tuple  # (storage, values view, scales view or None, output view): see prepare_unpack
+UnpackOp = tuple  # (storage, values view, (scales view[, zeros view]) or None, output view): see prepare_unpack
 
 
 def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
@@ -293,11 +402,14 @@ def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
     if e.storage == Storage.int8:
         q = typed_view(src, v.offset_bytes, torch.int8, (out_ch, in_ch))             # int8 (out, in)
         scale = typed_view(src, s.offset_bytes, torch.bfloat16, (out_ch,))           # bf16 (out,)
-        return (Storage.int8, q, scale, out)
-    pshape, sshape = int4_shapes(out_ch, in_ch)
+        return (Storage.int8, q, (scale,), out)
+    group = INT4_GROUP if e.storage == Storage.int4 else INT4G_GROUP
+    pshape, sshape = int4_shapes(out_ch, in_ch, group)
     packed = typed_view(src, v.offset_bytes, torch.uint8, pshape)                    # uint8 (out, ceil(in/2))
-    scales = typed_view(src, s.offset_bytes, torch.bfloat16, sshape)                 # bf16 (out, ceil(in/128))
-    return (Storage.int4, packed, scales, out)
+    meta = (typed_view(src, s.offset_bytes, torch.bfloat16, sshape),)                # bf16 (out, ceil(in/group))
+    if e.storage == Storage.int4g:
+        meta += (typed_view(src, e.zeros.offset_bytes, torch.uint8, sshape),)         # uint8 (out, ceil(in/32))
+    return (e.storage, packed, meta, out)
 
 
 def prepare_unpack(block: Block, objects: dict[str, Object], src: torch.Tensor, dst: torch.Tensor
@@ -322,13 +434,11 @@ def prepare_unpack(block: Block, objects: dict[str, Object], src: torch.Tensor, 
 
 def run_unpack(ops: list[UnpackOp], backend: Backend = "auto") -> None:
     """Dequantize/copy every prepared entry; enqueued on the current stream (on CUDA no host synchronization)."""
-    for storage, values, scales, out in ops:
+    for storage, values, meta, out in ops:
         if storage == Storage.raw:
             out.copy_(values)
-        elif storage == Storage.int8:
-            dequantize_int8(values, scales, out, backend)
         else:
-            dequantize_int4(values, scales, out, backend)
+            _DEQUANTIZE[storage](values, *meta, out, backend)
 
 
 def unpack_block(block: Block, objects: dict[str, Object], src: torch.Tensor, dst: torch.Tensor,
@@ -356,7 +466,7 @@ def unpack_weight(block: Block, objects: dict[str, Object], src: torch.Tensor, n
     return out
 
 
-# ---- Triton (CUDA only; not exercised by the CPU test suite) --------------------------------------------------
+# ---- Triton (CUDA; on the CPU under Triton's interpreter) -----------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
@@ -368,56 +478,42 @@ def triton_available() -> bool:
     return True
 
 
+def triton_interpreting() -> bool:
+    """Triton's interpreter is on (``TRITON_INTERPRET=1``): its kernels run on CPU tensors (the CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _use_triton(backend: Backend, src: torch.Tensor, out: torch.Tensor) -> bool:
     if backend == "torch":
         return False
-    ok = (src.is_cuda and out.is_cuda and triton_available() and out.stride(1) == 1 and src.is_contiguous()
+    on_device = (src.is_cuda and out.is_cuda) or (backend == "triton" and triton_interpreting())
+    ok = (on_device and triton_available() and out.stride(1) == 1 and src.is_contiguous()
           and out.dtype in (torch.bfloat16, torch.float16, torch.float32))
     if backend == "triton" and not ok:
-        raise ValueError("backend='triton' needs CUDA tensors, triton importable, a contiguous source and an "
-                         "output with unit column stride of dtype bf16/f16/f32")
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), triton importable, a "
+                         "contiguous source and an output with unit column stride of dtype bf16/f16/f32")
     return ok
 
 
-_TRITON_BLOCK = 1024   # output columns (int8) or packed bytes (int4) per program
+_TRITON_BLOCK = 1024   # output columns (int8) or packed bytes (int4, int4g) per program
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_kernels():
+def _triton_kernels(interpreting: bool):
+    """(triton, the int8 kernel, the int4/int4g kernel) of ``memintent.runtime.quant_kernels``, compiled for CUDA
+    or, ``interpreting``, for Triton's interpreter. Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so
+    each mode gets its own copy of that module, executed under the mode's name."""
     import triton  # deferred: heavy, optional
-    import triton.language as tl  # deferred: heavy, optional
 
-    @triton.jit
-    def dq_int8(q_ptr, s_ptr, o_ptr, n_cols, q_row_stride, o_row_stride, BLOCK: tl.constexpr):
-        # One program: one row, BLOCK consecutive columns. out[r, c] = float32(q[r, c]) * float32(scale[r]).
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        q = tl.load(q_ptr + row * q_row_stride + cols, mask=mask, other=0).to(tl.float32)
-        s = tl.load(s_ptr + row).to(tl.float32)
-        tl.store(o_ptr + row * o_row_stride + cols, (q * s).to(o_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def dq_int4(p_ptr, s_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_stride, BLOCK: tl.constexpr):
-        # One program: one row, BLOCK consecutive packed bytes j -> output columns 2j (low nibble) and 2j+1 (high
-        # nibble), both in group (2j) // 128 = j // 64. out = float32(nibble - 8) * float32(scale).
-        row = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = j < n_bytes
-        p = tl.load(p_ptr + row * n_bytes + j, mask=mask, other=0).to(tl.int32)
-        lo = ((p & 15) - 8).to(tl.float32)
-        hi = (((p >> 4) & 15) - 8).to(tl.float32)
-        s = tl.load(s_ptr + row * n_groups + j // 64, mask=mask, other=0).to(tl.float32)
-        o_row = o_ptr + row * o_row_stride
-        c = 2 * j
-        tl.store(o_row + c, (lo * s).to(o_ptr.dtype.element_ty), mask=mask & (c < n_cols))
-        tl.store(o_row + c + 1, (hi * s).to(o_ptr.dtype.element_ty), mask=mask & (c + 1 < n_cols))
-
-    return triton, dq_int8, dq_int4
+    name = f"memintent.runtime._quant_kernels_{'interpreted' if interpreting else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("quant_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return triton, module.dq_int8, module.dq_int4
 
 
 def _triton_dequant_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    triton, dq_int8, _ = _triton_kernels()
+    triton, dq_int8, _ = _triton_kernels(triton_interpreting())
     out_ch, in_ch = out.shape
     if out_ch == 0 or in_ch == 0:
         return
@@ -425,11 +521,24 @@ def _triton_dequant_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
     dq_int8[grid](q, scale.contiguous(), out, in_ch, q.stride(0), out.stride(0), BLOCK=_TRITON_BLOCK)
 
 
-def _triton_dequant_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
-    triton, _, dq_int4 = _triton_kernels()
+def _triton_dequant_nibbles(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                            out: torch.Tensor, group: int) -> None:
+    """int4 (``zeros`` None: offset 8) or int4g (offset: the group's zero point), one pass."""
+    triton, _, dq_int4 = _triton_kernels(triton_interpreting())
     out_ch, in_ch = out.shape
     n_bytes, n_groups = packed.shape[1], scales.shape[1]
-    if INT4_GROUP != 128:   # the kernel's j // 64 assumes it
-        raise RuntimeFault(f"the int4 kernel assumes groups of 128 values, not {INT4_GROUP}")
+    if group % 2:   # a byte's two columns must share a group: the kernel's j // HALF_GROUP assumes it
+        raise RuntimeFault(f"the int4 kernel needs an even group size, not {group}")
+    scales = scales.contiguous()
     grid = (out_ch, triton.cdiv(n_bytes, _TRITON_BLOCK))
-    dq_int4[grid](packed, scales.contiguous(), out, in_ch, n_bytes, n_groups, out.stride(0), BLOCK=_TRITON_BLOCK)
+    dq_int4[grid](packed, scales, scales if zeros is None else zeros.contiguous(), out, in_ch, n_bytes, n_groups,
+                  out.stride(0), BLOCK=_TRITON_BLOCK, HALF_GROUP=group // 2, ZEROS=zeros is not None)
+
+
+def _triton_dequant_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    _triton_dequant_nibbles(packed, scales, None, out, INT4_GROUP)
+
+
+def _triton_dequant_int4g(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor,
+                          group: int) -> None:
+    _triton_dequant_nibbles(packed, scales, zeros, out, group)

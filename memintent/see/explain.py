@@ -46,12 +46,12 @@ def _print_prediction(p: Program, console: Console) -> None:
 def _print_generation(p: Program, console: Console) -> None:
     g = p.generation
     streamed = [b for b in p.blocks if b.residency == Residency.streamed]
-    quant = {q: sum(1 for b in streamed if b.quant.value == q) for q in ("none", "int8", "int4")}
+    quant = {q: sum(1 for b in streamed if b.quant.value == q) for q in ("none", "int8", "int4", "int4g")}
     console.print(
         f"[bold]generation[/bold] ({g.objective}): {g.concurrency} sequences at once, context {g.context}, "
         f"workload prompt {g.prompt_len} + {g.gen_len} generated: predicted {g.tokens_per_s:.2f} tok/s, step "
         f"{fmt_s(g.decode_step_s)}; binding: {g.binding}; streamed blocks by bit width: bf16 {quant['none']}, "
-        f"int8 {quant['int8']}, int4 {quant['int4']} (policy {g.quant_policy})")
+        f"int8 {quant['int8']}, int4 {quant['int4']}, int4g {quant['int4g']} (policy {g.quant_policy})")
     _print_pool(p, console)
     visited = {v.block for v in p.visits}
     if not any(b.name in visited for b in streamed):

@@ -1,0 +1,63 @@
+"""The one-pass Triton dequantization kernels of ``memintent.runtime.quant`` (imported by it on first use, never
+at package import: this module imports triton).
+
+Each kernel reads the packed values, the scales (and int4g's zero points) and writes the output dtype once. Both
+kernels compute the torch reference's exact float32 product and round it once to nearest even, so their output is
+bitwise the torch path's (tests/test_quant.py checks it on the CPU under ``TRITON_INTERPRET=1``,
+tests/test_quant_stream.py on a GPU).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def to_out(x, dtype: tl.constexpr):
+    # float32 -> the output dtype, rounded to nearest even. bf16 is rounded here with integer ops (the top half of
+    # the float32 after adding 0x7FFF plus the kept half's lowest bit), which is what the GPU's conversion does
+    # too: Triton's interpreter truncates instead, and the CPU test compares bitwise with torch through it. x is
+    # finite (an exact product of finite numbers), so NaN needs no case of its own.
+    if dtype == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def dq_int8(q_ptr, s_ptr, o_ptr, n_cols, q_row_stride, o_row_stride, BLOCK: tl.constexpr):
+    # One program: one row, BLOCK consecutive columns. out[r, c] = float32(q[r, c]) * float32(scale[r]).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    q = tl.load(q_ptr + row * q_row_stride + cols, mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + row).to(tl.float32)
+    tl.store(o_ptr + row * o_row_stride + cols, to_out(q * s, o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dq_int4(p_ptr, s_ptr, z_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_stride, BLOCK: tl.constexpr,
+            HALF_GROUP: tl.constexpr, ZEROS: tl.constexpr):
+    # One program: one row, BLOCK consecutive packed bytes j -> output columns 2j (low nibble) and 2j+1 (high
+    # nibble), both in group (2j) // (2 * HALF_GROUP) = j // HALF_GROUP. The nibble's offset is the group's zero
+    # point (int4g: ZEROS) or 8 (int4). out = float32(nibble - offset) * float32(scale): an integer in [-15, 15]
+    # times a bf16, exact in float32, rounded once to the output dtype, as the torch path does.
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < n_bytes
+    p = tl.load(p_ptr + row * n_bytes + j, mask=mask, other=0).to(tl.int32)
+    g = row * n_groups + j // HALF_GROUP
+    s = tl.load(s_ptr + g, mask=mask, other=0).to(tl.float32)
+    if ZEROS:
+        z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.int32)
+    else:
+        z = 8
+    lo = ((p & 15) - z).to(tl.float32)
+    hi = (((p >> 4) & 15) - z).to(tl.float32)
+    o_row = o_ptr + row * o_row_stride
+    c = 2 * j
+    tl.store(o_row + c, to_out(lo * s, o_ptr.dtype.element_ty), mask=mask & (c < n_cols))
+    tl.store(o_row + c + 1, to_out(hi * s, o_ptr.dtype.element_ty), mask=mask & (c + 1 < n_cols))
