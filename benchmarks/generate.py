@@ -36,7 +36,7 @@ def section_opt30b(args, device, hw, doc):
     name = "tiny-llama" if args.small else "opt-30b"
     budget = (8 << 20) if args.small else 24 * GiB
     src = resolve(name, dtype="f32" if args.small else None)
-    reqs = synthetic(64, (512, 512), (32, 32), src.vocab_size, seed=1)
+    reqs = synthetic(args.requests, (512, 512), (32, 32), src.vocab_size, seed=1)
     for kv in args.opt_kv:
         plan = plan_generation(name, budget_bytes=budget, hardware=hw, context=544, prompt_len=512, gen_len=32,
                                quant="auto", kv_quant=kv, dtype="f32" if args.small else None)
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny models: a smoke test of the script")
     ap.add_argument("--work", default=None, help="folder for the Hugging Face folder hf8b writes (default: a temp)")
     ap.add_argument("--opt-kv", nargs="+", default=["none", "auto"], help="opt30b: the --kv-quant policies to run")
+    ap.add_argument("--requests", type=int, default=64, help="opt30b: requests of prompt 512 + 32 generated (64)")
     ap.add_argument("--profile-steps", type=int, default=0, help="opt30b: profile this many prompt-heavy steps")
     ap.add_argument("--hw", default=None, help="hardware profile (file or built-in name; default: this card's)")
     ap.add_argument("--out", default=None)
