@@ -59,6 +59,7 @@ from memintent.ir.model import (
 from memintent.kv import attention
 from memintent.kv.attention import gather_tokens
 from memintent.kv.layout import layout_of
+from memintent.kv.paged_kernel import bucket
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
 from memintent.passes.costs import launches, op_time_s, stage_time_s
@@ -211,10 +212,14 @@ def step_scratch(src, pool: KVPool, context: int, step_tokens: int, max_seqs: in
 
 
 def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork, context: int,
-                  max_seqs: int) -> Program:
+                  max_seqs: int, graph_bytes: int = 0) -> Program:
     """Give the step's attention ops their cost for the workload, the KV pool as what they read and write, and
-    their scratch; the step's attention metadata is a workspace held through the step (``step_scratch``)."""
+    their scratch; the step's attention metadata is a workspace held through the step (``step_scratch``), and so is
+    the memory of its decode steps' CUDA graphs (``graph_bytes``, ``decode_graph_bytes``)."""
     scratch, meta = step_scratch(src, pool, context, p.shape.seq, max_seqs)
+    if graph_bytes:
+        p.objects.append(Object(name="step.graphs", kind=ObjectKind.workspace, dtype="u8", shape=[graph_bytes],
+                                size_bytes=graph_bytes, home=Tier.hbm))
     p.objects.append(Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8",
                             shape=[pool.num_pages, pool.page_bytes], size_bytes=pool.num_pages * pool.page_bytes,
                             home=Tier.hbm))
@@ -304,7 +309,7 @@ class Search:
         else:
             p = self.step.at(shape.step_tokens, shape.max_seqs)
         p = annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w, self.hw), self.w.context,
-                          shape.max_seqs)
+                          shape.max_seqs, self.graph_bytes(pool, shape))
         # What the plan proves, before its prediction is known (verify, the pipeline's last pass, checks it).
         p.generation = GenerationPlan(
             objective=self.objective, step_tokens=shape.step_tokens, max_seqs=shape.max_seqs, context=self.w.context,
@@ -312,12 +317,23 @@ class Search:
             quant_policy=self.quant, kv_quant_policy=self.kv_quant, decode_step_s=0.0, tokens_per_s=0.0, binding="")
         return p
 
+    def graph_bytes(self, pool: KVPool, shape: Shape) -> int:
+        """Device memory the engine's decode graphs hold for the whole run beside every step (spec/runtime.md,
+        "Captured steps"): the activations of a decode step of the largest bucket, in one pool shared by all buckets.
+        Only a plan whose weights are all resident captures, and on a GPU; counted for every generation plan on a
+        GPU profile, so the proof holds whatever the residency pass decides."""
+        if self.hw.attention != "kernel" or not self.step.exact:
+            return 0
+        b = bucket(shape.max_seqs)
+        scratch, _ = step_scratch(self.src, pool, self.w.context, b, b)
+        return align_up(self.step.activation_peak(b, b, scratch))
+
     def light(self, shape: Shape) -> Program:
         pool = kv_pool(self.src, shape, self.page_tokens, self.swap(shape))
         work = step_work(self.src, pool, shape, self.w, self.hw)
         times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work)
         scratch, meta = step_scratch(self.src, pool, self.w.context, shape.step_tokens, shape.max_seqs)
-        held = (align_up(pool.num_pages * pool.page_bytes) + meta
+        held = (align_up(pool.num_pages * pool.page_bytes) + meta + self.graph_bytes(pool, shape)
                 + self.step.activation_peak(shape.step_tokens, shape.max_seqs, scratch))
         reserve = Object(name="kv.pool+activations", kind=ObjectKind.workspace, dtype="u8", shape=[held],
                          size_bytes=held, home=Tier.hbm)
