@@ -68,3 +68,15 @@ def smollm2_plan(smollm2_dir):
 
     return plan_generation(f"hf:{smollm2_dir}", budget_bytes=1 << 30, hardware=BUILTIN["cpu"], context=256,
                            prompt_len=32, gen_len=16, quant="none", concurrency=8, dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): their steps
+    take microseconds per op, so a second thread only adds waiting, long and erratic on a shared two-core runner."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

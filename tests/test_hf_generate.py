@@ -43,14 +43,7 @@ PLAN = {"context": 48, "prompt_len": 8, "gen_len": 8, "quant": "none", "concurre
 BUDGET_FRACTION = 0.85   # of the weights' bytes: too little for all of them next to the KV pool, enough to stream
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Steps of these sizes take microseconds per op: a second intra-op thread only adds waiting, and on a shared
-    # two-core runner that wait is long and erratic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one intra-op thread for this module
 
 
 @pytest.fixture(autouse=True)

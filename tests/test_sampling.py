@@ -29,12 +29,7 @@ DRAWS = 16000
 P_FAIL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one intra-op thread for this module
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,7 @@ PROMPTS = ["The capital of France is", "Once upon a time", "The best way to lear
            "The ocean", "Music makes", "On Monday I", "The first rule of", "Mountains are", "Coffee or tea?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one intra-op thread for this module
 
 
 def _start(app) -> tuple[uvicorn.Server, threading.Thread, int]:
