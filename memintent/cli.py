@@ -75,6 +75,9 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
         if args.batch_given:
             raise MemintentError("--batch is for forward plans; a generation plan's concurrency is chosen by the "
                                  "planner (force it with --concurrency N)")
+        if args.depth is not None:
+            raise MemintentError("--depth is for forward plans; a generation plan's stream slots are chosen with its "
+                                 "pool and step by the planner: leave --depth out")
         return plan_generation(
             args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
             prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
@@ -138,6 +141,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"wrote {out}: {len(plan.steps)} steps, {len(plan.blocks)} blocks ({streamed} streamed, depth "
         f"{pr.prefetch_depth}), peak {fmt_bytes(pr.peak_hbm_bytes)} of {fmt_bytes(plan.budget_bytes)}, "
         f"predicted {fmt_s(pr.step_time_s)} per forward (floor {fmt_s(pr.floor_s)}, binds: {pr.binding})")
+    if args.depth is not None and pr.prefetch_depth != args.depth:
+        why = "every block is resident" if not streamed else f"only {pr.prefetch_depth} streamed visit(s)"
+        console.print(f"--depth {args.depth}: the plan has {pr.prefetch_depth} stream slot(s), as {why}: more "
+                      "slots would hold nothing")
     console.print(f"hardware profile {hw.name} ({_hardware_origin(args.hw)}): {hw.source}")
     if plan.generation:
         g, kv = plan.generation, plan.kv_pool
