@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -158,8 +160,13 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
         if name in values:
             raise _SemanticError(f"field {name} given twice in {head}", key)
         kind = info.annotation
-        literal = value.type if isinstance(value, Token) else "list"
-        if kind is str and literal == "STRING":
+        literal = value.type if isinstance(value, Token) else type(value).__name__
+        nested = _nested_model(kind)
+        if nested is not None and literal in ("NONE", "_Section"):
+            values[name] = None if literal == "NONE" else _fields_model(nested, key, value.fields)
+        elif _int_list(kind) and literal in ("_Numbers", "list") and (literal == "_Numbers" or not value):
+            values[name] = [] if literal == "list" else [_int(t) for t in value.items]
+        elif kind is str and literal == "STRING":
             values[name] = _string(value)
         elif kind == list[str] and literal == "list":
             values[name] = value
@@ -174,6 +181,34 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
             raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
         where[name] = key
     return _build(cls, values, where, head)
+
+
+@dataclass
+class _Section:
+    """A nested ``name = { field = value ... }``: the (key, value) pairs of the model a field holds."""
+
+    fields: list
+
+
+@dataclass
+class _Numbers:
+    """A ``[1, 2, 3]`` list of NUMBER tokens."""
+
+    items: list
+
+
+def _nested_model(kind) -> type[BaseModel] | None:
+    """The model a field of type ``Model | None`` holds, else None."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    return next((k for k in options if isinstance(k, type) and issubclass(k, BaseModel)), None)
+
+
+def _int_list(kind) -> bool:
+    """Whether ``kind`` is a list of integers (``list[int]``, or of a constrained int)."""
+    if typing.get_origin(kind) is not list:
+        return False
+    (item,) = typing.get_args(kind)
+    return (typing.get_args(item)[0] if typing.get_origin(item) is typing.Annotated else item) is int
 
 
 @dataclass
@@ -240,6 +275,12 @@ class _Builder(Transformer):
 
     def field(self, c):
         return c[0], c[1]
+
+    def section(self, c):
+        return _Section(list(c))
+
+    def numbers(self, c):
+        return _Numbers(list(c))
 
     # -- blocks and objects
     def blocks(self, c):
