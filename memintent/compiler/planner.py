@@ -69,7 +69,7 @@ from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
 from memintent.passes.residency import residency
-from memintent.units import fmt_bytes
+from memintent.units import fmt_bytes, fmt_s
 
 KV_QUANT_GAIN = 1.05          # --kv-quant auto: int8 KV must predict >5 % more tokens/s than bf16 KV
 STEP_TOKEN_HEADROOM = 1.25    # step tokens over the steady-state need, for bursts of arrivals
@@ -84,7 +84,6 @@ class Workload:
     gen_len: int                  # mean generated tokens
     context: int                  # longest sequence: prompt + generated
     max_step_tokens: int = MAX_STEP_TOKENS   # a cap on a step's tokens (its activations), from --max-step-tokens
-    max_concurrency: int | None = None       # planning for given requests: no more sequences at once than there are
 
     @property
     def seq_tokens(self) -> int:
@@ -359,7 +358,7 @@ def _largest_fitting(search: Search, kvq: KVQuant, hide: int) -> int:
     for the sweep (bisection on the pool's size alone; the residency pass decides the rest)."""
     w, bt = search.w, search.page_tokens
     per_seq = kv_pool(search.src, shape_for(1, kvq, w, bt, hide), bt, 0).page_bytes * w.seq_tokens / bt
-    return max(1, min(int(search.budget / max(per_seq, 1)), w.max_step_tokens, w.max_concurrency or math.inf))
+    return max(1, min(int(search.budget / max(per_seq, 1)), w.max_step_tokens))
 
 
 def sweep(search: Search, kvq: KVQuant, hide: int, fixed: int | None) -> list[Outcome]:
@@ -488,8 +487,7 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
     _check_args(objective, context, prompt_len, gen_len, kv_page_tokens)
     src = generation_source(ref, dtype, context)
     w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context,
-                 max_step_tokens=max_step_tokens or MAX_STEP_TOKENS,
-                 max_concurrency=workload.requests if workload is not None else None)
+                 max_step_tokens=max_step_tokens or MAX_STEP_TOKENS)
     say("tracing the engine step at three shapes")
     step = AffineStep(src, (64, 8), say)
     steady_latency = objective == "latency" and workload is None
@@ -559,6 +557,7 @@ def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str,
 
 REFINE_PROBES = 6          # concurrencies tried around the best run (ternary search)
 TOKEN_FACTORS = (2.0, 0.5)  # step token budgets tried around the best run's, each way until one does not help
+POOL_FACTORS = (1.25, 0.8)  # KV pools tried around the best run's, likewise
 ORDER_SHAPES = 3           # the best runs' shapes also tried longest-output first
 
 
@@ -577,9 +576,11 @@ class Run:
         return self.sim.run_s if self.sim is not None else math.inf
 
     @property
-    def key(self) -> tuple[float, float]:
-        """Lower is better: the targets met first (latency), then the shorter run (= more tokens/s)."""
-        return (self.misses, self.run_s)
+    def key(self) -> tuple[float, float, int, int, int]:
+        """Lower is better: the targets met first (latency), then the shorter run (= more tokens/s), then (runs
+        alike) the smaller pool and step: the memory they would hold for nothing."""
+        s = self.outcome.shape
+        return (self.misses, self.run_s, s.num_pages, s.step_tokens, s.max_seqs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,6 +690,8 @@ class RunSearch:
     def run(self, outs: list[Outcome], kv_quant: str, hide: int, fixed: int | None) -> Run:
         for kvq in _kv_options(kv_quant):
             mine = [o for o in outs if o.shape.kv_quant == kvq and o.plan is not None]
+            if fixed is None and self.workload.requests <= _largest_fitting(self.search, kvq, hide):
+                mine.append(self.search.evaluate(self.pool_for(self._shape_n(self.workload.requests, kvq, hide).shape)))
             self.search.say(f"simulating the workload's run with {kvq.value} KV")
             for o in sorted({id(o): o for o in mine}.values(), key=lambda o: -o.tokens_per_s):
                 self.weigh(o, "fcfs")
@@ -697,12 +700,14 @@ class RunSearch:
             if fixed is None:
                 self._refine(kvq, hide)
             self._orders(kvq)
-            self._step_tokens(kvq)
+            self._shapes(kvq)
         return self._pick(kv_quant)
 
+    def _shape_n(self, n: int, kvq: KVQuant, hide: int) -> Outcome:
+        return self.search.evaluate(shape_for(n, kvq, self.search.w, self.search.page_tokens, hide))
+
     def _try_n(self, n: int, kvq: KVQuant, hide: int) -> Run:
-        o = self.search.evaluate(shape_for(n, kvq, self.search.w, self.search.page_tokens, hide))
-        return self.weigh(o, "fcfs")
+        return self.weigh(self._shape_n(n, kvq, hide), "fcfs")
 
     def _refine(self, kvq: KVQuant, hide: int) -> None:
         """Ternary search of the concurrency between the best run's neighbours among those tried."""
@@ -729,19 +734,36 @@ class RunSearch:
             for admission in ADMISSION_ORDERS:
                 self.weigh(self.search.evaluate(shape), admission)
 
-    def _step_tokens(self, kvq: KVQuant) -> None:
-        """The step token budget doubled (and halved) around the best run's, while that shortens the run."""
-        w = self.search.w
-        for factor in TOKEN_FACTORS:
-            while True:
-                best = self.best[kvq]
-                s = best.outcome.shape
-                tokens = max(min(round(s.step_tokens * factor), w.max_step_tokens), s.max_seqs)
-                if tokens == s.step_tokens:
-                    break
-                run = self.weigh(self.search.evaluate(replace(s, step_tokens=tokens)), best.admission)
-                if run is not self.best[kvq]:
-                    break
+    def pool_for(self, s: Shape) -> Shape:
+        """``s`` with a pool for ``s.concurrency`` of the workload's requests as they are: each holds its own
+        whole pages at its end (the steady-state shape counts a mean request's tokens)."""
+        pages = math.ceil(s.concurrency * self.workload.mean_pages(self.search.page_tokens, self.search.w.context))
+        return replace(s, num_pages=max(s.num_pages, pages + 1))
+
+    def _shapes(self, kvq: KVQuant) -> None:
+        """Around the best run's shape: its pool sized for the workload's requests, then larger and smaller pools,
+        then the step token budget doubled and halved, each way while that shortens the run."""
+        w, bt = self.search.w, self.search.page_tokens
+        least = math.ceil(w.context / bt) + 1                # one sequence of the full context always fits
+        best = self.best[kvq]
+        n = self.workload.requests      # no more sequences run at once than there are requests
+        s = best.outcome.shape
+        self.weigh(self.search.evaluate(replace(s, concurrency=min(s.concurrency, n), max_seqs=min(s.max_seqs, n))),
+                   best.admission)
+        best = self.best[kvq]
+        self.weigh(self.search.evaluate(self.pool_for(best.outcome.shape)), best.admission)
+        walks = [(lambda s, f: replace(s, num_pages=max(round(s.num_pages * f), least)), POOL_FACTORS),
+                 (lambda s, f: replace(s, step_tokens=max(min(round(s.step_tokens * f), w.max_step_tokens),
+                                                          s.max_seqs)), TOKEN_FACTORS)]
+        for change, factors in walks:
+            for factor in factors:
+                while True:
+                    best = self.best[kvq]
+                    shape = change(best.outcome.shape, factor)
+                    if shape == best.outcome.shape:
+                        break
+                    if self.weigh(self.search.evaluate(shape), best.admission) is not self.best[kvq]:
+                        break
 
     def _pick(self, kv_quant: str) -> Run:
         if not self.best:
@@ -751,7 +773,7 @@ class RunSearch:
         plain, int8 = self.best.get(KVQuant.none), self.best.get(KVQuant.int8)
         if kv_quant == "auto" and plain is not None and int8 is not None:
             # int8 KV only where it shortens the run by more than KV_QUANT_GAIN (it loses a little accuracy)
-            best = int8 if (int8.misses, int8.run_s * KV_QUANT_GAIN) < plain.key else plain
+            best = int8 if (int8.misses, int8.run_s * KV_QUANT_GAIN) < plain.key[:2] else plain
         else:
             best = min(self.best.values(), key=lambda r: r.key)
         if best.misses > 0:
@@ -759,8 +781,8 @@ class RunSearch:
             raise MemintentError(
                 f"no plan meets {self.targets.describe()} for {self.workload.summary()}: the closest, "
                 f"{best.outcome.shape.concurrency} sequences at once, has p99 time to first token "
-                f"{pr.ttft_p99_s * 1e3:.0f} ms and per output token {pr.tpot_p99_s * 1e3:.1f} ms: relax the targets, "
-                "raise --budget or serve fewer requests at once")
+                f"{fmt_s(pr.ttft_p99_s)} and per output token {fmt_s(pr.tpot_p99_s)}: relax the targets, raise "
+                "--budget or serve fewer requests at once")
         return best
 
     # -- the chosen plan --------------------------------------------------------------------------------------
@@ -781,15 +803,15 @@ class RunSearch:
     def _describe(self, r: Run, chosen: Run) -> str:
         s = r.outcome.shape
         streamed = sum(1 for b in r.outcome.plan.blocks if b.residency == Residency.streamed)
-        head = (f"{s.concurrency} sequences, {s.kv_quant.value} KV, {s.step_tokens} tokens/step, {r.admission}, "
-                f"{streamed} blocks streamed")
+        head = (f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_pages} pages), {s.step_tokens} tokens/step, "
+                f"{r.admission}, {streamed} blocks streamed")
         best_s = chosen.run_s
         if r.sim is None:
             return f"{head}: not simulated: at least {r.bound_s:.2f} s even at its cheapest step (chosen {best_s:.2f} s)"
         pr = r.sim.prediction
         if pr is None:
             return f"{head}: {r.sim.why}"
-        why = (f"misses the targets (p99 TTFT {pr.ttft_p99_s * 1e3:.0f} ms, TPOT {pr.tpot_p99_s * 1e3:.1f} ms)"
+        why = (f"misses the targets (p99 TTFT {fmt_s(pr.ttft_p99_s)}, TPOT {fmt_s(pr.tpot_p99_s)})"
                if r.misses > 0 else f"{pr.run_s - best_s:.2f} s longer than the chosen {best_s:.2f} s"
                if pr.run_s >= best_s else f"within {KV_QUANT_GAIN - 1:.0%} of the chosen with int8 KV")
         return f"{head}: run {pr.run_s:.2f} s, {pr.tokens_per_s:.2f} tok/s, {pr.steps} steps: {why}"

@@ -29,6 +29,7 @@ from memintent.kv import attention
 from memintent.passes.costs import copy_time_s, dequant_time_s, step_time_s
 from memintent.passes.schedule import make_schedule
 from memintent.passes.simulate import step_times
+from memintent.units import fmt_s
 
 SERIES_POINTS = 24       # points of a run's concurrency series
 
@@ -87,6 +88,12 @@ class RunWorkload:
         """The most tokens one request holds at its end (prompt + generated)."""
         return max(p + g for p, g in zip(self.prompt_lens, self.gen_lens))
 
+    def mean_pages(self, page_tokens: int, context: int) -> float:
+        """KV pages a request holds when it samples its last token (its prompt and all but that token cached, at
+        most ``context``), on average."""
+        return statistics.fmean(-(-min(p + g - 1, context) // page_tokens)
+                                for p, g in zip(self.prompt_lens, self.gen_lens))
+
     def summary(self) -> str:
         p, g = self.prompt_lens, self.gen_lens
         when = (f"Poisson arrivals at {self.arrival_rate:g} requests/s over {self.arrivals_s[-1]:.1f} s"
@@ -109,8 +116,8 @@ class Targets:
         return max(0.0, *over)
 
     def describe(self) -> str:
-        parts = [f"p99 time to first token <= {self.ttft_s * 1e3:.0f} ms" if self.ttft_s else "",
-                 f"p99 time per output token <= {self.tpot_s * 1e3:.1f} ms" if self.tpot_s else ""]
+        parts = [f"p99 time to first token <= {fmt_s(self.ttft_s)}" if self.ttft_s else "",
+                 f"p99 time per output token <= {fmt_s(self.tpot_s)}" if self.tpot_s else ""]
         return " and ".join(p for p in parts if p)
 
 

@@ -161,17 +161,20 @@ class _Search:
     def smallest(self, k: int, forced: set[str]) -> tuple[set[str], frozenset, int] | None:
         """The (resident, streamed, HBM bytes) with the least HBM at ``k`` stream slots whose schedule exists, or
         None. Streaming a block costs its share of a slot sized for the largest streamed block, so the least HBM
-        streams every block up to some slot need and keeps the larger ones resident (an untied embedding, larger
-        than a layer, is cheaper resident than as the size of every slot): each threshold is tried. The one rule
-        for the smallest plan: the search starts from it and a refusal states it."""
+        streams every block up to some slot need and keeps the larger ones resident (an embedding larger than a
+        layer is cheaper resident than as the size of every slot): each threshold is tried, with and without the
+        blocks read more than once (a tied embedding, read again by the head, needs a second slot when it
+        streams). The one rule for the smallest plan: the search starts from it and a refusal states it."""
         names = self.streamable(forced)
+        again = {b for b in names if self.nvisits[b] > 1}
         best = None
         for cap in sorted({self.need[b] for b in names}):
-            streamed = frozenset(b for b in names if self.need[b] <= cap)
-            resident = set(forced) | (set(names) - streamed)
-            mem = self.memory(resident, streamed, k)
-            if (best is None or mem < best[2]) and self.time(streamed, k) is not None:
-                best = (resident, streamed, mem)
+            upto = frozenset(b for b in names if self.need[b] <= cap)
+            for streamed in {upto, upto - again} - {frozenset()}:
+                resident = set(forced) | (set(names) - streamed)
+                mem = self.memory(resident, streamed, k)
+                if (best is None or mem < best[2]) and self.time(streamed, k) is not None:
+                    best = (resident, streamed, mem)
         return best
 
     def greedy(self, k: int, forced: set[str], room: int) -> tuple[set[str], frozenset, float] | None:
