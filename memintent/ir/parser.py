@@ -159,28 +159,31 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
             raise _SemanticError(f"unknown field {name} in {head}: expected one of {', '.join(cls.model_fields)}", key)
         if name in values:
             raise _SemanticError(f"field {name} given twice in {head}", key)
-        kind = info.annotation
-        literal = value.type if isinstance(value, Token) else type(value).__name__
-        nested = _nested_model(kind)
-        if nested is not None and literal in ("NONE", "_Section"):
-            values[name] = None if literal == "NONE" else _fields_model(nested, key, value.fields)
-        elif _int_list(kind) and literal in ("_Numbers", "list") and (literal == "_Numbers" or not value):
-            values[name] = [] if literal == "list" else [_int(t) for t in value.items]
-        elif kind is str and literal == "STRING":
-            values[name] = _string(value)
-        elif kind == list[str] and literal == "list":
-            values[name] = value
-        elif kind is int and literal == "NUMBER":
-            values[name] = _int(value)
-        elif kind is float and literal == "NUMBER":
-            values[name] = _float(value)
-        elif isinstance(kind, type) and issubclass(kind, enum.Enum) and literal == "STRING":
-            values[name] = _string(value)      # pydantic checks it is one of the enum's values
-        else:
-            wanted = {str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
-            raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
+        values[name] = _field_value(name, info.annotation, key, value)
         where[name] = key
     return _build(cls, values, where, head)
+
+
+_SCALARS = {(str, "STRING"): _string, (int, "NUMBER"): _int, (float, "NUMBER"): _float}
+
+
+def _field_value(name: str, kind, key: Token, value) -> Any:
+    """A field's value as its type ``kind`` wants it, from what the parser read."""
+    literal = value.type if isinstance(value, Token) else type(value).__name__
+    nested = _nested_model(kind)
+    if nested is not None and literal in ("NONE", "_Section"):
+        return None if literal == "NONE" else _fields_model(nested, key, value.fields)
+    if _int_list(kind) and (literal == "_Numbers" or (literal == "list" and not value)):
+        return [_int(t) for t in value.items] if literal == "_Numbers" else []
+    scalar = _SCALARS.get((kind, literal))
+    if scalar is not None:
+        return scalar(value)
+    if kind == list[str] and literal == "list":
+        return value
+    if isinstance(kind, type) and issubclass(kind, enum.Enum) and literal == "STRING":
+        return _string(value)      # pydantic checks it is one of the enum's values
+    wanted = {str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
+    raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
 
 
 @dataclass
