@@ -197,7 +197,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise MemintentError(f"--quant {args.quant!r}: use none, int8, int4 or auto")
     out = args.output if args.output is not None else \
         f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json"
-    out = check_writable(out, "-o")
+    out = check_writable(out, "-o", {"--workload": args.workload, "--hw": args.hw})
     console = _console()
     with status(f"compiling {args.model}", console=console) as st:
         plan = _compile(args, hw, budget, lambda msg: st.update(f"compiling {args.model}: {msg}"))

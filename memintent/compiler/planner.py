@@ -611,6 +611,7 @@ class RunSearch:
                  swap_pages: int | None):
         self.search, self.workload, self.simulate, self.targets = search, workload, simulate, targets
         self.swap_pages = swap_pages
+        self.fixed = False           # the concurrency is the user's (--concurrency): walks keep it
         self.ops = OpCosts(search.step, search.hw, is_attention)
         self.runs: dict[tuple, Run] = {}
         self.best: dict[KVQuant, Run] = {}
@@ -688,6 +689,7 @@ class RunSearch:
 
     # -- the search -------------------------------------------------------------------------------------------
     def run(self, outs: list[Outcome], kv_quant: str, hide: int, fixed: int | None) -> Run:
+        self.fixed = fixed is not None
         for kvq in _kv_options(kv_quant):
             mine = [o for o in outs if o.shape.kv_quant == kvq and o.plan is not None]
             if fixed is None and self.workload.requests <= _largest_fitting(self.search, kvq, hide):
@@ -746,11 +748,12 @@ class RunSearch:
         w, bt = self.search.w, self.search.page_tokens
         least = math.ceil(w.context / bt) + 1                # one sequence of the full context always fits
         best = self.best[kvq]
-        n = self.workload.requests      # no more sequences run at once than there are requests
-        s = best.outcome.shape
-        self.weigh(self.search.evaluate(replace(s, concurrency=min(s.concurrency, n), max_seqs=min(s.max_seqs, n))),
-                   best.admission)
-        best = self.best[kvq]
+        if not self.fixed:
+            n = self.workload.requests      # no more sequences run at once than there are requests
+            s = best.outcome.shape
+            self.weigh(self.search.evaluate(replace(s, concurrency=min(s.concurrency, n),
+                                                    max_seqs=min(s.max_seqs, n))), best.admission)
+            best = self.best[kvq]
         self.weigh(self.search.evaluate(self.pool_for(best.outcome.shape)), best.admission)
         walks = [(lambda s, f: replace(s, num_pages=max(round(s.num_pages * f), least)), POOL_FACTORS),
                  (lambda s, f: replace(s, step_tokens=max(min(round(s.step_tokens * f), w.max_step_tokens),
