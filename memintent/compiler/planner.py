@@ -601,11 +601,13 @@ class RunSearch:
     (``bound_s``) is not simulated, and a simulation stops once its run is longer than the best: the steady-state
     estimate prunes, the simulation decides.
 
-    The candidates: every shape the steady-state sweep found feasible (with no more sequences at once than the
-    workload has requests), the most sequences the budget and the workload allow, a ternary refinement of the
-    concurrency around the best run, the step token budget doubled and halved around it, and longest-output-first
-    admission for the best few shapes. ``throughput`` picks the shortest run; ``latency`` the shortest run among
-    those that meet the targets (p99 time to first token and per output token)."""
+    The candidates: every shape the steady-state sweep found feasible (its own choice among them, so a workload
+    plan's run is never longer than the steady-state plan's), every request at once with a pool for them as they
+    are, a ternary refinement of the concurrency around the best run, longest-output-first admission for the best
+    few shapes, then around the best: no more sequences than requests, the pool sized for the requests and walked
+    larger and smaller, the step token budget doubled and halved. ``throughput`` picks the shortest run;
+    ``latency`` the shortest run among those that meet the targets (p99 time to first token and per output
+    token)."""
 
     def __init__(self, search: Search, workload: RunWorkload, simulate: Simulate, targets: Targets,
                  swap_pages: int | None):
@@ -693,7 +695,8 @@ class RunSearch:
         for kvq in _kv_options(kv_quant):
             mine = [o for o in outs if o.shape.kv_quant == kvq and o.plan is not None]
             if fixed is None and self.workload.requests <= _largest_fitting(self.search, kvq, hide):
-                mine.append(self.search.evaluate(self.pool_for(self._shape_n(self.workload.requests, kvq, hide).shape)))
+                every = shape_for(self.workload.requests, kvq, self.search.w, self.search.page_tokens, hide)
+                mine.append(self.search.evaluate(self.pool_for(every)))
             self.search.say(f"simulating the workload's run with {kvq.value} KV")
             for o in sorted({id(o): o for o in mine}.values(), key=lambda o: -o.tokens_per_s):
                 self.weigh(o, "fcfs")
@@ -705,11 +708,9 @@ class RunSearch:
             self._shapes(kvq)
         return self._pick(kv_quant)
 
-    def _shape_n(self, n: int, kvq: KVQuant, hide: int) -> Outcome:
-        return self.search.evaluate(shape_for(n, kvq, self.search.w, self.search.page_tokens, hide))
-
     def _try_n(self, n: int, kvq: KVQuant, hide: int) -> Run:
-        return self.weigh(self._shape_n(n, kvq, hide), "fcfs")
+        return self.weigh(self.search.evaluate(shape_for(n, kvq, self.search.w, self.search.page_tokens, hide)),
+                          "fcfs")
 
     def _refine(self, kvq: KVQuant, hide: int) -> None:
         """Ternary search of the concurrency between the best run's neighbours among those tried."""
@@ -810,7 +811,8 @@ class RunSearch:
                 f"{r.admission}, {streamed} blocks streamed")
         best_s = chosen.run_s
         if r.sim is None:
-            return f"{head}: not simulated: at least {r.bound_s:.2f} s even at its cheapest step (chosen {best_s:.2f} s)"
+            return (f"{head}: not simulated: at least {r.bound_s:.2f} s even at its cheapest step (chosen "
+                    f"{best_s:.2f} s)")
         pr = r.sim.prediction
         if pr is None:
             return f"{head}: {r.sim.why}"
@@ -845,5 +847,5 @@ class StepPredictor:
         return sim.step_time_s
 
 
-__all__ = ["plan_generation", "StepPredictor", "RunSearch", "step_spec", "trace_step", "Workload", "Shape", "kv_pool", "annotate_step",
-           "fmt_bytes"]
+__all__ = ["plan_generation", "StepPredictor", "RunSearch", "step_spec", "trace_step", "Workload", "Shape", "kv_pool",
+           "annotate_step", "fmt_bytes"]

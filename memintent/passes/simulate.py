@@ -124,8 +124,8 @@ def simulate(stages: list[Stage], visits: list[Visit], sched: Schedule, copy_s: 
     )
 
 
-def step_times(compute: np.ndarray, sched: Schedule, copy_s: dict[int, float], dequant_s: dict[int, float] | None = None,
-               forwards: int = 3) -> np.ndarray:
+def step_times(compute: np.ndarray, sched: Schedule, copy_s: dict[int, float],
+               dequant_s: dict[int, float] | None = None, forwards: int = 3) -> np.ndarray:
     """``simulate``'s steady-state forward time for many steps at once: ``compute`` is (stages, steps), each column
     one step's stage times; the same event model, its clocks arrays over the steps. Returns (steps,)."""
     run = _Run(list(compute), sched, copy_s, dequant_s or {}, later=np.maximum)
