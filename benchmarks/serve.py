@@ -9,7 +9,12 @@ Every step streams the plan's bytes; the floor of a step is streamed bytes / pin
 HBM is torch's max_memory_allocated over the run, against the plan's budget.
 
     python benchmarks/serve.py --out $OUT
-    python benchmarks/serve.py --model tiny-llama --device cpu --budget 3MiB --requests 16 --dtype f32   # smoke test
+    python benchmarks/serve.py --model tiny-llama --device cpu --budget 8MiB --requests 16 --dtype f32 --quant none  # smoke
+    python benchmarks/serve.py --plan both --out $OUT    # each case planned for the steady state and for its requests
+
+``--plan requests`` compiles each case's plan against the case's own requests, as ``compile --synthetic`` does
+(the planner simulates the engine's run of them: ``engine.simulate``); ``both`` serves the two plans of each case,
+and the last table puts each plan's measured run beside the run it predicted.
 
 Prints a table last and writes serve.json under --out.
 """
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import card_profile, fill, free, header, serve_row, table, write  # noqa: E402
 from memintent.compiler.planner import StepPredictor, plan_generation  # noqa: E402
+from memintent.engine.simulate import simulate_run, workload_of  # noqa: E402
 from memintent.models.refs import resolve  # noqa: E402
 from memintent.engine.requests import synthetic  # noqa: E402
 from memintent.units import parse_bytes  # noqa: E402
@@ -45,6 +51,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--predict", action="store_true", help="also the cost model's time of each step as it ran")
     ap.add_argument("--hw", default=None, help="hardware profile (file or built-in name; default: this card's)")
+    ap.add_argument("--quant", default="int4", help="bit width of streamed weights (int4; none, int8, auto)")
+    ap.add_argument("--plan", default="steady", choices=("steady", "requests", "both"),
+                    help="plan each case for the steady state (as before), for its own requests (compile "
+                         "--synthetic), or both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -60,9 +70,13 @@ def main(argv=None) -> int:
              "mix-int8": (dict(context=context, prompt_len=544, gen_len=72, kv_quant="int8"), mix),
              "fixed": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="none"), fixed)}
     stores: dict[tuple, object] = {}
-    for name in args.cases:
+    runs = [(name, mode) for name in args.cases for mode in (("steady", "requests") if args.plan == "both"
+                                                              else (args.plan,))]
+    for name, mode in runs:
         kw, reqs = cases[name]
-        plan = plan_generation(args.model, budget_bytes=budget, hardware=hw, quant="int4", dtype=args.dtype, **kw)
+        if mode == "requests":     # what `compile --synthetic` does: the requests' lengths, the engine's simulated run
+            kw = dict(kw, workload=workload_of(reqs, name), simulate=simulate_run)
+        plan = plan_generation(args.model, budget_bytes=budget, hardware=hw, quant=args.quant, dtype=args.dtype, **kw)
         key = layout_key(plan)
         if key not in stores:       # plans with the same blocks at the same bit widths share one host store
             stores.clear()
@@ -70,11 +84,27 @@ def main(argv=None) -> int:
             stores[key], fill_s = fill(plan, src, device)
             doc.setdefault("host_fill_s", []).append(fill_s)
         predictor = StepPredictor(plan) if args.predict else None
-        doc["rows"].append(serve_row(f"{args.model} {name}", plan, reqs, device, doc["h2d_gbps"], stores[key],
-                                     predictor))
+        row = serve_row(f"{args.model} {name} ({mode})", plan, reqs, device, doc["h2d_gbps"], stores[key],
+                        predictor)
+        run = plan.generation.run
+        row.update(plan_mode=mode, predicted_run_s=run.run_s if run else None,
+                   predicted_run_tokens_per_s=run.tokens_per_s if run else None, admission=plan.generation.admission)
+        doc["rows"].append(row)
         write(args.out, "serve.json", doc)
     table(doc)
+    run_table(doc)
     return 0
+
+
+def run_table(doc: dict) -> None:
+    """Each case's run, measured, beside the run its plan predicted (plans made for the requests)."""
+    print(f"\n{'case':40s} {'run s':>8s} {'predicted':>9s} {'/pred':>6s} {'tok/s':>8s} {'pred tok/s':>10s} "
+          f"{'seqs':>5s} {'admission':>14s}")
+    for r in doc["rows"]:
+        pred = r.get("predicted_run_s")
+        ratio = f"{r['total_s'] / pred:6.3f}" if pred else f"{'-':>6s}"
+        print(f"{r['case'][:40]:40s} {r['total_s']:8.2f} {pred or 0:9.2f} {ratio} {r['tokens_per_s']:8.1f} "
+              f"{r.get('predicted_run_tokens_per_s') or 0:10.1f} {r['concurrency']:5d} {r.get('admission', '-'):>14s}")
 
 
 if __name__ == "__main__":

@@ -24,17 +24,21 @@ from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN, load_profile
 from memintent.compiler.pipeline import plan_pipeline
 from memintent.compiler.planner import plan_generation
+from memintent.compiler.workload import Targets
+from memintent.engine import requests as reqs
+from memintent.engine.simulate import simulate_run, workload_of
 from memintent.errors import MemintentError
 from memintent.ir.model import Pipeline, Program
 from memintent.ir.plan_file import check_writable, load_plan_or_pipeline, load_program, output_target, save_plan
 from memintent.ir.printer import dump
 from memintent.models.gguf import convert
 from memintent.models.preset import PRESETS
+from memintent.models.refs import resolve
 from memintent.passes.residency import starting_quant
 from memintent.passes.verify import prove
 from memintent.progress import status
 from memintent.runtime.profile import profile_device, resolve_device, sizes_for
-from memintent.see.explain import explain, explain_pipeline, pipeline_summary
+from memintent.see.explain import explain, explain_pipeline, pipeline_summary, run_summary
 from memintent.see.perfetto import read_engine, read_measured, write_bytes_atomic, write_trace
 from memintent.see.report import write_report
 from memintent.see.timeline import build_timeline
@@ -68,20 +72,33 @@ def _hardware_origin(spec: str | None) -> str:
     return "built in" if spec in BUILTIN else f"from {spec}"
 
 
+WORKLOAD_FLAGS = ("workload", "synthetic", "arrival_rate", "ttft", "tpot")
+
+
 def _compile(args: argparse.Namespace, hw, budget: int | None, say):
     if args.gpus is not None:
         return _compile_pipeline(args, hw, budget, say)
+    if args.objective is None and (args.workload is not None or args.synthetic is not None):
+        args.objective = "throughput"          # requests to plan for: a generation plan
     if args.objective:
-
         if args.batch_given:
             raise MemintentError("--batch is for forward plans; a generation plan's concurrency is chosen by the "
                                  "planner (force it with --concurrency N)")
+        if args.depth is not None:
+            raise MemintentError("--depth is for forward plans; a generation plan's stream slots are chosen with its "
+                                 "pool and step by the planner: leave --depth out")
+        workload = _workload(args, say)
+        prompt_len, gen_len = (_mean_len(args.prompt_len, "--prompt-len", 512),
+                               _mean_len(args.gen_len, "--gen-len", 32)) if workload is None else (1, 1)
+        context = args.context or (workload.longest if workload is not None else 1024)
         return plan_generation(
-            args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
-            prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
+            args.model, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=context,
+            prompt_len=prompt_len, gen_len=gen_len, objective=args.objective, quant=args.quant,
             kv_quant=args.kv_quant, concurrency=args.concurrency, kv_page_tokens=args.kv_page_tokens,
-            swap_pages=args.swap_pages, dtype=args.dtype, max_step_tokens=args.max_step_tokens, progress=say)
-    for flag in ("concurrency", "swap_pages", "max_step_tokens"):
+            swap_pages=args.swap_pages, dtype=args.dtype, max_step_tokens=args.max_step_tokens, progress=say,
+            workload=workload, simulate=simulate_run if workload is not None else None,
+            targets=_targets(args, workload))
+    for flag in ("concurrency", "swap_pages", "max_step_tokens", *WORKLOAD_FLAGS):
         if getattr(args, flag) is not None:
             raise MemintentError(f"--{flag.replace('_', '-')} is for generation plans: add --objective throughput")
 
@@ -90,16 +107,72 @@ def _compile(args: argparse.Namespace, hw, budget: int | None, say):
         allow_code=True, depth=args.depth, quant=args.quant, progress=say)
 
 
+def _mean_len(text: str | None, flag: str, default: int) -> int:
+    """A steady-state plan's mean length: one number (a range LOW:HIGH is for --synthetic's requests)."""
+    if text is None:
+        return default
+    if ":" in str(text):
+        raise MemintentError(f"{flag} {text}: a range is for --synthetic's requests; without --synthetic give the "
+                             "mean length, like 512")
+    return reqs.parse_range(text, flag)[0]
+
+
+def _workload(args: argparse.Namespace, say):
+    """The requests ``--workload FILE`` or ``--synthetic N`` name (``--arrival-rate``: when they arrive), as the
+    planner sees them; None without either."""
+    if args.workload is not None and args.synthetic is not None:
+        raise MemintentError("--workload and --synthetic both name the requests: give one of them")
+    if args.workload is None and args.synthetic is None:
+        for flag in ("arrival_rate", "ttft", "tpot"):
+            if getattr(args, flag) is not None:
+                raise MemintentError(f"--{flag.replace('_', '-')} is for planning against requests: give them with "
+                                     "--workload FILE or --synthetic N")
+        return None
+    say("reading the requests")
+    src = resolve(args.model, dtype=args.dtype)
+    gen = reqs.parse_range(args.gen_len or "32", "--gen-len")
+    if args.workload is not None:
+        if args.workload == "":
+            raise MemintentError('--workload "": name a JSON-lines file of requests, or - for stdin')
+        requests = reqs.load(args.workload, tokenizer=src.tokenizer(), default_max_new=gen[1], chat=args.chat)
+        source = "stdin" if args.workload == "-" else Path(args.workload).name
+    else:
+        requests = reqs.synthetic(args.synthetic, reqs.parse_range(args.prompt_len or "512", "--prompt-len"), gen,
+                                  src.vocab_size, args.seed)
+        source = f"--synthetic {args.synthetic} (seed {args.seed})"
+    return workload_of(requests, source, arrival_rate=args.arrival_rate, seed=args.seed)
+
+
+def _targets(args: argparse.Namespace, workload) -> Targets | None:
+    """``--ttft``/``--tpot``: the p99 targets of ``--objective latency`` against a workload."""
+    for flag in ("ttft", "tpot"):
+        v = getattr(args, flag)
+        if v is not None and not v > 0:
+            raise MemintentError(f"--{flag} {v} must be a positive number of seconds")
+    given = args.ttft is not None or args.tpot is not None
+    if given and args.objective != "latency":
+        raise MemintentError("--ttft and --tpot are latency targets: add --objective latency")
+    if workload is not None and args.objective == "latency" and not given:
+        raise MemintentError("--objective latency against a workload plans the most tokens/s that meets latency "
+                             "targets: give --ttft S and/or --tpot S (p99, seconds)")
+    return Targets(ttft_s=args.ttft, tpot_s=args.tpot) if given else None
+
+
 def _compile_pipeline(args: argparse.Namespace, hw, budget: int | None, say):
     if not args.objective:
         raise MemintentError("--gpus splits a generation plan: add --objective throughput (or latency)")
+    for flag in WORKLOAD_FLAGS:
+        if getattr(args, flag) is not None:
+            raise MemintentError(f"--{flag.replace('_', '-')}: a pipeline (--gpus) is planned for the steady state; "
+                                 "planning against requests is for one GPU: leave it out")
     for flag in ("batch_given", "swap_pages"):
         if getattr(args, flag):
             raise MemintentError(f"--{flag.replace('_given', '').replace('_', '-')} is not for pipelines: the "
                                  "planner sizes every part's pool alike, without swap space")
     return plan_pipeline(
-        args.model, parts=args.gpus, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context,
-        prompt_len=args.prompt_len, gen_len=args.gen_len, objective=args.objective, quant=args.quant,
+        args.model, parts=args.gpus, budget_bytes=budget or hw.hbm_bytes, hardware=hw, context=args.context or 1024,
+        prompt_len=_mean_len(args.prompt_len, "--prompt-len", 512), gen_len=_mean_len(args.gen_len, "--gen-len", 32),
+        objective=args.objective, quant=args.quant,
         kv_quant=args.kv_quant, concurrency=args.concurrency, kv_page_tokens=args.kv_page_tokens, dtype=args.dtype,
         max_step_tokens=args.max_step_tokens, progress=say)
 
@@ -124,7 +197,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     starting_quant(args.quant)   # a policy name, or one line naming the right ones
     out = args.output if args.output is not None else \
         f"{args.model.replace(':', '_').replace('/', '_').strip('_')}.plan.json"
-    out = check_writable(out, "-o")
+    out = check_writable(out, "-o", {"--workload": args.workload, "--hw": args.hw})
     console = _console()
     with status(f"compiling {args.model}", console=console) as st:
         plan = _compile(args, hw, budget, lambda msg: st.update(f"compiling {args.model}: {msg}"))
@@ -138,6 +211,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"wrote {out}: {len(plan.steps)} steps, {len(plan.blocks)} blocks ({streamed} streamed, depth "
         f"{pr.prefetch_depth}), peak {fmt_bytes(pr.peak_hbm_bytes)} of {fmt_bytes(plan.budget_bytes)}, "
         f"predicted {fmt_s(pr.step_time_s)} per forward (floor {fmt_s(pr.floor_s)}, binds: {pr.binding})")
+    if args.depth is not None and pr.prefetch_depth != args.depth:
+        why = "every block is resident" if not streamed else f"only {pr.prefetch_depth} streamed visit(s)"
+        console.print(f"--depth {args.depth}: the plan has {pr.prefetch_depth} stream slot(s), as {why}: more "
+                      "slots would hold nothing")
     console.print(f"hardware profile {hw.name} ({_hardware_origin(args.hw)}): {hw.source}")
     if plan.generation:
         g, kv = plan.generation, plan.kv_pool
@@ -145,6 +222,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                       f"{kv.page_tokens} tokens, {kv.quant.value} KV; steps of up to {g.step_tokens} tokens, "
                       f"{g.max_seqs} sequences): {g.tokens_per_s:.2f} tok/s predicted, step "
                       f"{fmt_s(g.decode_step_s)}, binds: {g.binding}")
+        if g.run is not None:
+            console.print(run_summary(g))
     return 0
 
 
@@ -355,10 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", choices=("throughput", "latency"),
                    help="plan generation for the serving engine: choose the KV pool, the step's token budget, "
                         "residency and bit widths for tokens/s (throughput) or one sequence's step (latency)")
-    c.add_argument("--context", type=int, default=1024,
-                   help="with --objective: the longest sequence, prompt + generated tokens (1024)")
-    c.add_argument("--prompt-len", type=int, default=512, help="with --objective: mean prompt tokens (512)")
-    c.add_argument("--gen-len", type=int, default=32, help="with --objective: mean generated tokens (32)")
+    c.add_argument("--context", type=int, default=None,
+                   help="with --objective: the longest sequence, prompt + generated tokens (1024; with requests: "
+                        "their longest)")
+    c.add_argument("--prompt-len", help="with --objective: mean prompt tokens (512); with --synthetic: a length or "
+                                        "LOW:HIGH")
+    c.add_argument("--gen-len", help="with --objective: mean generated tokens (32); with --synthetic: a length or "
+                                     "LOW:HIGH; with --workload: for requests without max_new_tokens")
+    c.add_argument("--workload", metavar="FILE", help="plan for these requests (the JSON lines generate --prompts "
+                   "reads; - for stdin): the planner simulates the engine's run of them for each candidate plan")
+    c.add_argument("--synthetic", type=int, metavar="N", help="plan for N seeded requests (generate --synthetic's: "
+                   "--prompt-len, --gen-len, --seed)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the --synthetic requests and of --arrival-rate")
+    c.add_argument("--arrival-rate", type=float, metavar="R", help="with --workload/--synthetic: the requests arrive "
+                   "as a seeded Poisson process of R per second (a server), not all at the start")
+    c.add_argument("--chat", action="store_true", help="with --workload: wrap text prompts in the folder's chat "
+                   "template (as generate --chat), for their lengths")
+    c.add_argument("--ttft", type=float, metavar="S", help="with --objective latency and requests: p99 time to first "
+                   "token to meet, seconds")
+    c.add_argument("--tpot", type=float, metavar="S", help="with --objective latency and requests: p99 time per "
+                   "output token to meet, seconds")
     c.add_argument("--kv-quant", default="none", choices=("none", "int8", "auto"),
                    help="with --objective: KV cache bit width: none (the model's dtype), int8, or auto (int8 where "
                         "it predicts more tokens/s)")

@@ -245,6 +245,8 @@ def _print(program: Program, rep: ServeReport, con) -> None:
               "tok/s)")
     con.print(f"time to first token: median {q(rep.ttft_median_s)}, p99 {q(rep.ttft_p99_s)}; time per output "
               f"token: median {q(rep.tpot_median_s)}, p99 {q(rep.tpot_p99_s)}")
+    if program.generation.run is not None:
+        _print_run(program.generation.run, rep, con)
     con.print(f"steps: {rep.steps}, median {fmt_s(rep.step_median_s)} (plan {fmt_s(rep.predicted_step_s)}, PCIe floor "
               f"{fmt_s(rep.step_floor_s)} = {fmt_bytes(rep.streamed_bytes)} / {rep.h2d_gbps:.1f} GB/s pinned)")
     used = 100 * rep.kv_peak_pages / max(rep.num_pages - 1, 1)
@@ -258,6 +260,24 @@ def _print(program: Program, rep: ServeReport, con) -> None:
     if rep.agreement is not None:
         con.print(f"verify: {100 * rep.agreement:.2f}% of generated tokens agree with the resident model's greedy "
                   f"choice ({rep.verified_requests} requests, each alone); max |logit error| {rep.max_logit_error:.3g}")
+
+
+def _print_run(run, rep: ServeReport, con) -> None:
+    """The run the plan predicted for its workload (``compile --workload``) beside the one measured."""
+    q = lambda t: fmt_s(t) if t is not None else "-"  # noqa: E731
+    rows = (("predicted", run.run_s, run.tokens_per_s, run.ttft_median_s, run.ttft_p99_s, run.tpot_median_s,
+             run.tpot_p99_s, run.requests, run.steps, run.preemptions),
+            ("measured", rep.total_s, rep.tokens_per_s, rep.ttft_median_s, rep.ttft_p99_s, rep.tpot_median_s,
+             rep.tpot_p99_s, rep.requests, rep.steps, sum(rep.preemptions.values())))
+    for name, total, rate, t50, t99, p50, p99, n, steps, pre in rows:
+        con.print(f"run {name:9s} {fmt_s(total):>9s}, {rate:.2f} tok/s; time to first token median {q(t50)}, p99 "
+                  f"{q(t99)}; per output token median {q(p50)}, p99 {q(p99)}; {n} requests, {steps} steps, {pre} "
+                  "preemptions")
+    if (run.requests, run.prompt_tokens) != (rep.requests, rep.prompt_tokens):
+        con.print(f"(the plan predicted its run of {run.workload}; these {rep.requests} requests of "
+                  f"{rep.prompt_tokens} prompt tokens are another workload)")
+    elif run.arrival_rate:
+        con.print(f"(the plan predicted requests arriving at {run.arrival_rate:g}/s; generate serves them all at once)")
 
 
 def _exit_code(program: Program, rep: ServeReport, con) -> int:

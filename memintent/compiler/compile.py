@@ -30,9 +30,10 @@ def trace_ref(ref: str, shape: RunShape, dtype: str | None = None, allow_code: b
 def compile_model(ref: str, *, budget_bytes: int | None, hardware: HardwareProfile, batch: int = 1, seq: int = 64,
                   dtype: str | None = None, allow_code: bool = True,
                   depth: int | None = None, quant: str = "none", progress: Callable[[str], None] | None = None) -> Program:
-    for name, v, lo in (("--batch", batch, 1), ("--seq", seq, 1), ("--depth", depth or 1, 1)):
+    for name, v, lo in (("--batch", batch, 1), ("--seq", seq, 1), ("--depth", 1 if depth is None else depth, 1)):
         if v < lo:
-            raise MemintentError(f"{name} {v} must be at least {lo}")
+            raise MemintentError(f"{name} {v} must be at least {lo}" + (
+                " (leave --depth out to let the cost model choose)" if name == "--depth" else ""))
     shape = RunShape(batch=batch, seq=seq)
     program = trace_ref(ref, shape, dtype=dtype, allow_code=allow_code, progress=progress)
     say = progress or (lambda m: None)

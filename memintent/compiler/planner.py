@@ -36,20 +36,23 @@ only keeps a layer resident where that wins, so full offload with a large batch 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from memintent.compiler.frontend import TraceSpec, trace
+from memintent.compiler.workload import OpCosts, RunWorkload, SimRun, Simulate, StepTimes, Targets
 from memintent.errors import MemintentError
 from memintent.ir.model import (
+    ADMISSION_ORDERS,
     GenerationPlan,
     HardwareProfile,
     KVPool,
     KVQuant,
     Object,
     ObjectKind,
+    Prediction,
     Program,
     Residency,
     RunShape,
@@ -62,12 +65,12 @@ from memintent.kv.layout import layout_of
 from memintent.kv.paged_kernel import bucket
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
-from memintent.passes.costs import launches, op_time_s, stage_time_s
+from memintent.passes.costs import kv_block_costs, launches, op_time_s, stage_time_s
 from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
 from memintent.passes.residency import residency
-from memintent.units import fmt_bytes
+from memintent.units import fmt_bytes, fmt_s
 
 KV_QUANT_GAIN = 1.05          # --kv-quant auto: int8 KV must predict >5 % more tokens/s than bf16 KV
 STEP_TOKEN_HEADROOM = 1.25    # step tokens over the steady-state need, for bursts of arrivals
@@ -345,7 +348,7 @@ class Search:
                "budget_bytes": self.budget, "hardware": self.hw, "arena": None})
 
     def evaluate(self, shape: Shape) -> Outcome:
-        key = (shape.concurrency, shape.kv_quant.value)
+        key = (shape.concurrency, shape.kv_quant.value, shape.step_tokens, shape.max_seqs, shape.num_pages)
         if key not in self.cache:
             self.cache[key] = self._evaluate(shape)
         return self.cache[key]
@@ -487,44 +490,356 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
                     gen_len: int, objective: str = "throughput", quant: str = "auto", kv_quant: str = "none",
                     concurrency: int | None = None, kv_page_tokens: int = 16, swap_pages: int | None = None,
                     dtype: str | None = None, max_step_tokens: int | None = None,
-                    progress: Callable[[str], None] | None = None) -> Program:
+                    progress: Callable[[str], None] | None = None, workload: RunWorkload | None = None,
+                    simulate: Simulate | None = None, targets: Targets | None = None) -> Program:
     """A verified generation plan for ``ref`` under ``budget_bytes``. ``concurrency`` fixes N (tests,
     experiments); ``latency`` plans one sequence whose whole prompt fits one step. ``swap_pages``: host swap
-    space in blocks (None: a quarter of the pool when the plan's copy engine has idle time to swap in, else none)."""
+    space in blocks (None: a quarter of the pool when the plan's copy engine has idle time to swap in, else none).
+
+    ``workload`` (with ``simulate``, ``engine.simulate.simulate_run``): plan for these requests rather than for the
+    steady state: each candidate's run of them is simulated and the best for the objective chosen (``RunSearch``);
+    ``prompt_len`` and ``gen_len`` become the workload's means. ``latency`` then means the most tokens/s whose run
+    meets ``targets`` (p99)."""
     say = progress or (lambda m: None)
+    if workload is not None:
+        prompt_len, gen_len = _workload_means(workload, simulate, context)
     _check_args(objective, context, prompt_len, gen_len, kv_page_tokens)
     src = generation_source(ref, dtype, context)
     w = Workload(prompt_len=prompt_len, gen_len=gen_len, context=context,
                  max_step_tokens=max_step_tokens or MAX_STEP_TOKENS)
     say("tracing the engine step at three shapes")
     step = AffineStep(src, (64, 8), say)
-    hide = hide_tokens(src, step.p, hardware) if objective == "throughput" else prompt_len + 1
+    steady_latency = objective == "latency" and workload is None
+    hide = prompt_len + 1 if steady_latency else hide_tokens(src, step.p, hardware)
     search = Search(src, step, w, budget_bytes=budget_bytes, hw=hardware, quant=quant, page_tokens=kv_page_tokens,
                     swap=lambda s: s.num_pages if swap_pages is None else swap_pages, say=say,
                     objective=objective, kv_quant=kv_quant)
-    fixed = 1 if objective == "latency" else concurrency
+    fixed = 1 if steady_latency else concurrency
     outs: list[Outcome] = []
     for kvq in _kv_options(kv_quant):
         say(f"searching the concurrency with {kvq.value} KV")
         outs += sweep(search, kvq, hide, fixed)
-    chosen = _pick(outs, kv_quant)
-    say(f"{chosen.shape.concurrency} sequences, {chosen.shape.kv_quant.value} KV: tracing the step exactly")
-    return _finish(search, chosen, outs, quant=quant, swap_pages=swap_pages)
+    if workload is None:
+        chosen = _pick(outs, kv_quant)
+        say(f"{chosen.shape.concurrency} sequences, {chosen.shape.kv_quant.value} KV: tracing the step exactly")
+        return _finish(search, chosen, outs, quant=quant, swap_pages=swap_pages)
+    if not step.exact:
+        raise MemintentError(f"{ref}: planning for a workload needs a step whose costs are affine in its tokens and "
+                             "sequences, and this model's traces differ in structure: plan without --workload")
+    runs = RunSearch(search, workload, simulate, targets or Targets(), swap_pages)
+    best = runs.run(outs, kv_quant, hide, fixed)
+    say(f"{best.outcome.shape.concurrency} sequences, {best.outcome.shape.kv_quant.value} KV, admission "
+        f"{best.admission}: tracing the step exactly")
+    plan = _finish(search, best.outcome, outs, quant=quant, swap_pages=swap_pages, alternatives=runs.describe(best),
+                   admission=best.admission)
+    return runs.record(plan, best)
 
 
-def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str, swap_pages: int | None) -> Program:
+def _workload_means(workload: RunWorkload, simulate: Simulate | None, context: int) -> tuple[int, int]:
+    """The workload's mean prompt and output lengths (what the steady-state fields record); refused when a prompt
+    is longer than ``context`` (the engine would refuse it)."""
+    if simulate is None:
+        raise ValueError("plan_generation(workload=...) needs simulate= (engine.simulate.simulate_run)")
+    longest = max(workload.prompt_lens)
+    if longest > context:
+        raise MemintentError(f"--context {context} is shorter than the workload's longest prompt ({longest} "
+                             f"tokens): raise --context to at least {longest} (or leave it out: the workload's "
+                             "longest request)")
+    return (max(1, round(workload.prompt_tokens / workload.requests)),
+            max(1, round(workload.generated_tokens / workload.requests)))
+
+
+def _auto_swap(binding: str, shape: Shape) -> int:
+    """Host swap space in pages when the user gave none. A PCIe-bound plan never swaps (its copy engine has no idle
+    time, so victims recompute): no pinned swap space. Otherwise a quarter of the pool: victims are the newest
+    sequences, a few at a time."""
+    return 0 if binding == "pcie" else shape.num_pages // 4
+
+
+def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str, swap_pages: int | None,
+            alternatives: list[str] | None = None, admission: str = "fcfs") -> Program:
     s = chosen.shape
     if swap_pages is None:
-        # A PCIe-bound plan never swaps (its copy engine has no idle time, so victims recompute): no pinned swap
-        # space. Otherwise a quarter of the pool: victims are the newest sequences, a few at a time.
-        search.swap = (lambda shape: 0) if chosen.binding == "pcie" else (lambda shape: shape.num_pages // 4)
+        search.swap = lambda shape: _auto_swap(chosen.binding, shape)
     plan = schedule_program(search.program(s, exact=True), search.budget, search.hw, quant=quant)
     pr = plan.prediction
+    if alternatives is None:
+        alternatives = [_describe(o, chosen) for o in _distinct(outs, chosen)][:12]
     plan.generation = plan.generation.model_copy(update=dict(
         decode_step_s=pr.step_time_s, tokens_per_s=s.concurrency / pr.step_time_s,
-        binding=_binding(plan, chosen, outs),
-        alternatives=[_describe(o, chosen) for o in _distinct(outs, chosen)][:12]))
+        binding=_binding(plan, chosen, outs), alternatives=alternatives, admission=admission))
     return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning against a workload
+
+REFINE_PROBES = 6          # concurrencies tried around the best run (ternary search)
+TOKEN_FACTORS = (2.0, 0.5)  # step token budgets tried around the best run's, each way until one does not help
+POOL_FACTORS = (1.25, 0.8)  # KV pools tried around the best run's, likewise
+ORDER_SHAPES = 3           # the best runs' shapes also tried longest-output first
+
+
+@dataclass(slots=True)
+class Run:
+    """A candidate weighed by its simulated run of the workload."""
+
+    outcome: Outcome
+    admission: str
+    sim: SimRun | None = None      # None: not simulated (its bound could not beat the best run)
+    bound_s: float = 0.0           # no run of the workload under this candidate is shorter
+    misses: float = 0.0            # latency: how far the run is from the targets (0: meets them)
+
+    @property
+    def run_s(self) -> float:
+        return self.sim.run_s if self.sim is not None else math.inf
+
+    @property
+    def key(self) -> tuple[float, float, int, int, int]:
+        """Lower is better: the targets met first (latency), then the shorter run (= more tokens/s), then (runs
+        alike) the smaller pool and step: the memory they would hold for nothing."""
+        s = self.outcome.shape
+        return (self.misses, self.run_s, s.num_pages, s.step_tokens, s.max_seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """A step record of one decode token over a context of one: the cheapest step a plan runs."""
+
+    tokens: int = 1
+    sequences: int = 1
+    decode_context_tokens: int = 1
+    prefill_context_tokens: int = 0
+    prefill_pairs: int = 0
+
+
+class RunSearch:
+    """Candidates weighed by the run of the workload they would serve. Each is simulated (``simulate``: the engine's
+    scheduler over the workload, every step costed by the candidate's ``StepTimes``), the most promising first by
+    the steady-state estimate. One whose run cannot beat the best so far even if every step were its cheapest
+    (``bound_s``) is not simulated, and a simulation stops once its run is longer than the best: the steady-state
+    estimate prunes, the simulation decides.
+
+    The candidates: every shape the steady-state sweep found feasible (its own choice among them, so a workload
+    plan's run is never longer than the steady-state plan's), every request at once with a pool for them as they
+    are, a ternary refinement of the concurrency around the best run, longest-output-first admission for the best
+    few shapes, then around the best: no more sequences than requests, the pool sized for the requests and walked
+    larger and smaller, the step token budget doubled and halved. ``throughput`` picks the shortest run;
+    ``latency`` the shortest run among those that meet the targets (p99 time to first token and per output
+    token)."""
+
+    def __init__(self, search: Search, workload: RunWorkload, simulate: Simulate, targets: Targets,
+                 swap_pages: int | None):
+        self.search, self.workload, self.simulate, self.targets = search, workload, simulate, targets
+        self.swap_pages = swap_pages
+        self.fixed = False           # the concurrency is the user's (--concurrency): walks keep it
+        self.ops = OpCosts(search.step, search.hw, is_attention)
+        self.runs: dict[tuple, Run] = {}
+        self.best: dict[KVQuant, Run] = {}
+        w = workload
+        tokens = sum(p + g - 1 for p, g in zip(w.prompt_lens, w.gen_lens))
+        # KV token-steps: the j-th token of a request is sampled with p + j - 1 of its tokens cached
+        self._kv_token_steps = sum(g * p + g * (g - 1) // 2 for p, g in zip(w.prompt_lens, w.gen_lens))
+        self._tokens = tokens
+
+    # -- one candidate ----------------------------------------------------------------------------------------
+    def swap_of(self, o: Outcome) -> int:
+        return _auto_swap(o.binding, o.shape) if self.swap_pages is None else self.swap_pages
+
+    def shell(self, o: Outcome) -> Program:
+        """The candidate as the engine's scheduler reads a plan (``Costs.of``): its pool, its step's maxima, its
+        predicted step, compute and streamed bytes, and the KV pool object's preemption costs (``costs`` pass
+        rules at the candidate's shape; the pool's urgency at stage rather than op granularity)."""
+        s, search, p = o.shape, self.search, o.plan
+        pool = kv_pool(search.src, s, search.page_tokens, self.swap_of(o))
+        times = [st.time_s for st in p.stages]
+        compute_s = sum(times)
+        first_attn = int(next((i for i, n in enumerate(self.ops.attn_per_stage) if n), 0))
+        bmap = p.block_map()
+        streamed = sum(bmap[v.block].transfer_bytes or 0 for v in p.visits
+                       if bmap[v.block].residency == Residency.streamed)
+        shell = Program.model_construct(**{**dict(p), "shape": RunShape(batch=1, seq=s.step_tokens), "kv_pool": pool})
+        evict_s, recompute_s = kv_block_costs(shell, compute_s)
+        kv = Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8", shape=[pool.num_pages, pool.page_bytes],
+                    size_bytes=pool.num_pages * pool.page_bytes, home=Tier.hbm, urgency_s=sum(times[:first_attn]),
+                    evict_cost_s=evict_s, recompute_cost_s=recompute_s)
+        g = GenerationPlan(
+            objective=search.objective, step_tokens=s.step_tokens, max_seqs=s.max_seqs, context=search.w.context,
+            prompt_len=search.w.prompt_len, gen_len=search.w.gen_len, concurrency=s.concurrency,
+            quant_policy=search.quant, kv_quant_policy=search.kv_quant, decode_step_s=o.step_s,
+            tokens_per_s=o.tokens_per_s, binding=o.binding)
+        pr = Prediction.model_construct(step_time_s=o.step_s, compute_s=compute_s, streamed_bytes=streamed)
+        return Program.model_construct(**{**dict(shell), "objects": [kv], "generation": g, "prediction": pr})
+
+    def bound_s(self, o: Outcome, times: StepTimes) -> float:
+        """No run of the workload under ``o`` is shorter: its fewest possible steps at its cheapest step's time.
+        A step carries at most ``step_tokens`` tokens and samples at most ``max_seqs`` tokens; a request needs at
+        least one step per generated token after its prompt's chunks; the pool holds at most its pages' tokens in
+        every step, and a request's j-th token is sampled with p + j - 1 of its tokens cached."""
+        s, w = o.shape, self.workload
+        pool = kv_pool(self.search.src, s, self.search.page_tokens, 0)
+        steps = max(math.ceil(self._tokens / s.step_tokens), math.ceil(w.generated_tokens / s.max_seqs),
+                    max(math.ceil(p / s.step_tokens) + g - 1 for p, g in zip(w.prompt_lens, w.gen_lens)),
+                    math.ceil(self._kv_token_steps / ((pool.num_pages - 1) * pool.page_tokens)))
+        return steps * times.predict_s(_Probe())
+
+    def times(self, plan: Program, pool: KVPool) -> StepTimes:
+        return StepTimes(self.ops, plan, pool, self.search.src.n_heads, self.search.src.head_dim,
+                         self.search.src.n_kv_heads)
+
+    def weigh(self, o: Outcome, admission: str) -> Run:
+        """Simulate ``o``'s run with ``admission`` (once), unless its bound cannot beat the best run of its KV."""
+        key = (o.shape, admission)
+        if key in self.runs:
+            return self.runs[key]
+        run = self.runs[key] = Run(o, admission)
+        if o.plan is None:
+            return run
+        pool = kv_pool(self.search.src, o.shape, self.search.page_tokens, 0)
+        times = self.times(o.plan, pool)
+        run.bound_s = self.bound_s(o, times)
+        best = self.best.get(o.shape.kv_quant)
+        give_up = best.run_s if best is not None and best.misses == 0 else None
+        if give_up is not None and run.bound_s >= give_up:
+            return run
+        run.sim = self.simulate(self.shell(o), self.workload, times, admission=admission, give_up_s=give_up)
+        if run.sim.prediction is not None:
+            run.misses = self.targets.misses(run.sim.prediction)
+            if best is None or run.key < best.key:
+                self.best[o.shape.kv_quant] = run
+        return run
+
+    # -- the search -------------------------------------------------------------------------------------------
+    def run(self, outs: list[Outcome], kv_quant: str, hide: int, fixed: int | None) -> Run:
+        self.fixed = fixed is not None
+        for kvq in _kv_options(kv_quant):
+            mine = [o for o in outs if o.shape.kv_quant == kvq and o.plan is not None]
+            if fixed is None and self.workload.requests <= _largest_fitting(self.search, kvq, hide):
+                every = shape_for(self.workload.requests, kvq, self.search.w, self.search.page_tokens, hide)
+                mine.append(self.search.evaluate(self.pool_for(every)))
+            self.search.say(f"simulating the workload's run with {kvq.value} KV")
+            for o in sorted({id(o): o for o in mine}.values(), key=lambda o: -o.tokens_per_s):
+                self.weigh(o, "fcfs")
+            if kvq not in self.best:
+                continue
+            if fixed is None:
+                self._refine(kvq, hide)
+            self._orders(kvq)
+            self._shapes(kvq)
+        return self._pick(kv_quant)
+
+    def _try_n(self, n: int, kvq: KVQuant, hide: int) -> Run:
+        return self.weigh(self.search.evaluate(shape_for(n, kvq, self.search.w, self.search.page_tokens, hide)),
+                          "fcfs")
+
+    def _refine(self, kvq: KVQuant, hide: int) -> None:
+        """Ternary search of the concurrency between the best run's neighbours among those tried."""
+        best = self.best[kvq].outcome.shape.concurrency
+        tried = sorted({k[0].concurrency for k in self.runs if k[0].kv_quant == kvq})
+        i = tried.index(best)
+        lo, hi = (tried[i - 1] if i else max(1, best // 2)), (tried[i + 1] if i + 1 < len(tried) else best)
+        for _ in range(REFINE_PROBES):
+            if hi - lo <= 2:
+                break
+            a, b = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+            if self._try_n(a, kvq, hide).key <= self._try_n(b, kvq, hide).key:
+                hi = b
+            else:
+                lo = a
+
+    def _orders(self, kvq: KVQuant) -> None:
+        if len(set(self.workload.gen_lens)) == 1:
+            return             # every output as long: longest-output first is first come, first served
+        done = sorted((r for r in self.runs.values() if r.sim is not None and r.sim.prediction is not None
+                       and r.outcome.shape.kv_quant == kvq), key=lambda r: r.key)
+        shapes = list(dict.fromkeys(r.outcome.shape for r in done))[:ORDER_SHAPES]
+        for shape in shapes:
+            for admission in ADMISSION_ORDERS:
+                self.weigh(self.search.evaluate(shape), admission)
+
+    def pool_for(self, s: Shape) -> Shape:
+        """``s`` with a pool for ``s.concurrency`` of the workload's requests as they are: each holds its own
+        whole pages at its end (the steady-state shape counts a mean request's tokens)."""
+        pages = math.ceil(s.concurrency * self.workload.mean_pages(self.search.page_tokens, self.search.w.context))
+        return replace(s, num_pages=max(s.num_pages, pages + 1))
+
+    def _shapes(self, kvq: KVQuant) -> None:
+        """Around the best run's shape: its pool sized for the workload's requests, then larger and smaller pools,
+        then the step token budget doubled and halved, each way while that shortens the run."""
+        w, bt = self.search.w, self.search.page_tokens
+        least = math.ceil(w.context / bt) + 1                # one sequence of the full context always fits
+        best = self.best[kvq]
+        if not self.fixed:
+            n = self.workload.requests      # no more sequences run at once than there are requests
+            s = best.outcome.shape
+            self.weigh(self.search.evaluate(replace(s, concurrency=min(s.concurrency, n),
+                                                    max_seqs=min(s.max_seqs, n))), best.admission)
+            best = self.best[kvq]
+        self.weigh(self.search.evaluate(self.pool_for(best.outcome.shape)), best.admission)
+        walks = [(lambda s, f: replace(s, num_pages=max(round(s.num_pages * f), least)), POOL_FACTORS),
+                 (lambda s, f: replace(s, step_tokens=max(min(round(s.step_tokens * f), w.max_step_tokens),
+                                                          s.max_seqs)), TOKEN_FACTORS)]
+        for change, factors in walks:
+            for factor in factors:
+                while True:
+                    best = self.best[kvq]
+                    shape = change(best.outcome.shape, factor)
+                    if shape == best.outcome.shape:
+                        break
+                    if self.weigh(self.search.evaluate(shape), best.admission) is not self.best[kvq]:
+                        break
+
+    def _pick(self, kv_quant: str) -> Run:
+        if not self.best:
+            why = "; ".join(f"{r.outcome.shape.concurrency} sequences: {r.sim.why if r.sim else r.outcome.why}"
+                            for r in list(self.runs.values())[:4])
+            raise MemintentError(f"no candidate plan can serve the workload ({self.workload.summary()}): {why}")
+        plain, int8 = self.best.get(KVQuant.none), self.best.get(KVQuant.int8)
+        if kv_quant == "auto" and plain is not None and int8 is not None:
+            # int8 KV only where it shortens the run by more than KV_QUANT_GAIN (it loses a little accuracy)
+            best = int8 if (int8.misses, int8.run_s * KV_QUANT_GAIN) < plain.key[:2] else plain
+        else:
+            best = min(self.best.values(), key=lambda r: r.key)
+        if best.misses > 0:
+            pr = best.sim.prediction
+            raise MemintentError(
+                f"no plan meets {self.targets.describe()} for {self.workload.summary()}: the closest, "
+                f"{best.outcome.shape.concurrency} sequences at once, has p99 time to first token "
+                f"{fmt_s(pr.ttft_p99_s)} and per output token {fmt_s(pr.tpot_p99_s)}: relax the targets, raise "
+                "--budget or serve fewer requests at once")
+        return best
+
+    # -- the chosen plan --------------------------------------------------------------------------------------
+    def record(self, plan: Program, best: Run) -> Program:
+        """The chosen plan's own run (its exact step, pool and preemption costs) in ``generation.run``."""
+        sim = self.simulate(plan, self.workload, self.times(plan, plan.kv_pool), admission=best.admission)
+        if sim.prediction is None:
+            raise MemintentError(f"the chosen plan cannot serve the workload: {sim.why}")
+        plan.generation = plan.generation.model_copy(update=dict(run=sim.prediction))
+        return plan
+
+    def describe(self, chosen: Run) -> list[str]:
+        """The runners-up, best first, each with why it lost."""
+        others = sorted((r for r in self.runs.values() if r is not chosen and r.outcome.plan is not None),
+                        key=lambda r: (r.sim is None or r.sim.prediction is None, r.key, r.bound_s))
+        return [self._describe(r, chosen) for r in others][:12]
+
+    def _describe(self, r: Run, chosen: Run) -> str:
+        s = r.outcome.shape
+        streamed = sum(1 for b in r.outcome.plan.blocks if b.residency == Residency.streamed)
+        head = (f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_pages} pages), {s.step_tokens} tokens/step, "
+                f"{r.admission}, {streamed} blocks streamed")
+        best_s = chosen.run_s
+        if r.sim is None:
+            return (f"{head}: not simulated: at least {r.bound_s:.2f} s even at its cheapest step (chosen "
+                    f"{best_s:.2f} s)")
+        pr = r.sim.prediction
+        if pr is None:
+            return f"{head}: {r.sim.why}"
+        why = (f"misses the targets (p99 TTFT {fmt_s(pr.ttft_p99_s)}, TPOT {fmt_s(pr.tpot_p99_s)})"
+               if r.misses > 0 else f"{pr.run_s - best_s:.2f} s longer than the chosen {best_s:.2f} s"
+               if pr.run_s >= best_s else f"within {KV_QUANT_GAIN - 1:.0%} of the chosen with int8 KV")
+        return f"{head}: run {pr.run_s:.2f} s, {pr.tokens_per_s:.2f} tok/s, {pr.steps} steps: {why}"
 
 
 class StepPredictor:
@@ -553,5 +868,5 @@ class StepPredictor:
         return sim.step_time_s
 
 
-__all__ = ["plan_generation", "StepPredictor", "step_spec", "trace_step", "Workload", "Shape", "kv_pool", "annotate_step",
-           "fmt_bytes"]
+__all__ = ["plan_generation", "StepPredictor", "RunSearch", "step_spec", "trace_step", "Workload", "Shape", "kv_pool",
+           "annotate_step", "fmt_bytes"]

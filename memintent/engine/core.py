@@ -169,7 +169,8 @@ class Engine:
         swap = self.runners[0].swap if self.n == 1 else SwapSpace(0, kv.page_bytes, pin=False)
         costs = Costs.of_parts([self.proven.part(r).program for r in range(self.n)])
         self.groups = [Scheduler(self.pool, swap, costs, max_seqs=g.max_seqs, step_tokens=g.step_tokens,
-                                 context=g.context, preempt=opts.preempt, seq_ids=(i, self.n), stops=self.stops)
+                                 context=g.context, preempt=opts.preempt, seq_ids=(i, self.n), stops=self.stops,
+                                 admission=g.admission)
                        for i in range(self.n)]
         self.stats = EngineStats(num_pages=kv.num_pages)
         self.tick, self._dealt, self._idle = 0, 0, 0

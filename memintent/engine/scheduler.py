@@ -5,15 +5,27 @@ Policy
 Every step is one pass over the model (one pass of the plan's weight schedule), so every token it carries shares
 the streamed bytes. A step holds at most ``step_tokens`` tokens of at most ``max_seqs`` sequences:
 
-1. Running sequences, first come first served (admission order). A decoding sequence contributes its one new
-   token; one whose prompt is only partly in the cache contributes its next chunk, as long as the step keeps one
-   token for each decoding sequence behind it.
-2. A running sequence that needs a page the pool does not have takes one from the most recently admitted running
+1. Running sequences, in priority order. A decoding sequence contributes its one new token; one whose prompt is
+   only partly in the cache contributes its next chunk, as long as the step keeps one token for each decoding
+   sequence behind it.
+2. A running sequence that needs a page the pool does not have takes one from the lowest-priority running
    sequence that has no token in this step yet (the victim is preempted); if there is none, it is preempted
-   itself. The oldest sequences therefore always make progress and the newest yield (vLLM's order).
-3. If no one was preempted in this step, swapped-out sequences come back (oldest first) when their pages and one
-   more token fit; then waiting requests are admitted, oldest first, with a chunk of their prompt as large as the
-   remaining token budget, while pages are free. Admission never skips a request (no starvation).
+   itself. The highest-priority sequences therefore always make progress and the lowest yield (vLLM's order).
+3. If no one was preempted in this step, swapped-out sequences come back (highest priority first) when their pages
+   and one more token fit; then waiting requests are admitted, highest priority first, with a chunk of their prompt
+   as large as the remaining token budget, while pages are free. Admission never skips the request at the head of
+   the queue.
+
+Priority is the admission order, one of ``ADMISSION_ORDERS`` (the plan's ``generation.admission``, which the
+planner chooses by simulating the run, ``engine/simulate.py``):
+
+- ``fcfs``: first come, first served: the order requests were added (their sequence ids). No request waits for
+  one added after it (no starvation).
+- ``longest-output``: the request with the most ``max_new_tokens`` first (ties: first come), so that the longest
+  requests start early and the run does not end in a tail of a few long ones. A request's ``max_new_tokens``
+  stands for its output length (one that stops early at an end-of-sequence id merely finishes sooner). A later
+  request with a longer output goes ahead of earlier ones still waiting: under a steady stream of long requests a
+  short one can wait long (a batch of requests, which this order is for, has no such stream).
 
 Preemption by cost. A victim either swaps its pages to host memory (out now, back before it resumes, both on the
 copy engine that weight streaming also uses) or drops them and later prefills its prompt and generated tokens
@@ -50,9 +62,18 @@ from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.sampling import StopConditions, TokenLogprobs
 from memintent.engine.sequence import Request, Sequence, State
 from memintent.errors import MemintentError
-from memintent.ir.model import ObjectKind, Program
+from memintent.ir.model import ADMISSION_ORDERS, ObjectKind, Program
 
 PREEMPT_POLICIES = ("cost", "swap", "recompute")
+
+
+def priority_key(admission: str):
+    """The sort key of sequences under an admission order (lower first: see the module docstring)."""
+    if admission == "fcfs":
+        return lambda s: s.seq_id
+    if admission == "longest-output":
+        return lambda s: (-s.request.max_new_tokens, s.seq_id)
+    raise MemintentError(f"admission order {admission!r}: use one of {', '.join(ADMISSION_ORDERS)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,17 +165,18 @@ class Batch:
 class Scheduler:
     def __init__(self, pool: PagePool, swap: SwapSpace | None, costs: Costs, *, max_seqs: int, step_tokens: int,
                  context: int, preempt: str = "cost", seq_ids: tuple[int, int] = (0, 1),
-                 stops: StopConditions | None = None):
+                 stops: StopConditions | None = None, admission: str = "fcfs"):
         """``seq_ids``: (first, stride) of the sequence ids it hands out; schedulers sharing a pool (a pipeline's
         micro-batch groups) use disjoint ones. ``stops``: when a sequence stops early (default: at its request's
-        stop token ids only)."""
+        stop token ids only). ``admission``: the priority order (``ADMISSION_ORDERS``, module docstring)."""
         if preempt not in PREEMPT_POLICIES:
             raise MemintentError(f"preempt={preempt!r}: use one of {', '.join(PREEMPT_POLICIES)}")
+        self.admission, self.priority = admission, priority_key(admission)
         self.pool, self.swap, self.costs = pool, swap, costs
         self.max_seqs, self.step_tokens, self.context, self.preempt = max_seqs, step_tokens, context, preempt
-        self.waiting: list[Sequence] = []      # sorted by seq_id (preempted sequences go back to their place)
-        self.running: list[Sequence] = []      # sorted by seq_id
-        self.swapped: list[Sequence] = []      # sorted by seq_id
+        self.waiting: list[Sequence] = []      # by priority (preempted sequences go back to their place)
+        self.running: list[Sequence] = []      # by priority
+        self.swapped: list[Sequence] = []      # by priority
         self.resuming: list[Sequence] = []     # swap-in issued last step; they run from this step on
         self.sequences: list[Sequence] = []
         self.steps = 0
@@ -169,7 +191,7 @@ class Scheduler:
         seq = Sequence(seq_id=first + stride * self._added, request=request, tokens=list(request.prompt_ids))
         self._added += 1
         self.sequences.append(seq)
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=self.priority)
         return seq
 
     @property
@@ -192,7 +214,7 @@ class Scheduler:
         self.steps += 1
         for seq in self.resuming:
             seq.state = State.running
-            bisect.insort(self.running, seq, key=lambda s: s.seq_id)
+            bisect.insort(self.running, seq, key=self.priority)
         self.resuming = []
         budget = self._schedule_running(batch)
         if not batch.preemptions:
@@ -216,9 +238,11 @@ class Scheduler:
             n = 1 if decoding else min(seq.pending, budget - decodes_left)
             if n <= 0:
                 continue
-            if not self._make_room(batch, seq, self._pages_needed(seq, n), scheduled):
+            need = self._pages_needed(seq, n)
+            if need and not self._make_room(batch, seq, need, scheduled):
                 continue                                   # seq itself was preempted
-            batch.new_pages += self.pool.allocate(seq.seq_id, self._pages_needed(seq, n))
+            if need:      # most decode tokens land in a page the sequence already holds
+                batch.new_pages += self.pool.allocate(seq.seq_id, need)
             batch.chunks.append(Chunk(seq, seq.cached, n, sample=seq.cached + n == len(seq.tokens)))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -252,7 +276,7 @@ class Scheduler:
                 self.resuming.append(seq)
                 continue
             seq.state = State.running
-            bisect.insort(self.running, seq, key=lambda s: s.seq_id)
+            bisect.insort(self.running, seq, key=self.priority)
             batch.new_pages += self.pool.allocate(seq.seq_id, grow)
             batch.chunks.append(Chunk(seq, seq.cached, n, sample=seq.cached + n == len(seq.tokens)))
             budget -= n
@@ -267,7 +291,7 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             seq.state = State.running
-            bisect.insort(self.running, seq, key=lambda s: s.seq_id)
+            bisect.insort(self.running, seq, key=self.priority)
             batch.new_pages += self.pool.allocate(seq.seq_id, need)
             batch.chunks.append(Chunk(seq, seq.cached, n, sample=seq.cached + n == len(seq.tokens)))
             budget -= n
@@ -308,11 +332,11 @@ class Scheduler:
         if kind == "swap":
             batch.swap_out.append((pages, self.swap.take(seq.seq_id, len(pages))))
             seq.state = State.swapped
-            bisect.insort(self.swapped, seq, key=lambda s: s.seq_id)
+            bisect.insort(self.swapped, seq, key=self.priority)
         else:
             seq.cached = 0
             seq.state = State.waiting
-            bisect.insort(self.waiting, seq, key=lambda s: s.seq_id)
+            bisect.insort(self.waiting, seq, key=self.priority)
         batch.freed_pages += pages
 
     # -- after the step ---------------------------------------------------------------------------------------

@@ -288,6 +288,31 @@ class KVPool(_Model):
     swap_pages: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
 
 
+ADMISSION_ORDERS = ("fcfs", "longest-output")     # the scheduler's admission orders (engine/scheduler.py)
+
+
+class RunPrediction(_Model):
+    """The run the planner simulated for the requests it was given (``compile --workload``, ``--synthetic``,
+    ``--arrival-rate``): the engine's own scheduler over those requests, each step costed by the plan's cost model
+    (``engine/simulate.py``). Times are from the run's start (the first request's arrival)."""
+
+    workload: str                 # what was simulated, in words: the requests' source, lengths and arrivals
+    requests: Pos
+    prompt_tokens: NonNeg         # over all requests
+    generated_tokens: NonNeg
+    arrival_rate: NonNegF         # requests per second (Poisson, seeded); 0: every request at the start
+    run_s: NonNegF                # until the last request's last token
+    tokens_per_s: NonNegF         # generated tokens / run_s
+    steps: NonNeg
+    preemptions: NonNeg
+    ttft_median_s: NonNegF        # time to first token, from each request's arrival
+    ttft_p99_s: NonNegF
+    tpot_median_s: NonNegF        # time per output token after the first
+    tpot_p99_s: NonNegF
+    concurrency: list[NonNeg] = Field(default_factory=list)   # sequences in the step running at evenly spaced times
+    series_interval_s: NonNegF = 0.0                          # the time between two points of ``concurrency``
+
+
 class GenerationPlan(_Model):
     """What the generation planner chose (``compile --objective``) and why. The program is one engine step at its
     maxima (``step_tokens`` tokens of ``max_seqs`` sequences): the shape the plan proves."""
@@ -305,6 +330,8 @@ class GenerationPlan(_Model):
     tokens_per_s: NonNegF         # predicted generated tokens per second in steady state
     binding: str                  # what binds: "pcie", "compute", "kv capacity", "budget"
     alternatives: list[str] = Field(default_factory=list)   # rejected candidates, each with its reason
+    admission: str = "fcfs"       # the scheduler's admission order, one of ADMISSION_ORDERS (spec/serving.md)
+    run: RunPrediction | None = None   # the simulated run of the requests planned for; None: planned for steady state
 
 
 class Program(_Model):

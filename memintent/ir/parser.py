@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import types
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -162,29 +163,69 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
             raise _SemanticError(f"unknown field {name} in {head}: expected one of {', '.join(cls.model_fields)}", key)
         if name in values:
             raise _SemanticError(f"field {name} given twice in {head}", key)
-        kind = info.annotation
-        literal = value.type if isinstance(value, Token) else ("table" if isinstance(value, _Table) else "list")
-        pairs = typing.get_origin(kind) is list and typing.get_origin(typing.get_args(kind)[0]) is tuple
-        if kind is str and literal == "STRING":
-            values[name] = _string(value)
-        elif typing.get_origin(kind) is typing.Literal and literal == "STRING":
-            values[name] = _string(value)      # pydantic checks it is one of the literal's values
-        elif pairs and (literal == "table" or (literal == "list" and not value)):
-            values[name] = list(value)
-        elif kind == list[str] and literal == "list":
-            values[name] = value
-        elif kind is int and literal == "NUMBER":
-            values[name] = _int(value)
-        elif kind is float and literal == "NUMBER":
-            values[name] = _float(value)
-        elif isinstance(kind, type) and issubclass(kind, enum.Enum) and literal == "STRING":
-            values[name] = _string(value)      # pydantic checks it is one of the enum's values
-        else:
-            wanted = "a list of [number, number] rows" if pairs else {
-                str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
-            raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
+        values[name] = _field_value(name, info.annotation, key, value)
         where[name] = key
     return _build(cls, values, where, head)
+
+
+_SCALARS = {(str, "STRING"): _string, (int, "NUMBER"): _int, (float, "NUMBER"): _float}
+
+
+def _field_value(name: str, kind, key: Token, value) -> Any:
+    """A field's value as its type ``kind`` wants it, from what the parser read."""
+    literal = value.type if isinstance(value, Token) else type(value).__name__
+    nested = _nested_model(kind)
+    if nested is not None and literal in ("NONE", "_Section"):
+        return None if literal == "NONE" else _fields_model(nested, key, value.fields)
+    if _int_list(kind) and (literal == "_Numbers" or (literal == "list" and not value)):
+        return [_int(t) for t in value.items] if literal == "_Numbers" else []
+    if _pair_list(kind) and (literal == "_Table" or (literal == "list" and not value)):
+        return list(value)
+    if typing.get_origin(kind) is typing.Literal and literal == "STRING":
+        return _string(value)      # pydantic checks it is one of the literal's values
+    scalar = _SCALARS.get((kind, literal))
+    if scalar is not None:
+        return scalar(value)
+    if kind == list[str] and literal == "list":
+        return value
+    if isinstance(kind, type) and issubclass(kind, enum.Enum) and literal == "STRING":
+        return _string(value)      # pydantic checks it is one of the enum's values
+    wanted = "a list of [number, number] rows" if _pair_list(kind) else {
+        str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
+    raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
+
+
+@dataclass
+class _Section:
+    """A nested ``name = { field = value ... }``: the (key, value) pairs of the model a field holds."""
+
+    fields: list
+
+
+@dataclass
+class _Numbers:
+    """A ``[1, 2, 3]`` list of NUMBER tokens."""
+
+    items: list
+
+
+def _nested_model(kind) -> type[BaseModel] | None:
+    """The model a field of type ``Model | None`` holds, else None."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    return next((k for k in options if isinstance(k, type) and issubclass(k, BaseModel)), None)
+
+
+def _pair_list(kind) -> bool:
+    """Whether ``kind`` is a list of two-number rows (``HardwareProfile.gemm_tflops``)."""
+    return typing.get_origin(kind) is list and typing.get_origin(typing.get_args(kind)[0]) is tuple
+
+
+def _int_list(kind) -> bool:
+    """Whether ``kind`` is a list of integers (``list[int]``, or of a constrained int)."""
+    if typing.get_origin(kind) is not list:
+        return False
+    (item,) = typing.get_args(kind)
+    return (typing.get_args(item)[0] if typing.get_origin(item) is typing.Annotated else item) is int
 
 
 @dataclass
@@ -251,6 +292,12 @@ class _Builder(Transformer):
 
     def field(self, c):
         return c[0], c[1]
+
+    def section(self, c):
+        return _Section(list(c))
+
+    def numbers(self, c):
+        return _Numbers(list(c))
 
     # -- blocks and objects
     def blocks(self, c):

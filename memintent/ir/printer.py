@@ -115,28 +115,42 @@ def _fields(keyword: str, model: BaseModel | None) -> list[str]:
     """A ``keyword { field = value ... }`` section with one line per model field, in declaration order."""
     if model is None:
         return [f"{INDENT}{keyword} none"]
-    lines = [f"{INDENT}{keyword} {{"]
+    return [f"{INDENT}{keyword} {{", *_field_lines(model, INDENT * 2), INDENT + "}"]
+
+
+def _field_lines(model: BaseModel, indent: str) -> list[str]:
+    """One ``name = value`` line per field; a field holding a model is a nested ``name = { ... }`` section."""
+    lines = []
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        if info.annotation is float:
-            text = _float(value)
-        elif info.annotation is int:
-            text = _int(value)
-        elif info.annotation is str:
-            text = quote(value)
-        elif info.annotation == list[str]:
-            text = _names([quote(v) for v in value], INDENT * 2)
-        elif isinstance(value, enum.Enum):
-            text = quote(value.value)
-        elif typing.get_origin(info.annotation) is typing.Literal:
-            text = quote(value)
-        elif typing.get_origin(info.annotation) is list and all(isinstance(v, tuple) for v in value):
-            text = "[" + ", ".join(f"[{_float(a)}, {_float(b)}]" for a, b in value) + "]"
-        else:  # a new field type needs a spelling here and in parser._fields_model
-            raise TypeError(f"cannot print {type(model).__name__}.{name} of type {info.annotation}")
-        lines.append(f"{INDENT * 2}{name} = {text}")
-    lines.append(INDENT + "}")
+        if isinstance(value, BaseModel):
+            lines += [f"{indent}{name} = {{", *_field_lines(value, indent + INDENT), indent + "}"]
+            continue
+        lines.append(f"{indent}{name} = {_value(model, name, info.annotation, value, indent)}")
     return lines
+
+
+def _value(model: BaseModel, name: str, kind, value, indent: str) -> str:
+    if value is None:
+        return "none"          # an optional field left empty (a nested model, here)
+    if kind is float:
+        return _float(value)
+    if kind is int:
+        return _int(value)
+    if kind is str:
+        return quote(value)
+    if kind == list[str]:
+        return _names([quote(v) for v in value], indent)
+    if typing.get_origin(kind) is list and isinstance(value, list) and all(type(v) is int for v in value):
+        return "[" + ", ".join(_int(v) for v in value) + "]"      # a short series: one line
+    if isinstance(value, enum.Enum):
+        return quote(value.value)
+    if typing.get_origin(kind) is typing.Literal:
+        return quote(value)
+    if typing.get_origin(kind) is list and all(isinstance(v, tuple) for v in value):
+        return "[" + ", ".join(f"[{_float(a)}, {_float(b)}]" for a, b in value) + "]"   # rows of two numbers
+    # a new field type needs a spelling here and in parser._fields_model
+    raise TypeError(f"cannot print {type(model).__name__}.{name} of type {kind}")
 
 
 def _block(b: Block) -> str:

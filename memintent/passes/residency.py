@@ -143,7 +143,9 @@ class _Search:
         return self._cache[key]
 
     def stream_bytes(self, streamed, k: int) -> int:
-        """Stream and unpack slots' bytes for ``streamed`` through ``k`` slots (``slot_layout``)."""
+        """Stream and unpack slots' bytes for ``streamed`` through ``k`` slots (``slot_layout``); never more slots
+        than streamed visits (``make_schedule`` uses no more)."""
+        k = min(k, sum(self.nvisits[b] for b in streamed))
         slot, unpack = slot_layout(k, [self.need[b] for b in streamed], [self.land[b] for b in streamed],
                                    [self.unpack[b] for b in streamed], self.shared_unpack)
         return k * slot + unpack
@@ -151,15 +153,40 @@ class _Search:
     def memory(self, resident: set[str], streamed: frozenset, k: int) -> int:
         return sum(self.size[b] for b in resident) + (self.stream_bytes(streamed, k) if streamed else 0)
 
+    def streamable(self, forced: set[str]) -> list[str]:
+        """Blocks that may stream: read by some stage and not forced resident (a block no stage reads needs no HBM
+        at all; it stays host-side and is never copied)."""
+        return [b.name for b in self.p.blocks if b.name not in forced and self.nvisits[b.name] > 0]
+
+    def smallest(self, k: int, forced: set[str]) -> tuple[set[str], frozenset, int] | None:
+        """The (resident, streamed, HBM bytes) with the least HBM at ``k`` stream slots whose schedule exists, or
+        None. Streaming a block costs its share of a slot sized for the largest streamed block, so the least HBM
+        streams every block up to some slot need and keeps the larger ones resident (an embedding larger than a
+        layer is cheaper resident than as the size of every slot): each threshold is tried, with and without the
+        blocks read more than once (a tied embedding, read again by the head, needs a second slot when it
+        streams). The one rule for the smallest plan: the search starts from it and a refusal states it."""
+        names = self.streamable(forced)
+        again = {b for b in names if self.nvisits[b] > 1}
+        best = None
+        for cap in sorted({self.need[b] for b in names}):
+            upto = frozenset(b for b in names if self.need[b] <= cap)
+            for streamed in {upto, upto - again} - {frozenset()}:
+                resident = set(forced) | (set(names) - streamed)
+                mem = self.memory(resident, streamed, k)
+                if (best is None or mem < best[2]) and self.time(streamed, k) is not None:
+                    best = (resident, streamed, mem)
+        return best
+
     def greedy(self, k: int, forced: set[str], room: int) -> tuple[set[str], frozenset, float] | None:
         resident = set(forced)
-        streamed = frozenset(b.name for b in self.p.blocks if b.name not in forced and self.nvisits[b.name] > 0)
-        # Blocks no stage reads need no HBM at all; keep them host-side (they are never copied).
-        if self.memory(resident, streamed, k) > room:
-            return None
-        t = self.time(streamed, k)
-        if t is None:
-            return None
+        streamed = frozenset(self.streamable(forced))
+        if self.memory(resident, streamed, k) > room or self.time(streamed, k) is None:
+            # Everything streamed does not fit (or k slots cannot hold its schedule): start from the smallest plan.
+            start = self.smallest(k, forced)
+            if start is None or start[2] > room:
+                return None
+            resident, streamed, _ = start
+        t = self.time(streamed, k) if streamed else sum(s.time_s for s in self.p.stages)
         while streamed:
             mem_now = self.memory(resident, streamed, k)
             best, best_key = None, None
@@ -268,27 +295,51 @@ def _fastest(p: Program, search: _Search, depth: int | None, forced: set[str],
     return chosen
 
 
+def smallest_plan_bytes(search: _Search, depth: int | None, forced: set[str]) -> tuple[int, int | None]:
+    """(HBM bytes of the smallest plan besides the reserved bytes, its stream slots; None: every block resident)
+    over the depths ``depth`` allows (``_Search.smallest``). Keeping every block resident is always a plan, whatever
+    ``depth`` (the residency pass keeps it whenever it fits)."""
+    best = (sum(search.size.values()), None)
+    for k in ([depth] if depth else range(1, MAX_DEPTH + 1)):
+        small = search.smallest(k, forced)
+        if small is not None and small[2] < best[0]:
+            best = (small[2], k)
+    return best
+
+
+def _depth_note(search: _Search, depth: int | None, forced: set[str]) -> str:
+    """Why a forced ``depth`` streams nothing, when no streamed set has a schedule in that many slots."""
+    if not depth or not search.streamable(forced) or search.smallest(depth, forced) is not None:
+        return ""
+    fits = next((d for d in range(1, MAX_DEPTH + 1) if search.smallest(d, forced) is not None), None)
+    return (f"; --depth {depth}: {depth} stream slot(s) cannot hold the schedule of any streamed set of this model "
+            "(a stage reads several streamed blocks, or a block is read again while the next must already be "
+            "loading), so only a plan with every block resident fits: "
+            + (f"use --depth {fits} or more to stream, or leave --depth out" if fits else "leave --depth out"))
+
+
 def _infeasible(p: Program, search: _Search, depth: int | None, forced: set[str],
                 res: dict[str, int]) -> MemintentError:
-    """The budget is below what any plan needs: say the smallest feasible budget and what it is made of."""
-    used = {v.block for v in p.visits}
-    streamable = sorted(used - forced)
-    # The fewest slots that can hold the schedule with everything streamed: one, unless a stage reads two streamed
-    # blocks at once, or a block is read again while the next one must already be loading (a tied embedding read
-    # by the head).
-    all_streamed = frozenset(used - forced)
-    slots = depth or next((k for k in range(1, MAX_DEPTH + 1) if search.time(all_streamed, k) is not None),
-                          MAX_DEPTH)
+    """The budget is below what any plan needs: say the smallest feasible budget and what it is made of (the plan
+    ``_Search.smallest`` finds, from which the search starts: that budget compiles, one byte less does not)."""
+    plan_bytes, k = smallest_plan_bytes(search, depth, forced)
     forced_bytes = sum(search.size[b] for b in forced)
-    stream = search.stream_bytes(streamable, slots)
-    minimum = sum(res.values()) + forced_bytes + stream
+    minimum = sum(res.values()) + plan_bytes
+    if k is None:
+        layout = f"every block resident {fmt_bytes(plan_bytes)}"
+    else:
+        resident, streamed, _ = search.smallest(k, forced)
+        stream = search.stream_bytes(streamed, k)
+        layout = (f"always-resident blocks {fmt_bytes(forced_bytes)}, {len(resident) - len(forced)} more "
+                  f"block(s) resident {fmt_bytes(plan_bytes - stream - forced_bytes)}, {k} stream slot(s) "
+                  f"{fmt_bytes(stream)} in all")
     return MemintentError(
         f"budget {fmt_bytes(p.budget_bytes)} is below the smallest feasible budget {fmt_bytes(minimum)} "
         f"({minimum} bytes) for this model and shape: KV {fmt_bytes(res['kv'])}, activations "
-        f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, always-resident "
-        f"blocks {fmt_bytes(forced_bytes)}, {slots} stream slot(s) {fmt_bytes(stream)} in all; "
+        f"{fmt_bytes(res['activations'])}, workspace {fmt_bytes(res['workspace'])}, {layout}; "
         f"raise --budget, or lower --batch/--seq (a generation plan: --context or --concurrency)"
-        + (" or --depth" if depth else "") + f" (hardware profile {p.hardware.name})")
+        + (" or --depth" if depth and k else "") + _depth_note(search, depth, forced)
+        + f" (hardware profile {p.hardware.name})")
 
 
 def _set_residencies(p: Program, resident: set[str]) -> None:

@@ -10,6 +10,9 @@ starts once it is issued and the copy engine has finished the copy before it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
 
 from memintent.ir.model import Stage, Visit
 from memintent.passes.schedule import Schedule, make_schedule  # noqa: F401  (make_schedule: the old import path
@@ -48,10 +51,13 @@ class _Forward:
 class _Run:
     """The copy engine's and the compute stream's clocks over consecutive forwards of one schedule."""
 
-    def __init__(self, stages: list[Stage], sched: Schedule, copy_s: dict[int, float], dequant_s: dict[int, float]):
-        n = len(stages)
-        self.sched, self.copy_s, self.dequant_s = sched, copy_s, dequant_s
-        self.compute = [s.time_s for s in stages]
+    def __init__(self, compute: list, sched: Schedule, copy_s: dict[int, float], dequant_s: dict[int, float],
+                 later: Callable = max):
+        """``compute``: each stage's compute time, a float (or, with ``later=numpy.maximum``, an array of many steps'
+        times for that stage, simulated at once: the clocks become arrays)."""
+        n = len(compute)
+        self.sched, self.copy_s, self.dequant_s, self.later = sched, copy_s, dequant_s, later
+        self.compute = compute
         # copies issued at each stage entry (n: at the forward's end), and the copies each stage waits for
         self.issued_at: list[list[int]] = [[] for _ in range(n + 1)]
         self.waits_at: list[list[int]] = [[] for _ in range(n)]
@@ -63,7 +69,7 @@ class _Run:
         self.events: dict[tuple[int, int], CopyEvent] = {}
 
     def issue(self, i: int, fwd: int, t: float) -> None:
-        start = max(t, self.engine_free_s)
+        start = self.later(t, self.engine_free_s)
         end = start + self.copy_s[i]
         self.engine_free_s = end
         self.arrive_s[(fwd, i)] = end
@@ -87,7 +93,7 @@ class _Run:
             self.issue_all(s, f, entry)
             ready = entry
             for i in self.waits_at[s]:
-                ready = max(ready, self.arrive_s[(f, i)] + self.dequant_s.get(i, 0.0))
+                ready = self.later(ready, self.arrive_s[(f, i)] + self.dequant_s.get(i, 0.0))
             out.stage_stall_s.append(ready - entry)
             out.stage_start_s.append(ready)
             t = ready + self.compute[s]
@@ -99,7 +105,7 @@ class _Run:
 def simulate(stages: list[Stage], visits: list[Visit], sched: Schedule, copy_s: dict[int, float],
              dequant_s: dict[int, float] | None = None, forwards: int = 3) -> SimResult:
     """Event simulation of ``forwards`` back-to-back forwards; ``copy_s[visit]`` is each copy's duration."""
-    run = _Run(stages, sched, copy_s, dequant_s or {})
+    run = _Run([s.time_s for s in stages], sched, copy_s, dequant_s or {})
     run.cold_start()
     t = 0.0
     done: list[_Forward] = []
@@ -116,3 +122,17 @@ def simulate(stages: list[Stage], visits: list[Visit], sched: Schedule, copy_s: 
         stage_start_s=[x - t0 for x in last.stage_start_s], stage_end_s=[x - t0 for x in last.stage_end_s],
         stage_stall_s=last.stage_stall_s, copies=copies, copy_busy_s=sum(copy_s[i] for i in sched.visits),
     )
+
+
+def step_times(compute: np.ndarray, sched: Schedule, copy_s: dict[int, float],
+               dequant_s: dict[int, float] | None = None, forwards: int = 3) -> np.ndarray:
+    """``simulate``'s steady-state forward time for many steps at once: ``compute`` is (stages, steps), each column
+    one step's stage times; the same event model, its clocks arrays over the steps. Returns (steps,)."""
+    run = _Run(list(compute), sched, copy_s, dequant_s or {}, later=np.maximum)
+    run.cold_start()
+    t = np.zeros(compute.shape[1])
+    start = t
+    for f in range(forwards):
+        start = t
+        _, t = run.forward(f, t)
+    return np.asarray(t - start, dtype=float)

@@ -35,6 +35,7 @@ from typing import Callable, NoReturn
 from memintent.errors import MemintentError, PlanVerificationError
 from memintent.ir.layout import kv_page_parts
 from memintent.ir.model import (
+    ADMISSION_ORDERS,
     DTYPE_BITS,
     Action,
     ActionKind,
@@ -541,6 +542,8 @@ def step_shape(p: Program, f: Facts) -> None:
     if (pool.num_pages - 1) * pool.page_tokens < g.context:
         fail(f"the KV pool holds {(pool.num_pages - 1) * pool.page_tokens} tokens, fewer than one sequence of the "
              f"plan's context {g.context}")
+    if g.admission not in ADMISSION_ORDERS:
+        fail(f"the admission order {g.admission!r} is not one the scheduler knows ({', '.join(ADMISSION_ORDERS)})")
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------

@@ -56,8 +56,30 @@ def _print_generation(p: Program, console: Console) -> None:
     visited = {v.block for v in p.visits}
     if not any(b.name in visited for b in streamed):
         console.print("nothing streams: the weights and the KV pool fit the budget together")
+    if g.run is not None:
+        console.print(run_summary(g))
+        console.print(f"  concurrency over the run (a point every {fmt_s(g.run.series_interval_s)}): "
+                      f"{sparkline(g.run.concurrency, max(g.run.concurrency, default=0))} "
+                      f"{' '.join(str(n) for n in g.run.concurrency)}")
     for alt in g.alternatives:
         console.print(f"  rejected: {alt}")
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(xs: list[int], top: int) -> str:
+    """One character per value, its height the value against ``top``."""
+    return "".join(SPARK[min(len(SPARK) - 1, round(x / top * (len(SPARK) - 1)))] if top else SPARK[0] for x in xs)
+
+
+def run_summary(g) -> str:
+    """The predicted run a generation plan records (``GenerationPlan.run``), in one line."""
+    r = g.run
+    return (f"predicted run of {r.workload}: {fmt_s(r.run_s)}, {r.tokens_per_s:.2f} tok/s ({r.generated_tokens} "
+            f"tokens in {r.steps} steps, {r.preemptions} preemptions, admission {g.admission}); time to first token "
+            f"median {fmt_s(r.ttft_median_s)}, p99 {fmt_s(r.ttft_p99_s)}; per output token median "
+            f"{fmt_s(r.tpot_median_s)}, p99 {fmt_s(r.tpot_p99_s)}")
 
 
 def _print_pool(p: Program, console: Console) -> None:
