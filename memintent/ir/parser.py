@@ -171,25 +171,39 @@ def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
 _SCALARS = {(str, "STRING"): _string, (int, "NUMBER"): _int, (float, "NUMBER"): _float}
 
 
+def _list_value(kind, literal: str, value) -> Any:
+    """A list field's value (integers, two-number rows, strings; an empty ``[]`` reads as strings), or ``_NO``."""
+    if _int_list(kind) and (literal == "_Numbers" or (literal == "list" and not value)):
+        return [_int(t) for t in value.items] if literal == "_Numbers" else []
+    if _pair_list(kind) and (literal == "_Table" or (literal == "list" and not value)):
+        return list(value)
+    if kind == list[str] and literal == "list":
+        return value
+    return _NO
+
+
+def _named_value(kind, literal: str, value) -> Any:
+    """An enum's or a literal's value (a STRING: pydantic checks it is one of the allowed), or ``_NO``."""
+    named = typing.get_origin(kind) is typing.Literal or (isinstance(kind, type) and issubclass(kind, enum.Enum))
+    return _string(value) if named and literal == "STRING" else _NO
+
+
+_NO = object()   # "not this kind of value"
+
+
 def _field_value(name: str, kind, key: Token, value) -> Any:
     """A field's value as its type ``kind`` wants it, from what the parser read."""
     literal = value.type if isinstance(value, Token) else type(value).__name__
     nested = _nested_model(kind)
     if nested is not None and literal in ("NONE", "_Section"):
         return None if literal == "NONE" else _fields_model(nested, key, value.fields)
-    if _int_list(kind) and (literal == "_Numbers" or (literal == "list" and not value)):
-        return [_int(t) for t in value.items] if literal == "_Numbers" else []
-    if _pair_list(kind) and (literal == "_Table" or (literal == "list" and not value)):
-        return list(value)
-    if typing.get_origin(kind) is typing.Literal and literal == "STRING":
-        return _string(value)      # pydantic checks it is one of the literal's values
     scalar = _SCALARS.get((kind, literal))
     if scalar is not None:
         return scalar(value)
-    if kind == list[str] and literal == "list":
-        return value
-    if isinstance(kind, type) and issubclass(kind, enum.Enum) and literal == "STRING":
-        return _string(value)      # pydantic checks it is one of the enum's values
+    for read in (_list_value, _named_value):
+        out = read(kind, literal, value)
+        if out is not _NO:
+            return out
     wanted = "a list of [number, number] rows" if _pair_list(kind) else {
         str: "a string", int: "an integer", float: "a number"}.get(kind, "a list of strings")
     raise _SemanticError(f"{name} must be {wanted}", value if isinstance(value, Token) else key)
