@@ -251,7 +251,7 @@ _FOLDABLE = (["pre", "L0", "L1", "post"], ["L0", "L1", "post"], ["pre", "L0", "L
 
 
 def _first_layer(protos: list[_Proto]) -> int:
-    """The index of the first traced layer: 0, or a pipeline stage's first layer (its layers keep their names)."""
+    """The index of the first traced layer: 0, or a pipeline part's first layer (its layers keep their names)."""
     return min((p.layer for p in protos if p.layer is not None), default=0)
 
 
@@ -276,7 +276,7 @@ class _Template:
     l1: list[_Proto]
     l0_of_l1: dict[str, str]   # layer-1 key -> the corresponding layer-0 key
     l1_of_l0: dict[str, str]   # layer-0 key -> the corresponding layer-1 key
-    base: int = 0              # the first traced layer's index (a pipeline stage's first layer); i counts from it
+    base: int = 0              # the first traced layer's index (a pipeline part's first layer); i counts from it
 
     def key_in(self, layer: int, l1_key: str) -> str:
         """Key of the node in ``layer`` that corresponds to the template node ``l1_key``."""

@@ -75,7 +75,7 @@ class PoolViews:
             raise MemintentError(f"the KV region holds {flat.numel()} bytes but {num_pages} pages of "
                                  f"{layout.page_bytes} bytes need {need}: recompile the plan")
         self.layout, self.num_pages = layout, num_pages
-        # A pipeline stage's pool holds its own layers; attention names layers as the whole model does.
+        # A pipeline part's pool holds its own layers; attention names layers as the whole model does.
         self.layer_offset = layer_offset
         pages = flat[:need].view(num_pages, layout.page_bytes)                     # uint8 (N, page_bytes)
         self.pages = pages

@@ -2,7 +2,7 @@
 
 The model is written for ``torch.export``: static shapes everywhere (the MoE computes every expert densely), no
 data-dependent control flow. In an engine step its attention reads and writes the serving engine's KV pool
-(``memintent.engine.attention``), which lives outside the module's state, so state dicts and the fingerprint hold
+(``memintent.kv.attention``), which lives outside the module's state, so state dicts and the fingerprint hold
 weights only. Weight values come from ``init_weight``: a deterministic
 function of the weight's name and a seed, so any process can regenerate any single weight without building the
 model.
@@ -199,7 +199,7 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if paged.active():
             # An engine step: the new tokens' keys and values go to the KV pool, attention reads each sequence's
-            # context back through its page table (memintent.engine.attention).
+            # context back through its page table (memintent.kv.attention).
             y = paged.paged_attention(q, k, v, self.layer_idx)                    # (1, H, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)

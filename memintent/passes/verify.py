@@ -523,7 +523,7 @@ def kv_pool(p: Program, f: Facts) -> None:
         fail(f"KV pool pages of {pool.page_bytes} bytes: {pool.layers} layers x {pool.page_tokens} tokens x "
              f"{pool.kv_heads} heads x {pool.head_dim} ({pool.quant.value} KV) are {sum(parts)} bytes")
     if len(kv) != 1 or kv[0].size_bytes != pool.num_pages * pool.page_bytes:
-        fail(f"the KV pool of {pool.num_pages} blocks needs one KV object of {pool.num_pages * pool.page_bytes} "
+        fail(f"the KV pool of {pool.num_pages} pages needs one KV object of {pool.num_pages * pool.page_bytes} "
              f"bytes; the plan has {[(o.name, o.size_bytes) for o in kv]}")
 
 

@@ -360,7 +360,7 @@ def _summary_table(p: Program, tl: Timeline, summary: MeasuredSummary | None) ->
     peak = tl.peak
     rows = [
         ("model", f"{p.model.ref} ({p.model.dtype}), batch {p.shape.batch} x seq {p.shape.seq}"
-                  + (f", a KV pool of {p.kv_pool.num_pages - 1} blocks of {p.kv_pool.page_tokens} tokens"
+                  + (f", a KV pool of {p.kv_pool.num_pages - 1} pages of {p.kv_pool.page_tokens} tokens"
                      if p.kv_pool else "")),
         ("hardware", f"{p.hardware.name}: {p.hardware.source}"),
         ("forward, steady state", fmt_s(tl.step_time_s)),
