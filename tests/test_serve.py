@@ -172,7 +172,7 @@ def test_trace_and_report_show_the_pool_and_preemptions(plan_file, tmp_path):
     assert main(["generate", str(plan_file), "--device", "cpu", "--synthetic", "12", "--prompt-len", "10:30",
                  "--gen-len", "8:14", "--preempt", "recompute", "--trace", str(trace)]) == 0
     events = json.loads(trace.read_text())["traceEvents"]
-    kv = [e for e in events if e.get("name") == "KV pool (blocks)"]
+    kv = [e for e in events if e.get("name") == "KV pool (pages)"]
     pre = [e for e in events if e.get("cat") == "preemption"]
     assert kv and pre and all(e["args"]["kind"] == "recompute" for e in pre)
     assert all(e["args"]["used"] + e["args"]["free"] == plan_file_usable(plan_file) for e in kv)

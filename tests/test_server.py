@@ -97,7 +97,7 @@ def test_models_health_and_metrics(served):
     assert httpx.get(f"{served.base}/health").json() == {"status": "ok"}
     metrics = httpx.get(f"{served.base}/metrics").text
     total = served.engine.pool.num_pages - 1
-    assert f"memintent_kv_pool_blocks_total {total}" in metrics.splitlines()
+    assert f"memintent_kv_pool_pages_total {total}" in metrics.splitlines()
     assert "# TYPE memintent_generated_tokens_total counter" in metrics
 
 

@@ -41,7 +41,7 @@ class ServeReport:
     num_pages: int
     kv_peak_pages: int
     kv_mean_pages: float
-    kv_over_time: list[int] = field(default_factory=list)     # used blocks after each step
+    kv_over_time: list[int] = field(default_factory=list)     # used pages after each step
     preemptions: dict[str, int] = field(default_factory=dict)
     h2d_gbps: float = 0.0
     streamed_bytes: int = 0

@@ -90,7 +90,7 @@ def _print_pool(p: Program, console: Console) -> None:
     if kv is None or obj is None:
         return
     console.print(
-        f"KV pool: {kv.num_pages - 1} blocks of {kv.page_tokens} tokens (+ the null page), "
+        f"KV pool: {kv.num_pages - 1} pages of {kv.page_tokens} tokens (+ the null page), "
         f"{fmt_bytes(kv.page_bytes)} each, {fmt_bytes(kv.num_pages * kv.page_bytes)}; keys and values "
         f"{kv.quant.value if kv.quant.value != 'none' else p.model.dtype} (policy {g.kv_quant_policy}); "
         f"{(kv.num_pages - 1) * kv.page_tokens} tokens, {fmt_bytes(kv.swap_pages * kv.page_bytes)} of host swap "

@@ -303,7 +303,7 @@ def write_run_trace(path: str, program: Program, stats) -> None:
 # serving runs: the engine's steps, KV pool use and preemptions (process "engine", host wall clock)
 
 PID_ENGINE = 3
-KV_COUNTER = "KV pool (blocks)"
+KV_COUNTER = "KV pool (pages)"
 
 
 def engine_events(stats) -> list[dict]:
@@ -352,13 +352,13 @@ def write_serve_trace(path: str, program: Program, engine) -> None:
     predicted = build_timeline(program) if runner is not None and program.prediction else None
     doc = trace_document(predicted, measured or None)
     doc["traceEvents"] += engine_events(engine.stats) + part_events(engine.part_steps)
-    doc["otherData"]["kv_pool_blocks"] = max(engine.stats.num_pages - 1, 0)
+    doc["otherData"]["kv_pool_pages"] = max(engine.stats.num_pages - 1, 0)
     write_bytes_atomic(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
 
 
 def read_engine(path: str | os.PathLike) -> tuple[list[tuple[float, int]], list[dict], int] | None:
-    """The engine process of a serving trace: (time_s, used blocks) samples, preemption events' args, and the
-    pool's usable blocks; None when the trace has no engine process (a forward run)."""
+    """The engine process of a serving trace: (time_s, used pages) samples, preemption events' args, and the
+    pool's usable pages; None when the trace has no engine process (a forward run)."""
     events = _trace_events(Path(path))
     kv = [(e["ts"] / _US_PER_S, int(e["args"]["used"])) for e in events if isinstance(e, dict)
           and e.get("pid") == PID_ENGINE and e.get("name") == KV_COUNTER and e.get("ph") == "C"]
