@@ -3,7 +3,9 @@
 Cases (each a plan of the planner's own choice, served by the engine):
   mix-bf16   512 seeded requests, prompts 64-1024 tokens, outputs 16-128, KV in bf16
   mix-int8   the same requests, int8 KV
-  fixed      64 requests of prompt 512 + 32 generated (the wave engine's workload; its batch-32 figure: 50.3 tok/s)
+  fixed      64 requests of prompt 512 + 32 generated (the wave engine's workload; its batch-32 figure: 50.3 tok/s);
+             --fixed-requests sets how many
+  fixed-int8 the same requests, int8 KV (opt-30b at 24 GiB with 96 of them: the step issue's FlexGen row)
 
 Every step streams the plan's bytes; the floor of a step is streamed bytes / pinned H2D measured at the start. Peak
 HBM is torch's max_memory_allocated over the run, against the plan's budget.
@@ -11,6 +13,7 @@ HBM is torch's max_memory_allocated over the run, against the plan's budget.
     python benchmarks/serve.py --out $OUT
     python benchmarks/serve.py --model tiny-llama --device cpu --budget 8MiB --requests 16 --dtype f32 --quant none  # smoke
     python benchmarks/serve.py --plan both --out $OUT    # each case planned for the steady state and for its requests
+    python benchmarks/serve.py --model opt-30b --quant auto --cases fixed-int8 --fixed-requests 96 --plan both
 
 ``--plan requests`` compiles each case's plan against the case's own requests, as ``compile --synthetic`` does
 (the planner simulates the engine's run of them: ``engine.simulate``); ``both`` serves the two plans of each case,
@@ -49,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--cases", nargs="+", default=["mix-bf16", "mix-int8", "fixed"])
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--fixed-requests", type=int, default=64, help="requests of the fixed cases (64)")
     ap.add_argument("--predict", action="store_true", help="also the cost model's time of each step as it ran")
     ap.add_argument("--hw", default=None, help="hardware profile (file or built-in name; default: this card's)")
     ap.add_argument("--quant", default="int4", help="bit width of streamed weights (int4; none, int8, auto)")
@@ -65,10 +69,11 @@ def main(argv=None) -> int:
     vocab = src.vocab_size
     context = min(1152, src.max_positions or 1152)      # 1024 + 128: the longest request of the mix
     mix = synthetic(args.requests, (64, context - 128), (16, 128), vocab, seed=0)
-    fixed = synthetic(64, (512, 512), (32, 32), vocab, seed=1)
+    fixed = synthetic(args.fixed_requests, (512, 512), (32, 32), vocab, seed=1)
     cases = {"mix-bf16": (dict(context=context, prompt_len=544, gen_len=72, kv_quant="none"), mix),
              "mix-int8": (dict(context=context, prompt_len=544, gen_len=72, kv_quant="int8"), mix),
-             "fixed": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="none"), fixed)}
+             "fixed": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="none"), fixed),
+             "fixed-int8": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="int8"), fixed)}
     stores: dict[tuple, object] = {}
     runs = [(name, mode) for name in args.cases for mode in (("steady", "requests") if args.plan == "both"
                                                               else (args.plan,))]
