@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,6 +108,7 @@ def classify(model_type: str, base: Path) -> dict:
     {"outcome": "fails", "error": ...} (a bug to fix or a config to override)."""
     import hf_tiny
     import test_hf_generate as th
+
     from memintent.compiler.planner import plan_generation
     from memintent.engine import Engine
     from memintent.errors import MemintentError

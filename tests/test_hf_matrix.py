@@ -75,4 +75,4 @@ def test_the_table_covers_every_causal_lm_and_the_readme_every_refusal():
     # "unbuildable": the generic shrink breaks the config (the table says how); OVERRIDES would bring it in
     assert {r["outcome"] for r in ROWS.values()} <= {"generates", "refused", "out of scope", "unbuildable"}
     listed = README.read_text().split("<!-- refused architectures -->")[1]
-    assert sorted(re.findall(r"^- `([\w.-]+)`", listed, re.M)) == REFUSED
+    assert sorted(re.findall(r"^- `([\w.-]+)`", listed, re.MULTILINE)) == REFUSED
