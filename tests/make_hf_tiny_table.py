@@ -124,6 +124,8 @@ def classify(model_type: str, base: Path) -> dict:
         plan = plan_generation(f"hf:{folder}", budget_bytes=int(th.BUDGET_FRACTION * weight_bytes),
                                hardware=th.CPU, **th.PLAN)
     except MemintentError as e:
+        if str(e).startswith("no concurrency fits the budget"):   # the shrink left a part full-size: not a refusal
+            return {**row, "outcome": "unbuildable", "error": f"not tiny: {str(e)[:300]}"}
         return {**row, "outcome": "refused", "error": str(e).replace(str(folder), "{folder}")}
     except Exception as e:
         return {**row, "outcome": "fails", "error": f"plan: {type(e).__name__}: {str(e)[:300]}"}
