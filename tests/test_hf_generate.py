@@ -80,11 +80,13 @@ def hf(tmp_path_factory):
     return Folders(tmp_path_factory.mktemp("hf"))
 
 
-def hf_generate(folder, prompts, n: int = GEN, dtype=torch.float32) -> list[list[int]]:
-    """transformers' own greedy generate of each prompt alone, end-of-sequence disabled so every output has ``n``
-    tokens (the engine's requests have no stop tokens)."""
+def hf_generate(folder, prompts, n: int = GEN, dtype=torch.float32, stop: bool = False) -> list[list[int]]:
+    """transformers' own greedy generate of each prompt alone. Without ``stop``, end-of-sequence is disabled so
+    every output has ``n`` tokens; with it, each output stops where transformers stops (its end-of-sequence token
+    included), as the engine does at the folder's end-of-sequence ids."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
-    model.generation_config.eos_token_id = None
+    if not stop:
+        model.generation_config.eos_token_id = None
     out = []
     with torch.no_grad():
         for p in prompts:

@@ -145,6 +145,31 @@ class _Checkpoint:
     converted: dict[str, tuple]           # model name -> (converter, target, [(pattern, checkpoint key), ...])
 
 
+# Architectures that pass every check below yet would serve wrong tokens or fail mid-step, each with why (found by
+# tests/make_hf_tiny_table.py, which serves every causal LM of transformers): refused up front in one line.
+_NOT_SERVED = {
+    # the traced step's blocks run in another order than the modules' hooks fire
+    "ctrl": "model holds a tensor (pos_encoding) on the module around its layers, which a generation plan visits "
+            "out of the traced order",
+    "gpt_bigcode": "model holds a tensor on the module around its layers, which a generation plan visits out of "
+                   "the traced order",
+    "olmo3": "rotary embeddings run again between its layers, out of the traced order a generation plan follows",
+    "modernbert-decoder": "rotary embeddings run again between its layers, out of the traced order a generation "
+                          "plan follows",
+    "phimoe": "rotary embedding's buffers are used where a generation plan does not copy them in",
+    # multi-head latent attention: keys and values are not config.json's num_key_value_heads x head_dim
+    "glm4_moe_lite": "multi-head latent attention has keys and values of other shapes than config.json's KV heads "
+                     "and head size, which size the KV pool",
+    "minicpm3": "multi-head latent attention has keys and values of other shapes than config.json's KV heads and "
+                "head size, which size the KV pool",
+    "sarvam_mla": "multi-head latent attention has keys and values of other shapes than config.json's KV heads "
+                  "and head size, which size the KV pool",
+    "inkling_text": "attention has keys and values of other shapes than config.json's KV heads and head size, which "
+                    "size the KV pool",
+    "jetmoe": "attention experts route tokens with data-dependent shapes, which a traced step cannot have",
+}
+
+
 class HFSource(ModelSource):
     kind = "hf"
 
@@ -204,6 +229,8 @@ class HFSource(ModelSource):
         (``check_engine_attention``); this only names the cause early."""
         from transformers import AutoModelForCausalLM  # deferred: heavy, optional
 
+        if getattr(cfg, "model_type", None) in _NOT_SERVED:
+            raise MemintentError(self._unservable(_NOT_SERVED[cfg.model_type]))
         try:
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
         except (KeyError, ValueError):
@@ -227,10 +254,16 @@ class HFSource(ModelSource):
 
     def check_engine_attention(self, calls: int) -> None:
         """A model whose traced step calls the engine's attention in fewer layers than it has (a hybrid whose other
-        layers keep a recurrent state, like Jamba's Mamba layers) is refused here."""
-        if calls != self.num_layers:
-            n = self.num_layers
+        layers keep a recurrent state, like Jamba's Mamba layers) is refused here; so is one that calls it more
+        often (DiffLlama's two attention maps a layer): the KV pool holds one cache per layer, which a second call
+        would overwrite."""
+        n = self.num_layers
+        if calls < n:
             raise MemintentError(self._bypasses_interface(f" in {n - calls} of its {n} layers"))
+        if calls > n:
+            raise MemintentError(self._unservable(
+                f"attention calls transformers' attention interface {calls} times in its {n} layers, more than once "
+                "in a layer, which the serving engine's KV pool (one cache per layer) does not serve"))
 
     def _construct_default(self, cfg, kw: dict):
         from transformers import AutoModelForCausalLM  # deferred: heavy, optional
