@@ -307,8 +307,8 @@ def dequantize_int4g(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
         in_place = out.dtype == torch.float32
         acc = out[rows] if in_place else out.new_empty(out[rows].shape, dtype=torch.float32)
         _nibbles_into(packed[rows], acc)
-        _per_group(acc, group, lambda view, g0, g1: view.mul_(scales[rows, g0:g1, None]))
-        _per_group(acc, group, lambda view, g0, g1: view.add_(mins[rows, g0:g1, None]))
+        _per_group(acc, group, lambda view, g0, g1, rows=rows: view.mul_(scales[rows, g0:g1, None]))
+        _per_group(acc, group, lambda view, g0, g1, rows=rows: view.add_(mins[rows, g0:g1, None]))
         if not in_place:
             out[rows].copy_(acc)
     return out
