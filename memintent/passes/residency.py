@@ -289,8 +289,9 @@ def vocab_blocks(p: Program) -> set[str]:
 def block_quant(policy: Quant, block: str, vocab: set[str]) -> Quant:
     """The bit width a streamed block gets under ``policy``: the policy's, except that a vocabulary block
     (``vocab_blocks``) takes int8 where the policy is 4-bit. Every token's logits go through the head, and each
-    row of the embedding is one token's whole input: 4 bits there cost SmolLM2-135M a quarter of its int4g
-    perplexity rise, for a block that is one of a model's ~30+ (llama.cpp keeps these at 6-8 bits too)."""
+    row of the embedding is one token's whole input: 4 bits there cost SmolLM2-135M a fifth to a quarter of the
+    zero-point int4g's perplexity rise and a third to a half of int4's, for one or two blocks of a model's ~30+
+    (llama.cpp keeps these at 6-8 bits too)."""
     return Quant.int8 if policy in FOUR_BIT and block in vocab else policy
 
 
