@@ -63,3 +63,16 @@ def test_int8_kv_pool_is_reported_and_close(measured, text):
 def test_text_header_is_not_scored():
     text = quality.read_text(quality.TEXTS["sqlite3.h"])
     assert text.startswith("/*\n** 2001-09-15") and "License:" not in text
+
+
+def test_offgrid_control_moves_weights_by_at_most_half_a_step():
+    import offgrid
+
+    # a weight on a Q4_1 grid: 16 levels per group of 32 (step 0.1 from -0.7)
+    levels = torch.randint(0, 16, (4, 64), generator=torch.Generator().manual_seed(0)).float()
+    levels[:, ::32], levels[:, 1::32] = 0, 15           # each group spans the whole grid: its step is 0.1
+    w = levels * 0.1 - 0.7
+    moved = offgrid.off_grid("w", w, "1")
+    assert torch.equal(moved, offgrid.off_grid("w", w, "1")) and not torch.equal(moved, offgrid.off_grid("w", w, "2"))
+    d = (moved - w).abs()
+    assert d.max() <= 0.05 + 1e-6 and d.mean() > 0.02     # uniform in +-half a step: mean 0.025
