@@ -5,8 +5,9 @@ unscored), with the model run the way the product runs it:
 
 * ``transformers``: the folder loaded with ``from_pretrained`` in float32 (the reference);
 * ``memintent, unquantized`` / ``int8`` / ``int4`` / ``int4g``: a forward plan that streams every block it can
-  (every decoder layer and the embedding, which the head shares) at that bit width, run through
-  ``memintent.load``: the runtime packs, copies and unpacks each block as on a GPU;
+  (every decoder layer and the embedding, which the head shares) at that bit width, except that the planner keeps
+  the embedding at int8 under int4/int4g (``passes.residency.block_quant``), run through ``memintent.load``: the
+  runtime packs, copies and unpacks each block as on a GPU;
 * ``engine, f32 KV`` / ``engine, int8 KV``: a generation plan (weights unquantized, all resident) whose serving
   engine prefills each window in its own steps of ``--step`` tokens: every step's attention reads the earlier
   steps' keys and values from the KV pool (int8 with one scale per token and head in the second row).
@@ -37,8 +38,8 @@ DATA = Path(__file__).resolve().parent / "data"
 TEXTS = {"sqlite3.h": DATA / "sqlite3_h.txt", "KJV Genesis": DATA / "kjv_genesis.txt"}
 # row -> what it says in the table
 ROWS = {"transformers": "transformers, float32", "none": "memintent, streamed, unquantized",
-        "int8": "int8 streamed weights", "int4": "int4 streamed weights (symmetric, groups of 128)",
-        "int4g": "int4g streamed weights (asymmetric, groups of 32)", "kv-f32": "engine, f32 KV pool",
+        "int8": "int8 streamed weights", "int4": "int4 streamed weights (symmetric, groups of 128; embedding int8)",
+        "int4g": "int4g streamed weights (scale and min per 32; embedding int8)", "kv-f32": "engine, f32 KV pool",
         "kv-int8": "engine, int8 KV pool"}
 WEIGHT_ROWS = {"none": "none", "int8": "int8", "int4": "int4", "int4g": "int4g"}   # row -> --quant
 KV_ROWS = {"kv-f32": "none", "kv-int8": "int8"}                                      # row -> --kv-quant

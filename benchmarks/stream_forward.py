@@ -110,7 +110,7 @@ def what_streams(plan) -> str:
 
 
 def bytes_per_weight(plan) -> float:
-    """Bytes a visit copies per weight of the streamed decoder layers (values, scales, zero points, raw norms)."""
+    """Bytes a visit copies per weight of the streamed decoder layers (values, scales, minimums, raw norms)."""
     objs = plan.object_map()
     layers = [b for b in plan.blocks if b.residency == Residency.streamed and b.name.startswith("layers.")]
     return sum(b.transfer_bytes for b in layers) / sum(math.prod(objs[w].shape) for b in layers for w in b.weights)

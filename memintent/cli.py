@@ -428,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", help="weight dtype override (bf16, f16, f32)")
     c.add_argument("--depth", type=int, help="force this many stream slots (default: chosen by the cost model)")
     c.add_argument("--quant", default="none",
-                   help="bit width of streamed weights: none, int8, int4g (asymmetric int4, groups of 32: keeps "
-                        "quality), int4 (symmetric, groups of 128: fewest bytes), auto (per block, from the cost "
-                        "model, int4g at the narrowest)")
+                   help="bit width of streamed weights: none, int8, int4g (a scale and a minimum per 32 columns, "
+                        "5 bits: keeps quality), int4 (symmetric, groups of 128: fewest bytes), auto (per block, "
+                        "from the cost model, int4g at the narrowest); under int4/int4g the embedding and head "
+                        "stream at int8")
     c.add_argument("--objective", choices=("throughput", "latency"),
                    help="plan generation for the serving engine: choose the KV pool, the step's token budget, "
                         "residency and bit widths for tokens/s (throughput) or one sequence's step (latency)")

@@ -39,10 +39,10 @@ def _rt4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _rt4g(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    p, s, z = quantize_int4g(w)
+    p, s, m = quantize_int4g(w)
     out = torch.full_like(w, float("nan"))
-    assert dequantize_int4g(p, s, z, out) is out
-    return p, s, z, out
+    assert dequantize_int4g(p, s, m, out) is out
+    return p, s, m, out
 
 
 def _nibbles_ref(p: torch.Tensor, in_ch: int) -> torch.Tensor:
@@ -127,40 +127,45 @@ def test_int4_nibble_order() -> None:
 
 # ---- int4g ----------------------------------------------------------------------------------------------------
 
-INT4G_SLACK = 0.5 + 15 * 2.0 ** -8   # half a step, plus where the bf16-rounded scale makes hi land on 15.5 steps
+def _int4g_bound(s: torch.Tensor, m: torch.Tensor, in_ch: int) -> torch.Tensor:
+    """Per-element error bound of int4g: half a step, plus where the bf16-rounded minimum and scale move the
+    group's ends (each off by at most 2^-9 of itself; 2^-8 covers their sum), for values clamped there."""
+    s_el, m_el = _per_element_scale(s, in_ch, INT4G_GROUP), _per_element_scale(m, in_ch, INT4G_GROUP)
+    return 0.5 * s_el + (m_el.abs() + 15 * s_el) * 2.0 ** -8
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_int4g_round_trip_normal(dtype: torch.dtype) -> None:
     w = (torch.randn(256, 4096, generator=_gen(2)) + 0.3).to(dtype)     # an offset: the groups are not symmetric
-    p, s, z, dq = _rt4g(w)
+    p, s, m, dq = _rt4g(w)
     groups = 4096 // INT4G_GROUP
     assert p.dtype == torch.uint8 and p.shape == (256, 2048)
-    assert s.dtype == torch.bfloat16 and s.shape == (256, groups) and z.dtype == torch.uint8 and z.shape == s.shape
-    assert int(z.max()) <= 15
-    scale_el = _per_element_scale(s, 4096, INT4G_GROUP)
-    _check_bound(w, dq, scale_el, slack=INT4G_SLACK)
-    # the reference dequantization, by integer ops and one float32 product rounded once
-    q = _nibbles_ref(p, 4096) - z.to(torch.int32).repeat_interleave(INT4G_GROUP, dim=1)
-    assert torch.equal(dq, (q.float() * scale_el).to(dtype))
+    assert s.dtype == m.dtype == torch.bfloat16 and s.shape == m.shape == (256, groups)
+    _check_bound(w, dq, _int4g_bound(s, m, 4096), slack=1.0)
+    # the reference dequantization, by integer ops: an exact float32 product plus the minimum, rounded once in
+    # float32 and once to the dtype
+    q = _nibbles_ref(p, 4096).float()
+    ref = q * _per_element_scale(s, 4096, INT4G_GROUP) + _per_element_scale(m, 4096, INT4G_GROUP)
+    assert torch.equal(dq, ref.to(dtype))
     err, err4 = relative_error(w, dq), relative_error(w, _rt4(w)[2])
-    assert err < 0.75 * err4, (err, err4)     # observed ~0.083 against int4's ~0.12
+    assert err < 0.75 * err4, (err, err4)     # observed ~0.078 against int4's ~0.12
 
 
-def test_int4g_nibble_order_and_zero_point() -> None:
-    # one group spanning [-5, 10]: scale 1, zero point 5, so q = w + 5; column 0 -> low nibble of byte 0
+def test_int4g_nibble_order_and_minimum() -> None:
+    # one group spanning [-5, 10]: scale 1, minimum -5, so q = w + 5; column 0 -> low nibble of byte 0
     w = torch.tensor([[-5.0, 10.0, 0.0, 3.0, -1.0]])
-    p, s, z = quantize_int4g(w)
-    assert s.tolist() == [[1.0]] and z.tolist() == [[5]]
-    assert p.tolist() == [[0 | (15 << 4), 5 | (8 << 4), 4 | (5 << 4)]]    # the pad nibble holds the zero point
+    p, s, m = quantize_int4g(w)
+    assert s.tolist() == [[1.0]] and m.tolist() == [[-5.0]]
+    assert p.tolist()[0][:2] == [0 | (15 << 4), 5 | (8 << 4)] and p[0, 2] & 15 == 4   # the pad nibble: unread
     out = torch.empty_like(w)
-    dequantize_int4g(p, s, z, out)
+    dequantize_int4g(p, s, m, out)
     assert torch.equal(out, w)
-    # all of a group's 16 levels serve its own range: a positive group loses nothing to the negative half
-    pos = torch.arange(16.0)[None] * 0.25
-    out = torch.empty_like(pos)
-    dequantize_int4g(*quantize_int4g(pos), out)
-    assert torch.equal(out, pos)
+    # all of a group's 16 levels serve its own range, and its ends are levels even where the range leaves 0 out
+    # (an integer zero point would shift such a grid by up to half a step)
+    for grid in (torch.arange(16.0)[None] * 0.25, torch.arange(16.0)[None] * 0.25 + 0.1, -1 - torch.arange(16.0)[None]):
+        out = torch.empty_like(grid)
+        dequantize_int4g(*quantize_int4g(grid), out)
+        assert torch.allclose(out, grid, rtol=2.0 ** -8, atol=0), (grid, out)
 
 
 @pytest.mark.parametrize("shape", [(1, 130), (3, 7), (4, 1), (2, 65), (1, 64), (5, 255), (2, 2100)])
@@ -168,29 +173,41 @@ def test_int4g_odd_shapes_and_zero_groups(shape: tuple[int, int]) -> None:
     out_ch, in_ch = shape
     w = torch.randn(shape, generator=_gen(3)).bfloat16()
     w[0, :min(in_ch, INT4G_GROUP)] = 0        # a zero group
-    p, s, z, dq = _rt4g(w)
+    p, s, m, dq = _rt4g(w)
     assert (tuple(p.shape), tuple(s.shape)) == int4_shapes(out_ch, in_ch, INT4G_GROUP) == (
         (out_ch, math.ceil(in_ch / 2)), (out_ch, math.ceil(in_ch / INT4G_GROUP)))
-    assert s[0, 0] == 0 and z[0, 0] == 0 and (dq[0, :INT4G_GROUP] == 0).all()
-    _check_bound(w, dq, _per_element_scale(s, in_ch, INT4G_GROUP), slack=INT4G_SLACK)
+    assert s[0, 0] == 0 and m[0, 0] == 0 and (dq[0, :INT4G_GROUP] == 0).all()
+    _check_bound(w, dq, _int4g_bound(s, m, in_ch), slack=1.0)
+
+
+def test_int4g_short_last_group_keeps_its_own_range() -> None:
+    # 40 columns: a whole group, then 8 columns all near 5; padding that widened the last group to 0 would
+    # spend its 16 levels on [0, 5.3] (a step of ~0.35) rather than its own [5, 5.3]
+    w = torch.cat([torch.randn(1, 32, generator=_gen(9)), 5 + 0.3 * torch.rand(1, 8, generator=_gen(9))], dim=1)
+    p, s, m, dq = _rt4g(w)
+    assert s[0, 1] <= 0.3 / 15 * (1 + 2.0 ** -8) and (w - dq)[0, 32:].abs().max() <= 0.011
 
 
 def test_int4g_extreme_values_do_not_overflow() -> None:
-    big = torch.finfo(torch.bfloat16).max
-    w = torch.tensor([[big, -big, 1.0, 0.0], [big, big * 0.99, 0.0, -1.0]], dtype=torch.bfloat16)
-    p, s, z, dq = _rt4g(w)
-    assert torch.isfinite(dq).all()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        big = torch.finfo(dtype).max
+        w = torch.tensor([[big, -big, 1.0, 0.0], [big, big * 0.99, 0.0, -1.0], [-big, -big, -big, -big]],
+                         dtype=dtype)
+        p, s, m, dq = _rt4g(w)
+        assert torch.isfinite(dq).all(), dtype
+        # the minimum is kept (to bf16); a group spanning more than float32's max has its top clamped but finite
+        assert dq[0, 1] < -0.99 * big and dq[1, 0] > 0.9 * big and (dq[2] < -0.99 * big).all(), (dtype, dq)
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="inf or NaN"):
             quantize_int4g(torch.tensor([[1.0, bad]]))
 
 
 def test_bytes_per_weight_of_each_format() -> None:
-    # int4: 4 bits + a bf16 per 128 (4.125 bits); int4g: 4 bits + a bf16 and a byte per 32 (4.75 bits)
+    # int4: 4 bits + a bf16 per 128 (4.125 bits); int4g: 4 bits + a bf16 scale and a bf16 minimum per 32 (5 bits)
     assert bytes_per_weight(Quant.int4, 4096) == 0.5 + 2 / 128
-    assert bytes_per_weight(Quant.int4g, 4096) == 0.5 + 3 / 32
+    assert bytes_per_weight(Quant.int4g, 4096) == 0.5 + 4 / 32
     assert bytes_per_weight(Quant.int8, 4096) == 1 + 2 / 4096
-    assert bytes_per_weight(Quant.int4g, 4096) / bytes_per_weight(Quant.int4, 4096) == pytest.approx(1.1515, abs=1e-4)
+    assert bytes_per_weight(Quant.int4g, 4096) / bytes_per_weight(Quant.int4, 4096) == pytest.approx(1.2121, abs=1e-4)
 
 
 # ---- the Triton kernels under Triton's interpreter: bitwise the torch path ------------------------------------
@@ -321,7 +338,7 @@ def _aligned_256(n_bytes: int) -> int:
 def packed_bytes_by_quantizing(weights: list[torch.Tensor], quant: Quant) -> int:
     """Bytes of the packed buffer of a block holding ``weights`` (in block order), counted without the layout code:
     quantize each real tensor that the format quantizes (2-D, both dimensions non-zero, bf16/f16/f32) and add up
-    what ``quantize_int8``/``quantize_int4``/``quantize_int4g`` return (values, scales, zero points), every other
+    what ``quantize_int8``/``quantize_int4``/``quantize_int4g`` return (values, scales, minimums), every other
     weight's own bytes, each
     part padded to 256 bytes."""
     total = 0

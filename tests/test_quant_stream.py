@@ -323,12 +323,24 @@ def test_wrong_plans_are_refused():
         attach_streamed(TINY, p)
 
 
+@pytest.mark.parametrize("quant", ["int4", "int4g", "int8"])
+def test_vocabulary_blocks_stay_int8_under_a_four_bit_policy(quant):
+    # tiny-llama's head is untied ('output'): both it and the embedding are found, by the embedding step and by
+    # the head's vocabulary rows; the decoder layers take the policy's width
+    p = plan(TINY, quant, 2)
+    widths = {b.name: b.quant.value for b in p.blocks if b.residency == Residency.streamed}
+    assert {widths["embed"], widths["output"]} == {"int8"}
+    assert {w for name, w in widths.items() if name.startswith("layers.")} == {quant}
+
+
 def test_given_host_store_must_match_the_plans_quantization():
     p8, p4 = plan(TINY, "int8", 2), plan(TINY, "int4", 2)
     store = HostStore(p4, pin="none")
     model = _source(TINY).build("meta")
-    with pytest.raises(MemintentError, match=r"does not match block 'embed': the plan needs \d+ bytes \(quant "
-                                             r"int8\), the store holds 33792 bytes \(quant int4\)"):
+    # the embedding is int8 in both (block_quant keeps a vocabulary block at int8 under a 4-bit policy): the
+    # first block that differs is the first decoder layer
+    with pytest.raises(MemintentError, match=r"does not match block 'layers.0': the plan needs \d+ bytes \(quant "
+                                             r"int8\), the store holds 96000 bytes \(quant int4\)"):
         attach(model, prove(p8), "cpu", host_store=store)
 
 

@@ -42,7 +42,7 @@ from memintent.ir.model import HardwareProfile, Pipeline, Program, Quant
 from memintent.models.part import PartSource
 from memintent.passes import schedule_program
 from memintent.passes.graph import dependency_graph
-from memintent.passes.residency import starting_quant
+from memintent.passes.residency import block_quant, starting_quant, vocab_blocks
 from memintent.passes.verify import verify_pipeline
 
 SWEEP_POINTS = 7
@@ -54,11 +54,13 @@ SWEEP_POINTS = 7
 
 def layer_work_s(p: Program, hw: HardwareProfile, quant: str) -> tuple[list[float], float, float]:
     """(each decoder layer's work, the embedding's, the final norm's and head's) in seconds: a block's copy at the
-    bit width the policy starts from (int4 for ``auto``), the work the part's link does for it each step."""
-    objects = p.object_map()
-    q = starting_quant(quant)
+    bit width the policy starts from (int4g for ``auto``; the embedding and head at int8 under a 4-bit policy:
+    ``block_quant``), the work the part's link does for it each step."""
+    objects, vocab = p.object_map(), vocab_blocks(p)
+    policy = starting_quant(quant)
 
     def work(b) -> float:
+        q = block_quant(policy, b.name, vocab)
         size = b.size_bytes if q == Quant.none else quantized_block_bytes(b.model_copy(update={"quant": q}), objects)
         return size / (hw.h2d_gbps * 1e9)
     layers = [work(b) for b in p.blocks if b.name.startswith("layers.")]

@@ -8,7 +8,7 @@ block's ``size_bytes`` is the end of the last one, rounded up. ``Object.block_of
 
 Packed layout (``quant_layout``): a block whose ``Block.quant`` is ``int8``, ``int4`` or ``int4g`` lives on the
 host as one flat buffer holding, for each weight in the block's order, either the weight as it is (``raw``) or its
-quantized values followed by its scales (and, ``int4g``, its zero points), each part on an ``ALIGN_BYTES`` boundary (the formats are described in
+quantized values followed by its scales (and, ``int4g``, its minimums), each part on an ``ALIGN_BYTES`` boundary (the formats are described in
 ``memintent.runtime.quant``). In a block with ``quant != none`` every weight with a 2-D shape, both dimensions
 non-zero and a floating dtype in ``QUANTIZABLE_DTYPES`` is quantized; everything else (norms, biases, integer
 buffers, 0-D/3-D tensors) is stored raw. A block with ``quant == none`` has raw parts only, which is the block
@@ -25,11 +25,11 @@ from memintent.ir.dtypes import dtype_bytes
 from memintent.ir.model import ALIGN_BYTES, Block, Object, Quant, align_up
 
 INT4_GROUP = 128          # input columns per int4 scale
-INT4G_GROUP = 32          # input columns per int4g scale and zero point (chosen over 64 by perplexity: spec/runtime.md)
+INT4G_GROUP = 32          # input columns per int4g scale and minimum (chosen over 64 by perplexity: spec/runtime.md)
 PART_ALIGN_BYTES = ALIGN_BYTES    # every part of a packed block starts on this boundary
 QUANTIZABLE_DTYPES = ("bf16", "f16", "f32")
 SCALE_BYTES = 2           # scales are bf16
-ZERO_BYTES = 1            # int4g zero points are uint8 (values 0..15)
+MIN_BYTES = 2             # int4g minimums are bf16 (a float offset: the group's own minimum, not a rounded level)
 
 
 def weight_offsets(sizes_bytes: Iterable[int]) -> tuple[list[int], int]:
@@ -43,7 +43,7 @@ def weight_offsets(sizes_bytes: Iterable[int]) -> tuple[list[int], int]:
 
 def int4_shapes(out_ch: int, in_ch: int, group: int = INT4_GROUP) -> tuple[tuple[int, int], tuple[int, int]]:
     """Shapes of the packed values and of the scales of an ``(out, in)`` weight quantized to int4 in groups of
-    ``group`` input columns (int4g's zero points have the scales' shape)."""
+    ``group`` input columns (int4g's minimums have the scales' shape)."""
     return (out_ch, -(-in_ch // 2)), (out_ch, -(-in_ch // group))
 
 
@@ -72,10 +72,10 @@ class QuantEntry:
     dst_size_bytes: int           # Object.size_bytes
     values: Part                  # raw: the weight's bytes; int8: int8 (out, in); int4/int4g: uint8 (out, ceil(in/2))
     scales: Part | None = None    # int8: bf16 (out,); int4: bf16 (out, ceil(in/128)); int4g: bf16 (out, ceil(in/32))
-    zeros: Part | None = None     # int4g: uint8 (out, ceil(in/32)); otherwise None
+    mins: Part | None = None      # int4g: bf16 (out, ceil(in/32)); otherwise None
 
     def parts(self) -> list[Part]:
-        return [p for p in (self.values, self.scales, self.zeros) if p is not None]
+        return [p for p in (self.values, self.scales, self.mins) if p is not None]
 
 
 def weight_storage(quant: Quant, obj: Object) -> Storage:
@@ -86,27 +86,27 @@ def weight_storage(quant: Quant, obj: Object) -> Storage:
 
 
 def _part_sizes(storage: Storage, obj: Object) -> tuple[int, int | None, int | None]:
-    """(values bytes, scales bytes or None, zero points bytes or None) of ``obj`` stored as ``storage``."""
+    """(values bytes, scales bytes or None, minimums bytes or None) of ``obj`` stored as ``storage``."""
     if storage == Storage.raw:
         return obj.size_bytes, None, None
     return quantized_part_sizes(storage, *obj.shape)
 
 
 def quantized_part_sizes(storage: Storage, out_ch: int, in_ch: int) -> tuple[int, int, int | None]:
-    """(values, scales, zero points or None) bytes of an ``(out, in)`` weight stored as int8/int4/int4g."""
+    """(values, scales, minimums or None) bytes of an ``(out, in)`` weight stored as int8/int4/int4g."""
     if storage == Storage.int8:
         return out_ch * in_ch, out_ch * SCALE_BYTES, None            # int8 (out, in); bf16 (out,)
     if storage == Storage.int4:
         (_, nb), (_, ng) = int4_shapes(out_ch, in_ch)
         return out_ch * nb, out_ch * ng * SCALE_BYTES, None          # uint8 (out, ceil(in/2)); bf16 (out, groups)
-    (_, nb), (_, ng) = int4_shapes(out_ch, in_ch, INT4G_GROUP)       # uint8 values; bf16 scales; uint8 zeros
-    return out_ch * nb, out_ch * ng * SCALE_BYTES, out_ch * ng * ZERO_BYTES
+    (_, nb), (_, ng) = int4_shapes(out_ch, in_ch, INT4G_GROUP)       # uint8 values; bf16 scales; bf16 minimums
+    return out_ch * nb, out_ch * ng * SCALE_BYTES, out_ch * ng * MIN_BYTES
 
 
 def bytes_per_weight(quant: Quant, in_ch: int) -> float:
     """Bytes one weight of a quantized ``(out, in_ch)`` matrix costs in the packed layout (values and its share of
-    the scales and zero points, without the 256-byte part padding): int8 ``1 + 2/in``, int4 ``0.5 + 2/128``
-    (4.125 bits), int4g ``0.5 + 3/32`` (4.75 bits) for ``in`` a multiple of the group."""
+    the scales and minimums, without the 256-byte part padding): int8 ``1 + 2/in``, int4 ``0.5 + 2/128``
+    (4.125 bits), int4g ``0.5 + 4/32`` (5 bits) for ``in`` a multiple of the group."""
     return sum(x or 0 for x in quantized_part_sizes(Storage(quant.value), 1, in_ch)) / in_ch
 
 
@@ -119,12 +119,12 @@ def quant_layout(block: Block, objects: dict[str, Object]) -> list[QuantEntry]:
         o = objects[name]
         storage = weight_storage(block.quant, o)
         parts = []
-        for size in _part_sizes(storage, o):   # values, then scales, then zero points, each 256-aligned
+        for size in _part_sizes(storage, o):   # values, then scales, then minimums, each 256-aligned
             parts.append(None if size is None else Part(off, size))
             off += 0 if size is None else align_up(size)
         entries.append(QuantEntry(name=name, storage=storage, dtype=o.dtype, shape=tuple(o.shape),
                                   dst_offset_bytes=o.block_offset_bytes or 0, dst_size_bytes=o.size_bytes,
-                                  values=parts[0], scales=parts[1], zeros=parts[2]))
+                                  values=parts[0], scales=parts[1], mins=parts[2]))
     return entries
 
 
@@ -143,7 +143,7 @@ def quantized_block_bytes(block: Block, objects: dict[str, Object]) -> int:
       layout, so the result is ``block.size_bytes`` for blocks built by the front end.
     * Always a multiple of ``PART_ALIGN_BYTES`` and ``payload <= quantized_block_bytes < payload + 256 *
       number_of_parts`` (``quantized_payload_bytes``; a raw weight has one part, a quantized one two: values and
-      scales; int4g three: values, scales and zero points). The payload counts int4 rows padded to whole bytes (``out * ceil(in / 2)``), and 2-D weights that
+      scales; int4g three: values, scales and minimums). The payload counts int4 rows padded to whole bytes (``out * ceil(in / 2)``), and 2-D weights that
       are not quantized (integer/bool/f64 dtype, a zero dimension) at their raw size.
     """
     total = 0

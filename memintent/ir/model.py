@@ -109,7 +109,7 @@ class Quant(str, enum.Enum):
     none = "none"   # transferred in the model's own dtype
     int8 = "int8"   # int8 values, one scale per output channel
     int4 = "int4"   # int4 values in groups of 128 along the input dimension, one bf16 scale per group
-    int4g = "int4g"   # asymmetric int4 in groups of 32: a bf16 scale and a uint8 zero point per group
+    int4g = "int4g"   # asymmetric int4 in groups of 32: a bf16 scale and a bf16 minimum per group
 
 
 class KVQuant(str, enum.Enum):

@@ -263,20 +263,47 @@ QUANT_POLICIES = ("none", "int8", "int4", "int4g", "auto")   # --quant: a bit wi
 
 def starting_quant(quant: str) -> Quant:
     """The bit width a ``--quant`` policy gives a streamable block first. ``auto`` starts from int4g, the int4 with
-    a zero point per group of 32 (a third to two fifths of int4's perplexity rise on SmolLM2-135M: benchmarks/quality.py),
-    never from int4 (one symmetric scale per 128 columns), which only an explicit ``--quant int4`` asks for."""
+    a scale and a minimum per group of 32 (within 10 % of float32 perplexity on SmolLM2-135M where int4 more than
+    doubles it: benchmarks/quality.py), never from int4 (one symmetric scale per 128 columns), which only an
+    explicit ``--quant int4`` asks for. ``block_quant`` then keeps the vocabulary blocks at int8."""
     if quant not in QUANT_POLICIES:
         raise MemintentError(f"--quant {quant!r}: use {', '.join(QUANT_POLICIES[:-1])} or auto")
     return Quant.int4g if quant == "auto" else Quant(quant)
 
 
-def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
-    """Every block that could stream at the policy's bit width (``starting_quant``); the rest unquantized."""
-    policy = starting_quant(quant)
+FOUR_BIT = (Quant.int4, Quant.int4g)
+
+
+def vocab_blocks(p: Program) -> set[str]:
+    """Blocks holding a vocabulary matrix: the weight an ``aten.embedding`` step reads (the token embedding, which
+    a tied head shares) and any 2-D weight with as many rows as it (an untied head). A part of a pipeline without
+    the embedding finds none."""
     objs = p.object_map()
+    embedded = {u for s in p.steps if s.op == "aten.embedding.default" for u in s.uses
+                if u in objs and objs[u].block and len(objs[u].shape) == 2}
+    rows = {objs[u].shape[0] for u in embedded}
+    return {o.block for o in p.objects if o.block and (o.name in embedded or (
+        o.kind == ObjectKind.weight and len(o.shape) == 2 and o.shape[0] in rows))}
+
+
+def block_quant(policy: Quant, block: str, vocab: set[str]) -> Quant:
+    """The bit width a streamed block gets under ``policy``: the policy's, except that a vocabulary block
+    (``vocab_blocks``) takes int8 where the policy is 4-bit. Every token's logits go through the head, and each
+    row of the embedding is one token's whole input: 4 bits there cost SmolLM2-135M a fifth to a quarter of the
+    zero-point int4g's perplexity rise and a third to a half of int4's, for one or two blocks of a model's ~30+
+    (llama.cpp keeps these at 6-8 bits too)."""
+    return Quant.int8 if policy in FOUR_BIT and block in vocab else policy
+
+
+def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
+    """Every block that could stream at the policy's bit width (``starting_quant``, ``block_quant``); the rest
+    unquantized."""
+    policy = starting_quant(quant)
+    objs, vocab = p.object_map(), vocab_blocks(p)
     for b in p.blocks:
         quantizable = any(len(objs[w].shape) == 2 for w in b.weights)
-        _set_quant(p, b, policy if quantizable and b.name not in forced else Quant.none, objs)
+        q = block_quant(policy, b.name, vocab) if quantizable and b.name not in forced else Quant.none
+        _set_quant(p, b, q, objs)
 
 
 def _fastest(p: Program, search: _Search, depth: int | None, forced: set[str],
@@ -390,15 +417,15 @@ def residency(program: Program, depth: int | None = None, quant: str = "none") -
 
 def given_residency(program: Program, streamed: set[str], k: int, quant: Quant = Quant.none) -> Program:
     """The residency pass with the decision given rather than searched: ``streamed`` blocks stream through ``k``
-    stream slots, at bit width ``quant`` where they hold a 2-D weight, and the rest stay resident (tests,
+    stream slots, at bit width ``quant`` (``block_quant``) where they hold a 2-D weight, and the rest stay resident (tests,
     experiments and benchmarks that need a particular plan)."""
     p = program
     if p.budget_bytes is None:
         p.budget_bytes = p.hardware.hbm_bytes
-    objs = p.object_map()
+    objs, vocab = p.object_map(), vocab_blocks(p)
     for b in p.blocks:
         quantizable = b.name in streamed and any(len(objs[w].shape) == 2 for w in b.weights)
-        _set_quant(p, b, quant if quantizable else Quant.none, objs)
+        _set_quant(p, b, block_quant(quant, b.name, vocab) if quantizable else Quant.none, objs)
     _set_residencies(p, {b.name for b in p.blocks} - set(streamed))
     _stream_slots(p, frozenset(streamed), k)
     return p

@@ -2,7 +2,7 @@
 
 A streamed block whose ``Block.quant`` is ``int8``, ``int4`` or ``int4g`` lives on the host as a *packed block*: one
 flat uint8 buffer holding, for each weight in the block's order, either the weight as it is (``raw``) or its
-quantized values followed by its scales (and int4g's zero points). Each part starts on a 256-byte boundary. A visit copies the packed buffer into the
+quantized values followed by its scales (and int4g's minimums). Each part starts on a 256-byte boundary. A visit copies the packed buffer into the
 end of its stream slot, and ``unpack_block`` dequantizes it into the start of the same slot, which is laid out
 exactly like the unquantized block (weight ``w`` at ``objects[w].block_offset_bytes``), so the model's views on
 the slot do not change (spec/runtime.md, "Quantized blocks").
@@ -22,30 +22,31 @@ Formats (``w`` is a 2-D weight of shape ``(out, in)``, row = output channel):
     ``bf16 (out, ceil(in / 128))``, the last group of a row may be short. (As the scale is rounded to nearest,
     ``-absmax / scale >= -7.03``: the value -8 never occurs in practice.) 4.125 bits per weight.
 ``int4g``
-    asymmetric, one bf16 scale and one uint8 zero point per group of ``INT4G_GROUP`` = 32 consecutive input
-    columns of a row (the scheme of GGUF's Q4_1/Q4_K, AWQ and GPTQ: all 16 levels span the group's own range):
-    with ``lo = min(group, 0)`` and ``hi = max(group, 0)``, ``scale = hi / 15 - lo / 15`` (rounded to nearest
-    bf16), ``z = clamp(round(-lo / scale), 0, 15)``, ``q = clamp(round(w / scale) + z, 0, 15)`` in a nibble, two
-    per byte as int4. Values ``uint8 (out, ceil(in / 2))`` (a pad nibble holds ``z`` of its group: value 0),
-    scales ``bf16 (out, ceil(in / 32))``, zero points ``uint8 (out, ceil(in / 32))``. Dequantized:
-    ``(q - z) * scale``, an integer in [-15, 15] times a bf16 scale, exact in float32, rounded once to the
-    weight's dtype. 4.75 bits per weight (``layout.bytes_per_weight``). On SmolLM2-135M it raises
-    perplexity by a third to two fifths of what int4 does (benchmarks/quality.py, README "Quantization and quality").
+    asymmetric, one bf16 scale and one bf16 minimum per group of ``INT4G_GROUP`` = 32 consecutive input columns of
+    a row (GGUF's Q4_1, with bf16 for its f16): with ``lo``/``hi`` the group's min and max, ``min = lo`` and
+    ``scale = hi / 15 - min / 15`` (each rounded to nearest bf16), ``q = clamp(round((w - min) / scale), 0, 15)``
+    in a nibble, two per byte as int4. Values ``uint8 (out, ceil(in / 2))``, scales and minimums
+    ``bf16 (out, ceil(in / 32))``. Dequantized: ``q * scale + min`` in float32 (the product exact, the sum rounded
+    once), then rounded to the weight's dtype. 5 bits per weight (``layout.bytes_per_weight``). The minimum is a
+    float, not an integer zero point: a zero point puts 0 on the grid, so a group's ends fall up to half a step
+    off the levels and its outliers clamp; on SmolLM2-135M that cost was most of int4g's earlier perplexity rise
+    (benchmarks/quality.py, README "Quantization and quality").
 
-Where ``qmax * scale`` would exceed the weight dtype's max (weights within 2^-8 of it), the scale is rounded
-down instead, so nothing dequantizes to inf.
+Where ``qmax * scale`` (int4g: ``min + 15 * scale``) would exceed the weight dtype's max (weights within 2^-8 of
+it), the scale (and int4g's minimum) is rounded toward zero instead, so nothing dequantizes to inf.
 
 Which weights are quantized, and where each part sits in the packed buffer, is ``memintent.ir.layout`` (pure
 arithmetic the compiler sizes copies with); this module fills and reads that layout with torch.
 
-A zero row (int8) or zero group (int4, int4g) gets scale 0 and values 0 and dequantizes to exact zeros. Non-finite
+A zero row (int8) or zero group (int4, int4g) gets scale 0 and values 0 and dequantizes to exact zeros (int4g: to
+its minimum, so any constant group that bf16 holds is exact). Non-finite
 weights are rejected (``ValueError``): their scale would be inf/NaN and poison the whole row.
 
 Backends: the functions here are torch ops only and run on CPU and CUDA; that torch path is the reference.
 ``dequantize_int8``/``dequantize_int4``/``dequantize_int4g``/``unpack_block`` take ``backend="auto"``, which on
-CUDA tensors with ``triton`` importable uses a one-pass Triton kernel (read packed values, scales and zero points,
-write the output dtype). Both compute the same exact float32 product and round it once, so they are bitwise
-equal: tests/test_quant_stream.py checks it on a GPU, and tests/test_quant.py on the CPU with Triton's
+CUDA tensors with ``triton`` importable uses a one-pass Triton kernel (read packed values, scales and minimums,
+write the output dtype). Both compute the same float32 value (an exact product; int4g adds its minimum, rounded once
+in float32) and round it once to the output dtype, so they are bitwise equal: tests/test_quant_stream.py checks it on a GPU, and tests/test_quant.py on the CPU with Triton's
 interpreter (``TRITON_INTERPRET=1``, under which ``backend="triton"`` also takes CPU tensors).
 """
 
@@ -217,79 +218,99 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tenso
     return out
 
 
-# ---- int4g: asymmetric int4, a scale and a zero point per group ---------------------------------------------
+# ---- int4g: asymmetric int4, a scale and a minimum per group -------------------------------------------------
 
 def quantize_int4g(w: torch.Tensor, group: int = INT4G_GROUP
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w (out, in)`` float -> ``(packed: uint8 (out, ceil(in/2)), scales: bf16 (out, G), zeros: uint8 (out, G))``
+    """``w (out, in)`` float -> ``(packed: uint8 (out, ceil(in/2)), scales: bf16 (out, G), mins: bf16 (out, G))``
     with ``G = ceil(in / group)``: asymmetric per group of ``group`` input columns (the layout's is
     ``INT4G_GROUP``; another ``group`` is for measuring, not for packing). Nibble ``q`` in [0, 15] stands for
-    ``(q - zero) * scale``; low nibble = even column. Padding columns (to a whole group / byte) are zeros: they
-    leave ``min(group, 0)`` and ``max(group, 0)`` unchanged, and a pad nibble holds its group's zero point."""
+    ``q * scale + min``; low nibble = even column. A short last group is padded with copies of its last column, so
+    padding never widens a group's range; a pad nibble is never read back."""
     _check_2d_float(w, "quantize_int4g")
     out_ch, in_ch = w.shape
     (_, n_bytes), (_, n_groups) = int4_shapes(out_ch, in_ch, group)
     packed = torch.empty((out_ch, n_bytes), dtype=torch.uint8, device=w.device)
     scales = torch.empty((out_ch, n_groups), dtype=torch.bfloat16, device=w.device)
-    zeros = torch.empty((out_ch, n_groups), dtype=torch.uint8, device=w.device)
+    mins = torch.empty((out_ch, n_groups), dtype=torch.bfloat16, device=w.device)
     if in_ch == 0:
-        return packed, scales, zeros
+        return packed, scales, mins
     pad = n_groups * group - in_ch
     step = _rows_per_chunk(n_groups * group)
     for r0 in range(0, out_ch, step):
-        x = torch.nn.functional.pad(w[r0:r0 + step].float(), (0, pad))            # (r, G*group) float32
-        x = x.view(x.shape[0], n_groups, group)
-        lo, hi = x.amin(dim=2).clamp_(max=0), x.amax(dim=2).clamp_(min=0)         # (r, G): the range holds 0
-        s, div, z = _int4g_scale_zero(lo, hi, torch.finfo(w.dtype).max)
-        scales[r0:r0 + step] = s
-        zeros[r0:r0 + step] = z.to(torch.uint8)
-        u = (torch.round(x / div[:, :, None]) + z[:, :, None]).clamp_(0, 15).to(torch.uint8)  # (r, G, group)
+        x = w[r0:r0 + step].float()
+        x = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1).view(x.shape[0], n_groups, group)  # (r, G, group)
+        s, div, m = _int4g_scale_min(x.amin(dim=2), x.amax(dim=2), torch.finfo(w.dtype).max)
+        scales[r0:r0 + step], mins[r0:r0 + step] = s, m
+        u = torch.round((x - m.float()[:, :, None]) / div[:, :, None]).clamp_(0, 15).to(torch.uint8)
         u = u.view(u.shape[0], -1)[:, :2 * n_bytes]                                  # (r, 2*ceil(in/2))
         packed[r0:r0 + step] = u[:, 0::2] | (u[:, 1::2] << 4)
-    return packed, scales, zeros
+    return packed, scales, mins
 
 
-def _int4g_scale_zero(lo: torch.Tensor, hi: torch.Tensor, wmax: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale: bf16, divisor: float32, zero point: float32 integral in [0, 15]) of groups spanning [lo, hi].
+def _toward_zero_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bf16 rounded toward zero (the low 16 bits dropped: bf16 is the float32's top half), exact."""
+    return (x.contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
 
-    ``hi/15 - lo/15`` rather than ``(hi - lo)/15``: the difference of two weights near the dtype's max overflows.
-    So that nothing dequantizes to inf, the levels ``-z * scale`` and ``(15 - z) * scale`` must stay within the
-    dtype's range ``wmax``: the scale is at most ``wmax / 8`` (rounded down where rounding to nearest would pass
-    it), and ``z`` is kept within ``[15 - m, m]`` for ``m = floor(wmax / scale) >= 8``. Both bind only for groups
-    within a factor of two of the dtype's max; other groups get ``z = round(-lo / scale)``."""
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):   # the cap below would hide an inf
+
+def _int4g_scale_min(lo: torch.Tensor, hi: torch.Tensor, wmax: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale: bf16, divisor: float32, min: bf16) of groups spanning [lo, hi] (float32).
+
+    The minimum is the group's own, a float (not an integer zero point that would pull 0 onto the grid and leave
+    up to half a step unused at an end: GGUF's Q4_1). Rounded to nearest bf16, except where that would pass the
+    weight dtype's max ``wmax``, which takes it rounded toward zero, so the lowest level ``min`` stays finite; the
+    scale ``hi/15 - min/15`` (not ``(hi - min)/15``, which overflows near the max) likewise, so the highest level
+    ``min + 15 * scale`` stays finite, and capped so that ``15 * scale`` does. Nothing dequantizes to inf."""
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("quantize_int4g: the weight has inf or NaN values; they cannot be quantized")
-    s, div = _round_scale(torch.minimum(hi / 15 - lo / 15, torch.full_like(hi, wmax / 8)), 8, wmax,
-                          "quantize_int4g")
-    m = torch.floor(wmax / div.double()).clamp_(max=15).float()                  # >= 8: the levels that fit
-    z = torch.round(-lo / div).clamp_(0, 15)
-    return s, div, torch.minimum(torch.maximum(z, 15 - m), m)
+    near = lo.to(torch.bfloat16)
+    m = torch.where(near.float().abs() > wmax, _toward_zero_bf16(lo), near)
+    m32 = m.float()
+    # >= 0: m can round above a constant group's value. At most 2^124 (float32's max / 16), so that ``q * scale``
+    # stays finite in float32: only a group spanning more than float32's max (weights of both signs near a
+    # bf16/f32 max) is capped, its top values then clamping to finite levels.
+    scale32 = (hi / 15 - m32 / 15).clamp_(min=0, max=2.0 ** 124)
+    near_s = scale32.to(torch.bfloat16)
+    scale = torch.where(m32.double() + 15 * near_s.double() > wmax, _toward_zero_bf16(scale32), near_s)
+    div = scale.float()
+    return scale, torch.where(div == 0, torch.ones_like(div), div), m
 
 
-def dequantize_int4g(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor,
+_DEQUANT_CHUNK_ELEMS = 1 << 20   # int4g's torch path: float32 rows of about this many elements at a time
+
+
+def dequantize_int4g(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, out: torch.Tensor,
                      backend: Backend = "auto", group: int = INT4G_GROUP) -> torch.Tensor:
-    """Write ``(q - zero) * scale`` into ``out`` (``(out, in)``, bf16/f16/f32, unit column stride) in place.
+    """Write ``q * scale + min`` into ``out`` (``(out, in)``, bf16/f16/f32, unit column stride) in place.
 
-    Torch path: as ``dequantize_int4`` (nibbles extracted with exact float arithmetic in ``out``), then per
-    group ``- zero`` (integers below 16: exact in every output dtype) and ``* scale`` (multiplied in float32,
-    rounded once); no output-sized temporaries. The Triton kernel does it in one pass.
+    ``q * scale`` (an integer below 16 times a bf16) is exact in float32 and ``+ min`` rounds once there, then
+    the sum is rounded to the output dtype: the Triton kernel computes the same in one pass (a fused multiply-add
+    gives the same sum, the product being exact). The torch path needs the float32 sum before that last rounding,
+    so a bf16/f16 output is filled in row chunks of a float32 temporary of ``_DEQUANT_CHUNK_ELEMS``.
     """
     out_ch, in_ch = out.shape if out.dim() == 2 else (-1, -1)
     pshape, sshape = int4_shapes(out_ch, in_ch, group)
     if (out.dim() != 2 or tuple(packed.shape) != pshape or tuple(scales.shape) != sshape
-            or tuple(zeros.shape) != sshape):
+            or tuple(mins.shape) != sshape):
         raise ValueError(f"dequantize_int4g: shapes packed {tuple(packed.shape)}, scales {tuple(scales.shape)}, "
-                         f"zeros {tuple(zeros.shape)}, out {tuple(out.shape)} do not match (expected {pshape} and "
+                         f"mins {tuple(mins.shape)}, out {tuple(out.shape)} do not match (expected {pshape} and "
                          f"{sshape})")
     if in_ch == 0 or out_ch == 0:
         return out
     if _use_triton(backend, packed, out):
-        _triton_dequant_int4g(packed, scales, zeros, out, group)
+        _triton_dequant_int4g(packed, scales, mins, out, group)
         return out
-    _nibbles_into(packed, out)
-    _per_group(out, group, lambda view, g0, g1: view.sub_(zeros[:, g0:g1, None]))
-    _per_group(out, group, lambda view, g0, g1: view.mul_(scales[:, g0:g1, None]))
+    step = max(1, _DEQUANT_CHUNK_ELEMS // in_ch)
+    for r0 in range(0, out_ch, step):
+        rows = slice(r0, r0 + step)
+        in_place = out.dtype == torch.float32
+        acc = out[rows] if in_place else out.new_empty(out[rows].shape, dtype=torch.float32)
+        _nibbles_into(packed[rows], acc)
+        _per_group(acc, group, lambda view, g0, g1, rows=rows: view.mul_(scales[rows, g0:g1, None]))
+        _per_group(acc, group, lambda view, g0, g1, rows=rows: view.add_(mins[rows, g0:g1, None]))
+        if not in_place:
+            out[rows].copy_(acc)
     return out
 
 
@@ -386,7 +407,7 @@ def pack_block(block: Block, objects: dict[str, Object], tensors: dict[str, torc
     return layout
 
 
-UnpackOp = tuple  # (storage, values view, (scales view[, zeros view]) or None, output view): see prepare_unpack
+UnpackOp = tuple  # (storage, values view, (scales view[, mins view]) or None, output view): see prepare_unpack
 
 
 def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
@@ -408,7 +429,7 @@ def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
     packed = typed_view(src, v.offset_bytes, torch.uint8, pshape)                    # uint8 (out, ceil(in/2))
     meta = (typed_view(src, s.offset_bytes, torch.bfloat16, sshape),)                # bf16 (out, ceil(in/group))
     if e.storage == Storage.int4g:
-        meta += (typed_view(src, e.zeros.offset_bytes, torch.uint8, sshape),)         # uint8 (out, ceil(in/32))
+        meta += (typed_view(src, e.mins.offset_bytes, torch.bfloat16, sshape),)       # bf16 (out, ceil(in/32))
     return (e.storage, packed, meta, out)
 
 
@@ -521,9 +542,9 @@ def _triton_dequant_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor
     dq_int8[grid](q, scale.contiguous(), out, in_ch, q.stride(0), out.stride(0), BLOCK=_TRITON_BLOCK)
 
 
-def _triton_dequant_nibbles(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def _triton_dequant_nibbles(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                             out: torch.Tensor, group: int) -> None:
-    """int4 (``zeros`` None: offset 8) or int4g (offset: the group's zero point), one pass."""
+    """int4 (``mins`` None: ``(q - 8) * scale``) or int4g (``q * scale + min``), one pass."""
     triton, _, dq_int4 = _triton_kernels(triton_interpreting())
     out_ch, in_ch = out.shape
     n_bytes, n_groups = packed.shape[1], scales.shape[1]
@@ -531,14 +552,14 @@ def _triton_dequant_nibbles(packed: torch.Tensor, scales: torch.Tensor, zeros: t
         raise RuntimeFault(f"the int4 kernel needs an even group size, not {group}")
     scales = scales.contiguous()
     grid = (out_ch, triton.cdiv(n_bytes, _TRITON_BLOCK))
-    dq_int4[grid](packed, scales, scales if zeros is None else zeros.contiguous(), out, in_ch, n_bytes, n_groups,
-                  out.stride(0), BLOCK=_TRITON_BLOCK, HALF_GROUP=group // 2, ZEROS=zeros is not None)
+    dq_int4[grid](packed, scales, scales if mins is None else mins.contiguous(), out, in_ch, n_bytes, n_groups,
+                  out.stride(0), BLOCK=_TRITON_BLOCK, HALF_GROUP=group // 2, MINS=mins is not None)
 
 
 def _triton_dequant_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
     _triton_dequant_nibbles(packed, scales, None, out, INT4_GROUP)
 
 
-def _triton_dequant_int4g(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor,
+def _triton_dequant_int4g(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, out: torch.Tensor,
                           group: int) -> None:
-    _triton_dequant_nibbles(packed, scales, zeros, out, group)
+    _triton_dequant_nibbles(packed, scales, mins, out, group)

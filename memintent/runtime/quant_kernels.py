@@ -1,8 +1,9 @@
 """The one-pass Triton dequantization kernels of ``memintent.runtime.quant`` (imported by it on first use, never
 at package import: this module imports triton).
 
-Each kernel reads the packed values, the scales (and int4g's zero points) and writes the output dtype once. Both
-kernels compute the torch reference's exact float32 product and round it once to nearest even, so their output is
+Each kernel reads the packed values, the scales (and int4g's minimums) and writes the output dtype once. Both
+kernels compute the torch reference's float32 value (an exact product; int4g adds its minimum, one float32
+rounding) and round it once to nearest even, so their output is
 bitwise the torch path's (tests/test_quant.py checks it on the CPU under ``TRITON_INTERPRET=1``,
 tests/test_quant_stream.py on a GPU).
 """
@@ -39,25 +40,27 @@ def dq_int8(q_ptr, s_ptr, o_ptr, n_cols, q_row_stride, o_row_stride, BLOCK: tl.c
 
 
 @triton.jit
-def dq_int4(p_ptr, s_ptr, z_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_stride, BLOCK: tl.constexpr,
-            HALF_GROUP: tl.constexpr, ZEROS: tl.constexpr):
+def dq_int4(p_ptr, s_ptr, m_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_stride, BLOCK: tl.constexpr,
+            HALF_GROUP: tl.constexpr, MINS: tl.constexpr):
     # One program: one row, BLOCK consecutive packed bytes j -> output columns 2j (low nibble) and 2j+1 (high
-    # nibble), both in group (2j) // (2 * HALF_GROUP) = j // HALF_GROUP. The nibble's offset is the group's zero
-    # point (int4g: ZEROS) or 8 (int4). out = float32(nibble - offset) * float32(scale): an integer in [-15, 15]
-    # times a bf16, exact in float32, rounded once to the output dtype, as the torch path does.
+    # nibble), both in group (2j) // (2 * HALF_GROUP) = j // HALF_GROUP. int4: out = float32(nibble - 8) *
+    # float32(scale), exact. int4g (MINS): out = float32(nibble) * float32(scale) + float32(min): the product is
+    # exact, so a fused multiply-add and the torch path's multiply then add give the same float32 sum. Either is
+    # rounded once to the output dtype, as the torch path does.
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < n_bytes
     p = tl.load(p_ptr + row * n_bytes + j, mask=mask, other=0).to(tl.int32)
     g = row * n_groups + j // HALF_GROUP
     s = tl.load(s_ptr + g, mask=mask, other=0).to(tl.float32)
-    if ZEROS:
-        z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.int32)
+    if MINS:
+        m = tl.load(m_ptr + g, mask=mask, other=0).to(tl.float32)
+        lo = (p & 15).to(tl.float32) * s + m
+        hi = ((p >> 4) & 15).to(tl.float32) * s + m
     else:
-        z = 8
-    lo = ((p & 15) - z).to(tl.float32)
-    hi = (((p >> 4) & 15) - z).to(tl.float32)
+        lo = ((p & 15) - 8).to(tl.float32) * s
+        hi = (((p >> 4) & 15) - 8).to(tl.float32) * s
     o_row = o_ptr + row * o_row_stride
     c = 2 * j
-    tl.store(o_row + c, to_out(lo * s, o_ptr.dtype.element_ty), mask=mask & (c < n_cols))
-    tl.store(o_row + c + 1, to_out(hi * s, o_ptr.dtype.element_ty), mask=mask & (c + 1 < n_cols))
+    tl.store(o_row + c, to_out(lo, o_ptr.dtype.element_ty), mask=mask & (c < n_cols))
+    tl.store(o_row + c + 1, to_out(hi, o_ptr.dtype.element_ty), mask=mask & (c + 1 < n_cols))
