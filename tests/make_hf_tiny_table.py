@@ -33,7 +33,18 @@ SHRINK = {
     "dff": 128, "rotary_dim": 8, "n_ctx": 64,
 }
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
-OVERRIDES: dict[str, dict] = {}
+OVERRIDES: dict[str, dict] = {
+    # its per-layer attention kinds must list every layer: global and local (window 8) alternating
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]], window_size=8),
+    # attention and experts live in sub-configs the generic shrink does not reach
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
+    "zaya": dict(num_experts_per_tok=1),                       # its only supported routing
+    "nemotron": dict(num_key_value_heads=2, head_dim=16),      # defaults of None that its layers divide by
+    "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1),
+    # a hybrid: its layer list must have num_hidden_layers entries
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+}
 
 
 def _fields(cfg) -> set[str]:

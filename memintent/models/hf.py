@@ -153,6 +153,8 @@ _NOT_SERVED = {
             "out of the traced order",
     "gpt_bigcode": "model holds a tensor on the module around its layers, which a generation plan visits out of "
                    "the traced order",
+    "zaya": "model holds weights (input_hidden_states_scale, _bias) on the module around its layers, which a "
+            "generation plan visits out of the traced order",
     "olmo3": "rotary embeddings run again between its layers, out of the traced order a generation plan follows",
     "modernbert-decoder": "rotary embeddings run again between its layers, out of the traced order a generation "
                           "plan follows",
