@@ -42,6 +42,10 @@ OVERRIDES: dict[str, dict] = {
     "zaya": dict(num_experts_per_tok=1),                       # its only supported routing
     "nemotron": dict(num_key_value_heads=2, head_dim=16),      # defaults of None that its layers divide by
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1),
+    # latent attention: the rotary part of a head is qk_rope_head_dim (8), which head_dim names in these configs
+    **{name: dict(head_dim=8) for name in ("deepseek_v3", "deepseek_v32", "longcat_flash", "youtu", "axk1", "axk2",
+                                           "glm_moe_dsa")},
+    "deepseek_v2": dict(head_dim=8, num_experts_per_tok=2),
     # a hybrid: its layer list must have num_hidden_layers entries
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
 }

@@ -123,9 +123,10 @@ def step_spec(src, tokens: int, seqs: int) -> TraceSpec:
 
 
 def trace_step(src, tokens: int, seqs: int, progress: Callable[[str], None]) -> Program:
-    with attention.tracing():
+    with attention.tracing() as kv_shapes:
         p = trace(step_spec(src, tokens, seqs), RunShape(batch=1, seq=tokens), progress=progress)
     src.check_engine_attention(sum(1 for s in p.steps if is_attention(s.op)))
+    src.check_kv_shapes(set(kv_shapes))
     return p
 
 

@@ -159,15 +159,6 @@ _NOT_SERVED = {
     "modernbert-decoder": "rotary embeddings run again between its layers, out of the traced order a generation "
                           "plan follows",
     "phimoe": "rotary embedding's buffers are used where a generation plan does not copy them in",
-    # multi-head latent attention: keys and values are not config.json's num_key_value_heads x head_dim
-    "glm4_moe_lite": "multi-head latent attention has keys and values of other shapes than config.json's KV heads "
-                     "and head size, which size the KV pool",
-    "minicpm3": "multi-head latent attention has keys and values of other shapes than config.json's KV heads and "
-                "head size, which size the KV pool",
-    "sarvam_mla": "multi-head latent attention has keys and values of other shapes than config.json's KV heads "
-                  "and head size, which size the KV pool",
-    "inkling_text": "attention has keys and values of other shapes than config.json's KV heads and head size, which "
-                    "size the KV pool",
     "jetmoe": "attention experts route tokens with data-dependent shapes, which a traced step cannot have",
 }
 
@@ -232,7 +223,7 @@ class HFSource(ModelSource):
         from transformers import AutoModelForCausalLM  # deferred: heavy, optional
 
         if getattr(cfg, "model_type", None) in _NOT_SERVED:
-            raise MemintentError(self._unservable(_NOT_SERVED[cfg.model_type]))
+            raise MemintentError(self._refusal(_NOT_SERVED[cfg.model_type]))
         try:
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
         except (KeyError, ValueError):
@@ -242,16 +233,16 @@ class HFSource(ModelSource):
         if module.startswith("transformers.") and "ALL_ATTENTION_FUNCTIONS" not in vars(sys.modules[module]):
             raise MemintentError(self._bypasses_interface(""))
         if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
-            raise MemintentError(self._unservable("attention adds learned sink logits (GPT-OSS's s_aux), which the "
+            raise MemintentError(self._refusal("attention adds learned sink logits (GPT-OSS's s_aux), which the "
                                                   "serving engine's attention does not compute"))
         return model
 
-    def _unservable(self, why: str) -> str:
+    def _refusal(self, why: str) -> str:
         arch = type(self.config).__name__.removesuffix("Config")
         return f"{self.ref}: the {arch} architecture's {why} (plain forwards work: compile without --objective)"
 
     def _bypasses_interface(self, where: str) -> str:
-        return self._unservable(f"attention does not go through transformers' attention interface{where}, which "
+        return self._refusal(f"attention does not go through transformers' attention interface{where}, which "
                                 "generation plans need")
 
     def check_engine_attention(self, calls: int) -> None:
@@ -263,7 +254,7 @@ class HFSource(ModelSource):
         if calls < n:
             raise MemintentError(self._bypasses_interface(f" in {n - calls} of its {n} layers"))
         if calls > n:
-            raise MemintentError(self._unservable(
+            raise MemintentError(self._refusal(
                 f"attention calls transformers' attention interface {calls} times in its {n} layers, more than once "
                 "in a layer, which the serving engine's KV pool (one cache per layer) does not serve"))
 

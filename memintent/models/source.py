@@ -175,6 +175,21 @@ class ModelSource:
                                  "engine's attention: generation plans need every layer to (plain forwards work: "
                                  "compile without --objective)")
 
+    def check_kv_shapes(self, kv_shapes: set[tuple[int, int]]) -> None:
+        """Refuse a model whose traced attention stores keys or values of other (KV heads, head size) than the KV
+        pool is laid out for (``n_kv_heads`` x ``head_dim``, from the config): latent attention's, for example.
+        The pool's pages would not hold them."""
+        other = sorted(kv_shapes - {(self.n_kv_heads, self.head_dim)})
+        if other and None not in (self.n_kv_heads, self.head_dim):     # None: a source that plans no KV pool
+            raise MemintentError(self._refusal(
+                f"attention stores keys and values of {other[0][0]} heads x {other[0][1]} per token where the KV "
+                f"pool is laid out for {self.n_kv_heads} x {self.head_dim} (the config's KV heads and head size; "
+                "latent attention, for example, is not served)"))
+
+    def _refusal(self, why: str) -> str:
+        """A generation refusal's one line: the model, why, and what still works."""
+        return f"{self.ref}: {why} (plain forwards work: compile without --objective)"
+
     # -- engine steps: the one way the layers above call a model --------------------------------------------------
     takes_hidden = False      # a pipeline part after the first takes the previous part's hidden states, not ids
     own_inputs = False        # a py: factory runs on its own example inputs (``example_inputs``), not token ids
