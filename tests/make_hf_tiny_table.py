@@ -42,6 +42,13 @@ OVERRIDES: dict[str, dict] = {
     "zaya": dict(num_experts_per_tok=1),                       # its only supported routing
     "nemotron": dict(num_key_value_heads=2, head_dim=16),      # defaults of None that its layers divide by
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1),
+    # hybrids whose Mamba sizes and per-layer kind lists the generic shrink leaves at the full model's
+    "falcon_h1": dict(mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
+                      head_dim=16),
+    "mamba2": dict(num_heads=4, head_dim=32, expand=2, state_size=16, n_groups=1, chunk_size=16),
+    "zamba2": dict(layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
+                   hybrid_layer_ids=[1, 3], n_mamba_heads=2, mamba_headdim=64, mamba_d_state=16,
+                   attention_head_dim=16, num_key_value_heads=4),
     # latent attention: the rotary part of a head is qk_rope_head_dim (8), which head_dim names in these configs
     **{name: dict(head_dim=8) for name in ("deepseek_v3", "deepseek_v32", "longcat_flash", "youtu", "axk1", "axk2",
                                            "glm_moe_dsa")},

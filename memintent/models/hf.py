@@ -155,6 +155,9 @@ _NOT_SERVED = {
                    "the traced order",
     "zaya": "model holds weights (input_hidden_states_scale, _bias) on the module around its layers, which a "
             "generation plan visits out of the traced order",
+    # every layer runs a Mamba mixer beside its attention: its recurrent state would have to live between steps
+    "falcon_h1": "layers run a Mamba mixer beside attention, whose recurrent state the serving engine does not keep "
+                 "between steps",
     "olmo3": "rotary embeddings run again between its layers, out of the traced order a generation plan follows",
     "modernbert-decoder": "rotary embeddings run again between its layers, out of the traced order a generation "
                           "plan follows",
