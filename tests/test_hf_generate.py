@@ -226,6 +226,18 @@ def test_chat_without_a_template_is_refused(chat_folder, tmp_path, capsys):
 
 # ---- attention fallback and architectures that bypass the attention interface ---------------------------------
 
+def test_only_the_embedding_and_head_stay_int8_where_a_layer_matrix_has_their_shape(hf):
+    # llama's tiny config: an untied head, and gate/up projections of (FFN, HIDDEN) = (VOCAB, HIDDEN), the
+    # embedding's shape; they are layer matrices and take the 4-bit policy's width, only the vocabulary blocks int8
+    assert (hf_tiny.FFN, hf_tiny.VOCAB) == (128, 128)
+    path, weight_bytes = hf.folder("llama")
+    p = plan_generation(f"hf:{path}", budget_bytes=int(BUDGET_FRACTION * weight_bytes), hardware=CPU,
+                        **dict(PLAN, quant="int4g"))
+    widths = {b.name: b.quant.value for b in p.blocks if b.residency == Residency.streamed}
+    assert {n for n, w in widths.items() if w == "int8"} <= {"model.embed_tokens", "lm_head"}
+    assert {w for n, w in widths.items() if n.startswith("model.layers.")} == {"int4g"}
+
+
 def test_architecture_without_sdpa_compiles_with_eager(hf, tmp_path, capsys):
     for name, want in (("gemma2", "eager"), ("llama", "sdpa")):
         folder, weight_bytes = hf.folder(name)

@@ -325,8 +325,8 @@ def test_wrong_plans_are_refused():
 
 @pytest.mark.parametrize("quant", ["int4", "int4g", "int8"])
 def test_vocabulary_blocks_stay_int8_under_a_four_bit_policy(quant):
-    # tiny-llama's head is untied ('output'): both it and the embedding are found, by the embedding step and by
-    # the head's vocabulary rows; the decoder layers take the policy's width
+    # tiny-llama's head is untied ('output'): both it and the embedding are found, by the embedding step and as
+    # the last matrix the step reads, of the embedding's shape; the decoder layers take the policy's width
     p = plan(TINY, quant, 2)
     widths = {b.name: b.quant.value for b in p.blocks if b.residency == Residency.streamed}
     assert {widths["embed"], widths["output"]} == {"int8"}

@@ -276,14 +276,17 @@ FOUR_BIT = (Quant.int4, Quant.int4g)
 
 def vocab_blocks(p: Program) -> set[str]:
     """Blocks holding a vocabulary matrix: the weight an ``aten.embedding`` step reads (the token embedding, which
-    a tied head shares) and any 2-D weight with as many rows as it (an untied head). A part of a pipeline without
-    the embedding finds none."""
+    a tied head shares) and the head, the matrix the last weight-reading step reads, where it has the embedding's
+    shape (an untied head; a layer's matrix of that shape elsewhere in the model is not one). A part of a pipeline
+    without the embedding finds none."""
     objs = p.object_map()
     embedded = {u for s in p.steps if s.op == "aten.embedding.default" for u in s.uses
                 if u in objs and objs[u].block and len(objs[u].shape) == 2}
-    rows = {objs[u].shape[0] for u in embedded}
-    return {o.block for o in p.objects if o.block and (o.name in embedded or (
-        o.kind == ObjectKind.weight and len(o.shape) == 2 and o.shape[0] in rows))}
+    matrices = [u for s in p.steps for u in s.uses
+                if u in objs and objs[u].kind == ObjectKind.weight and len(objs[u].shape) == 2]
+    shapes = {tuple(objs[u].shape) for u in embedded}
+    head = {matrices[-1]} if matrices and tuple(objs[matrices[-1]].shape) in shapes else set()
+    return {objs[u].block for u in embedded | head if objs[u].block}
 
 
 def block_quant(policy: Quant, block: str, vocab: set[str]) -> Quant:
