@@ -131,7 +131,6 @@ def classify(model_type: str, base: Path) -> dict:
     import hf_tiny
     import test_hf_generate as th
 
-    from memintent.compiler.planner import plan_generation
     from memintent.engine import Engine
     from memintent.errors import MemintentError
 
@@ -143,8 +142,7 @@ def classify(model_type: str, base: Path) -> dict:
     except Exception as e:
         return {**row, "outcome": "unbuildable", "error": f"{type(e).__name__}: {str(e)[:300]}"}
     try:
-        plan = plan_generation(f"hf:{folder}", budget_bytes=int(th.BUDGET_FRACTION * weight_bytes),
-                               hardware=th.CPU, **th.PLAN)
+        plan = th.tiny_plan(folder, weight_bytes)
     except MemintentError as e:
         if str(e).startswith("no concurrency fits the budget"):   # the shrink left a part full-size: not a refusal
             return {**row, "outcome": "unbuildable", "error": f"not tiny: {str(e)[:300]}"}

@@ -43,6 +43,13 @@ PLAN = {"context": 48, "prompt_len": 8, "gen_len": 8, "quant": "none", "concurre
 BUDGET_FRACTION = 0.85   # of the weights' bytes: too little for all of them next to the KV pool, enough to stream
 
 
+def tiny_plan(folder, weight_bytes: int, **plan):
+    """The generation plan the tests make of a tiny folder: ``PLAN`` (with ``plan``'s overrides) under
+    ``BUDGET_FRACTION`` of its weights' bytes."""
+    return plan_generation(f"hf:{folder}", budget_bytes=int(BUDGET_FRACTION * weight_bytes), hardware=CPU,
+                           **{**PLAN, **plan})
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one intra-op thread for this module
 
 
@@ -70,8 +77,7 @@ class Folders:
     def plan(self, name: str):
         if name not in self.plans:
             path, weight_bytes = self.folder(name)
-            self.plans[name] = plan_generation(f"hf:{path}", budget_bytes=int(BUDGET_FRACTION * weight_bytes),
-                                               hardware=CPU, **PLAN)
+            self.plans[name] = tiny_plan(path, weight_bytes)
         return self.plans[name]
 
 
@@ -172,7 +178,7 @@ def chat_folder(tmp_path_factory):
     vocab = hf_tiny.save_tokenizer(folder, chat=True)
     weight_bytes = hf_tiny.save(folder, hf_tiny.config("llama", vocab_size=vocab, bos_token_id=2, eos_token_id=3,
                                                        pad_token_id=0), seed=1)   # seed 1 generates words
-    plan = plan_generation(f"hf:{folder}", budget_bytes=int(BUDGET_FRACTION * weight_bytes), hardware=CPU, **PLAN)
+    plan = tiny_plan(folder, weight_bytes)
     path = folder.parent / "chat.plan.json"
     save_plan(plan, path)
     return folder, path
@@ -231,8 +237,7 @@ def test_only_the_embedding_and_head_stay_int8_where_a_layer_matrix_has_their_sh
     # embedding's shape; they are layer matrices and take the 4-bit policy's width, only the vocabulary blocks int8
     assert (hf_tiny.FFN, hf_tiny.VOCAB) == (128, 128)
     path, weight_bytes = hf.folder("llama")
-    p = plan_generation(f"hf:{path}", budget_bytes=int(BUDGET_FRACTION * weight_bytes), hardware=CPU,
-                        **dict(PLAN, quant="int4g"))
+    p = tiny_plan(path, weight_bytes, quant="int4g")
     widths = {b.name: b.quant.value for b in p.blocks if b.residency == Residency.streamed}
     assert {n for n, w in widths.items() if w == "int8"} <= {"model.embed_tokens", "lm_head"}
     assert {w for n, w in widths.items() if n.startswith("model.layers.")} == {"int4g"}

@@ -21,7 +21,6 @@ import hf_tiny
 import make_hf_tiny_table as table
 import test_hf_generate as th
 
-from memintent.compiler.planner import plan_generation
 from memintent.engine import Engine
 from memintent.errors import MemintentError
 from memintent.ir.model import Residency
@@ -49,8 +48,7 @@ def _folder(tmp_path, name: str) -> tuple[Path, int]:
 @pytest.mark.parametrize("name", GENERATES)
 def test_every_architecture_generates_what_transformers_generates(name, tmp_path):
     folder, weight_bytes = _folder(tmp_path, name)
-    plan = plan_generation(f"hf:{folder}", budget_bytes=int(th.BUDGET_FRACTION * weight_bytes), hardware=th.CPU,
-                           **th.PLAN)
+    plan = th.tiny_plan(folder, weight_bytes)
     assert {Residency.streamed, Residency.resident} <= {b.residency for b in plan.blocks}
     with Engine(plan, "cpu") as eng:
         outs = {o.id: o.token_ids for o in eng.generate(th.requests())}
@@ -62,8 +60,7 @@ def test_every_refused_architecture_is_refused_in_its_line(name, tmp_path):
     """Planned as the table's generator plans it (the command line's refusals are tests/test_hf_generate.py's)."""
     folder, weight_bytes = _folder(tmp_path, name)
     with pytest.raises(MemintentError) as e:
-        plan_generation(f"hf:{folder}", budget_bytes=int(th.BUDGET_FRACTION * weight_bytes), hardware=th.CPU,
-                        **th.PLAN)
+        th.tiny_plan(folder, weight_bytes)
     assert str(e.value) == ROWS[name]["error"].replace("{folder}", str(folder))
     assert "\n" not in str(e.value)
 

@@ -99,8 +99,8 @@ class _Context:
 
 
 _ACTIVE: _Context | None = None
-_TRACING = False
-_TRACED_KV: list[tuple[int, int]] | None = None    # (KV heads, head size) of each traced call's keys and values
+# While a step is traced: the (KV heads, head size) of each attention call's keys and values; None otherwise
+_TRACED_KV: list[tuple[int, int]] | None = None
 
 
 @contextlib.contextmanager
@@ -118,17 +118,16 @@ def step(views: PoolViews, meta: StepMeta, dtype: torch.dtype) -> Iterator[None]
 def tracing() -> Iterator[list[tuple[int, int]]]:
     """Trace a step: ``paged_attention`` becomes the custom op (no pool, no metadata: shapes only). Yields the
     (KV heads, head size) of every call's keys and of its values, which the KV pool's layout must match."""
-    global _TRACING, _TRACED_KV
-    prev, _TRACING = _TRACING, True
-    prev_kv, _TRACED_KV = _TRACED_KV, []
+    global _TRACED_KV
+    prev, _TRACED_KV = _TRACED_KV, []
     try:
         yield _TRACED_KV
     finally:
-        _TRACING, _TRACED_KV = prev, prev_kv
+        _TRACED_KV = prev
 
 
 def active() -> bool:
-    return _TRACING or _ACTIVE is not None
+    return _TRACED_KV is not None or _ACTIVE is not None
 
 
 @torch.library.custom_op("memintent::paged_attention", mutates_args=())
@@ -146,7 +145,7 @@ def _paged_fake(q, k, v, layer, scale, softcap, window):
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, *, scale: float | None = None,
                     softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """q (1, H, T, hd), k and v (1, KV, T, hd) of the step's new tokens -> (1, H, T, hd)."""
-    if _TRACING:
+    if _TRACED_KV is not None:
         _TRACED_KV.extend([(int(k.shape[1]), int(k.shape[3])), (int(v.shape[1]), int(v.shape[3]))])
         return torch.ops.memintent.paged_attention(q, k, v, layer, scale or 0.0, softcap or 0.0, window or 0)
     ctx = _ACTIVE

@@ -171,9 +171,8 @@ class ModelSource:
         per decoder layer: a layer that does not would attend without the KV pool, across every sequence the step
         packs, and the tokens would be wrong without any error."""
         if calls != self.num_layers:
-            raise MemintentError(f"{self.ref}: {calls} of the model's {self.num_layers} layers call the serving "
-                                 "engine's attention: generation plans need every layer to (plain forwards work: "
-                                 "compile without --objective)")
+            raise MemintentError(self._refusal(f"{calls} of the model's {self.num_layers} layers call the serving "
+                                               "engine's attention: generation plans need every layer to"))
 
     def check_kv_shapes(self, kv_shapes: set[tuple[int, int]]) -> None:
         """Refuse a model whose traced attention stores keys or values of other (KV heads, head size) than the KV

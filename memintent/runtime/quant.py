@@ -302,9 +302,9 @@ def dequantize_int4g(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
         _triton_dequant_int4g(packed, scales, mins, out, group)
         return out
     step = max(1, _DEQUANT_CHUNK_ELEMS // in_ch)
+    in_place = out.dtype == torch.float32      # a float32 output holds the sum itself
     for r0 in range(0, out_ch, step):
         rows = slice(r0, r0 + step)
-        in_place = out.dtype == torch.float32
         acc = out[rows] if in_place else out.new_empty(out[rows].shape, dtype=torch.float32)
         _nibbles_into(packed[rows], acc)
         _per_group(acc, group, lambda view, g0, g1, rows=rows: view.mul_(scales[rows, g0:g1, None]))
