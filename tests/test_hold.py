@@ -431,8 +431,9 @@ def test_check_and_generate_agree_on_every_edited_field(value, plan, tmp_path, c
         else:
             assert check[0] == run[0] == 2 and len(check[1]) == 1 and run[1] == check[1], case
             tally["refused"] += 1
-    # for every value both outcomes occur (of 84 fields 40-45 are served, 19 for -1, on this plan)
-    assert tally["served"] >= 10 and tally["refused"] >= 30, tally
+    # for every value both outcomes occur (of 84 fields 40-45 are served, 19 for -1, on this plan); over the four
+    # values at least the 50 served and 100 refused the single test used to require
+    assert tally["served"] >= 15 and tally["refused"] >= 30, tally
     assert not list(tmp_path.glob(".*.tmp"))
 
 
