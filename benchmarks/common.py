@@ -23,6 +23,23 @@ from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 GiB = 1 << 30
 
 
+def event_time_s(fn, repeats: int, calls: int = 1) -> float:
+    """Median seconds of one ``fn()`` on the current CUDA stream, by CUDA events around ``calls`` back-to-back calls,
+    over ``repeats`` timings after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)   # elapsed_time: milliseconds
+    return statistics.median(times)
+
+
 def card_profile(device: torch.device, measure: bool = False, spec: str | None = None):
     """``spec`` (a profile file or built-in name) if given, else the built-in profile of this card (by its name), or
     one measured here and now (``measure``, or no built-in one): a benchmark never plans with another card's rates."""
@@ -65,7 +82,7 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
     steps = engine.stats.steps
     decode_only = [s.time_s for s in steps if s.decode_tokens == s.tokens and s.tokens]
     row = dict(case=tag, requests=rep.requests, generated=rep.generated_tokens, prompt_tokens=rep.prompt_tokens,
-               total_s=rep.total_s, wall_with_setup_s=wall, tokens_per_s=rep.tokens_per_s,
+               total_s=rep.total_s, wall_with_setup_s=wall, engine_warm_s=rep.warm_s, tokens_per_s=rep.tokens_per_s,
                decode_tokens_per_s=rep.decode_tokens_per_s, full_decode_tokens_per_s=rep.full_decode_tokens_per_s,
                predicted_tokens_per_s=g.tokens_per_s,
                concurrency=g.concurrency, kv_quant=plan.kv_pool.quant.value, num_pages=plan.kv_pool.num_pages,

@@ -399,9 +399,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
               f"{hw.hbm_gbps:.3g} GB/s (read+write); bf16 matmul {hw.bf16_tflops:.3g} TFLOP/s; launch overhead "
               f"{fmt_s(hw.launch_overhead_s)}; copy latency {fmt_s(hw.copy_latency_s)}; dequant int8->bf16 "
               f"{hw.dequant_gbps:.3g} GB/s (output bytes); memory {fmt_bytes(hw.hbm_bytes)}")
-    con.print("matmul by tokens: " + ", ".join(f"{int(t)} {r:.3g}" for t, r in hw.gemm_tflops) + " TFLOP/s"
-              + (f"; paged attention {hw.attention_tflops:.3g} TFLOP/s on prompts, {hw.attention_gbps:.4g} GB/s on "
-                 "decode" if hw.attention_gbps else ""))
+    t = Table(show_edge=False, header_style="bold", title="matmul TFLOP/s by tokens (sustained)")
+    tokens = [int(m) for m, _ in (hw.gemm_shapes[0].tflops if hw.gemm_shapes else [])]
+    for col in ("dtype", "in -> out", *map(str, tokens)):
+        t.add_column(col, justify="right")
+    for g in hw.gemm_shapes:
+        t.add_row(g.dtype, f"{g.in_features} -> {g.out_features}", *(f"{r:.3g}" for _, r in g.tflops))
+    con.print(t)
+    if hw.attention_gbps:
+        con.print(f"paged attention {hw.attention_tflops:.3g} TFLOP/s on prompts, {hw.attention_gbps:.4g} GB/s on "
+                  "decode")
     console.print(f"wrote {out}: use it with `memintent compile MODEL --hw {out}`")
     return 0
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from memintent.errors import IRParseError
-from memintent.ir.model import Action, Arena, Block, HardwareProfile, ModelRef, Object, Prediction, Program, RunShape, Slot, Stage, Step, Visit
+from memintent.ir.model import Action, Arena, Block, GemmRates, HardwareProfile, ModelRef, Object, Prediction, Program, RunShape, Slot, Stage, Step, Visit
 from memintent.ir.parser import parse
 from memintent.ir.printer import dump
 
@@ -203,7 +203,11 @@ def golden_program() -> Program:
         fingerprint="5f0c6a1e", shape=RunShape(batch=1, seq=16),
         budget_bytes=1 << 20,
         hardware=HardwareProfile(name="h100-pcie", source="datasheet", h2d_gbps=25.0, d2h_gbps=25.0,
-                                 hbm_gbps=2000.0, bf16_tflops=756.0, hbm_bytes=80 * 10**9, dequant_gbps=800.0),
+                                 hbm_gbps=2000.0, bf16_tflops=756.0, hbm_bytes=80 * 10**9, dequant_gbps=800.0,
+                                 gemm_shapes=[GemmRates(dtype="bf16", in_features=64, out_features=64,
+                                                        tflops=[(1, 0.5), (16, 8.0)]),
+                                              GemmRates(dtype="f16", in_features=64, out_features=256,
+                                                        tflops=[(16, 9.5)])]),
         objects=objects, blocks=blocks, steps=steps, stages=stages, visits=visits,
         arena=Arena(size_bytes=45056, slots=[
             Slot(index=0, kind="resident", offset_bytes=0, size_bytes=32768, holds=["embed"]),
@@ -242,6 +246,20 @@ program @toy {
     dequant_gbps = 800.0
     workspace_bytes = 33554432
     gemm_tflops = []
+    gemm_shapes = [
+      {
+        dtype = "bf16"
+        in_features = 64
+        out_features = 64
+        tflops = [[1.0, 0.5], [16.0, 8.0]]
+      },
+      {
+        dtype = "f16"
+        in_features = 64
+        out_features = 256
+        tflops = [[16.0, 9.5]]
+      }
+    ]
     attention = "kernel"
     attention_tflops = 0.0
     attention_gbps = 0.0

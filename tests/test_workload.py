@@ -22,7 +22,7 @@ from memintent.engine.scheduler import Costs, Scheduler
 from memintent.engine.sequence import Request
 from memintent.engine.simulate import simulate_run, workload_of
 from memintent.errors import MemintentError
-from memintent.ir.model import Residency, RunShape
+from memintent.ir.model import GemmRates, Residency, RunShape
 from memintent.ir.parser import parse
 from memintent.ir.printer import dump
 from memintent.passes import schedule_program
@@ -150,12 +150,24 @@ def test_simulated_schedule_equals_the_engines(small_pool_plan, seed, admission)
     assert sim.prediction.steps == len(measured)
 
 
-@pytest.mark.parametrize("profile", ["cpu", "h200"])
+def _with_shapes(hw):
+    """``hw`` with matmul rates by shape for every float dtype: each shape its own curve over token counts."""
+    def rows(f: float) -> list[tuple[int, float]]:
+        return [(1, 0.01 * f), (64, 0.3 * f), (4096, 2.0 * f)]
+
+    return hw.model_copy(update={"gemm_shapes": [
+        GemmRates(dtype=d, in_features=k, out_features=n, tflops=rows(f)) for d in ("f32", "bf16")
+        for k, n, f in ((128, 128, 1.0), (128, 512, 1.5), (512, 128, 0.7))]})
+
+
+@pytest.mark.parametrize("profile", ["cpu", "h200", "h200-shapes"])
 def test_step_times_are_the_step_predictors(small_pool_plan, profile):
     """The planner's vectorized step costs (``StepTimes``) are ``StepPredictor.predict_s``, step by step: on the CPU
-    profile (the reference attention's bytes, one matmul rate) and on the H200's (matmul rates by token count, the
-    attention kernel's rates, stages bound by their launches)."""
-    plan = small_pool_plan.model_copy(update={"hardware": BUILTIN[profile].model_copy(
+    profile (the reference attention's bytes, one matmul rate), on the H200's (matmul rates by token count, the
+    attention kernel's rates, stages bound by their launches) and with rates by the matmul's dtype and shape."""
+    hw = BUILTIN[profile.removesuffix("-shapes")]
+    hw = _with_shapes(hw) if profile.endswith("-shapes") else hw
+    plan = small_pool_plan.model_copy(update={"hardware": hw.model_copy(
         update={"hbm_bytes": small_pool_plan.hardware.hbm_bytes})})
     predictor = StepPredictor(plan)
     fast = StepTimes(OpCosts(predictor.step, plan.hardware, is_attention), plan, plan.kv_pool,

@@ -65,7 +65,7 @@ from memintent.kv.layout import layout_of
 from memintent.kv.paged_kernel import bucket
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
-from memintent.passes.costs import kv_block_costs, launches, op_time_s, stage_time_s
+from memintent.passes.costs import kv_block_costs, launches, matmul_shapes, op_time_s, stage_time_s
 from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
@@ -158,6 +158,7 @@ class AffineStep:
         prof, prof_t, prof_s = (activation_profile(x) for x in (self.p, pt, ps))
         self.live = [(a, (b - a) / t1, (c - a) / s1) for a, b, c in zip(prof, prof_t, prof_s)]
         self.attention_steps = [s.index for s in self.p.steps if is_attention(s.op)]
+        self.shapes = matmul_shapes(self.p)
 
     def at(self, tokens: int, seqs: int) -> Program:
         """The traced program at another shape (weights and structure shared, sizes and costs interpolated)."""
@@ -178,7 +179,8 @@ class AffineStep:
         work = [(attn.flops, attn.hbm_bytes) if is_attention(s.op) else
                 (max(0, round(s.flops + a * dt + c * ds)), max(0, round(s.hbm_bytes + b * dt + d * ds)))
                 for s, (a, b, c, d) in zip(self.p.steps, self.d_steps)]
-        device = [op_time_s(s.op, f, b, hw, tokens) for s, (f, b) in zip(self.p.steps, work)]
+        device = [op_time_s(s.op, f, b, hw, tokens, shape)
+                  for s, (f, b), shape in zip(self.p.steps, work, self.shapes)]
         kernels = [launches(f, b) for f, b in work]
         return [stage_time_s(sum(device[st.first_step:st.last_step + 1]),
                              sum(kernels[st.first_step:st.last_step + 1]), hw) for st in self.p.stages]

@@ -26,7 +26,15 @@ import numpy as np
 from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile, KVPool, Program, Residency, RunPrediction, SlotKind
 from memintent.kv import attention
-from memintent.passes.costs import attention_time_s, copy_time_s, dequant_time_s, gemm_tflops, is_matmul, launches
+from memintent.passes.costs import (
+    attention_time_s,
+    copy_time_s,
+    dequant_time_s,
+    gemm_table,
+    is_matmul,
+    launches,
+    table_tflops,
+)
 from memintent.passes.schedule import make_schedule
 from memintent.passes.simulate import step_times
 from memintent.units import fmt_s
@@ -161,6 +169,13 @@ class OpCosts:
         self.df_t, self.db_t, self.df_s, self.db_s = d.T
         self.attn = np.array([is_attention(s.op) for s in steps], dtype=bool)   # (ops,)
         self.matmul = np.array([is_matmul(s.op) for s in steps], dtype=bool)    # (ops,)
+        # Each matmul's rate table (``gemm_table``: by its weight's dtype and shape), as an index into the few
+        # distinct tables, so a shape's rates are one interpolation per table.
+        tables = [gemm_table(hw, shape) for shape in step.shapes]
+        distinct = {id(t): t for t in tables}
+        self.tables = list(distinct.values())
+        order = {k: i for i, k in enumerate(distinct)}
+        self.table_of = np.array([order[id(t)] for t in tables], dtype=int)      # (ops,)
         self.first = np.array([st.first_step for st in step.p.stages], dtype=int)   # (stages,)
         self.last = np.array([st.last_step for st in step.p.stages], dtype=int)
         cum_attn = np.concatenate([[0], np.cumsum(self.attn)])
@@ -180,7 +195,8 @@ class OpCosts:
             flops = np.maximum(0.0, np.round(self.f0 + self.df_t * dt + self.df_s * ds))
             hbm = np.maximum(0.0, np.round(self.b0 + self.db_t * dt + self.db_s * ds))
             hw = self.hw
-            rate = np.where(self.matmul, gemm_tflops(hw, tokens), hw.bf16_tflops) * 1e12
+            rates = np.array([table_tflops(t, tokens, hw.bf16_tflops) for t in self.tables])   # (tables,)
+            rate = np.where(self.matmul, rates[self.table_of], hw.bf16_tflops) * 1e12
             t = np.maximum(flops / rate, hbm / (hw.hbm_gbps * 1e9))
             idle = ((flops == 0) & (hbm == 0)) | self.attn                        # no work: no time, no launch
             t[idle] = 0.0

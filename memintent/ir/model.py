@@ -145,6 +145,15 @@ class RunShape(_Model):
     inputs: list[list[NonNeg]] = Field(default_factory=list)   # shapes of the traced forward's tensor inputs
 
 
+class GemmRates(_Model):
+    """A matmul's rate by token count for one weight dtype and shape (``memintent profile``)."""
+
+    dtype: str                    # the weight's dtype, as objects name it ("bf16", "f16")
+    in_features: Pos
+    out_features: Pos
+    tflops: list[tuple[PosF, PosF]]   # [[tokens, TFLOP/s], ...] ascending
+
+
 class HardwareProfile(_Model):
     name: str
     source: str                   # where the figures come from: "measured on ... (date)" or "datasheet"
@@ -160,6 +169,9 @@ class HardwareProfile(_Model):
     # Matmul rate by the tokens a step multiplies (its rows): [[tokens, TFLOP/s], ...] ascending, measured on shapes of
     # the large models (``memintent profile``); a few tokens run far below ``bf16_tflops``. Empty: bf16_tflops.
     gemm_tflops: list[tuple[PosF, PosF]] = Field(default_factory=list)
+    # The same by weight dtype and shape, measured sustained (back to back on a warm card, as a prompt step runs
+    # them): a matmul takes its dtype's entry nearest its shape (``passes.costs.gemm_table``). Empty: gemm_tflops.
+    gemm_shapes: list[GemmRates] = Field(default_factory=list)
     # How the engine attends on this device: "kernel" (the Triton paged kernel, CUDA) or "reference" (gather + SDPA:
     # the CPU backend); the cost model counts the bytes each moves.
     attention: Literal["kernel", "reference"] = "kernel"

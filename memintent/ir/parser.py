@@ -149,6 +149,10 @@ class _Table(list):
     """A ``[[number, number], ...]`` value (a list of pairs), told apart from a list of strings."""
 
 
+class _Sections(list):
+    """A ``[{ field = value ... }, ...]`` value: a list of models, each a ``_Section``."""
+
+
 def _fields_model(cls: type[BaseModel], head: Token, fields: list[Any]) -> Any:
     """A model from a ``keyword { field = value ... }`` section (None for ``keyword none``); each value must have
     its field's type."""
@@ -197,6 +201,9 @@ def _field_value(name: str, kind, key: Token, value) -> Any:
     nested = _nested_model(kind)
     if nested is not None and literal in ("NONE", "_Section"):
         return None if literal == "NONE" else _fields_model(nested, key, value.fields)
+    item = _list_model(kind)
+    if item is not None and (literal == "_Sections" or (literal == "list" and not value)):
+        return [_fields_model(item, key, section.fields) for section in value]
     scalar = _SCALARS.get((kind, literal))
     if scalar is not None:
         return scalar(value)
@@ -227,6 +234,14 @@ def _nested_model(kind) -> type[BaseModel] | None:
     """The model a field of type ``Model | None`` holds, else None."""
     options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
     return next((k for k in options if isinstance(k, type) and issubclass(k, BaseModel)), None)
+
+
+def _list_model(kind) -> type[BaseModel] | None:
+    """The model a ``list[Model]`` field holds, else None."""
+    if typing.get_origin(kind) is not list:
+        return None
+    (item,) = typing.get_args(kind)
+    return item if isinstance(item, type) and issubclass(item, BaseModel) else None
 
 
 def _pair_list(kind) -> bool:
@@ -309,6 +324,9 @@ class _Builder(Transformer):
 
     def section(self, c):
         return _Section(list(c))
+
+    def sections(self, c):
+        return _Sections(c)
 
     def numbers(self, c):
         return _Numbers(list(c))

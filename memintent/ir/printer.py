@@ -126,6 +126,13 @@ def _field_lines(model: BaseModel, indent: str) -> list[str]:
         if isinstance(value, BaseModel):
             lines += [f"{indent}{name} = {{", *_field_lines(value, indent + INDENT), indent + "}"]
             continue
+        if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            lines.append(f"{indent}{name} = [")      # a list of models: one nested section each
+            for i, v in enumerate(value):
+                end = "," if i < len(value) - 1 else ""
+                lines += [f"{indent}{INDENT}{{", *_field_lines(v, indent + INDENT * 2), f"{indent}{INDENT}}}{end}"]
+            lines.append(f"{indent}]")
+            continue
         lines.append(f"{indent}{name} = {_value(model, name, info.annotation, value, indent)}")
     return lines
 

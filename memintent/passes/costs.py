@@ -4,8 +4,8 @@ Requires: ``lifetimes``; ``program.hardware`` set.
 Ensures: every step, stage and block has a time/transfer size; every used object has an urgency time.
 
 A step's device time is a roofline, max(FLOPs / rate, bytes / HBM bandwidth), where a matmul's rate is the profile's
-rate at the step's token count (``gemm_tflops``: a decode step's few rows run far below the card's peak) and other ops
-take ``bf16_tflops``. A stage's time is its steps' device time, or, when longer, the host's time to launch them
+rate at the step's token count for its weight's dtype and shape (``gemm_tflops``: a decode step's few rows run far
+below the card's peak, a matmul into few features below one into many) and other ops take ``bf16_tflops``. A stage's time is its steps' device time, or, when longer, the host's time to launch them
 (``launch_overhead_s`` per op that launches a kernel; views launch none): an eager step whose kernels are shorter
 than their launches is bound by the host. A block's copy costs a fixed latency plus its transfer bytes over the
 pinned host-to-device bandwidth; a quantized block adds its dequantisation (output bytes over ``dequant_gbps``).
@@ -54,11 +54,45 @@ def is_matmul(op: str) -> bool:
     return any(m in op for m in MATMUL_OPS)
 
 
-def gemm_tflops(hw: HardwareProfile, tokens: int) -> float:
-    """The matmul rate at ``tokens`` rows: the profile's table interpolated in log(tokens), held flat past its ends."""
-    table = hw.gemm_tflops
+MatmulShape = tuple[str, int, int]     # a matmul's weight: (dtype, in features, out features)
+
+
+def matmul_shapes(program: Program) -> list[MatmulShape | None]:
+    """Per step, the 2-D weight a matmul multiplies by; None for other ops and for products of activations."""
+    objects = program.object_map()
+    out: list[MatmulShape | None] = []
+    for s in program.steps:
+        shape = None
+        if is_matmul(s.op):
+            w = next((objects[u] for u in s.uses if u in objects and objects[u].kind == ObjectKind.weight
+                      and len(objects[u].shape) == 2), None)
+            if w is not None:
+                shape = (w.dtype, w.shape[1], w.shape[0])      # nn.Linear's weight is (out, in)
+        out.append(shape)
+    return out
+
+
+def gemm_table(hw: HardwareProfile, shape: MatmulShape | None) -> list[tuple[float, float]]:
+    """The rate table a matmul takes: the profile's entry of the weight's dtype nearest its shape (first in the
+    ratio of in to out features, which sets how a tile's work splits, then in size), else ``gemm_tflops``."""
+    same = [g for g in hw.gemm_shapes if shape is not None and g.dtype == shape[0]]
+    if not same:
+        return hw.gemm_tflops
+    _, k, n = shape
+    return min(same, key=lambda g: (round(abs(math.log(k / n * g.out_features / g.in_features)), 3),
+                                    abs(math.log(k * n / (g.in_features * g.out_features))))).tflops
+
+
+def gemm_tflops(hw: HardwareProfile, tokens: int, shape: MatmulShape | None = None) -> float:
+    """The matmul rate at ``tokens`` rows: the table ``gemm_table`` picks, interpolated in log(tokens), held flat
+    past its ends."""
+    return table_tflops(gemm_table(hw, shape), tokens, hw.bf16_tflops)
+
+
+def table_tflops(table: list[tuple[float, float]], tokens: int, default: float) -> float:
+    """A rate table at ``tokens`` (see ``gemm_tflops``); ``default`` for an empty table."""
     if not table or tokens <= 0:
-        return hw.bf16_tflops
+        return default
     if tokens <= table[0][0]:
         return table[0][1]
     for (t0, r0), (t1, r1) in zip(table, table[1:]):
@@ -68,19 +102,21 @@ def gemm_tflops(hw: HardwareProfile, tokens: int) -> float:
     return table[-1][1]
 
 
-def step_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile, op: str = "", tokens: int = 0) -> float:
+def step_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile, op: str = "", tokens: int = 0,
+                shape: MatmulShape | None = None) -> float:
     """One op's device time (see the module docstring)."""
     if flops == 0 and hbm_bytes == 0:
         return 0.0
-    rate = gemm_tflops(hw, tokens) if is_matmul(op) else hw.bf16_tflops
+    rate = gemm_tflops(hw, tokens, shape) if is_matmul(op) else hw.bf16_tflops
     return max(flops / (rate * 1e12), hbm_bytes / (hw.hbm_gbps * 1e9))
 
 
-def op_time_s(op: str, flops: int, hbm_bytes: int, hw: HardwareProfile, tokens: int) -> float:
+def op_time_s(op: str, flops: int, hbm_bytes: int, hw: HardwareProfile, tokens: int,
+              shape: MatmulShape | None = None) -> float:
     """Any step's device time: the paged attention by the kernel's rates, the rest by ``step_time_s``."""
     if op.startswith(PAGED_ATTENTION_OP):
         return attention_time_s(flops, hbm_bytes, hw)
-    return step_time_s(flops, hbm_bytes, hw, op, tokens)
+    return step_time_s(flops, hbm_bytes, hw, op, tokens, shape)
 
 
 def launches(flops: int, hbm_bytes: int) -> int:
@@ -106,8 +142,8 @@ def costs(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
     hw = p.hardware
     tokens = p.shape.batch * p.shape.seq
-    for s in p.steps:
-        s.time_s = round_s(op_time_s(s.op, s.flops, s.hbm_bytes, hw, tokens))
+    for s, shape in zip(p.steps, matmul_shapes(p)):
+        s.time_s = round_s(op_time_s(s.op, s.flops, s.hbm_bytes, hw, tokens, shape))
     start_s = []
     t = 0.0
     for s in p.steps:

@@ -20,12 +20,16 @@ What is measured (medians of several repetitions after a warm-up; sizes depend o
 * ``dequant_gbps``: int8 -> bf16 with one scale per row (``dequant_int8_rowscale``), in output bytes per second.
   It calls the runtime's dequantisation kernel (``memintent.runtime.quant.dequantize_int8``: Triton on CUDA when
   importable, else torch), falling back to the same arithmetic in plain torch where that module is absent.
-* ``gemm_tflops``: a bf16 linear layer of a large model's shape (8192 -> 28672 features) applied to 1 ... 16384
-  tokens: the rate by token count that the cost model interpolates (a decode step's few rows read the whole weight
-  for little arithmetic).
+* ``gemm_shapes``: linear layers of a large model's three shapes (CUDA: 8192 -> 8192, 8192 -> 28672, 28672 -> 8192
+  features) in bf16 and f16, applied to 1 ... 16384 tokens: the rate by token count that the cost model
+  interpolates for a matmul of that dtype and shape (a decode step's few rows read the whole weight for little
+  arithmetic; a matmul into few features splits its work worse than one into many). Each rate is sustained: the
+  card is first kept busy for a second (its clocks settle where a prompt step finds them) and each timing spans
+  calls back to back for at least 20 ms. ``gemm_tflops`` repeats the bf16 8192 -> 28672 entry (profiles that
+  predate the shapes).
 * ``attention_tflops`` / ``attention_gbps`` (CUDA with Triton): the paged-attention kernel on 64 query heads over 8
   KV heads of 128, pages of 16 scattered in a pool laid out as the engine's: prompt chunks of 512 tokens after 512
-  cached (FLOP/s), and 64 decode tokens over 200 to 1024 keys (bytes of keys and values read per second).
+  cached (FLOP/s), and 256 decode tokens over 200 to 1024 keys (bytes of keys and values read per second).
 * ``hbm_bytes``: the device's total memory (CPU: the machine's physical memory).
 
 On the CPU backend (``device="cpu"``) "host" and "device" are the same memory: the copies are memcpy between
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 import platform
 import re
@@ -48,7 +53,8 @@ from typing import Callable
 import torch
 
 from memintent.errors import MemintentError
-from memintent.ir.model import HardwareProfile
+from memintent.ir.dtypes import torch_dtype
+from memintent.ir.model import GemmRates, HardwareProfile
 from memintent.kv.paged_kernel import build_meta, kv_bytes_read, paged_attention_varlen
 from memintent.runtime import quant
 from memintent.runtime.device import sync
@@ -69,19 +75,24 @@ class Sizes:
     dequant_cols: int
     repeats: int                      # timed repetitions per measurement (after one warm-up)
     tiny_ops: int                     # ops per batch for launch overhead and copy latency
-    gemm_kn: tuple[int, int] = (8192, 28672)   # a large model's MLP matmul (in, out features) for the rate by tokens
+    # A large model's matmuls (in, out features): attention's square projections, the MLP's up and down; the
+    # second is the one ``gemm_tflops`` repeats.
+    gemm_shapes: tuple[tuple[int, int], ...] = ((8192, 8192), (8192, 28672), (28672, 8192))
     gemm_tokens: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096, 16384)
+    gemm_dtypes: tuple[str, ...] = ("bf16", "f16")
 
 
 def sizes_for(device: torch.device, quick: bool) -> Sizes:
     if device.type == "cuda":
         if quick:
-            return Sizes((64 * MiB, 256 * MiB), 256 * MiB, 4096, 4096, 4096, 3, 200, (4096, 14336),
-                         (1, 64, 1024, 8192))
+            return Sizes((64 * MiB, 256 * MiB), 256 * MiB, 4096, 4096, 4096, 3, 200,
+                         ((4096, 4096), (4096, 14336), (14336, 4096)), (1, 64, 1024, 8192), ("bf16",))
         return Sizes((64 * MiB, 256 * MiB, 1 * GiB, 2 * GiB), 1 * GiB, 8192, 8192, 8192, 7, 1000)
+    # The CPU computes in float32 whatever the weights' dtype; one shape class stands for all.
     if quick:
-        return Sizes((256 * KiB, 1 * MiB), 2 * MiB, 128, 256, 256, 3, 50, (256, 704), (1, 64, 512))
-    return Sizes((4 * MiB, 16 * MiB, 64 * MiB), 64 * MiB, 512, 1024, 1024, 5, 500, (512, 1408), (1, 16, 64, 256, 1024))
+        return Sizes((256 * KiB, 1 * MiB), 2 * MiB, 128, 256, 256, 3, 50, ((256, 704),), (1, 64, 512), ("bf16",))
+    return Sizes((4 * MiB, 16 * MiB, 64 * MiB), 64 * MiB, 512, 1024, 1024, 5, 500, ((512, 1408),),
+                 (1, 16, 64, 256, 1024), ("bf16",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,17 +266,40 @@ def measure_matmul_tflops(clock: _Clock, n: int, repeats: int) -> float:
     return 2 * n**3 / statistics.median(t) / 1e12
 
 
-def measure_gemm_by_tokens(clock: _Clock, kn: tuple[int, int], tokens: tuple[int, ...], repeats: int
-                           ) -> list[tuple[int, float]]:
-    """[(tokens, TFLOP/s)]: a bf16 linear layer of ``kn`` (in, out) features applied to that many tokens; the rate a
-    decode step's few rows get is far below the card's peak (they read the whole weight for little arithmetic)."""
-    k, n = kn
-    w = torch.randn(n, k, dtype=torch.bfloat16, device=clock.device)                 # (out, in)
-    out = []
-    for m in tokens:
-        x = torch.randn(m, k, dtype=torch.bfloat16, device=clock.device)             # (tokens, in)
-        t = clock.time_s(lambda: torch.nn.functional.linear(x, w), repeats)
-        out.append((m, 2 * m * k * n / statistics.median(t) / 1e12))
+def _sustained_s(clock: _Clock, fn: Callable[[], object], repeats: int, span_s: float) -> float:
+    """Seconds per call of ``fn`` run back to back: each timing spans enough calls to last ``span_s``."""
+    one = statistics.median(clock.time_s(fn, 2))
+    n = max(1, math.ceil(span_s / one))
+
+    def calls() -> None:
+        for _ in range(n):
+            fn()
+
+    return statistics.median(clock.time_s(calls, repeats)) / n
+
+
+def measure_gemm_rates(clock: _Clock, sz: Sizes, repeats: int, say: ProgressFn) -> list[GemmRates]:
+    """A ``GemmRates`` per (dtype, shape) of ``sz``: a linear layer of (in, out) features applied to each token
+    count, sustained (see the module docstring); a decode step's few rows run far below the card's peak."""
+    dev, out = clock.device, []
+    if clock.cuda:   # a second of the largest matmul first: the clocks settle where a long prompt step finds them
+        k, n = sz.gemm_shapes[0]
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev)                     # (out, in)
+        x = torch.randn(max(sz.gemm_tokens), k, dtype=torch.bfloat16, device=dev)   # (tokens, in)
+        _sustained_s(clock, lambda: torch.nn.functional.linear(x, w), 1, 1.0)
+        del w, x
+    for dtype in sz.gemm_dtypes:
+        tdtype = torch_dtype(dtype)
+        for k, n in sz.gemm_shapes:
+            say(f"{dtype} linear {k} -> {n} by tokens")
+            w = torch.randn(n, k, dtype=tdtype, device=dev) * 0.02                   # (out, in)
+            rates = []
+            for m in sz.gemm_tokens:
+                x = torch.randn(m, k, dtype=tdtype, device=dev)                     # (tokens, in)
+                t = _sustained_s(clock, lambda x=x, w=w: torch.nn.functional.linear(x, w), repeats,
+                                 0.02 if clock.cuda else 0.0)
+                rates.append((m, float(f"{2 * m * k * n / t / 1e12:.4g}")))
+            out.append(GemmRates(dtype=dtype, in_features=k, out_features=n, tflops=rates))
     return out
 
 
@@ -273,7 +307,7 @@ def measure_attention(clock: _Clock, repeats: int) -> tuple[float, float]:
     """(TFLOP/s on prompt chunks, GB/s of keys and values read by decode tokens) of the paged-attention kernel
     (``kv.paged_kernel``) on a pool laid out as the engine's (a page holds every layer: strided views of one layer),
     64 query heads over 8 KV heads of 128 (a 70B-class layer), pages of 16 scattered over the pool."""
-    dev, pt, kvh, hd, heads, pages = clock.device, 16, 8, 128, 64, 8192
+    dev, pt, kvh, hd, heads, pages = clock.device, 16, 8, 128, 64, 16384
     pool = torch.randn(pages, 2, 2, pt, kvh, hd, dtype=torch.bfloat16, device=dev)   # (P, layers, k|v, pt, KV, hd)
     kp, vp = pool[:, 1, 0], pool[:, 1, 1]                                            # layer 1: strided views
     perm = torch.randperm(pages - 1).add(1).tolist()                                # scattered pages, not page 0
@@ -293,8 +327,10 @@ def measure_attention(clock: _Clock, repeats: int) -> tuple[float, float]:
     prompt = [512] * 8
     t = time_s(prompt, [1024] * 8)                 # chunks of 512 after 512 cached
     tflops = 4 * heads * hd * sum(n * (1024 - n) + n * (n + 1) // 2 for n in prompt) / t / 1e12
-    contexts = [200 + (824 * i) // 63 for i in range(64)]                         # 64 decodes of 200..1024 keys
-    t = time_s([1] * 64, contexts)
+    # 256 decodes of 200..1024 keys (0.64 GB): a serving step's batch; 64 of them ran at half the rate (H200),
+    # bound by the kernel's latency rather than its bytes
+    contexts = [200 + (824 * i) // 255 for i in range(256)]
+    t = time_s([1] * 256, contexts)
     gbps = kv_bytes_read(contexts, kvh, hd, 2, False) / t / 1e9
     return tflops, gbps
 
@@ -351,6 +387,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
+def legacy_gemm(rates: list[GemmRates], sz: Sizes) -> list[tuple[float, float]]:
+    """``gemm_tflops``: the bf16 rates of the MLP's up projection (the shape profiles measured before the others)."""
+    k, n = sz.gemm_shapes[1] if len(sz.gemm_shapes) > 1 else sz.gemm_shapes[0]
+    return next(g.tflops for g in rates if (g.dtype, g.in_features, g.out_features) == ("bf16", k, n))
+
+
 def _fmt_size(n: int) -> str:
     return f"{n // GiB} GiB" if n >= GiB and n % GiB == 0 else f"{n / MiB:g} MiB"
 
@@ -383,12 +425,13 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         launch_s = measure_launch_overhead_s(clock, sz.tiny_ops, sz.repeats)
         say(f"int8 -> bf16 dequantisation {sz.dequant_rows}x{sz.dequant_cols}")
         deq_gbps = measure_dequant_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
-        say(f"bf16 linear {sz.gemm_kn[0]}x{sz.gemm_kn[1]} by tokens")
-        gemm = measure_gemm_by_tokens(clock, sz.gemm_kn, sz.gemm_tokens, sz.repeats)
         attn = (0.0, 0.0)
         if clock.cuda and quant.triton_available():
+            # Before the matmuls: a decode's attention runs between matmuls at HBM speed, not on a card that a
+            # second of full-power matmuls has clocked down.
             say("paged attention kernel (prompt chunks, decode)")
             attn = measure_attention(clock, sz.repeats)
+        gemm = measure_gemm_rates(clock, sz, sz.repeats, say)
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         first = (str(e).splitlines() or ["out of memory"])[0]
         raise MemintentError(f"profiling ran out of memory on {name}: {first}; free the device or try --quick") \
@@ -414,7 +457,7 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         # cuBLAS workspace (32 MiB) plus the caching allocator's rounding, which W1 showed at 2 MiB on an H100
         workspace_bytes=(36 << 20) if clock.cuda else 0,
         attention="kernel" if clock.cuda else "reference",
-        gemm_tflops=gemm, attention_tflops=attn[0], attention_gbps=attn[1],
+        gemm_tflops=legacy_gemm(gemm, sz), gemm_shapes=gemm, attention_tflops=attn[0], attention_gbps=attn[1],
     )
     return ProfileResult(profile=profile, device_name=name, sizes=sz, h2d=h2d, d2h=d2h)
 
