@@ -252,7 +252,10 @@ def _kernels(interpret: bool):
     import triton  # deferred: heavy, optional
     import triton.language as tl  # deferred: heavy, optional
 
-    @triton.jit
+    # Per-step integers and metadata pointers are not specialized on: Triton would compile a new variant when a
+    # step's tile count or page-table width turns 1 or a multiple of 16, or a metadata slice's address loses
+    # 16-byte alignment: a compile (0.3-1 s) inside a step that takes milliseconds.
+    @triton.jit(do_not_specialize=["n_tiles", "s_table"], do_not_specialize_on_alignment=["TILES", "TABLE", "LENS"])
     def attend(Q, K, V, KS, VS, O, PO, PML, TILES, TABLE, LENS,
                sq_t, sq_h, sk_p, sk_t, sk_h, sv_p, sv_t, sv_h, sks_p, sks_t, sks_h, svs_p, svs_t, svs_h,
                so_t, so_h, s_table, n_tiles, heads, scale, softcap, window,
@@ -356,7 +359,7 @@ def _kernels(interpret: bool):
             tl.store(PML + part * 2, m_i, mask=row_ok)
             tl.store(PML + part * 2 + 1, l_i, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tiles"], do_not_specialize_on_alignment=["TILES"])
     def merge(PO, PML, O, TILES, so_t, so_h, n_tiles, heads, SPLITS: tl.constexpr, SP: tl.constexpr,
               HEAD_DIM: tl.constexpr, HD: tl.constexpr):
         # One program: one decode tile's token x one query head, its SPLITS partial softmaxes merged.
@@ -554,7 +557,9 @@ def _write_kernel(interpret: bool):
     import triton  # deferred: heavy, optional
     import triton.language as tl  # deferred: heavy, optional
 
-    @triton.jit
+    # The token pages and offsets are slices of the step's staged integers: their alignment changes with the
+    # step's token count (see ``attend``).
+    @triton.jit(do_not_specialize_on_alignment=["PAGES", "OFFS"])
     def write(K, V, KP, VP, KS, VS, PAGES, OFFS, sk_t, sk_h, sv_t, sv_h, skp_p, skp_t, skp_h, svp_p, svp_t, svp_h,
               sks_p, sks_t, sks_h, svs_p, svs_t, svs_h,
               HEAD_DIM: tl.constexpr, HD: tl.constexpr, QUANT: tl.constexpr):
