@@ -64,3 +64,45 @@ def test_decode_graphs_match_eager_steps():
     assert graphed, "decode steps were replayed from CUDA graphs"
     assert go == eo
     assert max(float((gl[i] - el[i]).abs().max()) for i in el) <= 1e-3
+
+
+def _count_compiles():
+    """A Triton hook that records each kernel variant compiled from now on (its name and specialization)."""
+    triton = pytest.importorskip("triton")
+    compiled: list[str] = []
+
+    def hook(**kw):
+        compiled.append(kw["repr"])
+
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    return compiled
+
+
+@pytest.mark.parametrize("case", ["resident", "streamed-int8"])
+def test_nothing_compiles_or_captures_inside_the_run(case):
+    # The engine's start compiles every kernel variant and captures every decode graph; a run of steps of many
+    # shapes (prompt chunks of any length, 1 to 6 decodes, page tables of 1 to 12 pages) then compiles nothing.
+    if case == "resident":
+        plan = _plan("bf16")
+        assert not plan.actions
+    else:
+        plan = plan_generation("tiny-llama", budget_bytes=int(37.5 * (1 << 20)), hardware=BUILTIN["h200"],
+                               context=48, prompt_len=8, gen_len=8, quant="int8", kv_quant="int8", concurrency=6,
+                               kv_page_tokens=4, dtype="bf16", max_step_tokens=64)
+        assert plan.actions and any(b.quant.value == "int8" for b in plan.blocks)
+    reqs = synthetic(24, (1, 40), (1, 8), 512, seed=7)
+    with Engine(plan, CUDA, preempt="recompute") as eng:
+        assert eng.warm_s > 0
+        captured = dict(eng.runners[0].graphs.graphs) if eng.runners[0].graphs else {}
+        compiled = _count_compiles()
+        try:
+            outs = list(eng.generate(reqs))
+        finally:
+            import triton
+            triton.knobs.runtime.jit_post_compile_hook = None
+        after = dict(eng.runners[0].graphs.graphs) if eng.runners[0].graphs else {}
+    assert len(outs) == len(reqs)
+    assert compiled == [], f"compiled inside the run: {compiled}"
+    assert after == captured, "no decode graph was captured inside the run"
+    if case == "resident":
+        assert captured and all(g is not None for g in captured.values())

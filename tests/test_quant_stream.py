@@ -192,6 +192,23 @@ def test_streamed_quantized_logits_are_exactly_the_planned_ones(ref, quant, dept
                 assert named[w].is_meta == (b.quant != Quant.none), w
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4g"])
+def test_warming_the_unpacks_before_the_first_forward_changes_no_logit(quant):
+    # The engine's start runs one quantized visit of each layout so Triton compiles before the run: what it writes
+    # must be rewritten before any weight is read, so the logits stay exactly the planned ones.
+    p = plan(TINY, quant, 2)
+    exact = resident_model(TINY, reference_values(p, fill_values(TINY, p)))
+    model, h = attach_streamed(TINY, p)
+    layouts = h.warm_unpacks()
+    blocks = {v.block for v in quantized_visits(p)}
+    assert 1 <= layouts < len(blocks), "repeated layers share a layout: one run each, not one per block"
+    with torch.no_grad():
+        for i in range(2):
+            x = inputs(TINY, i)
+            assert torch.equal(model(*x), exact(*x)), f"forward {i} after warming differs from dequant(quant(w))"
+    h.detach()
+
+
 def test_transfer_bytes_are_what_packing_produces():
     for ref in (TINY, TOY):
         for quant in ("int8", "int4", "int4g"):

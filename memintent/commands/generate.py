@@ -87,6 +87,7 @@ def serve(plan, requests, options: RunOptions, *, sources: PlanSources | None = 
         len(r.prompt_ids) for r in requests), device=torch.cuda.get_device_name(device) if device.type == "cuda"
         else "cpu")
     rep.peak_hbm_bytes = peak
+    rep.warm_s = engine.warm_s
     rep.h2d_gbps = measure_h2d_gbps(device)
     rep.step_floor_s = rep.streamed_bytes / (rep.h2d_gbps * 1e9) if rep.h2d_gbps else 0.0
     if verify:
@@ -247,6 +248,8 @@ def _print(program: Program, rep: ServeReport, con) -> None:
               f"token: median {q(rep.tpot_median_s)}, p99 {q(rep.tpot_p99_s)}")
     if program.generation.run is not None:
         _print_run(program.generation.run, rep, con)
+    if rep.warm_s:
+        con.print(f"engine start (before the run): kernels compiled, decode graphs captured in {fmt_s(rep.warm_s)}")
     con.print(f"steps: {rep.steps}, median {fmt_s(rep.step_median_s)} (plan {fmt_s(rep.predicted_step_s)}, PCIe floor "
               f"{fmt_s(rep.step_floor_s)} = {fmt_bytes(rep.streamed_bytes)} / {rep.h2d_gbps:.1f} GB/s pinned)")
     used = 100 * rep.kv_peak_pages / max(rep.num_pages - 1, 1)

@@ -36,7 +36,7 @@ from memintent.engine.links import LocalLink
 from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.requests import validate
 from memintent.engine.runner import ModelRunner
-from memintent.engine.sampling import Sampler, StopConditions
+from memintent.engine.sampling import Sampler, SamplingParams, StopConditions
 from memintent.engine.scheduler import Batch, Costs, Preemption, Scheduler
 from memintent.engine.sequence import Request, RequestOutput, Sequence, State
 from memintent.errors import MemintentError, RuntimeFault
@@ -166,6 +166,7 @@ class Engine:
         self.runners = {r: ModelRunner(self.proven.part(r), sources.parts[r], self.device, self.pool,
                                        check=opts.check, store=store, resident=opts.resident,
                                        attention_backend=opts.attention, graphs=opts.graphs) for r in self.local}
+        self.warm_s = sum(r.warm_s for r in self.runners.values())   # first uses done before the run
         swap = self.runners[0].swap if self.n == 1 else SwapSpace(0, kv.page_bytes, pin=False)
         costs = Costs.of_parts([self.proven.part(r).program for r in range(self.n)])
         self.groups = [Scheduler(self.pool, swap, costs, max_seqs=g.max_seqs, step_tokens=g.step_tokens,
@@ -184,6 +185,23 @@ class Engine:
         # Per part here, with several parts: one record per forward, its time from its input's arrival to its output
         # (the device synchronized), to compare with that part's own PCIe floor. One part is timed by its ticks.
         self.part_steps: dict[int, list[StepRecord]] = {r: [] for r in self.local} if self.n > 1 else {}
+        if self.device.type == "cuda" and self.n == 1:
+            self.warm_s += self._warm_step()
+
+    def _warm_step(self) -> float:
+        """Run and forget a step of the plan's full step tokens of prompt and one decode step: the first step with
+        that many rows loads the library kernels it uses (cuBLAS loads them lazily) and grows the allocator, which
+        inside the run made its first prompt step 4 x its length (opt-30b, H200). Returns the seconds it took."""
+        t0 = perf_counter()
+        g = self.proven.program.generation
+        per = max(1, g.context - 2)                     # prompt tokens a request may bring (two new tokens follow)
+        sizes = [min(per, g.step_tokens - i * per) for i in range(min(g.max_seqs, -(-g.step_tokens // per)))]
+        warm = [Request(f"memintent-warm-up-{i}", (0,) * n, max_new_tokens=2, sampling=SamplingParams(ignore_eos=True))
+                for i, n in enumerate(sizes)]
+        list(self.generate(warm))
+        self.reset_stats()
+        torch.cuda.synchronize(self.device)
+        return perf_counter() - t0
 
     def _refuse_for_pipeline(self, opts: RunOptions, store) -> None:
         if self.n == 1:

@@ -4,9 +4,10 @@ time, on the same weights, pool and buffers; only its integers change (token ids
 One graph per bucket of sequences (1, 2, 4, ... up to the plan's ``max_seqs``): a step of ``S`` sequences pads to
 the smallest bucket ``B >= S``. Its integers are staged into device buffers whose addresses never change (one per
 bucket: ``MetaStaging`` keys them), the padding tokens write their keys and values nowhere (page -1) and attend to
-nothing (empty tiles), and their logit rows are dropped. The first step of a bucket runs eagerly (it is the step
-itself, and it compiles the Triton kernels), then the graph is captured from the same buffers; later steps of that
-bucket replay it.
+nothing (empty tiles), and their logit rows are dropped. Every bucket is captured when the runner starts
+(``capture_all``), on a step of padding only: one eager run (kernel selection, allocations), then the capture from
+the same buffers. Capturing inside the run made its first decode step of each size several times its length
+(0.73 s against 36 ms for opt-30b on the H200), a cost the plan's prediction of the run does not carry.
 
 Only plans that stream nothing are captured (``ModelRunner`` decides): a plan's copies are issued from Python hooks
 between layers, which a replay would not run. Prompt-heavy and mixed steps run eagerly. A capture that fails (a model
@@ -52,24 +53,32 @@ class DecodeGraphs:
     def bucket_of(self, seqs: int) -> int:
         return next(b for b in self.buckets if b >= seqs)
 
-    def step(self, lists: StepLists) -> torch.Tensor:
-        """Run a decode step of ``len(lists.ids)`` sequences: logits (S, vocab)."""
+    def _inputs(self, lists: StepLists, b: int):
+        """The step's inputs in bucket ``b``'s buffers: ids (1, B), positions (B,), logit rows (B,), metadata."""
         s = len(lists.ids)
-        b = self.bucket_of(s)
         pad = b - s
         r = self.runner
         dev = r.staging.upload(lists.ids + [0] * pad + lists.positions + [0] * pad + lists.write_pages + [-1] * pad
                                + lists.write_offsets + [0] * pad + list(range(b)), ("graph", b))   # (5 B,) int64
         paged = r._paged_meta(lists, MetaSizes(decode_tiles=b, prompt_tiles=0, seqs=b, pages=self.pages))
         meta = StepMeta(write_pages=dev[2 * b:3 * b], write_offsets=dev[3 * b:4 * b], paged=paged)
-        ids, positions, rows = dev[:b][None], dev[b:2 * b], dev[4 * b:]
-        if b not in self.graphs:
-            logits = r.run_model(ids, positions, rows, meta)          # (B, vocab): the step itself, eagerly
-            self.graphs[b] = self._capture(b, ids, positions, rows, meta)
-            return logits[:s]
-        captured = self.graphs[b]
-        if captured is None:
-            return r.run_model(ids, positions, rows, meta)[:s]
+        return dev[:b][None], dev[b:2 * b], dev[4 * b:], meta
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph on a step of padding only (it writes no page and attends to nothing)."""
+        for b in self.buckets:
+            inputs = self._inputs(StepLists(), b)
+            self.runner.run_model(*inputs)              # eagerly first: cuBLAS and Triton pick their kernels
+            self.graphs[b] = self._capture(b, *inputs)
+
+    def step(self, lists: StepLists) -> torch.Tensor:
+        """Run a decode step of ``len(lists.ids)`` sequences: logits (S, vocab)."""
+        s = len(lists.ids)
+        b = self.bucket_of(s)
+        inputs = self._inputs(lists, b)
+        captured = self.graphs.get(b)
+        if captured is None:                            # its capture failed: it runs eagerly
+            return self.runner.run_model(*inputs)[:s]
         captured.graph.replay()
         return captured.logits[:s]
 

@@ -46,6 +46,7 @@ class ServeReport:
     h2d_gbps: float = 0.0
     streamed_bytes: int = 0
     step_floor_s: float = 0.0           # streamed bytes per step / measured pinned H2D
+    warm_s: float = 0.0                 # the engine's start before the run: kernels compiled, decode graphs captured
     peak_hbm_bytes: int | None = None
     budget_bytes: int = 0
     predicted_peak_bytes: int = 0

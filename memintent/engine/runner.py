@@ -9,6 +9,8 @@ backend plain synchronous copies.
 
 from __future__ import annotations
 
+from time import perf_counter
+
 import torch
 
 from memintent.engine.graphs import DecodeGraphs
@@ -79,8 +81,21 @@ class ModelRunner:
         # that a replay would skip, and checked mode poisons slots between steps (spec/runtime.md).
         capturable = device.type == "cuda" and self.kernel and not program.actions and not check
         self.graphs = DecodeGraphs(self, program.generation.max_seqs) if graphs and capturable else None
-        if self.kernel and device.type == "cuda":
+        self.warm_s = self._warm() if device.type == "cuda" else 0.0
+
+    def _warm(self) -> float:
+        """Everything a first use would otherwise do inside the run, done before it: compile the attention and
+        dequantization kernels' variants and capture the decode graphs. Returns the seconds it took (the engine's
+        start, not its run)."""
+        t0 = perf_counter()
+        if self.kernel:
             self._compile_kernels()
+        if self.handle is not None:
+            self.handle.warm_unpacks()
+        if self.graphs is not None:
+            self.graphs.capture_all()
+        torch.cuda.synchronize(self.device)
+        return perf_counter() - t0
 
     def _compile_kernels(self) -> None:
         """Compile, before the first step, every variant of the attention kernel this plan's steps can launch (each
@@ -218,4 +233,10 @@ class ModelRunner:
             self.handle = None
         self.model = self.views = None
         if self.device.type == "cuda":
+            # cuBLAS keeps a workspace per stream it ran on (the graphs' capture stream too) for the process's life:
+            # released here, so the next engine in this process measures its own peak against its own budget.
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                torch.cuda.synchronize(self.device)
+                clear()
             torch.cuda.empty_cache()

@@ -208,6 +208,20 @@ class StreamedModel:
             self._unpacks[(bi, slot)] = functools.partial(run_unpack, ops, self.dequant_backend)
         return self._unpacks[(bi, slot)]
 
+    def warm_unpacks(self) -> int:
+        """Run one quantized visit of each distinct layout (bit width and weight shapes) once, before the first
+        forward: Triton compiles a dequantization variant on its first launch, and inside a step that costs up to a
+        second. It writes only where a visit unpacks, which every visit rewrites before its weights are read.
+        Returns the layouts run."""
+        seen = set()
+        for (bi, _slot), unpack in self._unpacks.items():
+            b = self.program.blocks[bi]
+            key = (b.quant, tuple(tuple(self._objects[w].shape) for w in b.weights))
+            if key not in seen:
+                seen.add(key)
+                unpack()
+        return len(seen)
+
     def _bindings(self, bi: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(model tensor, typed view into the weights' slot) pairs: a visit's copy_done rebinds them in one loop."""
         if (bi, slot) not in self._views:
