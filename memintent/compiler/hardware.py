@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from memintent.errors import MemintentError
-from memintent.ir.model import HardwareProfile
+from memintent.ir.model import GemmRates, HardwareProfile
 
 GiB = 1 << 30
 
@@ -32,14 +32,34 @@ BUILTIN: dict[str, HardwareProfile] = {
     "h200": HardwareProfile(
         name="h200",
         source="measured 2026-12-02 on an NVIDIA H200 (143771 MiB, PCIe gen5 x16 host link, driver 580.159.04), "
-               "torch 2.11.0+cu130, Triton 3.6, by `memintent profile`: pinned 2 GiB copies 55.3 GB/s both ways, 1 GiB "
-               "device copy, 8192^3 bf16 matmul, a 8192 -> 28672 linear by tokens, int8 -> bf16 dequantisation "
-               "(Triton); the paged-attention kernel by benchmarks/attention_kernel.py (64 decodes of 200-1024 keys: "
-               "2.6 TB/s of keys and values; prompt chunks 157 TFLOP/s)",
-        h2d_gbps=55.3, d2h_gbps=55.2, hbm_gbps=4203.0, bf16_tflops=782.0, hbm_bytes=150109880320,
-        launch_overhead_s=7.4e-6, copy_latency_s=3.9e-6, dequant_gbps=1674.0, workspace_bytes=36 << 20,
-        gemm_tflops=[(1, 3.23), (16, 59.9), (64, 219.4), (256, 597.7), (1024, 751.4), (4096, 790.5), (16384, 716.8)],
-        attention_tflops=157.0, attention_gbps=2600.0,
+               "torch 2.11.0+cu130, Triton 3.6, by `memintent profile` (run H24): pinned 2 GiB copies 55.3 GB/s both "
+               "ways, 1 GiB device copy, 8192^3 bf16 matmul, int8 -> bf16 dequantisation (Triton), sustained bf16 "
+               "and f16 linears of three shapes by tokens, the paged-attention kernel (256 decodes of 200-1024 keys: "
+               "2.15 TB/s of keys and values; prompt chunks 172 TFLOP/s)",
+        h2d_gbps=55.3, d2h_gbps=55.2, hbm_gbps=4094.0, bf16_tflops=756.0, hbm_bytes=150109880320,
+        launch_overhead_s=9.8e-6, copy_latency_s=7.2e-6, dequant_gbps=1385.0, workspace_bytes=36 << 20,
+        gemm_tflops=[(1, 4.203), (16, 67.62), (64, 249.3), (256, 575.0), (1024, 670.5), (4096, 673.8), (16384, 656.9)],
+        gemm_shapes=[
+            GemmRates(dtype="bf16", in_features=8192, out_features=8192,
+                      tflops=[(1, 3.654), (16, 60.78), (64, 222.3), (256, 665.7),
+                              (1024, 682.9), (4096, 690.5), (16384, 659.5)]),
+            GemmRates(dtype="bf16", in_features=8192, out_features=28672,
+                      tflops=[(1, 4.203), (16, 67.62), (64, 249.3), (256, 575.0),
+                              (1024, 670.5), (4096, 673.8), (16384, 656.9)]),
+            GemmRates(dtype="bf16", in_features=28672, out_features=8192,
+                      tflops=[(1, 4.002), (16, 62.94), (64, 235.5), (256, 596.4),
+                              (1024, 680.3), (4096, 689.2), (16384, 666.1)]),
+            GemmRates(dtype="f16", in_features=8192, out_features=8192,
+                      tflops=[(1, 3.337), (16, 60.09), (64, 221.4), (256, 637.2),
+                              (1024, 646.4), (4096, 666.0), (16384, 648.1)]),
+            GemmRates(dtype="f16", in_features=8192, out_features=28672,
+                      tflops=[(1, 4.141), (16, 63.13), (64, 248.2), (256, 524.0),
+                              (1024, 658.2), (4096, 651.0), (16384, 656.6)]),
+            GemmRates(dtype="f16", in_features=28672, out_features=8192,
+                      tflops=[(1, 3.946), (16, 62.96), (64, 238.6), (256, 561.7),
+                              (1024, 651.1), (4096, 673.9), (16384, 625.1)]),
+        ],
+        attention_tflops=171.7, attention_gbps=2154.0,
     ),
     "a100-80g": HardwareProfile(
         name="a100-80g",
