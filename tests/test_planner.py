@@ -145,3 +145,35 @@ def test_llama70b_at_24gib_plans_within_its_memory_bound(tmp_path):
     print(f"llama-3-70b planned in {time.perf_counter() - t:.1f} s, peak RSS {max(rss_kb, before) / 1e6:.2f} GB")
     assert rss_kb < 4e6, "the planner must stay under 4 GB of host memory"
     assert p["generation"]["concurrency"] > 32
+
+
+@pytest.mark.parametrize("budget_mib", [37.0, 37.2])
+def test_the_search_costs_a_candidate_as_the_plan_it_becomes(budget_mib, monkeypatch):
+    # The search weighs candidates on light programs (no steps); the chosen one is then traced exactly. Under a 4-bit
+    # policy the vocabulary blocks stream at int8 (``block_quant``): a light candidate that missed them sized its
+    # stream slots for int4, so llama-3-70b's search chose two slots the exact plan could not have (one: 1.9 x the
+    # step). Here the chosen candidate and the plan must agree on every block's bit width and every stream slot.
+    from memintent.compiler import planner
+
+    seen = {}
+    finish = planner._finish
+
+    def observe(search, chosen, outs, **kw):
+        seen["candidate"] = chosen.plan
+        return finish(search, chosen, outs, **kw)
+
+    monkeypatch.setattr(planner, "_finish", observe)
+    plan = plan_generation("tiny-llama", budget_bytes=int(budget_mib * (1 << 20)), hardware=BUILTIN["h200"],
+                           context=48, prompt_len=8, gen_len=8, quant="int4", concurrency=6, kv_page_tokens=4,
+                           dtype="bf16", max_step_tokens=64)
+    cand = seen["candidate"]
+
+    def streamed(p):
+        return {b.name: b.quant.value for b in p.blocks if b.residency == Residency.streamed}
+
+    def slots(p):
+        return [(s.kind, s.size_bytes) for s in p.arena.slots if s.kind in (SlotKind.stream, SlotKind.unpack)]
+
+    assert "output" in streamed(plan) and streamed(plan)["output"] == "int8"
+    assert streamed(cand) == streamed(plan)
+    assert slots(cand) == slots(plan)

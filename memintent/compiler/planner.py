@@ -69,7 +69,7 @@ from memintent.passes.costs import kv_block_costs, launches, matmul_shapes, op_t
 from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
-from memintent.passes.residency import residency
+from memintent.passes.residency import residency, vocab_blocks
 from memintent.units import fmt_bytes, fmt_s
 
 KV_QUANT_GAIN = 1.05          # --kv-quant auto: int8 KV must predict >5 % more tokens/s than bf16 KV
@@ -306,6 +306,9 @@ class Search:
         self.swap, self.say = swap, say
         self.cache: dict[tuple[int, str], Outcome] = {}
         self.weights = [o for o in step.p.objects if o.kind == ObjectKind.weight]
+        # Found in the traced step: a light candidate has no steps, and its vocabulary blocks must get the bit width
+        # the exact plan gives them (their stream slots set the candidate's depth).
+        self.vocab = vocab_blocks(step.p)
 
     def program(self, shape: Shape, exact: bool = False) -> Program:
         """The candidate's traced step, annotated: exactly traced, or interpolated from the three traces."""
@@ -364,7 +367,7 @@ class Search:
                 pr = p.prediction
                 return Outcome(shape, p, shape.concurrency / pr.step_time_s, step_s=pr.step_time_s,
                                binding=pr.binding)
-            residency(p, None, self.quant)
+            residency(p, None, self.quant, vocab=self.vocab)
         except PassContractError:
             raise          # a broken pass is a bug, not a candidate that does not fit
         except MemintentError as e:

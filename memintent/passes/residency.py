@@ -298,11 +298,11 @@ def block_quant(policy: Quant, block: str, vocab: set[str]) -> Quant:
     return Quant.int8 if policy in FOUR_BIT and block in vocab else policy
 
 
-def _initial_quant(p: Program, quant: str, forced: set[str]) -> None:
+def _initial_quant(p: Program, quant: str, forced: set[str], vocab: set[str]) -> None:
     """Every block that could stream at the policy's bit width (``starting_quant``, ``block_quant``); the rest
     unquantized."""
     policy = starting_quant(quant)
-    objs, vocab = p.object_map(), vocab_blocks(p)
+    objs = p.object_map()
     for b in p.blocks:
         quantizable = any(len(objs[w].shape) == 2 for w in b.weights)
         q = block_quant(policy, b.name, vocab) if quantizable and b.name not in forced else Quant.none
@@ -394,15 +394,18 @@ def _stream_slots(p: Program, streamed: frozenset, k: int) -> None:
     p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN_BYTES, slots=slots)
 
 
-def residency(program: Program, depth: int | None = None, quant: str = "none") -> Program:
+def residency(program: Program, depth: int | None = None, quant: str = "none",
+              vocab: set[str] | None = None) -> Program:
     """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
-    ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, int4g, or auto (chosen per block)."""
+    ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, int4g, or auto (chosen per block).
+    ``vocab``: the vocabulary blocks (``vocab_blocks``), for a program without its steps (the planner's light
+    candidates); None: found in ``program``'s steps."""
     p = program   # in place: run_passes hands the pipeline its own copy
     p.budget_bytes = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
     res = reserved_bytes(p)
     room = p.budget_bytes - sum(res.values())
     forced = forced_resident(p)
-    _initial_quant(p, quant, forced)
+    _initial_quant(p, quant, forced, vocab_blocks(p) if vocab is None else vocab)
     search = _Search(p)
     if sum(search.size.values()) <= room:
         resident, streamed, k = {b.name for b in p.blocks}, frozenset(), 0
