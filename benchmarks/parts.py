@@ -35,7 +35,7 @@ def main() -> int:
     a = ap.parse_args()
     hw, budget_bytes = load_profile(a.hw), parse_bytes(a.budget, "--budget")
     rows = []
-    for n in map(int, a.parts.split(",")):
+    for n in map(int, a.gpus.split(",")):
         t = time.perf_counter()
         print(f"[parts] planning {a.model} over {n} part(s)...", flush=True)
         pl = plan_pipeline(a.model, parts=n, budget_bytes=budget_bytes, hardware=hw, context=a.context,
