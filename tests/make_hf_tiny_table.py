@@ -55,12 +55,59 @@ OVERRIDES: dict[str, dict] = {
     "deepseek_v2": dict(head_dim=8, num_experts_per_tok=2),
     # a hybrid: its layer list must have num_hidden_layers entries
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    # rotary parameters per layer type, none by default
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # linear attention, an indexer and n-gram embeddings sized for the full model
+    "qwen4_exp_text": dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                           linear_num_value_heads=4, hc_lowrank=16, ngram_vocab_size_base=1024, split_ngram_parts=4,
+                           heads_per_ngram=2, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
+                           indexer_budget=16, indexer_compress_ratio=4),
+    # per-layer inputs and global layers of their own head size (as the real models': 512 against 256)
+    **{name: dict(global_head_dim=32, hidden_size_per_layer_input=16, vocab_size_per_layer_input=128,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+       for name in ("gemma4_text", "gemma4_unified_text")},
+    # the last layers reuse earlier layers' keys and values, as the real models' (15 of 35)
+    "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                         num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0],
+                         vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, laurel_rank=8,
+                         altup_num_inputs=2),
+    # latent attention in both kinds of layer; the sliding layers' sizes come as swa_* arguments
+    "dots3_note_text": dict(num_key_value_heads=4, swa_num_attention_heads=4, swa_num_key_value_heads=4,
+                            swa_q_lora_rank=32, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8,
+                            swa_v_head_dim=16, index_head_dim=16, index_n_heads=2, index_topk=16, head_dim=16,
+                            shared_experts_intermediate_size=64),
+    # a head padded past the vocabulary (120 of 128, as 200058 of 201024) and sliding layers' own sizes
+    **{name: dict(unpadded_vocab_size=120, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                  rel_extent=16, d_rel=4, log_scaling_n_floor=64, n_layers_per_attn_res_block=2)
+       for name in ("inkling2_text", "inkling2_loop_text")},
+    # one attention module shared by its hybrid layers: two of them, as the real model's
+    "zamba": dict(layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"],
+                  use_mamba_kernels=False, attention_head_dim=16, num_key_value_heads=4),
+    # four models in one (patcher, local encoder and decoder, global transformer) and its hashed byte n-grams
+    "blt": dict(encoder_hash_byte_group_vocab=256, encoder_hash_byte_group_size=[3, 4], local_attention_window_len=8,
+                patcher_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                    max_position_embeddings=64),
+                encoder_config=dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                                    max_position_embeddings=64),
+                decoder_config=dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                                    max_position_embeddings=64),
+                global_config=dict(hidden_size=128, num_attention_heads=4, num_hidden_layers=2,
+                                   intermediate_size=128, max_position_embeddings=64)),
 }
 
 
 def _fields(cfg) -> set[str]:
     names = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set()
     return names | set(cfg.to_dict())
+
+
+def _present(cfg, name: str) -> bool:
+    """Whether the config sets ``name``; a per-layer attribute (Gemma 4's head_dim), which configs refuse to read
+    globally, counts as set: its global value is the layers' default."""
+    try:
+        return getattr(cfg, name, None) is not None
+    except Exception:   # transformers' AmbiguousGlobalPerLayerAttributeError
+        return True
 
 
 def tiny_kwargs(model_type: str) -> dict:
@@ -73,7 +120,7 @@ def tiny_kwargs(model_type: str) -> dict:
     kw = {}
     for name, value in SHRINK.items():
         real = amap.get(name, name)
-        if real in have and (getattr(default, real, None) is not None or name in ("head_dim",)):
+        if real in have and (_present(default, real) or name in ("head_dim",)):
             kw[real] = value
     for name in TOKEN_IDS:   # ids past the tiny vocabulary: the first ids instead
         v = getattr(default, name, None)

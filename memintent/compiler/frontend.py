@@ -412,8 +412,10 @@ def _trace_protos(spec: TraceSpec, full: nn.Module, layers_path: str | None, n_l
     """(protos, graph output keys, traced layers): two layers folded to ``n_layers`` where the source can build
     two and they fold, else the full model (traced layers None)."""
     try:
-        # A source that cannot rebuild itself at another depth (a py: factory) is traced in full.
-        small = spec.build(2) if layers_path and n_layers > 2 else None
+        # A source that cannot rebuild itself at another depth (a py: factory) is traced in full; so is a model
+        # whose layers differ (a hybrid: linear attention or Mamba in some layers), which two layers cannot stand for.
+        foldable = layers_path and n_layers > 2 and _layers_alike(full.get_submodule(layers_path))
+        small = spec.build(2) if foldable else None
     except MemintentError:
         small = None
     if small is not None:
@@ -427,6 +429,16 @@ def _trace_protos(spec: TraceSpec, full: nn.Module, layers_path: str | None, n_l
     say(f"tracing all {n_layers or 'of the'} layers")
     protos, outputs = _protos(_export(full, spec.inputs, spec.kwargs), full, layers_path)
     return protos, outputs, None
+
+
+def _layers_alike(layers: nn.Module) -> bool:
+    """Whether every layer has the same modules and the same parameter names and shapes."""
+    def signature(layer: nn.Module) -> tuple:
+        return (tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+                tuple((n, tuple(t.shape)) for n, t in layer.named_parameters()))
+
+    first = signature(layers[0])
+    return all(signature(layer) == first for layer in list(layers)[1:])
 
 
 def _check_weights_known(protos: list[_Proto], entries: list[tuple[str, tuple[int, ...], str]]) -> None:

@@ -403,6 +403,10 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise MemintentError(f"{type(module).__name__} passes attention sinks, which the serving engine's attention "
                              "does not compute: generation plans cannot serve this model")
+    if getattr(module, "layer_idx", None) is None:
+        raise MemintentError(f"{type(module).__name__} has no layer index (one attention module shared by several "
+                             "layers), so its keys and values have no layer of the KV pool to go to: generation plans "
+                             "cannot serve this model")
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     out = paged_attention(query, key, value, module.layer_idx, scale=scaling, softcap=softcap,
                           window=window)                                  # (1, H, T, hd)

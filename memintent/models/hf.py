@@ -172,6 +172,11 @@ class HFSource(ModelSource):
     def __init__(self, ref: str, path: Path, config, dtype: str, dtype_forced: bool, files: dict[str, Path],
                  allow_code: bool):
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if hasattr(text, "allow_global_per_layer_attribute_access"):
+            # A config with per-layer attributes (Gemma 4: another head size in its global layers) refuses to read
+            # them globally; the global value is what most layers use, and the KV pool is laid out for it: layers
+            # that store keys of another shape are refused when traced (``check_kv_shapes``).
+            text.allow_global_per_layer_attribute_access = True
         n_heads = getattr(text, "num_attention_heads", None)
         hidden = getattr(text, "hidden_size", None)
         head_dim = getattr(text, "head_dim", None) or (hidden // n_heads if hidden and n_heads else None)
@@ -227,6 +232,11 @@ class HFSource(ModelSource):
 
         if getattr(cfg, "model_type", None) in _NOT_SERVED:
             raise MemintentError(self._refusal(_NOT_SERVED[cfg.model_type]))
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        if getattr(text, "num_kv_shared_layers", 0):
+            raise MemintentError(self._refusal(
+                f"last {text.num_kv_shared_layers} layers reuse earlier layers' keys and values (KV sharing), where "
+                "the serving engine's pool holds each layer's own"))
         try:
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, **kw)
         except (KeyError, ValueError):
