@@ -184,3 +184,18 @@ def test_trace_and_report_show_the_pool_and_preemptions(plan_file, tmp_path):
 
 def plan_file_usable(path) -> int:
     return json.loads(path.read_text())["kv_pool"]["num_pages"] - 1
+
+
+def test_the_warm_step_leaves_no_trace_in_the_run(plan, requests, alone):
+    # On CUDA the engine's start runs a step of the plan's full prompt tokens and a decode as throwaway requests
+    # (``Engine._warm_step``); the CPU backend skips it, so it is called here: afterwards the statistics start
+    # from zero, every page is back in the pool, and the run generates what each request alone does.
+    with Engine(plan, "cpu") as eng:
+        assert eng.warm_s == 0.0, "the CPU backend has no first uses to warm"
+        assert eng._warm_step() > 0
+        assert eng.stats.steps == [] and not eng.has_work
+        assert eng.pool.used_pages == 0, "the warm requests returned their pages"
+        outs = {o.id: o.token_ids for o in eng.generate(requests)}
+        steps = eng.stats.steps
+    assert outs == alone
+    assert steps[0].start_s < 1.0, "the run's clock starts at its own first step"

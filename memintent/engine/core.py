@@ -44,7 +44,7 @@ from memintent.ir.model import Pipeline, Program
 from memintent.ir.proven import Proven
 from memintent.models.plan_model import PlanSources, plan_sources
 from memintent.passes.verify import prove
-from memintent.runtime.device import pick_device
+from memintent.runtime.device import pick_device, sync
 from memintent.runtime.host_store import HostStore
 
 
@@ -194,13 +194,15 @@ class Engine:
         inside the run made its first prompt step 4 x its length (opt-30b, H200). Returns the seconds it took."""
         t0 = perf_counter()
         g = self.proven.program.generation
-        per = max(1, g.context - 2)                     # prompt tokens a request may bring (two new tokens follow)
+        if g.context < 3:                               # no room for a prompt and two new tokens: nothing to warm
+            return 0.0
+        per = g.context - 2                             # prompt tokens a request may bring (two new tokens follow)
         sizes = [min(per, g.step_tokens - i * per) for i in range(min(g.max_seqs, -(-g.step_tokens // per)))]
         warm = [Request(f"memintent-warm-up-{i}", (0,) * n, max_new_tokens=2, sampling=SamplingParams(ignore_eos=True))
                 for i, n in enumerate(sizes)]
         list(self.generate(warm))
         self.reset_stats()
-        torch.cuda.synchronize(self.device)
+        sync(self.device)
         return perf_counter() - t0
 
     def _refuse_for_pipeline(self, opts: RunOptions, store) -> None:
