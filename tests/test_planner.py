@@ -159,7 +159,7 @@ def test_the_search_costs_a_candidate_as_the_plan_it_becomes(budget_mib, monkeyp
     finish = planner._finish
 
     def observe(search, chosen, outs, **kw):
-        seen["candidate"] = chosen.plan
+        seen["candidate"], seen["step_s"] = chosen.plan, chosen.step_s
         return finish(search, chosen, outs, **kw)
 
     monkeypatch.setattr(planner, "_finish", observe)
@@ -177,3 +177,5 @@ def test_the_search_costs_a_candidate_as_the_plan_it_becomes(budget_mib, monkeyp
     assert "output" in streamed(plan) and streamed(plan)["output"] == "int8"
     assert streamed(cand) == streamed(plan)
     assert slots(cand) == slots(plan)
+    # and the step the search weighed is the plan's (the 70B plan's was 1.9 x it)
+    assert plan.prediction.step_time_s == pytest.approx(seen["step_s"], rel=0.02)
