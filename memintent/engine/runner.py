@@ -33,6 +33,7 @@ from memintent.kv.paged_kernel import (
 from memintent.models.plan_model import resident_model
 from memintent.runtime.arena import POISON_BYTE
 from memintent.runtime.copy_engine import CpuBackend, CudaBackend
+from memintent.runtime.device import sync
 from memintent.runtime.executor import attach
 from memintent.runtime.host_store import HostStore
 
@@ -94,7 +95,7 @@ class ModelRunner:
             self.handle.warm_unpacks()
         if self.graphs is not None:
             self.graphs.capture_all()
-        torch.cuda.synchronize(self.device)
+        sync(self.device)
         return perf_counter() - t0
 
     def _compile_kernels(self) -> None:
@@ -237,6 +238,6 @@ class ModelRunner:
             # released here, so the next engine in this process measures its own peak against its own budget.
             clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
             if clear is not None:
-                torch.cuda.synchronize(self.device)
+                sync(self.device)
                 clear()
             torch.cuda.empty_cache()

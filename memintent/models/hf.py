@@ -35,6 +35,11 @@ from memintent.models.source import (
 )
 
 
+def _text_config(config):
+    """The config of the language model: a multimodal config's text part, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _natural_key(key: str) -> list[tuple]:
     """Sort key of a checkpoint name with numbers compared as numbers ('experts.2' before 'experts.10'): the order
     in which transformers hands a checkpoint's keys to its converters, so stacked experts come out in order."""
@@ -171,7 +176,7 @@ class HFSource(ModelSource):
 
     def __init__(self, ref: str, path: Path, config, dtype: str, dtype_forced: bool, files: dict[str, Path],
                  allow_code: bool):
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = _text_config(config)
         if hasattr(text, "allow_global_per_layer_attribute_access"):
             # A config with per-layer attributes (Gemma 4: another head size in its global layers) refuses to read
             # them globally; the global value is what most layers use, and the KV pool is laid out for it: layers
@@ -199,7 +204,7 @@ class HFSource(ModelSource):
         cfg = copy.deepcopy(self.config)
         if num_layers is None or num_layers == self.num_layers:
             return cfg
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        text = _text_config(cfg)
         old = text.num_hidden_layers
         text.num_hidden_layers = num_layers
         # Per-layer lists (layer_types and the like) follow the depth: truncated, or extended cyclically.
@@ -232,7 +237,7 @@ class HFSource(ModelSource):
 
         if getattr(cfg, "model_type", None) in _NOT_SERVED:
             raise MemintentError(self._refusal(_NOT_SERVED[cfg.model_type]))
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        text = _text_config(cfg)
         if getattr(text, "num_kv_shared_layers", 0):
             raise MemintentError(self._refusal(
                 f"last {text.num_kv_shared_layers} layers reuse earlier layers' keys and values (KV sharing), where "
@@ -323,7 +328,7 @@ class HFSource(ModelSource):
     def eos_token_ids(self) -> tuple[int, ...]:
         """The ``eos_token_id`` of config.json and of generation_config.json (each one id or a list), in that order:
         Hugging Face's ``generate`` stops at them."""
-        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        text = _text_config(self.config)
         found = [getattr(text, "eos_token_id", None)]
         gen = self.path / "generation_config.json"
         if gen.is_file():
