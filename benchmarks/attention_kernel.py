@@ -44,8 +44,9 @@ PT = 16
 LAYERS = 2                       # a page holds every layer: the layer views have a page stride of two layers
 HBM_FLOOR_GBPS = 4300.0
 TENSOR_TFLOPS = 989.0            # H200 dense bf16: the compute floor of prompt-heavy steps
-BUDGET_S = 150.0                 # sweep variants are skipped past this (seconds since start)
+BUDGET_S = 360.0                 # sweep variants are skipped past this (seconds since start)
 FLEX_START_S = 90.0              # a FlexAttention compile (20-60 s) starts only before this
+KERNEL_ONLY = False              # --kernel-only
 ATOL, RTOL = 1e-2, 2 ** -6       # bf16 against float64
 T0 = time.perf_counter()
 
@@ -302,23 +303,50 @@ def flex_variant(case: Case, s: Setup, dev, ref, floor_s) -> None:
     print(f"  flex: {row.get('error') or '%.3f ms' % (row['time_s'] * 1e3)}", flush=True)
 
 
-SWEEP = [  # (label, KernelConfig fields, prompt rows)
-    ("decode splits 1", dict(decode_splits=1), None), ("decode splits 2", dict(decode_splits=2), None),
-    ("decode splits 4", dict(decode_splits=4), None), ("decode splits 8", dict(decode_splits=8), None),
-    ("decode keys/iter 32", dict(decode_block_n=32), None), ("decode keys/iter 128", dict(decode_block_n=128), None),
-    ("decode 8 warps", dict(decode_warps=8), None), ("decode 3 stages", dict(decode_stages=3), None),
-    ("prompt keys/iter 32", dict(block_n=32), None), ("prompt keys/iter 128, 8 warps", dict(block_n=128, num_warps=8),
-                                                      None),
-    ("prompt 3 stages", dict(num_stages=3), None), ("prompt rows 128, 8 warps", dict(num_warps=8), 128),
-    ("prompt rows 32", dict(), 32),
-]
+def _sweep() -> list[tuple[str, dict, int | None, str]]:
+    """(label, KernelConfig fields, prompt rows, the cases it applies to: "mha" decode (G = 1), "gqa" decode,
+    "prompt"-heavy). ``hf``: heads_fastest (a tile's KV heads launched side by side)."""
+    rows: list[tuple[str, dict, int | None, str]] = []
+    for hf in (False, True):
+        tag = ", hf" if hf else ""
+        rows += [(f"decode{tag}", dict(heads_fastest=hf), None, "mha"),
+                 (f"decode dot{tag}", dict(heads_fastest=hf, decode_dot=True), None, "mha")]
+        rows += [(f"decode keys/iter {n}{tag}", dict(heads_fastest=hf, decode_block_n=n), None, "mha")
+                 for n in (32, 128, 256)]
+        rows += [(f"decode splits {n}{tag}", dict(heads_fastest=hf, decode_splits=n), None, "gqa") for n in (1, 2)]
+        rows += [(f"decode keys/iter 128{tag}", dict(heads_fastest=hf, decode_block_n=128), None, "gqa"),
+                 (f"decode keys/iter 128, 3 stages{tag}", dict(heads_fastest=hf, decode_block_n=128, decode_stages=3),
+                  None, "gqa"),
+                 (f"prompt{tag}", dict(heads_fastest=hf), None, "prompt"),
+                 (f"prompt keys/iter 32{tag}", dict(heads_fastest=hf, block_n=32), None, "prompt"),
+                 (f"prompt keys/iter 32, 3 stages{tag}", dict(heads_fastest=hf, block_n=32, num_stages=3), None,
+                  "prompt")]
+    for warps in (2, 8):
+        rows.append((f"decode {warps} warps, hf", dict(heads_fastest=True, decode_warps=warps), None, "mha"))
+    for stages in (1, 3, 4):
+        rows.append((f"decode {stages} stages, hf", dict(heads_fastest=True, decode_stages=stages), None, "mha"))
+        rows.append((f"decode dot {stages} stages, hf", dict(heads_fastest=True, decode_dot=True,
+                                                            decode_stages=stages), None, "mha"))
+    rows += [("decode dot keys/iter 128, hf", dict(heads_fastest=True, decode_dot=True, decode_block_n=128), None,
+              "mha"),
+             ("decode dot keys/iter 32, hf", dict(heads_fastest=True, decode_dot=True, decode_block_n=32), None,
+              "mha"),
+             ("decode dot 8 warps, hf", dict(heads_fastest=True, decode_dot=True, decode_warps=8), None, "mha"),
+             ("decode splits 2, hf", dict(heads_fastest=True, decode_splits=2), None, "mha"),
+             ("decode dot splits 2, hf", dict(heads_fastest=True, decode_dot=True, decode_splits=2), None, "mha")]
+    return rows
+
+
+def _kind(case: Case) -> str:
+    if any(n > 1 for n, _ in case.seqs):
+        return "prompt"
+    return "mha" if case.heads == case.kv_heads else "gqa"
 
 
 def sweep(case: Case, s: Setup, dev, ref, floor_s) -> None:
-    """Launch parameters of the tile kind the case is made of (decode-only cases: decode parameters)."""
-    has_prompt = any(n > 1 for n, _ in case.seqs)
-    for label, fields, rows in SWEEP:
-        if label.startswith("prompt") != has_prompt:
+    """Launch parameters of the tile kind the case is made of."""
+    for label, fields, rows, kind in _sweep():
+        if kind != _kind(case):
             continue
         if time.perf_counter() - T0 > BUDGET_S:
             case.rows.append(dict(case=case.name, variant="kernel, " + label, error="skipped: out of time"))
@@ -374,9 +402,11 @@ def prepare(case: Case, dev) -> Prepared:
 
 def core(p: Prepared, dev) -> None:
     splits = p.case.rows[0]["auto_decode_splits"]
+    bench_s(kernel_fn(p.setup), dev)       # the card's clocks up before the first timed call
     variant(p.case, f"kernel (auto: {splits} decode splits)", kernel_fn(p.setup), dev, p.ref, p.floor_s)
     graph_variant(p.case, p.setup, dev, p.ref, p.floor_s)
-    sdpa_variants(p.case, p.setup, dev, p.ref, p.floor_s)
+    if not KERNEL_ONLY:
+        sdpa_variants(p.case, p.setup, dev, p.ref, p.floor_s)
 
 
 def phase(name: str, prepared: list[Prepared], fn, dev) -> None:
@@ -415,7 +445,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the interpreter on a CPU)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="skip the former gather + SDPA path and FlexAttention (measured in H9)")
     args = ap.parse_args()
+    global KERNEL_ONLY
+    KERNEL_ONLY = args.kernel_only
     dev = torch.device(args.device)
     try:
         import triton
@@ -433,9 +467,10 @@ def main() -> None:
             case.rows.append(dict(case=case.name, variant="(setup)", error=f"{type(e).__name__}: {e}"[:300]))
         doc["cases"].append(case)
     phase("kernel, graph, gather + SDPA", prepared, core, dev)
-    phase("FlexAttention", prepared, lambda p, d: flex_variant(p.case, p.setup, d, p.ref, p.floor_s), dev)
+    if not KERNEL_ONLY:
+        phase("FlexAttention", prepared, lambda p, d: flex_variant(p.case, p.setup, d, p.ref, p.floor_s), dev)
     if not args.no_sweep:
-        chosen = [p for p in prepared if p.case.name.endswith("bf16") or p.case.name.startswith("c ")]
+        chosen = [p for p in prepared if p.case.name.endswith("bf16") or _kind(p.case) != "prompt"]
         phase("sweep", chosen, lambda p, d: sweep(p.case, p.setup, d, p.ref, p.floor_s), dev)
     doc["cases"] = [dict(name=c.name, heads=c.heads, kv_heads=c.kv_heads, head_dim=c.head_dim,
                          quantized=c.quantized, seqs=c.seqs, rows=c.rows) for c in doc["cases"]]

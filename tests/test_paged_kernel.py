@@ -142,14 +142,17 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, dtype, factor: float = 
 # ---- the kernel, in an interpreting child process ------------------------------------------------------------------
 
 CASES = {  # id: dtype, KV heads (GQA ratio 8 / KV), head dim, int8 KV, window, softcap, decode splits, prompt rows,
-           # keys per iteration (16: more iterations and splits with work on these short contexts; 64: the default)
-    "f32-gqa1-hd64-rows16": (torch.float32, 8, 64, False, None, None, None, 16, 64),
-    "f32-gqa4-hd128-int8-window-softcap-split3": (torch.float32, 2, 128, True, 24, 20.0, 3, 64, 16),
-    "bf16-gqa8-hd128-softcap-split2": (torch.bfloat16, 1, 128, False, None, 30.0, 2, 64, 32),
-    "bf16-gqa4-hd64-int8-window": (torch.bfloat16, 2, 64, True, 17, None, 1, 64, 16),
-    "bf16-gqa1-hd128-int8-window-softcap-split4": (torch.bfloat16, 8, 128, True, 9, 10.0, 4, 64, 16),
-    "f16-gqa8-hd64-int8": (torch.float16, 1, 64, True, None, None, None, 128, 64),
-    "bf16-gqa4-hd80-window-split3": (torch.bfloat16, 2, 80, False, 30, None, 3, 64, 16),
+           # keys per iteration (16: more iterations and splits with work on these short contexts; 64: the default),
+           # one-row decode tiles (G = 1) on the tensor cores (None: the default for the pages' dtype)
+    "f32-gqa1-hd64-rows16": (torch.float32, 8, 64, False, None, None, None, 16, 64, None),
+    "f32-gqa4-hd128-int8-window-softcap-split3": (torch.float32, 2, 128, True, 24, 20.0, 3, 64, 16, None),
+    "bf16-gqa8-hd128-softcap-split2": (torch.bfloat16, 1, 128, False, None, 30.0, 2, 64, 32, None),
+    "bf16-gqa4-hd64-int8-window": (torch.bfloat16, 2, 64, True, 17, None, 1, 64, 16, None),
+    "bf16-gqa1-hd128-int8-window-softcap-split4": (torch.bfloat16, 8, 128, True, 9, 10.0, 4, 64, 16, None),
+    "bf16-gqa1-hd80-int8-softcap-dot-split2": (torch.bfloat16, 8, 80, True, None, 5.0, 2, 64, 16, True),
+    "f16-gqa1-hd64-window-cores": (torch.float16, 8, 64, False, 13, None, None, 64, 16, False),
+    "f16-gqa8-hd64-int8": (torch.float16, 1, 64, True, None, None, None, 128, 64, None),
+    "bf16-gqa4-hd80-window-split3": (torch.bfloat16, 2, 80, False, 30, None, 3, 64, 16, None),
 }
 ENGINE_CASES = {"f32": (torch.float32, False), "bf16-int8": (torch.bfloat16, True)}
 ENGINE_KV_HEADS, ENGINE_HEAD_DIM, ENGINE_SOFTCAP, ENGINE_WINDOW = 2, 64, 8.0, 20
@@ -164,13 +167,14 @@ def case_step(case: str) -> Step:
 def _jobs() -> dict[str, dict]:
     """Every kernel call the tests check: its inputs, as plain lists and tensors (views keep their strides)."""
     jobs = {}
-    for case, (dtype, kv_heads, head_dim, _, window, softcap, splits, rows, block_n) in CASES.items():
+    for case, (dtype, kv_heads, head_dim, _, window, softcap, splits, rows, block_n, dot) in CASES.items():
         st = case_step(case)
         k, v, ks, vs = st.views()
         jobs[case] = dict(q=st.q, k=k, v=v, ks=ks, vs=vs, starts=st.starts, lengths=st.lengths, contexts=st.contexts,
                           tables=st.tables, group=HEADS // kv_heads, rows=rows, scale=head_dim ** -0.5,
                           softcap=softcap, window=window, out=torch.full(st.q.shape, 7.0, dtype=dtype),
-                          config=KernelConfig(block_n=block_n, decode_block_n=block_n, decode_splits=splits))
+                          config=KernelConfig(block_n=block_n, decode_block_n=block_n, decode_splits=splits,
+                                              decode_dot=dot))
     for case, (dtype, quantized) in ENGINE_CASES.items():
         st, _, views = engine_step(dtype, quantized)
         # The pool's bytes travel whole (its typed views share them, which torch.save refuses); the child makes the
@@ -227,7 +231,7 @@ def _output(kernel_outputs, name: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_equals_float64_attention(kernel_outputs, case):
-    dtype, kv_heads, head_dim, _, window, softcap, _, rows, _ = CASES[case]
+    dtype, kv_heads, head_dim, _, window, softcap, _, rows, *_ = CASES[case]
     st = case_step(case)
     meta = build_meta(st.starts, st.lengths, st.contexts, st.tables, page_tokens=PT, group=HEADS // kv_heads,
                       device="cpu", prompt_rows=rows)
