@@ -407,8 +407,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         t.add_row(g.dtype, f"{g.in_features} -> {g.out_features}", *(f"{r:.3g}" for _, r in g.tflops))
     con.print(t)
     if hw.attention_gbps:
-        con.print(f"paged attention {hw.attention_tflops:.3g} TFLOP/s on prompts, {hw.attention_gbps:.4g} GB/s on "
-                  "decode")
+        con.print(f"paged attention {hw.attention_tflops:.3g} TFLOP/s on prompts; GB/s on decode: grouped heads "
+                  f"{hw.attention_gbps:.4g} (int8 pages {hw.attention_int8_gbps:.4g}), one head per KV head "
+                  f"{hw.attention_one_row_gbps:.4g} (int8 {hw.attention_one_row_int8_gbps:.4g})")
     console.print(f"wrote {out}: use it with `memintent compile MODEL --hw {out}`")
     return 0
 

@@ -39,3 +39,38 @@ def test_the_costs_pass_times_each_matmul_by_its_shape():
         if shape in (("bf16", 128, 352), ("bf16", 352, 128)) and s.flops:
             per_flop.setdefault(shape, set()).add(round(s.time_s / s.flops * 1e12, 3))
     assert per_flop == {("bf16", 128, 352): {1e6}, ("bf16", 352, 128): {4e6}}
+
+
+# ---- the paged-attention kernel's decode rate by its path ------------------------------------------------------
+
+def test_decode_attention_takes_the_rate_of_its_kernel_path():
+    from memintent.passes.costs import attention_time_s
+
+    hw = BUILTIN["h200"].model_copy(update=dict(attention_tflops=1e6, attention_gbps=1000.0, attention_int8_gbps=500.0,
+                                                attention_one_row_gbps=4000.0, attention_one_row_int8_gbps=0.0))
+    tb = 10 ** 12                                                         # bytes: seconds at 1000 GB/s
+    assert attention_time_s(0, 4 * tb, hw, (False, False)) == 4.0
+    assert attention_time_s(0, 4 * tb, hw, (False, True)) == 8.0
+    assert attention_time_s(0, 4 * tb, hw, (True, False)) == 1.0
+    assert attention_time_s(0, 4 * tb, hw, (True, True)) == 8.0          # not measured: int8 grouped first
+    old = hw.model_copy(update=dict(attention_int8_gbps=0.0, attention_one_row_gbps=0.0))
+    assert {attention_time_s(0, 4 * tb, old, k) for k in ((False, True), (True, False), (True, True))} == {4.0}
+
+
+def test_a_plan_costs_its_attention_by_its_models_heads():
+    # tiny-llama: 4 query heads over 2 KV heads (grouped). A profile whose one-row rate is far slower changes
+    # nothing; one whose grouped rate is slower lengthens the attention steps.
+    from memintent.compiler.planner import plan_generation
+    from memintent.ir.model import PAGED_ATTENTION_OP
+
+    def attention_s(**rates):
+        hw = BUILTIN["h200"].model_copy(update={"attention_gbps": 1e-3, "attention_one_row_gbps": 1e-3, **rates})
+        p = plan_generation("tiny-llama", budget_bytes=64 << 20, hardware=hw, context=64, prompt_len=8,
+                            gen_len=8, quant="none", concurrency=2, kv_page_tokens=8)
+        assert p.kv_pool.query_heads == 2 * p.kv_pool.kv_heads
+        return sum(s.time_s for s in p.steps if s.op.startswith(PAGED_ATTENTION_OP))
+
+    base = attention_s()
+    assert base > 0
+    assert attention_s(attention_one_row_gbps=1e-6) == base
+    assert attention_s(attention_gbps=1e-6) > 10 * base

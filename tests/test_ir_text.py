@@ -263,6 +263,9 @@ program @toy {
     attention = "kernel"
     attention_tflops = 0.0
     attention_gbps = 0.0
+    attention_int8_gbps = 0.0
+    attention_one_row_gbps = 0.0
+    attention_one_row_int8_gbps = 0.0
   }
   blocks {
     @embed module="embed" size=32768 B residency=resident quant=none transfer=32768 B slot=0 weights=[%embed.weight]

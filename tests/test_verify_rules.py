@@ -195,6 +195,10 @@ def break_kv_pool(p: Program) -> None:
     p.kv_pool = p.kv_pool.model_copy(update={"page_bytes": p.kv_pool.page_bytes + 256})
 
 
+def break_kv_query_heads(p: Program) -> None:
+    p.kv_pool = p.kv_pool.model_copy(update={"query_heads": p.kv_pool.kv_heads + 1})
+
+
 def break_step_shape(p: Program) -> None:
     p.generation = p.generation.model_copy(update={"step_tokens": p.generation.step_tokens + 1})
 
@@ -329,3 +333,14 @@ def test_breaking_one_rule_is_refused_naming_it(rule):
     assert e.value.rule == rule, str(e.value)
     assert "\n" not in str(e.value)
     verify(compiled(base))   # the plan as compiled still passes: the edit worked on a copy
+
+
+def test_kv_pool_query_heads_must_be_a_multiple_of_its_kv_heads():
+    # the kv-pool rule's second statement (the cost model picks the attention kernel's path by this ratio)
+    p = compiled("kv").model_copy(deep=True)
+    assert p.kv_pool.query_heads == 2 * p.kv_pool.kv_heads                  # the planner records the model's heads
+    break_kv_query_heads(p)
+    with pytest.raises(PlanVerificationError, match=r"the KV pool's \d+ query heads are not a multiple of its \d+ KV "
+                                                    r"heads") as e:
+        verify(p)
+    assert e.value.rule == "kv-pool"

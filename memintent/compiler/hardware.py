@@ -35,7 +35,8 @@ BUILTIN: dict[str, HardwareProfile] = {
                "torch 2.11.0+cu130, Triton 3.6, by `memintent profile` (run H24): pinned 2 GiB copies 55.3 GB/s both "
                "ways, 1 GiB device copy, 8192^3 bf16 matmul, int8 -> bf16 dequantisation (Triton), sustained bf16 "
                "and f16 linears of three shapes by tokens, the paged-attention kernel (256 decodes of 200-1024 keys: "
-               "2.15 TB/s of keys and values; prompt chunks 172 TFLOP/s)",
+               "2.15 TB/s of keys and values; prompt chunks 172 TFLOP/s); the kernel's decode rates on its other "
+               "paths from run H29 (int8 pages, one query head per KV head: benchmarks/data/h200-profile-h29.json)",
         h2d_gbps=55.3, d2h_gbps=55.2, hbm_gbps=4094.0, bf16_tflops=756.0, hbm_bytes=150109880320,
         launch_overhead_s=9.8e-6, copy_latency_s=7.2e-6, dequant_gbps=1385.0, workspace_bytes=36 << 20,
         gemm_tflops=[(1, 4.203), (16, 67.62), (64, 249.3), (256, 575.0), (1024, 670.5), (4096, 673.8), (16384, 656.9)],
@@ -60,6 +61,7 @@ BUILTIN: dict[str, HardwareProfile] = {
                               (1024, 651.1), (4096, 673.9), (16384, 625.1)]),
         ],
         attention_tflops=171.7, attention_gbps=2154.0,
+        attention_int8_gbps=824.6, attention_one_row_gbps=3562.0, attention_one_row_int8_gbps=1901.0,
     ),
     "a100-80g": HardwareProfile(
         name="a100-80g",

@@ -65,7 +65,8 @@ from memintent.kv.layout import layout_of
 from memintent.kv.paged_kernel import bucket
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
-from memintent.passes.costs import kv_block_costs, launches, matmul_shapes, op_time_s, stage_time_s
+from memintent.passes.costs import (AttentionKind, attention_kind, kv_block_costs, launches, matmul_shapes,
+                                   op_time_s, stage_time_s)
 from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
@@ -172,14 +173,15 @@ class AffineStep:
         return self.p.model_copy(update=dict(steps=steps, objects=objects,
                                              shape=RunShape(batch=1, seq=tokens)))
 
-    def stage_times(self, tokens: int, seqs: int, hw: HardwareProfile, attn: attention.AttentionWork) -> list[float]:
-        """Each stage's compute time at (tokens, seqs) with the attention ops costed as ``attn`` (the costs pass's
-        step rule, without building the program)."""
+    def stage_times(self, tokens: int, seqs: int, hw: HardwareProfile, attn: attention.AttentionWork,
+                    kind: AttentionKind) -> list[float]:
+        """Each stage's compute time at (tokens, seqs) with the attention ops costed as ``attn`` of ``kind`` (the
+        costs pass's step rule, without building the program)."""
         dt, ds = tokens - self.base[0], seqs - self.base[1]
         work = [(attn.flops, attn.hbm_bytes) if is_attention(s.op) else
                 (max(0, round(s.flops + a * dt + c * ds)), max(0, round(s.hbm_bytes + b * dt + d * ds)))
                 for s, (a, b, c, d) in zip(self.p.steps, self.d_steps)]
-        device = [op_time_s(s.op, f, b, hw, tokens, shape)
+        device = [op_time_s(s.op, f, b, hw, tokens, shape, kind)
                   for s, (f, b), shape in zip(self.p.steps, work, self.shapes)]
         kernels = [launches(f, b) for f, b in work]
         return [stage_time_s(sum(device[st.first_step:st.last_step + 1]),
@@ -201,7 +203,8 @@ class AffineStep:
 
 def kv_pool(src, shape: Shape, page_tokens: int, swap_pages: int) -> KVPool:
     probe = KVPool(layers=src.num_layers, kv_heads=src.n_kv_heads, head_dim=src.head_dim, page_tokens=page_tokens,
-                   num_pages=shape.num_pages, quant=shape.kv_quant, page_bytes=1, swap_pages=swap_pages)
+                   num_pages=shape.num_pages, quant=shape.kv_quant, page_bytes=1, swap_pages=swap_pages,
+                   query_heads=src.n_heads)
     return probe.model_copy(update={"page_bytes": layout_of(probe, src.torch_dtype).page_bytes})
 
 
@@ -340,7 +343,7 @@ class Search:
     def light(self, shape: Shape) -> Program:
         pool = kv_pool(self.src, shape, self.page_tokens, self.swap(shape))
         work = step_work(self.src, pool, shape, self.w, self.hw)
-        times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work)
+        times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work, attention_kind(pool))
         scratch, meta = step_scratch(self.src, pool, self.w.context, shape.step_tokens, shape.max_seqs)
         held = (align_up(pool.num_pages * pool.page_bytes) + meta + self.graph_bytes(pool, shape)
                 + self.step.activation_peak(shape.step_tokens, shape.max_seqs, scratch))
@@ -867,7 +870,8 @@ class StepPredictor:
             prefill_context_tokens=record.prefill_context_tokens, prefill_pairs=record.prefill_pairs,
             kv_token_bytes=self.token_bytes, kv_heads=self.src.n_kv_heads,
             kernel=self.program.hardware.attention == "kernel")
-        times = self.step.stage_times(max(record.tokens, 1), max(record.sequences, 1), self.program.hardware, work)
+        times = self.step.stage_times(max(record.tokens, 1), max(record.sequences, 1), self.program.hardware, work,
+                                      attention_kind(self.program.kv_pool))
         shell = self.program.model_copy(update={"stages": [st.model_copy(update={"time_s": t})
                                                            for st, t in zip(self.program.stages, times)]})
         _, sim, _ = schedule_of(shell)

@@ -27,6 +27,7 @@ from memintent.errors import MemintentError
 from memintent.ir.model import HardwareProfile, KVPool, Program, Residency, RunPrediction, SlotKind
 from memintent.kv import attention
 from memintent.passes.costs import (
+    attention_kind,
     attention_time_s,
     copy_time_s,
     dequant_time_s,
@@ -213,6 +214,7 @@ class StepTimes:
         self.ops, self.heads, self.head_dim, self.kv_heads = ops, heads, head_dim, kv_heads
         self.hw = hw = program.hardware
         self.token_bytes = pool.page_bytes // (pool.page_tokens * pool.layers)
+        self.kind = attention_kind(pool)
         streamed = {b.name for b in program.blocks if b.residency == Residency.streamed}
         k = sum(1 for s in program.arena.slots if s.kind == SlotKind.stream)
         self.sched = make_schedule(program.stages, program.visits, streamed, k)
@@ -230,7 +232,7 @@ class StepTimes:
                 heads=self.heads, head_dim=self.head_dim, decode_context_tokens=r.decode_context_tokens,
                 prefill_context_tokens=r.prefill_context_tokens, prefill_pairs=r.prefill_pairs,
                 kv_token_bytes=self.token_bytes, kv_heads=self.kv_heads, kernel=self.hw.attention == "kernel")
-            attn_s = attention_time_s(work.flops, work.hbm_bytes, self.hw)
+            attn_s = attention_time_s(work.flops, work.hbm_bytes, self.hw, self.kind)
             device, kernels = self.ops.stages_s(max(r.tokens, 1), max(r.sequences, 1))
             kernels = kernels + self.ops.attn_per_stage * launches(work.flops, work.hbm_bytes)
             # stage_time_s over arrays: the device time, or the host's launches when they take longer

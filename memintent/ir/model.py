@@ -177,6 +177,11 @@ class HardwareProfile(_Model):
     attention: Literal["kernel", "reference"] = "kernel"
     attention_tflops: NonNegF = 0.0     # the paged-attention kernel's rate on prompt chunks; 0: bf16_tflops
     attention_gbps: NonNegF = 0.0       # its rate reading keys and values of decode tokens; 0: hbm_gbps
+    # The same by the decode's kind (the kernel takes a different path for each): keys and values of int8 pages
+    # (bytes as stored, scales included), and one query head per KV head (a one-row tile). 0: attention_gbps.
+    attention_int8_gbps: NonNegF = 0.0
+    attention_one_row_gbps: NonNegF = 0.0
+    attention_one_row_int8_gbps: NonNegF = 0.0
 
 
 class Object(_Model):
@@ -297,6 +302,7 @@ class KVPool(_Model):
     num_pages: Pos               # blocks in the pool, the null page included
     quant: KVQuant = KVQuant.none
     page_bytes: Pos              # one block: keys and values of every layer (+ int8 scales)
+    query_heads: NonNeg = 0      # the query heads that attend through the pool (a multiple of kv_heads; 0: unknown)
     swap_pages: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 
 from memintent.ir.layout import quantized_block_bytes
-from memintent.ir.model import PAGED_ATTENTION_OP, Block, HardwareProfile, Object, ObjectKind, Program, Quant
+from memintent.ir.model import (PAGED_ATTENTION_OP, Block, HardwareProfile, KVPool, KVQuant, Object, ObjectKind,
+                                Program, Quant)
 from memintent.passes.manager import Pass, ensure
 from memintent.units import round_s
 
@@ -112,10 +113,11 @@ def step_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile, op: str = "", t
 
 
 def op_time_s(op: str, flops: int, hbm_bytes: int, hw: HardwareProfile, tokens: int,
-              shape: MatmulShape | None = None) -> float:
-    """Any step's device time: the paged attention by the kernel's rates, the rest by ``step_time_s``."""
+              shape: MatmulShape | None = None, attention: AttentionKind = (False, False)) -> float:
+    """Any step's device time: the paged attention by the kernel's rates for its ``attention`` kind, the rest by
+    ``step_time_s``."""
     if op.startswith(PAGED_ATTENTION_OP):
-        return attention_time_s(flops, hbm_bytes, hw)
+        return attention_time_s(flops, hbm_bytes, hw, attention)
     return step_time_s(flops, hbm_bytes, hw, op, tokens, shape)
 
 
@@ -129,21 +131,42 @@ def stage_time_s(device_s: float, kernels: int, hw: HardwareProfile) -> float:
     return max(device_s, kernels * hw.launch_overhead_s)
 
 
-def attention_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile) -> float:
-    """A paged-attention op's device time: the kernel's own measured rates (``attention_tflops``, ``attention_gbps``),
-    else the card's."""
+AttentionKind = tuple[bool, bool]     # (one query head per KV head, int8 pages): the decode paths of the kernel
+
+
+def attention_kind(pool: KVPool | None) -> AttentionKind:
+    """The kind of the paged attention over ``pool`` (a plan's ``kv_pool``): (one query head per KV head, int8
+    pages); (False, False) without a pool; a pool that does not say its query heads (0) counts as grouped."""
+    if pool is None:
+        return (False, False)
+    return (pool.query_heads == pool.kv_heads, pool.quant == KVQuant.int8)
+
+
+def attention_decode_gbps(hw: HardwareProfile, kind: AttentionKind) -> float:
+    """The kernel's rate reading decode tokens' keys and values, for its kind; a profile that did not measure the
+    kind falls back to the grouped-heads rate, then to the card's HBM rate."""
+    grouped = hw.attention_int8_gbps if kind[1] else 0.0
+    by_kind = {(True, True): hw.attention_one_row_int8_gbps, (True, False): hw.attention_one_row_gbps}
+    return by_kind.get(kind, 0.0) or grouped or hw.attention_gbps or hw.hbm_gbps
+
+
+def attention_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile,
+                     kind: AttentionKind = (False, False)) -> float:
+    """A paged-attention op's device time: the kernel's own measured rates (``attention_tflops``, the decode rate of
+    its ``kind``), else the card's."""
     if flops == 0 and hbm_bytes == 0:
         return 0.0
     return max(flops / ((hw.attention_tflops or hw.bf16_tflops) * 1e12),
-               hbm_bytes / ((hw.attention_gbps or hw.hbm_gbps) * 1e9))
+               hbm_bytes / (attention_decode_gbps(hw, kind) * 1e9))
 
 
 def costs(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
     hw = p.hardware
     tokens = p.shape.batch * p.shape.seq
+    kind = attention_kind(p.kv_pool)
     for s, shape in zip(p.steps, matmul_shapes(p)):
-        s.time_s = round_s(op_time_s(s.op, s.flops, s.hbm_bytes, hw, tokens, shape))
+        s.time_s = round_s(op_time_s(s.op, s.flops, s.hbm_bytes, hw, tokens, shape, kind))
     start_s = []
     t = 0.0
     for s in p.steps:

@@ -504,7 +504,7 @@ def kv_reserved(p: Program, f: Facts) -> None:
 @_rule("kv-pool")
 def kv_pool(p: Program, f: Facts) -> None:
     """A generation plan has one KV pool object, the size of its pool; the pool's blocks have the byte layout of
-    spec/serving.md; a forward plan has neither."""
+    spec/serving.md and its query heads are a multiple of its KV heads; a forward plan has neither."""
     kv = [o for o in p.objects if o.kind == ObjectKind.kv]
     if (p.generation is None) != (p.kv_pool is None):
         fail("a generation plan needs a KV pool and a forward plan has none: the plan has "
@@ -519,6 +519,9 @@ def kv_pool(p: Program, f: Facts) -> None:
         fail(f"the model's dtype {p.model.dtype!r} is not an IR dtype, so the KV pool's layout is unknown")
     parts = kv_page_parts(pool.layers, pool.kv_heads, pool.head_dim, pool.page_tokens, p.model.dtype,
                            pool.quant == KVQuant.int8)
+    if pool.query_heads % pool.kv_heads:
+        fail(f"the KV pool's {pool.query_heads} query heads are not a multiple of its {pool.kv_heads} KV heads: "
+             "each KV head serves the same number of query heads (0: not recorded)")
     if pool.page_bytes != sum(parts):
         fail(f"KV pool pages of {pool.page_bytes} bytes: {pool.layers} layers x {pool.page_tokens} tokens x "
              f"{pool.kv_heads} heads x {pool.head_dim} ({pool.quant.value} KV) are {sum(parts)} bytes")

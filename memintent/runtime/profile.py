@@ -29,7 +29,9 @@ What is measured (medians of several repetitions after a warm-up; sizes depend o
   predate the shapes).
 * ``attention_tflops`` / ``attention_gbps`` (CUDA with Triton): the paged-attention kernel on 64 query heads over 8
   KV heads of 128, pages of 16 scattered in a pool laid out as the engine's: prompt chunks of 512 tokens after 512
-  cached (FLOP/s), and 256 decode tokens over 200 to 1024 keys (bytes of keys and values read per second).
+  cached (FLOP/s), and 256 decode tokens over 200 to 1024 keys (bytes of keys and values read per second);
+  ``attention_int8_gbps`` the same decodes over int8 pages, ``attention_one_row_gbps`` / ``..._int8_gbps`` 128
+  decodes of 56 query heads over 56 KV heads (the kernel's one-row path), bf16 and int8.
 * ``hbm_bytes``: the device's total memory (CPU: the machine's physical memory).
 
 On the CPU backend (``device="cpu"``) "host" and "device" are the same memory: the copies are memcpy between
@@ -303,13 +305,31 @@ def measure_gemm_rates(clock: _Clock, sz: Sizes, repeats: int, say: ProgressFn) 
     return out
 
 
-def measure_attention(clock: _Clock, repeats: int) -> tuple[float, float]:
-    """(TFLOP/s on prompt chunks, GB/s of keys and values read by decode tokens) of the paged-attention kernel
-    (``kv.paged_kernel``) on a pool laid out as the engine's (a page holds every layer: strided views of one layer),
-    64 query heads over 8 KV heads of 128 (a 70B-class layer), pages of 16 scattered over the pool."""
-    dev, pt, kvh, hd, heads, pages = clock.device, 16, 8, 128, 64, 16384
-    pool = torch.randn(pages, 2, 2, pt, kvh, hd, dtype=torch.bfloat16, device=dev)   # (P, layers, k|v, pt, KV, hd)
+@dataclass(frozen=True)
+class AttentionRates:
+    """The paged-attention kernel's rates (``HardwareProfile.attention_*``)."""
+
+    tflops: float = 0.0                  # prompt chunks
+    gbps: float = 0.0                    # decode tokens, grouped query heads, pages in the model dtype
+    int8_gbps: float = 0.0               # the same over int8 pages (bytes as stored, scales included)
+    one_row_gbps: float = 0.0            # decode tokens of one query head per KV head
+    one_row_int8_gbps: float = 0.0
+
+
+def _attention_timer(clock: _Clock, repeats: int, heads: int, kvh: int, pages: int, int8: bool):
+    """A function (query tokens, contexts) -> median seconds of the paged-attention kernel over a pool laid out as
+    the engine's (a page holds every layer: strided views of one layer), ``heads`` query heads over ``kvh`` KV heads
+    of 128, pages of 16 scattered over the pool, int8 pages (with float32 scales) or bf16."""
+    dev, pt, hd = clock.device, 16, 128
+    shape = (pages, 2, 2, pt, kvh, hd)                                              # (P, layers, k|v, pt, KV, hd)
+    scales = None
+    if int8:   # the kernel's time does not depend on the values: random ones, no quantization pass
+        pool = torch.randint(-127, 128, shape, dtype=torch.int8, device=dev)
+        scales = torch.rand(shape[:-1], device=dev) / 127                             # (P, layers, k|v, pt, KV) f32
+    else:
+        pool = torch.randn(shape, dtype=torch.bfloat16, device=dev)
     kp, vp = pool[:, 1, 0], pool[:, 1, 1]                                            # layer 1: strided views
+    ks, vs = (scales[:, 1, 0], scales[:, 1, 1]) if int8 else (None, None)
     perm = torch.randperm(pages - 1).add(1).tolist()                                # scattered pages, not page 0
 
     def time_s(lengths: list[int], contexts: list[int]) -> float:
@@ -321,18 +341,35 @@ def measure_attention(clock: _Clock, repeats: int) -> tuple[float, float]:
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         meta = build_meta(starts, lengths, contexts, tables, page_tokens=pt, group=heads // kvh, device=dev)
         q = torch.randn(sum(lengths), heads, hd, dtype=torch.bfloat16, device=dev)   # (T, H, hd)
-        return statistics.median(clock.time_s(lambda: paged_attention_varlen(q, kp, vp, None, None, meta,
+        return statistics.median(clock.time_s(lambda: paged_attention_varlen(q, kp, vp, ks, vs, meta,
                                                                              scale=hd ** -0.5), repeats))
+    return time_s
 
-    prompt = [512] * 8
-    t = time_s(prompt, [1024] * 8)                 # chunks of 512 after 512 cached
-    tflops = 4 * heads * hd * sum(n * (1024 - n) + n * (n + 1) // 2 for n in prompt) / t / 1e12
-    # 256 decodes of 200..1024 keys (0.64 GB): a serving step's batch; 64 of them ran at half the rate (H200),
-    # bound by the kernel's latency rather than its bytes
-    contexts = [200 + (824 * i) // 255 for i in range(256)]
-    t = time_s([1] * 256, contexts)
-    gbps = kv_bytes_read(contexts, kvh, hd, 2, False) / t / 1e9
-    return tflops, gbps
+
+def measure_attention(clock: _Clock, repeats: int) -> AttentionRates:
+    """The paged-attention kernel (``kv.paged_kernel``): FLOP/s on prompt chunks, and bytes of keys and values read
+    per second by decode tokens on each of its paths: 64 query heads over 8 KV heads (a 70B-class layer) and 56 over
+    56 (one query head per KV head, an OPT-30B-class layer), pages in bf16 and int8."""
+    rates = {}
+    for name, heads, kvh, seqs in (("", 64, 8, 256), ("one_row_", 56, 56, 128)):
+        # Decodes of 200..1024 keys, a serving step's batch: 256 grouped (0.64 GB; 64 of them ran at half the rate on
+        # an H200, bound by the kernel's latency rather than its bytes), 128 one-row (2.2 GB: with 64 of 32 heads the
+        # longest contexts' programs ran alone at the end, 2.6 TB/s where 64 steady ones read 4.1, H28).
+        contexts = [200 + (824 * i) // (seqs - 1) for i in range(seqs)]
+        pages = sum(-(-c // 16) for c in contexts) + 1        # more than the prompt chunks' 8 x 64
+        for int8 in (False, True):
+            time_s = _attention_timer(clock, repeats, heads, kvh, pages, int8)
+            t = time_s([1] * seqs, contexts)
+            rates[f"{name}{'int8_' if int8 else ''}gbps"] = kv_bytes_read(contexts, kvh, 128, 1 if int8 else 2,
+                                                                         int8) / t / 1e9
+            if not name and not int8:
+                prompt = [512] * 8
+                t = time_s(prompt, [1024] * 8)                 # chunks of 512 after 512 cached
+                rates["tflops"] = 4 * heads * 128 * sum(n * (1024 - n) + n * (n + 1) // 2 for n in prompt) / t / 1e12
+            del time_s
+            if clock.cuda:
+                torch.cuda.empty_cache()
+    return AttentionRates(**rates)
 
 
 def measure_launch_overhead_s(clock: _Clock, ops: int, repeats: int) -> float:
@@ -425,7 +462,7 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         launch_s = measure_launch_overhead_s(clock, sz.tiny_ops, sz.repeats)
         say(f"int8 -> bf16 dequantisation {sz.dequant_rows}x{sz.dequant_cols}")
         deq_gbps = measure_dequant_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
-        attn = (0.0, 0.0)
+        attn = AttentionRates()
         if clock.cuda and quant.triton_available():
             # Before the matmuls: a decode's attention runs between matmuls at HBM speed, not on a card that a
             # second of full-power matmuls has clocked down.
@@ -457,7 +494,9 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         # cuBLAS workspace (32 MiB) plus the caching allocator's rounding, which W1 showed at 2 MiB on an H100
         workspace_bytes=(36 << 20) if clock.cuda else 0,
         attention="kernel" if clock.cuda else "reference",
-        gemm_tflops=legacy_gemm(gemm, sz), gemm_shapes=gemm, attention_tflops=attn[0], attention_gbps=attn[1],
+        gemm_tflops=legacy_gemm(gemm, sz), gemm_shapes=gemm, attention_tflops=attn.tflops, attention_gbps=attn.gbps,
+        attention_int8_gbps=attn.int8_gbps, attention_one_row_gbps=attn.one_row_gbps,
+        attention_one_row_int8_gbps=attn.one_row_int8_gbps,
     )
     return ProfileResult(profile=profile, device_name=name, sizes=sz, h2d=h2d, d2h=d2h)
 
