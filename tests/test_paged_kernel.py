@@ -341,6 +341,16 @@ def test_meta_of_one_bucket_reuses_one_device_buffer():
                    sizes=MetaSizes(2, 0, 4, 1))
 
 
+def test_staging_keeps_every_integer_of_its_dtype():
+    # the token staging is int64 (padding pages are -1; ids and positions may pass 2^31), the metadata's int32
+    wide, narrow = MetaStaging("cpu", torch.long), MetaStaging("cpu")
+    values = [0, -1, 2 ** 40, -(2 ** 63), 2 ** 63 - 1]
+    got = wide.upload(values, "ids")
+    assert got.dtype == torch.int64 and got.tolist() == values
+    assert narrow.upload([-(2 ** 31), 2 ** 31 - 1, 7], "meta").tolist() == [-(2 ** 31), 2 ** 31 - 1, 7]
+    assert wide.upload([], "empty").numel() == 0
+
+
 def test_meta_refuses_a_chunk_longer_than_its_context_or_its_pages():
     with pytest.raises(MemintentError, match="1..context"):
         build_meta([0], [5], [4], [[1]], page_tokens=PT, group=1, device="cpu")
