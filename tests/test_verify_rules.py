@@ -344,3 +344,15 @@ def test_kv_pool_query_heads_must_be_a_multiple_of_its_kv_heads():
                                                     r"heads") as e:
         verify(p)
     assert e.value.rule == "kv-pool"
+
+
+def test_admission_classes_belong_to_longest_output():
+    # the step-shape rule's last statement: a plan under fcfs carries no class of output lengths
+    p = compiled("kv").model_copy(deep=True)
+    assert p.generation.admission == "fcfs" and p.generation.admission_class_tokens == 1
+    p.generation = p.generation.model_copy(update={"admission_class_tokens": 28})
+    with pytest.raises(PlanVerificationError, match=r"admission classes of 28 tokens under 'fcfs'") as e:
+        verify(p)
+    assert e.value.rule == "step-shape"
+    p.generation = p.generation.model_copy(update={"admission": "longest-output"})
+    verify(p)

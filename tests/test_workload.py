@@ -132,11 +132,11 @@ def small_pool_plan():
     return tiny(concurrency=6)
 
 
-@pytest.mark.parametrize("seed, admission", [(0, "fcfs"), (1, "longest-output"), (2, "fcfs"),
-                                             (3, "longest-output")])
-def test_simulated_schedule_equals_the_engines(small_pool_plan, seed, admission):
+@pytest.mark.parametrize("seed, admission, classes", [(0, "fcfs", 1), (1, "longest-output", 1), (2, "fcfs", 1),
+                                                      (3, "longest-output", 1), (4, "longest-output", 6)])
+def test_simulated_schedule_equals_the_engines(small_pool_plan, seed, admission, classes):
     plan = small_pool_plan.model_copy(update={"generation": small_pool_plan.generation.model_copy(
-        update={"admission": admission})})
+        update={"admission": admission, "admission_class_tokens": classes})})
     requests = synthetic(24, (4, 40), (2, 20), 256, seed)
     # Request ids: the simulation numbers requests by their place; synthetic ids are their place too.
     sim = simulate_run(plan, workload_of(requests, "test"), StepPredictor(plan))
@@ -259,6 +259,12 @@ def test_longest_output_first_admits_the_longest_requests_first():
         sched.add(Request(id=i, prompt_ids=(1, 2), max_new_tokens=n))
     batch = sched.schedule()
     assert [c.seq.request.id for c in batch.chunks] == [1, 3]     # the longest outputs, ties first come
+    classed = Scheduler(PagePool(64), None, costs, max_seqs=3, step_tokens=64, context=64, admission="longest-output",
+                        admission_class_tokens=4)
+    for i, n in enumerate([3, 5, 1, 9, 7]):                       # classes 0, 1, 0, 2, 1
+        classed.add(Request(id=i, prompt_ids=(1, 2), max_new_tokens=n))
+    # the longest class first (9), then first come within the next (5 before 7), not 9, 7, 5
+    assert [c.seq.request.id for c in classed.schedule().chunks] == [3, 1, 4]
     with pytest.raises(MemintentError, match="admission order 'lifo'"):
         Scheduler(pool, None, costs, max_seqs=2, step_tokens=64, context=64, admission="lifo")
 

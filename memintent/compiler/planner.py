@@ -58,6 +58,7 @@ from memintent.ir.model import (
     RunShape,
     Tier,
     align_up,
+    describe_admission,
 )
 from memintent.kv import attention
 from memintent.kv.attention import gather_tokens
@@ -538,9 +539,9 @@ def plan_generation(ref: str, *, budget_bytes: int, hardware: HardwareProfile, c
     runs = RunSearch(search, workload, simulate, targets or Targets(), swap_pages)
     best = runs.run(outs, kv_quant, hide, fixed)
     say(f"{best.outcome.shape.concurrency} sequences, {best.outcome.shape.kv_quant.value} KV, admission "
-        f"{best.admission}: tracing the step exactly")
+        f"{describe_admission(best.admission, runs.class_tokens(best.admission))}: tracing the step exactly")
     plan = _finish(search, best.outcome, outs, quant=quant, swap_pages=swap_pages, alternatives=runs.describe(best),
-                   admission=best.admission)
+                   admission=best.admission, admission_class_tokens=runs.class_tokens(best.admission))
     return runs.record(plan, best)
 
 
@@ -566,7 +567,7 @@ def _auto_swap(binding: str, shape: Shape) -> int:
 
 
 def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str, swap_pages: int | None,
-            alternatives: list[str] | None = None, admission: str = "fcfs") -> Program:
+            alternatives: list[str] | None = None, admission: str = "fcfs", admission_class_tokens: int = 1) -> Program:
     s = chosen.shape
     if swap_pages is None:
         search.swap = lambda shape: _auto_swap(chosen.binding, shape)
@@ -576,7 +577,8 @@ def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str,
         alternatives = [_describe(o, chosen) for o in _distinct(outs, chosen)][:12]
     plan.generation = plan.generation.model_copy(update=dict(
         decode_step_s=pr.step_time_s, tokens_per_s=s.concurrency / pr.step_time_s,
-        binding=_binding(plan, chosen, outs), alternatives=alternatives, admission=admission))
+        binding=_binding(plan, chosen, outs), alternatives=alternatives, admission=admission,
+        admission_class_tokens=admission_class_tokens))
     return plan
 
 
@@ -587,6 +589,7 @@ REFINE_PROBES = 6          # concurrencies tried around the best run (ternary se
 TOKEN_FACTORS = (2.0, 0.5)  # step token budgets tried around the best run's, each way until one does not help
 POOL_FACTORS = (1.25, 0.8)  # KV pools tried around the best run's, likewise
 ORDER_SHAPES = 3           # the best runs' shapes also tried longest-output first
+ADMISSION_CLASS_SPREAD = 4   # longest-output's class: the workload's spread of output lengths over this
 
 
 @dataclass(slots=True)
@@ -696,6 +699,13 @@ class RunSearch:
         return StepTimes(self.ops, plan, pool, self.search.src.n_heads, self.search.src.head_dim,
                          self.search.src.n_kv_heads)
 
+    def class_tokens(self, admission: str) -> int:
+        """Longest-output's class of output lengths for this workload: a quarter of its spread (engine/scheduler.py
+        says why); 1 under fcfs."""
+        if admission != "longest-output":
+            return 1
+        return max(1, (max(self.workload.gen_lens) - min(self.workload.gen_lens)) // ADMISSION_CLASS_SPREAD)
+
     def weigh(self, o: Outcome, admission: str) -> Run:
         """Simulate ``o``'s run with ``admission`` (once), unless its bound cannot beat the best run of its KV."""
         key = (o.shape, admission)
@@ -711,7 +721,8 @@ class RunSearch:
         give_up = best.run_s if best is not None and best.misses == 0 else None
         if give_up is not None and run.bound_s >= give_up:
             return run
-        run.sim = self.simulate(self.shell(o), self.workload, times, admission=admission, give_up_s=give_up)
+        run.sim = self.simulate(self.shell(o), self.workload, times, admission=admission,
+                                admission_class_tokens=self.class_tokens(admission), give_up_s=give_up)
         if run.sim.prediction is not None:
             run.misses = self.targets.misses(run.sim.prediction)
             if best is None or run.key < best.key:
@@ -821,7 +832,8 @@ class RunSearch:
     # -- the chosen plan --------------------------------------------------------------------------------------
     def record(self, plan: Program, best: Run) -> Program:
         """The chosen plan's own run (its exact step, pool and preemption costs) in ``generation.run``."""
-        sim = self.simulate(plan, self.workload, self.times(plan, plan.kv_pool), admission=best.admission)
+        sim = self.simulate(plan, self.workload, self.times(plan, plan.kv_pool), admission=best.admission,
+                            admission_class_tokens=self.class_tokens(best.admission))
         if sim.prediction is None:
             raise MemintentError(f"the chosen plan cannot serve the workload: {sim.why}")
         plan.generation = plan.generation.model_copy(update=dict(run=sim.prediction))
@@ -837,7 +849,7 @@ class RunSearch:
         s = r.outcome.shape
         streamed = sum(1 for b in r.outcome.plan.blocks if b.residency == Residency.streamed)
         head = (f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_pages} pages), {s.step_tokens} tokens/step, "
-                f"{r.admission}, {streamed} blocks streamed")
+                f"{describe_admission(r.admission, self.class_tokens(r.admission))}, {streamed} blocks streamed")
         best_s = chosen.run_s
         if r.sim is None:
             return (f"{head}: not simulated: at least {r.bound_s:.2f} s even at its cheapest step (chosen "

@@ -171,7 +171,7 @@ class Engine:
         costs = Costs.of_parts([self.proven.part(r).program for r in range(self.n)])
         self.groups = [Scheduler(self.pool, swap, costs, max_seqs=g.max_seqs, step_tokens=g.step_tokens,
                                  context=g.context, preempt=opts.preempt, seq_ids=(i, self.n), stops=self.stops,
-                                 admission=g.admission)
+                                 admission=g.admission, admission_class_tokens=g.admission_class_tokens)
                        for i in range(self.n)]
         self.stats = EngineStats(num_pages=kv.num_pages)
         self.tick, self._dealt, self._idle = 0, 0, 0

@@ -78,12 +78,12 @@ def _predict(step_cost: StepCost, records: list) -> np.ndarray:
 
 
 def simulate_run(plan: Program, workload: RunWorkload, step_cost: StepCost, *, admission: str | None = None,
-                 give_up_s: float | None = None) -> SimRun:
+                 admission_class_tokens: int | None = None, give_up_s: float | None = None) -> SimRun:
     """The run of ``workload`` under ``plan`` (one GPU: a program with its generation, KV pool, prediction and KV
     object, what the engine's scheduler reads), each step costed by ``step_cost`` (``predict_all(records)`` or
     ``predict_s(record)``: a ``compiler.planner.StepPredictor`` or ``compiler.workload.StepTimes``).
-    ``admission``: the scheduler's admission order (default: the plan's). A run still going at ``give_up_s`` stops
-    there, unfinished."""
+    ``admission``, ``admission_class_tokens``: the scheduler's admission order and longest-output's class (default:
+    the plan's). A run still going at ``give_up_s`` stops there, unfinished."""
     g, kv = plan.generation, plan.kv_pool
     too_long = next((p for p in workload.prompt_lens if p > g.context), None)
     if too_long is not None:
@@ -92,7 +92,8 @@ def simulate_run(plan: Program, workload: RunWorkload, step_cost: StepCost, *, a
     pool = PagePool(kv.num_pages)
     # A swap space of pages of no bytes: the scheduler's bookkeeping without the host memory.
     sched = Scheduler(pool, SwapSpace(kv.swap_pages, 0, pin=False), Costs.of(plan), max_seqs=g.max_seqs,
-                      step_tokens=g.step_tokens, context=g.context, admission=admission or g.admission)
+                      step_tokens=g.step_tokens, context=g.context, admission=admission or g.admission,
+                      admission_class_tokens=admission_class_tokens or g.admission_class_tokens)
     order = sorted(range(workload.requests), key=lambda i: (workload.arrivals_s[i], i))
     clock, seqs, nxt = _Clock(step_cost), {}, 0
     while True:

@@ -309,6 +309,11 @@ class KVPool(_Model):
 ADMISSION_ORDERS = ("fcfs", "longest-output")     # the scheduler's admission orders (engine/scheduler.py)
 
 
+def describe_admission(admission: str, class_tokens: int) -> str:
+    """An admission order in words, longest-output with its class of output lengths."""
+    return f"{admission} (classes of {class_tokens} tokens)" if class_tokens > 1 else admission
+
+
 class RunPrediction(_Model):
     """The run the planner simulated for the requests it was given (``compile --workload``, ``--synthetic``,
     ``--arrival-rate``): the engine's own scheduler over those requests, each step costed by the plan's cost model
@@ -349,6 +354,9 @@ class GenerationPlan(_Model):
     binding: str                  # what binds: "pcie", "compute", "kv capacity", "budget"
     alternatives: list[str] = Field(default_factory=list)   # rejected candidates, each with its reason
     admission: str = "fcfs"       # the scheduler's admission order, one of ADMISSION_ORDERS (spec/serving.md)
+    # longest-output ranks requests by max_new_tokens // this (1: exactly; first come first within a class); 1 under
+    # fcfs
+    admission_class_tokens: Pos = 1
     run: RunPrediction | None = None   # the simulated run of the requests planned for; None: planned for steady state
 
 

@@ -533,7 +533,8 @@ def kv_pool(p: Program, f: Facts) -> None:
 @_rule("step-shape")
 def step_shape(p: Program, f: Facts) -> None:
     """A generation plan's program is one engine step at its maxima: ``step_tokens`` tokens (the traced forward),
-    at least one token per sequence, and a pool that holds one sequence of the plan's context."""
+    at least one token per sequence, and a pool that holds one sequence of the plan's context; its admission order
+    is one the scheduler knows, with classes of output lengths under longest-output only."""
     g, pool = p.generation, p.kv_pool
     if g is None or pool is None:
         return
@@ -547,6 +548,9 @@ def step_shape(p: Program, f: Facts) -> None:
              f"plan's context {g.context}")
     if g.admission not in ADMISSION_ORDERS:
         fail(f"the admission order {g.admission!r} is not one the scheduler knows ({', '.join(ADMISSION_ORDERS)})")
+    if g.admission != "longest-output" and g.admission_class_tokens != 1:
+        fail(f"admission classes of {g.admission_class_tokens} tokens under {g.admission!r}: classes of output "
+             "lengths belong to longest-output; any other order has 1")
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------

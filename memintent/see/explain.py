@@ -5,7 +5,15 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from memintent.ir.model import Block, ObjectKind, Program, Residency, SlotKind, Visit
+from memintent.ir.model import (
+    Block,
+    ObjectKind,
+    Program,
+    Residency,
+    SlotKind,
+    Visit,
+    describe_admission,
+)
 from memintent.units import fmt_bytes, fmt_s
 
 _COLUMNS = ("block", "where", "bytes", "moved", "slot", "stages", "issue", "arrive", "deadline", "slack")
@@ -77,7 +85,7 @@ def run_summary(g) -> str:
     """The predicted run a generation plan records (``GenerationPlan.run``), in one line."""
     r = g.run
     return (f"predicted run of {r.workload}: {fmt_s(r.run_s)}, {r.tokens_per_s:.2f} tok/s ({r.generated_tokens} "
-            f"tokens in {r.steps} steps, {r.preemptions} preemptions, admission {g.admission}); time to first token "
+            f"tokens in {r.steps} steps, {r.preemptions} preemptions, admission {describe_admission(g.admission, g.admission_class_tokens)}); time to first token "
             f"median {fmt_s(r.ttft_median_s)}, p99 {fmt_s(r.ttft_p99_s)}; per output token median "
             f"{fmt_s(r.tpot_median_s)}, p99 {fmt_s(r.tpot_p99_s)}")
 
