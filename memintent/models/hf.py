@@ -217,12 +217,6 @@ class HFSource(ModelSource):
         """Build from ``cfg`` with ``attention`` (an implementation registered with transformers), or else with
         SDPA, falling back to the best one transformers offers for an architecture without SDPA (eager)."""
         kw = dict(dtype=self.torch_dtype, trust_remote_code=self.allow_code)
-        text = _text_config(cfg)
-        if getattr(text, "index_n_heads", 0) or getattr(text, "indexer_n_heads", 0):
-            arch = type(self.config).__name__.removesuffix("Config")
-            raise MemintentError(f"{self.ref}: the {arch} architecture's attention picks each query's keys with a "
-                                 "learned indexer (sparse attention) that reads the attention mask, which memintent's "
-                                 "traced step never builds: neither forward nor generation plans are made for it")
         try:
             model = self._construct_default(cfg, kw) if attention is None else \
                 self._construct_engine(cfg, kw, attention)
