@@ -17,6 +17,18 @@ from memintent.ir.model import GemmRates, HardwareProfile
 
 GiB = 1 << 30
 
+_H200_TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
+# Sustained linears of the H200 by tokens (run H24): (dtype, in features, out features, TFLOP/s at each of _H200_TOKENS)
+_H200_GEMM = [GemmRates(dtype=d, in_features=k, out_features=n, tflops=list(zip(_H200_TOKENS, rates)))
+              for d, k, n, rates in (
+    ("bf16", 8192, 8192, (3.654, 60.78, 222.3, 665.7, 682.9, 690.5, 659.5)),
+    ("bf16", 8192, 28672, (4.203, 67.62, 249.3, 575.0, 670.5, 673.8, 656.9)),
+    ("bf16", 28672, 8192, (4.002, 62.94, 235.5, 596.4, 680.3, 689.2, 666.1)),
+    ("f16", 8192, 8192, (3.337, 60.09, 221.4, 637.2, 646.4, 666.0, 648.1)),
+    ("f16", 8192, 28672, (4.141, 63.13, 248.2, 524.0, 658.2, 651.0, 656.6)),
+    ("f16", 28672, 8192, (3.946, 62.96, 238.6, 561.7, 651.1, 673.9, 625.1)),
+              )]
+
 BUILTIN: dict[str, HardwareProfile] = {
     "h100-sxm": HardwareProfile(
         name="h100-sxm",
@@ -39,27 +51,8 @@ BUILTIN: dict[str, HardwareProfile] = {
                "paths from run H29 (int8 pages, one query head per KV head: benchmarks/data/h200-profile-h29.json)",
         h2d_gbps=55.3, d2h_gbps=55.2, hbm_gbps=4094.0, bf16_tflops=756.0, hbm_bytes=150109880320,
         launch_overhead_s=9.8e-6, copy_latency_s=7.2e-6, dequant_gbps=1385.0, workspace_bytes=36 << 20,
-        gemm_tflops=[(1, 4.203), (16, 67.62), (64, 249.3), (256, 575.0), (1024, 670.5), (4096, 673.8), (16384, 656.9)],
-        gemm_shapes=[
-            GemmRates(dtype="bf16", in_features=8192, out_features=8192,
-                      tflops=[(1, 3.654), (16, 60.78), (64, 222.3), (256, 665.7),
-                              (1024, 682.9), (4096, 690.5), (16384, 659.5)]),
-            GemmRates(dtype="bf16", in_features=8192, out_features=28672,
-                      tflops=[(1, 4.203), (16, 67.62), (64, 249.3), (256, 575.0),
-                              (1024, 670.5), (4096, 673.8), (16384, 656.9)]),
-            GemmRates(dtype="bf16", in_features=28672, out_features=8192,
-                      tflops=[(1, 4.002), (16, 62.94), (64, 235.5), (256, 596.4),
-                              (1024, 680.3), (4096, 689.2), (16384, 666.1)]),
-            GemmRates(dtype="f16", in_features=8192, out_features=8192,
-                      tflops=[(1, 3.337), (16, 60.09), (64, 221.4), (256, 637.2),
-                              (1024, 646.4), (4096, 666.0), (16384, 648.1)]),
-            GemmRates(dtype="f16", in_features=8192, out_features=28672,
-                      tflops=[(1, 4.141), (16, 63.13), (64, 248.2), (256, 524.0),
-                              (1024, 658.2), (4096, 651.0), (16384, 656.6)]),
-            GemmRates(dtype="f16", in_features=28672, out_features=8192,
-                      tflops=[(1, 3.946), (16, 62.96), (64, 238.6), (256, 561.7),
-                              (1024, 651.1), (4096, 673.9), (16384, 625.1)]),
-        ],
+        # the profile's gemm_tflops is its bf16 8192 -> 28672 entry (profiles that predate the shapes)
+        gemm_tflops=_H200_GEMM[1].tflops, gemm_shapes=_H200_GEMM,
         attention_tflops=171.7, attention_gbps=2154.0,
         attention_int8_gbps=824.6, attention_one_row_gbps=3562.0, attention_one_row_int8_gbps=1901.0,
     ),
