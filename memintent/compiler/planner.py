@@ -653,6 +653,8 @@ class RunSearch:
         # KV token-steps: the j-th token of a request is sampled with p + j - 1 of its tokens cached
         self._kv_token_steps = sum(g * p + g * (g - 1) // 2 for p, g in zip(w.prompt_lens, w.gen_lens))
         self._tokens = tokens
+        # longest-output's class of output lengths: a quarter of the workload's spread (engine/scheduler.py says why)
+        self._longest_class = max(1, (max(w.gen_lens) - min(w.gen_lens)) // ADMISSION_CLASS_SPREAD)
 
     # -- one candidate ----------------------------------------------------------------------------------------
     def swap_of(self, o: Outcome) -> int:
@@ -700,11 +702,9 @@ class RunSearch:
                          self.search.src.n_kv_heads)
 
     def class_tokens(self, admission: str) -> int:
-        """Longest-output's class of output lengths for this workload: a quarter of its spread (engine/scheduler.py
-        says why); 1 under fcfs."""
-        if admission != "longest-output":
-            return 1
-        return max(1, (max(self.workload.gen_lens) - min(self.workload.gen_lens)) // ADMISSION_CLASS_SPREAD)
+        """The class of output lengths the scheduler ranks by under ``admission``: 1 (exactly) but under
+        longest-output."""
+        return self._longest_class if admission == "longest-output" else 1
 
     def weigh(self, o: Outcome, admission: str) -> Run:
         """Simulate ``o``'s run with ``admission`` (once), unless its bound cannot beat the best run of its KV."""

@@ -145,9 +145,9 @@ def attention_kind(pool: KVPool | None) -> AttentionKind:
 def attention_decode_gbps(hw: HardwareProfile, kind: AttentionKind) -> float:
     """The kernel's rate reading decode tokens' keys and values, for its kind; a profile that did not measure the
     kind falls back to the grouped-heads rate, then to the card's HBM rate."""
-    grouped = hw.attention_int8_gbps if kind[1] else 0.0
-    by_kind = {(True, True): hw.attention_one_row_int8_gbps, (True, False): hw.attention_one_row_gbps}
-    return by_kind.get(kind, 0.0) or grouped or hw.attention_gbps or hw.hbm_gbps
+    one_row, int8 = kind
+    own = (hw.attention_one_row_int8_gbps if int8 else hw.attention_one_row_gbps) if one_row else 0.0
+    return own or (hw.attention_int8_gbps if int8 else 0.0) or hw.attention_gbps or hw.hbm_gbps
 
 
 def attention_time_s(flops: int, hbm_bytes: int, hw: HardwareProfile,
