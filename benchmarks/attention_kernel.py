@@ -5,10 +5,12 @@ Cases (pages of 16 tokens scattered over a shuffled pool whose pages hold two la
 bf16 model; bf16 and int8 KV):
   a. decode of 64 sequences of 200-1024 tokens, 64 query heads over 8 KV heads, head dim 128 (llama-3-70b);
   b. a prompt-heavy step of 2400 tokens, 13 sequences: 4 prompt chunks (two after cached prefixes) and 9 decodes;
-  c. decode of 64 sequences of 513-544 tokens, 56 heads = 56 KV heads, head dim 128 (opt-30b).
+  c. decode of 64 sequences of 513-544 tokens, 56 heads = 56 KV heads, head dim 128 (opt-30b);
+  d. nine whole prompts of 512 tokens over the same heads (an opt-30b prompt-heavy step's attention).
 Each variant is checked against a float64 reference first (bf16 tolerance: |err| <= 1e-2 + 2^-6 |ref|), then timed
 (median, CUDA events); the kernel also captured in a CUDA graph (and its replay compared with the eager output). A
-short sweep of the kernel's launch parameters follows; variants that fail are reported, not fatal.
+short sweep of the kernel's launch parameters follows (``--no-sweep`` skips it), and the KV write's launches on
+the step's query tokens (``--no-write``); variants that fail are reported, not fatal. ``--cases b,d``: only those.
 
     python benchmarks/attention_kernel.py --out $OUT          # H200: under 3 minutes; table last; attention_kernel.json
     TRITON_INTERPRET=1 python benchmarks/attention_kernel.py --device cpu --quick   # the script's logic, tiny shapes
@@ -21,6 +23,7 @@ pair) at 989 TFLOP/s (dense bf16), whichever is longer; the measured device copy
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -74,7 +77,8 @@ def cases(quick: bool) -> list[Case]:
         rng.shuffle(mix)
         opt = [(1, rng.randint(513, 544)) for _ in range(64)]
         shapes = [("a decode 64x200-1024 64/8h", 64, 8, 128, dec70), ("b prompt-heavy 2400 tok, 13 seqs", 64, 8, 128, mix),
-                  ("c opt-30b decode 64x~530 56/56h", 56, 56, 128, opt)]
+                  ("c opt-30b decode 64x~530 56/56h", 56, 56, 128, opt),
+                  ("d opt-30b prompts 9x512 56/56h", 56, 56, 128, [(512, 512)] * 9)]
     return [Case(f"{n} {'int8' if q else 'bf16'}", h, kv, hd, list(s), q)
             for n, h, kv, hd, s in shapes for q in (False, True)]
 
@@ -303,37 +307,21 @@ def flex_variant(case: Case, s: Setup, dev, ref, floor_s) -> None:
     print(f"  flex: {row.get('error') or '%.3f ms' % (row['time_s'] * 1e3)}", flush=True)
 
 
+# (prompt rows, keys per iteration, warps, stages) of prompt tiles tried, with and without the split mask
+PROMPT_TILES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+                (128, 128, 8, 2), (128, 64, 4, 2), (128, 32, 8, 3)]
+
+
 def _sweep() -> list[tuple[str, dict, int | None, str]]:
     """(label, KernelConfig fields, prompt rows, the cases it applies to: "mha" decode (G = 1), "gqa" decode,
-    "prompt"-heavy). ``hf``: heads_fastest (a tile's KV heads launched side by side)."""
+    "prompt"-heavy). H27 swept the decode launch parameters; this sweep tries the causal mask on the diagonal blocks
+    only (``split_mask``) and the prompt tiles' shape."""
     rows: list[tuple[str, dict, int | None, str]] = []
-    for hf in (False, True):
-        tag = ", hf" if hf else ""
-        rows += [(f"decode{tag}", dict(heads_fastest=hf), None, "mha"),
-                 (f"decode dot{tag}", dict(heads_fastest=hf, decode_dot=True), None, "mha")]
-        rows += [(f"decode keys/iter {n}{tag}", dict(heads_fastest=hf, decode_block_n=n), None, "mha")
-                 for n in (32, 128, 256)]
-        rows += [(f"decode splits {n}{tag}", dict(heads_fastest=hf, decode_splits=n), None, "gqa") for n in (1, 2)]
-        rows += [(f"decode keys/iter 128{tag}", dict(heads_fastest=hf, decode_block_n=128), None, "gqa"),
-                 (f"decode keys/iter 128, 3 stages{tag}", dict(heads_fastest=hf, decode_block_n=128, decode_stages=3),
-                  None, "gqa"),
-                 (f"prompt{tag}", dict(heads_fastest=hf), None, "prompt"),
-                 (f"prompt keys/iter 32{tag}", dict(heads_fastest=hf, block_n=32), None, "prompt"),
-                 (f"prompt keys/iter 32, 3 stages{tag}", dict(heads_fastest=hf, block_n=32, num_stages=3), None,
-                  "prompt")]
-    for warps in (2, 8):
-        rows.append((f"decode {warps} warps, hf", dict(heads_fastest=True, decode_warps=warps), None, "mha"))
-    for stages in (1, 3, 4):
-        rows.append((f"decode {stages} stages, hf", dict(heads_fastest=True, decode_stages=stages), None, "mha"))
-        rows.append((f"decode dot {stages} stages, hf", dict(heads_fastest=True, decode_dot=True,
-                                                            decode_stages=stages), None, "mha"))
-    rows += [("decode dot keys/iter 128, hf", dict(heads_fastest=True, decode_dot=True, decode_block_n=128), None,
-              "mha"),
-             ("decode dot keys/iter 32, hf", dict(heads_fastest=True, decode_dot=True, decode_block_n=32), None,
-              "mha"),
-             ("decode dot 8 warps, hf", dict(heads_fastest=True, decode_dot=True, decode_warps=8), None, "mha"),
-             ("decode splits 2, hf", dict(heads_fastest=True, decode_splits=2), None, "mha"),
-             ("decode dot splits 2, hf", dict(heads_fastest=True, decode_dot=True, decode_splits=2), None, "mha")]
+    for kind in ("mha", "gqa"):
+        rows.append(("decode, split mask", dict(decode_split_mask=True), None, kind))
+    for (r, bn, w, st), split in itertools.product(PROMPT_TILES, (False, True)):
+        label = f"prompt {r} rows, keys/iter {bn}, {w} warps, {st} stages" + (", split mask" if split else "")
+        rows.append((label, dict(block_n=bn, num_warps=w, num_stages=st, split_mask=split), r, "prompt"))
     return rows
 
 
@@ -356,6 +344,43 @@ def sweep(case: Case, s: Setup, dev, ref, floor_s) -> None:
             meta = pk.build_meta(s.starts, [n for n, _ in case.seqs], [c for _, c in case.seqs], s.tables,
                                  page_tokens=PT, group=case.heads // case.kv_heads, device=dev, prompt_rows=rows)
         variant(case, "kernel, " + label, kernel_fn(s, pk.KernelConfig(**fields), meta), dev, ref, floor_s)
+
+
+# KV write launches tried: (KV heads per program, None: all of a token's; warps)
+WRITES = [(1, 1), (2, 1), (4, 2), (8, 4), (16, 4), (None, 4), (None, 8)]
+
+
+def write_variants(p: Prepared, dev) -> None:
+    """The KV write of the case's query tokens (their keys and values into random slots of the pool) for each
+    ``pk.WriteConfig``: each variant's pool checked bitwise against the default's, then timed, against the floor of
+    reading the new keys and values and writing them (and their int8 scales) once."""
+    case, s = p.case, p.setup
+    t = sum(n for n, _ in case.seqs)
+    kv = torch.randn(t, 2, case.kv_heads, case.head_dim, device=dev, dtype=torch.bfloat16)   # (T, 2, KV, hd)
+    slots = torch.randperm(s.views.keys[1].shape[0] * PT, device=dev)[:t]
+    pages, offs = slots // PT, slots % PT
+    flat = s.views.pages
+    before = flat.clone()
+    per_value = 1 if case.quantized else 2
+    moved = 2 * t * case.kv_heads * (case.head_dim * (2 + per_value) + (4 if case.quantized else 0))
+    floor = moved / (HBM_FLOOR_GBPS * 1e9)
+    want = None
+    for heads, warps in WRITES:
+        config = pk.WriteConfig(heads=heads, num_warps=warps)
+
+        def write(config=config):
+            pk.write_kv_pages(kv[:, 0], kv[:, 1], *s.kv(), pages, offs, config=config)
+            return flat
+
+        flat.copy_(before)
+        row = variant(case, f"KV write, {heads or 'all'} heads a program, {warps} warps", write, dev, None, floor)
+        if "error" in row:
+            continue
+        got = flat.clone()
+        if want is None:
+            want = got
+        row["equals_default"] = bool(torch.equal(got, want))
+    flat.copy_(before)
 
 
 def meta_build_s(case: Case, s: Setup, dev) -> float:
@@ -422,20 +447,20 @@ def phase(name: str, prepared: list[Prepared], fn, dev) -> None:
 def table(doc: dict) -> None:
     print(f"\n{doc['device']}, torch {doc['torch']}, triton {doc['triton']}; device copy {doc['copy_gbps']:.0f} GB/s; "
           f"floor = max(KV bytes / {HBM_FLOOR_GBPS:.0f} GB/s, FLOPs / {TENSOR_TFLOPS:.0f} TFLOP/s)")
-    print(f"{'case':38s} {'variant':48s} {'ms':>8s} {'x floor':>8s} {'max|err|':>9s} ok")
+    print(f"{'case':38s} {'variant':64s} {'ms':>8s} {'x floor':>8s} {'max|err|':>9s} ok")
     for case in doc["cases"]:
         for r in case["rows"]:
             if r["variant"] == "(step)":
-                print(f"{r['case'][:38]:38s} {'floor; meta build %.0f us' % (r['meta_build_s'] * 1e6):48s} "
+                print(f"{r['case'][:38]:38s} {'floor; meta build %.0f us' % (r['meta_build_s'] * 1e6):64s} "
                       f"{r['floor_s'] * 1e3:8.3f}")
                 continue
             ms = "-" if r.get("time_s") is None else f"{r['time_s'] * 1e3:.3f}"
             xf = "-" if r.get("x_floor") is None else f"{r['x_floor']:.2f}"
             er = "-" if r.get("max_abs_err") is None else f"{r['max_abs_err']:.1e}"
-            ok = {True: "y", False: "NO", None: "-"}[r.get("within_tol")]
+            ok = {True: "y", False: "NO", None: "-"}[r.get("within_tol", r.get("equals_default"))]
             if r.get("graph_equals_eager") is False:
                 ok += " (graph != eager)"
-            print(f"{r['case'][:38]:38s} {r['variant'][:48]:48s} {ms:>8s} {xf:>8s} {er:>9s} {ok}"
+            print(f"{r['case'][:38]:38s} {r['variant'][:64]:64s} {ms:>8s} {xf:>8s} {er:>9s} {ok}"
                   + (f"  {r['error'][:80]}" if r.get("error") else ""))
 
 
@@ -445,6 +470,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the interpreter on a CPU)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--cases", default="a,b,c,d", help="the cases to run, by letter (a,b,c,d)")
+    ap.add_argument("--no-write", dest="write", action="store_false", help="skip the KV write launches")
     ap.add_argument("--kernel-only", action="store_true",
                     help="skip the former gather + SDPA path and FlexAttention (measured in H9)")
     args = ap.parse_args()
@@ -461,6 +488,8 @@ def main() -> None:
                hbm_floor_gbps=HBM_FLOOR_GBPS, cases=[])
     prepared = []
     for case in cases(args.quick):
+        if case.name.split()[0] not in args.cases.split(","):
+            continue
         try:
             prepared.append(prepare(case, dev))
         except Exception as e:  # noqa: BLE001
@@ -469,6 +498,8 @@ def main() -> None:
     phase("kernel, graph, gather + SDPA", prepared, core, dev)
     if not KERNEL_ONLY:
         phase("FlexAttention", prepared, lambda p, d: flex_variant(p.case, p.setup, d, p.ref, p.floor_s), dev)
+    if args.write:
+        phase("KV write", [p for p in prepared if _kind(p.case) != "gqa"], write_variants, dev)
     if not args.no_sweep:
         chosen = [p for p in prepared if p.case.name.endswith("bf16") or _kind(p.case) != "prompt"]
         phase("sweep", chosen, lambda p, d: sweep(p.case, p.setup, d, p.ref, p.floor_s), dev)

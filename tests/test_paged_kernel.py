@@ -20,6 +20,7 @@ bf16 attention rounds the same way, so kernel vs engine takes the sum of both to
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import random
 import subprocess
@@ -36,7 +37,7 @@ from memintent.kv import attention  # noqa: E402
 from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, quantize_kv  # noqa: E402
 from memintent.kv.layout import PageLayout, PoolViews  # noqa: E402
 from memintent.errors import MemintentError  # noqa: E402
-from memintent.kv.paged_kernel import KernelConfig, MetaSizes, MetaStaging, build_meta, decode_splits, paged_attention_reference, paged_attention_varlen  # noqa: E402
+from memintent.kv.paged_kernel import KernelConfig, MetaSizes, MetaStaging, WriteConfig, build_meta, decode_splits, paged_attention_reference, paged_attention_varlen, write_kv_pages  # noqa: E402
 
 PT = 16            # tokens per page
 LAYERS = 2         # the pool holds two layers; the kernel reads the second
@@ -154,6 +155,8 @@ CASES = {  # id: dtype, KV heads (GQA ratio 8 / KV), head dim, int8 KV, window, 
     "f16-gqa8-hd64-int8": (torch.float16, 1, 64, True, None, None, None, 128, 64, None),
     "bf16-gqa4-hd80-window-split3": (torch.bfloat16, 2, 80, False, 30, None, 3, 64, 16, None),
 }
+# Each case twice: with the causal mask on every key block, and only on the blocks past the first query's position
+SPLIT_MASK = ("", "-split-mask")
 ENGINE_CASES = {"f32": (torch.float32, False), "bf16-int8": (torch.bfloat16, True)}
 ENGINE_KV_HEADS, ENGINE_HEAD_DIM, ENGINE_SOFTCAP, ENGINE_WINDOW = 2, 64, 8.0, 20
 
@@ -167,14 +170,17 @@ def case_step(case: str) -> Step:
 def _jobs() -> dict[str, dict]:
     """Every kernel call the tests check: its inputs, as plain lists and tensors (views keep their strides)."""
     jobs = {}
-    for case, (dtype, kv_heads, head_dim, _, window, softcap, splits, rows, block_n, dot) in CASES.items():
+    for (case, (dtype, kv_heads, head_dim, _, window, softcap, splits, rows, block_n, dot)), split in \
+            itertools.product(CASES.items(), SPLIT_MASK):
         st = case_step(case)
         k, v, ks, vs = st.views()
-        jobs[case] = dict(q=st.q, k=k, v=v, ks=ks, vs=vs, starts=st.starts, lengths=st.lengths, contexts=st.contexts,
-                          tables=st.tables, group=HEADS // kv_heads, rows=rows, scale=head_dim ** -0.5,
-                          softcap=softcap, window=window, out=torch.full(st.q.shape, 7.0, dtype=dtype),
-                          config=KernelConfig(block_n=block_n, decode_block_n=block_n, decode_splits=splits,
-                                              decode_dot=dot))
+        jobs[case + split] = dict(q=st.q, k=k, v=v, ks=ks, vs=vs, starts=st.starts, lengths=st.lengths,
+                                  contexts=st.contexts, tables=st.tables, group=HEADS // kv_heads, rows=rows,
+                                  scale=head_dim ** -0.5, softcap=softcap, window=window,
+                                  out=torch.full(st.q.shape, 7.0, dtype=dtype),
+                                  config=KernelConfig(block_n=block_n, decode_block_n=block_n, decode_splits=splits,
+                                                      decode_dot=dot, split_mask=bool(split),
+                                                      decode_split_mask=bool(split)))
     for case, (dtype, quantized) in ENGINE_CASES.items():
         st, _, views = engine_step(dtype, quantized)
         # The pool's bytes travel whole (its typed views share them, which torch.save refuses); the child makes the
@@ -184,13 +190,49 @@ def _jobs() -> dict[str, dict]:
                                       tables=st.tables, group=HEADS // ENGINE_KV_HEADS, rows=64,
                                       scale=ENGINE_HEAD_DIM ** -0.5, softcap=ENGINE_SOFTCAP, window=ENGINE_WINDOW,
                                       out=None, config=KernelConfig())
+    for name, (dtype, quantized, kv_heads, config) in WRITE_CASES.items():
+        jobs[name] = write_job(dtype, quantized, kv_heads) | dict(config=config)
     return jobs
+
+
+# The KV write: 3 KV heads (a block of 2 heads is half padding on its second), model dtype and int8, a head per
+# program, blocks of heads, all of a token's heads in one program
+WRITE_CASES = {f"write-{d}-{'int8' if qz else d}-{h or 'all'}": (dt, qz, 3, WriteConfig(heads=h, num_warps=w))
+               for (d, dt), qz, (h, w) in itertools.product((("bf16", torch.bfloat16), ("f32", torch.float32)),
+                                                            (False, True), ((1, 1), (2, 2), (4, 2), (None, 4)))}
+WRITE_TOKENS, WRITE_PAGES = 11, 4
+
+
+def write_job(dtype, quantized: bool, kv_heads: int) -> dict:
+    """A step's new keys and values (T, KV, hd) as strided views of (T, 2, KV, hd), their (page, offset) (the last
+    token's page -1: padding, written nowhere), and a pool of NaN (scales NaN) to write them into."""
+    gen = torch.Generator().manual_seed(kv_heads)
+    kv = (torch.randn(WRITE_TOKENS, 2, kv_heads, 64, generator=gen) * 3).to(dtype)      # (T, 2, KV, hd)
+    slots = torch.randperm(WRITE_PAGES * PT, generator=gen)[:WRITE_TOKENS]
+    pages = (slots // PT).tolist()
+    pages[-1] = -1
+    vdtype = torch.int8 if quantized else dtype
+    pool = torch.full((WRITE_PAGES, 2, PT, kv_heads, 64), 0 if quantized else float("nan"), dtype=dtype).to(vdtype)
+    scales = torch.full((WRITE_PAGES, 2, PT, kv_heads), float("nan")) if quantized else None
+    return dict(write=True, k=kv[:, 0], v=kv[:, 1], pool=pool, scales=scales, pages=torch.tensor(pages),
+                offsets=slots % PT)
+
+
+def written_pools(j: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pool (and scales) after ``write_kv_pages`` of job ``j`` (its pool is written in place)."""
+    pool, scales = j["pool"], j["scales"]
+    ks, vs = (scales[:, 0], scales[:, 1]) if scales is not None else (None, None)
+    write_kv_pages(j["k"], j["v"], pool[:, 0], pool[:, 1], ks, vs, j["pages"], j["offsets"], config=j["config"])
+    return pool, scales
 
 
 def _run_jobs(jobs_path: str, out_path: str) -> None:
     """The child process (TRITON_INTERPRET=1 before anything imported Triton): each job's output, or its error."""
     results = {}
     for name, j in torch.load(jobs_path, weights_only=False).items():
+        if "write" in j:
+            results[name] = written_pools(j)
+            continue
         if "pool" in j:
             views = PoolViews(j["pool"].flatten(), j["layout"], j["pool"].shape[0])
             j.update(k=views.keys[1], v=views.values[1], ks=None, vs=None)
@@ -229,14 +271,15 @@ def _output(kernel_outputs, name: str) -> torch.Tensor:
     return got
 
 
+@pytest.mark.parametrize("split", SPLIT_MASK)
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_equals_float64_attention(kernel_outputs, case):
+def test_kernel_equals_float64_attention(kernel_outputs, case, split):
     dtype, kv_heads, head_dim, _, window, softcap, _, rows, *_ = CASES[case]
     st = case_step(case)
     meta = build_meta(st.starts, st.lengths, st.contexts, st.tables, page_tokens=PT, group=HEADS // kv_heads,
                       device="cpu", prompt_rows=rows)
     assert meta.sizes.decode_tiles + meta.sizes.prompt_tiles > 6          # bucketing left padded (no-op) tiles
-    got = _output(kernel_outputs, case)
+    got = _output(kernel_outputs, case + split)
     t = sum(st.lengths)
     assert got.dtype == dtype and bool((got[t:] == 7.0).all())            # rows no tile covers kept their 7
     assert_within(got[:t], dense_attention(st, head_dim ** -0.5, softcap, window)[:t], dtype)
@@ -373,6 +416,29 @@ def test_kernel_refuses_mismatched_heads_and_int8_without_scales():
         paged_attention_varlen(step.q[:, :7], k, v, None, None, meta, scale=1.0)
     with pytest.raises(MemintentError, match="int8 with float32 scales"):
         paged_attention_varlen(step.q, k.to(torch.int8), v.to(torch.int8), None, None, meta, scale=1.0)
+
+
+@pytest.mark.parametrize("case", list(WRITE_CASES))
+def test_kv_write_kernel_stores_what_the_reference_write_stores(kernel_outputs, case):
+    """Bitwise: the values (or their int8 quantization and scales, ``quantize_kv``) at each token's (page, offset),
+    nothing anywhere else (the padding token's page -1 included)."""
+    dtype, quantized, kv_heads, _ = WRITE_CASES[case]
+    j = write_job(dtype, quantized, kv_heads)
+    pool, scales = j["pool"].clone(), j["scales"].clone() if quantized else None
+    live = j["pages"] >= 0
+    idx = (j["pages"][live], j["offsets"][live])
+    for i, x in enumerate((j["k"][live], j["v"][live])):
+        if quantized:
+            vals, sc = quantize_kv(x)
+            pool[:, i].index_put_(idx, vals)
+            scales[:, i].index_put_(idx, sc)
+        else:
+            pool[:, i].index_put_(idx, x)
+    got = kernel_outputs[case]
+    assert isinstance(got, tuple), got
+    assert torch.equal(got[0].view(torch.uint8), pool.view(torch.uint8))
+    if quantized:
+        assert torch.equal(got[1].view(torch.int32), scales.view(torch.int32))
 
 
 if __name__ == "__main__":
