@@ -219,3 +219,36 @@ def test_export_engine_step():
     assert sum("paged_attention" in t for t in targets) == cfg.n_layers
     out = [n for n in ep.graph.nodes if n.op == "output"][0].args[0][0]
     assert tuple(out.meta["val"].shape) == (3, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_relu_mlp_equals_float64_composition(bias):
+    # OPT's MLP takes its bias and ReLU in the first matmul's epilogue when it has a bias: the same function.
+    from memintent.models.preset import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 48, bias=bias)
+    x = torch.randn(2, 5, 16)                                                     # (B, T, dim)
+    with torch.no_grad():
+        got = mlp(x)                                                              # (B, T, dim)
+        w1, w2 = mlp.fc1.weight.double(), mlp.fc2.weight.double()
+        b1 = mlp.fc1.bias.double() if bias else 0.0
+        b2 = mlp.fc2.bias.double() if bias else 0.0
+        want = torch.relu(x.double() @ w1.T + b1) @ w2.T + b2
+    assert got.shape == (2, 5, 16)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_traced_fused_relu_matmul_counts_its_flops_and_reads_its_weight():
+    # The IR of a fused bias + ReLU matmul (opt-13b: dim 5120, ffn 20480): 2 x tokens x in x out FLOPs, and fc1's
+    # weight (read through its transpose) among the step's uses, so its lifetime and matmul rate follow it.
+    from memintent.compiler.compile import trace_ref
+    from memintent.ir.model import RunShape
+
+    prog = trace_ref("opt-13b", RunShape(batch=1, seq=8))
+    fused = [s for s in prog.steps if "_addmm_activation" in s.op]
+    assert len(fused) == 40                                                       # one per layer
+    s = fused[0]
+    assert s.flops == 2 * 8 * 5120 * 20480
+    assert "layers.0.feed_forward.fc1.weight" in s.uses
+    assert not any("relu" in t.op for t in prog.steps)

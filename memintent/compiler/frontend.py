@@ -53,10 +53,10 @@ def _tensor_bytes(v: Any) -> int:
 def _node_flops(target: Any, args: tuple, kwargs: dict, out: Any) -> int:
     """FLOPs of one aten op: torch's own flop formulas where it has one, matmul-shaped ops by hand otherwise."""
     name = str(target)
-    if "linear" in name and isinstance(out, torch.Tensor):
-        # aten.linear is not in torch's flop registry (it decomposes to addmm): 2 * out elements * in features.
-        w = args[1]
-        return 2 * out.numel() * int(w.shape[-1])
+    if ("linear" in name or "addmm_activation" in name) and isinstance(out, torch.Tensor):
+        # aten.linear and addmm with an activation epilogue are not in torch's flop registry: 2 * out elements * in
+        # features (the last dim of linear's weight (out, in) and of _addmm_activation's mat1 (N, in) alike).
+        return 2 * out.numel() * int(args[1].shape[-1])
     if "scaled_dot_product" in name and isinstance(out, torch.Tensor):
         q, k = args[0], args[1]
         # QK^T and PV: 2 matmuls of (B, H, Sq, D) x (B, H, D, Skv); causal masking is not subtracted.
@@ -471,11 +471,13 @@ class _Buffers:
     def __init__(self) -> None:
         self.alias: dict[str, str] = {}         # view key -> key of the node whose buffer it aliases
         self.name: dict[str, str] = {}          # node key -> its buffer object's name
+        self.held: dict[str, str] = {}          # key of a view of a weight or model input -> that object's name
         self.objects: list[Object] = []
 
     def of(self, key: str) -> str | None:
-        """The buffer object a node's output lives in (through views), or None (no buffer: an input, a constant)."""
-        return self.name.get(self.alias.get(key, key))
+        """The buffer object a node's output lives in (through views), the weight or model input a view of one
+        aliases (``weight.t()`` read by a matmul), or None (no buffer: a constant)."""
+        return self.name.get(self.alias.get(key, key)) or self.held.get(key)
 
     def uses(self, p: _Proto) -> list[str]:
         uses = [self.of(ref) if kind == "node" else ref for kind, ref in p.inputs]
@@ -487,6 +489,12 @@ class _Buffers:
             src = next((self.alias.get(r, r) for k, r in p.inputs if k == "node"), None)
             if src is not None:
                 self.alias[p.key] = src
+                if src in self.held:
+                    self.held[p.key] = self.held[src]
+            else:
+                obj = next((r for k, r in p.inputs if k != "node"), None)
+                if obj is not None:
+                    self.held[p.key] = obj
             return []
         bname = f"t{i}"
         self.name[p.key] = bname

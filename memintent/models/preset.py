@@ -229,7 +229,14 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, dim, bias=bias)
 
     def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))  # (..., dim)
+        fc1 = self.fc1
+        if fc1.bias is None:
+            return self.fc2(F.relu(fc1(x)))  # (..., dim)
+        # The bias and the ReLU in the matmul's epilogue (cuBLASLt's RELU_BIAS; addmm then relu on the CPU): one
+        # pass over the (tokens, ffn_dim) activation instead of a second kernel reading and writing it (3.4 of 236
+        # ms of an opt-30b prompt step of 2392 tokens on an H200, H31).
+        h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t())   # (N, ffn_dim)
+        return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))  # (..., dim)
 
 
 class MoE(nn.Module):
