@@ -230,3 +230,25 @@ def test_stop_token_and_context_end_a_sequence():
     a, b = sched.sequences
     assert b.finish_reason == "context" and len(b.tokens) == 8
     assert a.finish_reason in ("stop", "length", "context")
+
+
+def test_step_lists_place_every_token_at_its_page_and_slot():
+    # Chunks that start mid-page, span several pages and end mid-page, beside a decode: each token's id, position,
+    # page (its table's entry for position // page_tokens) and slot (position % page_tokens), token by token.
+    from memintent.engine.scheduler import Batch, Chunk
+    from memintent.engine.sequence import Sequence
+    from memintent.engine.step_inputs import StepLists
+
+    pt, pool = 4, PagePool(32)
+    seqs, chunks = [], []
+    for sid, (start, length, sample) in enumerate([(3, 11, True), (9, 1, True), (0, 8, False), (5, 3, True)]):
+        seq = Sequence(seq_id=sid, request=Request(f"r{sid}", (1,), 1), tokens=[100 * sid + i for i in range(20)])
+        pool.allocate(sid, -(-(start + length) // pt))
+        seqs.append(seq)
+        chunks.append(Chunk(seq, start, length, sample))
+    lists = StepLists.of(Batch(index=0, chunks=chunks), pool, pt)
+    want = [(s.tokens[p], p, pool.table(s.seq_id)[p // pt], p % pt)
+            for s, c in zip(seqs, chunks) for p in range(c.start, c.start + c.length)]
+    assert list(zip(lists.ids, lists.positions, lists.write_pages, lists.write_offsets)) == want
+    assert lists.starts == [0, 11, 12, 20] and lists.lengths == [11, 1, 8, 3]
+    assert lists.contexts == [14, 10, 8, 8] and lists.rows == [10, 11, 22]

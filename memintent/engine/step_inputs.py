@@ -5,6 +5,7 @@ The runner copies them to the device in one non-blocking copy from pinned stagin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,12 @@ def use_kernel(backend: str, device: torch.device) -> bool:
     return backend == "kernel" or (backend == "auto" and device.type == "cuda" and triton_available())
 
 
+@functools.cache
+def _offsets(page_tokens: int) -> list[int]:
+    """0 .. page_tokens - 1: the slots of one page, sliced for a run of positions within it."""
+    return list(range(page_tokens))
+
+
 @dataclass(slots=True)
 class StepLists:
     """One step's integers, token-major (T tokens) and sequence-major (S sequences, in chunk order)."""
@@ -46,17 +53,22 @@ class StepLists:
     @classmethod
     def of(cls, batch: Batch, pool: PagePool, page_tokens: int) -> StepLists:
         out = cls()
+        offsets = _offsets(page_tokens)
         for c in batch.chunks:
             table = pool.table(c.seq.seq_id)
+            a, b = c.start, c.start + c.length                # the chunk's positions [a, b)
             out.starts.append(len(out.ids))
             out.lengths.append(c.length)
-            out.contexts.append(c.start + c.length)
+            out.contexts.append(b)
             out.tables.append(table)
-            for p in range(c.start, c.start + c.length):
-                out.ids.append(c.seq.tokens[p])
-                out.positions.append(p)
-                out.write_pages.append(table[p // page_tokens])
-                out.write_offsets.append(p % page_tokens)
+            # By slices and whole pages, not token by token: a prompt step's thousands of tokens are host time
+            # the device waits for.
+            out.ids.extend(c.seq.tokens[a:b])
+            out.positions.extend(range(a, b))
+            for page in range(a // page_tokens, (b - 1) // page_tokens + 1):
+                lo, hi = max(a, page * page_tokens), min(b, (page + 1) * page_tokens)
+                out.write_pages.extend([table[page]] * (hi - lo))
+                out.write_offsets.extend(offsets[lo % page_tokens:lo % page_tokens + hi - lo])
             if c.sample:
                 out.rows.append(len(out.ids) - 1)
         return out
