@@ -20,9 +20,11 @@ Prints a table last and writes step.json under --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from pathlib import Path
+from time import perf_counter
 
 import torch
 
@@ -64,8 +66,10 @@ def by_kind(plan, steps, predictor, hw) -> dict:
     return out
 
 
-def profile_steps(plan, reqs, device, store) -> dict:
-    """torch.profiler tables of the first prompt-heavy step and of a decode step (after the graphs are captured)."""
+def profile_steps(plan, reqs, device, store, out: Path | None = None, case: str = "") -> dict:
+    """torch.profiler tables of the first prompt-heavy step and of a decode step (after the graphs are captured);
+    with ``out``, each step's timeline as a Perfetto (Chrome trace) file too, and the device's idle time between
+    its kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     tables = {}
@@ -83,11 +87,108 @@ def profile_steps(plan, reqs, device, store) -> dict:
                 eng.step()
                 torch.cuda.synchronize(device)
             s = eng.stats.steps[-1]
+            if out is not None:
+                path = out / f"step-{case}-{name}.trace.json"
+                prof.export_chrome_trace(str(path))
+                tables[name + "_gaps"] = kernel_gaps(path)
+                print(f"{name} step: device idle between kernels {tables[name + '_gaps']}", flush=True)
             tables[name] = (f"{name} step: {s.tokens} tokens ({s.prefill_tokens} prompt), {s.time_s * 1e3:.1f} ms\n"
                             + prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
                                                         max_name_column_width=44))
             print(tables[name], flush=True)
     return tables
+
+
+def kernel_gaps(trace_path: Path, top: int = 8) -> dict:
+    """From a Chrome trace: the device's busy and idle time between its first and last kernel, and the longest idle
+    gaps with the kernels around them (what the device waited for)."""
+    import json
+
+    events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    ks = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                key=lambda e: e["ts"])
+    if not ks:
+        return {}
+    gaps, end_us = [], ks[0]["ts"] + ks[0]["dur"]
+    for prev, e in itertools.pairwise(ks):
+        if e["ts"] > end_us:
+            gaps.append((e["ts"] - end_us, prev["name"][:40], e["name"][:40]))
+        end_us = max(end_us, e["ts"] + e["dur"])
+    span_us = end_us - ks[0]["ts"]
+    idle_us = sum(g for g, _, _ in gaps)
+    return dict(span_ms=span_us / 1e3, idle_ms=idle_us / 1e3, gaps=len(gaps),
+                longest=[(round(g, 1), a, b) for g, a, b in sorted(gaps, reverse=True)[:top]])
+
+
+def _timed(obj, name: str, acc: dict) -> None:
+    """Wrap ``obj.name`` so that its host seconds add up in ``acc[name]`` (a benchmark's instrument)."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        t = perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[name] = acc.get(name, 0.0) + perf_counter() - t
+
+    setattr(obj, name, wrapper)
+
+
+def host_split(plan, reqs, device, store, steps: int = 48) -> dict:
+    """Where the host time of a step goes, per kind of step (decode, prompt, mixed: mean microseconds per step):
+    each engine stage timed on the host, the step's wall time, and the device time of its forward (CUDA events
+    around the model's launches: from the device reaching the first to it finishing the last). ``step`` (the
+    sampler) includes waiting for the device (reading the sampled tokens)."""
+    acc: dict[str, float] = {}
+    by_kind: dict[str, list[dict]] = {}
+    with Engine(plan, device, store=store) as eng:
+        for r in reqs:
+            eng.add(r)
+        runner = eng.runners[0]
+        sched = eng.scheduler
+        for obj, name in ((sched, "schedule"), (sched, "postprocess"), (runner, "move_pages"), (runner, "lists"),
+                          (runner, "inputs"), (eng.sampler, "step"), (runner, "forward")):
+            _timed(obj, name, acc)
+        if runner.graphs is not None:
+            _timed(runner.graphs, "_inputs", acc)
+        events: list[tuple] = []
+        forward = runner.forward
+
+        def evented(*a, **kw):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            out = forward(*a, **kw)
+            e1.record()
+            events.append((e0, e1))
+            return out
+
+        if device.type == "cuda":
+            runner.forward = evented
+        walls = []
+        while eng.has_work and len(walls) < steps:
+            acc.clear()
+            t = perf_counter()
+            eng.step()
+            walls.append(perf_counter() - t)
+            rec = eng.stats.steps[-1]
+            by_kind.setdefault(kind(rec) if rec.tokens else "empty", []).append(
+                {k: v * 1e6 for k, v in acc.items()} | dict(wall=walls[-1] * 1e6))
+        if events:
+            torch.cuda.synchronize(device)
+        device_us = [a.elapsed_time(b) * 1e3 for a, b in events]
+    out = {}
+    for k, rows in by_kind.items():
+        keys = sorted({key for r in rows for key in r})
+        out[k] = {key: statistics.mean(r.get(key, 0.0) for r in rows) for key in keys} | dict(steps=len(rows))
+    # Device times in step order, each step's kind as recorded
+    kinds = [kind(s) if s.tokens else "empty" for s in eng.stats.steps[:len(device_us)]]
+    for k, row in out.items():
+        mine = [d for d, kk in zip(device_us, kinds) if kk == k]
+        if mine:
+            row["forward_device"] = statistics.mean(mine)
+    for k, v in out.items():
+        print(f"host split, {k} steps (mean us): " + ", ".join(f"{n} {x:.0f}" for n, x in v.items()), flush=True)
+    return out
 
 
 # case -> (title, budget bytes (None: 95 % of the card), weight bit widths, KV, requests, concurrency)
@@ -117,8 +218,10 @@ def section(case: str, args, device, hw, doc) -> None:
     row["kinds"] = by_kind(plan, row.pop("_steps"), predictor, hw)
     row["step_tokens"], row["plan_step_s"] = plan.generation.step_tokens, plan.prediction.step_time_s
     write(args.out, "step.json", doc | {"rows": [row]})
-    if device.type == "cuda" and args.profile:
-        row["profiles"] = profile_steps(plan, reqs, device, store)
+    if args.profile:
+        if device.type == "cuda":
+            row["profiles"] = profile_steps(plan, reqs, device, store, Path(args.out) if args.out else None, case)
+        row["host_split"] = host_split(plan, reqs, device, store)
     doc["rows"].append(row)
     free(device)
     write(args.out, "step.json", doc)
@@ -142,6 +245,8 @@ def main(argv=None) -> int:
     for r in doc["rows"]:
         print(f"{r['case']}: run {r['total_s']:.2f} s ({r['tokens_per_s']:.1f} tok/s), {r['streamed_blocks']} blocks "
               f"streamed, peak {(r['peak_hbm_bytes'] or 0) / GiB:.2f} GiB of {r['budget_bytes'] / GiB:.2f}")
+        for k, h in (r.get("host_split") or {}).items():
+            print(f"  {k} step host split (mean us): " + ", ".join(f"{n} {v:.0f}" for n, v in h.items()))
         for k, v in r["kinds"].items():
             print(f"  {k:7s} {v['steps']:4d} steps, median {v['median_s'] * 1e3:8.2f} ms, measured/predicted "
                   f"{v['measured_over_predicted']:.3f}, x floor {v['over_floor']:.3f}")
