@@ -24,7 +24,7 @@ import torch
 
 from memintent.engine.step_inputs import StepLists
 from memintent.kv.attention import StepMeta
-from memintent.kv.paged_kernel import MetaSizes, bucket
+from memintent.kv.paged_kernel import MetaSizes, bucket, meta_ints
 
 
 def graph_buckets(max_seqs: int) -> list[int]:
@@ -53,16 +53,33 @@ class DecodeGraphs:
     def bucket_of(self, seqs: int) -> int:
         return next(b for b in self.buckets if b >= seqs)
 
+    def _sizes(self, b: int) -> MetaSizes:
+        return MetaSizes(decode_tiles=b, prompt_tiles=0, seqs=b, pages=self.pages)
+
+    def _upload_ints(self, lists: StepLists, b: int) -> torch.Tensor:
+        """The step's token integers into bucket ``b``'s buffer: ids, positions, pages, slots, logit rows (5 B,)."""
+        pad = b - len(lists.ids)
+        return self.runner.staging.upload(lists.ids + [0] * pad + lists.positions + [0] * pad + lists.write_pages
+                                          + [-1] * pad + lists.write_offsets + [0] * pad + list(range(b)),
+                                          ("graph", b))                                     # (5 B,) int64
+
     def _inputs(self, lists: StepLists, b: int):
         """The step's inputs in bucket ``b``'s buffers: ids (1, B), positions (B,), logit rows (B,), metadata."""
-        s = len(lists.ids)
-        pad = b - s
         r = self.runner
-        dev = r.staging.upload(lists.ids + [0] * pad + lists.positions + [0] * pad + lists.write_pages + [-1] * pad
-                               + lists.write_offsets + [0] * pad + list(range(b)), ("graph", b))   # (5 B,) int64
-        paged = r._paged_meta(lists, MetaSizes(decode_tiles=b, prompt_tiles=0, seqs=b, pages=self.pages))
+        dev = self._upload_ints(lists, b)
+        paged = r._paged_meta(lists, self._sizes(b))
         meta = StepMeta(write_pages=dev[2 * b:3 * b], write_offsets=dev[3 * b:4 * b], paged=paged)
         return dev[:b][None], dev[b:2 * b], dev[4 * b:], meta
+
+    def _upload(self, lists: StepLists, b: int) -> None:
+        """A replay's inputs: only the integers, into the buffers the graph was captured with (the views of them it
+        reads do not change, so none is made: host time the device waits for between steps)."""
+        r = self.runner
+        self._upload_ints(lists, b)
+        sizes = self._sizes(b)
+        flat, _ = meta_ints(lists.starts, lists.lengths, lists.contexts, lists.tables,
+                            page_tokens=r.layout.page_tokens, group=r.group, sizes=sizes)
+        r.meta_staging.upload(flat, sizes)
 
     def capture_all(self) -> None:
         """Capture every bucket's graph on a step of padding only (it writes no page and attends to nothing)."""
@@ -75,10 +92,10 @@ class DecodeGraphs:
         """Run a decode step of ``len(lists.ids)`` sequences: logits (S, vocab)."""
         s = len(lists.ids)
         b = self.bucket_of(s)
-        inputs = self._inputs(lists, b)
         captured = self.graphs.get(b)
         if captured is None:                            # its capture failed: it runs eagerly
-            return self.runner.run_model(*inputs)[:s]
+            return self.runner.run_model(*self._inputs(lists, b))[:s]
+        self._upload(lists, b)
         captured.graph.replay()
         return captured.logits[:s]
 

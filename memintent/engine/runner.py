@@ -52,6 +52,7 @@ class ModelRunner:
         kv = program.kv_pool
         self.layout = layout_of(kv, src.torch_dtype)
         self.dtype = src.torch_dtype
+        self.group = src.n_heads // src.n_kv_heads                # query heads per KV head
         self.gather_tokens = attention.gather_tokens(kv, program.generation.context)
         self.handle = None
         self.forward_stats: list = []                    # the runtime's per-step statistics, kept at close
@@ -102,7 +103,7 @@ class ModelRunner:
         """Compile, before the first step, every variant of the attention kernel this plan's steps can launch (each
         decode key split and the prompt tiles): Triton compiles a variant on its first launch, which mid-run is a
         step several times its length."""
-        pt, g = self.layout.page_tokens, self.src.n_heads // self.src.n_kv_heads
+        pt, g = self.layout.page_tokens, self.group
         q = torch.zeros(1, self.src.n_heads, self.src.head_dim, dtype=self.dtype, device=self.device)  # (T, H, hd)
         ks, vs = self.views.keys[0], self.views.values[0]
         kss = self.views.key_scales[0] if self.views.key_scales is not None else None
@@ -175,7 +176,7 @@ class ModelRunner:
 
     def _paged_meta(self, lists: StepLists, sizes: MetaSizes | None = None) -> PagedMeta:
         return build_meta(lists.starts, lists.lengths, lists.contexts, lists.tables, page_tokens=self.layout.page_tokens,
-                          group=self.src.n_heads // self.src.n_kv_heads, device=self.device, staging=self.meta_staging,
+                          group=self.group, device=self.device, staging=self.meta_staging,
                           sizes=sizes)
 
     def _attention_groups(self, lists: StepLists, meta: StepMeta) -> None:

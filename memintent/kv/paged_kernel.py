@@ -229,9 +229,26 @@ def build_meta(starts: Sequence[int], lengths: Sequence[int], contexts: Sequence
     context - 1); ``page_tables[i]``: its pages, in order. ``group``: query heads per KV head (sets the prompt
     tiles' token count). ``sizes``: the padded sizes (a CUDA graph's bucket); default: each rounded up to a power of
     two. ``staging``: the engine's ``MetaStaging`` (default: a fresh one, fine for tests)."""
+    flat, sizes = meta_ints(starts, lengths, contexts, page_tables, page_tokens=page_tokens, group=group,
+                            sizes=sizes, prompt_rows=prompt_rows)
+    buf = (staging or MetaStaging(device)).upload(flat, sizes)   # (sizes.ints,) int32
+    nd, np_ = TILE_FIELDS * sizes.decode_tiles, TILE_FIELDS * sizes.prompt_tiles
+    nt = sizes.seqs * sizes.pages
+    return PagedMeta(decode_tiles=buf[:nd].view(sizes.decode_tiles, TILE_FIELDS),
+                     prompt_tiles=buf[nd:nd + np_].view(sizes.prompt_tiles, TILE_FIELDS),
+                     page_table=buf[nd + np_:nd + np_ + nt].view(sizes.seqs, sizes.pages),
+                     seq_lens=buf[nd + np_ + nt:nd + np_ + nt + sizes.seqs],
+                     prompt_block_m=prompt_block_m(group, prompt_rows), group=group, page_tokens=page_tokens,
+                     sizes=sizes)
+
+
+def meta_ints(starts: Sequence[int], lengths: Sequence[int], contexts: Sequence[int],
+              page_tables: Sequence[Sequence[int]], *, page_tokens: int, group: int, sizes: MetaSizes | None = None,
+              prompt_rows: int = PROMPT_ROWS) -> tuple[list[int], MetaSizes]:
+    """``build_meta``'s integers, in the order its device buffer holds them, and their padded sizes: what a CUDA
+    graph's replay needs uploaded into the buffer it was captured with (its views of it do not change)."""
     _check_chunks(starts, lengths, contexts, page_tables, page_tokens)
-    block_m = prompt_block_m(group, prompt_rows)
-    decode, prompt = _tiles(starts, lengths, contexts, block_m)
+    decode, prompt = _tiles(starts, lengths, contexts, prompt_block_m(group, prompt_rows))
     need = MetaSizes(len(decode), len(prompt), len(page_tables), max((len(t) for t in page_tables), default=0))
     if sizes is None:
         sizes = MetaSizes(*(bucket(getattr(need, f)) for f in MetaSizes.__slots__))
@@ -247,14 +264,7 @@ def build_meta(starts: Sequence[int], lengths: Sequence[int], contexts: Sequence
     flat.extend([0] * (sizes.pages * (sizes.seqs - len(page_tables))))
     flat.extend(contexts)
     flat.extend([0] * (sizes.seqs - len(contexts)))
-    buf = (staging or MetaStaging(device)).upload(flat, sizes)   # (sizes.ints,) int32
-    nd, np_ = TILE_FIELDS * sizes.decode_tiles, TILE_FIELDS * sizes.prompt_tiles
-    nt = sizes.seqs * sizes.pages
-    return PagedMeta(decode_tiles=buf[:nd].view(sizes.decode_tiles, TILE_FIELDS),
-                     prompt_tiles=buf[nd:nd + np_].view(sizes.prompt_tiles, TILE_FIELDS),
-                     page_table=buf[nd + np_:nd + np_ + nt].view(sizes.seqs, sizes.pages),
-                     seq_lens=buf[nd + np_ + nt:nd + np_ + nt + sizes.seqs],
-                     prompt_block_m=block_m, group=group, page_tokens=page_tokens, sizes=sizes)
+    return flat, sizes
 
 
 # ---- the kernels ------------------------------------------------------------------------------------------------
@@ -696,5 +706,5 @@ def kv_bytes_read(contexts: Sequence[int], kv_heads: int, head_dim: int, value_b
 
 
 __all__ = ["KernelConfig", "MetaSizes", "MetaStaging", "PagedMeta", "build_meta", "bucket", "decode_splits",
-           "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen", "prompt_block_m",
+           "meta_ints", "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen", "prompt_block_m",
            "interpreting", "WriteConfig", "write_kv_pages"]
