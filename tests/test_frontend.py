@@ -36,3 +36,38 @@ def test_export_error_that_fits_is_kept_whole():
     with pytest.raises(MemintentError) as info:
         frontend._export(_Refuses("short reason"), (torch.zeros(2),), {})
     assert "short reason (a model must" in str(info.value) and "shortened" not in str(info.value)
+
+
+class ToyIndexer(torch.nn.Module):
+    """Stands for a sparse-attention indexer (DeepSeek-V3.2's kind): a module whose class name ends in Indexer."""
+
+    def forward(self, x):
+        return x
+
+
+class _SparseRefuses(_Refuses):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.indexer = ToyIndexer()
+
+
+class _SparseTraces(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.indexer = ToyIndexer()
+
+    def forward(self, x):
+        return self.indexer(x) * 2
+
+
+def test_a_failed_export_of_a_model_with_an_indexer_names_the_indexer():
+    with pytest.raises(MemintentError) as info:
+        frontend._export(_SparseRefuses("'NoneType' object is not subscriptable"), (torch.zeros(2),), {})
+    msg = str(info.value)
+    assert "learned indexer (ToyIndexer: sparse attention)" in msg
+    assert msg.endswith("torch.export said: 'NoneType' object is not subscriptable")
+
+
+def test_a_model_with_an_indexer_that_traces_is_traced():
+    ep = frontend._export(_SparseTraces(), (torch.zeros(2),), {})
+    assert any(n.op == "call_function" for n in ep.graph.nodes)

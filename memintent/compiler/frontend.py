@@ -149,8 +149,20 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.Export
         return torch.export.export(module, args, kwargs=kwargs, strict=False)
     except Exception as e:  # torch's own messages are long; keep the first line, it names the op or construct
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        indexer = _indexer_of(module)
+        if indexer is not None:
+            raise MemintentError(f"torch.export could not trace the model, whose attention picks each query's keys "
+                                 f"with a learned indexer ({indexer}: sparse attention), which memintent neither "
+                                 f"traces nor serves; torch.export said: {_shorten(first)}") from None
         raise MemintentError(f"torch.export could not trace the model: {_shorten(first)} "
                              f"(a model must be export-traceable with static shapes)") from None
+
+
+def _indexer_of(module: nn.Module) -> str | None:
+    """The class name of a sparse-attention indexer in ``module`` (DeepSeek-V3.2's lightning indexer and its
+    kind: a module whose class name ends in "Indexer"), or None. Asked only once torch.export has failed: a model
+    with an indexer that traces (one whose indexer is idle at these shapes) is planned as any other."""
+    return next((type(m).__name__ for m in module.modules() if type(m).__name__.endswith("Indexer")), None)
 
 
 def _placeholders(ep: torch.export.ExportedProgram, module: nn.Module) -> dict[str, tuple[str, str]]:
