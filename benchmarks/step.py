@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -102,8 +103,6 @@ def profile_steps(plan, reqs, device, store, out: Path | None = None, case: str 
 def kernel_gaps(trace_path: Path, top: int = 8) -> dict:
     """From a Chrome trace: the device's busy and idle time between its first and last kernel, and the longest idle
     gaps with the kernels around them (what the device waited for)."""
-    import json
-
     events = json.loads(trace_path.read_text()).get("traceEvents", [])
     ks = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
                 key=lambda e: e["ts"])
@@ -140,7 +139,7 @@ def host_split(plan, reqs, device, store, steps: int = 48) -> dict:
     around the model's launches: from the device reaching the first to it finishing the last). ``step`` (the
     sampler) includes waiting for the device (reading the sampled tokens)."""
     acc: dict[str, float] = {}
-    by_kind: dict[str, list[dict]] = {}
+    rows: list[tuple[str, dict, tuple | None]] = []      # per step: its kind, its host times (us), its forward's events
     with Engine(plan, device, store=store) as eng:
         for r in reqs:
             eng.add(r)
@@ -164,28 +163,26 @@ def host_split(plan, reqs, device, store, steps: int = 48) -> dict:
 
         if device.type == "cuda":
             runner.forward = evented
-        walls = []
-        while eng.has_work and len(walls) < steps:
+        while eng.has_work and len(rows) < steps:
             acc.clear()
+            seen = len(events)
             t = perf_counter()
             eng.step()
-            walls.append(perf_counter() - t)
+            wall_s = perf_counter() - t
             rec = eng.stats.steps[-1]
-            by_kind.setdefault(kind(rec) if rec.tokens else "empty", []).append(
-                {k: v * 1e6 for k, v in acc.items()} | dict(wall=walls[-1] * 1e6))
+            times_us = {k: v * 1e6 for k, v in acc.items()} | dict(wall=wall_s * 1e6)
+            # a step that only moves pages runs no forward: no events
+            rows.append((kind(rec) if rec.tokens else "empty", times_us, events[seen] if len(events) > seen else None))
         if events:
             torch.cuda.synchronize(device)
-        device_us = [a.elapsed_time(b) * 1e3 for a, b in events]
     out = {}
-    for k, rows in by_kind.items():
-        keys = sorted({key for r in rows for key in r})
-        out[k] = {key: statistics.mean(r.get(key, 0.0) for r in rows) for key in keys} | dict(steps=len(rows))
-    # Device times in step order, each step's kind as recorded
-    kinds = [kind(s) if s.tokens else "empty" for s in eng.stats.steps[:len(device_us)]]
-    for k, row in out.items():
-        mine = [d for d, kk in zip(device_us, kinds) if kk == k]
-        if mine:
-            row["forward_device"] = statistics.mean(mine)
+    for k in dict.fromkeys(k for k, _, _ in rows):
+        mine = [(times, ev) for kk, times, ev in rows if kk == k]
+        keys = sorted({key for times, _ in mine for key in times})
+        out[k] = {key: statistics.mean(t.get(key, 0.0) for t, _ in mine) for key in keys} | dict(steps=len(mine))
+        device_us = [a.elapsed_time(b) * 1e3 for _, ev in mine if ev is not None for a, b in [ev]]
+        if device_us:
+            out[k]["forward_device"] = statistics.mean(device_us)
     for k, v in out.items():
         print(f"host split, {k} steps (mean us): " + ", ".join(f"{n} {x:.0f}" for n, x in v.items()), flush=True)
     return out

@@ -84,8 +84,9 @@ def sparkline(xs: list[int], top: int) -> str:
 def run_summary(g) -> str:
     """The predicted run a generation plan records (``GenerationPlan.run``), in one line."""
     r = g.run
+    admission = describe_admission(g.admission, g.admission_class_tokens)
     return (f"predicted run of {r.workload}: {fmt_s(r.run_s)}, {r.tokens_per_s:.2f} tok/s ({r.generated_tokens} "
-            f"tokens in {r.steps} steps, {r.preemptions} preemptions, admission {describe_admission(g.admission, g.admission_class_tokens)}); time to first token "
+            f"tokens in {r.steps} steps, {r.preemptions} preemptions, admission {admission}); time to first token "
             f"median {fmt_s(r.ttft_median_s)}, p99 {fmt_s(r.ttft_p99_s)}; per output token median "
             f"{fmt_s(r.tpot_median_s)}, p99 {fmt_s(r.tpot_p99_s)}")
 
