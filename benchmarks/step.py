@@ -136,8 +136,8 @@ def _timed(obj, name: str, acc: dict) -> None:
 def host_split(plan, reqs, device, store, steps: int = 48) -> dict:
     """Where the host time of a step goes, per kind of step (decode, prompt, mixed: mean microseconds per step):
     each engine stage timed on the host, the step's wall time, and the device time of its forward (CUDA events
-    around the model's launches: from the device reaching the first to it finishing the last). ``step`` (the
-    sampler) includes waiting for the device (reading the sampled tokens)."""
+    around the model's launches: from the device reaching the first to it finishing the last). ``_read`` is the
+    engine waiting for the device (reading the sampled tokens)."""
     acc: dict[str, float] = {}
     rows: list[tuple[str, dict, tuple | None]] = []      # per step: its kind, its host times (us), its forward's events
     with Engine(plan, device, store=store) as eng:
@@ -145,34 +145,37 @@ def host_split(plan, reqs, device, store, steps: int = 48) -> dict:
             eng.add(r)
         runner = eng.runners[0]
         sched = eng.scheduler
-        for obj, name in ((sched, "schedule"), (sched, "postprocess"), (runner, "move_pages"), (runner, "lists"),
-                          (runner, "inputs"), (eng.sampler, "step"), (runner, "forward")):
+        for obj, name in ((sched, "schedule"), (sched, "advance"), (sched, "record"), (runner, "move_pages"),
+                          (runner, "lists"), (runner, "inputs"), (eng.sampler, "draw"), (eng, "_read"),
+                          (runner, "forward")):
             _timed(obj, name, acc)
         if runner.graphs is not None:
-            _timed(runner.graphs, "_inputs", acc)
-        events: list[tuple] = []
+            _timed(runner.graphs, "_upload", acc)
+        events: dict[int, tuple] = {}                    # step index -> its forward's events
         forward = runner.forward
 
-        def evented(*a, **kw):
+        def evented(batch, *a, **kw):
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
-            out = forward(*a, **kw)
+            out = forward(batch, *a, **kw)
             e1.record()
-            events.append((e0, e1))
+            events[batch.index] = (e0, e1)
             return out
 
         if device.type == "cuda":
             runner.forward = evented
         while eng.has_work and len(rows) < steps:
             acc.clear()
-            seen = len(events)
-            t = perf_counter()
+            t, recorded = perf_counter(), len(eng.stats.steps)
             eng.step()
+            if len(eng.stats.steps) == recorded:
+                continue                                 # a tick that recorded no step
             wall_s = perf_counter() - t
             rec = eng.stats.steps[-1]
             times_us = {k: v * 1e6 for k, v in acc.items()} | dict(wall=wall_s * 1e6)
-            # a step that only moves pages runs no forward: no events
-            rows.append((kind(rec) if rec.tokens else "empty", times_us, events[seen] if len(events) > seen else None))
+            # a step that only moves pages runs no forward: no events. With the engine looking ahead, a tick's
+            # host times are of this step's record and the next one's launch.
+            rows.append((kind(rec) if rec.tokens else "empty", times_us, events.get(rec.index)))
         if events:
             torch.cuda.synchronize(device)
     out = {}

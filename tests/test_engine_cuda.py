@@ -17,6 +17,7 @@ from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
 from memintent.engine import Engine
 from memintent.engine.requests import synthetic
+from stops import cut_at_stops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -39,8 +40,9 @@ def _run(plan, reqs, **options):
 
 @pytest.mark.parametrize("kv_quant", ["none", "int8"])
 def test_kernel_matches_the_reference_backend(kv_quant):
-    # the cuBLAS workspace (36 MiB) and 2.5 MiB more: some of tiny-llama's blocks stream, so every step is eager
-    plan = _plan("bf16", kv_quant, budget_bytes=int(38.5 * (1 << 20)))
+    # the cuBLAS workspace (36 MiB) and 1.5 MiB more: some of tiny-llama's blocks stream, so every step is eager
+    plan = _plan("bf16", kv_quant, budget_bytes=int(37.5 * (1 << 20)))
+    assert plan.actions
     reqs = synthetic(16, (3, 40), (2, 10), 512, seed=5)
     ko, kl, _ = _run(plan, reqs, attention="kernel")
     ro, rl, _ = _run(plan, reqs, attention="reference")
@@ -64,6 +66,33 @@ def test_decode_graphs_match_eager_steps():
     assert graphed, "decode steps were replayed from CUDA graphs"
     assert go == eo
     assert max(float((gl[i] - el[i]).abs().max()) for i in el) <= 1e-3
+
+
+@pytest.mark.parametrize("case", ["resident-f32", "streamed-bf16"])
+def test_lookahead_generates_what_the_engine_without_it_does(case):
+    # Looking ahead, a step is launched before the host read its sequences' last tokens: they are copied on the
+    # device, into a graph's buffers or an eager step's ids. Same schedule, same kernels: bitwise the same tokens.
+    # With stop tokens the schedules differ (a stop is read a step late), so the resident f32 plan checks where
+    # each request stops.
+    if case == "resident-f32":
+        plan = _plan("f32")
+        assert not plan.actions
+    else:
+        plan = _plan("bf16", budget_bytes=int(37.5 * (1 << 20)))     # cuBLAS workspace 36 MiB + 1.5
+        assert plan.actions, "some blocks stream"
+    reqs = synthetic(20, (3, 30), (4, 12), 512, seed=8)
+    with Engine(plan, CUDA, preempt="recompute", lookahead=False) as eng:
+        plain = {o.id: o.token_ids for o in eng.generate(reqs)}
+    with Engine(plan, CUDA, preempt="recompute") as eng:
+        assert eng.lookahead, "on by default on CUDA"
+        ahead = {o.id: o.token_ids for o in eng.generate(reqs)}
+        if case == "resident-f32":
+            cut, expect = cut_at_stops(reqs, plain)
+            stopped = {o.id: (o.token_ids, o.finish_reason) for o in eng.generate(cut)}
+        assert eng.pool.used_pages == 0
+    assert ahead == plain
+    if case == "resident-f32":
+        assert stopped == expect
 
 
 def _count_compiles():

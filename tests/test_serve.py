@@ -7,6 +7,7 @@ and so compute bitwise the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,8 +21,10 @@ from memintent.models.refs import resolve
 from memintent.engine import Engine
 from memintent.engine.reference import reference_logits
 from memintent.engine.requests import synthetic
+from memintent.engine.sampling import SamplingParams
 from memintent.ir.model import Residency
 from memintent.ir.plan_file import save_plan
+from stops import cut_at_stops
 
 CPU = BUILTIN["cpu"]
 REQUESTS = 40
@@ -81,6 +84,48 @@ def test_streamed_engine_is_bitwise_the_resident_engine(plan, requests, policy):
     resident, s2 = _serve(plan, requests, preempt=policy, resident=True)
     assert [s.tokens for s in s1.steps] == [s.tokens for s in s2.steps]
     assert {k: o.token_ids for k, o in streamed.items()} == {k: o.token_ids for k, o in resident.items()}
+
+
+# ---- looking ahead: the next step launched before this one's tokens are read ------------------------------------
+# On CUDA the engine launches step t + 1 before it reads step t's tokens (``Engine._step_ahead``); the CPU backend
+# runs the same logic when asked, which is what these tests check: what is generated, where sequences stop, the pool.
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute"])
+def test_lookahead_generates_what_each_alone_does(plan, requests, alone, policy):
+    outs, stats = _serve(plan, requests, preempt=policy, check=True, lookahead=True)
+    assert {p.kind for p in stats.preemptions} == {policy}
+    assert {k: o.token_ids for k, o in outs.items()} == alone
+    assert all(o.finish_reason == "length" for o in outs.values())
+
+
+def test_lookahead_stops_a_sequence_one_step_late_and_drops_that_step(plan, requests, alone):
+    reqs, expect = cut_at_stops(requests, alone)
+    ahead, s_ahead = _serve(plan, reqs, check=True, lookahead=True)
+    plain, s_plain = _serve(plan, reqs, check=True, lookahead=False)
+    for out in (ahead, plain):
+        assert {k: (o.token_ids, o.finish_reason) for k, o in out.items()} == expect
+    # The step launched ahead ran each stopped sequence once more (its token thrown away): more tokens ran.
+    assert sum(s.tokens for s in s_ahead.steps) > sum(s.tokens for s in s_plain.steps)
+
+
+def test_lookahead_draws_the_same_sampled_tokens_and_logprobs(plan, requests):
+    params = SamplingParams(temperature=0.9, top_p=0.95, presence_penalty=0.5, seed=11, logprobs=2)
+    reqs = [dataclasses.replace(r, sampling=params) for r in requests[:12]]
+    ahead, _ = _serve(plan, reqs, lookahead=True)
+    plain, _ = _serve(plan, reqs, lookahead=False)
+    assert {k: (o.token_ids, o.logprobs) for k, o in ahead.items()} == \
+        {k: (o.token_ids, o.logprobs) for k, o in plain.items()}
+
+
+def test_lookahead_gives_back_every_page_of_a_run_given_up(plan, requests):
+    with Engine(plan, "cpu", check=True, lookahead=True) as eng:
+        for _ in eng.generate(requests[:8]):
+            break                                # the caller stops waiting: the rest are cancelled
+        assert eng.has_work, "the step launched ahead is still to be recorded"
+        while eng.has_work:
+            eng.step()
+        assert eng.pool.used_pages == 0
 
 
 def test_cost_policy_logs_both_predicted_costs(plan, requests):

@@ -36,9 +36,16 @@ from memintent.engine.links import LocalLink
 from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.requests import validate
 from memintent.engine.runner import ModelRunner
-from memintent.engine.sampling import Sampler, SamplingParams, StopConditions
+from memintent.engine.sampling import (
+    Drawn,
+    Sampled,
+    Sampler,
+    SamplingParams,
+    StopConditions,
+)
 from memintent.engine.scheduler import Batch, Costs, Preemption, Scheduler
 from memintent.engine.sequence import Request, RequestOutput, Sequence, State
+from memintent.engine.step_inputs import Carried
 from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import Pipeline, Program
 from memintent.ir.proven import Proven
@@ -60,6 +67,7 @@ class RunOptions:
     log: Callable[[str], None] | None = None   # called with one line per preemption decision
     attention: str = "auto"       # "kernel" (Triton, CUDA), "reference" (gather + SDPA), "auto": the kernel on CUDA
     graphs: bool = True           # decode steps of a plan that streams nothing replay CUDA graphs (CUDA only)
+    lookahead: bool | None = None  # launch the next step before reading this one's tokens (None: on CUDA, one part)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +193,7 @@ class Engine:
         # Per part here, with several parts: one record per forward, its time from its input's arrival to its output
         # (the device synchronized), to compare with that part's own PCIe floor. One part is timed by its ticks.
         self.part_steps: dict[int, list[StepRecord]] = {r: [] for r in self.local} if self.n > 1 else {}
+        self.lookahead = self._lookahead(opts)
         if self.device.type == "cuda" and self.n == 1:
             self.warm_s += self._warm_step()
 
@@ -204,6 +213,14 @@ class Engine:
         self.reset_stats()
         sync(self.device)
         return perf_counter() - t0
+
+    def _lookahead(self, opts: RunOptions) -> bool:
+        """Whether a step's successor is scheduled and launched before its tokens are read (``_step_ahead``): by
+        default on CUDA, where it hides the host's work between steps behind the device's; one part only."""
+        if opts.lookahead and self.n > 1:
+            raise MemintentError("lookahead is for a plan on one GPU: a pipeline's parts already overlap their "
+                                 "micro-batches (leave lookahead unset)")
+        return self.n == 1 and (opts.lookahead if opts.lookahead is not None else self.device.type == "cuda")
 
     def _refuse_for_pipeline(self, opts: RunOptions, store) -> None:
         if self.n == 1:
@@ -306,6 +323,8 @@ class Engine:
         self.check_open()
         if self._t0 is None:
             self._t0 = perf_counter()
+        if self.lookahead:
+            return self._step_ahead()
         t, start_s = self.tick, perf_counter()
         entered = self._enter(t)
         for r in self.local:
@@ -314,12 +333,37 @@ class Engine:
                 self._run_part(r, entry.batch)
         finished = self._leave(t - (self.n - 1), start_s)
         self.tick += 1
-        # A whole round of ticks in which no group could schedule a batch: the pool is too small for any.
+        self._count_idle(entered)
+        return finished
+
+    def _count_idle(self, entered: bool) -> None:
+        """A whole round of ticks in which no group could schedule a batch: the pool is too small for any."""
         self._idle = 0 if entered else self._idle + 1
         if self._idle >= self.n and self.has_work:
             raise RuntimeFault("no sequence can run: the KV pool cannot hold the next request's first chunk "
                                f"({self.pool.free_pages} of {self.pool.num_pages - 1} pages free)")
-        return finished
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """One step of one part, looking ahead: this step was launched by the tick before (or now, after an idle
+        one); its tokens are drawn on the device, its sequences advanced with their new tokens unread
+        (``Scheduler.advance``), the next step scheduled and launched, reading those tokens on the device
+        (``Carried``), and only then are they read. The host's work between steps runs while the device computes.
+        Finishes by length are known before the tokens; a stop token is read one step late: the step launched
+        ahead still runs its sequence, whose result there is dropped (``Batch.skipped``)."""
+        t, start_s = self.tick, perf_counter()
+        if t not in self._inflight and self._enter(t):
+            self._run_part(0, self._inflight[t].batch)
+        entry = self._inflight.pop(t, None)
+        self.tick += 1
+        self._count_idle(entry is not None)
+        if entry is None:
+            return []
+        drawn = self._draw(entry.batch)
+        self._advance(entry)
+        if self._enter(t + 1):
+            carried = Carried.of(drawn.tokens, entry.batch) if drawn is not None else None
+            self._run_part(0, self._inflight[t + 1].batch, carried)
+        return self._record(entry, drawn, start_s)
 
     def _enter(self, t: int) -> bool:
         """Group t mod N schedules its next batch, which enters the first part; whether one entered."""
@@ -334,7 +378,7 @@ class Engine:
         self._inflight[t] = _InFlight(t % self.n, batch)
         return True
 
-    def _run_part(self, r: int, batch: Batch) -> None:
+    def _run_part(self, r: int, batch: Batch, carried: Carried | None = None) -> None:
         runner = self.runners[r]
         if not batch.chunks:
             runner.move_pages(batch)
@@ -348,7 +392,7 @@ class Engine:
         if r > 0:
             hidden = self.link.recv(r, (1, batch.tokens, runner.src.config.dim), runner.dtype)     # (1, T, dim)
         start_s = perf_counter()
-        out = runner.forward(batch, hidden)          # (1, T, dim); the last part's: logits (S, vocab)
+        out = runner.forward(batch, hidden, carried)  # (1, T, dim); the last part's: logits (S, vocab)
         if self.part_steps:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
@@ -365,17 +409,40 @@ class Engine:
         entry = self._inflight.pop(t_entered, None)
         if entry is None:
             return []
+        drawn = self._draw(entry.batch)
+        self._advance(entry)
+        return self._record(entry, drawn, tick_start_s)
+
+    def _draw(self, batch: Batch) -> Drawn | None:
+        """The step's tokens, drawn on the device in one batched call (``sampling.Sampler``) on the last part, not
+        read yet; None where this process has no last part or the step sampled nothing."""
+        if not batch.chunks or self.n - 1 not in self.runners:
+            return None
+        drawn = self.sampler.draw(self.last_logits, batch.chunks)
+        if self.track:
+            self.keep_logits(batch, self.last_logits)
+        return drawn
+
+    def _advance(self, entry: _InFlight) -> None:
+        """The step's sequences advance before its tokens are read (``Scheduler.advance``); the pages of those that
+        ended are poisoned (checked mode) now, before a step that may take them is launched."""
+        ended = self.groups[entry.group].advance(entry.batch)
+        for runner in self.runners.values():
+            runner.poison(ended)
+
+    @staticmethod
+    def _read(drawn: Drawn | None) -> Sampled | None:
+        """Wait for a step's tokens: the engine's one synchronisation with the device a step."""
+        return drawn.read() if drawn is not None else None
+
+    def _record(self, entry: _InFlight, drawn: Drawn | None, tick_start_s: float) -> list[RequestOutput]:
+        """Read the step's tokens (every rank gets them: ``links``) and record them in its group."""
         batch = entry.batch
-        sampled: list[int] = []
-        mine = None
-        if batch.chunks:
-            # The whole step's tokens in one batched call on the device (``sampling.Sampler``), on the last part.
-            mine = self.sampler.step(self.last_logits, batch.chunks) if self.n - 1 in self.runners else None
-            sampled = self.link.tokens(mine.tokens if mine else None, sum(1 for c in batch.chunks if c.sample))
-            if self.track and mine is not None:
-                self.keep_logits(batch, self.last_logits)
+        mine = self._read(drawn)
+        sampled = (self.link.tokens(mine.tokens if mine else None, sum(1 for c in batch.chunks if c.sample))
+                   if batch.chunks else [])
         now = perf_counter() - self._t0
-        finished, freed = self.groups[entry.group].postprocess(batch, sampled, now, mine.logprobs if mine else None)
+        finished, freed = self.groups[entry.group].record(batch, sampled, now, mine.logprobs if mine else None)
         for runner in self.runners.values():
             runner.poison(freed)
         finished = self._drop_cancelled(batch, finished)

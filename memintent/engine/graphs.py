@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,15 +72,17 @@ class DecodeGraphs:
         meta = StepMeta(write_pages=dev[2 * b:3 * b], write_offsets=dev[3 * b:4 * b], paged=paged)
         return dev[:b][None], dev[b:2 * b], dev[4 * b:], meta
 
-    def _upload(self, lists: StepLists, b: int) -> None:
+    def _upload(self, lists: StepLists, b: int) -> torch.Tensor:
         """A replay's inputs: only the integers, into the buffers the graph was captured with (the views of them it
-        reads do not change, so none is made: host time the device waits for between steps)."""
+        reads do not change, so none is made: host time the device waits for between steps). Returns the token
+        ids' buffer (B,)."""
         r = self.runner
-        self._upload_ints(lists, b)
+        dev = self._upload_ints(lists, b)
         sizes = self._sizes(b)
         flat, _ = meta_ints(lists.starts, lists.lengths, lists.contexts, lists.tables,
                             page_tokens=r.layout.page_tokens, group=r.group, sizes=sizes)
         r.meta_staging.upload(flat, sizes)
+        return dev[:b]
 
     def capture_all(self) -> None:
         """Capture every bucket's graph on a step of padding only (it writes no page and attends to nothing)."""
@@ -88,14 +91,17 @@ class DecodeGraphs:
             self.runner.run_model(*inputs)              # eagerly first: cuBLAS and Triton pick their kernels
             self.graphs[b] = self._capture(b, *inputs)
 
-    def step(self, lists: StepLists) -> torch.Tensor:
-        """Run a decode step of ``len(lists.ids)`` sequences: logits (S, vocab)."""
+    def step(self, lists: StepLists, fill: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Run a decode step of ``len(lists.ids)`` sequences: logits (S, vocab). ``fill``: writes the ids the host
+        has not read yet into the step's token ids (B,) on the device (``ModelRunner.fill``)."""
         s = len(lists.ids)
         b = self.bucket_of(s)
         captured = self.graphs.get(b)
         if captured is None:                            # its capture failed: it runs eagerly
-            return self.runner.run_model(*self._inputs(lists, b))[:s]
-        self._upload(lists, b)
+            ids, positions, rows, meta = self._inputs(lists, b)
+            fill(ids[0])
+            return self.runner.run_model(ids, positions, rows, meta)[:s]
+        fill(self._upload(lists, b))
         captured.graph.replay()
         return captured.logits[:s]
 

@@ -16,7 +16,8 @@ import torch
 from memintent.engine.graphs import DecodeGraphs
 from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.scheduler import Batch
-from memintent.engine.step_inputs import StepLists, use_kernel
+from memintent.engine.step_inputs import Carried, StepLists, use_kernel
+from memintent.errors import RuntimeFault
 from memintent.ir.model import SlotKind
 from memintent.ir.proven import Proven
 from memintent.kv import attention
@@ -79,6 +80,7 @@ class ModelRunner:
         self.kernel = use_kernel(attention_backend, device)
         self.staging = MetaStaging(device, torch.long)             # the step's token integers
         self.meta_staging = MetaStaging(device)                    # the kernel's attention metadata
+        self.hole_staging = MetaStaging(device, torch.long)        # where a step's carried tokens go
         # Decode steps as CUDA graphs where nothing streams: a plan with actions issues its copies from Python hooks
         # that a replay would skip, and checked mode poisons slots between steps (spec/runtime.md).
         capturable = device.type == "cuda" and self.kernel and not program.actions and not check
@@ -117,11 +119,15 @@ class ModelRunner:
                                        config=KernelConfig(decode_splits=splits))   # reads the null page only
     # -- moving pages ----------------------------------------------------------------------------------------
     def _copy_pages(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
-        arrivals = []
-        for dst, src in pairs:
-            _, arrived = self.backend.copy(dst, src, None)
-            arrivals.append(arrived)
-        return arrivals
+        if not pairs:
+            return []
+        # The copies wait for the compute queued so far: the step before may still be writing these pages when the
+        # engine looks ahead (its tokens unread), and a page a sequence finished with may still be read by it.
+        after = None
+        if self.device.type == "cuda":
+            after = torch.cuda.Event()
+            after.record()
+        return [self.backend.copy(dst, src, after)[1] for dst, src in pairs]
 
     def _wait(self, arrivals: list) -> None:
         for a in arrivals:
@@ -209,16 +215,30 @@ class ModelRunner:
             meta.prefill.append(PrefillChunk(start=lists.starts[i], length=n, context=context, table=table,
                                              mask=mask))
 
-    def forward(self, batch: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: Batch, hidden: torch.Tensor | None = None, carried: Carried | None = None) -> torch.Tensor:
         """Move the step's pages and run it: logits (S, vocab); a pipeline part before the last returns its hidden
         states (1, T, dim) instead, and one after the first takes the previous part's as ``hidden``. A decode step
-        of a plan that streams nothing replays its bucket's CUDA graph (``DecodeGraphs``)."""
+        of a plan that streams nothing replays its bucket's CUDA graph (``DecodeGraphs``). ``carried``: the step
+        before's tokens, still on the device, for the sequences whose last token the host has not read yet."""
         self.move_pages(batch)
         lists = self.lists(batch)
         if self.graphs is not None and hidden is None and lists.decode_only:
-            return self.graphs.step(lists)
+            return self.graphs.step(lists, lambda ids: self.fill(ids, lists, carried))
         ids, positions, rows, meta = self.inputs(lists)
+        self.fill(ids[0], lists, carried)
         return self.run_model(ids if hidden is None else hidden, positions, rows, meta)
+
+    def fill(self, ids: torch.Tensor, lists: StepLists, carried: Carried | None) -> None:
+        """Write the step's ``PENDING`` token ids (``lists.holes``) into its ids (T,) on the device, from the step
+        before's sampled tokens (``carried``), in stream order behind the step that drew them."""
+        if not lists.holes:
+            return
+        if carried is None:
+            raise RuntimeFault(f"a step reads {len(lists.holes)} token(s) not yet sampled, with no step before it to "
+                               "take them from")
+        k = len(lists.holes)
+        dev = self.hole_staging.upload(lists.holes + [carried.rows[s] for s in lists.hole_seqs], "holes")   # (2 k,)
+        ids.index_copy_(0, dev[:k], carried.tokens.index_select(0, dev[k:]))
 
     def run_model(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
                   meta: StepMeta) -> torch.Tensor:

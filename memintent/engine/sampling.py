@@ -191,16 +191,25 @@ class Sampler:
 
     def step(self, logits: torch.Tensor, chunks) -> Sampled:
         """The next token of every chunk that samples (one row of ``logits`` (S, vocab) each, in chunk order)."""
+        return self.draw(logits, chunks).read()
+
+    def draw(self, logits: torch.Tensor, chunks) -> Drawn:
+        """``step`` without waiting: the tokens drawn on the device and on their way to the host (``Drawn``)."""
         seqs = [c.seq for c in chunks if c.sample]
         if all(s.request.sampling.plain for s in seqs):
-            return Sampled(logits.argmax(-1).tolist())
-        return self.sample(logits, [s.request.sampling for s in seqs], [self.seed_of(s) for s in seqs],
-                           [len(s.generated) for s in seqs], [s.generated for s in seqs])
+            return Drawn.of(logits.argmax(-1), None, None)
+        return self.draw_rows(logits, [s.request.sampling for s in seqs], [self.seed_of(s) for s in seqs],
+                              [len(s.generated) for s in seqs], [s.generated for s in seqs])
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
                histories: list[list[int]]) -> Sampled:
         """Rows of ``logits`` (S, vocab), each with its parameters, seed, the index of the token it draws (its
         counter) and the tokens it generated so far (for penalties)."""
+        return self.draw_rows(logits, params, seeds, counters, histories).read()
+
+    def draw_rows(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
+                  histories: list[list[int]]) -> Drawn:
+        """``sample`` without waiting (``Drawn``)."""
         rows = _Rows.of(params, seeds, counters, self.device)
         x = logits.float()                                                   # (S, V)
         if any(p.penalized for p in params):
@@ -216,7 +225,7 @@ class Sampler:
         if rows.any_sampled:
             drawn = (logp - self._log_exponentials(rows.keys, x.shape[-1])).argmax(-1)   # (S,)
             tokens = torch.where(rows.sampled, drawn, tokens)
-        return _read(tokens, logp if want_logprobs else None, params)
+        return Drawn.of(tokens, logp if want_logprobs else None, params)
 
     def _log_exponentials(self, keys: torch.Tensor, vocab: int) -> torch.Tensor:
         """log E (S, vocab) for E exponential, from each row's 32-bit key (S,) and the vocabulary index."""
@@ -248,10 +257,11 @@ class _Rows:
                                [p.top_p if p.top_p < 1 else math.inf for p in params],
                                [p.min_p for p in params], [p.presence_penalty for p in params],
                                [p.frequency_penalty for p in params],
-                               [0.0 if p.greedy else 1.0 for p in params]], dtype=torch.float32).to(device)  # (6, S)
+                               [0.0 if p.greedy else 1.0 for p in params]], dtype=torch.float32)            # (6, S)
         keys = [splitmix64(splitmix64(seed) ^ n) for seed, n in zip(seeds, counters)]
         ints = torch.tensor([[p.top_k if p.top_k > 0 else 1 << 62 for p in params],
-                             [(k ^ (k >> 32)) & M32 for k in keys]], dtype=torch.long).to(device)          # (2, S)
+                             [(k ^ (k >> 32)) & M32 for k in keys]], dtype=torch.long)                      # (2, S)
+        floats, ints = to_device(floats, device), to_device(ints, device)
         return cls(temperature=floats[0], top_p=floats[1], min_p=floats[2], presence=floats[3],
                    frequency=floats[4], sampled=floats[5] > 0, top_k=ints[0], keys=ints[1],
                    any_sampled=any(not p.greedy for p in params))
@@ -266,7 +276,7 @@ def _penalize(x: torch.Tensor, rows: _Rows, histories: list[list[int]]) -> torch
     idx = torch.full((s, width), v, dtype=torch.long)             # (S, L) padded with an extra column, dropped below
     for r, h in enumerate(histories):
         idx[r, :len(h)] = torch.tensor(h, dtype=torch.long)
-    idx = idx.to(x.device)
+    idx = to_device(idx, x.device)
     counts = torch.zeros(s, v + 1, device=x.device).scatter_add_(1, idx, torch.ones(idx.shape, device=x.device))
     counts = counts[:, :v]                                                                       # (S, V)
     return x - rows.frequency[:, None] * counts - rows.presence[:, None] * (counts > 0)
@@ -289,26 +299,61 @@ def truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: t
     return x.masked_fill(~mask, -math.inf)
 
 
-def _read(tokens: torch.Tensor, logp: torch.Tensor | None, params: list[SamplingParams]) -> Sampled:
-    """Tokens (S,) and, with ``logp`` (S, V), the chosen and top log-probabilities: one device-to-host copy."""
-    if logp is None:
-        return Sampled(tokens.tolist())
-    k = max((p.logprobs or 0) for p in params)
-    chosen = logp.gather(1, tokens[:, None])                                   # (S, 1)
-    parts = [tokens[:, None].double(), chosen.double()]
-    if k:
-        top = logp.topk(k, -1)                                                 # (S, k) each
-        parts += [top.indices.double(), top.values.double()]
-    host = torch.cat(parts, 1).clamp_min(LOGPROB_FLOOR).tolist()               # (S, 2 + 2k): ids are exact
-    toks, out = [], []
-    for row, p in zip(host, params):
-        toks.append(int(row[0]))
-        if p.logprobs is None:
-            out.append(None)
-            continue
-        n = p.logprobs
-        out.append(TokenLogprobs(row[1], tuple((int(i), lp) for i, lp in zip(row[2:2 + n], row[2 + k:2 + k + n]))))
-    return Sampled(toks, out)
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the work queued there: from pageable memory a copy to the GPU
+    first waits for its stream, which holds the next step when the engine looks ahead (``core``)."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(slots=True)
+class Drawn:
+    """A step's tokens drawn on the device: ``tokens`` (S,) int64 there (what the engine's next step reads its
+    sequences' new tokens from when it looks ahead), and a copy on its way to the host that ``read`` waits for."""
+
+    tokens: torch.Tensor                          # (S,) int64, on the device
+    host: torch.Tensor                            # (S,) int64, or (S, 2 + 2k) float64 with log-probabilities
+    copied: torch.cuda.Event | None               # the copy to ``host`` is done (None: on the CPU, done)
+    params: list[SamplingParams] | None           # per row, when ``host`` holds log-probabilities
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, logp: torch.Tensor | None, params: list[SamplingParams] | None) -> Drawn:
+        """Tokens (S,) and, with ``logp`` (S, V), the chosen and top log-probabilities packed into one tensor, its
+        copy to the host started (pinned memory, not blocking)."""
+        packed = tokens
+        if logp is not None:
+            k = max((p.logprobs or 0) for p in params)
+            parts = [tokens[:, None].double(), logp.gather(1, tokens[:, None]).double()]          # (S, 1) each
+            if k:
+                top = logp.topk(k, -1)                                                             # (S, k) each
+                parts += [top.indices.double(), top.values.double()]
+            packed = torch.cat(parts, 1).clamp_min(LOGPROB_FLOOR)            # (S, 2 + 2k): ids are exact in float64
+        with_logprobs = params if logp is not None else None
+        if packed.device.type != "cuda":
+            return cls(tokens, packed, None, with_logprobs)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(tokens, host, copied, with_logprobs)
+
+    def read(self) -> Sampled:
+        """Wait for the tokens (the engine's one synchronisation with the device a step) and unpack them."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.params is None:
+            return Sampled(self.host.tolist())
+        k = (self.host.shape[1] - 2) // 2
+        toks, out = [], []
+        for row, p in zip(self.host.tolist(), self.params):
+            toks.append(int(row[0]))
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            n = p.logprobs
+            out.append(TokenLogprobs(row[1], tuple((int(i), lp) for i, lp in zip(row[2:2 + n], row[2 + k:2 + k + n]))))
+        return Sampled(toks, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

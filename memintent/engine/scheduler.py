@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 
 from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.sampling import StopConditions, TokenLogprobs
-from memintent.engine.sequence import Request, Sequence, State
+from memintent.engine.sequence import PENDING, Request, Sequence, State
 from memintent.errors import MemintentError
 from memintent.ir.model import ADMISSION_ORDERS, ObjectKind, Program
 
@@ -163,6 +163,7 @@ class Batch:
     swap_out: list[tuple[list[int], list[int]]] = field(default_factory=list)   # (device pages, host slots)
     swap_in: list[tuple[list[int], list[int]]] = field(default_factory=list)    # (host slots, device pages)
     preemptions: list[Preemption] = field(default_factory=list)
+    skipped: set[int] = field(default_factory=set)   # sequences that finished while it was in flight (``advance``)
 
     @property
     def tokens(self) -> int:
@@ -192,6 +193,7 @@ class Scheduler:
         self.stops = stops or StopConditions()
         self._added = 0                        # sequences ever added (ids stay unique when finished ones are dropped)
         self._freed_per_step = 0.0             # moving average of pages finished sequences return per step
+        self._ended_pages = 0                  # pages ``advance`` took back since the last ``record``
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, request: Request) -> Sequence:
@@ -209,12 +211,7 @@ class Scheduler:
     def cancel(self, seq: Sequence) -> list[int]:
         """Drop an unfinished ``seq`` from every queue (its caller stopped waiting for it): its swap slots and pool
         pages go back; returns the pages. Between steps only: no step in flight may hold it."""
-        for queue in (self.waiting, self.running, self.swapped, self.resuming):
-            queue[:] = [s for s in queue if s is not seq]
-        if self.swap is not None and seq.seq_id in self.swap.held:
-            self.swap.give_back(seq.seq_id)
-        seq.state, seq.finish_reason = State.finished, "cancelled"
-        return self.pool.release(seq.seq_id)
+        return self._finish(seq, "cancelled")
 
     # -- one step ---------------------------------------------------------------------------------------------
     def schedule(self) -> Batch:
@@ -351,39 +348,77 @@ class Scheduler:
     def postprocess(self, batch: Batch, sampled: list[int], now_s: float,
                     logprobs: list[TokenLogprobs | None] | None = None) -> tuple[list[Sequence], list[int]]:
         """Record the step's results: ``sampled`` holds one token per sampling chunk, in chunk order (``logprobs``,
-        when given, one entry each too). Returns the sequences that finished and the pages they gave back."""
-        finished, freed = [], []
-        it = iter(sampled)
-        lps = iter(logprobs if logprobs is not None else ())
+        when given, one entry each too). Returns the sequences that finished and the pages they gave back:
+        ``advance`` then ``record``."""
+        ended = self.advance(batch)
+        finished, freed = self.record(batch, sampled, now_s, logprobs)
+        return finished, ended + freed
+
+    def advance(self, batch: Batch) -> list[int]:
+        """A step's first half of its results, known before its tokens are read: its chunks' keys and values are in
+        the pool, each sampling chunk's sequence holds a ``PENDING`` token, and one that reaches its
+        ``max_new_tokens`` or the plan's context with it is finished. Returns the pages those gave back. Chunks of
+        sequences that finished while the step was in flight (a stop read one step late, a cancel) are skipped:
+        the step ran them, and they are gone."""
+        freed = []
         for c in batch.chunks:
             seq = c.seq
+            if seq.state == State.finished:
+                batch.skipped.add(seq.seq_id)
+                continue
             seq.cached += c.length
             if not c.sample:
                 continue
-            tok = next(it)
-            seq.tokens.append(tok)
-            lp = next(lps, None)
+            seq.tokens.append(PENDING)
+            reason = self._limit_reason(seq)
+            if reason:
+                freed += self._finish(seq, reason)
+        self._ended_pages += len(freed)
+        return freed
+
+    def record(self, batch: Batch, sampled: list[int], now_s: float,
+               logprobs: list[TokenLogprobs | None] | None = None) -> tuple[list[Sequence], list[int]]:
+        """A step's second half, once its tokens are read (after ``advance``): each sampling chunk's token replaces
+        its ``PENDING`` one and may stop its sequence. Returns the sequences that finished in the step (by length
+        too, from ``advance``) and the pages the stopped ones gave back."""
+        finished, freed = [], []
+        lps = iter(logprobs if logprobs is not None else ())
+        for c, tok in zip((c for c in batch.chunks if c.sample), sampled, strict=True):
+            seq, lp = c.seq, next(lps, None)
+            if seq.seq_id in batch.skipped:
+                continue
+            seq.tokens[c.start + c.length] = tok
             if lp is not None:
                 seq.logprobs.append(lp)
             if seq.first_token_s is None:
                 seq.first_token_s = now_s
-            reason = self._finish_reason(seq, tok)
-            if reason:
-                seq.state, seq.finish_reason, seq.finish_s = State.finished, reason, now_s
-                self.running.remove(seq)
-                freed += self.pool.release(seq.seq_id)
+            if self.stops.stopped(seq, tok):
+                if seq.state != State.finished:
+                    freed += self._finish(seq, "stop")
+                seq.finish_reason = "stop"
+            if seq.state == State.finished:
+                seq.finish_s = now_s
                 finished.append(seq)
-        self._freed_per_step = 0.9 * self._freed_per_step + 0.1 * len(freed)
+        self._freed_per_step = 0.9 * self._freed_per_step + 0.1 * (self._ended_pages + len(freed))
+        self._ended_pages = 0
         return finished, freed
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        if self.stops.stopped(seq, tok):
-            return "stop"
+    def _limit_reason(self, seq: Sequence) -> str | None:
         if len(seq.generated) >= seq.request.max_new_tokens:
             return "length"
         if len(seq.tokens) > self.context:
             return "context"          # the new token has no position left in the plan's context
         return None
+
+    def _finish(self, seq: Sequence, reason: str) -> list[int]:
+        """``seq`` ends: out of every queue (a stop read late may find it preempted), its swap slots and pages
+        back; returns the pages."""
+        for queue in (self.waiting, self.running, self.swapped, self.resuming):
+            queue[:] = [s for s in queue if s is not seq]
+        if self.swap is not None and seq.seq_id in self.swap.held:
+            self.swap.give_back(seq.seq_id)
+        seq.state, seq.finish_reason = State.finished, reason
+        return self.pool.release(seq.seq_id)
 
     # -- requests given up ------------------------------------------------------------------------------------
     def abort(self, request_id: str) -> list[int] | None:

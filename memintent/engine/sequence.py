@@ -107,6 +107,9 @@ def check_request(request: Request) -> None:
             raise MemintentError(f"{who}: {e}") from None
 
 
+PENDING = -1     # a sampled token the host has not read yet (the engine looking ahead: ``Scheduler.advance``)
+
+
 class State(enum.Enum):
     waiting = "waiting"      # not admitted yet, or preempted for recomputation: its KV is not in the pool
     running = "running"      # owns pages in the pool; scheduled every step until it finishes

@@ -12,6 +12,7 @@ import torch
 
 from memintent.engine.pages import PagePool
 from memintent.engine.scheduler import Batch
+from memintent.engine.sequence import PENDING
 from memintent.errors import MemintentError
 from memintent.kv.paged_kernel import interpreting
 from memintent.runtime.quant import triton_available
@@ -49,6 +50,8 @@ class StepLists:
     lengths: list[int] = field(default_factory=list)         # (S,) its tokens this step
     contexts: list[int] = field(default_factory=list)        # (S,) its keys once this step's are written
     tables: list[list[int]] = field(default_factory=list)    # (S,) its page table
+    holes: list[int] = field(default_factory=list)           # tokens whose id is PENDING: read on the device
+    hole_seqs: list[int] = field(default_factory=list)       # the sequence of each (its id)
 
     @classmethod
     def of(cls, batch: Batch, pool: PagePool, page_tokens: int) -> StepLists:
@@ -71,6 +74,9 @@ class StepLists:
                 out.write_offsets.extend(offsets[lo % page_tokens:lo % page_tokens + hi - lo])
             if c.sample:
                 out.rows.append(len(out.ids) - 1)
+                if c.seq.tokens[b - 1] == PENDING:     # sampled by the step before, still on the device
+                    out.holes.append(len(out.ids) - 1)
+                    out.hole_seqs.append(c.seq.seq_id)
         return out
 
     @property
@@ -79,4 +85,17 @@ class StepLists:
         return bool(self.lengths) and all(n == 1 for n in self.lengths) and len(self.rows) == len(self.lengths)
 
 
-__all__ = ["ATTENTION_BACKENDS", "StepLists", "use_kernel"]
+@dataclass(slots=True)
+class Carried:
+    """The step before's sampled tokens, still on the device, for a step launched before the host read them (the
+    engine looking ahead): ``tokens`` (S,) int64, and each sequence's row in it."""
+
+    tokens: torch.Tensor
+    rows: dict[int, int]        # sequence id -> row of ``tokens``
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, batch: Batch) -> Carried:
+        return cls(tokens, {c.seq.seq_id: i for i, c in enumerate(c for c in batch.chunks if c.sample)})
+
+
+__all__ = ["ATTENTION_BACKENDS", "Carried", "StepLists", "use_kernel"]
