@@ -71,11 +71,12 @@ def fill(plan, src, device, pin_resident: bool = True) -> tuple[HostStore, float
     return store, time.perf_counter() - t
 
 
-def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, predictor=None) -> dict:
+def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, predictor=None, **options) -> dict:
     """One measured serving run: throughput, steps against the PCIe floor and the plan, peak HBM against the
-    budget; ``predictor`` (a ``planner.StepPredictor``): the cost model's time for each step as it ran."""
+    budget; ``predictor`` (a ``planner.StepPredictor``): the cost model's time for each step as it ran.
+    ``options``: ``RunOptions`` fields besides the device."""
     t = time.perf_counter()
-    rep, outs, engine = serve(plan, requests, RunOptions(device=device), store=store, warmup=True)
+    rep, outs, engine = serve(plan, requests, RunOptions(device=device, **options), store=store, warmup=True)
     wall = time.perf_counter() - t
     g, pr = plan.generation, plan.prediction
     floor = pr.streamed_bytes / (h2d_gbps * 1e9)

@@ -44,6 +44,9 @@ def layout_key(plan) -> tuple:
     return tuple((b.name, b.quant.value) for b in plan.blocks)
 
 
+LOOKAHEAD = {"on": (True,), "off": (False,), "both": (True, False)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3-70b")
@@ -59,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", default="steady", choices=("steady", "requests", "both"),
                     help="plan each case for the steady state (as before), for its own requests (compile "
                          "--synthetic), or both")
+    ap.add_argument("--lookahead", choices=tuple(LOOKAHEAD), default="on",
+                    help="the engine launches each step before reading the last one's tokens (on), or not (off), or "
+                         "each case both ways")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -89,13 +95,15 @@ def main(argv=None) -> int:
             stores[key], fill_s = fill(plan, src, device)
             doc.setdefault("host_fill_s", []).append(fill_s)
         predictor = StepPredictor(plan) if args.predict else None
-        row = serve_row(f"{args.model} {name} ({mode})", plan, reqs, device, doc["h2d_gbps"], stores[key],
-                        predictor)
-        run = plan.generation.run
-        row.update(plan_mode=mode, predicted_run_s=run.run_s if run else None,
-                   predicted_run_tokens_per_s=run.tokens_per_s if run else None, admission=plan.generation.admission)
-        doc["rows"].append(row)
-        write(args.out, "serve.json", doc)
+        for ahead in LOOKAHEAD[args.lookahead]:
+            tag = f"{args.model} {name} ({mode}{'' if ahead else ', no lookahead'})"
+            row = serve_row(tag, plan, reqs, device, doc["h2d_gbps"], stores[key], predictor, lookahead=ahead)
+            run = plan.generation.run
+            row.update(plan_mode=mode, predicted_run_s=run.run_s if run else None, lookahead=ahead,
+                       predicted_run_tokens_per_s=run.tokens_per_s if run else None,
+                       admission=plan.generation.admission)
+            doc["rows"].append(row)
+            write(args.out, "serve.json", doc)
     table(doc)
     run_table(doc)
     return 0
