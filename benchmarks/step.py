@@ -74,7 +74,9 @@ def profile_steps(plan, reqs, device, store, out: Path | None = None, case: str 
     from torch.profiler import ProfilerActivity, profile
 
     tables = {}
-    with Engine(plan, device, store=store) as eng:
+    # Without lookahead: a profiled call of ``step`` then runs exactly its own step (looking ahead, it would hold
+    # the end of one step and the start of the next).
+    with Engine(plan, device, store=store, lookahead=False) as eng:
         for r in reqs:
             eng.add(r)
         eng.step()                                          # first-call costs outside the profile
