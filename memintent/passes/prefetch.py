@@ -77,10 +77,10 @@ def _lay_out_arena(p: Program, k: int, slot_bytes: int, unpack_bytes: int = 0) -
     return first_stream
 
 
-def _place_visits(p: Program, sched: Schedule, sim: SimResult, deq_s: dict[int, float], first_stream: int) -> None:
+def _place_visits(p: Program, sched: Schedule, sim: SimResult, first_stream: int) -> None:
     """Each visit's slot; a streamed one's issue point and predicted arrival against its deadline. A visit is ready
     when its copy has arrived and, if quantized, been unpacked: that is what compute waits for."""
-    arrive = {e.visit: e.end_s + deq_s[e.visit] for e in sim.copies}
+    arrive = {e.visit: e.ready_s for e in sim.copies}
     bmap = p.block_map()
     slots = p.arena.slots
     for i, v in enumerate(p.visits):
@@ -138,12 +138,12 @@ def prefetch(program: Program) -> Program:
     stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
     slot_bytes = stream_slots[0].size_bytes if stream_slots else 0
     unpack_bytes = sum(s.size_bytes for s in p.arena.slots if s.kind == SlotKind.unpack)
-    sched, sim, deq_s = schedule_of(p)
+    sched, sim, _ = schedule_of(p)
     if sched is None:
         raise PassContractError(f"residency chose {len(stream_slots)} stream slot(s), which cannot hold the schedule "
                                 f"of its streamed blocks")
     first_stream = _lay_out_arena(p, sched.k, slot_bytes, unpack_bytes)
-    _place_visits(p, sched, sim, deq_s, first_stream)
+    _place_visits(p, sched, sim, first_stream)
     p.prediction = _prediction(p, sched, sim, slot_bytes)
     return p
 

@@ -74,7 +74,7 @@ class CopySpan:
     issue_s: float
     start_s: float
     end_s: float
-    ready_s: float                # end plus dequantisation, when the block is usable
+    ready_s: float                # usable: arrived and, quantized, unpacked (after its wait stage's entry too)
     issue_stage: int              # == number of stages: issued at the forward's end
     next_forward: bool            # issued in the previous forward's tail
     wait_stage: int
@@ -183,13 +183,13 @@ def _stall_charges(p: Program, sched, entry_s: list[float], ready: dict[int, flo
     return charged
 
 
-def _copy_spans(p: Program, sched, sim, deq_s: dict[int, float], entry_s: list[float]) -> list[CopySpan]:
+def _copy_spans(p: Program, sched, sim, entry_s: list[float]) -> list[CopySpan]:
     """The streamed visits' copies of the steady-state forward, in FIFO order."""
     bmap = p.block_map()
     stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
     first_stream = stream_slots[0].index if stream_slots else 0
     by_visit = {e.visit: e for e in sim.copies}
-    ready = {i: by_visit[i].end_s + deq_s[i] for i in sched.visits}
+    ready = {i: by_visit[i].ready_s for i in sched.visits}
     charged = _stall_charges(p, sched, entry_s, ready)
     copies: list[CopySpan] = []
     unpack_slot = p.unpack_slot() is not None
@@ -268,11 +268,11 @@ def build_timeline(p: Program) -> Timeline:
     if p.arena is None or p.prediction is None or p.hardware is None:
         raise MemintentError(f"{p.name}: the program holds no plan (no arena, prediction or hardware): compile it "
                              "with `memintent compile` first")
-    sched, sim, deq_s = schedule_of(p)
+    sched, sim, _ = schedule_of(p)
     if sched is None:
         raise MemintentError(f"{p.name}: the plan's stream slots cannot hold its streamed visits: recompile it")
     entry_s = [sim.stage_start_s[s] - sim.stage_stall_s[s] for s in range(len(p.stages))]
-    copies = _copy_spans(p, sched, sim, deq_s, entry_s)
+    copies = _copy_spans(p, sched, sim, entry_s)
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
     return Timeline(
         name=p.name, hardware=p.hardware.name, budget_bytes=p.budget_bytes or p.hardware.hbm_bytes,
