@@ -35,6 +35,7 @@ from benchmarks.common import GiB, card_profile, fill, free, header, serve_row, 
 from memintent.compiler.planner import StepPredictor, plan_generation  # noqa: E402
 from memintent.engine import Engine  # noqa: E402
 from memintent.engine.requests import synthetic  # noqa: E402
+from memintent.engine.simulate import simulate_run, workload_of  # noqa: E402
 from memintent.models.refs import resolve  # noqa: E402
 
 
@@ -209,10 +210,14 @@ def section(case: str, args, device, hw, doc) -> None:
     src = resolve(name, dtype="f32" if args.small else None)
     reqs = synthetic(n, (512, 512) if not args.small else (16, 16), (32, 32) if not args.small else (8, 8),
                      src.vocab_size, seed=1)
+    # --plan requests: what `compile --synthetic` plans (serve.py's rows); the streamed case's prompt steps then take
+    # 4784 tokens, more than the stream's time.
+    plan_for_requests = (dict(workload=workload_of(reqs, case), simulate=simulate_run) if args.plan == "requests"
+                         else {})
     plan = plan_generation(name, budget_bytes=budget, hardware=hw, context=544 if not args.small else 32,
                            prompt_len=512 if not args.small else 16, gen_len=32 if not args.small else 8,
                            quant=quant if not args.small else "none", kv_quant=kv_quant, concurrency=concurrency,
-                           dtype="f32" if args.small else None)
+                           dtype="f32" if args.small else None, **plan_for_requests)
     predictor = StepPredictor(plan)
     store, _ = fill(plan, src, device)
     row = serve_row(f"{name} {title}", plan, reqs, device, doc["h2d_gbps"], store, predictor)
@@ -236,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hw", default=None, help="hardware profile (file or built-in name; default: this card's)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler tables")
     ap.add_argument("--case", choices=(*CASES, "both"), default="resident")
+    ap.add_argument("--plan", choices=("steady", "requests"), default="steady",
+                    help="plan for the steady state, or for the case's requests (as serve.py --plan requests)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stops import cut_at_stops
 
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import plan_generation
 from memintent.engine import Engine
 from memintent.engine.requests import synthetic
-from stops import cut_at_stops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
