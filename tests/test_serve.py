@@ -12,19 +12,19 @@ import json
 
 import pytest
 import torch
+from stops import cut_at_stops
 
 from memintent.cli import main
 from memintent.compiler.hardware import BUILTIN
-from memintent.models.plan_model import resident_model
 from memintent.compiler.planner import plan_generation
-from memintent.models.refs import resolve
 from memintent.engine import Engine
 from memintent.engine.reference import reference_logits
 from memintent.engine.requests import synthetic
 from memintent.engine.sampling import SamplingParams
 from memintent.ir.model import Residency
 from memintent.ir.plan_file import save_plan
-from stops import cut_at_stops
+from memintent.models.plan_model import resident_model
+from memintent.models.refs import resolve
 
 CPU = BUILTIN["cpu"]
 REQUESTS = 40
