@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 from memintent.compiler.hardware import load_profile
 from memintent.models.preset import PRESETS
 from memintent.compiler.pipeline import partition, plan_pipeline
+from memintent.compiler.planner import trace_step
+from memintent.models.part import PartSource
+from memintent.models.refs import resolve
 from memintent.passes.verify import verify_pipeline
 from memintent.engine import requests as reqs
 from memintent.engine.core import Engine
@@ -208,3 +211,14 @@ def test_cli_refuses_bad_part_requests_in_one_line(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_part_of_more_than_two_layers_is_traced_as_two_and_folded():
+    # A part holds its layers under their whole-model names (layers "1", "2", "3" of tiny-llama's four): the front
+    # end traces two of them and folds the rest in, as for a whole model; checking that the layers are alike once
+    # indexed the dict by position (KeyError: 0), which failed every part of more than two layers (llama-3-70b over
+    # 2, 4 or 8 GPUs).
+    program = trace_step(PartSource(resolve("tiny-llama"), 1, 4), 8, 2, lambda line: None)
+    assert program.model.traced_layers == 2
+    layers = {o.name.split(".")[1] for o in program.objects if o.kind.value == "weight" and o.name.startswith("layers.")}
+    assert layers == {"1", "2", "3"}

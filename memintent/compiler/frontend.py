@@ -449,8 +449,9 @@ def _layers_alike(layers: nn.Module) -> bool:
         return (tuple((n, type(m).__name__) for n, m in layer.named_modules()),
                 tuple((n, tuple(t.shape)) for n, t in layer.named_parameters()))
 
-    first = signature(layers[0])
-    return all(signature(layer) == first for layer in list(layers)[1:])
+    # children, not indexing: a pipeline part holds its layers in a dict under their whole-model names ("12", ...)
+    first, *rest = (signature(layer) for layer in layers.children())
+    return all(sig == first for sig in rest)
 
 
 def _check_weights_known(protos: list[_Proto], entries: list[tuple[str, tuple[int, ...], str]]) -> None:
