@@ -128,6 +128,27 @@ def test_lookahead_gives_back_every_page_of_a_run_given_up(plan, requests):
         assert eng.pool.used_pages == 0
 
 
+def test_lookahead_aborts_a_request_in_flight_and_serves_the_others(plan, requests, alone):
+    # A client that goes away while its sequence is in the step launched ahead (the server's abort): the sequence is
+    # dropped when that step is recorded, nothing of it comes back, and the others generate what they do alone.
+    mine = requests[:10]
+    with Engine(plan, "cpu", check=True, lookahead=True) as eng:
+        for r in mine:
+            eng.add(r)
+        outs = {}
+        for _ in range(3):
+            outs.update((o.id, o) for o in eng.step())
+        in_flight = [c.seq.request.id for e in eng._inflight.values() for c in e.batch.chunks]
+        assert in_flight, "a step was launched ahead"
+        gone = in_flight[0]
+        assert eng.abort(gone)
+        while eng.has_work:
+            outs.update((o.id, o) for o in eng.step())
+        assert eng.pool.used_pages == 0
+    assert gone not in outs
+    assert {k: o.token_ids for k, o in outs.items()} == {r.id: alone[r.id] for r in mine if r.id != gone}
+
+
 def test_cost_policy_logs_both_predicted_costs(plan, requests):
     lines = []
     outs, stats = _serve(plan, requests, log=lines.append)
