@@ -376,7 +376,7 @@ class Search:
             raise          # a broken pass is a bug, not a candidate that does not fit
         except MemintentError as e:
             return Outcome(shape, None, 0.0, f"does not fit ({str(e).split(':')[0]})")
-        _, sim, _ = schedule_of(p)
+        _, sim = schedule_of(p)
         step_s = sim.step_time_s
         binding = "none" if not sim.copies else ("pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
         return Outcome(shape, p, shape.concurrency / step_s, step_s=step_s, binding=binding)
@@ -886,7 +886,7 @@ class StepPredictor:
                                       attention_kind(self.program.kv_pool))
         shell = self.program.model_copy(update={"stages": [st.model_copy(update={"time_s": t})
                                                            for st, t in zip(self.program.stages, times)]})
-        _, sim, _ = schedule_of(shell)
+        _, sim = schedule_of(shell)
         return sim.step_time_s
 
 

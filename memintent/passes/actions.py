@@ -21,7 +21,7 @@ _KIND_ORDER = {ActionKind.free: 0, ActionKind.copy_start: 1, ActionKind.copy_don
 
 def insert_actions(program: Program) -> Program:
     p = program   # in place: run_passes hands the pipeline its own copy
-    sched, _, _ = schedule_of(p)
+    sched, _ = schedule_of(p)
     fifo = {i: j for j, i in enumerate(sched.visits)}
     actions: list[tuple[tuple, Action]] = []
     for i in sched.visits:

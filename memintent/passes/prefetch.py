@@ -36,16 +36,16 @@ from memintent.units import round_s
 
 
 def schedule_of(p: Program):
-    """Rebuild the schedule, its simulation and each visit's unpacking time (seconds; 0 unquantized) from a program
-    whose residency and stream slots are decided. The schedule and the simulation are None when the stream slots
-    cannot hold the streamed blocks' schedule."""
+    """Rebuild the schedule and its simulation from a program whose residency and stream slots are decided; both
+    None when the stream slots cannot hold the streamed blocks' schedule. Each visit's unpacking time is in the
+    simulation (a copy's ``ready_s``)."""
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
     k = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
     sched = make_schedule(p.stages, p.visits, streamed, k)
     bmap = p.block_map()
     copy_s = {i: copy_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
     deq_s = {i: dequant_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
-    return sched, None if sched is None else simulate(p.stages, p.visits, sched, copy_s, deq_s), deq_s
+    return sched, None if sched is None else simulate(p.stages, p.visits, sched, copy_s, deq_s)
 
 
 def _lay_out_arena(p: Program, k: int, slot_bytes: int, unpack_bytes: int = 0) -> int:
@@ -138,7 +138,7 @@ def prefetch(program: Program) -> Program:
     stream_slots = [s for s in p.arena.slots if s.kind == SlotKind.stream]
     slot_bytes = stream_slots[0].size_bytes if stream_slots else 0
     unpack_bytes = sum(s.size_bytes for s in p.arena.slots if s.kind == SlotKind.unpack)
-    sched, sim, _ = schedule_of(p)
+    sched, sim = schedule_of(p)
     if sched is None:
         raise PassContractError(f"residency chose {len(stream_slots)} stream slot(s), which cannot hold the schedule "
                                 f"of its streamed blocks")

@@ -268,7 +268,7 @@ def build_timeline(p: Program) -> Timeline:
     if p.arena is None or p.prediction is None or p.hardware is None:
         raise MemintentError(f"{p.name}: the program holds no plan (no arena, prediction or hardware): compile it "
                              "with `memintent compile` first")
-    sched, sim, _ = schedule_of(p)
+    sched, sim = schedule_of(p)
     if sched is None:
         raise MemintentError(f"{p.name}: the plan's stream slots cannot hold its streamed visits: recompile it")
     entry_s = [sim.stage_start_s[s] - sim.stage_stall_s[s] for s in range(len(p.stages))]
