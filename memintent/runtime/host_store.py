@@ -83,7 +83,7 @@ def _unregister(base: torch.Tensor) -> None:
     # Runs when the store is collected; ``base`` is kept alive by this finalizer's arguments until then, so the
     # memory is never freed while still registered with the driver.
     try:
-        _cudart().cudaHostUnregister(base.data_ptr())
+        _cudart().cudaHostUnregister(base.untyped_storage().data_ptr())
     except Exception:  # noqa: BLE001 -- the process may be shutting down; nothing useful left to do
         pass
 
@@ -199,8 +199,11 @@ class HostStore:
             total = align_up(total + self._nbytes[name])
         base = _aligned_empty(total)   # uint8 [total] plain host memory, page-locked below
         if total:
-            # flags 0 = cudaHostRegisterDefault; the returned value is a cudaError_t (0 = success)
-            err = _cudart().cudaHostRegister(base.data_ptr(), total, 0)
+            # The whole allocation, from its storage's start (up to ALIGN_BYTES before ``base``): PyTorch asks
+            # whether a tensor is pinned by its storage's start, and a CUDA graph capture copies only from memory
+            # that is. flags 0 = cudaHostRegisterDefault; the returned value is a cudaError_t (0 = success).
+            storage = base.untyped_storage()
+            err = _cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaError {int(err)}")
             self._finalizer = weakref.finalize(self, _unregister, base)
