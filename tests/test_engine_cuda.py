@@ -1,7 +1,7 @@
 """The engine's fast path on a GPU against its reference: the attention kernel (``kv.paged_kernel``, one call per
-layer over the pool) against gather + SDPA, and decode steps replayed as CUDA graphs against the same steps run
-eagerly. Skipped without CUDA (CI has none; the CPU runs the kernel in Triton's interpreter:
-tests/test_engine_kernel.py).
+layer over the pool) against gather + SDPA, and decode steps replayed as CUDA graphs (streamed plans' with their
+copies) against the same steps run eagerly or by the resident engine. Skipped without CUDA (CI has none; the CPU
+runs the kernel in Triton's interpreter: tests/test_engine_kernel.py).
 
 Tolerances: bf16 plans, kernel vs reference: logits within 0.05 (bf16 keeps 8 significant bits: the two backends
 round the softmax weights and the output at different points); float32 plans: identical greedy tokens and logits
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 CUDA = torch.device("cuda")
 
 
-def _plan(dtype: str, kv_quant: str = "none", budget_bytes: int = 64 << 20):
+def _plan(dtype: str, kv_quant: str = "none", budget_bytes: int = 100 << 20, quant: str = "none"):
     return plan_generation("tiny-llama", budget_bytes=budget_bytes, hardware=BUILTIN["h200"], context=48,
-                           prompt_len=8, gen_len=8, quant="none", kv_quant=kv_quant, concurrency=6,
+                           prompt_len=8, gen_len=8, quant=quant, kv_quant=kv_quant, concurrency=6,
                            kv_page_tokens=4, dtype=dtype, max_step_tokens=64)
 
 
@@ -34,14 +34,16 @@ def _run(plan, reqs, **options):
         eng.track = {r.id for r in reqs}
         outs = {o.id: o.token_ids for o in eng.generate(reqs)}
         logits = {k: torch.stack(v) for k, v in eng.tracked_logits.items()}
-        graphed = eng.runners[0].graphs is not None and bool(eng.runners[0].graphs.graphs)
+        g = eng.runners[0].graphs
+        graphed = g is not None and bool(g.graphs) and all(c is not None for c in g.graphs.values())
     return outs, logits, graphed
 
 
 @pytest.mark.parametrize("kv_quant", ["none", "int8"])
 def test_kernel_matches_the_reference_backend(kv_quant):
-    # the cuBLAS workspace (36 MiB) and 1.5 MiB more: some of tiny-llama's blocks stream, so every step is eager
-    plan = _plan("bf16", kv_quant, budget_bytes=int(37.5 * (1 << 20)))
+    # two cuBLAS workspaces (36 MiB each: the engine's stream and the graphs') and 1.5 MiB more: some of
+    # tiny-llama's blocks stream
+    plan = _plan("bf16", kv_quant, budget_bytes=int(73.5 * (1 << 20)))
     assert plan.actions
     reqs = synthetic(16, (3, 40), (2, 10), 512, seed=5)
     ko, kl, _ = _run(plan, reqs, attention="kernel")
@@ -68,6 +70,32 @@ def test_decode_graphs_match_eager_steps():
     assert max(float((gl[i] - el[i]).abs().max()) for i in el) <= 1e-3
 
 
+def test_streamed_decode_graphs_equal_the_resident_engines():
+    # A streamed plan's decode steps replay graphs that hold the plan's copies and events; the resident engine (every
+    # weight on the device, no copies) replays graphs of the same buckets: the same kernels, so bitwise the same.
+    plan = _plan("bf16", budget_bytes=int(73.5 * (1 << 20)))     # two cuBLAS workspaces (72 MiB) + 1.5
+    assert plan.actions, "some blocks stream"
+    reqs = synthetic(20, (3, 30), (4, 12), 512, seed=9)
+    so, sl, graphed = _run(plan, reqs)
+    ro, rl, resident_graphed = _run(plan, reqs, resident=True)
+    assert graphed and resident_graphed, "both engines replayed every bucket's graph"
+    assert so == ro
+    assert all(torch.equal(sl[i], rl[i]) for i in rl)
+
+
+def test_streamed_int8_decode_graphs_match_eager_steps():
+    # int8 weights stream packed and are unpacked on arrival, inside the graph; float32 so that only the bucket's
+    # padding separates the two runs (see the module's tolerances).
+    plan = _plan("f32", budget_bytes=74 << 20, quant="int8")
+    assert plan.actions and any(b.quant.value == "int8" for b in plan.blocks)
+    reqs = synthetic(20, (3, 30), (4, 12), 512, seed=10)
+    go, gl, graphed = _run(plan, reqs, graphs=True)
+    eo, el, _ = _run(plan, reqs, graphs=False)
+    assert graphed, "decode steps were replayed from CUDA graphs"
+    assert go == eo
+    assert max(float((gl[i] - el[i]).abs().max()) for i in el) <= 1e-3
+
+
 @pytest.mark.parametrize("case", ["resident-f32", "streamed-bf16"])
 def test_lookahead_generates_what_the_engine_without_it_does(case):
     # Looking ahead, a step is launched before the host read its sequences' last tokens: they are copied on the
@@ -78,7 +106,7 @@ def test_lookahead_generates_what_the_engine_without_it_does(case):
         plan = _plan("f32")
         assert not plan.actions
     else:
-        plan = _plan("bf16", budget_bytes=int(37.5 * (1 << 20)))     # cuBLAS workspace 36 MiB + 1.5
+        plan = _plan("bf16", budget_bytes=int(73.5 * (1 << 20)))     # two cuBLAS workspaces (72 MiB) + 1.5
         assert plan.actions, "some blocks stream"
     reqs = synthetic(20, (3, 30), (4, 12), 512, seed=8)
     with Engine(plan, CUDA, preempt="recompute", lookahead=False) as eng:
@@ -115,7 +143,7 @@ def test_nothing_compiles_or_captures_inside_the_run(case):
         plan = _plan("bf16")
         assert not plan.actions
     else:
-        plan = plan_generation("tiny-llama", budget_bytes=int(37.5 * (1 << 20)), hardware=BUILTIN["h200"],
+        plan = plan_generation("tiny-llama", budget_bytes=int(73.5 * (1 << 20)), hardware=BUILTIN["h200"],
                                context=48, prompt_len=8, gen_len=8, quant="int8", kv_quant="int8", concurrency=6,
                                kv_page_tokens=4, dtype="bf16", max_step_tokens=64)
         assert plan.actions and any(b.quant.value == "int8" for b in plan.blocks)
@@ -133,5 +161,4 @@ def test_nothing_compiles_or_captures_inside_the_run(case):
     assert len(outs) == len(reqs)
     assert compiled == [], f"compiled inside the run: {compiled}"
     assert after == captured, "no decode graph was captured inside the run"
-    if case == "resident":
-        assert captured and all(g is not None for g in captured.values())
+    assert captured and all(g is not None for g in captured.values()), "every bucket captured, streamed or not"

@@ -452,3 +452,40 @@ def test_second_attach_is_refused_until_detach():
     with attach(model, prove(plan), "cpu", host_store=h.host_store):   # re-attach, reusing the filled host store
         with torch.no_grad():
             assert torch.equal(model(ids(1)), toy()(ids(1)))
+
+
+def test_a_captured_forward_leaves_the_engine_as_it_found_it():
+    # A forward captured as a CUDA graph (engine/graphs.py) runs its hooks as a steady-state forward: on the CPU
+    # backend it runs eagerly, so its logits show it read every weight the plan's way; what the forwards before it
+    # left in flight (the next-forward copies its predecessor issued) is restored after it, and it has no statistics.
+    ref = toy()
+    model = copy.deepcopy(ref)
+    plan = plan_for(model, LAYERS, 2)
+    tail = sum(b.size_bytes for b in plan.blocks
+               if any(a.kind == ActionKind.copy_start and a.next_forward and a.block == b.name for a in plan.actions))
+    assert tail > 0, "the plan copies the next forward's first visits in its tail"
+    h = attach(model, prove(plan), "cpu")
+    with pytest.raises(MemintentError, match="after a whole forward"), h.capturing():
+        pass
+    with torch.no_grad():
+        assert torch.equal(model(ids(1)), ref(ids(1)))
+        arrival, pending = h.engine.arrival, h.engine._next
+        with h.capturing():
+            assert h.engine.capturing
+            assert torch.equal(model(ids(2)), ref(ids(2)))
+        assert not h.engine.capturing
+        assert h.engine.arrival is arrival and h.engine._next is pending
+        assert torch.equal(model(ids(3)), ref(ids(3)))
+        with h.replaying():      # what a replay leaves: the graph copied the next forward's first visits itself
+            pass
+        assert torch.equal(model(ids(4)), ref(ids(4)))
+    per_forward = streamed_bytes_per_forward(plan)
+    assert [s.bytes_copied for s in h.stats()] == [per_forward, per_forward, per_forward - tail]
+    h.detach()
+    checked = copy.deepcopy(ref)
+    h = attach(checked, prove(plan_for(checked, LAYERS, 2)), "cpu", check=True)
+    with torch.no_grad():
+        checked(ids(1))
+    with pytest.raises(MemintentError, match="checked mode"), h.capturing():
+        pass
+    h.detach()

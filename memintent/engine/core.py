@@ -66,7 +66,7 @@ class RunOptions:
     resident: bool = False        # the reference engine: every weight on the device (one plan, not a pipeline)
     log: Callable[[str], None] | None = None   # called with one line per preemption decision
     attention: str = "auto"       # "kernel" (Triton, CUDA), "reference" (gather + SDPA), "auto": the kernel on CUDA
-    graphs: bool = True           # decode steps of a plan that streams nothing replay CUDA graphs (CUDA only)
+    graphs: bool = True           # decode steps replay CUDA graphs (CUDA, outside checked mode)
     lookahead: bool | None = None  # launch the next step before reading this one's tokens (None: on CUDA, one part)
 
 

@@ -1,17 +1,20 @@
 """Decode steps as CUDA graphs: the plan is static, so a decode step of ``S`` sequences is the same kernels every
-time, on the same weights, pool and buffers; only its integers change (token ids, positions, page tables).
+time, on the same weights, pool and buffers; only its integers change (token ids, positions, page tables). A plan
+that streams is no exception: each visit's copy lands in the slot the plan gives it, the same slot every step, so
+the graph holds the plan's copies on the copy stream, the events that order them against compute, the
+dequantizations and the compute (``StreamedModel.capturing``; spec/runtime.md, "Captured steps").
 
 One graph per bucket of sequences (1, 2, 4, ... up to the plan's ``max_seqs``): a step of ``S`` sequences pads to
 the smallest bucket ``B >= S``. Its integers are staged into device buffers whose addresses never change (one per
 bucket: ``MetaStaging`` keys them), the padding tokens write their keys and values nowhere (page -1) and attend to
 nothing (empty tiles), and their logit rows are dropped. Every bucket is captured when the runner starts
-(``capture_all``), on a step of padding only: one eager run (kernel selection, allocations), then the capture from
-the same buffers. Capturing inside the run made its first decode step of each size several times its length
-(0.73 s against 36 ms for opt-30b on the H200), a cost the plan's prediction of the run does not carry.
+(``capture_all``), on a step of padding only: one eager run (kernel selection, allocations; a streamed plan's
+forward before the captured one copies in the visits it reads first), then the capture from the same buffers.
+Capturing inside the run made its first decode step of each size several times its length (0.73 s against 36 ms
+for opt-30b on the H200), a cost the plan's prediction of the run does not carry.
 
-Only plans that stream nothing are captured (``ModelRunner`` decides): a plan's copies are issued from Python hooks
-between layers, which a replay would not run. Prompt-heavy and mixed steps run eagerly. A capture that fails (a model
-whose forward synchronizes with the host) leaves that bucket eager, with one warning.
+Prompt-heavy and mixed steps run eagerly; so does every step in checked mode. A capture that fails (a model whose
+forward synchronizes with the host) leaves that bucket eager, with one warning.
 """
 
 from __future__ import annotations
@@ -102,17 +105,22 @@ class DecodeGraphs:
             fill(ids[0])
             return self.runner.run_model(ids, positions, rows, meta)[:s]
         fill(self._upload(lists, b))
-        captured.graph.replay()
+        r = self.runner
+        with r.handle.replaying() if r.handle is not None else contextlib.nullcontext():
+            captured.graph.replay()
         return captured.logits[:s]
 
     def _capture(self, b: int, ids, positions, rows, meta: StepMeta) -> _Captured | None:
         r = self.runner
-        paused = r.handle.hooks_paused() if r.handle is not None else contextlib.nullcontext()
         graph = torch.cuda.CUDAGraph()
         try:
-            with paused, torch.cuda.graph(graph, pool=self.pool):
+            # the handle's capture inside the graph's: the copy stream forks from and joins the capturing stream
+            with (torch.cuda.graph(graph, pool=self.pool),
+                  r.handle.capturing() if r.handle is not None else contextlib.nullcontext()):
                 logits = r.run_model(ids, positions, rows, meta)
         except RuntimeError as e:
+            if r.handle is not None:
+                r.handle.reset()       # the forward that failed left its hooks mid-way: the next one starts afresh
             warnings.warn(f"decode steps of {b} sequences run eagerly: capturing them as a CUDA graph failed "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=3)
             return None

@@ -81,9 +81,9 @@ class ModelRunner:
         self.staging = MetaStaging(device, torch.long)             # the step's token integers
         self.meta_staging = MetaStaging(device)                    # the kernel's attention metadata
         self.hole_staging = MetaStaging(device, torch.long)        # where a step's carried tokens go
-        # Decode steps as CUDA graphs where nothing streams: a plan with actions issues its copies from Python hooks
-        # that a replay would skip, and checked mode poisons slots between steps (spec/runtime.md).
-        capturable = device.type == "cuda" and self.kernel and not program.actions and not check
+        # Decode steps as CUDA graphs, streamed or not (a capture holds the plan's copies); not in checked mode,
+        # whose frees poison slots (spec/runtime.md, "Captured steps").
+        capturable = device.type == "cuda" and self.kernel and not check
         self.graphs = DecodeGraphs(self, program.generation.max_seqs) if graphs and capturable else None
         self.warm_s = self._warm() if device.type == "cuda" else 0.0
 
@@ -218,7 +218,7 @@ class ModelRunner:
     def forward(self, batch: Batch, hidden: torch.Tensor | None = None, carried: Carried | None = None) -> torch.Tensor:
         """Move the step's pages and run it: logits (S, vocab); a pipeline part before the last returns its hidden
         states (1, T, dim) instead, and one after the first takes the previous part's as ``hidden``. A decode step
-        of a plan that streams nothing replays its bucket's CUDA graph (``DecodeGraphs``). ``carried``: the step
+        replays its bucket's CUDA graph (``DecodeGraphs``). ``carried``: the step
         before's tokens, still on the device, for the sequences whose last token the host has not read yet."""
         self.move_pages(batch)
         lists = self.lists(batch)

@@ -17,6 +17,11 @@ verifier proved safe at attach (``memintent.passes.verify``: no copy into a slot
 copy, a free only after the visit's copy_done and last reader, one copy per visit), and the executor's hook order
 check guarantees that a forward runs it in plan order or faults before acting. So a race the plan could cause
 cannot reach the engine; the slot state it keeps (``slot_occupant``, ``slot_freed``) is for inspection only.
+
+A forward can also be captured into a CUDA graph (``CopyEngine.begin_capture`` / ``end_capture``, spec/runtime.md
+"Captured steps"): the copy stream forks from the capturing stream at the forward's start and joins it at its end,
+so the graph holds the forward's copies, events and compute and never waits on an event recorded outside it; what
+the forwards before it left in flight is ordered by ``before_replay`` / ``after_replay`` instead.
 """
 
 from __future__ import annotations
@@ -80,6 +85,18 @@ class CpuBackend:
     def sync(self, mark: Any) -> None:
         pass
 
+    def begin_capture(self) -> tuple:
+        return ()   # nothing runs asynchronously: a "captured" forward on the CPU is an eager one
+
+    def end_capture(self, saved: tuple) -> None:
+        pass
+
+    def before_replay(self) -> None:
+        pass
+
+    def after_replay(self) -> None:
+        pass
+
     def elapsed_s(self, a: Any, b: Any) -> float | None:
         return None if a is None or b is None else b - a
 
@@ -108,6 +125,37 @@ class CudaBackend:
 
     def _event(self) -> torch.cuda.Event:
         return self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=self.timing)
+
+    # -- capture and replay (CopyEngine.begin_capture) ----------------------------------------------------------
+    def begin_capture(self) -> tuple:
+        """Called on the capturing stream before a captured forward: the copy stream forks from it (so its copies
+        join the graph, ordered after everything the stream ran before the replay), and events are untimed (a
+        graph's events are not timed). Returns what ``end_capture`` restores."""
+        # ``compute`` too: the captured forward sets it to the capturing stream, which a copy between steps (a page
+        # swap) must not switch back to afterwards.
+        saved = (self.timing, self._pool, self.compute)
+        self.timing, self._pool = False, []
+        fork = torch.cuda.Event()
+        fork.record(torch.cuda.current_stream(self.device))
+        self.copy_stream.wait_event(fork)
+        return saved
+
+    def end_capture(self, saved: tuple) -> None:
+        """Join the copy stream back into the capturing stream (a capture must end where it forked)."""
+        self.timing, self._pool, self.compute = saved
+        join = torch.cuda.Event()
+        join.record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(join)
+
+    def before_replay(self) -> None:
+        """A replay starts after every copy issued on the copy stream before it (the eager forward's next-forward
+        copies the graph's first visits read, and page copies): the graph waits on no event of its own for them."""
+        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+
+    def after_replay(self) -> None:
+        """A copy issued after a replay starts after it: the slot-free events it would wait for were recorded
+        inside the graph, not on the copy stream's timeline."""
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def begin_forward(self) -> Any:
         # The model's kernels go to whatever stream is current when the forward starts; waits and frees must be on it.
@@ -146,6 +194,8 @@ class CudaBackend:
 
     def wait(self, arrived: Any) -> Any:
         c = self.compute
+        if arrived is None:      # copied before a captured forward or a replay: ordered by the replay (see above)
+            return None
         if not self.timing:
             c.wait_event(arrived)
             return None
@@ -312,6 +362,7 @@ class CopyEngine:
         self._count = 0
         self._cur: _Record | None = None
         self._next: _Record | None = None
+        self._captured: tuple | None = None      # while a forward is captured: the state it must leave untouched
         self._clear_state()
 
     def _clear_state(self) -> None:
@@ -372,6 +423,9 @@ class CopyEngine:
         self._cur = rec
 
     def end_forward(self, overhead_s: float, entries: int, max_hook_s: float) -> None:
+        if self._captured is not None:    # a captured forward ran nothing: it has no statistics
+            self._cur = None
+            return
         rec = self._cur
         rec.host_wall_s = perf_counter() - rec.t0
         rec.end = self.backend.end_forward()
@@ -381,6 +435,45 @@ class CopyEngine:
         # Bound the events held by unread statistics; the oldest forward finished long ago, so this rarely blocks.
         while len(self._pending) > self.max_pending:
             self.history.append(self._finalize(self._pending.popleft()))
+
+    # -- capture and replay ---------------------------------------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        return self._captured is not None
+
+    def begin_capture(self) -> None:
+        """The next forward is captured into a CUDA graph (spec/runtime.md, "Captured steps"). It is a steady-state
+        forward: its first visits were copied by the forward before it (a replay starts after them:
+        ``before_replay``), so it waits for no arrival from outside the graph, and its copies wait for no slot
+        freed outside it (the copy stream forks from the capturing stream). Everything the forwards before it left
+        in flight is set aside and restored by ``end_capture``: a capture runs nothing."""
+        self._captured = (self.arrival, self.slot_free_event, self.slot_occupant, self.slot_freed, self._next,
+                          self._count, self.backend.begin_capture())
+        n = len(self.labels)
+        self.arrival, self.slot_free_event = [None] * n, [None] * self.n_slots
+        self.slot_occupant, self.slot_freed = list(self.slot_occupant), list(self.slot_freed)
+        self._next = None
+
+    def end_capture(self) -> None:
+        """After the captured forward's end, inside the capture: join the copy stream, restore the state."""
+        (self.arrival, self.slot_free_event, self.slot_occupant, self.slot_freed, self._next, self._count,
+         saved) = self._captured
+        self._captured = None
+        self.backend.end_capture(saved)
+
+    def before_replay(self) -> None:
+        """Before a captured forward replays: it starts after every copy already issued (see CudaBackend)."""
+        self.backend.before_replay()
+
+    def after_replay(self) -> None:
+        """After a replay: the graph copied its next forward's first visits and joined them, so no arrival issued
+        before it is waited for again (the next forward's statistics do not count those copies), and the next copy
+        starts after the replay."""
+        self.backend.after_replay()
+        if self._next is not None:
+            self.backend.recycle(self._marks(self._next))
+            self._next = None
+        self.arrival = [None] * len(self.labels)
 
     def reset(self) -> None:
         """Forget all in-flight state (after an aborted forward, or on request): wait for the device, drop

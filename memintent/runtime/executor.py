@@ -107,7 +107,6 @@ class StreamedModel:
         self.dequant_backend = dequant_backend
         self._hooks: list[Any] = []
         self._detached = False
-        self._paused = False
 
         self._check_model(model_checked)    # the model against the plan
         pred = program.prediction
@@ -358,8 +357,6 @@ class StreamedModel:
     def _stage_hook(self, mid: int) -> Callable:
         # Kept lean: this runs once per stage per forward (measured in ForwardStats.host_overhead_s).
         def hook(module: torch.nn.Module, args: Any) -> None:
-            if self._paused:
-                return
             t0 = perf_counter()
             w0 = self.backend.sync_work_s
             pos = self._pos
@@ -406,8 +403,6 @@ class StreamedModel:
                            f"{st.module!r} (block {st.block!r}) at stage {s}")
 
     def _root_pre(self, module: torch.nn.Module, args: Any, kwargs: dict) -> None:
-        if self._paused:
-            return
         why = proven_shape_error(self.program, _tensor_shapes(args, kwargs))
         if why is not None:
             raise MemintentError(why)
@@ -430,8 +425,6 @@ class StreamedModel:
         self._max_hook_s = max(self._max_hook_s, dt)
 
     def _root_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self._paused:
-            return
         t0 = perf_counter()
         w0 = self.backend.sync_work_s
         if self._pos != self._n_hooked:
@@ -455,16 +448,34 @@ class StreamedModel:
         return self.model(*args, **kwargs)
 
     @contextlib.contextmanager
-    def hooks_paused(self):
-        """Run the model with the hooks idle: only for a plan with no actions (nothing streams, nothing to order),
-        e.g. to capture its forward as a CUDA graph, where per-forward Python bookkeeping would be frozen."""
-        if self.program.actions or self.check:
-            raise MemintentError("hooks can only be paused for a plan that streams nothing, outside checked mode")
-        self._paused = True
+    def capturing(self):
+        """Run one forward inside it to capture it as a CUDA graph (enter it inside ``torch.cuda.graph``): the
+        forward's hooks run as in any steady-state forward, so the graph holds the plan's copies, events,
+        dequantizations and compute, with every weight arriving in the slot the plan gives its visit, the same slot
+        every step (spec/runtime.md, "Captured steps"). A forward must have run before (the captured one reads the
+        visits that forward's end copied in), and the plan must not be in checked mode (whose frees would poison
+        slots inside the graph where the engine expects them between steps)."""
+        if self.check:
+            raise MemintentError("a forward in checked mode is not captured: run it eagerly")
+        if not self._primed or self._in_forward:
+            raise MemintentError("capture a forward after a whole forward has run (it reads what that one copied)")
+        self.engine.begin_capture()
         try:
             yield self
         finally:
-            self._paused = False
+            self.engine.end_capture()
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Around a captured forward's replay: it starts after every copy issued before it and the next copy starts
+        after it (``CopyEngine.before_replay`` / ``after_replay``)."""
+        if self._in_forward:
+            raise MemintentError("a captured forward replays between forwards, not inside one")
+        self.engine.before_replay()
+        try:
+            yield self
+        finally:
+            self.engine.after_replay()
 
     def reset(self) -> None:
         """Wait for in-flight copies and forget all slot/visit state; the next forward behaves as a first one
