@@ -25,6 +25,7 @@ Prints a table last and writes serve.json under --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lookahead", choices=tuple(LOOKAHEAD), default="on",
                     help="the engine launches each step before reading the last one's tokens (on), or not (off), or "
                          "each case both ways")
+    ap.add_argument("--graphs", choices=tuple(LOOKAHEAD), default="on",
+                    help="decode steps replay CUDA graphs (on), or run eagerly (off), or each case both ways")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -95,11 +98,12 @@ def main(argv=None) -> int:
             stores[key], fill_s = fill(plan, src, device)
             doc.setdefault("host_fill_s", []).append(fill_s)
         predictor = StepPredictor(plan) if args.predict else None
-        for ahead in LOOKAHEAD[args.lookahead]:
-            tag = f"{args.model} {name} ({mode}{'' if ahead else ', no lookahead'})"
-            row = serve_row(tag, plan, reqs, device, doc["h2d_gbps"], stores[key], predictor, lookahead=ahead)
+        for ahead, graphs in itertools.product(LOOKAHEAD[args.lookahead], LOOKAHEAD[args.graphs]):
+            tag = f"{args.model} {name} ({mode}{'' if ahead else ', no lookahead'}{'' if graphs else ', eager'})"
+            row = serve_row(tag, plan, reqs, device, doc["h2d_gbps"], stores[key], predictor, lookahead=ahead,
+                            graphs=graphs)
             run = plan.generation.run
-            row.update(plan_mode=mode, predicted_run_s=run.run_s if run else None, lookahead=ahead,
+            row.update(plan_mode=mode, predicted_run_s=run.run_s if run else None, lookahead=ahead, graphs=graphs,
                        predicted_run_tokens_per_s=run.tokens_per_s if run else None,
                        admission=plan.generation.admission)
             doc["rows"].append(row)
