@@ -200,8 +200,10 @@ CASES = {"resident": ("resident (whole card), concurrency 64", None, "none", "no
 SMALL_BUDGET_BYTES = {"resident": 64 << 20, "streamed": 4 << 20}   # tiny-llama f32: all resident; some streamed
 
 
-def section(case: str, args, device, hw, doc) -> None:
+def section(case: str, args, device, hw, doc, max_step_tokens: int | None = None) -> None:
     title, budget, quant, kv_quant, n, concurrency = CASES[case]
+    if max_step_tokens:
+        title += f", steps of at most {max_step_tokens} tokens"
     name = "tiny-llama" if args.small else "opt-30b"
     if args.small:
         budget = SMALL_BUDGET_BYTES[case]
@@ -217,7 +219,8 @@ def section(case: str, args, device, hw, doc) -> None:
     plan = plan_generation(name, budget_bytes=budget, hardware=hw, context=544 if not args.small else 32,
                            prompt_len=512 if not args.small else 16, gen_len=32 if not args.small else 8,
                            quant=quant if not args.small else "none", kv_quant=kv_quant, concurrency=concurrency,
-                           dtype="f32" if args.small else None, **plan_for_requests)
+                           dtype="f32" if args.small else None, max_step_tokens=max_step_tokens,
+                           **plan_for_requests)
     predictor = StepPredictor(plan)
     store, _ = fill(plan, src, device)
     row = serve_row(f"{name} {title}", plan, reqs, device, doc["h2d_gbps"], store, predictor)
@@ -243,16 +246,18 @@ def main(argv=None) -> int:
     ap.add_argument("--case", choices=(*CASES, "both"), default="resident")
     ap.add_argument("--plan", choices=("steady", "requests"), default="steady",
                     help="plan for the steady state, or for the case's requests (as serve.py --plan requests)")
+    ap.add_argument("--max-step-tokens", type=int, nargs="+", default=[None],
+                    help="cap a step's tokens (the planner's choice otherwise); several: one row each")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     hw = card_profile(device, spec=args.hw)
     doc = header(device, hw)
-    for case in (CASES if args.case == "both" else (args.case,)):
-        section(case, args, device, hw, doc)
+    for case, cap in itertools.product(CASES if args.case == "both" else (args.case,), args.max_step_tokens):
+        section(case, args, device, hw, doc, cap)
     print(f"\n{doc['device']}, profile {hw.name}")
     for r in doc["rows"]:
-        print(f"{r['case']}: run {r['total_s']:.2f} s ({r['tokens_per_s']:.1f} tok/s), {r['streamed_blocks']} blocks "
+        print(f"{r['case']}: run {r['total_s']:.3f} s, {r['step_tokens']} tokens/step ({r['tokens_per_s']:.1f} tok/s), {r['streamed_blocks']} blocks "
               f"streamed, peak {(r['peak_hbm_bytes'] or 0) / GiB:.2f} GiB of {r['budget_bytes'] / GiB:.2f}")
         for k, h in (r.get("host_split") or {}).items():
             print(f"  {k} step host split (mean us): " + ", ".join(f"{n} {v:.0f}" for n, v in h.items()))
