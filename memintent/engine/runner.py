@@ -82,8 +82,9 @@ class ModelRunner:
         self.meta_staging = MetaStaging(device)                    # the kernel's attention metadata
         self.hole_staging = MetaStaging(device, torch.long)        # where a step's carried tokens go
         # Decode steps as CUDA graphs, streamed or not (a capture holds the plan's copies); not in checked mode,
-        # whose frees poison slots (spec/runtime.md, "Captured steps").
-        capturable = device.type == "cuda" and self.kernel and not check
+        # whose frees poison slots, nor for a pipeline part, whose steps take or give hidden states (spec/runtime.md,
+        # "Captured steps").
+        capturable = device.type == "cuda" and self.kernel and not check and not program.model.part
         self.graphs = DecodeGraphs(self, program.generation.max_seqs) if graphs and capturable else None
         self.warm_s = self._warm() if device.type == "cuda" else 0.0
 
