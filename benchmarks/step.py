@@ -257,8 +257,8 @@ def main(argv=None) -> int:
         section(case, args, device, hw, doc, cap)
     print(f"\n{doc['device']}, profile {hw.name}")
     for r in doc["rows"]:
-        print(f"{r['case']}: run {r['total_s']:.3f} s, {r['step_tokens']} tokens/step ({r['tokens_per_s']:.1f} tok/s), {r['streamed_blocks']} blocks "
-              f"streamed, peak {(r['peak_hbm_bytes'] or 0) / GiB:.2f} GiB of {r['budget_bytes'] / GiB:.2f}")
+        print(f"{r['case']}: run {r['total_s']:.3f} s, {r['step_tokens']} tokens/step ({r['tokens_per_s']:.1f} "
+              f"tok/s), {r['streamed_blocks']} blocks streamed, peak {(r['peak_hbm_bytes'] or 0) / GiB:.2f} GiB of {r['budget_bytes'] / GiB:.2f}")
         for k, h in (r.get("host_split") or {}).items():
             print(f"  {k} step host split (mean us): " + ", ".join(f"{n} {v:.0f}" for n, v in h.items()))
         for k, v in r["kinds"].items():
