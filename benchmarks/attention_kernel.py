@@ -260,6 +260,35 @@ def sdpa_variants(case: Case, s: Setup, dev, ref, floor_s) -> None:
             torch.backends.cuda.enable_cudnn_sdp(prev)
 
 
+def varlen_variant(case: Case, s: Setup, dev, ref, floor_s) -> None:
+    """torch's varlen flash attention (``torch.nn.attention.varlen``) over keys and values already contiguous, as a
+    whole prompt's are in its own step (the step computed them; nothing read from the pool): what prompt tiles
+    could reach outside the pool. Only for cases made of whole prompts in the model's dtype (H48: no faster than
+    the kernel's prompt tiles on 512-token prompts)."""
+    if case.quantized or any(n != c for n, c in case.seqs):
+        return
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    pages = [t[p // PT] for (_, c), t in zip(case.seqs, s.tables) for p in range(c)]
+    slots = [p % PT for _, c in case.seqs for p in range(c)]
+    pages, slots = torch.tensor(pages, device=dev), torch.tensor(slots, device=dev)
+    k = s.views.keys[1][pages, slots].contiguous()                              # (T, KV, hd)
+    v = s.views.values[1][pages, slots].contiguous()                            # (T, KV, hd)
+    q = s.q4[0].transpose(0, 1).contiguous()                                    # (T, H, hd)
+    lens = [n for n, _ in case.seqs]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=dev)   # (seqs + 1,)
+    signature = inspect.signature(varlen_attn)
+    causal = {"is_causal": True} if "is_causal" in signature.parameters else {"window_size": (-1, 0)}
+
+    def layer():
+        return varlen_attn(q, k, v, cu, cu, max(lens), max(lens), scale=s.scale, **causal)        # (T, H, hd)
+
+    variant(case, "varlen flash, the step's own contiguous keys", layer, dev, ref, floor_s,
+            signature=str(signature)[:300])
+
+
 def flex_variant(case: Case, s: Setup, dev, ref, floor_s) -> None:
     """FlexAttention over the step's keys gathered once per layer into one packed sequence, a document-causal block
     mask built once per step (timed apart: it is shared by the layers)."""
@@ -496,6 +525,7 @@ def main() -> None:
             case.rows.append(dict(case=case.name, variant="(setup)", error=f"{type(e).__name__}: {e}"[:300]))
         doc["cases"].append(case)
     phase("kernel, graph, gather + SDPA", prepared, core, dev)
+    phase("varlen flash", prepared, lambda p, d: varlen_variant(p.case, p.setup, d, p.ref, p.floor_s), dev)
     if not KERNEL_ONLY:
         phase("FlexAttention", prepared, lambda p, d: flex_variant(p.case, p.setup, d, p.ref, p.floor_s), dev)
     if args.write:

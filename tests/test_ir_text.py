@@ -315,6 +315,7 @@ program @toy {
     compute_s = 9e-06
     stall_s = 1.5e-06
     streamed_bytes = 8192
+    stored_bytes = 0
     floor_s = 9e-06
     resident_bytes = 32768
     stream_slot_bytes = 8192

@@ -166,6 +166,11 @@ def break_resident_unquantized(p):
     next(b for b in p.blocks if b.name == "embed").quant = Quant.int8
 
 
+def break_hbm_store(p):
+    stream = next(s.index for s in p.arena.slots if s.kind == SlotKind.stream)
+    next(b for b in p.blocks if b.quant != Quant.none).slot = stream
+
+
 def break_transfer_bytes(p):
     next(b for b in p.blocks if b.quant != Quant.none).transfer_bytes -= 256
 
@@ -284,6 +289,7 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
     "resident-slots": ("stream", break_resident_slots,
         r"resident block '.+' names slot \d+, which is not a resident slot"),
     "resident-unquantized": ("int8", break_resident_unquantized, r"resident block 'embed' is quantized \(int8\)"),
+    "hbm-store": ("int8", break_hbm_store, r"streamed block '.+' names slot \d+, which is not a store slot"),
     "transfer-bytes": ("int8", break_transfer_bytes,
         r"the plan's transfer_bytes \d+ differ from the runtime's packed layout of \d+ bytes"),
     "stream-slots-fit": ("int8", break_stream_slots_fit,

@@ -439,13 +439,19 @@ def _pick(outs: list[Outcome], kv_quant: str) -> Outcome:
     return max(feasible, key=lambda o: o.tokens_per_s)
 
 
+def streamed_note(plan: Program) -> str:
+    """"N blocks streamed", with how many of them copy from the HBM store."""
+    streamed = sum(1 for b in plan.blocks if b.residency == Residency.streamed)
+    stored = sum(1 for b in plan.blocks if b.in_hbm_store)
+    return f"{streamed} blocks streamed" + (f" ({stored} from the HBM store)" if stored else "")
+
+
 def _describe(o: Outcome, chosen: Outcome) -> str:
     s = o.shape
     head = f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_pages} blocks, {s.step_tokens} tokens/step)"
     if o.plan is None:
         return f"{head}: {o.why}"
-    streamed = sum(1 for b in o.plan.blocks if b.residency == Residency.streamed)
-    return (f"{head}: {o.tokens_per_s:.2f} tok/s, step {o.step_s * 1e3:.1f} ms, {streamed} blocks streamed, binds "
+    return (f"{head}: {o.tokens_per_s:.2f} tok/s, step {o.step_s * 1e3:.1f} ms, {streamed_note(o.plan)}, binds "
             f"{o.binding} (below the chosen {chosen.tokens_per_s:.2f})")
 
 
@@ -672,7 +678,7 @@ class RunSearch:
         first_attn = int(next((i for i, n in enumerate(self.ops.attn_per_stage) if n), 0))
         bmap = p.block_map()
         streamed = sum(bmap[v.block].transfer_bytes or 0 for v in p.visits
-                       if bmap[v.block].residency == Residency.streamed)
+                       if bmap[v.block].residency == Residency.streamed and not bmap[v.block].in_hbm_store)
         shell = Program.model_construct(**{**dict(p), "shape": RunShape(batch=1, seq=s.step_tokens), "kv_pool": pool})
         evict_s, recompute_s = kv_block_costs(shell, compute_s)
         kv = Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8", shape=[pool.num_pages, pool.page_bytes],
@@ -848,9 +854,8 @@ class RunSearch:
 
     def _describe(self, r: Run, chosen: Run) -> str:
         s = r.outcome.shape
-        streamed = sum(1 for b in r.outcome.plan.blocks if b.residency == Residency.streamed)
         head = (f"{s.concurrency} sequences, {s.kv_quant.value} KV ({s.num_pages} pages), {s.step_tokens} tokens/step, "
-                f"{describe_admission(r.admission, self.class_tokens(r.admission))}, {streamed} blocks streamed")
+                f"{describe_admission(r.admission, self.class_tokens(r.admission))}, {streamed_note(r.outcome.plan)}")
         best_s = chosen.run_s
         if r.sim is None:
             return (f"{head}: not simulated: at least {r.bound_s:.2f} s even at its cheapest step (chosen "

@@ -128,6 +128,7 @@ class SlotKind(str, enum.Enum):
     stream = "stream"
     kv = "kv"
     unpack = "unpack"   # where quantized visits unpack (one at a time): their stream slots hold the packed bytes
+    store = "store"     # a streamed block's packed bytes kept in HBM: its visits copy from here, not from the host
 
 
 class ModelRef(_Model):
@@ -221,7 +222,14 @@ class Block(_Model):
     residency: Residency | None = None
     quant: Quant = Quant.none
     transfer_bytes: NonNeg | None = None   # bytes a visit copies (after quantization); None until costed
-    slot: NonNeg | None = None    # arena slot of a resident block
+    slot: NonNeg | None = None    # arena slot of a resident block, or the store slot of a block in the HBM store
+
+    @property
+    def in_hbm_store(self) -> bool:
+        """A streamed block whose packed bytes stay in HBM (a store slot): each visit still copies them into a
+        stream slot and unpacks them there, but from HBM, not over PCIe. Only a quantized block is stored: an
+        unquantized one would take as many HBM bytes as keeping it resident, and still be copied."""
+        return self.residency == Residency.streamed and self.slot is not None
 
 
 class Stage(_Model):
@@ -275,6 +283,7 @@ class Prediction(_Model):
     compute_s: float
     stall_s: float                # compute waiting on copies, steady state
     streamed_bytes: int           # bytes copied host -> device per forward
+    stored_bytes: int = 0         # the HBM store's slots: packed blocks whose visits copy from HBM
     floor_s: float                # max(streamed bytes / h2d bandwidth, compute)
     resident_bytes: int
     stream_slot_bytes: int

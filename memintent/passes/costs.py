@@ -37,8 +37,12 @@ def transfer_bytes(block: Block, program: Program, objects: dict[str, Object] | 
     return quantized_block_bytes(block, objects if objects is not None else program.object_map())
 
 
-def copy_time_s(block: Block, hw: HardwareProfile) -> float:
-    return hw.copy_latency_s + (block.transfer_bytes or block.size_bytes) / (hw.h2d_gbps * 1e9)
+def copy_time_s(block: Block, hw: HardwareProfile, from_hbm: bool | None = None) -> float:
+    """A visit's copy: over PCIe from pinned host memory, or, for a block in the HBM store (``from_hbm``; None: as
+    the block says), from its store slot, a device-to-device copy that reads and writes each byte in HBM."""
+    from_hbm = block.in_hbm_store if from_hbm is None else from_hbm
+    rate_gbps = hw.hbm_gbps / 2 if from_hbm else hw.h2d_gbps
+    return hw.copy_latency_s + (block.transfer_bytes or block.size_bytes) / (rate_gbps * 1e9)
 
 
 def dequant_time_s(block: Block, hw: HardwareProfile) -> float:

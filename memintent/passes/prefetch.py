@@ -49,16 +49,18 @@ def schedule_of(p: Program):
 
 
 def _lay_out_arena(p: Program, k: int, slot_bytes: int, unpack_bytes: int = 0) -> int:
-    """Resident blocks (in block order), then ``k`` stream slots, the unpack slot (``unpack_bytes``; 0: none), then
-    the KV cache; returns the first stream slot."""
+    """Resident blocks (in block order), the HBM store's slots (blocks ``residency`` stored, in block order), then
+    ``k`` stream slots, the unpack slot (``unpack_bytes``; 0: none), then the KV cache; returns the first stream
+    slot."""
     slots: list[Slot] = []
     off = 0
-    for b in p.blocks:
-        if b.residency == Residency.resident:
-            b.slot = len(slots)
-            slots.append(Slot(index=len(slots), kind=SlotKind.resident, offset_bytes=off,
-                              size_bytes=align_up(b.size_bytes), holds=[b.name]))
-            off += align_up(b.size_bytes)
+    for kind in (SlotKind.resident, SlotKind.store):
+        for b in p.blocks:
+            if (b.residency == Residency.resident) if kind == SlotKind.resident else b.in_hbm_store:
+                size = align_up(b.size_bytes if kind == SlotKind.resident else b.transfer_bytes)
+                b.slot = len(slots)
+                slots.append(Slot(index=len(slots), kind=kind, offset_bytes=off, size_bytes=size, holds=[b.name]))
+                off += size
     first_stream = len(slots)
     for _ in range(k):
         slots.append(Slot(index=len(slots), kind=SlotKind.stream, offset_bytes=off, size_bytes=slot_bytes))
@@ -104,7 +106,8 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
     peak_act = max(prof, default=0)
     bmap = p.block_map()
     slots = p.arena.slots
-    streamed_bytes = sum(bmap[p.visits[i].block].transfer_bytes for i in sched.visits)
+    streamed_bytes = sum(bmap[p.visits[i].block].transfer_bytes for i in sched.visits
+                         if not bmap[p.visits[i].block].in_hbm_store)
     floor = max(streamed_bytes / (p.hardware.h2d_gbps * 1e9), sim.compute_s)
     binding = "none" if not sched.visits else ("pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
     arena_bytes = p.arena.size_bytes
@@ -114,6 +117,7 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
         compute_s=round_s(sim.compute_s), stall_s=round_s(sim.stall_s), streamed_bytes=streamed_bytes,
         floor_s=round_s(floor), host_pinned_bytes=pinned, host_pageable_bytes=pageable,
         resident_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.resident),
+        stored_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.store),
         stream_slot_bytes=slot_bytes * sched.k + sum(s.size_bytes for s in slots if s.kind == SlotKind.unpack),
         kv_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.kv), activation_peak_bytes=peak_act,
         workspace_bytes=workspace, arena_bytes=arena_bytes, peak_hbm_bytes=arena_bytes + peak_act + workspace,

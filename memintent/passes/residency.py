@@ -1,8 +1,9 @@
 """Residency: which blocks stay resident in HBM and how many stream slots the rest take turns in.
 
 Requires: ``costs``; ``program.budget_bytes`` set.
-Ensures: every block has a residency; the stream slots, resident blocks, KV, activation peak and workspace fit
-the budget; ``program.arena`` holds the chosen number of stream slots (offsets are laid out by ``prefetch``).
+Ensures: every block has a residency; the stream slots, resident blocks, the HBM store, KV, activation peak and
+workspace fit the budget; ``program.arena`` holds the chosen number of stream slots and a store slot per stored
+block (offsets are laid out by ``prefetch``).
 
 Policy. HBM first holds what cannot move: the KV cache, the activation peak, the kernel workspace, and blocks that
 are used before any hook can wait for them (weights of the root module). The rest starts streamed, and blocks
@@ -14,9 +15,16 @@ member farthest from the resident ones already chosen, which spreads resident co
 gives the copy engine slack where it needs it. The number of stream slots (the prefetch depth) is chosen by
 running this for every depth from 1 up and keeping the fastest plan (the smaller depth on a tie), so the depth
 trades against resident blocks through the same simulated time.
+
+A quantized streamed block can also be kept in the HBM store (spec/runtime.md, "The HBM store"): its packed bytes
+in a store slot, each visit copying them from there at HBM speed rather than over the host link. That is a second
+move of the same greedy search, weighed the same way (time saved per byte of HBM), and taken only where it saves
+time or copies.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from memintent.errors import MemintentError
 from memintent.ir.model import (
@@ -101,6 +109,16 @@ def stream_arena_bytes(blocks, k: int, shared_unpack: bool) -> tuple[int, int]:
                        [unpack_need_bytes(b) for b in blocks], shared_unpack)
 
 
+class Choice(NamedTuple):
+    """A residency decision: resident blocks, streamed blocks, the streamed blocks kept in the HBM store, and the
+    simulated step time it gives."""
+
+    resident: frozenset
+    streamed: frozenset
+    stored: frozenset
+    time_s: float
+
+
 class _Search:
     def __init__(self, program: Program):
         self.p = program
@@ -112,11 +130,14 @@ class _Search:
         self.need = {b.name: slot_need_bytes(b) for b in program.blocks}
         self.land = {b.name: slot_need_bytes(b, True) for b in program.blocks}
         self.unpack = {b.name: unpack_need_bytes(b) for b in program.blocks}
+        self.packed = {b.name: align_up(b.transfer_bytes or 0) for b in program.blocks}   # a store slot's bytes
         self.nvisits = {b.name: 0 for b in program.blocks}
         for v in program.visits:
             self.nvisits[v.block] += 1
         bmap = program.block_map()
-        self.copy_s = {i: copy_time_s(bmap[v.block], self.hw) for i, v in enumerate(program.visits)}
+        self.copy_s = {i: copy_time_s(bmap[v.block], self.hw, False) for i, v in enumerate(program.visits)}
+        self.store_copy_s = {i: copy_time_s(bmap[v.block], self.hw, True) for i, v in enumerate(program.visits)}
+        self.quantized = {b.name for b in program.blocks if b.quant != Quant.none}
         self.deq_s = {i: dequant_time_s(bmap[v.block], self.hw) for i, v in enumerate(program.visits)}
         self.first_stage = {}
         for v in program.visits:
@@ -128,19 +149,31 @@ class _Search:
         self.need[block.name] = slot_need_bytes(block)
         self.land[block.name] = slot_need_bytes(block, True)
         self.unpack[block.name] = unpack_need_bytes(block)
+        self.packed[block.name] = align_up(block.transfer_bytes or 0)
+        self.quantized.discard(block.name)
+        if block.quant != Quant.none:
+            self.quantized.add(block.name)
         for i, v in enumerate(self.p.visits):
             if v.block == block.name:
-                self.copy_s[i] = copy_time_s(block, self.hw)
+                self.copy_s[i] = copy_time_s(block, self.hw, False)
+                self.store_copy_s[i] = copy_time_s(block, self.hw, True)
                 self.deq_s[i] = dequant_time_s(block, self.hw)
         self._cache.clear()
 
-    def time(self, streamed: frozenset, k: int) -> float | None:
-        key = (streamed, k)
+    def time(self, streamed: frozenset, k: int, stored: frozenset = frozenset()) -> float | None:
+        """The simulated step with ``streamed`` through ``k`` slots, those in ``stored`` copied from the HBM store."""
+        key = (streamed, stored, k)
         if key not in self._cache:
             sched = make_schedule(self.p.stages, self.p.visits, set(streamed), k)
+            copy_s = {i: (self.store_copy_s if v.block in stored else self.copy_s)[i]
+                      for i, v in enumerate(self.p.visits)} if stored else self.copy_s
             self._cache[key] = None if sched is None else simulate(
-                self.p.stages, self.p.visits, sched, self.copy_s, self.deq_s).step_time_s
+                self.p.stages, self.p.visits, sched, copy_s, self.deq_s).step_time_s
         return self._cache[key]
+
+    def whole_time(self, streamed: frozenset, k: int, stored: frozenset) -> float | None:
+        """``time``, or with nothing streamed the stages' compute."""
+        return self.time(streamed, k, stored) if streamed else sum(s.time_s for s in self.p.stages)
 
     def stream_bytes(self, streamed, k: int) -> int:
         """Stream and unpack slots' bytes for ``streamed`` through ``k`` slots (``slot_layout``); never more slots
@@ -150,8 +183,9 @@ class _Search:
                                    [self.unpack[b] for b in streamed], self.shared_unpack)
         return k * slot + unpack
 
-    def memory(self, resident: set[str], streamed: frozenset, k: int) -> int:
-        return sum(self.size[b] for b in resident) + (self.stream_bytes(streamed, k) if streamed else 0)
+    def memory(self, resident: set[str], streamed: frozenset, k: int, stored: frozenset = frozenset()) -> int:
+        return (sum(self.size[b] for b in resident) + sum(self.packed[b] for b in stored)
+                + (self.stream_bytes(streamed, k) if streamed else 0))
 
     def streamable(self, forced: set[str]) -> list[str]:
         """Blocks that may stream: read by some stage and not forced resident (a block no stage reads needs no HBM
@@ -177,7 +211,7 @@ class _Search:
                     best = (resident, streamed, mem)
         return best
 
-    def greedy(self, k: int, forced: set[str], room: int) -> tuple[set[str], frozenset, float] | None:
+    def greedy(self, k: int, forced: set[str], room: int) -> Choice | None:
         resident = set(forced)
         streamed = frozenset(self.streamable(forced))
         if self.memory(resident, streamed, k) > room or self.time(streamed, k) is None:
@@ -186,30 +220,46 @@ class _Search:
             if start is None or start[2] > room:
                 return None
             resident, streamed, _ = start
-        t = self.time(streamed, k) if streamed else sum(s.time_s for s in self.p.stages)
-        while streamed:
-            mem_now = self.memory(resident, streamed, k)
+        now = Choice(frozenset(resident), streamed, frozenset(), self.whole_time(streamed, k, frozenset()))
+        while now.streamed:
+            mem_now = self.memory(now.resident, now.streamed, k, now.stored)
             best, best_key = None, None
-            for cls in self._classes(streamed):
-                b = self._spread_pick(cls, resident)
-                rest = streamed - {b}
-                mem = self.memory(resident | {b}, rest, k)
-                if mem > room:
-                    continue
-                t_new = self.time(rest, k) if rest else sum(s.time_s for s in self.p.stages)
+            for b, move in self._moves(now):
+                mem = self.memory(move.resident, move.streamed, k, move.stored)
+                t_new = None if mem > room else self.whole_time(move.streamed, k, move.stored)
                 if t_new is None:
                     continue
-                gain = (t - t_new) + COPY_PREFERENCE * self.copy_s[self._visit_of(b)] * self.nvisits[b]
+                gain = (now.time_s - t_new) + COPY_PREFERENCE * self._copy_saved_s(b, now, move)
+                if gain <= 0 and b not in move.resident:
+                    continue     # a store slot that saves nothing (device copies no faster than the host link)
                 extra = mem - mem_now
                 key = (float("inf") if extra <= 0 else gain / extra, gain, -self.first_stage.get(b, 0))
                 if best_key is None or key > best_key:
-                    best, best_key, best_t = b, key, t_new
+                    best, best_key = move._replace(time_s=t_new), key
             if best is None:
                 break
-            resident.add(best)
-            streamed = streamed - {best}
-            t = best_t
-        return resident, streamed, t
+            now = best
+        return now
+
+    def _moves(self, now: Choice):
+        """(block, the choice after the move) for each class of streamed blocks: its next block made resident
+        (``_spread_pick``) and, when quantized, its next block kept in the HBM store. A stored block copies its
+        packed bytes from HBM (``costs.copy_time_s``) for a quarter to a half of the HBM that resident weights take,
+        so where PCIe binds it buys the most time per byte; resident blocks then also save the unpacking."""
+        for cls in self._classes(now.streamed):
+            b = self._spread_pick(cls, set(now.resident))
+            yield b, Choice(now.resident | {b}, now.streamed - {b}, now.stored - {b}, 0.0)
+            host = [c for c in cls if c not in now.stored and c in self.quantized]
+            if host:
+                b = self._spread_pick(host, set(now.stored))
+                yield b, Choice(now.resident, now.streamed, now.stored | {b}, 0.0)
+
+    def _copy_saved_s(self, b: str, now: Choice, move: Choice) -> float:
+        """Copy time a visit of ``b`` no longer spends on the copy stream after the move, times its visits."""
+        i = self._visit_of(b)
+        before = self.store_copy_s[i] if b in now.stored else self.copy_s[i]
+        after = 0.0 if b in move.resident else self.store_copy_s[i]
+        return (before - after) * self.nvisits[b]
 
     def _visit_of(self, block: str) -> int:
         return next(i for i, v in enumerate(self.p.visits) if v.block == block)
@@ -221,8 +271,9 @@ class _Search:
                 classes.setdefault((self.size[b.name], self.nvisits[b.name]), []).append(b.name)
         return list(classes.values())
 
-    def _spread_pick(self, cls: list[str], resident: set[str]) -> str:
-        anchors = [self.first_stage[r] for r in resident if r in self.first_stage]
+    def _spread_pick(self, cls: list[str], chosen: set[str]) -> str:
+        """The member of ``cls`` farthest from the blocks already ``chosen`` (resident, or stored)."""
+        anchors = [self.first_stage[r] for r in chosen if r in self.first_stage]
         if not anchors:
             return cls[0]
         return max(cls, key=lambda b: (min(abs(self.first_stage[b] - a) for a in anchors), -self.first_stage[b]))
@@ -233,17 +284,17 @@ def _set_quant(p: Program, block: Block, q: Quant, objects: dict | None = None) 
     block.transfer_bytes = transfer_bytes(block, p, objects)
 
 
-def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: set[str]) -> None:
+def _relax_quant(p: Program, c: Choice, k: int, room: int) -> None:
     """``--quant auto``: starting from int4g everywhere (``starting_quant``), give each streamed block the widest
     bit width (bf16, then int8) that keeps the simulated forward within 1% of the all-int4g time and the plan
     within budget. Each width is weighed by the bytes its packed layout really copies (``costs.transfer_bytes``)
     and its unpacking time. Where PCIe binds nothing widens; where compute hides the copies, blocks go back to
-    bf16 and lose no accuracy."""
+    bf16 and lose no accuracy. Blocks in the HBM store keep their width: the store is sized for it."""
     bmap, objs = p.block_map(), p.object_map()
     search = _Search(p)
-    t_int4 = search.time(streamed, k)
+    t_int4 = search.time(c.streamed, k, c.stored)
     order = {b.name: i for i, b in enumerate(p.blocks)}
-    for name in sorted(streamed, key=order.__getitem__):
+    for name in sorted(c.streamed - c.stored, key=order.__getitem__):
         b = bmap[name]
         if b.quant == Quant.none:
             continue
@@ -251,8 +302,8 @@ def _relax_quant(p: Program, streamed: frozenset, k: int, room: int, resident: s
             old = b.quant
             _set_quant(p, b, q, objs)
             search.requant(b)
-            t = search.time(streamed, k)
-            if t is not None and t <= t_int4 * 1.01 and search.memory(resident, streamed, k) <= room:
+            t = search.time(c.streamed, k, c.stored)
+            if t is not None and t <= t_int4 * 1.01 and search.memory(c.resident, c.streamed, k, c.stored) <= room:
                 break
             _set_quant(p, b, old, objs)
             search.requant(b)
@@ -310,18 +361,17 @@ def _initial_quant(p: Program, quant: str, forced: set[str], vocab: set[str]) ->
 
 
 def _fastest(p: Program, search: _Search, depth: int | None, forced: set[str],
-             room: int) -> tuple[set[str], frozenset, int] | None:
-    """The fastest (resident, streamed, stream slots) over the depths tried, or None when none fits."""
-    chosen, best_t = None, None
+             room: int) -> tuple[Choice, int] | None:
+    """The fastest (choice, stream slots) over the depths tried, or None when none fits."""
+    chosen = None
     for k in ([depth] if depth else range(1, MAX_DEPTH + 1)):
         out = search.greedy(k, forced, room)
         if out is None:
             if chosen is not None:
                 break            # more slots only leave less room from here on
             continue
-        resident, streamed, t = out
-        if best_t is None or t < best_t * (1 - 1e-6):
-            chosen, best_t = (resident, streamed, min(k, len([v for v in p.visits if v.block in streamed]))), t
+        if chosen is None or out.time_s < chosen[0].time_s * (1 - 1e-6):
+            chosen = (out, min(k, len([v for v in p.visits if v.block in out.streamed])))
     return chosen
 
 
@@ -377,13 +427,15 @@ def _set_residencies(p: Program, resident: set[str]) -> None:
     visit. Resident weights stay in the model's dtype: quantizing them would save nothing."""
     for b in p.blocks:
         b.residency = Residency.resident if b.name in resident else Residency.streamed
+        b.slot = None    # resident slots are laid out by prefetch; store slots by _stream_slots
         if b.residency == Residency.resident:
             _set_quant(p, b, Quant.none)
 
 
-def _stream_slots(p: Program, streamed: frozenset, k: int) -> None:
-    """``k`` stream slots sized for the largest streamed visit and, when a streamed block is quantized and one
-    unpack slot serves them all, that slot (offsets are laid out by ``prefetch``)."""
+def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset = frozenset()) -> None:
+    """``k`` stream slots sized for the largest streamed visit, when a streamed block is quantized and one unpack
+    slot serves them all, that slot, and a store slot for each block of ``stored`` (offsets are laid out by
+    ``prefetch``)."""
     bmap = p.block_map()
     quantized = {b for b in streamed if bmap[b].quant != Quant.none}
     slot_bytes, unpack_bytes = stream_arena_bytes((bmap[b] for b in streamed), k,
@@ -391,6 +443,11 @@ def _stream_slots(p: Program, streamed: frozenset, k: int) -> None:
     slots = [Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes) for i in range(k)]
     if unpack_bytes:
         slots.append(Slot(index=k, kind=SlotKind.unpack, offset_bytes=0, size_bytes=unpack_bytes))
+    for b in p.blocks:
+        if b.name in stored:
+            b.slot = len(slots)
+            slots.append(Slot(index=len(slots), kind=SlotKind.store, offset_bytes=0,
+                              size_bytes=align_up(b.transfer_bytes), holds=[b.name]))
     p.arena = Arena(size_bytes=0, alignment_bytes=ALIGN_BYTES, slots=slots)
 
 
@@ -408,23 +465,25 @@ def residency(program: Program, depth: int | None = None, quant: str = "none",
     _initial_quant(p, quant, forced, vocab_blocks(p) if vocab is None else vocab)
     search = _Search(p)
     if sum(search.size.values()) <= room:
-        resident, streamed, k = {b.name for b in p.blocks}, frozenset(), 0
+        c, k = Choice(frozenset(b.name for b in p.blocks), frozenset(), frozenset(), 0.0), 0
     else:
         chosen = _fastest(p, search, depth, forced, room)
         if chosen is None:
             raise _infeasible(p, search, depth, forced, res)
-        resident, streamed, k = chosen
-    _set_residencies(p, resident)
-    if quant == "auto" and streamed:
-        _relax_quant(p, streamed, k, room, resident)
-    _stream_slots(p, streamed, k)
+        c, k = chosen
+    _set_residencies(p, set(c.resident))
+    if quant == "auto" and c.streamed:
+        _relax_quant(p, c, k, room)
+    _stream_slots(p, c.streamed, k, c.stored)
     return p
 
 
-def given_residency(program: Program, streamed: set[str], k: int, quant: Quant = Quant.none) -> Program:
+def given_residency(program: Program, streamed: set[str], k: int, quant: Quant = Quant.none,
+                    stored: set[str] = frozenset()) -> Program:
     """The residency pass with the decision given rather than searched: ``streamed`` blocks stream through ``k``
-    stream slots, at bit width ``quant`` (``block_quant``) where they hold a 2-D weight, and the rest stay resident (tests,
-    experiments and benchmarks that need a particular plan)."""
+    stream slots, at bit width ``quant`` (``block_quant``) where they hold a 2-D weight, those of them in
+    ``stored`` from the HBM store, and the rest stay resident (tests, experiments and benchmarks that need a
+    particular plan)."""
     p = program
     if p.budget_bytes is None:
         p.budget_bytes = p.hardware.hbm_bytes
@@ -433,7 +492,7 @@ def given_residency(program: Program, streamed: set[str], k: int, quant: Quant =
         quantizable = b.name in streamed and any(len(objs[w].shape) == 2 for w in b.weights)
         _set_quant(p, b, block_quant(quant, b.name, vocab) if quantizable else Quant.none, objs)
     _set_residencies(p, {b.name for b in p.blocks} - set(streamed))
-    _stream_slots(p, frozenset(streamed), k)
+    _stream_slots(p, frozenset(streamed), k, frozenset(stored))
     return p
 
 
@@ -453,9 +512,11 @@ def residency_pass(depth: int | None = None, quant: str = "none") -> Pass:
     return Pass("residency", lambda p: residency(p, depth, quant), requires=("costs",), ensures=_ensure)
 
 
-def given_residency_pass(streamed: set[str], k: int, quant: Quant = Quant.none) -> Pass:
+def given_residency_pass(streamed: set[str], k: int, quant: Quant = Quant.none,
+                         stored: set[str] = frozenset()) -> Pass:
     """A residency pass that records a given decision (``given_residency``) under the same contract."""
-    return Pass("residency", lambda p: given_residency(p, streamed, k, quant), requires=("costs",), ensures=_ensure)
+    return Pass("residency", lambda p: given_residency(p, streamed, k, quant, stored), requires=("costs",),
+                ensures=_ensure)
 
 
 RESIDENCY = residency_pass()

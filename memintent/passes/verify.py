@@ -439,6 +439,32 @@ def resident_unquantized(p: Program, f: Facts) -> None:
                  f"dtype (recompile the plan)")
 
 
+@_rule("hbm-store")
+def hbm_store(p: Program, f: Facts) -> None:
+    """A streamed block that names a slot is in the HBM store: quantized (an unquantized block would take the HBM
+    of a resident one and still be copied), with a store slot of its own that holds its packed bytes, which its
+    visits copy from; and every store slot holds such a block."""
+    slots, holder = p.arena.slots, {}
+    for b in p.blocks:
+        if not b.in_hbm_store:
+            continue
+        if not 0 <= b.slot < len(slots) or slots[b.slot].kind != SlotKind.store:
+            fail(f"streamed block {b.name!r} names slot {b.slot}, which is not a store slot of the arena: a streamed "
+                 f"block names a slot only when its packed bytes stay in HBM (recompile the plan)")
+        if b.quant == Quant.none:
+            fail(f"block {b.name!r} is in the HBM store unquantized: only quantized blocks are stored, an "
+                 f"unquantized one stays resident (recompile the plan)")
+        if slots[b.slot].size_bytes < (b.transfer_bytes or 0):
+            fail(f"block {b.name!r} ({b.transfer_bytes} bytes packed) does not fit its store slot {b.slot} "
+                 f"({slots[b.slot].size_bytes} bytes)")
+        if b.slot in holder:
+            fail(f"blocks {holder[b.slot]!r} and {b.name!r} share store slot {b.slot}")
+        holder[b.slot] = b.name
+    empty = next((s.index for s in slots if s.kind == SlotKind.store and s.index not in holder), None)
+    if empty is not None:
+        fail(f"store slot {empty} holds no block of the HBM store (recompile the plan)")
+
+
 @_rule("transfer-bytes")
 def transfer_bytes_match(p: Program, f: Facts) -> None:
     """A block's transfer_bytes is what a visit of it copies: its size in the model's dtype, or, quantized, the

@@ -256,9 +256,10 @@ class ForwardStats:
         took to enqueue the forward, not how long the GPU ran it (see device_s).
     device_s: CUDA with timing: compute-stream time between events recorded at forward start and end (includes
         stalls and any time the GPU waited for the host to enqueue work). None on CPU.
-    bytes_copied / copies: host-to-device copies that serve this forward's visits, wherever they were issued
-        (cross-forward prefetches issued in the previous forward's tail count here), so every forward of a plan
-        reports the same figure.
+    bytes_copied / copies: host-to-device bytes, and the copies of every visit, that serve this forward's visits,
+        wherever they were issued (cross-forward prefetches issued in the previous forward's tail count here), so
+        every forward of a plan reports the same figures. A copy out of the HBM store counts among the copies, and
+        none of its bytes.
     copy_s: CUDA with timing: sum of the copies' durations on the copy stream (copy-engine busy time). CPU: the
         measured synchronous copy time.
     stall_s: CUDA with timing: total time the compute stream was blocked in copy_done waits, measured by events

@@ -243,14 +243,17 @@ class StreamedModel:
 
     def _action_tuple(self, a: Action, vid: int, bi: int) -> tuple:
         """An action as the tuple ``_run`` dispatches on, with every tensor it touches made in advance."""
-        quantized = self.program.blocks[bi].quant != Quant.none
+        b = self.program.blocks[bi]
+        quantized = b.quant != Quant.none
         if a.kind == ActionKind.copy_start:
             size = self._host_bytes[a.block]   # bytes the visit copies: size_bytes, or the packed bytes
             # dst: uint8 [size] in the slot (its start; a quantized block's packed bytes: its end);
-            # src: uint8 [size] host block buffer
+            # src: uint8 [size] host block buffer, or its store slot's bytes for a block in the HBM store
             dst = self._packed_region(bi, a.slot) if quantized else self.arena.slot(a.slot)[:size]
+            src = self.arena.slot(b.slot)[:size] if b.in_hbm_store else self.host_store.buffer(a.block)
             self._bindings(bi, a.slot)   # also where _bind_initial points the block before its first visit
-            return (_START, vid, a.slot, dst, self.host_store.buffer(a.block), size, a.next_forward)
+            # the statistics count host-to-device bytes: a copy out of the HBM store counts none
+            return (_START, vid, a.slot, dst, src, 0 if b.in_hbm_store else size, a.next_forward)
         if a.kind == ActionKind.copy_done:
             return (_DONE, vid, self._bindings(bi, a.slot), bi, self._unpacker(bi, a.slot) if quantized else None)
         # checked mode poisons what the visit held: its stream slot and, unpacked elsewhere, its weights there
@@ -319,6 +322,8 @@ class StreamedModel:
                     rebind(self._tensors[w], typed_view(self.arena.slot(b.slot), o.block_offset_bytes,
                                                         torch_dtype(o.dtype), o.shape))
             elif bi in self._first_slot:
+                if b.in_hbm_store:   # its packed bytes, once: every visit copies them from here
+                    self.arena.slot(b.slot)[:b.transfer_bytes].copy_(self.host_store.buffer(b.name))
                 for t, v in self._views[(bi, self._first_slot[bi][1])]:
                     rebind(t, v)
             else:

@@ -40,7 +40,7 @@ def _print_prediction(p: Program, console: Console) -> None:
         f" (an unpack slot of {fmt_bytes(p.arena.slots[unpack].size_bytes)} among them)" if unpack is not None else "")
     console.print(
         f"budget {fmt_bytes(p.budget_bytes)}: arena {fmt_bytes(pr.arena_bytes)} (resident {fmt_bytes(pr.resident_bytes)}"
-        f", {slots}, KV {fmt_bytes(pr.kv_bytes)}) + "
+        + (f", HBM store {fmt_bytes(pr.stored_bytes)}" if pr.stored_bytes else "") + f", {slots}, KV {fmt_bytes(pr.kv_bytes)}) + "
         f"activations {fmt_bytes(pr.activation_peak_bytes)} (peak at step {pr.peak_step}) + workspace "
         f"{fmt_bytes(pr.workspace_bytes)} = peak {fmt_bytes(pr.peak_hbm_bytes)}")
     console.print(
@@ -51,6 +51,15 @@ def _print_prediction(p: Program, console: Console) -> None:
         console.print(f"note: {note}")
 
 
+def _store_note(p: Program) -> str:
+    """How many streamed blocks copy from the HBM store rather than over PCIe, and its bytes."""
+    stored = [b for b in p.blocks if b.in_hbm_store]
+    if not stored:
+        return ""
+    return (f"; {len(stored)} of them copied from the HBM store ({fmt_bytes(p.prediction.stored_bytes)} packed in "
+            f"HBM), not over PCIe")
+
+
 def _print_generation(p: Program, console: Console) -> None:
     g = p.generation
     streamed = [b for b in p.blocks if b.residency == Residency.streamed]
@@ -59,7 +68,8 @@ def _print_generation(p: Program, console: Console) -> None:
         f"[bold]generation[/bold] ({g.objective}): {g.concurrency} sequences at once, context {g.context}, "
         f"workload prompt {g.prompt_len} + {g.gen_len} generated: predicted {g.tokens_per_s:.2f} tok/s, step "
         f"{fmt_s(g.decode_step_s)}; binding: {g.binding}; streamed blocks by bit width: bf16 {quant['none']}, "
-        f"int8 {quant['int8']}, int4 {quant['int4']}, int4g {quant['int4g']} (policy {g.quant_policy})")
+        f"int8 {quant['int8']}, int4 {quant['int4']}, int4g {quant['int4g']} (policy {g.quant_policy})"
+        + _store_note(p))
     _print_pool(p, console)
     visited = {v.block for v in p.visits}
     if not any(b.name in visited for b in streamed):
@@ -133,7 +143,7 @@ def _visit_row(p: Program, b: Block, v: Visit) -> list[str]:
         issue += " (prev fwd)"
     slack = "-" if v.slack_s is None else f"[red]{fmt_s(v.slack_s)}[/red]" if v.slack_s < 0 else fmt_s(v.slack_s)
     quant = "" if b.quant.value == "none" else "/" + b.quant.value
-    return [b.name, f"streamed{quant}", fmt_bytes(b.size_bytes), fmt_bytes(b.transfer_bytes or b.size_bytes),
+    return [b.name, f"{'HBM store' if b.in_hbm_store else 'streamed'}{quant}", fmt_bytes(b.size_bytes), fmt_bytes(b.transfer_bytes or b.size_bytes),
             str(v.slot), f"{v.first_stage}-{v.last_stage}", issue, fmt_s(v.arrive_s), fmt_s(v.deadline_s), slack]
 
 

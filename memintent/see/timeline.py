@@ -273,7 +273,7 @@ def build_timeline(p: Program) -> Timeline:
         raise MemintentError(f"{p.name}: the plan's stream slots cannot hold its streamed visits: recompile it")
     entry_s = [sim.stage_start_s[s] - sim.stage_stall_s[s] for s in range(len(p.stages))]
     copies = _copy_spans(p, sched, sim, entry_s)
-    streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
+    streamed = {b.name for b in p.blocks if b.residency == Residency.streamed and not b.in_hbm_store}   # over PCIe
     return Timeline(
         name=p.name, hardware=p.hardware.name, budget_bytes=p.budget_bytes or p.hardware.hbm_bytes,
         step_time_s=sim.step_time_s, first_step_time_s=sim.first_step_time_s, compute_s=sim.compute_s,
