@@ -516,21 +516,31 @@ def _use_triton(backend: Backend, src: torch.Tensor, out: torch.Tensor) -> bool:
     return ok
 
 
-_TRITON_BLOCK = 1024   # output columns (int8) or packed bytes (int4, int4g) per program
+_TRITON_BLOCK = 1024   # output columns per program of the int8 kernel
+# Output columns per program of the int4/int4g kernel, with 4 warps: H49 (H200, benchmarks/unpack.py) ran it at
+# 2.5-2.9 TB/s of output on opt-30b's and llama-3-70b's layer shapes (1024 or 2048 columns, or 8 warps: 1.8-2.7;
+# the former kernel of 1024 packed bytes a program and two strided stores: 1.5-1.7).
+_TRITON_INT4_COLUMNS = 4096
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_kernels(interpreting: bool):
-    """(triton, the int8 kernel, the int4/int4g kernel) of ``memintent.runtime.quant_kernels``, compiled for CUDA
-    or, ``interpreting``, for Triton's interpreter. Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so
-    each mode gets its own copy of that module, executed under the mode's name."""
-    import triton  # deferred: heavy, optional
-
+def _triton_kernels_module(interpreting: bool):
+    """``memintent.runtime.quant_kernels``, compiled for CUDA or, ``interpreting``, for Triton's interpreter. Triton
+    reads ``TRITON_INTERPRET`` when a kernel is defined, so each mode gets its own copy of that module, executed
+    under the mode's name."""
     name = f"memintent.runtime._quant_kernels_{'interpreted' if interpreting else 'compiled'}"
     spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("quant_kernels.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return triton, module.dq_int8, module.dq_int4
+    return module
+
+
+def _triton_kernels(interpreting: bool):
+    """(triton, the int8 kernel, the int4/int4g kernel) of ``_triton_kernels_module``."""
+    import triton  # deferred: heavy, optional
+
+    module = _triton_kernels_module(interpreting)
+    return triton, module.dq_int8, module.dq_int4_groups
 
 
 def _triton_dequant_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
@@ -548,12 +558,14 @@ def _triton_dequant_nibbles(packed: torch.Tensor, scales: torch.Tensor, mins: to
     triton, _, dq_int4 = _triton_kernels(triton_interpreting())
     out_ch, in_ch = out.shape
     n_bytes, n_groups = packed.shape[1], scales.shape[1]
-    if group % 2:   # a byte's two columns must share a group: the kernel's j // HALF_GROUP assumes it
-        raise RuntimeFault(f"the int4 kernel needs an even group size, not {group}")
+    half = group // 2
+    if group % 2 or half & (half - 1):   # a byte's two columns share a group; a tile's side is a power of two
+        raise RuntimeFault(f"the int4 kernel needs a group size of twice a power of two (32, 128), not {group}")
     scales = scales.contiguous()
-    grid = (out_ch, triton.cdiv(n_bytes, _TRITON_BLOCK))
+    groups = max(1, _TRITON_INT4_COLUMNS // group)   # groups a program unpacks
+    grid = (out_ch, triton.cdiv(n_groups, groups))
     dq_int4[grid](packed, scales, scales if mins is None else mins.contiguous(), out, in_ch, n_bytes, n_groups,
-                  out.stride(0), BLOCK=_TRITON_BLOCK, HALF_GROUP=group // 2, MINS=mins is not None)
+                  out.stride(0), GROUPS=groups, HALF_GROUP=group // 2, MINS=mins is not None, num_warps=4)
 
 
 def _triton_dequant_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:

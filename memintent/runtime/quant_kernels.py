@@ -40,27 +40,29 @@ def dq_int8(q_ptr, s_ptr, o_ptr, n_cols, q_row_stride, o_row_stride, BLOCK: tl.c
 
 
 @triton.jit
-def dq_int4(p_ptr, s_ptr, m_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_stride, BLOCK: tl.constexpr,
-            HALF_GROUP: tl.constexpr, MINS: tl.constexpr):
-    # One program: one row, BLOCK consecutive packed bytes j -> output columns 2j (low nibble) and 2j+1 (high
-    # nibble), both in group (2j) // (2 * HALF_GROUP) = j // HALF_GROUP. int4: out = float32(nibble - 8) *
-    # float32(scale), exact. int4g (MINS): out = float32(nibble) * float32(scale) + float32(min): the product is
-    # exact, so a fused multiply-add and the torch path's multiply then add give the same float32 sum. Either is
-    # rounded once to the output dtype, as the torch path does.
+def dq_int4_groups(p_ptr, s_ptr, m_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_stride, GROUPS: tl.constexpr,
+                   HALF_GROUP: tl.constexpr, MINS: tl.constexpr):
+    # One program: one row, GROUPS consecutive groups as a (GROUPS, HALF_GROUP) tile of packed bytes, so each
+    # group's scale (and minimum) is loaded once and broadcast, and the two nibbles of a byte are interleaved into
+    # one contiguous (GROUPS, 2 * HALF_GROUP) store of output columns: packed byte j -> columns 2j (low nibble)
+    # and 2j + 1 (high). int4: out = float32(nibble - 8) * float32(scale), exact. int4g (MINS): out =
+    # float32(nibble) * float32(scale) + float32(min): the product is exact, so a fused multiply-add and the torch
+    # path's multiply then add give the same float32 sum. Either is rounded once to the output dtype, as the torch
+    # path does.
     row = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < n_bytes
-    p = tl.load(p_ptr + row * n_bytes + j, mask=mask, other=0).to(tl.int32)
-    g = row * n_groups + j // HALF_GROUP
-    s = tl.load(s_ptr + g, mask=mask, other=0).to(tl.float32)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)                       # (GROUPS,)
+    j = g[:, None] * HALF_GROUP + tl.arange(0, HALF_GROUP)[None, :]            # (GROUPS, HALF_GROUP) packed bytes
+    p = tl.load(p_ptr + row * n_bytes + j, mask=j < n_bytes, other=0).to(tl.int32)
+    s = tl.load(s_ptr + row * n_groups + g, mask=g < n_groups, other=0).to(tl.float32)[:, None]   # (GROUPS, 1)
     if MINS:
-        m = tl.load(m_ptr + g, mask=mask, other=0).to(tl.float32)
+        m = tl.load(m_ptr + row * n_groups + g, mask=g < n_groups, other=0).to(tl.float32)[:, None]
         lo = (p & 15).to(tl.float32) * s + m
         hi = ((p >> 4) & 15).to(tl.float32) * s + m
     else:
         lo = ((p & 15) - 8).to(tl.float32) * s
         hi = (((p >> 4) & 15) - 8).to(tl.float32) * s
-    o_row = o_ptr + row * o_row_stride
-    c = 2 * j
-    tl.store(o_row + c, to_out(lo, o_ptr.dtype.element_ty), mask=mask & (c < n_cols))
-    tl.store(o_row + c + 1, to_out(hi, o_ptr.dtype.element_ty), mask=mask & (c + 1 < n_cols))
+    # (GROUPS, HALF_GROUP, 2) -> (GROUPS, 2 * HALF_GROUP): lo, hi, lo, hi... (tl.interleave, spelled out: the
+    # interpreter cannot call that helper when triton was imported before TRITON_INTERPRET was set)
+    x = tl.reshape(tl.join(lo, hi), (GROUPS, 2 * HALF_GROUP))
+    c = g[:, None] * (2 * HALF_GROUP) + tl.arange(0, 2 * HALF_GROUP)[None, :]  # output columns
+    tl.store(o_ptr + row * o_row_stride + c, to_out(x, o_ptr.dtype.element_ty), mask=c < n_cols)
