@@ -397,8 +397,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     con.print(t)
     con.print(f"profile: h2d {hw.h2d_gbps:.3g} GB/s, d2h {hw.d2h_gbps:.3g} GB/s (largest size); device memory "
               f"{hw.hbm_gbps:.3g} GB/s (read+write); bf16 matmul {hw.bf16_tflops:.3g} TFLOP/s; launch overhead "
-              f"{fmt_s(hw.launch_overhead_s)}; copy latency {fmt_s(hw.copy_latency_s)}; dequant int8->bf16 "
-              f"{hw.dequant_gbps:.3g} GB/s (output bytes); memory {fmt_bytes(hw.hbm_bytes)}")
+              f"{fmt_s(hw.launch_overhead_s)}; copy latency {fmt_s(hw.copy_latency_s)}; unpacking (output bytes) "
+              f"int8 {hw.dequant_gbps:.3g} GB/s, int4g {hw.dequant_int4_gbps:.3g} GB/s; memory "
+              f"{fmt_bytes(hw.hbm_bytes)}")
     t = Table(show_edge=False, header_style="bold", title="matmul TFLOP/s by tokens (sustained)")
     tokens = [int(m) for m, _ in (hw.gemm_shapes[0].tflops if hw.gemm_shapes else [])]
     for col in ("dtype", "in -> out", *map(str, tokens)):

@@ -244,6 +244,7 @@ program @toy {
     launch_overhead_s = 5e-06
     copy_latency_s = 1e-05
     dequant_gbps = 800.0
+    dequant_int4_gbps = 0.0
     workspace_bytes = 33554432
     gemm_tflops = []
     gemm_shapes = [

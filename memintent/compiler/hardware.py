@@ -48,9 +48,12 @@ BUILTIN: dict[str, HardwareProfile] = {
                "ways, 1 GiB device copy, 8192^3 bf16 matmul, int8 -> bf16 dequantisation (Triton), sustained bf16 "
                "and f16 linears of three shapes by tokens, the paged-attention kernel (256 decodes of 200-1024 keys: "
                "2.15 TB/s of keys and values; prompt chunks 172 TFLOP/s); the kernel's decode rates on its other "
-               "paths from run H29 (int8 pages, one query head per KV head: benchmarks/data/h200-profile-h29.json)",
+               "paths from run H29 (int8 pages, one query head per KV head: benchmarks/data/h200-profile-h29.json); "
+               "the unpacking rates from run H50 (2026-12-03, `benchmarks/unpack.py --profile-json`: the profile's "
+               "own measurement, back to back, of the int8 kernel and of the grouped-tile int4g kernel, 8192 x 8192)",
         h2d_gbps=55.3, d2h_gbps=55.2, hbm_gbps=4094.0, bf16_tflops=756.0, hbm_bytes=150109880320,
-        launch_overhead_s=9.8e-6, copy_latency_s=7.2e-6, dequant_gbps=1385.0, workspace_bytes=36 << 20,
+        launch_overhead_s=9.8e-6, copy_latency_s=7.2e-6, dequant_gbps=2453.0, dequant_int4_gbps=2720.0,
+        workspace_bytes=36 << 20,
         # the profile's gemm_tflops is its bf16 8192 -> 28672 entry (profiles that predate the shapes)
         gemm_tflops=_H200_GEMM[1].tflops, gemm_shapes=_H200_GEMM,
         attention_tflops=171.7, attention_gbps=2154.0,

@@ -165,7 +165,8 @@ class HardwareProfile(_Model):
     hbm_bytes: Pos                # device memory capacity
     launch_overhead_s: NonNegF = 5e-6   # host time to launch one kernel (a stage is host-bound past its sum)
     copy_latency_s: NonNegF = 1e-5      # fixed cost per issued copy (descriptor setup, event)
-    dequant_gbps: NonNegF = 0.0         # device rate of int8/int4 -> bf16 dequantisation, in output bytes; 0: unknown
+    dequant_gbps: NonNegF = 0.0         # device rate of int8 -> bf16 unpacking, in output bytes; 0: unknown
+    dequant_int4_gbps: NonNegF = 0.0    # the same for int4/int4g (another kernel); 0: dequant_gbps
     workspace_bytes: NonNeg = 32 << 20   # scratch reserved for kernels (cuBLAS workspace and the like)
     # Matmul rate by the tokens a step multiplies (its rows): [[tokens, TFLOP/s], ...] ascending, measured on shapes of
     # the large models (``memintent profile``); a few tokens run far below ``bf16_tflops``. Empty: bf16_tflops.

@@ -46,9 +46,12 @@ def copy_time_s(block: Block, hw: HardwareProfile, from_hbm: bool | None = None)
 
 
 def dequant_time_s(block: Block, hw: HardwareProfile) -> float:
+    """A quantized visit's unpacking: its bf16 weights written at the profile's rate for its kernel (int8, or
+    int4/int4g), or at half the HBM rate where the profile has none."""
     if block.quant == Quant.none:
         return 0.0
-    rate = hw.dequant_gbps or hw.hbm_gbps / 2
+    four_bit = block.quant in (Quant.int4, Quant.int4g)
+    rate = (four_bit and hw.dequant_int4_gbps) or hw.dequant_gbps or hw.hbm_gbps / 2
     return block.size_bytes / (rate * 1e9)
 
 

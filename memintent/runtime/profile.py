@@ -20,6 +20,8 @@ What is measured (medians of several repetitions after a warm-up; sizes depend o
 * ``dequant_gbps``: int8 -> bf16 with one scale per row (``dequant_int8_rowscale``), in output bytes per second.
   It calls the runtime's dequantisation kernel (``memintent.runtime.quant.dequantize_int8``: Triton on CUDA when
   importable, else torch), falling back to the same arithmetic in plain torch where that module is absent.
+* ``dequant_int4_gbps``: the same for int4g (a scale and a minimum per 32 columns), the runtime's other kernel
+  (``memintent.runtime.quant.dequantize_int4g``), which int4 shares.
 * ``gemm_shapes``: linear layers of a large model's three shapes (CUDA: 8192 -> 8192, 8192 -> 28672, 28672 -> 8192
   features) in bf16 and f16, applied to 1 ... 16384 tokens: the rate by token count that the cost model
   interpolates for a matmul of that dtype and shape (a decode step's few rows read the whole weight for little
@@ -191,13 +193,30 @@ def dequant_int8_rowscale(q: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
 
 
 def measure_dequant_gbps(clock: _Clock, rows: int, cols: int, repeats: int) -> float:
-    """Dequantisation throughput in output (bf16) bytes per second, 1e9 units."""
+    """int8 unpacking throughput in output (bf16) bytes per second, 1e9 units."""
     dev = clock.device
     q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, device=dev)
     scale = torch.rand(rows, dtype=torch.bfloat16, device=dev)
     out = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
-    times = clock.time_s(lambda: dequant_int8_rowscale(q, scale, out), repeats)
-    return rows * cols * 2 / statistics.median(times) / 1e9
+    return rows * cols * 2 / _unpack_s(clock, lambda: dequant_int8_rowscale(q, scale, out), repeats) / 1e9
+
+
+def measure_dequant_int4_gbps(clock: _Clock, rows: int, cols: int, repeats: int) -> float:
+    """int4g unpacking throughput (``memintent.runtime.quant.dequantize_int4g``) in output bytes per second."""
+    dev = clock.device
+    groups = -(-cols // quant.INT4G_GROUP)
+    packed = torch.randint(0, 256, (rows, -(-cols // 2)), dtype=torch.uint8, device=dev)
+    scales = torch.rand(rows, groups, dtype=torch.bfloat16, device=dev)
+    mins = torch.rand(rows, groups, dtype=torch.bfloat16, device=dev)
+    out = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
+    return rows * cols * 2 / _unpack_s(clock, lambda: quant.dequantize_int4g(packed, scales, mins, out), repeats) / 1e9
+
+
+def _unpack_s(clock: _Clock, fn: Callable[[], object], repeats: int) -> float:
+    """Seconds per unpacking, back to back as a step's unpacks run among its kernels. One call timed alone also
+    times the host's launch of it: on the H200 (H50) that read 1444 / 1473 GB/s for int8 / int4g at 8192 x 8192,
+    where the kernels run at 2.5-2.9 TB/s."""
+    return _sustained_s(clock, fn, repeats, 0.02 if clock.cuda else 0.0)
 
 
 def _host_buffer(n: int, cuda: bool) -> torch.Tensor:
@@ -462,6 +481,8 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         launch_s = measure_launch_overhead_s(clock, sz.tiny_ops, sz.repeats)
         say(f"int8 -> bf16 dequantisation {sz.dequant_rows}x{sz.dequant_cols}")
         deq_gbps = measure_dequant_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
+        say(f"int4g -> bf16 dequantisation {sz.dequant_rows}x{sz.dequant_cols}")
+        deq4_gbps = measure_dequant_int4_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
         attn = AttentionRates()
         if clock.cuda and quant.triton_available():
             # Before the matmuls: a decode's attention runs between matmuls at HBM speed, not on a card that a
@@ -481,7 +502,7 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
     where = "pinned host memory, side stream, CUDA events" if clock.cuda else "memcpy between plain tensors"
     source = (f"measured on {name} {date} by memintent profile (torch {torch.__version__}); "
               f"{'quick; ' if quick else ''}copies ({where}) GB/s by size: h2d {rates(h2d)}; d2h {rates(d2h)}; "
-              f"device copy {_fmt_size(sz.device_copy_bytes)}; matmul {sz.matmul_n}^3 bf16; dequant int8->bf16 "
+              f"device copy {_fmt_size(sz.device_copy_bytes)}; matmul {sz.matmul_n}^3 bf16; dequant int8 and int4g->bf16 "
               f"{sz.dequant_rows}x{sz.dequant_cols} ({dequant_kernel_name(dev)}){threads}")
     profile = HardwareProfile(
         name=_slug(name) if clock.cuda else f"cpu-{_slug(name)}",
@@ -489,7 +510,7 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         # The largest block size: weight blocks of the models worth streaming are large.
         h2d_gbps=h2d[-1].gbps, d2h_gbps=d2h[-1].gbps,
         hbm_gbps=dev_gbps, bf16_tflops=tflops, hbm_bytes=int(total_bytes),
-        launch_overhead_s=launch_s, copy_latency_s=copy_latency_s, dequant_gbps=deq_gbps,
+        launch_overhead_s=launch_s, copy_latency_s=copy_latency_s, dequant_gbps=deq_gbps, dequant_int4_gbps=deq4_gbps,
         # Kernel scratch: the default cuBLAS workspace reservation on CUDA; the CPU backend reserves none.
         # cuBLAS workspace (32 MiB) plus the caching allocator's rounding, which W1 showed at 2 MiB on an H100
         workspace_bytes=(36 << 20) if clock.cuda else 0,
