@@ -37,7 +37,7 @@ from memintent.ir.parser import parse
 from memintent.ir.printer import dump
 from memintent.passes import run_passes
 from memintent.passes.actions import ACTIONS
-from memintent.passes.costs import COSTS
+from memintent.passes.costs import COSTS, copy_time_s, dequant_time_s
 from memintent.passes.lifetimes import LIFETIMES
 from memintent.passes.prefetch import PREFETCH
 from memintent.passes.residency import given_residency_pass
@@ -163,3 +163,18 @@ def test_cuda_stored_plan_is_bitwise_the_host_streamed_plan():
         assert [s.bytes_copied for s in h.stats()] == [plan.prediction.streamed_bytes] * 3
         h.detach()
     assert all(torch.equal(a, b) for a, b in zip(*logits))
+
+
+def test_copy_and_unpack_times_follow_where_a_block_comes_from_and_its_kernel():
+    # the cost model's two terms a stored visit changes, against figures worked out by hand
+    hw = BUILTIN["cpu"].model_copy(update={"h2d_gbps": 10.0, "hbm_gbps": 1000.0, "copy_latency_s": 0.0,
+                                           "dequant_gbps": 100.0, "dequant_int4_gbps": 400.0})
+    p = searched()
+    b = next(b for b in p.blocks if b.in_hbm_store and b.quant == Quant.int4g)
+    assert copy_time_s(b, hw) == pytest.approx(b.transfer_bytes / 500e9)            # HBM read + write: 1000 / 2
+    assert copy_time_s(b, hw, from_hbm=False) == pytest.approx(b.transfer_bytes / 10e9)
+    assert dequant_time_s(b, hw) == pytest.approx(b.size_bytes / 400e9)              # the int4g kernel's rate
+    int8 = b.model_copy(update={"quant": Quant.int8})
+    assert dequant_time_s(int8, hw) == pytest.approx(b.size_bytes / 100e9)
+    no_int4_rate = hw.model_copy(update={"dequant_int4_gbps": 0.0})                 # older profiles: one rate
+    assert dequant_time_s(b, no_int4_rate) == pytest.approx(b.size_bytes / 100e9)

@@ -433,7 +433,8 @@ def test_cli_profile_cpu_quick_feeds_compile(tmp_path, capsys):
     hw = load_profile(str(prof))
     assert isinstance(hw, HardwareProfile)
     assert hw.source.startswith("measured on ") and f"by memintent profile (torch {torch.__version__})" in hw.source
-    for rate in (hw.h2d_gbps, hw.d2h_gbps, hw.hbm_gbps, hw.bf16_tflops, hw.dequant_gbps, hw.hbm_bytes):
+    for rate in (hw.h2d_gbps, hw.d2h_gbps, hw.hbm_gbps, hw.bf16_tflops, hw.dequant_gbps, hw.dequant_int4_gbps,
+                 hw.hbm_bytes):
         assert rate > 0
     assert hw.launch_overhead_s > 0 and hw.copy_latency_s > 0 and hw.workspace_bytes == 0
     plan_path = tmp_path / "p.plan.json"
