@@ -66,8 +66,8 @@ from memintent.kv.layout import layout_of
 from memintent.kv.paged_kernel import bucket
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
-from memintent.passes.costs import (AttentionKind, attention_kind, kv_block_costs, launches, matmul_shapes,
-                                   op_time_s, stage_time_s)
+from memintent.passes.costs import (AttentionKind, attention_kind, host_copy_bytes, kv_block_costs, launches,
+                                   matmul_shapes, op_time_s, stage_time_s)
 from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
@@ -676,9 +676,7 @@ class RunSearch:
         times = [st.time_s for st in p.stages]
         compute_s = sum(times)
         first_attn = int(next((i for i, n in enumerate(self.ops.attn_per_stage) if n), 0))
-        bmap = p.block_map()
-        streamed = sum(bmap[v.block].transfer_bytes or 0 for v in p.visits
-                       if bmap[v.block].residency == Residency.streamed and not bmap[v.block].in_hbm_store)
+        streamed = host_copy_bytes(p)
         shell = Program.model_construct(**{**dict(p), "shape": RunShape(batch=1, seq=s.step_tokens), "kv_pool": pool})
         evict_s, recompute_s = kv_block_costs(shell, compute_s)
         kv = Object(name="kv.pool", kind=ObjectKind.kv, dtype="u8", shape=[pool.num_pages, pool.page_bytes],

@@ -17,7 +17,7 @@ import math
 
 from memintent.ir.layout import quantized_block_bytes
 from memintent.ir.model import (PAGED_ATTENTION_OP, Block, HardwareProfile, KVPool, KVQuant, Object, ObjectKind,
-                                Program, Quant)
+                                Program, Quant, Residency)
 from memintent.passes.manager import Pass, ensure
 from memintent.units import round_s
 
@@ -37,6 +37,17 @@ def transfer_bytes(block: Block, program: Program, objects: dict[str, Object] | 
     return quantized_block_bytes(block, objects if objects is not None else program.object_map())
 
 
+FOUR_BIT = (Quant.int4, Quant.int4g)   # the bit widths one kernel unpacks (``dequant_int4_gbps``)
+
+
+def host_copy_bytes(p: Program) -> int:
+    """Bytes a forward copies from the host: every visit of a streamed block, except those of blocks in the HBM
+    store, which copy within HBM (the prediction's ``streamed_bytes``, whose floor is the host link's)."""
+    bmap = p.block_map()
+    return sum(bmap[v.block].transfer_bytes or 0 for v in p.visits
+               if bmap[v.block].residency == Residency.streamed and not bmap[v.block].in_hbm_store)
+
+
 def copy_time_s(block: Block, hw: HardwareProfile, from_hbm: bool | None = None) -> float:
     """A visit's copy: over PCIe from pinned host memory, or, for a block in the HBM store (``from_hbm``; None: as
     the block says), from its store slot, a device-to-device copy that reads and writes each byte in HBM."""
@@ -50,8 +61,7 @@ def dequant_time_s(block: Block, hw: HardwareProfile) -> float:
     int4/int4g), or at half the HBM rate where the profile has none."""
     if block.quant == Quant.none:
         return 0.0
-    four_bit = block.quant in (Quant.int4, Quant.int4g)
-    rate = (four_bit and hw.dequant_int4_gbps) or hw.dequant_gbps or hw.hbm_gbps / 2
+    rate = (block.quant in FOUR_BIT and hw.dequant_int4_gbps) or hw.dequant_gbps or hw.hbm_gbps / 2
     return block.size_bytes / (rate * 1e9)
 
 

@@ -26,7 +26,7 @@ from memintent.ir.model import (
     SlotKind,
     align_up,
 )
-from memintent.passes.costs import copy_time_s, dequant_time_s
+from memintent.passes.costs import copy_time_s, dequant_time_s, host_copy_bytes
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, PassContractError, ensure
 from memintent.passes.residency import reserved_bytes
@@ -49,18 +49,17 @@ def schedule_of(p: Program):
 
 
 def _lay_out_arena(p: Program, k: int, slot_bytes: int, unpack_bytes: int = 0) -> int:
-    """Resident blocks (in block order), the HBM store's slots (blocks ``residency`` stored, in block order), then
-    ``k`` stream slots, the unpack slot (``unpack_bytes``; 0: none), then the KV cache; returns the first stream
-    slot."""
+    """Resident blocks (in block order), the HBM store's slots as ``residency`` sized them, then ``k`` stream
+    slots, the unpack slot (``unpack_bytes``; 0: none), then the KV cache; returns the first stream slot."""
+    bmap = p.block_map()
+    owned = [(SlotKind.resident, align_up(b.size_bytes), b) for b in p.blocks if b.residency == Residency.resident]
+    owned += [(SlotKind.store, s.size_bytes, bmap[s.holds[0]]) for s in p.arena.slots if s.kind == SlotKind.store]
     slots: list[Slot] = []
     off = 0
-    for kind in (SlotKind.resident, SlotKind.store):
-        for b in p.blocks:
-            if (b.residency == Residency.resident) if kind == SlotKind.resident else b.in_hbm_store:
-                size = align_up(b.size_bytes if kind == SlotKind.resident else b.transfer_bytes)
-                b.slot = len(slots)
-                slots.append(Slot(index=len(slots), kind=kind, offset_bytes=off, size_bytes=size, holds=[b.name]))
-                off += size
+    for kind, size, b in owned:      # a slot of its own for each: the block names it
+        b.slot = len(slots)
+        slots.append(Slot(index=len(slots), kind=kind, offset_bytes=off, size_bytes=size, holds=[b.name]))
+        off += size
     first_stream = len(slots)
     for _ in range(k):
         slots.append(Slot(index=len(slots), kind=SlotKind.stream, offset_bytes=off, size_bytes=slot_bytes))
@@ -104,10 +103,8 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
     prof = activation_profile(p)
     workspace = reserved_bytes(p)["workspace"]
     peak_act = max(prof, default=0)
-    bmap = p.block_map()
     slots = p.arena.slots
-    streamed_bytes = sum(bmap[p.visits[i].block].transfer_bytes for i in sched.visits
-                         if not bmap[p.visits[i].block].in_hbm_store)
+    streamed_bytes = host_copy_bytes(p)
     floor = max(streamed_bytes / (p.hardware.h2d_gbps * 1e9), sim.compute_s)
     binding = "none" if not sched.visits else ("pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
     arena_bytes = p.arena.size_bytes

@@ -39,7 +39,7 @@ from memintent.ir.model import (
     SlotKind,
     align_up,
 )
-from memintent.passes.costs import copy_time_s, dequant_time_s, transfer_bytes
+from memintent.passes.costs import FOUR_BIT, copy_time_s, dequant_time_s, transfer_bytes
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, ensure
 from memintent.passes.schedule import hookable, make_schedule, unpack_shareable, wait_stages
@@ -320,9 +320,6 @@ def starting_quant(quant: str) -> Quant:
     if quant not in QUANT_POLICIES:
         raise MemintentError(f"--quant {quant!r}: use {', '.join(QUANT_POLICIES[:-1])} or auto")
     return Quant.int4g if quant == "auto" else Quant(quant)
-
-
-FOUR_BIT = (Quant.int4, Quant.int4g)
 
 
 def vocab_blocks(p: Program) -> set[str]:

@@ -14,6 +14,7 @@ from memintent.ir.model import (
     Visit,
     describe_admission,
 )
+from memintent.see.timeline import streamed_where
 from memintent.units import fmt_bytes, fmt_s
 
 _COLUMNS = ("block", "where", "bytes", "moved", "slot", "stages", "issue", "arrive", "deadline", "slack")
@@ -143,7 +144,7 @@ def _visit_row(p: Program, b: Block, v: Visit) -> list[str]:
         issue += " (prev fwd)"
     slack = "-" if v.slack_s is None else f"[red]{fmt_s(v.slack_s)}[/red]" if v.slack_s < 0 else fmt_s(v.slack_s)
     quant = "" if b.quant.value == "none" else "/" + b.quant.value
-    return [b.name, f"{'HBM store' if b.in_hbm_store else 'streamed'}{quant}", fmt_bytes(b.size_bytes), fmt_bytes(b.transfer_bytes or b.size_bytes),
+    return [b.name, f"{streamed_where(b)}{quant}", fmt_bytes(b.size_bytes), fmt_bytes(b.transfer_bytes or b.size_bytes),
             str(v.slot), f"{v.first_stage}-{v.last_stage}", issue, fmt_s(v.arrive_s), fmt_s(v.deadline_s), slack]
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, Residency
 from memintent.see.perfetto import MeasuredEvent, write_bytes_atomic
-from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline
+from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline, streamed_where
 from memintent.units import fmt_bytes, fmt_s
 
 # Colours per memory kind, in MEMORY_KINDS order (colour-blind-safe Okabe-Ito palette).
@@ -407,7 +407,7 @@ def _copy_cells(p: Program, b, c, quant: bool, meas: dict[str, float] | None) ->
     if c.next_forward:
         issue += ", previous forward"
     q = "" if b.quant.value == "none" else f" ({b.quant.value})"
-    cells = [b.name, ("HBM store" if b.in_hbm_store else "streamed") + q, fmt_bytes(b.size_bytes), fmt_bytes(c.transfer_bytes), str(c.slot),
+    cells = [b.name, streamed_where(b) + q, fmt_bytes(b.size_bytes), fmt_bytes(c.transfer_bytes), str(c.slot),
              f"{c.first_stage}-{c.last_stage}", issue, fmt_s(c.end_s)]
     cells += ([fmt_s(c.ready_s)] if quant else []) + [fmt_s(c.deadline_s), fmt_s(c.ready_slack_s), fmt_s(c.stall_s)]
     if meas is not None:

@@ -32,7 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memintent.errors import MemintentError
-from memintent.ir.model import Program, Residency, SlotKind
+from memintent.ir.model import Block, Program, SlotKind
+from memintent.passes.costs import host_copy_bytes
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.prefetch import schedule_of
 from memintent.passes.residency import slot_need_bytes
@@ -183,6 +184,11 @@ def _stall_charges(p: Program, sched, entry_s: list[float], ready: dict[int, flo
     return charged
 
 
+def streamed_where(b: Block) -> str:
+    """Where a streamed block's visits copy from, as the tables name it: "HBM store", or "streamed" (the host)."""
+    return "HBM store" if b.in_hbm_store else "streamed"
+
+
 def _copy_spans(p: Program, sched, sim, entry_s: list[float]) -> list[CopySpan]:
     """The streamed visits' copies of the steady-state forward, in FIFO order."""
     bmap = p.block_map()
@@ -273,11 +279,10 @@ def build_timeline(p: Program) -> Timeline:
         raise MemintentError(f"{p.name}: the plan's stream slots cannot hold its streamed visits: recompile it")
     entry_s = [sim.stage_start_s[s] - sim.stage_stall_s[s] for s in range(len(p.stages))]
     copies = _copy_spans(p, sched, sim, entry_s)
-    streamed = {b.name for b in p.blocks if b.residency == Residency.streamed and not b.in_hbm_store}   # over PCIe
     return Timeline(
         name=p.name, hardware=p.hardware.name, budget_bytes=p.budget_bytes or p.hardware.hbm_bytes,
         step_time_s=sim.step_time_s, first_step_time_s=sim.first_step_time_s, compute_s=sim.compute_s,
         stall_s=sim.stall_s, copy_busy_s=sim.copy_busy_s, binding=p.prediction.binding,
-        streamed_bytes=sum(c.transfer_bytes for c in copies if c.block in streamed),
+        streamed_bytes=host_copy_bytes(p),
         arena_bytes=p.arena.size_bytes, prefetch_depth=sched.k, stages=_stage_spans(p, sim, entry_s, copies),
         copies=copies, memory=_memory_points(p, sim, copies))
