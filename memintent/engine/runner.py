@@ -31,6 +31,7 @@ from memintent.kv.paged_kernel import (
     build_meta,
     paged_attention_varlen,
 )
+from memintent.models import norm_kernel
 from memintent.models.plan_model import resident_model
 from memintent.runtime.arena import POISON_BYTE
 from memintent.runtime.copy_engine import CpuBackend, CudaBackend
@@ -95,6 +96,7 @@ class ModelRunner:
         t0 = perf_counter()
         if self.kernel:
             self._compile_kernels()
+            norm_kernel.warm(self.model, self.device, self.dtype)
         if self.handle is not None:
             self.handle.warm_unpacks()
         if self.graphs is not None:

@@ -130,6 +130,12 @@ def active() -> bool:
     return _TRACED_KV is not None or _ACTIVE is not None
 
 
+def kernel_step() -> bool:
+    """Whether an engine step is running on the kernel backend (its attention metadata built for the Triton kernel):
+    the model then runs its other fused kernels too (``models.norm_kernel``); tracing and the reference run eager."""
+    return _ACTIVE is not None and _ACTIVE.meta is not None and _ACTIVE.meta.paged is not None
+
+
 @torch.library.custom_op("memintent::paged_attention", mutates_args=())
 def _paged_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float, softcap: float,
               window: int) -> torch.Tensor:

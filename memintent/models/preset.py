@@ -21,6 +21,7 @@ from torch import nn
 from memintent.errors import MemintentError
 from memintent.ir.dtypes import MODEL_DTYPES, torch_dtype
 from memintent.kv import attention as paged
+from memintent.models import norm_kernel
 from memintent.models.source import ModelSource, _check_target, _layer_count, _named_tensors
 
 
@@ -279,8 +280,13 @@ class DecoderLayer(nn.Module):
             self.feed_forward = MLP(cfg.dim, cfg.ffn_dim, cfg.linear_bias)
 
     def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, S, dim)
         ff = self.moe if hasattr(self, "moe") else self.feed_forward
+        if paged.kernel_step() and norm_kernel.supported(self.ffn_norm):
+            # One pass per norm, the first residual add inside the second (models/norm_kernel.py)
+            h, n = norm_kernel.add_norm(self.ffn_norm, x, self.attention(norm_kernel.norm(self.attention_norm, x),
+                                                                         cos, sin))   # (B, S, dim) each
+            return h + ff(n)  # (B, S, dim)
+        h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, S, dim)
         return h + ff(self.ffn_norm(h))  # (B, S, dim)
 
 
