@@ -44,7 +44,7 @@ def bench_s(fn) -> float:
 
 def one_case(kind: str, dim: int, dtype: torch.dtype, tokens: int) -> dict:
     make = (lambda: RMSNorm(dim, 1e-5)) if kind == "rms" else (lambda: torch.nn.LayerNorm(dim))
-    n1, n2 = make().to("cuda", dtype), make().to("cuda", dtype)
+    n1, n2 = (make().to("cuda", dtype).requires_grad_(False) for _ in range(2))
     x, a, f = (torch.randn(tokens, dim, device="cuda", dtype=dtype) for _ in range(3))   # (tokens, dim) each
 
     def eager():
