@@ -37,43 +37,36 @@ def supported(module: nn.Module) -> bool:
 
 def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` in one pass: x (..., dim) -> (..., dim)."""
-    return _launch(module, x, None)[0]
+    return _launch(*_params(module), x, None)[0]
 
 
 def add_norm(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, module(h)) with h = x + delta, in one pass: x and delta (..., dim) -> two (..., dim)."""
-    y, h = _launch(module, x, delta)
+    y, h = _launch(*_params(module), x, delta)
     return h, y
 
 
 def warm(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
     """Launch each variant the model's norms will use once, on zeros, so that Triton compiles it before a step
-    (a compile inside a captured or timed step costs up to a second). Returns the variants launched."""
-    seen = set()
-    for m in model.modules():
-        if not supported(m) or not isinstance(m.weight, torch.Tensor):
-            continue
-        dim, bias = m.weight.shape[-1], getattr(m, "bias", None) is not None
-        if (dim, bias, type(m)) in seen:
-            continue
-        seen.add((dim, bias, type(m)))
-        probe = _Probe(dim, bias, isinstance(m, nn.LayerNorm), device, dtype)
-        x = torch.zeros(1, dim, device=device, dtype=dtype)   # (1, dim)
-        norm(probe, x)
-        add_norm(probe, x, x)
-    return len(seen) * 2
+    (a compile inside a captured or timed step costs up to a second). A variant is the dtype, the width, the
+    flags: the weights' values do not matter. Returns the variants launched."""
+    variants = {(m.weight.shape[-1], getattr(m, "bias", None) is not None, isinstance(m, nn.LayerNorm))
+                for m in model.modules() if supported(m)}
+    for dim, bias, layer in variants:
+        w = torch.zeros(dim, device=device, dtype=dtype)           # (dim,): weight, and bias where there is one
+        x = torch.zeros(1, dim, device=device, dtype=dtype)        # (1, dim)
+        for delta in (None, x):                                    # norm, then add_norm
+            _launch(w, w if bias else None, 1e-5, layer, x, delta)
+    return 2 * len(variants)
 
 
-class _Probe:
-    """Zero weights of a norm's shape, for ``warm``: the variant compiled depends on dtypes, dim and flags only."""
-
-    def __init__(self, dim: int, bias: bool, layer: bool, device: torch.device, dtype: torch.dtype):
-        self.weight = torch.zeros(dim, device=device, dtype=dtype)
-        self.bias = torch.zeros(dim, device=device, dtype=dtype) if bias else None
-        self.eps, self.layer = 1e-5, layer
+def _params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
+    """(weight, bias or None, eps, whether it is a LayerNorm) of a ``supported`` norm module."""
+    return module.weight, getattr(module, "bias", None), float(module.eps), isinstance(module, nn.LayerNorm)
 
 
-def _launch(module, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch(weight: torch.Tensor, bias: torch.Tensor | None, eps: float, layer: bool, x: torch.Tensor,
+            delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(norm of x [+ delta], x + delta or None), both shaped like x."""
     dim = x.shape[-1]
     rows = x.numel() // dim
@@ -81,12 +74,10 @@ def _launch(module, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.
     d2 = delta.reshape(rows, dim).contiguous() if delta is not None else x2
     y = torch.empty_like(x2)                                              # (rows, dim)
     h = torch.empty_like(x2) if delta is not None else y                  # (rows, dim): the sum, when there is one
-    layer = module.layer if isinstance(module, _Probe) else isinstance(module, nn.LayerNorm)
-    bias = getattr(module, "bias", None)
     block = 1 << (dim - 1).bit_length()
     if rows:
         _kernel(interpreting())[(rows,)](
-            x2, d2, h, y, module.weight, bias if bias is not None else module.weight, dim, float(module.eps),
+            x2, d2, h, y, weight, bias if bias is not None else weight, dim, eps,
             RESIDUAL=delta is not None, BIAS=bias is not None, LAYER=layer, BLOCK=block,
             num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     return y.view(x.shape), (h.view(x.shape) if delta is not None else None)
