@@ -12,16 +12,12 @@ value: one rounding apart, each within an int8 step's relative error).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, sys, torch
@@ -52,11 +48,7 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_interpreted(["-c", CHILD], timeout_s=900)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

@@ -15,13 +15,11 @@ itself is one rounding of an exact float32 sum: within one unit in the last plac
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -100,14 +98,10 @@ def _check_all(jobs: dict[str, dict], got: dict[str, tuple]) -> None:
 def test_norm_kernel_interpreted_matches_float64(tmp_path):
     jobs = cases()
     torch.save(jobs, tmp_path / "jobs.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     child = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_norm_kernel as t; "
              f"torch.save(t.kernel_outputs(torch.load({str(tmp_path / 'jobs.pt')!r}, weights_only=False), 'cpu'), "
              f"{str(tmp_path / 'out.pt')!r})")
-    run = subprocess.run([sys.executable, "-c", child], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_interpreted(["-c", child], timeout_s=600)
     _check_all(jobs, torch.load(tmp_path / "out.pt", weights_only=False))
 
 

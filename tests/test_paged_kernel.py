@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import random
-import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -253,11 +251,7 @@ def _run_jobs(jobs_path: str, out_path: str) -> None:
 def kernel_outputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("paged_kernel")
     torch.save(_jobs(), d / "jobs.pt")
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, __file__, str(d / "jobs.pt"), str(d / "out.pt")], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_interpreted([__file__, str(d / "jobs.pt"), str(d / "out.pt")], timeout_s=600)
     return torch.load(d / "out.pt", weights_only=False)
 
 
