@@ -127,37 +127,36 @@ class _Search:
         # one unpack slot when every block that may stream quantized unpacks after the previous one was freed
         self.shared_unpack = unpack_shareable(program.stages, program.visits,
                                               {b.name for b in program.blocks if b.quant != Quant.none})
-        self.need = {b.name: slot_need_bytes(b) for b in program.blocks}
-        self.land = {b.name: slot_need_bytes(b, True) for b in program.blocks}
-        self.unpack = {b.name: unpack_need_bytes(b) for b in program.blocks}
-        self.packed = {b.name: align_up(b.transfer_bytes or 0) for b in program.blocks}   # a store slot's bytes
-        self.nvisits = {b.name: 0 for b in program.blocks}
-        for v in program.visits:
-            self.nvisits[v.block] += 1
-        bmap = program.block_map()
-        self.copy_s = {i: copy_time_s(bmap[v.block], self.hw, False) for i, v in enumerate(program.visits)}
-        self.store_copy_s = {i: copy_time_s(bmap[v.block], self.hw, True) for i, v in enumerate(program.visits)}
-        self.quantized = {b.name for b in program.blocks if b.quant != Quant.none}
-        self.deq_s = {i: dequant_time_s(bmap[v.block], self.hw) for i, v in enumerate(program.visits)}
-        self.first_stage = {}
-        for v in program.visits:
-            self.first_stage.setdefault(v.block, v.first_stage)
+        self.visits_of: dict[str, list[int]] = {b.name: [] for b in program.blocks}   # visit indices, in order
+        for i, v in enumerate(program.visits):
+            self.visits_of[v.block].append(i)
+        self.nvisits = {name: len(idx) for name, idx in self.visits_of.items()}
+        self.need, self.land, self.unpack, self.packed = {}, {}, {}, {}
+        self.copy_s, self.store_copy_s, self.deq_s = {}, {}, {}
+        self.quantized: set[str] = set()
+        for b in program.blocks:
+            self._index(b)
+        self.first_stage = {b: program.visits[idx[0]].first_stage for b, idx in self.visits_of.items() if idx}
         self._cache: dict[tuple[frozenset, int], float | None] = {}
 
-    def requant(self, block: Block) -> None:
-        """``block``'s bit width changed: its copy and unpacking times and slot need follow; cached times go."""
+    def _index(self, block: Block) -> None:
+        """What the search reads of ``block`` at its bit width: slot needs, its store slot's bytes, and each of its
+        visits' copy (from the host and from the HBM store) and unpacking times."""
         self.need[block.name] = slot_need_bytes(block)
         self.land[block.name] = slot_need_bytes(block, True)
         self.unpack[block.name] = unpack_need_bytes(block)
-        self.packed[block.name] = align_up(block.transfer_bytes or 0)
+        self.packed[block.name] = align_up(block.transfer_bytes or 0)   # a store slot's bytes
         self.quantized.discard(block.name)
         if block.quant != Quant.none:
             self.quantized.add(block.name)
-        for i, v in enumerate(self.p.visits):
-            if v.block == block.name:
-                self.copy_s[i] = copy_time_s(block, self.hw, False)
-                self.store_copy_s[i] = copy_time_s(block, self.hw, True)
-                self.deq_s[i] = dequant_time_s(block, self.hw)
+        for i in self.visits_of[block.name]:
+            self.copy_s[i] = copy_time_s(block, self.hw, False)
+            self.store_copy_s[i] = copy_time_s(block, self.hw, True)
+            self.deq_s[i] = dequant_time_s(block, self.hw)
+
+    def requant(self, block: Block) -> None:
+        """``block``'s bit width changed: its copy and unpacking times and slot need follow; cached times go."""
+        self._index(block)
         self._cache.clear()
 
     def time(self, streamed: frozenset, k: int, stored: frozenset = frozenset()) -> float | None:
@@ -262,7 +261,7 @@ class _Search:
         return (before - after) * self.nvisits[b]
 
     def _visit_of(self, block: str) -> int:
-        return next(i for i, v in enumerate(self.p.visits) if v.block == block)
+        return self.visits_of[block][0]
 
     def _classes(self, streamed: frozenset) -> list[list[str]]:
         classes: dict[tuple[int, int], list[str]] = {}
