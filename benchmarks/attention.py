@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memintent.kv import attention  # noqa: E402
 from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta  # noqa: E402
 from memintent.kv.layout import PageLayout, PoolViews  # noqa: E402
+from benchmarks.common import median_s  # noqa: E402
 from memintent.engine.pages import PagePool
 
 H, KVH, HD, BT = 64, 8, 128, 16
@@ -32,20 +33,7 @@ H, KVH, HD, BT = 64, 8, 128, 16
 
 def bench(fn, repeats=50):
     """Median seconds of ``fn``: CUDA events through triton's do_bench on a GPU, a host timer on the CPU."""
-    if torch.cuda.is_available():
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=repeats, return_mode="median") / 1e3
-    import statistics
-    import time
-
-    fn()
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return median_s(fn, torch.cuda.is_available(), 25, repeats)
 
 
 def setup(S, quantized, dev, seed=0):

@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import random
-import statistics
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import median_s  # noqa: E402
 from memintent.kv import attention  # noqa: E402
 from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, quantize_kv  # noqa: E402
 from memintent.kv.layout import PageLayout, PoolViews  # noqa: E402
@@ -87,17 +87,7 @@ def cases(quick: bool) -> list[Case]:
 
 def bench_s(fn, dev) -> float:
     """Median seconds of ``fn``: CUDA events via triton's do_bench on a GPU, a host timer elsewhere."""
-    if dev.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") / 1e3
-    fn()
-    ts = []
-    for _ in range(2):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return median_s(fn, dev.type == "cuda", 10, 40, cpu_repeats=2)
 
 
 def copy_gbps(dev) -> float:

@@ -40,6 +40,23 @@ def event_time_s(fn, repeats: int, calls: int = 1) -> float:
     return statistics.median(times)
 
 
+def median_s(fn, cuda: bool, warmup_ms: float, rep_ms: float, cpu_repeats: int = 3) -> float:
+    """Median seconds of one ``fn()``: of CUDA work (``cuda``) triton.testing.do_bench's (CUDA events; ``warmup_ms``
+    and ``rep_ms`` of calls to warm up and to time), else a host timer over ``cpu_repeats`` calls after one warm-up
+    call."""
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(cpu_repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def card_profile(device: torch.device, measure: bool = False, spec: str | None = None):
     """``spec`` (a profile file or built-in name) if given, else the built-in profile of this card (by its name), or
     one measured here and now (``measure``, or no built-in one): a benchmark never plans with another card's rates."""

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import median_s  # noqa: E402
 from memintent.models import norm_kernel  # noqa: E402
 from memintent.models.preset import RMSNorm  # noqa: E402
 
@@ -37,9 +38,7 @@ CASES = {  # name: (norm kind, dim, dtype, tokens)
 
 
 def bench_s(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") / 1e3
+    return median_s(fn, True, 10, 100)
 
 
 def one_case(kind: str, dim: int, dtype: torch.dtype, tokens: int) -> dict:

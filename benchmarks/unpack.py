@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import median_s  # noqa: E402
 from memintent.runtime import quant  # noqa: E402
 
 SHAPES = {"opt30b.qkvo": (7168, 7168), "opt30b.fc1": (28672, 7168), "opt30b.fc2": (7168, 28672),
@@ -33,9 +34,7 @@ WARPS = (4, 8)
 
 
 def bench_s(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") / 1e3
+    return median_s(fn, True, 5, 50)
 
 
 def packed(kind: str, w: torch.Tensor) -> tuple:
