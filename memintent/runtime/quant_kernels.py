@@ -66,3 +66,52 @@ def dq_int4_groups(p_ptr, s_ptr, m_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_
     x = tl.reshape(tl.join(lo, hi), (GROUPS, 2 * HALF_GROUP))
     c = g[:, None] * (2 * HALF_GROUP) + tl.arange(0, 2 * HALF_GROUP)[None, :]  # output columns
     tl.store(o_ptr + row * o_row_stride + c, to_out(x, o_ptr.dtype.element_ty), mask=c < n_cols)
+
+
+@triton.jit
+def mapped_rows(ids_ptr, w_ptr, s_ptr, o_ptr, n_rows, n_cols, o_row_stride, BLOCK: tl.constexpr,
+                SCALED: tl.constexpr):
+    # One program: one token, BLOCK consecutive columns of its embedding row, read in place from pinned host memory
+    # (w_ptr, s_ptr: mapped). out[t, c] = w[ids[t], c], or with SCALED (int8) float32(q) * float32(scale[row]),
+    # rounded once as ``dq_int8`` rounds: the dequantized block's row, bitwise. A row id past the table reads
+    # nothing and writes zeros (never memory outside the table).
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.load(ids_ptr + t).to(tl.int64)
+    ok = (row >= 0) & (row < n_rows)
+    mask = (cols < n_cols) & ok
+    w = tl.load(w_ptr + row * n_cols + cols, mask=mask, other=0)
+    if SCALED:
+        s = tl.load(s_ptr + row, mask=ok, other=0).to(tl.float32)
+        y = to_out(w.to(tl.float32) * s, o_ptr.dtype.element_ty)
+    else:
+        y = w.to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + t * o_row_stride + cols, y, mask=cols < n_cols)
+
+
+@triton.jit
+def mapped_linear_int8(x_ptr, q_ptr, s_ptr, o_ptr, M, N, K, x_row_stride, o_row_stride, BM: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr, F32_DOT: tl.constexpr):
+    # One program: BN output columns (rows of the int8 weight, read in place from pinned host memory) for BM
+    # tokens. Each (BN, BK) weight tile is dequantized as ``dq_int8`` does it (float32(q) * float32(scale), rounded
+    # once to x's dtype): the unpacked weight, bitwise; then multiplied with float32 sums. ``F32_DOT`` multiplies
+    # float32 operands exactly (no tf32): for float32 models, and under the interpreter, whose bf16 dot is wrong
+    # (a bf16 product is exact in float32, so the sums are the same). Only the order of the sums differs from a
+    # matmul on the unpacked weight.
+    n = tl.program_id(0) * BN + tl.arange(0, BN)                              # (BN,) output columns
+    m = tl.program_id(1) * BM + tl.arange(0, BM)                              # (BM,) tokens
+    s = tl.load(s_ptr + n, mask=n < N, other=0).to(tl.float32)[:, None]       # (BN, 1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)                                             # (BK,)
+        w = tl.load(q_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
+                    other=0)                                                  # (BN, BK) int8
+        w = to_out(w.to(tl.float32) * s, x_ptr.dtype.element_ty)              # (BN, BK) x's dtype
+        x = tl.load(x_ptr + m[:, None].to(tl.int64) * x_row_stride + k[None, :],
+                    mask=(m[:, None] < M) & (k[None, :] < K), other=0)        # (BM, BK)
+        if F32_DOT:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    out = to_out(acc, o_ptr.dtype.element_ty)                                 # (BM, BN)
+    tl.store(o_ptr + m[:, None].to(tl.int64) * o_row_stride + n[None, :], out, mask=(m[:, None] < M) & (n[None, :] < N))
