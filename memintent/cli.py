@@ -207,9 +207,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 0
     pr = plan.prediction
     streamed = sum(1 for b in plan.blocks if b.residency.value == "streamed")
+    mapped = sum(1 for b in plan.blocks if b.residency.value == "mapped")
     console.print(
-        f"wrote {out}: {len(plan.steps)} steps, {len(plan.blocks)} blocks ({streamed} streamed, depth "
-        f"{pr.prefetch_depth}), peak {fmt_bytes(pr.peak_hbm_bytes)} of {fmt_bytes(plan.budget_bytes)}, "
+        f"wrote {out}: {len(plan.steps)} steps, {len(plan.blocks)} blocks ({streamed} streamed"
+        + (f", {mapped} read in place" if mapped else "")
+        + f", depth {pr.prefetch_depth}), peak {fmt_bytes(pr.peak_hbm_bytes)} of {fmt_bytes(plan.budget_bytes)}, "
         f"predicted {fmt_s(pr.step_time_s)} per forward (floor {fmt_s(pr.floor_s)}, binds: {pr.binding})")
     if args.depth is not None and pr.prefetch_depth != args.depth:
         why = "every block is resident" if not streamed else f"only {pr.prefetch_depth} streamed visit(s)"

@@ -60,12 +60,13 @@ def searched() -> Program:
     return _searched().model_copy(deep=True)
 
 
-def given(streamed: set[str], k: int, stored: set[str], hw=PCIE_BOUND) -> Program:
+def given(streamed: set[str], k: int, stored: set[str], hw=PCIE_BOUND, mapped: set[str] = frozenset()) -> Program:
     """tiny-llama with the residency given: ``streamed`` int4g blocks (the vocabulary ones int8) through ``k``
-    stream slots, those in ``stored`` from the HBM store."""
+    stream slots, those in ``stored`` from the HBM store, ``mapped`` read in place."""
     program = trace_ref(TINY, RunShape(batch=1, seq=16)).model_copy(
         update={"budget_bytes": BUDGET_BYTES, "hardware": hw})
-    passes = (LIFETIMES, COSTS, given_residency_pass(streamed, k, Quant.int4g, stored), PREFETCH, ACTIONS, VERIFY)
+    passes = (LIFETIMES, COSTS, given_residency_pass(streamed, k, Quant.int4g, stored, mapped), PREFETCH, ACTIONS,
+              VERIFY)
     return Program.model_validate_json(run_passes(program, passes).model_dump_json())
 
 
@@ -93,8 +94,9 @@ def test_the_search_stores_quantized_blocks_where_the_host_link_binds():
 def test_the_store_shortens_the_predicted_step_of_the_same_residency():
     p = searched()
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
+    mapped = {b.name for b in p.blocks if b.residency == Residency.mapped}
     k = p.prediction.prefetch_depth
-    with_store, without = given(streamed, k, stored_names(p)), given(streamed, k, set())
+    with_store, without = given(streamed, k, stored_names(p), mapped=mapped), given(streamed, k, set(), mapped=mapped)
     assert stored_names(with_store) == stored_names(p)
     assert with_store.prediction.step_time_s < without.prediction.step_time_s
     assert with_store.prediction.streamed_bytes < without.prediction.streamed_bytes
@@ -153,8 +155,9 @@ def test_cuda_stored_plan_is_bitwise_the_host_streamed_plan():
     # Within one backend the store changes where a visit's bytes come from, never what is computed with them.
     p = searched()
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
-    plans = (given(streamed, p.prediction.prefetch_depth, stored_names(p)),
-             given(streamed, p.prediction.prefetch_depth, set()))
+    mapped = {b.name for b in p.blocks if b.residency == Residency.mapped}
+    plans = (given(streamed, p.prediction.prefetch_depth, stored_names(p), mapped=mapped),
+             given(streamed, p.prediction.prefetch_depth, set(), mapped=mapped))
     logits = []
     for plan in plans:
         model, h = attach_streamed(TINY, plan, "cuda")

@@ -267,6 +267,7 @@ program @toy {
     attention_int8_gbps = 0.0
     attention_one_row_gbps = 0.0
     attention_one_row_int8_gbps = 0.0
+    mapped_gbps = 0.0
   }
   blocks {
     @embed module="embed" size=32768 B residency=resident quant=none transfer=32768 B slot=0 weights=[%embed.weight]
@@ -316,6 +317,7 @@ program @toy {
     compute_s = 9e-06
     stall_s = 1.5e-06
     streamed_bytes = 8192
+    mapped_bytes = 0
     stored_bytes = 0
     floor_s = 9e-06
     resident_bytes = 32768

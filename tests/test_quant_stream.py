@@ -345,7 +345,7 @@ def test_vocabulary_blocks_stay_int8_under_a_four_bit_policy(quant):
     # tiny-llama's head is untied ('output'): both it and the embedding are found, by the embedding step and as
     # the last matrix the step reads, of the embedding's shape; the decoder layers take the policy's width
     p = plan(TINY, quant, 2)
-    widths = {b.name: b.quant.value for b in p.blocks if b.residency == Residency.streamed}
+    widths = {b.name: b.quant.value for b in p.blocks if b.residency in (Residency.streamed, Residency.mapped)}
     assert {widths["embed"], widths["output"]} == {"int8"}
     assert {w for name, w in widths.items() if name.startswith("layers.")} == {quant}
 
@@ -373,6 +373,21 @@ def _triton_ok() -> bool:
     return torch.cuda.is_available() and triton_available()
 
 
+def read_in_place_as_planned(model: torch.nn.Module, p: Program, values: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``model`` with each linear layer the plan maps (an int8 head) computed as the runtime computes it on a GPU:
+    the mapped kernel over the int8 values and scales of its fill values, in pinned memory. Its sums run in another
+    order than cuBLAS's, so the exact reference takes the same kernel (tested against float64 in test_mapped.py);
+    what this checks is that the runtime reads the right packed bytes in place."""
+    from memintent.runtime.mapped import mapped_linear
+
+    for b in p.blocks:
+        module = model.get_submodule(b.module) if b.residency == Residency.mapped else None
+        if isinstance(module, torch.nn.Linear):
+            q, s = (t.cpu().pin_memory() for t in quantize_int8(values[b.weights[0]]))
+            module.forward = lambda x, q=q, s=s: mapped_linear(x, q, s)
+    return model
+
+
 @cuda
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not _triton_ok(), reason="needs triton"))])
@@ -382,7 +397,7 @@ def _triton_ok() -> bool:
 def test_cuda_streamed_quantized_logits_are_exactly_the_planned_ones(ref, quant, check, backend):
     p = plan(ref, quant, 2)
     values = fill_values(ref, p)   # (preset: the source draws on CUDA; the same values for all three models)
-    exact = resident_model(ref, reference_values(p, values), "cuda")
+    exact = read_in_place_as_planned(resident_model(ref, reference_values(p, values), "cuda"), p, values)
     plain = resident_model(ref, values, "cuda")
     model, h = attach_streamed(ref, p, "cuda", check=check, dequant_backend=backend)
     assert h.host_store.quant_device.type == "cuda"

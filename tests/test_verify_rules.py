@@ -23,23 +23,28 @@ CPU = BUILTIN["cpu"]
 
 @lru_cache(maxsize=None)
 def compiled(name: str) -> Program:
-    """tiny-llama plans: ``stream`` (4 layers and the head streamed through 2 slots), ``int8`` (4 layers streamed as
-    int8) and ``kv`` (a generation plan: an engine step with its KV pool)."""
+    """tiny-llama plans: ``stream`` (4 layers and the head streamed through 2 slots), ``int8`` (layers streamed as
+    int8), ``mapped`` (int8 layers streamed, the int8 embedding and head read in place) and ``kv`` (a generation
+    plan: an engine step with its KV pool)."""
     if name == "stream":
         return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2)
     if name == "int8":
         return compile_model("tiny-llama", budget_bytes=3 << 19, hardware=CPU, batch=1, seq=16, depth=2, quant="int8")
+    if name == "mapped":
+        return compile_model("tiny-llama", budget_bytes=5 << 18, hardware=CPU, batch=1, seq=16, depth=2, quant="int8")
     return plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8, gen_len=8,
                            quant="none", concurrency=2, kv_page_tokens=8)
 
 
 def test_compiled_plans_verify():
-    for name in ("stream", "int8", "kv"):
+    for name in ("stream", "int8", "mapped", "kv"):
         p = compiled(name)
         assert verify(p) is p
         assert any(b.residency == Residency.streamed for b in p.blocks) and p.actions, name
     assert any(b.quant == Quant.int8 for b in compiled("int8").blocks)
     assert compiled("int8").unpack_slot() is not None, "quantized visits share one unpack slot"
+    # with less room the int8 plan reads its embedding and head in place (no slot sized for them)
+    assert {b.name for b in compiled("mapped").blocks if b.residency == Residency.mapped} == {"embed", "output"}
     assert any(o.kind == ObjectKind.kv for o in compiled("kv").objects)
 
 
@@ -171,6 +176,11 @@ def break_hbm_store(p):
     next(b for b in p.blocks if b.quant != Quant.none).slot = stream
 
 
+def break_mapped_in_place(p):
+    # int4 tiles are not what the mapped linear kernel reads: the head can be read in place at int8 only
+    next(b for b in p.blocks if b.residency == Residency.mapped and b.name == "output").quant = Quant.int4
+
+
 def break_transfer_bytes(p):
     next(b for b in p.blocks if b.quant != Quant.none).transfer_bytes -= 256
 
@@ -289,6 +299,8 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
     "resident-slots": ("stream", break_resident_slots,
         r"resident block '.+' names slot \d+, which is not a resident slot"),
     "resident-unquantized": ("int8", break_resident_unquantized, r"resident block 'embed' is quantized \(int8\)"),
+    "mapped-in-place": ("mapped", break_mapped_in_place,
+        r"block 'output' is mapped, but only an embedding \(unquantized or int8\) or an int8 linear layer"),
     "hbm-store": ("int8", break_hbm_store, r"streamed block '.+' names slot \d+, which is not a store slot"),
     "transfer-bytes": ("int8", break_transfer_bytes,
         r"the plan's transfer_bytes \d+ differ from the runtime's packed layout of \d+ bytes"),
@@ -339,6 +351,15 @@ def test_breaking_one_rule_is_refused_naming_it(rule):
     assert e.value.rule == rule, str(e.value)
     assert "\n" not in str(e.value)
     verify(compiled(base))   # the plan as compiled still passes: the edit worked on a copy
+
+
+def test_a_mapped_block_names_no_slot():
+    # the mapped-in-place rule's second statement: nothing of a mapped block is ever in HBM
+    p = compiled("mapped").model_copy(deep=True)
+    next(b for b in p.blocks if b.residency == Residency.mapped).slot = 0
+    with pytest.raises(PlanVerificationError, match=r"mapped block '.+' names a slot") as e:
+        verify(p)
+    assert e.value.rule == "mapped-in-place"
 
 
 def test_kv_pool_query_heads_must_be_a_multiple_of_its_kv_heads():

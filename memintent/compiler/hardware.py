@@ -50,7 +50,9 @@ BUILTIN: dict[str, HardwareProfile] = {
                "2.15 TB/s of keys and values; prompt chunks 172 TFLOP/s); the kernel's decode rates on its other "
                "paths from run H29 (int8 pages, one query head per KV head: benchmarks/data/h200-profile-h29.json); "
                "the unpacking rates from run H50 (2026-12-03, `benchmarks/unpack.py --profile-json`: the profile's "
-               "own measurement, back to back, of the int8 kernel and of the grouped-tile int4g kernel, 8192 x 8192)",
+               "own measurement, back to back, of the int8 kernel and of the grouped-tile int4g kernel, 8192 x 8192); "
+               "the mapped linear kernel's read of a pinned int8 128256 x 8192 matrix in place, from run H56 "
+               "(2026-12-03, `benchmarks/mapped.py`: 51.0-51.3 GB/s for 1-128 rows, against the copy engine's 55.4)",
         h2d_gbps=55.3, d2h_gbps=55.2, hbm_gbps=4094.0, bf16_tflops=756.0, hbm_bytes=150109880320,
         launch_overhead_s=9.8e-6, copy_latency_s=7.2e-6, dequant_gbps=2453.0, dequant_int4_gbps=2720.0,
         workspace_bytes=36 << 20,
@@ -58,6 +60,7 @@ BUILTIN: dict[str, HardwareProfile] = {
         gemm_tflops=_H200_GEMM[1].tflops, gemm_shapes=_H200_GEMM,
         attention_tflops=171.7, attention_gbps=2154.0,
         attention_int8_gbps=824.6, attention_one_row_gbps=3562.0, attention_one_row_int8_gbps=1901.0,
+        mapped_gbps=51.0,
     ),
     "a100-80g": HardwareProfile(
         name="a100-80g",

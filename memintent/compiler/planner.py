@@ -42,7 +42,14 @@ from typing import Callable
 import torch
 
 from memintent.compiler.frontend import TraceSpec, trace
-from memintent.compiler.workload import OpCosts, RunWorkload, SimRun, Simulate, StepTimes, Targets
+from memintent.compiler.workload import (
+    OpCosts,
+    RunWorkload,
+    SimRun,
+    Simulate,
+    StepTimes,
+    Targets,
+)
 from memintent.errors import MemintentError
 from memintent.ir.model import (
     ADMISSION_ORDERS,
@@ -66,8 +73,20 @@ from memintent.kv.layout import layout_of
 from memintent.kv.paged_kernel import bucket
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
-from memintent.passes.costs import (AttentionKind, attention_kind, host_copy_bytes, kv_block_costs, launches,
-                                   matmul_shapes, op_time_s, stage_time_s)
+from memintent.passes.costs import (
+    AttentionKind,
+    MappedRead,
+    attention_kind,
+    host_copy_bytes,
+    kv_block_costs,
+    launches,
+    mappable_reads,
+    mapped_reads,
+    matmul_shapes,
+    op_time_s,
+    reads_at,
+    stage_time_s,
+)
 from memintent.passes.lifetimes import activation_profile, lifetimes
 from memintent.passes.manager import PassContractError
 from memintent.passes.prefetch import schedule_of
@@ -313,6 +332,7 @@ class Search:
         # Found in the traced step: a light candidate has no steps, and its vocabulary blocks must get the bit width
         # the exact plan gives them (their stream slots set the candidate's depth).
         self.vocab = vocab_blocks(step.p)
+        self.reads = mappable_reads(step.p)    # blocks that can be read in place, from the traced step
 
     def program(self, shape: Shape, exact: bool = False) -> Program:
         """The candidate's traced step, annotated: exactly traced, or interpolated from the three traces."""
@@ -358,6 +378,10 @@ class Search:
                "stages": [st.model_copy(update={"time_s": t}) for st, t in zip(base.stages, times)],
                "budget_bytes": self.budget, "hardware": self.hw, "arena": None})
 
+    def reads_of(self, shape: Shape) -> dict[str, MappedRead]:
+        """The in-place reads of a step of ``shape``: all its tokens' rows, the head on its sampled rows."""
+        return reads_at(self.reads, (shape.step_tokens, shape.max_seqs))
+
     def evaluate(self, shape: Shape) -> Outcome:
         key = (shape.concurrency, shape.kv_quant.value, shape.step_tokens, shape.max_seqs, shape.num_pages)
         if key not in self.cache:
@@ -372,12 +396,13 @@ class Search:
                 pr = p.prediction
                 return Outcome(shape, p, shape.concurrency / pr.step_time_s, step_s=pr.step_time_s,
                                binding=pr.binding)
-            residency(p, None, self.quant, vocab=self.vocab)
+            reads = self.reads_of(shape)
+            residency(p, None, self.quant, vocab=self.vocab, reads=reads)
         except PassContractError:
             raise          # a broken pass is a bug, not a candidate that does not fit
         except MemintentError as e:
             return Outcome(shape, None, 0.0, f"does not fit ({str(e).split(':')[0]})")
-        _, sim = schedule_of(p)
+        _, sim = schedule_of(p, reads)
         step_s = sim.step_time_s
         binding = "none" if not sim.copies else ("pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
         return Outcome(shape, p, shape.concurrency / step_s, step_s=step_s, binding=binding)
@@ -440,10 +465,12 @@ def _pick(outs: list[Outcome], kv_quant: str) -> Outcome:
 
 
 def streamed_note(plan: Program) -> str:
-    """"N blocks streamed", with how many of them copy from the HBM store."""
+    """"N blocks streamed", with how many of them copy from the HBM store, and how many are read in place."""
     streamed = sum(1 for b in plan.blocks if b.residency == Residency.streamed)
     stored = sum(1 for b in plan.blocks if b.in_hbm_store)
-    return f"{streamed} blocks streamed" + (f" ({stored} from the HBM store)" if stored else "")
+    mapped = sum(1 for b in plan.blocks if b.residency == Residency.mapped)
+    return (f"{streamed} blocks streamed" + (f" ({stored} from the HBM store)" if stored else "")
+            + (f", {mapped} read in place" if mapped else ""))
 
 
 def _describe(o: Outcome, chosen: Outcome) -> str:
@@ -687,7 +714,9 @@ class RunSearch:
             prompt_len=search.w.prompt_len, gen_len=search.w.gen_len, concurrency=s.concurrency,
             quant_policy=search.quant, kv_quant_policy=search.kv_quant, decode_step_s=o.step_s,
             tokens_per_s=o.tokens_per_s, binding=o.binding)
-        pr = Prediction.model_construct(step_time_s=o.step_s, compute_s=compute_s, streamed_bytes=streamed)
+        mapped = sum(n for _, _, n in mapped_reads(p, reads=search.reads_of(s)))
+        pr = Prediction.model_construct(step_time_s=o.step_s, compute_s=compute_s, streamed_bytes=streamed,
+                                        mapped_bytes=mapped)
         return Program.model_construct(**{**dict(shell), "objects": [kv], "generation": g, "prediction": pr})
 
     def bound_s(self, o: Outcome, times: StepTimes) -> float:
@@ -704,7 +733,7 @@ class RunSearch:
 
     def times(self, plan: Program, pool: KVPool) -> StepTimes:
         return StepTimes(self.ops, plan, pool, self.search.src.n_heads, self.search.src.head_dim,
-                         self.search.src.n_kv_heads)
+                         self.search.src.n_kv_heads, self.search.reads)
 
     def class_tokens(self, admission: str) -> int:
         """The class of output lengths the scheduler ranks by under ``admission``: 1 (exactly) but under
@@ -879,6 +908,7 @@ class StepPredictor:
         self.step = AffineStep(self.src, (64, 8), progress or (lambda m: None))
         pool = program.kv_pool
         self.token_bytes = pool.page_bytes // (pool.page_tokens * pool.layers)
+        self.reads = mappable_reads(program)
 
     def predict_s(self, record) -> float:
         work = attention.attention_work(
@@ -890,7 +920,7 @@ class StepPredictor:
                                       attention_kind(self.program.kv_pool))
         shell = self.program.model_copy(update={"stages": [st.model_copy(update={"time_s": t})
                                                            for st, t in zip(self.program.stages, times)]})
-        _, sim = schedule_of(shell)
+        _, sim = schedule_of(shell, reads_at(self.reads, (max(record.tokens, 1), max(record.sequences, 1))))
         return sim.step_time_s
 
 

@@ -24,9 +24,17 @@ from typing import Callable, Protocol
 import numpy as np
 
 from memintent.errors import MemintentError
-from memintent.ir.model import HardwareProfile, KVPool, Program, Residency, RunPrediction, SlotKind
+from memintent.ir.model import (
+    HardwareProfile,
+    KVPool,
+    Program,
+    Residency,
+    RunPrediction,
+    SlotKind,
+)
 from memintent.kv import attention
 from memintent.passes.costs import (
+    MappedRead,
     attention_kind,
     attention_time_s,
     copy_time_s,
@@ -34,6 +42,9 @@ from memintent.passes.costs import (
     gemm_table,
     is_matmul,
     launches,
+    link_read_s,
+    mappable_reads,
+    mapped_read_bytes,
     table_tflops,
 )
 from memintent.passes.schedule import make_schedule
@@ -210,8 +221,15 @@ class StepTimes:
     many engine steps at once: ``predict_all(records)`` (the engine's ``StepRecord``s, or anything with their
     tokens, sequences and attention fields)."""
 
-    def __init__(self, ops: OpCosts, program: Program, pool: KVPool, heads: int, head_dim: int, kv_heads: int):
+    def __init__(self, ops: OpCosts, program: Program, pool: KVPool, heads: int, head_dim: int, kv_heads: int,
+                 reads: dict[str, MappedRead] | None = None):
+        """``reads``: the blocks that can be read in place (``costs.mappable_reads`` of the traced step; None: of
+        ``program``'s steps), which ``program`` maps or not."""
         self.ops, self.heads, self.head_dim, self.kv_heads = ops, heads, head_dim, kv_heads
+        reads = mappable_reads(program) if reads is None else reads
+        self.mapped = [(b, reads[b.name]) for b in program.blocks
+                       if b.residency == Residency.mapped and b.name in reads]
+        self.weights = {b.weights[0]: o for b, _ in self.mapped for o in program.objects if o.name == b.weights[0]}
         self.hw = hw = program.hardware
         self.token_bytes = pool.page_bytes // (pool.page_tokens * pool.layers)
         self.kind = attention_kind(pool)
@@ -237,7 +255,18 @@ class StepTimes:
             kernels = kernels + self.ops.attn_per_stage * launches(work.flops, work.hbm_bytes)
             # stage_time_s over arrays: the device time, or the host's launches when they take longer
             cols.append(np.maximum(device + self.ops.attn_per_stage * attn_s, kernels * self.hw.launch_overhead_s))
-        return step_times(np.stack(cols, axis=1), self.sched, self.copy_s, self.deq_s)   # (stages, steps) -> (steps,)
+        return step_times(np.stack(cols, axis=1), self.sched, self.copy_s, self.deq_s,   # (stages, steps) -> (steps,)
+                          link_s=self._link_s(records))
+
+    def _link_s(self, records: list) -> dict[int, np.ndarray]:
+        """By stage, (steps,) seconds of the plan's mapped reads in each record's step (its tokens' rows, the head on
+        its sequences)."""
+        out: dict[int, np.ndarray] = {}
+        for b, read in self.mapped:
+            counts = [max(r.tokens if read.kind == "rows" else r.sequences, 1) for r in records]
+            t = np.array([link_read_s(mapped_read_bytes(b, self.weights, read.kind, n), self.hw) for n in counts])
+            out[read.stage] = out.get(read.stage, 0.0) + t
+        return out
 
     def predict_s(self, record) -> float:
         return float(self.predict_all([record])[0])

@@ -21,7 +21,12 @@ from memintent.errors import RuntimeFault
 from memintent.ir.model import SlotKind
 from memintent.ir.proven import Proven
 from memintent.kv import attention
-from memintent.kv.attention import DecodeChunk, PrefillChunk, StepMeta, plan_decode_chunks
+from memintent.kv.attention import (
+    DecodeChunk,
+    PrefillChunk,
+    StepMeta,
+    plan_decode_chunks,
+)
 from memintent.kv.layout import PoolViews, layout_of
 from memintent.kv.paged_kernel import (
     KernelConfig,
@@ -99,6 +104,7 @@ class ModelRunner:
             norm_kernel.warm(self.model, self.device, self.dtype)
         if self.handle is not None:
             self.handle.warm_unpacks()
+            self.handle.warm_mapped()
         if self.graphs is not None:
             self.graphs.capture_all()
         sync(self.device)

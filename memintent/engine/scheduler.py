@@ -69,6 +69,7 @@ from memintent.engine.sampling import StopConditions, TokenLogprobs
 from memintent.engine.sequence import PENDING, Request, Sequence, State
 from memintent.errors import MemintentError
 from memintent.ir.model import ADMISSION_ORDERS, ObjectKind, Program
+from memintent.passes.costs import link_busy_s
 
 PREEMPT_POLICIES = ("cost", "swap", "recompute")
 
@@ -101,7 +102,7 @@ class Costs:
     def of(cls, program: Program) -> Costs:
         pool, g, pr, hw = program.kv_pool, program.generation, program.prediction, program.hardware
         kv = next(o for o in program.objects if o.kind == ObjectKind.kv)
-        copy_busy_s = pr.streamed_bytes / (hw.h2d_gbps * 1e9)
+        copy_busy_s = link_busy_s(hw, pr.streamed_bytes, pr.mapped_bytes)
         return cls(page_tokens=pool.page_tokens, step_tokens=g.step_tokens, evict_page_s=kv.evict_cost_s,
                    swap_in_page_s=pool.page_bytes / (hw.h2d_gbps * 1e9),
                    recompute_page_s=kv.recompute_cost_s or 0.0,

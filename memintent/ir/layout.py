@@ -29,6 +29,9 @@ INT4G_GROUP = 32          # input columns per int4g scale and minimum (chosen ov
 PART_ALIGN_BYTES = ALIGN_BYTES    # every part of a packed block starts on this boundary
 QUANTIZABLE_DTYPES = ("bf16", "f16", "f32")
 SCALE_BYTES = 2           # scales are bf16
+# Rows of x one program of the mapped linear kernel multiplies (``runtime.mapped``): a forward of more rows reads the
+# weights over the host link once per this many (the cost model charges it).
+MAPPED_LINEAR_ROWS = 256
 MIN_BYTES = 2             # int4g minimums are bf16 (a float offset: the group's own minimum, not a rounded level)
 
 

@@ -103,6 +103,9 @@ class Tier(str, enum.Enum):
 class Residency(str, enum.Enum):
     resident = "resident"
     streamed = "streamed"
+    # never copied: its module reads the weights in place from pinned host memory, mapped into the device's address
+    # space (an embedding the step's rows, an int8 head all of it once per forward: ``passes.costs.mapped_op``)
+    mapped = "mapped"
 
 
 class Quant(str, enum.Enum):
@@ -184,6 +187,8 @@ class HardwareProfile(_Model):
     attention_int8_gbps: NonNegF = 0.0
     attention_one_row_gbps: NonNegF = 0.0
     attention_one_row_int8_gbps: NonNegF = 0.0
+    # Kernels reading pinned host memory in place (mapped blocks): their rate over the host link. 0: h2d_gbps.
+    mapped_gbps: NonNegF = 0.0
 
 
 class Object(_Model):
@@ -284,8 +289,9 @@ class Prediction(_Model):
     compute_s: float
     stall_s: float                # compute waiting on copies, steady state
     streamed_bytes: int           # bytes copied host -> device per forward
+    mapped_bytes: int = 0         # bytes mapped blocks' kernels read over the host link per forward (no copy)
     stored_bytes: int = 0         # the HBM store's slots: packed blocks whose visits copy from HBM
-    floor_s: float                # max(streamed bytes / h2d bandwidth, compute)
+    floor_s: float                # max(streamed bytes / h2d bandwidth + mapped bytes / their rate, compute)
     resident_bytes: int
     stream_slot_bytes: int
     kv_bytes: int

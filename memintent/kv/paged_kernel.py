@@ -46,6 +46,7 @@ from typing import Sequence
 
 import torch
 
+from memintent.accounting import host_side
 from memintent.errors import MemintentError
 
 TILE_FIELDS = 4                  # a tile: [sequence row, first query token in q, query tokens, first query position]
@@ -194,7 +195,8 @@ class MetaStaging:
             self._copied[i].synchronize()
         buf = self._host[i]
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 1024), dtype=self.dtype, pin_memory=self._pin)
+            with host_side():      # pinned host memory on a GPU: not the device's
+                buf = torch.empty(max(n, 1024), dtype=self.dtype, pin_memory=self._pin)
             self._host[i] = buf
         return buf
 

@@ -14,10 +14,26 @@ pinned host-to-device bandwidth; a quantized block adds its dequantisation (outp
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
-from memintent.ir.layout import quantized_block_bytes
-from memintent.ir.model import (PAGED_ATTENTION_OP, Block, HardwareProfile, KVPool, KVQuant, Object, ObjectKind,
-                                Program, Quant, Residency)
+from memintent.ir.layout import (
+    MAPPED_LINEAR_ROWS,
+    QUANTIZABLE_DTYPES,
+    SCALE_BYTES,
+    quantized_block_bytes,
+)
+from memintent.ir.model import (
+    PAGED_ATTENTION_OP,
+    Block,
+    HardwareProfile,
+    KVPool,
+    KVQuant,
+    Object,
+    ObjectKind,
+    Program,
+    Quant,
+    Residency,
+)
 from memintent.passes.manager import Pass, ensure
 from memintent.units import round_s
 
@@ -63,6 +79,111 @@ def dequant_time_s(block: Block, hw: HardwareProfile) -> float:
         return 0.0
     rate = (block.quant in FOUR_BIT and hw.dequant_int4_gbps) or hw.dequant_gbps or hw.hbm_gbps / 2
     return block.size_bytes / (rate * 1e9)
+
+
+EMBEDDING_OP = "aten.embedding.default"
+LINEAR_OP = "aten.linear.default"
+
+
+class MappedRead(NamedTuple):
+    """Where a block could be read in place, from the traced steps (``mappable_reads``): the stage whose step reads
+    it, how ("rows": an embedding's gather; "matrix": a linear layer without bias), and how many tokens (rows) or
+    rows of x (matrix) that step reads."""
+
+    block: str
+    stage: int
+    kind: str
+    count: int
+
+
+def mappable_reads(p: Program) -> dict[str, MappedRead]:
+    """The blocks whose module can read them in place, whatever their bit width (``mapped_op`` adds that): one 2-D
+    weight in bf16/f16/f32, read by one step of the block, an ``aten.embedding`` or an ``aten.linear`` without
+    bias. A program without steps (the planner's light candidates) has none: the planner passes its own."""
+    objects = p.object_map()
+    readers: dict[str, list] = {}
+    for s in p.steps:
+        for u in s.uses:
+            readers.setdefault(u, []).append(s)
+    stage_of = {i: st.index for st in p.stages for i in range(st.first_step, st.last_step + 1)}
+    out = {}
+    for b in p.blocks:
+        w = objects[b.weights[0]] if b.module and len(b.weights) == 1 else None
+        if w is None or len(w.shape) != 2 or w.dtype not in QUANTIZABLE_DTYPES or len(readers.get(w.name, [])) != 1:
+            continue
+        step = readers[w.name][0]
+        inputs = [u for u in step.uses if u not in step.defs and u != w.name]
+        if step.block != b.name or step.op not in (EMBEDDING_OP, LINEAR_OP) or len(inputs) != 1:
+            continue      # a linear layer's bias would be a second input
+        kind = "rows" if step.op == EMBEDDING_OP else "matrix"
+        if kind == "rows":
+            count = math.prod(objects[step.defs[0]].shape) // max(w.shape[1], 1)      # the rows it gathers
+        else:
+            count = max(1, round(step.flops / (2 * w.shape[0] * w.shape[1])))         # rows of x
+        out[b.name] = MappedRead(b.name, stage_of[step.index], kind, count)
+    return out
+
+
+def reads_at(reads: dict[str, MappedRead], at: tuple[int, int] | None) -> dict[str, MappedRead]:
+    """``reads`` in an engine step of ``at`` = (tokens, rows the head multiplies); None: as traced."""
+    if at is None:
+        return reads
+    return {b: r._replace(count=at[0] if r.kind == "rows" else at[1]) for b, r in reads.items()}
+
+
+def mapped_op(p: Program, block: Block, reads: dict[str, MappedRead] | None = None) -> str | None:
+    """How a mapped ``block`` is read in place (``Residency.mapped``), or None where it cannot be: "rows" for an
+    embedding (``mappable_reads``) unquantized or int8, "matrix" for an int8 linear layer (the kernel dequantizes
+    int8 tiles; a matmul of another width in place would differ from the resident model's). The one rule: the
+    residency search offers only these, the verifier refuses any other, and the runtime binds these two."""
+    r = (mappable_reads(p) if reads is None else reads).get(block.name)
+    if r is None or block.quant not in ((Quant.none, Quant.int8) if r.kind == "rows" else (Quant.int8,)):
+        return None
+    return r.kind
+
+
+def mapped_read_bytes(block: Block, objects: dict[str, Object], kind: str, count: int) -> int:
+    """Bytes a mapped block's kernel reads over the host link for ``count`` tokens ("rows": each its row of values,
+    and its int8 scale) or rows of x ("matrix": the packed matrix once per ``MAPPED_LINEAR_ROWS``)."""
+    if kind == "matrix":
+        return (block.transfer_bytes or 0) * max(1, -(-count // MAPPED_LINEAR_ROWS))
+    w = objects[block.weights[0]]
+    row_bytes = w.shape[1] + SCALE_BYTES if block.quant == Quant.int8 else w.size_bytes // max(w.shape[0], 1)
+    return row_bytes * count
+
+
+def mapped_reads(p: Program, blocks=None, reads: dict[str, MappedRead] | None = None) -> list[tuple[str, int, int]]:
+    """(block, stage, bytes over the link) of each mapped block's read in a forward (``blocks``: these, as if
+    mapped; None: those the plan maps), counted as ``reads`` says (default: as traced, ``mappable_reads``)."""
+    reads = mappable_reads(p) if reads is None else reads
+    objects = p.object_map()
+    names = {b.name for b in p.blocks if b.residency == Residency.mapped} if blocks is None else set(blocks)
+    return [(b.name, reads[b.name].stage, mapped_read_bytes(b, objects, reads[b.name].kind, reads[b.name].count))
+            for b in p.blocks if b.name in names and b.name in reads]
+
+
+def mapped_rate_gbps(hw: HardwareProfile) -> float:
+    return hw.mapped_gbps or hw.h2d_gbps
+
+
+def link_busy_s(hw: HardwareProfile, streamed_bytes: int, mapped_bytes: int) -> float:
+    """Seconds a forward holds the host link: its copies from the host and its mapped reads (a prediction's
+    ``streamed_bytes`` and ``mapped_bytes``)."""
+    return streamed_bytes / (hw.h2d_gbps * 1e9) + mapped_bytes / (mapped_rate_gbps(hw) * 1e9)
+
+
+def link_read_s(n_bytes: int, hw: HardwareProfile) -> float:
+    """A mapped read of ``n_bytes``: a fixed latency (as a copy's) plus its bytes at the mapped kernels' rate."""
+    return hw.copy_latency_s + n_bytes / (mapped_rate_gbps(hw) * 1e9)
+
+
+def stage_link_s(p: Program, blocks=None, reads: dict[str, MappedRead] | None = None) -> dict[int, float]:
+    """Seconds each stage's mapped reads hold the host link (``mapped_reads``), by stage: the stage takes that much
+    longer, and the copy engine's queue waits as long (``passes.simulate``)."""
+    out: dict[int, float] = {}
+    for _, stage, n in mapped_reads(p, blocks, reads):
+        out[stage] = out.get(stage, 0.0) + link_read_s(n, p.hardware)
+    return out
 
 
 MATMUL_OPS = ("linear", ".mm.", "addmm", "matmul", "bmm", "baddbmm")

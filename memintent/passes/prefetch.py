@@ -26,7 +26,15 @@ from memintent.ir.model import (
     SlotKind,
     align_up,
 )
-from memintent.passes.costs import copy_time_s, dequant_time_s, host_copy_bytes
+from memintent.passes.costs import (
+    MappedRead,
+    copy_time_s,
+    dequant_time_s,
+    host_copy_bytes,
+    link_busy_s,
+    mapped_reads,
+    stage_link_s,
+)
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, PassContractError, ensure
 from memintent.passes.residency import reserved_bytes
@@ -35,17 +43,19 @@ from memintent.passes.simulate import SimResult, simulate
 from memintent.units import round_s
 
 
-def schedule_of(p: Program):
+def schedule_of(p: Program, reads: dict[str, MappedRead] | None = None):
     """Rebuild the schedule and its simulation from a program whose residency and stream slots are decided; both
     None when the stream slots cannot hold the streamed blocks' schedule. Each visit's unpacking time is in the
-    simulation (a copy's ``ready_s``)."""
+    simulation (a copy's ``ready_s``), and the mapped blocks' reads (``costs.mapped_reads``: as traced, or as
+    ``reads`` counts them, for a program without steps or an engine step of another shape)."""
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
     k = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
     sched = make_schedule(p.stages, p.visits, streamed, k)
     bmap = p.block_map()
     copy_s = {i: copy_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
     deq_s = {i: dequant_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
-    return sched, None if sched is None else simulate(p.stages, p.visits, sched, copy_s, deq_s)
+    link_s = stage_link_s(p, reads=reads)
+    return sched, None if sched is None else simulate(p.stages, p.visits, sched, copy_s, deq_s, link_s=link_s)
 
 
 def _lay_out_arena(p: Program, k: int, slot_bytes: int, unpack_bytes: int = 0) -> int:
@@ -105,14 +115,16 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
     peak_act = max(prof, default=0)
     slots = p.arena.slots
     streamed_bytes = host_copy_bytes(p)
-    floor = max(streamed_bytes / (p.hardware.h2d_gbps * 1e9), sim.compute_s)
-    binding = "none" if not sched.visits else ("pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
+    mapped_bytes = sum(n for _, _, n in mapped_reads(p))
+    floor = max(link_busy_s(p.hardware, streamed_bytes, mapped_bytes), sim.compute_s)
+    binding = ("none" if not sched.visits and not mapped_bytes
+               else "pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
     arena_bytes = p.arena.size_bytes
     pinned, pageable = host_bytes(p)
     return Prediction(
         step_time_s=round_s(sim.step_time_s), first_step_time_s=round_s(sim.first_step_time_s),
         compute_s=round_s(sim.compute_s), stall_s=round_s(sim.stall_s), streamed_bytes=streamed_bytes,
-        floor_s=round_s(floor), host_pinned_bytes=pinned, host_pageable_bytes=pageable,
+        mapped_bytes=mapped_bytes, floor_s=round_s(floor), host_pinned_bytes=pinned, host_pageable_bytes=pageable,
         resident_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.resident),
         stored_bytes=sum(s.size_bytes for s in slots if s.kind == SlotKind.store),
         stream_slot_bytes=slot_bytes * sched.k + sum(s.size_bytes for s in slots if s.kind == SlotKind.unpack),
@@ -123,8 +135,9 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
 
 
 def host_bytes(p: Program) -> tuple[int, int]:
-    """(pinned, pageable) host bytes a run holds: the host store's buffers (a streamed block's in its transfer
-    layout, pinned, as the runtime's HostStore pins only what streams; a resident block's pageable) with the KV
+    """(pinned, pageable) host bytes a run holds: the host store's buffers (a streamed or mapped block's in its
+    transfer layout, pinned, as the runtime's HostStore pins only what the device reads from the host; a resident
+    block's pageable) with the KV
     swap space pinned, and the one full-precision block the fill quantizes packed blocks from."""
     pinned = sum(align_up(b.transfer_bytes or b.size_bytes) for b in p.blocks if b.residency != Residency.resident)
     pageable = sum(align_up(b.size_bytes) for b in p.blocks if b.residency == Residency.resident)

@@ -20,6 +20,13 @@ A quantized streamed block can also be kept in the HBM store (spec/runtime.md, "
 in a store slot, each visit copying them from there at HBM speed rather than over the host link. That is a second
 move of the same greedy search, weighed the same way (time saved per byte of HBM), and taken only where it saves
 time or copies.
+
+A block whose module can read it in place (``costs.mapped_op``: an embedding, an int8 head) starts *mapped*: never
+copied, no slot, its kernel reading pinned host memory over the link (``Residency.mapped``). An embedding then
+moves only a step's rows; a head moves as many bytes as a visit would, but the stream and unpack slots need no
+longer fit a vocabulary-sized matrix (llama-3-70b int4: 1.5 GiB of 24 more for the KV cache). Two more moves of the
+search undo it where HBM is to spare: the block streamed after all (its read overlapping compute again), or
+resident.
 """
 
 from __future__ import annotations
@@ -39,10 +46,24 @@ from memintent.ir.model import (
     SlotKind,
     align_up,
 )
-from memintent.passes.costs import FOUR_BIT, copy_time_s, dequant_time_s, transfer_bytes
+from memintent.passes.costs import (
+    FOUR_BIT,
+    MappedRead,
+    copy_time_s,
+    dequant_time_s,
+    mappable_reads,
+    mapped_op,
+    stage_link_s,
+    transfer_bytes,
+)
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, ensure
-from memintent.passes.schedule import hookable, make_schedule, unpack_shareable, wait_stages
+from memintent.passes.schedule import (
+    hookable,
+    make_schedule,
+    unpack_shareable,
+    wait_stages,
+)
 from memintent.passes.simulate import simulate
 from memintent.units import fmt_bytes
 
@@ -110,17 +131,18 @@ def stream_arena_bytes(blocks, k: int, shared_unpack: bool) -> tuple[int, int]:
 
 
 class Choice(NamedTuple):
-    """A residency decision: resident blocks, streamed blocks, the streamed blocks kept in the HBM store, and the
-    simulated step time it gives."""
+    """A residency decision: resident blocks, streamed blocks, the streamed blocks kept in the HBM store, the
+    simulated step time it gives, and the blocks read in place (mapped)."""
 
     resident: frozenset
     streamed: frozenset
     stored: frozenset
     time_s: float
+    mapped: frozenset = frozenset()
 
 
 class _Search:
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, reads: dict[str, MappedRead] | None = None):
         self.p = program
         self.hw = program.hardware
         self.size = {b.name: align_up(b.size_bytes) for b in program.blocks}
@@ -137,7 +159,11 @@ class _Search:
         for b in program.blocks:
             self._index(b)
         self.first_stage = {b: program.visits[idx[0]].first_stage for b, idx in self.visits_of.items() if idx}
-        self._cache: dict[tuple[frozenset, int], float | None] = {}
+        self.reads = mappable_reads(program) if reads is None else reads
+        self.mappable = frozenset(b.name for b in program.blocks
+                                  if self.nvisits[b.name] == 1 and mapped_op(program, b, self.reads))
+        self.link_s = {b: stage_link_s(program, [b], self.reads) for b in self.mappable}   # block -> {stage: s}
+        self._cache: dict[tuple, float | None] = {}
 
     def _index(self, block: Block) -> None:
         """What the search reads of ``block`` at its bit width: slot needs, its store slot's bytes, and each of its
@@ -155,24 +181,35 @@ class _Search:
             self.deq_s[i] = dequant_time_s(block, self.hw)
 
     def requant(self, block: Block) -> None:
-        """``block``'s bit width changed: its copy and unpacking times and slot need follow; cached times go."""
+        """``block``'s bit width changed: its copy and unpacking times, slot need and in-place read follow; cached
+        times go."""
         self._index(block)
+        if block.name in self.mappable:
+            self.link_s[block.name] = stage_link_s(self.p, [block.name], self.reads)
         self._cache.clear()
 
-    def time(self, streamed: frozenset, k: int, stored: frozenset = frozenset()) -> float | None:
-        """The simulated step with ``streamed`` through ``k`` slots, those in ``stored`` copied from the HBM store."""
-        key = (streamed, stored, k)
+    def time(self, streamed: frozenset, k: int, stored: frozenset = frozenset(),
+             mapped: frozenset = frozenset()) -> float | None:
+        """The simulated step with ``streamed`` through ``k`` slots, those in ``stored`` copied from the HBM store,
+        ``mapped`` read in place."""
+        key = (streamed, stored, k, mapped)
         if key not in self._cache:
             sched = make_schedule(self.p.stages, self.p.visits, set(streamed), k)
             copy_s = {i: (self.store_copy_s if v.block in stored else self.copy_s)[i]
                       for i, v in enumerate(self.p.visits)} if stored else self.copy_s
+            link_s: dict[int, float] = {}
+            for b in mapped:
+                for stage, t in self.link_s[b].items():
+                    link_s[stage] = link_s.get(stage, 0.0) + t
             self._cache[key] = None if sched is None else simulate(
-                self.p.stages, self.p.visits, sched, copy_s, self.deq_s).step_time_s
+                self.p.stages, self.p.visits, sched, copy_s, self.deq_s, link_s=link_s).step_time_s
         return self._cache[key]
 
-    def whole_time(self, streamed: frozenset, k: int, stored: frozenset) -> float | None:
-        """``time``, or with nothing streamed the stages' compute."""
-        return self.time(streamed, k, stored) if streamed else sum(s.time_s for s in self.p.stages)
+    def whole_time(self, streamed: frozenset, k: int, stored: frozenset,
+                   mapped: frozenset = frozenset()) -> float | None:
+        """``time``, or with nothing streamed or mapped the stages' compute."""
+        return (self.time(streamed, k, stored, mapped) if streamed or mapped
+                else sum(s.time_s for s in self.p.stages))
 
     def stream_bytes(self, streamed, k: int) -> int:
         """Stream and unpack slots' bytes for ``streamed`` through ``k`` slots (``slot_layout``); never more slots
@@ -197,10 +234,11 @@ class _Search:
         streams every block up to some slot need and keeps the larger ones resident (an embedding larger than a
         layer is cheaper resident than as the size of every slot): each threshold is tried, with and without the
         blocks read more than once (a tied embedding, read again by the head, needs a second slot when it
-        streams). The one rule for the smallest plan: the search starts from it and a refusal states it."""
-        names = self.streamable(forced)
+        streams). Blocks that can be mapped are (``mapped_of``): they take no HBM at all. The one rule for the
+        smallest plan: the search starts from it and a refusal states it."""
+        names = [b for b in self.streamable(forced) if b not in self.mappable]
         again = {b for b in names if self.nvisits[b] > 1}
-        best = None
+        best = (set(forced), frozenset(), self.memory(set(forced), frozenset(), k)) if not names else None
         for cap in sorted({self.need[b] for b in names}):
             upto = frozenset(b for b in names if self.need[b] <= cap)
             for streamed in {upto, upto - again} - {frozenset()}:
@@ -210,22 +248,29 @@ class _Search:
                     best = (resident, streamed, mem)
         return best
 
+    def mapped_of(self, resident, forced: set[str]) -> frozenset:
+        """The blocks a plan starting from ``resident`` maps: those that can be, unless resident."""
+        return frozenset(b for b in self.streamable(forced) if b in self.mappable and b not in resident)
+
     def greedy(self, k: int, forced: set[str], room: int) -> Choice | None:
         resident = set(forced)
-        streamed = frozenset(self.streamable(forced))
-        if self.memory(resident, streamed, k) > room or self.time(streamed, k) is None:
+        mapped = self.mapped_of(resident, forced)
+        streamed = frozenset(self.streamable(forced)) - mapped
+        if self.memory(resident, streamed, k) > room or self.time(streamed, k, mapped=mapped) is None:
             # Everything streamed does not fit (or k slots cannot hold its schedule): start from the smallest plan.
             start = self.smallest(k, forced)
             if start is None or start[2] > room:
                 return None
             resident, streamed, _ = start
-        now = Choice(frozenset(resident), streamed, frozenset(), self.whole_time(streamed, k, frozenset()))
-        while now.streamed:
+            mapped = self.mapped_of(resident, forced)
+        now = Choice(frozenset(resident), streamed, frozenset(), self.whole_time(streamed, k, frozenset(), mapped),
+                     mapped)
+        while now.streamed or now.mapped:
             mem_now = self.memory(now.resident, now.streamed, k, now.stored)
             best, best_key = None, None
             for b, move in self._moves(now):
                 mem = self.memory(move.resident, move.streamed, k, move.stored)
-                t_new = None if mem > room else self.whole_time(move.streamed, k, move.stored)
+                t_new = None if mem > room else self.whole_time(move.streamed, k, move.stored, move.mapped)
                 if t_new is None:
                     continue
                 gain = (now.time_s - t_new) + COPY_PREFERENCE * self._copy_saved_s(b, now, move)
@@ -244,18 +289,25 @@ class _Search:
         """(block, the choice after the move) for each class of streamed blocks: its next block made resident
         (``_spread_pick``) and, when quantized, its next block kept in the HBM store. A stored block copies its
         packed bytes from HBM (``costs.copy_time_s``) for a quarter to a half of the HBM that resident weights take,
-        so where PCIe binds it buys the most time per byte; resident blocks then also save the unpacking."""
+        so where PCIe binds it buys the most time per byte; resident blocks then also save the unpacking. A mapped
+        block can be made resident or streamed (``make_schedule`` may find no schedule for it: the move is then
+        not taken)."""
         for cls in self._classes(now.streamed):
             b = self._spread_pick(cls, set(now.resident))
-            yield b, Choice(now.resident | {b}, now.streamed - {b}, now.stored - {b}, 0.0)
+            yield b, Choice(now.resident | {b}, now.streamed - {b}, now.stored - {b}, 0.0, now.mapped)
             host = [c for c in cls if c not in now.stored and c in self.quantized]
             if host:
                 b = self._spread_pick(host, set(now.stored))
-                yield b, Choice(now.resident, now.streamed, now.stored | {b}, 0.0)
+                yield b, Choice(now.resident, now.streamed, now.stored | {b}, 0.0, now.mapped)
+        for b in sorted(now.mapped):
+            yield b, Choice(now.resident | {b}, now.streamed, now.stored, 0.0, now.mapped - {b})
+            yield b, Choice(now.resident, now.streamed | {b}, now.stored, 0.0, now.mapped - {b})
 
     def _copy_saved_s(self, b: str, now: Choice, move: Choice) -> float:
         """Copy time a visit of ``b`` no longer spends on the copy stream after the move, times its visits."""
         i = self._visit_of(b)
+        if b in now.mapped:       # its read in place leaves the link, or moves to the copy engine
+            return sum(self.link_s[b].values()) - (0.0 if b in move.resident else self.copy_s[i])
         before = self.store_copy_s[i] if b in now.stored else self.copy_s[i]
         after = 0.0 if b in move.resident else self.store_copy_s[i]
         return (before - after) * self.nvisits[b]
@@ -283,25 +335,28 @@ def _set_quant(p: Program, block: Block, q: Quant, objects: dict | None = None) 
     block.transfer_bytes = transfer_bytes(block, p, objects)
 
 
-def _relax_quant(p: Program, c: Choice, k: int, room: int) -> None:
+def _relax_quant(p: Program, c: Choice, k: int, room: int, reads: dict[str, MappedRead] | None) -> None:
     """``--quant auto``: starting from int4g everywhere (``starting_quant``), give each streamed block the widest
     bit width (bf16, then int8) that keeps the simulated forward within 1% of the all-int4g time and the plan
     within budget. Each width is weighed by the bytes its packed layout really copies (``costs.transfer_bytes``)
     and its unpacking time. Where PCIe binds nothing widens; where compute hides the copies, blocks go back to
-    bf16 and lose no accuracy. Blocks in the HBM store keep their width: the store is sized for it."""
+    bf16 and lose no accuracy. Blocks in the HBM store keep their width: the store is sized for it. A mapped block
+    widens only as far as its module still reads it in place (an embedding to bf16; a head stays int8)."""
     bmap, objs = p.block_map(), p.object_map()
-    search = _Search(p)
-    t_int4 = search.time(c.streamed, k, c.stored)
+    search = _Search(p, reads)
+    t_int4 = search.time(c.streamed, k, c.stored, c.mapped)
     order = {b.name: i for i, b in enumerate(p.blocks)}
-    for name in sorted(c.streamed - c.stored, key=order.__getitem__):
+    for name in sorted((c.streamed - c.stored) | c.mapped, key=order.__getitem__):
         b = bmap[name]
         if b.quant == Quant.none:
             continue
         for q in (Quant.none, Quant.int8):
+            if name in c.mapped and mapped_op(p, b.model_copy(update={"quant": q}), search.reads) is None:
+                continue
             old = b.quant
             _set_quant(p, b, q, objs)
             search.requant(b)
-            t = search.time(c.streamed, k, c.stored)
+            t = search.time(c.streamed, k, c.stored, c.mapped)
             if t is not None and t <= t_int4 * 1.01 and search.memory(c.resident, c.streamed, k, c.stored) <= room:
                 break
             _set_quant(p, b, old, objs)
@@ -418,11 +473,12 @@ def _infeasible(p: Program, search: _Search, depth: int | None, forced: set[str]
         + f" (hardware profile {p.hardware.name})")
 
 
-def _set_residencies(p: Program, resident: set[str]) -> None:
+def _set_residencies(p: Program, resident: set[str], mapped: frozenset = frozenset()) -> None:
     """Each block's residency. A block no stage reads is never copied: it stays host-side as "streamed" with no
     visit. Resident weights stay in the model's dtype: quantizing them would save nothing."""
     for b in p.blocks:
-        b.residency = Residency.resident if b.name in resident else Residency.streamed
+        b.residency = (Residency.resident if b.name in resident else Residency.mapped if b.name in mapped
+                       else Residency.streamed)
         b.slot = None    # resident slots are laid out by prefetch; store slots by _stream_slots
         if b.residency == Residency.resident:
             _set_quant(p, b, Quant.none)
@@ -448,18 +504,19 @@ def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset = f
 
 
 def residency(program: Program, depth: int | None = None, quant: str = "none",
-              vocab: set[str] | None = None) -> Program:
+              vocab: set[str] | None = None, reads: dict[str, MappedRead] | None = None) -> Program:
     """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
     ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, int4g, or auto (chosen per block).
-    ``vocab``: the vocabulary blocks (``vocab_blocks``), for a program without its steps (the planner's light
-    candidates); None: found in ``program``'s steps."""
+    ``vocab``, ``reads``: the vocabulary blocks (``vocab_blocks``) and the blocks that can be read in place
+    (``costs.mappable_reads``), for a program without its steps (the planner's light candidates); None: found in
+    ``program``'s steps."""
     p = program   # in place: run_passes hands the pipeline its own copy
     p.budget_bytes = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
     res = reserved_bytes(p)
     room = p.budget_bytes - sum(res.values())
     forced = forced_resident(p)
     _initial_quant(p, quant, forced, vocab_blocks(p) if vocab is None else vocab)
-    search = _Search(p)
+    search = _Search(p, reads)
     if sum(search.size.values()) <= room:
         c, k = Choice(frozenset(b.name for b in p.blocks), frozenset(), frozenset(), 0.0), 0
     else:
@@ -467,27 +524,27 @@ def residency(program: Program, depth: int | None = None, quant: str = "none",
         if chosen is None:
             raise _infeasible(p, search, depth, forced, res)
         c, k = chosen
-    _set_residencies(p, set(c.resident))
+    _set_residencies(p, set(c.resident), c.mapped)
     if quant == "auto" and c.streamed:
-        _relax_quant(p, c, k, room)
+        _relax_quant(p, c, k, room, reads)
     _stream_slots(p, c.streamed, k, c.stored)
     return p
 
 
 def given_residency(program: Program, streamed: set[str], k: int, quant: Quant = Quant.none,
-                    stored: set[str] = frozenset()) -> Program:
+                    stored: set[str] = frozenset(), mapped: set[str] = frozenset()) -> Program:
     """The residency pass with the decision given rather than searched: ``streamed`` blocks stream through ``k``
     stream slots, at bit width ``quant`` (``block_quant``) where they hold a 2-D weight, those of them in
-    ``stored`` from the HBM store, and the rest stay resident (tests, experiments and benchmarks that need a
-    particular plan)."""
+    ``stored`` from the HBM store, ``mapped`` blocks read in place at that bit width, and the rest stay resident
+    (tests, experiments and benchmarks that need a particular plan)."""
     p = program
     if p.budget_bytes is None:
         p.budget_bytes = p.hardware.hbm_bytes
     objs, vocab = p.object_map(), vocab_blocks(p)
     for b in p.blocks:
-        quantizable = b.name in streamed and any(len(objs[w].shape) == 2 for w in b.weights)
+        quantizable = b.name in set(streamed) | set(mapped) and any(len(objs[w].shape) == 2 for w in b.weights)
         _set_quant(p, b, block_quant(quant, b.name, vocab) if quantizable else Quant.none, objs)
-    _set_residencies(p, {b.name for b in p.blocks} - set(streamed))
+    _set_residencies(p, {b.name for b in p.blocks} - set(streamed) - set(mapped), frozenset(mapped))
     _stream_slots(p, frozenset(streamed), k, frozenset(stored))
     return p
 
@@ -509,9 +566,9 @@ def residency_pass(depth: int | None = None, quant: str = "none") -> Pass:
 
 
 def given_residency_pass(streamed: set[str], k: int, quant: Quant = Quant.none,
-                         stored: set[str] = frozenset()) -> Pass:
+                         stored: set[str] = frozenset(), mapped: set[str] = frozenset()) -> Pass:
     """A residency pass that records a given decision (``given_residency``) under the same contract."""
-    return Pass("residency", lambda p: given_residency(p, streamed, k, quant, stored), requires=("costs",),
+    return Pass("residency", lambda p: given_residency(p, streamed, k, quant, stored, mapped), requires=("costs",),
                 ensures=_ensure)
 
 

@@ -38,7 +38,7 @@ class SimResult:
     stage_end_s: list[float] = field(default_factory=list)
     stage_stall_s: list[float] = field(default_factory=list)
     copies: list[CopyEvent] = field(default_factory=list)      # steady-state forward's copies, times from its start
-    copy_busy_s: float = 0.0                 # seconds the copy engine works per forward
+    copy_busy_s: float = 0.0                 # seconds the host link works per forward: copies and mapped reads
 
 
 @dataclass(slots=True)
@@ -53,11 +53,13 @@ class _Run:
     """The copy engine's and the compute stream's clocks over consecutive forwards of one schedule."""
 
     def __init__(self, compute: list, sched: Schedule, copy_s: dict[int, float], dequant_s: dict[int, float],
-                 later: Callable = max):
+                 later: Callable = max, link_s: dict | None = None):
         """``compute``: each stage's compute time, a float (or, with ``later=numpy.maximum``, an array of many steps'
-        times for that stage, simulated at once: the clocks become arrays)."""
+        times for that stage, simulated at once: the clocks become arrays); ``link_s``: by stage, the seconds its
+        mapped reads hold the host link (floats, or arrays like ``compute``'s)."""
         n = len(compute)
         self.sched, self.copy_s, self.dequant_s, self.later = sched, copy_s, dequant_s, later
+        self.link_s = link_s or {}
         self.compute = compute
         # copies issued at each stage entry (n: at the forward's end), and the copies each stage waits for
         self.issued_at: list[list[int]] = [[] for _ in range(n + 1)]
@@ -104,15 +106,20 @@ class _Run:
             out.stage_stall_s.append(ready - entry)
             out.stage_start_s.append(ready)
             t = ready + self.compute[s]
+            if s in self.link_s:      # its mapped reads: the stage and the copy engine's queue both wait for them
+                self.engine_free_s = self.later(self.engine_free_s, ready) + self.link_s[s]
+                t = t + self.link_s[s]
             out.stage_end_s.append(t)
         self.issue_all(len(self.compute), f, t)
         return out, t
 
 
 def simulate(stages: list[Stage], visits: list[Visit], sched: Schedule, copy_s: dict[int, float],
-             dequant_s: dict[int, float] | None = None, forwards: int = 3) -> SimResult:
-    """Event simulation of ``forwards`` back-to-back forwards; ``copy_s[visit]`` is each copy's duration."""
-    run = _Run([s.time_s for s in stages], sched, copy_s, dequant_s or {})
+             dequant_s: dict[int, float] | None = None, forwards: int = 3,
+             link_s: dict[int, float] | None = None) -> SimResult:
+    """Event simulation of ``forwards`` back-to-back forwards; ``copy_s[visit]`` is each copy's duration,
+    ``link_s[stage]`` its mapped reads' time on the host link."""
+    run = _Run([s.time_s for s in stages], sched, copy_s, dequant_s or {}, link_s=link_s)
     run.cold_start()
     t = 0.0
     done: list[_Forward] = []
@@ -127,15 +134,18 @@ def simulate(stages: list[Stage], visits: list[Visit], sched: Schedule, copy_s: 
         step_time_s=(last.stage_end_s[-1] if n else t) - t0, first_step_time_s=done[0].stage_end_s[-1] if n else 0.0,
         compute_s=sum(run.compute), stall_s=sum(last.stage_stall_s),
         stage_start_s=[x - t0 for x in last.stage_start_s], stage_end_s=[x - t0 for x in last.stage_end_s],
-        stage_stall_s=last.stage_stall_s, copies=copies, copy_busy_s=sum(copy_s[i] for i in sched.visits),
+        stage_stall_s=last.stage_stall_s, copies=copies,
+        copy_busy_s=sum(copy_s[i] for i in sched.visits) + sum(run.link_s.values()),
     )
 
 
 def step_times(compute: np.ndarray, sched: Schedule, copy_s: dict[int, float],
-               dequant_s: dict[int, float] | None = None, forwards: int = 3) -> np.ndarray:
+               dequant_s: dict[int, float] | None = None, forwards: int = 3,
+               link_s: dict[int, np.ndarray] | None = None) -> np.ndarray:
     """``simulate``'s steady-state forward time for many steps at once: ``compute`` is (stages, steps), each column
-    one step's stage times; the same event model, its clocks arrays over the steps. Returns (steps,)."""
-    run = _Run(list(compute), sched, copy_s, dequant_s or {}, later=np.maximum)
+    one step's stage times, ``link_s`` by stage (steps,) arrays; the same event model, its clocks arrays over the
+    steps. Returns (steps,)."""
+    run = _Run(list(compute), sched, copy_s, dequant_s or {}, later=np.maximum, link_s=link_s)
     run.cold_start()
     t = np.zeros(compute.shape[1])
     start = t

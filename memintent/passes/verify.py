@@ -21,7 +21,7 @@ ones reason about the program the runtime will execute and never trip over a mal
 - the action trace (``TRACE_RULES``): the plan's actions, run symbolically in list order through the runtime's
   slot state for a cold first forward and two steady-state forwards (so the cross-forward prefetch is checked
   too): no copy into a slot in use, a wait only for an issued copy, a free only of a ready visit after its last
-  stage, and every stage finds the streamed blocks it reads arrived.
+  stage, and every stage finds the streamed blocks it reads arrived (a mapped block, read in place, always is).
 """
 
 from __future__ import annotations
@@ -50,8 +50,14 @@ from memintent.ir.model import (
 )
 from memintent.ir.plan_file import load_plan_or_pipeline
 from memintent.ir.proven import Proven
-from memintent.passes.costs import transfer_bytes
-from memintent.passes.graph import dependency_graph, early_uses, live_range, module_calls, names
+from memintent.passes.costs import mapped_op, transfer_bytes
+from memintent.passes.graph import (
+    dependency_graph,
+    early_uses,
+    live_range,
+    module_calls,
+    names,
+)
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
 from memintent.passes.prefetch import host_bytes
@@ -465,6 +471,22 @@ def hbm_store(p: Program, f: Facts) -> None:
         fail(f"store slot {empty} holds no block of the HBM store (recompile the plan)")
 
 
+@_rule("mapped-in-place")
+def mapped_in_place(p: Program, f: Facts) -> None:
+    """A mapped block is one its module can read in place from pinned host memory (``costs.mapped_op``: an
+    embedding unquantized or int8, or an int8 linear layer without bias, each read by one step and visited once),
+    and it has no slot: nothing of it is ever in HBM."""
+    for b in p.blocks:
+        if b.residency != Residency.mapped:
+            continue
+        if mapped_op(p, b) is None or sum(1 for v in p.visits if v.block == b.name) > 1:
+            fail(f"block {b.name!r} is mapped, but only an embedding (unquantized or int8) or an int8 linear layer "
+                 f"without bias, read by one step once a forward, can be read in place (recompile the plan)")
+        if b.slot is not None or any(v.slot is not None for v in p.visits if v.block == b.name):
+            fail(f"mapped block {b.name!r} names a slot: a mapped block is read in place from host memory and "
+                 f"takes none (recompile the plan)")
+
+
 @_rule("transfer-bytes")
 def transfer_bytes_match(p: Program, f: Facts) -> None:
     """A block's transfer_bytes is what a visit of it copies: its size in the model's dtype, or, quantized, the
@@ -705,7 +727,7 @@ def arrival_before_use(t: _Trace, stage: int, forward: int) -> None:
     its slot was not freed since."""
     st = t.p.stages[stage]
     for b in st.needs:
-        if t.f.bmap[b].residency == Residency.resident or t.ready(b, forward):
+        if t.f.bmap[b].residency in (Residency.resident, Residency.mapped) or t.ready(b, forward):
             continue
         reads = {u for j in range(st.first_step, st.last_step + 1) for u in t.f.graph.pred[j]}
         w = next((w for w in t.f.bmap[b].weights if w in reads), b)

@@ -32,12 +32,34 @@ from typing import Any, Callable
 import torch
 
 from memintent.errors import MemintentError, RuntimeFault
-from memintent.ir.model import Action, ActionKind, Block, Program, Quant, Residency, align_up
+from memintent.ir.model import (
+    Action,
+    ActionKind,
+    Block,
+    Program,
+    Quant,
+    Residency,
+    align_up,
+)
 from memintent.ir.proven import Proven, require_proven
 from memintent.models.fingerprint import check_fingerprint, named_weights
+from memintent.passes.costs import mapped_op
+from memintent.runtime import mapped
 from memintent.runtime.arena import DeviceArena, check_fits
-from memintent.runtime.copy_engine import CopyEngine, CpuBackend, CudaBackend, ForwardStats
-from memintent.runtime.host_store import FillFn, HostStore, fill_from_module, rebind, torch_dtype, typed_view
+from memintent.runtime.copy_engine import (
+    CopyEngine,
+    CpuBackend,
+    CudaBackend,
+    ForwardStats,
+)
+from memintent.runtime.host_store import (
+    FillFn,
+    HostStore,
+    fill_from_module,
+    rebind,
+    torch_dtype,
+    typed_view,
+)
 from memintent.runtime.quant import prepare_unpack, run_unpack
 
 _START, _DONE, _FREE = 0, 1, 2
@@ -106,6 +128,7 @@ class StreamedModel:
         self.model, self.program, self.device, self.check = model, program, dev, check
         self.dequant_backend = dequant_backend
         self._hooks: list[Any] = []
+        self._mapped: dict[str, tuple] = {}   # block -> (module, values, scales, kind, dtype) of a mapped block
         self._detached = False
 
         self._check_model(model_checked)    # the model against the plan
@@ -314,7 +337,9 @@ class StreamedModel:
         p = self.program
         objects = p.object_map()
         for bi, b in enumerate(p.blocks):
-            if b.residency == Residency.resident:
+            if b.residency == Residency.mapped:
+                self._bind_mapped(b)
+            elif b.residency == Residency.resident:
                 dst = self.arena.slot(b.slot)[:b.size_bytes]   # uint8 [size_bytes]
                 dst.copy_(self.host_store.buffer(b.name))
                 for w in b.weights:
@@ -343,6 +368,25 @@ class StreamedModel:
                           f"{self.device} outside the arena: {self._unplanned[:5]}", stacklevel=3)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)   # resident copies complete before any stream reads the slots
+
+    def _bind_mapped(self, b: Block) -> None:
+        """A mapped block's module reads its weight in place from the host store's pinned buffer: its forward is
+        replaced (``runtime.mapped``) until detach, and its weight tensor points at meta, so that any other read of
+        it fails rather than reading stale memory."""
+        module = dict(self.model.named_modules())[b.module]
+        kind = mapped_op(self.program, b)
+        values, scale = mapped.mapped_parts(b, self._objects, self.host_store.buffer(b.name))
+        w = self._objects[b.weights[0]]
+        module.forward = mapped.mapped_forward(module, kind, values, scale, torch_dtype(w.dtype))
+        self._mapped[b.name] = (module, values, scale, kind, torch_dtype(w.dtype))
+        rebind(self._tensors[w.name], torch.empty(w.shape, dtype=torch_dtype(w.dtype), device="meta"))
+
+    def warm_mapped(self) -> int:
+        """Compile every kernel variant the mapped blocks' forwards can launch (``mapped.warm``), before the first
+        forward. Returns the blocks warmed."""
+        for _, values, scale, kind, dtype in self._mapped.values():
+            mapped.warm(values, scale, kind, dtype, self.device)
+        return len(self._mapped)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def _register_hooks(self) -> None:
@@ -531,6 +575,9 @@ class StreamedModel:
         int4 plan would be 140 GB of host memory allocated at detach (it killed the process on a 128 GB machine)."""
         tensors = named_weights(self.model)
         objects = self.program.object_map()
+        for module, *_ in self._mapped.values():
+            del module.forward       # the instance attribute _bind_mapped set: the class's forward again
+        self._mapped = {}
         for b in self.program.blocks:
             if b.name in self.host_store.packed:
                 for w in b.weights:

@@ -7,6 +7,9 @@ subtracted. Views share their base's storage and in-place results reuse it, so n
 
 What it measures is what a plan's activation peak predicts: the memory a forward allocates beyond the arena (which
 is allocated once, before). ``peak_bytes`` is the high-water mark from the tracker's start.
+
+Work inside ``memintent.accounting.host_side()`` allocates host memory (a GPU's pinned staging, a mapped block's
+rows on their way over the link) and is not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from memintent.accounting import on_host_side
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -34,7 +39,7 @@ class AllocationTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self._sweep()   # what the inputs' last users just released is free before this output counts
         returns = getattr(getattr(func, "_schema", None), "returns", ())
-        if returns and all(r.alias_info is not None for r in returns):
+        if returns and all(r.alias_info is not None for r in returns) or on_host_side():
             return out  # a view or an in-place result: its storage is an input's (perhaps from before the tracker)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:

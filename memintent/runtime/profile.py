@@ -60,7 +60,7 @@ from memintent.errors import MemintentError
 from memintent.ir.dtypes import torch_dtype
 from memintent.ir.model import GemmRates, HardwareProfile
 from memintent.kv.paged_kernel import build_meta, kv_bytes_read, paged_attention_varlen
-from memintent.runtime import quant
+from memintent.runtime import mapped, quant
 from memintent.runtime.device import sync
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -260,6 +260,16 @@ def measure_h2d_gbps(device: torch.device, nbytes: int = 1 << 30, repeats: int =
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     t = clock.time_s(lambda: dst.copy_(src, non_blocking=clock.cuda), repeats)
     return nbytes / statistics.median(t) / 1e9
+
+
+def measure_mapped_gbps(clock: _Clock, rows: int, cols: int, repeats: int) -> float:
+    """The rate at which the mapped linear kernel (``runtime.mapped``) reads an int8 (rows, cols) matrix in place
+    from pinned host memory, for 64 rows of x, in link bytes per second, 1e9 units (the CPU: its torch path)."""
+    q = torch.zeros(rows, cols, dtype=torch.int8, pin_memory=clock.cuda)
+    scale = torch.ones(rows, dtype=torch.bfloat16, pin_memory=clock.cuda)
+    x = torch.zeros(64, cols, dtype=torch.bfloat16, device=clock.device)
+    t = clock.time_s(lambda: mapped.mapped_linear(x, q, scale), repeats)
+    return (q.numel() + 2 * scale.numel()) / statistics.median(t) / 1e9
 
 
 def measure_copy_latency_s(clock: _Clock, ops: int, repeats: int) -> float:
@@ -483,6 +493,8 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         deq_gbps = measure_dequant_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
         say(f"int4g -> bf16 dequantisation {sz.dequant_rows}x{sz.dequant_cols}")
         deq4_gbps = measure_dequant_int4_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
+        say(f"int8 matrix {sz.dequant_rows}x{sz.dequant_cols} read in place from pinned host memory")
+        mapped_gbps = measure_mapped_gbps(clock, sz.dequant_rows, sz.dequant_cols, sz.repeats)
         attn = AttentionRates()
         if clock.cuda and quant.triton_available():
             # Before the matmuls: a decode's attention runs between matmuls at HBM speed, not on a card that a
@@ -511,6 +523,7 @@ def profile_device(device: str | None = None, quick: bool = False, progress: Pro
         h2d_gbps=h2d[-1].gbps, d2h_gbps=d2h[-1].gbps,
         hbm_gbps=dev_gbps, bf16_tflops=tflops, hbm_bytes=int(total_bytes),
         launch_overhead_s=launch_s, copy_latency_s=copy_latency_s, dequant_gbps=deq_gbps, dequant_int4_gbps=deq4_gbps,
+        mapped_gbps=mapped_gbps,
         # Kernel scratch: the default cuBLAS workspace reservation on CUDA; the CPU backend reserves none.
         # cuBLAS workspace (32 MiB) plus the caching allocator's rounding, which W1 showed at 2 MiB on an H100
         workspace_bytes=(36 << 20) if clock.cuda else 0,

@@ -14,6 +14,7 @@ from memintent.ir.model import (
     Visit,
     describe_admission,
 )
+from memintent.passes.costs import link_busy_s
 from memintent.see.timeline import streamed_where
 from memintent.units import fmt_bytes, fmt_s
 
@@ -46,10 +47,17 @@ def _print_prediction(p: Program, console: Console) -> None:
         f"{fmt_bytes(pr.workspace_bytes)} = peak {fmt_bytes(pr.peak_hbm_bytes)}")
     console.print(
         f"predicted forward {fmt_s(pr.step_time_s)} steady, {fmt_s(pr.first_step_time_s)} cold; compute "
-        f"{fmt_s(pr.compute_s)}, stall {fmt_s(pr.stall_s)}; streamed {fmt_bytes(pr.streamed_bytes)}/forward; floor "
+        f"{fmt_s(pr.compute_s)}, stall {fmt_s(pr.stall_s)}; streamed {fmt_bytes(pr.streamed_bytes)}/forward"
+        + (f", read in place {fmt_bytes(pr.mapped_bytes)}/forward ({_mapped_names(p)})" if pr.mapped_bytes else "")
+        + "; floor "
         f"{fmt_s(pr.floor_s)}; binding: {pr.binding}")
     for note in pr.notes:
         console.print(f"note: {note}")
+
+
+def _mapped_names(p: Program) -> str:
+    """The mapped blocks, by name."""
+    return ", ".join(b.name for b in p.blocks if b.residency == Residency.mapped)
 
 
 def _store_note(p: Program) -> str:
@@ -118,15 +126,16 @@ def _print_pool(p: Program, console: Console) -> None:
     console.print(
         f"preemption by cost, per block: swap {fmt_s(obj.evict_cost_s)} (out and back in on the copy engine), "
         f"recompute {fmt_s(obj.recompute_cost_s)}; per step the copy engine idles "
-        f"{fmt_s(max(p.prediction.step_time_s - p.prediction.streamed_bytes / (p.hardware.h2d_gbps * 1e9), 0))} "
+        f"{fmt_s(max(p.prediction.step_time_s - link_busy_s(p.hardware, p.prediction.streamed_bytes, p.prediction.mapped_bytes), 0))} "
         f"and compute {fmt_s(max(p.prediction.step_time_s - p.prediction.compute_s, 0))}: victims "
         f"{'recompute' if p.prediction.binding == 'pcie' else 'swap when that is cheaper'}; swapped pages come "
         f"back before the first attention, {fmt_s(obj.urgency_s)} into a step")
 
 
 def _unstreamed_row(b: Block, vs: list[Visit]) -> list[str]:
-    """A block that never moves: resident, or streamed but used by no visit."""
-    where = "resident" if b.residency == Residency.resident else "host (unused)"
+    """A block that never moves: resident, read in place (mapped), or streamed but used by no visit."""
+    where = {Residency.resident: "resident", Residency.mapped: "mapped (read in place)"}.get(b.residency,
+                                                                                          "host (unused)")
     stages = ", ".join(f"{v.first_stage}-{v.last_stage}" for v in vs) or "-"
     return [b.name, where, fmt_bytes(b.size_bytes), "-", str(b.slot if b.slot is not None else "-"), stages,
             "-", "-", "-", "-"]
@@ -157,7 +166,7 @@ def _blocks_table(p: Program) -> Table:
         visits_of.setdefault(v.block, []).append(v)
     for b in p.blocks:
         vs = visits_of.get(b.name, [])
-        if b.residency == Residency.resident or not vs:
+        if b.residency in (Residency.resident, Residency.mapped) or not vs:
             t.add_row(*_unstreamed_row(b, vs))
             continue
         for v in vs:
