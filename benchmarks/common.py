@@ -96,7 +96,7 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
     rep, outs, engine = serve(plan, requests, RunOptions(device=device, **options), store=store, warmup=True)
     wall = time.perf_counter() - t
     g, pr = plan.generation, plan.prediction
-    floor = pr.streamed_bytes / (h2d_gbps * 1e9)
+    floor = (pr.streamed_bytes + pr.mapped_bytes) / (h2d_gbps * 1e9)   # the link's bytes: copies, mapped reads
     steps = engine.stats.steps
     decode_only = [s.time_s for s in steps if s.decode_tokens == s.tokens and s.tokens]
     row = dict(case=tag, requests=rep.requests, generated=rep.generated_tokens, prompt_tokens=rep.prompt_tokens,
@@ -107,6 +107,7 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
                step_tokens=g.step_tokens, steps=rep.steps, step_median_s=rep.step_median_s,
                decode_only_step_median_s=statistics.median(decode_only) if decode_only else None,
                predicted_step_s=g.decode_step_s, floor_s=floor, streamed_bytes=pr.streamed_bytes,
+               mapped_bytes=pr.mapped_bytes,
                step_over_floor=rep.step_median_s / floor if floor else None, ttft_median_s=rep.ttft_median_s,
                ttft_p99_s=rep.ttft_p99_s, tpot_median_s=rep.tpot_median_s, tpot_p99_s=rep.tpot_p99_s,
                kv_peak_pages=rep.kv_peak_pages, preemptions=rep.preemptions, peak_hbm_bytes=rep.peak_hbm_bytes,

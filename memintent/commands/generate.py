@@ -89,7 +89,7 @@ def serve(plan, requests, options: RunOptions, *, sources: PlanSources | None = 
     rep.peak_hbm_bytes = peak
     rep.warm_s = engine.warm_s
     rep.h2d_gbps = measure_h2d_gbps(device)
-    rep.step_floor_s = rep.streamed_bytes / (rep.h2d_gbps * 1e9) if rep.h2d_gbps else 0.0
+    rep.step_floor_s = rep.link_bytes / (rep.h2d_gbps * 1e9) if rep.h2d_gbps else 0.0
     if verify:
         a = compare(engine.src, device, requests, ordered, engine.tracked_logits)
         rep.agreement, rep.max_logit_error, rep.verified_requests = a.fraction, a.max_logit_error, a.requests
@@ -251,7 +251,8 @@ def _print(program: Program, rep: ServeReport, con) -> None:
     if rep.warm_s:
         con.print(f"engine start (before the run): kernels compiled, decode graphs captured in {fmt_s(rep.warm_s)}")
     con.print(f"steps: {rep.steps}, median {fmt_s(rep.step_median_s)} (plan {fmt_s(rep.predicted_step_s)}, PCIe floor "
-              f"{fmt_s(rep.step_floor_s)} = {fmt_bytes(rep.streamed_bytes)} / {rep.h2d_gbps:.1f} GB/s pinned)")
+              f"{fmt_s(rep.step_floor_s)} = {fmt_bytes(rep.link_bytes)} over the host link / {rep.h2d_gbps:.1f} GB/s "
+              f"pinned)")
     used = 100 * rep.kv_peak_pages / max(rep.num_pages - 1, 1)
     con.print(f"KV pool: {rep.num_pages - 1} blocks; peak {used:.0f}%, mean "
               f"{100 * rep.kv_mean_pages / max(rep.num_pages - 1, 1):.0f}%; over time {rep.sparkline()}")

@@ -73,12 +73,13 @@ def _loopback(host: str) -> bool:
 
 
 def _floor_s(program: Program, device) -> float:
-    """A step's PCIe floor, streamed bytes / pinned H2D measured now (before the arena takes its memory)."""
+    """A step's PCIe floor, the bytes it moves over the host link (streamed copies and mapped reads) / pinned H2D
+    measured now (before the arena takes its memory)."""
 
-    streamed = program.prediction.streamed_bytes
-    if not streamed:
+    link = program.prediction.streamed_bytes + program.prediction.mapped_bytes
+    if not link:
         return 0.0
-    return streamed / (measure_h2d_gbps(device, nbytes=256 << 20) * 1e9)
+    return link / (measure_h2d_gbps(device, nbytes=256 << 20) * 1e9)
 
 
 def run_serve(args) -> int:

@@ -45,7 +45,8 @@ class ServeReport:
     preemptions: dict[str, int] = field(default_factory=dict)
     h2d_gbps: float = 0.0
     streamed_bytes: int = 0
-    step_floor_s: float = 0.0           # streamed bytes per step / measured pinned H2D
+    link_bytes: int = 0                 # bytes over the host link per step: streamed copies and mapped reads
+    step_floor_s: float = 0.0           # link bytes per step / measured pinned H2D
     warm_s: float = 0.0                 # the engine's start before the run: kernels compiled, decode graphs captured
     peak_hbm_bytes: int | None = None
     budget_bytes: int = 0
@@ -100,5 +101,7 @@ def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: floa
         tpot_median_s=_quantile(tpot, 0.5), tpot_p99_s=_quantile(tpot, 0.99),
         num_pages=stats.num_pages, kv_peak_pages=max(used, default=0),
         kv_mean_pages=statistics.fmean(used) if used else 0.0, kv_over_time=used, preemptions=kinds,
-        streamed_bytes=program.prediction.streamed_bytes, budget_bytes=program.budget_bytes or 0,
+        streamed_bytes=program.prediction.streamed_bytes,
+        link_bytes=program.prediction.streamed_bytes + program.prediction.mapped_bytes,
+        budget_bytes=program.budget_bytes or 0,
         predicted_peak_bytes=program.prediction.peak_hbm_bytes)

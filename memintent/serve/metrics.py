@@ -87,7 +87,7 @@ class ServerMetrics:
             ("step_seconds", "gauge", f"Median engine step over the last {self.window_s:g} s.",
              [("", step_s)] if step_s is not None else []),
             ("step_predicted_seconds", "gauge", "The plan's predicted decode step.", [("", self.predicted_step_s)]),
-            ("step_floor_seconds", "gauge", "A step's PCIe floor: streamed bytes / measured pinned H2D rate.",
+            ("step_floor_seconds", "gauge", "A step's PCIe floor: bytes over the host link / measured pinned H2D rate.",
              [("", self.floor_s)]),
             ("step_over_floor_ratio", "gauge", "Median step / its PCIe floor (absent when nothing streams).",
              [("", step_s / self.floor_s)] if step_s is not None and self.floor_s > 0 else []),
