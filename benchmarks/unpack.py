@@ -124,7 +124,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("unpack.py needs CUDA")
         return 2
-    kernels = quant._triton_kernels_module(False)
+    kernels = quant.triton_kernels_module(False)
     rows = measure(kernels)
     doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,7 @@ def triton_interpreter(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
-    quant_module._triton_kernels_module.cache_clear()
+    quant_module.triton_kernels_module.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -26,9 +26,9 @@ from memintent.ir.layout import MAPPED_LINEAR_ROWS, Storage, quant_layout
 from memintent.ir.model import Block, Object
 from memintent.runtime.quant import (
     Backend,
-    _triton_kernels_module,
     dequantize_int8,
     triton_interpreting,
+    triton_kernels_module,
     typed_view,
 )
 
@@ -43,6 +43,8 @@ def _use_kernel(backend: Backend, x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if backend == "triton" and triton_interpreting():
         return True
+    if backend == "triton" and not x.is_cuda:
+        raise RuntimeFault("backend='triton' reads mapped weights from a CUDA device (or under TRITON_INTERPRET=1)")
     if x.is_cuda and not (w.is_pinned() or w.is_cuda):
         raise RuntimeFault("a mapped block's weights must be pinned host memory: the device reads them in place")
     return x.is_cuda
@@ -67,7 +69,7 @@ def mapped_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     flat = ids.reshape(-1).contiguous()                                             # (T,)
     out = torch.empty((flat.numel(), D), dtype=dtype, device=ids.device)            # (T, D)
     if flat.numel():
-        kernels = _triton_kernels_module(triton_interpreting())
+        kernels = triton_kernels_module(triton_interpreting())
         grid = (flat.numel(), -(-D // _ROW_BLOCK))
         kernels.mapped_rows[grid](flat, weight, weight if scale is None else scale, out, V, D, out.stride(0),
                                   BLOCK=_ROW_BLOCK, SCALED=scale is not None)
@@ -98,7 +100,7 @@ def mapped_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, backend
     M = rows.shape[0]                                                               # (M, K)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)                       # (M, N)
     if M:
-        kernels = _triton_kernels_module(triton_interpreting())
+        kernels = triton_kernels_module(triton_interpreting())
         bm = _block_m(M)
         grid = (-(-N // _LINEAR_BN), -(-M // bm))
         kernels.mapped_linear_int8[grid](rows, q, scale, out, M, N, K, rows.stride(0), out.stride(0), BM=bm,

@@ -524,7 +524,7 @@ _TRITON_INT4_COLUMNS = 4096
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_kernels_module(interpreting: bool):
+def triton_kernels_module(interpreting: bool):
     """``memintent.runtime.quant_kernels``, compiled for CUDA or, ``interpreting``, for Triton's interpreter. Triton
     reads ``TRITON_INTERPRET`` when a kernel is defined, so each mode gets its own copy of that module, executed
     under the mode's name."""
@@ -536,10 +536,10 @@ def _triton_kernels_module(interpreting: bool):
 
 
 def _triton_kernels(interpreting: bool):
-    """(triton, the int8 kernel, the int4/int4g kernel) of ``_triton_kernels_module``."""
+    """(triton, the int8 kernel, the int4/int4g kernel) of ``triton_kernels_module``."""
     import triton  # deferred: heavy, optional
 
-    module = _triton_kernels_module(interpreting)
+    module = triton_kernels_module(interpreting)
     return triton, module.dq_int8, module.dq_int4_groups
 
 
