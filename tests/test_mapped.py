@@ -163,3 +163,19 @@ def test_a_mapped_plan_computes_with_exactly_the_planned_weights():
     assert model.output.weight.is_meta    # read in place: the module's own tensor holds nothing
     h.detach()
     assert "forward" not in vars(model.embed) and "forward" not in vars(model.output)
+
+
+def test_the_predicted_trace_shows_each_mapped_read_on_its_own_lane():
+    from memintent.see.perfetto import TID_MAPPED, predicted_events
+    from memintent.see.timeline import build_timeline
+
+    p = compile_model("tiny-llama", budget_bytes=5 << 18, hardware=BUILTIN["cpu"], batch=1, seq=16, depth=2,
+                      quant="int8")
+    tl = build_timeline(p)
+    reads = {e["name"]: e for e in predicted_events(tl) if e.get("cat") == "mapped"}
+    assert set(reads) == {"read embed", "read output"} and {e["tid"] for e in reads.values()} == {TID_MAPPED}
+    # the head is read whole (16 rows of x: one tile), the embedding 16 rows of 128 int8 values and a scale
+    head = p.block_map()["output"]
+    assert reads["read output"]["args"]["link_bytes"] == head.transfer_bytes
+    assert reads["read embed"]["args"]["link_bytes"] == 16 * (128 + 2)
+    assert sum(m.link_bytes for m in tl.mapped) == p.prediction.mapped_bytes

@@ -11,7 +11,8 @@ Layout of a file written by ``write_trace``:
 * ``"ph": "X"`` complete events, ``ts``/``dur`` in microseconds. Predicted compute events are the stages (named by
   module) and the waits before them ("wait <block>", category "stall"); predicted copy events are the streamed
   visits' copies (named "<block>@<first stage>"); quantized blocks' dequantisation, between a copy's arrival and
-  the block being usable, sits on a third predicted lane "dequant". Measured events are the ``MeasuredEvent``
+  the block being usable, sits on a third predicted lane "dequant", and mapped blocks' reads in place over the
+  host link ("read <block>", category "mapped") on a fourth, "mapped reads". Measured events are the ``MeasuredEvent``
   list as given;
 * ``"ph": "C"`` counter events in the predicted process: "HBM by kind (bytes)" (allocated, by kind) and "HBM
   total (bytes)" (allocated, in use, budget) at each step's predicted start;
@@ -37,7 +38,7 @@ from memintent.ir.plan_file import write_atomic
 from memintent.see.timeline import MEMORY_KINDS, Timeline, build_timeline
 
 PID_PREDICTED, PID_MEASURED = 1, 2
-TID_COMPUTE, TID_COPY, TID_DEQUANT = 1, 2, 3
+TID_COMPUTE, TID_COPY, TID_DEQUANT, TID_MAPPED = 1, 2, 3, 4
 _LANE_TID = {"compute": TID_COMPUTE, "copy": TID_COPY}
 _US_PER_S = 1e6
 
@@ -133,6 +134,13 @@ def predicted_events(tl: Timeline) -> list[dict]:
                       "ready_s": c.ready_s, "deadline_s": c.deadline_s, "slack_s": c.slack_s}))
         ev.append({"name": f"issue {c.block}", "cat": "issue", "ph": "i", "s": "t", "pid": pid,
                    "tid": TID_COMPUTE, "ts": (c.issue_s - origin) * _US_PER_S, "args": {"visit": c.label}})
+    if tl.mapped:
+        ev.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": TID_MAPPED, "args": {"name": "mapped reads"}})
+        ev.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": TID_MAPPED,
+                   "args": {"sort_index": TID_MAPPED}})
+    for m in tl.mapped:
+        ev.append(_x(f"read {m.block}", "mapped", pid, TID_MAPPED, m.start_s, m.end_s, origin,
+                     {"block": m.block, "stage": m.stage, "link_bytes": m.link_bytes}))
     # Memory counters: one sample per step whose values differ from the previous sample; steps of zero duration
     # (views) share a timestamp, where the last one wins. "HBM by kind" holds the allocated kinds (the Chrome
     # viewer stacks them); "HBM total" the allocated and in-use totals against the budget (Perfetto draws each

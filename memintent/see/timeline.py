@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from memintent.errors import MemintentError
 from memintent.ir.model import Block, Program, SlotKind
-from memintent.passes.costs import host_copy_bytes
+from memintent.passes.costs import host_copy_bytes, link_read_s, mapped_reads
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.prefetch import schedule_of
 from memintent.passes.residency import slot_need_bytes
@@ -130,6 +130,17 @@ MEMORY_KINDS: tuple[tuple[str, str], ...] = (
 
 
 @dataclass(slots=True)
+class MappedSpan:
+    """A mapped block's read in place over the host link, at its stage's start (``passes.simulate``)."""
+
+    block: str
+    stage: int
+    start_s: float
+    end_s: float
+    link_bytes: int
+
+
+@dataclass(slots=True)
 class Timeline:
     """A plan's predicted steady-state forward (and summary of its cold first forward)."""
 
@@ -148,6 +159,7 @@ class Timeline:
     stages: list[StageSpan] = field(default_factory=list)
     copies: list[CopySpan] = field(default_factory=list)
     memory: list[MemoryPoint] = field(default_factory=list)
+    mapped: list[MappedSpan] = field(default_factory=list)
 
     @property
     def copy_busy_frac(self) -> float:
@@ -285,4 +297,13 @@ def build_timeline(p: Program) -> Timeline:
         stall_s=sim.stall_s, copy_busy_s=sim.copy_busy_s, binding=p.prediction.binding,
         streamed_bytes=host_copy_bytes(p),
         arena_bytes=p.arena.size_bytes, prefetch_depth=sched.k, stages=_stage_spans(p, sim, entry_s, copies),
-        copies=copies, memory=_memory_points(p, sim, copies))
+        copies=copies, memory=_memory_points(p, sim, copies), mapped=_mapped_spans(p, sim))
+
+
+def _mapped_spans(p: Program, sim) -> list[MappedSpan]:
+    """Each mapped read as the event model places it: from its stage's start, for its time on the link."""
+    out = []
+    for block, stage, n in mapped_reads(p):
+        start = sim.stage_start_s[stage]
+        out.append(MappedSpan(block, stage, start, start + link_read_s(n, p.hardware), n))
+    return out
