@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import event_time_s  # noqa: E402
-from memintent.runtime import mapped  # noqa: E402
-from memintent.runtime.quant import dequantize_int8, quantize_int8  # noqa: E402
+from benchmarks.common import event_time_s
+from memintent.runtime import mapped
+from memintent.runtime.quant import dequantize_int8, quantize_int8
 
 GB = 1e9
 
@@ -43,7 +43,7 @@ def _linear_rows(q, s, unpacked, rows_list):
     link_bytes = q.numel() + s.numel() * 2
     for m in rows_list:
         x = torch.randn(m, q.shape[1], dtype=torch.bfloat16, device="cuda")
-        t = event_time_s(lambda: mapped.mapped_linear(x, q, s), 5)
+        t = event_time_s(lambda x=x: mapped.mapped_linear(x, q, s), 5)
         ref = torch.nn.functional.linear(x, unpacked)
         got = mapped.mapped_linear(x, q, s)
         err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -55,7 +55,7 @@ def _embedding_rows(q, s, unpacked, tokens_list):
     out = []
     for n in tokens_list:
         ids = torch.randint(0, q.shape[0], (n,), device="cuda")
-        t = event_time_s(lambda: mapped.mapped_embedding(ids, q, s, torch.bfloat16), 5)
+        t = event_time_s(lambda ids=ids: mapped.mapped_embedding(ids, q, s, torch.bfloat16), 5)
         same = torch.equal(mapped.mapped_embedding(ids, q, s, torch.bfloat16), unpacked[ids])
         out.append(dict(tokens=n, ms=t * 1e3, gbps=n * (q.shape[1] + 2) / t / GB, bitwise=same))
     return out

@@ -146,7 +146,13 @@ def test_a_mapped_read_holds_the_host_link():
 
 def test_a_mapped_plan_computes_with_exactly_the_planned_weights():
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_quant_stream import _source, fill_values, inputs, reference_values, resident_model
+    from test_quant_stream import (
+        _source,
+        fill_values,
+        inputs,
+        reference_values,
+        resident_model,
+    )
 
     p = compile_model("tiny-llama", budget_bytes=5 << 18, hardware=BUILTIN["cpu"], batch=1, seq=16, depth=2,
                       quant="int8")

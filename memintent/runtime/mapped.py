@@ -145,4 +145,4 @@ def warm(values: torch.Tensor, scale: torch.Tensor | None, kind: str, dtype: tor
         mapped_linear(torch.zeros(rows, values.shape[1], dtype=dtype, device=device), values, scale)
 
 
-__all__ = ["mapped_embedding", "mapped_linear", "mapped_parts", "mapped_forward", "warm"]
+__all__ = ["mapped_embedding", "mapped_forward", "mapped_linear", "mapped_parts", "warm"]
