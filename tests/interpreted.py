@@ -24,3 +24,17 @@ def run_interpreted(argv: list[str], timeout_s: float) -> subprocess.CompletedPr
                          timeout=timeout_s, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
+
+
+def interpreted_outputs(test_module: str, jobs, tmp_path: Path, timeout_s: float = 600):
+    """``tests/<test_module>.kernel_outputs(jobs, "cpu")`` computed in a child under the interpreter: the jobs go to
+    it, and its outputs come back, through ``torch.save`` files in ``tmp_path``."""
+    import torch
+
+    jobs_path, out_path = tmp_path / "jobs.pt", tmp_path / "out.pt"
+    torch.save(jobs, jobs_path)
+    child = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); import {test_module} as t; "
+             f"torch.save(t.kernel_outputs(torch.load({str(jobs_path)!r}, weights_only=False), 'cpu'), "
+             f"{str(out_path)!r})")
+    run_interpreted(["-c", child], timeout_s=timeout_s)
+    return torch.load(out_path, weights_only=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interpreted import run_interpreted
+from interpreted import interpreted_outputs
 
 from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN
@@ -82,12 +82,7 @@ def _check_all(jobs: dict, got: dict) -> None:
 def test_mapped_kernels_interpreted_match_the_references(tmp_path):
     pytest.importorskip("triton")
     jobs = cases()
-    torch.save(jobs, tmp_path / "jobs.pt")
-    child = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_mapped as t; "
-             f"torch.save(t.kernel_outputs(torch.load({str(tmp_path / 'jobs.pt')!r}, weights_only=False), 'cpu'), "
-             f"{str(tmp_path / 'out.pt')!r})")
-    run_interpreted(["-c", child], timeout_s=600)
-    _check_all(jobs, torch.load(tmp_path / "out.pt", weights_only=False))
+    _check_all(jobs, interpreted_outputs("test_mapped", jobs, tmp_path))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interpreted import run_interpreted
+from interpreted import interpreted_outputs
 
 pytest.importorskip("triton")
 
@@ -97,12 +97,7 @@ def _check_all(jobs: dict[str, dict], got: dict[str, tuple]) -> None:
 
 def test_norm_kernel_interpreted_matches_float64(tmp_path):
     jobs = cases()
-    torch.save(jobs, tmp_path / "jobs.pt")
-    child = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_norm_kernel as t; "
-             f"torch.save(t.kernel_outputs(torch.load({str(tmp_path / 'jobs.pt')!r}, weights_only=False), 'cpu'), "
-             f"{str(tmp_path / 'out.pt')!r})")
-    run_interpreted(["-c", child], timeout_s=600)
-    _check_all(jobs, torch.load(tmp_path / "out.pt", weights_only=False))
+    _check_all(jobs, interpreted_outputs("test_norm_kernel", jobs, tmp_path))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
