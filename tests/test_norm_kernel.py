@@ -15,7 +15,6 @@ itself is one rounding of an exact float32 sum: within one unit in the last plac
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from interpreted import interpreted_outputs
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 2 ** -5)}
 ULP = {torch.float32: 2 ** -23, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
