@@ -96,7 +96,7 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
     rep, outs, engine = serve(plan, requests, RunOptions(device=device, **options), store=store, warmup=True)
     wall = time.perf_counter() - t
     g, pr = plan.generation, plan.prediction
-    floor = (pr.streamed_bytes + pr.mapped_bytes) / (h2d_gbps * 1e9)   # the link's bytes: copies, mapped reads
+    floor = pr.link_bytes / (h2d_gbps * 1e9)   # the link's bytes: copies and mapped reads
     steps = engine.stats.steps
     decode_only = [s.time_s for s in steps if s.decode_tokens == s.tokens and s.tokens]
     row = dict(case=tag, requests=rep.requests, generated=rep.generated_tokens, prompt_tokens=rep.prompt_tokens,

@@ -76,7 +76,7 @@ def _floor_s(program: Program, device) -> float:
     """A step's PCIe floor, the bytes it moves over the host link (streamed copies and mapped reads) / pinned H2D
     measured now (before the arena takes its memory)."""
 
-    link = program.prediction.streamed_bytes + program.prediction.mapped_bytes
+    link = program.prediction.link_bytes
     if not link:
         return 0.0
     return link / (measure_h2d_gbps(device, nbytes=256 << 20) * 1e9)

@@ -81,7 +81,7 @@ from memintent.passes.costs import (
     kv_block_costs,
     launches,
     mappable_reads,
-    mapped_reads,
+    mapped_link_bytes,
     matmul_shapes,
     op_time_s,
     reads_at,
@@ -714,9 +714,8 @@ class RunSearch:
             prompt_len=search.w.prompt_len, gen_len=search.w.gen_len, concurrency=s.concurrency,
             quant_policy=search.quant, kv_quant_policy=search.kv_quant, decode_step_s=o.step_s,
             tokens_per_s=o.tokens_per_s, binding=o.binding)
-        mapped = sum(n for _, _, n in mapped_reads(p, reads=search.reads_of(s)))
         pr = Prediction.model_construct(step_time_s=o.step_s, compute_s=compute_s, streamed_bytes=streamed,
-                                        mapped_bytes=mapped)
+                                        mapped_bytes=mapped_link_bytes(p, search.reads_of(s)))
         return Program.model_construct(**{**dict(shell), "objects": [kv], "generation": g, "prediction": pr})
 
     def bound_s(self, o: Outcome, times: StepTimes) -> float:
@@ -920,7 +919,7 @@ class StepPredictor:
                                       attention_kind(self.program.kv_pool))
         shell = self.program.model_copy(update={"stages": [st.model_copy(update={"time_s": t})
                                                            for st, t in zip(self.program.stages, times)]})
-        _, sim = schedule_of(shell, reads_at(self.reads, (max(record.tokens, 1), max(record.sequences, 1))))
+        _, sim = schedule_of(shell, reads_at(self.reads, (record.tokens, record.sequences)))
         return sim.step_time_s
 
 

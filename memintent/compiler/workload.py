@@ -42,9 +42,9 @@ from memintent.passes.costs import (
     gemm_table,
     is_matmul,
     launches,
-    link_read_s,
     mappable_reads,
-    mapped_read_bytes,
+    reads_at,
+    stage_link_s,
     table_tflops,
 )
 from memintent.passes.schedule import make_schedule
@@ -226,10 +226,8 @@ class StepTimes:
         """``reads``: the blocks that can be read in place (``costs.mappable_reads`` of the traced step; None: of
         ``program``'s steps), which ``program`` maps or not."""
         self.ops, self.heads, self.head_dim, self.kv_heads = ops, heads, head_dim, kv_heads
-        reads = mappable_reads(program) if reads is None else reads
-        self.mapped = [(b, reads[b.name]) for b in program.blocks
-                       if b.residency == Residency.mapped and b.name in reads]
-        self.weights = {b.weights[0]: o for b, _ in self.mapped for o in program.objects if o.name == b.weights[0]}
+        self.program, self.objects = program, program.object_map()
+        self.reads = mappable_reads(program) if reads is None else reads
         self.hw = hw = program.hardware
         self.token_bytes = pool.page_bytes // (pool.page_tokens * pool.layers)
         self.kind = attention_kind(pool)
@@ -261,12 +259,10 @@ class StepTimes:
     def _link_s(self, records: list) -> dict[int, np.ndarray]:
         """By stage, (steps,) seconds of the plan's mapped reads in each record's step (its tokens' rows, the head on
         its sequences)."""
-        out: dict[int, np.ndarray] = {}
-        for b, read in self.mapped:
-            counts = [max(r.tokens if read.kind == "rows" else r.sequences, 1) for r in records]
-            t = np.array([link_read_s(mapped_read_bytes(b, self.weights, read.kind, n), self.hw) for n in counts])
-            out[read.stage] = out.get(read.stage, 0.0) + t
-        return out
+        per_step = [stage_link_s(self.program, reads=reads_at(self.reads, (r.tokens, r.sequences)),
+                                 objects=self.objects) for r in records]
+        stages = {s for d in per_step for s in d}
+        return {s: np.array([d.get(s, 0.0) for d in per_step]) for s in stages}
 
     def predict_s(self, record) -> float:
         return float(self.predict_all([record])[0])

@@ -102,6 +102,6 @@ def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: floa
         num_pages=stats.num_pages, kv_peak_pages=max(used, default=0),
         kv_mean_pages=statistics.fmean(used) if used else 0.0, kv_over_time=used, preemptions=kinds,
         streamed_bytes=program.prediction.streamed_bytes,
-        link_bytes=program.prediction.streamed_bytes + program.prediction.mapped_bytes,
+        link_bytes=program.prediction.link_bytes,
         budget_bytes=program.budget_bytes or 0,
         predicted_peak_bytes=program.prediction.peak_hbm_bytes)

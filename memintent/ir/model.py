@@ -306,6 +306,11 @@ class Prediction(_Model):
     binding: str = ""             # which constraint binds: "pcie", "compute", "none"
     notes: list[str] = Field(default_factory=list)
 
+    @property
+    def link_bytes(self) -> int:
+        """Bytes a forward moves over the host link: its copies from the host and its mapped reads."""
+        return self.streamed_bytes + self.mapped_bytes
+
 
 class KVPool(_Model):
     """The paged KV cache of a generation plan (spec/serving.md): the arena's KV slot holds ``num_pages`` blocks

@@ -98,18 +98,23 @@ class MappedRead(NamedTuple):
 
 def mappable_reads(p: Program) -> dict[str, MappedRead]:
     """The blocks whose module can read them in place, whatever their bit width (``mapped_op`` adds that): one 2-D
-    weight in bf16/f16/f32, read by one step of the block, an ``aten.embedding`` or an ``aten.linear`` without
-    bias. A program without steps (the planner's light candidates) has none: the planner passes its own."""
+    weight in bf16/f16/f32, visited once a forward and read by one step of the block, an ``aten.embedding`` or an
+    ``aten.linear`` without bias. A program without steps (the planner's light candidates) has none: the planner
+    passes its own."""
     objects = p.object_map()
     readers: dict[str, list] = {}
     for s in p.steps:
         for u in s.uses:
             readers.setdefault(u, []).append(s)
+    visits: dict[str, int] = {}
+    for v in p.visits:
+        visits[v.block] = visits.get(v.block, 0) + 1
     stage_of = {i: st.index for st in p.stages for i in range(st.first_step, st.last_step + 1)}
     out = {}
     for b in p.blocks:
         w = objects[b.weights[0]] if b.module and len(b.weights) == 1 else None
-        if w is None or len(w.shape) != 2 or w.dtype not in QUANTIZABLE_DTYPES or len(readers.get(w.name, [])) != 1:
+        if (w is None or len(w.shape) != 2 or w.dtype not in QUANTIZABLE_DTYPES or visits.get(b.name) != 1
+                or len(readers.get(w.name, [])) != 1):
             continue
         step = readers[w.name][0]
         inputs = [u for u in step.uses if u not in step.defs and u != w.name]
@@ -125,10 +130,11 @@ def mappable_reads(p: Program) -> dict[str, MappedRead]:
 
 
 def reads_at(reads: dict[str, MappedRead], at: tuple[int, int] | None) -> dict[str, MappedRead]:
-    """``reads`` in an engine step of ``at`` = (tokens, rows the head multiplies); None: as traced."""
+    """``reads`` in an engine step of ``at`` = (tokens, rows the head multiplies), each at least 1; None: as
+    traced."""
     if at is None:
         return reads
-    return {b: r._replace(count=at[0] if r.kind == "rows" else at[1]) for b, r in reads.items()}
+    return {b: r._replace(count=max(1, at[0] if r.kind == "rows" else at[1])) for b, r in reads.items()}
 
 
 def mapped_op(p: Program, block: Block, reads: dict[str, MappedRead] | None = None) -> str | None:
@@ -152,14 +158,22 @@ def mapped_read_bytes(block: Block, objects: dict[str, Object], kind: str, count
     return row_bytes * count
 
 
-def mapped_reads(p: Program, blocks=None, reads: dict[str, MappedRead] | None = None) -> list[tuple[str, int, int]]:
+def mapped_reads(p: Program, blocks=None, reads: dict[str, MappedRead] | None = None,
+                 objects: dict[str, Object] | None = None) -> list[tuple[str, int, int]]:
     """(block, stage, bytes over the link) of each mapped block's read in a forward (``blocks``: these, as if
-    mapped; None: those the plan maps), counted as ``reads`` says (default: as traced, ``mappable_reads``)."""
+    mapped; None: those the plan maps), counted as ``reads`` says (default: as traced, ``mappable_reads``).
+    ``objects``: the program's ``object_map()``, when the caller has it."""
     reads = mappable_reads(p) if reads is None else reads
-    objects = p.object_map()
+    objects = p.object_map() if objects is None else objects
     names = {b.name for b in p.blocks if b.residency == Residency.mapped} if blocks is None else set(blocks)
     return [(b.name, reads[b.name].stage, mapped_read_bytes(b, objects, reads[b.name].kind, reads[b.name].count))
             for b in p.blocks if b.name in names and b.name in reads]
+
+
+def mapped_link_bytes(p: Program, reads: dict[str, MappedRead] | None = None) -> int:
+    """Bytes the plan's mapped blocks read over the link in a forward (``mapped_reads``): the prediction's
+    ``mapped_bytes``."""
+    return sum(n for _, _, n in mapped_reads(p, reads=reads))
 
 
 def mapped_rate_gbps(hw: HardwareProfile) -> float:
@@ -177,11 +191,12 @@ def link_read_s(n_bytes: int, hw: HardwareProfile) -> float:
     return hw.copy_latency_s + n_bytes / (mapped_rate_gbps(hw) * 1e9)
 
 
-def stage_link_s(p: Program, blocks=None, reads: dict[str, MappedRead] | None = None) -> dict[int, float]:
+def stage_link_s(p: Program, blocks=None, reads: dict[str, MappedRead] | None = None,
+                 objects: dict[str, Object] | None = None) -> dict[int, float]:
     """Seconds each stage's mapped reads hold the host link (``mapped_reads``), by stage: the stage takes that much
     longer, and the copy engine's queue waits as long (``passes.simulate``)."""
     out: dict[int, float] = {}
-    for _, stage, n in mapped_reads(p, blocks, reads):
+    for _, stage, n in mapped_reads(p, blocks, reads, objects):
         out[stage] = out.get(stage, 0.0) + link_read_s(n, p.hardware)
     return out
 

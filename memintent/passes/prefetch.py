@@ -32,7 +32,7 @@ from memintent.passes.costs import (
     dequant_time_s,
     host_copy_bytes,
     link_busy_s,
-    mapped_reads,
+    mapped_link_bytes,
     stage_link_s,
 )
 from memintent.passes.lifetimes import activation_profile
@@ -115,7 +115,7 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
     peak_act = max(prof, default=0)
     slots = p.arena.slots
     streamed_bytes = host_copy_bytes(p)
-    mapped_bytes = sum(n for _, _, n in mapped_reads(p))
+    mapped_bytes = mapped_link_bytes(p)
     floor = max(link_busy_s(p.hardware, streamed_bytes, mapped_bytes), sim.compute_s)
     binding = ("none" if not sched.visits and not mapped_bytes
                else "pcie" if sim.copy_busy_s >= sim.compute_s else "compute")
@@ -137,8 +137,8 @@ def _prediction(p: Program, sched: Schedule, sim: SimResult, slot_bytes: int) ->
 def host_bytes(p: Program) -> tuple[int, int]:
     """(pinned, pageable) host bytes a run holds: the host store's buffers (a streamed or mapped block's in its
     transfer layout, pinned, as the runtime's HostStore pins only what the device reads from the host; a resident
-    block's pageable) with the KV
-    swap space pinned, and the one full-precision block the fill quantizes packed blocks from."""
+    block's pageable) with the KV swap space pinned, and the one full-precision block the fill quantizes packed
+    blocks from."""
     pinned = sum(align_up(b.transfer_bytes or b.size_bytes) for b in p.blocks if b.residency != Residency.resident)
     pageable = sum(align_up(b.size_bytes) for b in p.blocks if b.residency == Residency.resident)
     pageable += max((b.size_bytes for b in p.blocks if b.quant != Quant.none), default=0)

@@ -160,8 +160,7 @@ class _Search:
             self._index(b)
         self.first_stage = {b: program.visits[idx[0]].first_stage for b, idx in self.visits_of.items() if idx}
         self.reads = mappable_reads(program) if reads is None else reads
-        self.mappable = frozenset(b.name for b in program.blocks
-                                  if self.nvisits[b.name] == 1 and mapped_op(program, b, self.reads))
+        self.mappable = frozenset(b.name for b in program.blocks if mapped_op(program, b, self.reads))
         self.link_s = {b: stage_link_s(program, [b], self.reads) for b in self.mappable}   # block -> {stage: s}
         self._cache: dict[tuple, float | None] = {}
 

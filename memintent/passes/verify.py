@@ -479,7 +479,7 @@ def mapped_in_place(p: Program, f: Facts) -> None:
     for b in p.blocks:
         if b.residency != Residency.mapped:
             continue
-        if mapped_op(p, b) is None or sum(1 for v in p.visits if v.block == b.name) > 1:
+        if mapped_op(p, b) is None:
             fail(f"block {b.name!r} is mapped, but only an embedding (unquantized or int8) or an int8 linear layer "
                  f"without bias, read by one step once a forward, can be read in place (recompile the plan)")
         if b.slot is not None or any(v.slot is not None for v in p.visits if v.block == b.name):

@@ -104,7 +104,8 @@ def mapped_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, backend
         bm = _block_m(M)
         grid = (-(-N // _LINEAR_BN), -(-M // bm))
         kernels.mapped_linear_int8[grid](rows, q, scale, out, M, N, K, rows.stride(0), out.stride(0), BM=bm,
-                                         BN=_LINEAR_BN, BK=_LINEAR_BK if bm < 256 else 64, F32_DOT=x.dtype == torch.float32 or triton_interpreting(),
+                                         BN=_LINEAR_BN, BK=_LINEAR_BK if bm < 256 else 64,
+                                         F32_DOT=x.dtype == torch.float32 or triton_interpreting(),
                                          num_warps=4 if bm <= 64 else 8)
     return out.view(*x.shape[:-1], N)
 

@@ -39,7 +39,9 @@ class AllocationTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self._sweep()   # what the inputs' last users just released is free before this output counts
         returns = getattr(getattr(func, "_schema", None), "returns", ())
-        if returns and all(r.alias_info is not None for r in returns) or on_host_side():
+        if on_host_side():
+            return out  # host memory (``memintent.accounting``): not the device's
+        if returns and all(r.alias_info is not None for r in returns):
             return out  # a view or an in-place result: its storage is an input's (perhaps from before the tracker)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
