@@ -123,10 +123,11 @@ def _print_pool(p: Program, console: Console) -> None:
         f"{kv.quant.value if kv.quant.value != 'none' else p.model.dtype} (policy {g.kv_quant_policy}); "
         f"{(kv.num_pages - 1) * kv.page_tokens} tokens, {fmt_bytes(kv.swap_pages * kv.page_bytes)} of host swap "
         f"space")
+    pr = p.prediction
+    link_idle_s = max(pr.step_time_s - link_busy_s(p.hardware, pr.streamed_bytes, pr.mapped_bytes), 0)
     console.print(
         f"preemption by cost, per block: swap {fmt_s(obj.evict_cost_s)} (out and back in on the copy engine), "
-        f"recompute {fmt_s(obj.recompute_cost_s)}; per step the copy engine idles "
-        f"{fmt_s(max(p.prediction.step_time_s - link_busy_s(p.hardware, p.prediction.streamed_bytes, p.prediction.mapped_bytes), 0))} "
+        f"recompute {fmt_s(obj.recompute_cost_s)}; per step the copy engine idles {fmt_s(link_idle_s)} "
         f"and compute {fmt_s(max(p.prediction.step_time_s - p.prediction.compute_s, 0))}: victims "
         f"{'recompute' if p.prediction.binding == 'pcie' else 'swap when that is cheaper'}; swapped pages come "
         f"back before the first attention, {fmt_s(obj.urgency_s)} into a step")
