@@ -116,17 +116,21 @@ def mappable_reads(p: Program) -> dict[str, MappedRead]:
         if (w is None or len(w.shape) != 2 or w.dtype not in QUANTIZABLE_DTYPES or visits.get(b.name) != 1
                 or len(readers.get(w.name, [])) != 1):
             continue
-        step = readers[w.name][0]
-        inputs = [u for u in step.uses if u not in step.defs and u != w.name]
-        if step.block != b.name or step.op not in (EMBEDDING_OP, LINEAR_OP) or len(inputs) != 1:
-            continue      # a linear layer's bias would be a second input
-        kind = "rows" if step.op == EMBEDDING_OP else "matrix"
-        if kind == "rows":
-            count = math.prod(objects[step.defs[0]].shape) // max(w.shape[1], 1)      # the rows it gathers
-        else:
-            count = max(1, round(step.flops / (2 * w.shape[0] * w.shape[1])))         # rows of x
-        out[b.name] = MappedRead(b.name, stage_of[step.index], kind, count)
+        read = _step_read(b, w, readers[w.name][0], objects)
+        if read is not None:
+            out[b.name] = MappedRead(b.name, stage_of[readers[w.name][0].index], *read)
     return out
+
+
+def _step_read(b: Block, w: Object, step, objects: dict[str, Object]) -> tuple[str, int] | None:
+    """(kind, count) of the one step that reads ``b``'s weight ``w``, where a kernel can do it in place: the rows an
+    embedding gathers, or the rows of x a linear layer without bias multiplies (its bias would be a second input)."""
+    inputs = [u for u in step.uses if u not in step.defs and u != w.name]
+    if step.block != b.name or step.op not in (EMBEDDING_OP, LINEAR_OP) or len(inputs) != 1:
+        return None
+    if step.op == EMBEDDING_OP:
+        return "rows", math.prod(objects[step.defs[0]].shape) // max(w.shape[1], 1)
+    return "matrix", max(1, round(step.flops / (2 * w.shape[0] * w.shape[1])))
 
 
 def reads_at(reads: dict[str, MappedRead], at: tuple[int, int] | None) -> dict[str, MappedRead]:
