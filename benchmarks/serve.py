@@ -105,6 +105,7 @@ def main(argv=None) -> int:
             run = plan.generation.run
             row.update(plan_mode=mode, predicted_run_s=run.run_s if run else None, lookahead=ahead, graphs=graphs,
                        predicted_run_tokens_per_s=run.tokens_per_s if run else None,
+                       bound_tokens_per_s=run.generated_tokens / run.bound_s if run and run.bound_s else None,
                        admission=plan.generation.admission)
             doc["rows"].append(row)
             write(args.out, "serve.json", doc)
@@ -116,12 +117,13 @@ def main(argv=None) -> int:
 def run_table(doc: dict) -> None:
     """Each case's run, measured, beside the run its plan predicted (plans made for the requests)."""
     print(f"\n{'case':40s} {'run s':>8s} {'predicted':>9s} {'/pred':>6s} {'tok/s':>8s} {'pred tok/s':>10s} "
-          f"{'seqs':>5s} {'admission':>14s}")
+          f"{'bound':>7s} {'seqs':>5s} {'admission':>14s}")
     for r in doc["rows"]:
         pred = r.get("predicted_run_s")
         ratio = f"{r['total_s'] / pred:6.3f}" if pred else f"{'-':>6s}"
         print(f"{r['case'][:40]:40s} {r['total_s']:8.2f} {pred or 0:9.2f} {ratio} {r['tokens_per_s']:8.1f} "
-              f"{r.get('predicted_run_tokens_per_s') or 0:10.1f} {r['concurrency']:5d} {r.get('admission', '-'):>14s}")
+              f"{r.get('predicted_run_tokens_per_s') or 0:10.1f} {r.get('bound_tokens_per_s') or 0:7.1f} "
+              f"{r['concurrency']:5d} {r.get('admission', '-'):>14s}")
 
 
 if __name__ == "__main__":

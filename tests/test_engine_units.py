@@ -252,3 +252,41 @@ def test_step_lists_place_every_token_at_its_page_and_slot():
     assert list(zip(lists.ids, lists.positions, lists.write_pages, lists.write_offsets)) == want
     assert lists.starts == [0, 11, 12, 20] and lists.lengths == [11, 1, 8, 3]
     assert lists.contexts == [14, 10, 8, 8] and lists.rows == [10, 11, 22]
+
+
+def _scratch(num_pages: int = 8009, quantized: bool = True) -> attention.Scratch:
+    """The attention scratch of the 70B plan at 24 GiB with int8 KV (64 query heads, 8 KV heads of 128)."""
+    return attention.Scratch(kv_heads=8, head_dim=128, heads=64, value_bytes=2, quantized=quantized,
+                             step_tokens=2392, max_seqs=416, context=1152, page_tokens=16,
+                             capacity_tokens=(num_pages - 1) * 16)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_reference_backends_decode_gather_fits_the_plans_scratch(kernel):
+    s = _scratch()
+    g = s.gather_tokens(kernel)
+    assert 1152 <= g <= s.capacity_tokens                       # at least one whole sequence, at most the pool
+    assert s.decode_bytes(g) <= s.bytes(kernel)
+    assert s.prompt_bytes <= s.bytes(kernel) and s.kernel_bytes <= s.bytes(kernel)
+
+
+def test_a_plan_for_the_kernel_holds_no_half_pool_gather():
+    """The 70B plan held 604 MB per attention op for a reference gather of half the pool that CUDA never makes."""
+    s = _scratch()
+    assert s.decode_bytes(s.gather_tokens(False)) > 600e6
+    assert s.bytes(True) < 160e6 and s.bytes(True) == max(s.prompt_bytes, s.kernel_bytes)
+
+
+def test_the_kernels_split_scratch_bounds_every_step_on_every_card():
+    """The kernel's partial outputs, splits x padded decode tiles x heads x (head dim + 2) float32, for every decode
+    count of the plan and every SM count the split rule counts, stay within ``kernel_scratch_bytes``."""
+    from memintent.kv.paged_kernel import MAX_PLANNED_SMS, bucket, decode_splits
+
+    bound = attention.kernel_scratch_bytes(heads=64, head_dim=128, kv_heads=8, max_seqs=416)
+    assert bound < 16 << 20
+    for sms in range(1, MAX_PLANNED_SMS + 1, 7):
+        for seqs in range(1, 417):
+            tiles = bucket(seqs)
+            splits = decode_splits(tiles, 8, 1152, sms)
+            used = splits * tiles * 64 * (128 + 2) * 4 if splits > 1 else 0
+            assert used <= bound, (sms, seqs, splits)

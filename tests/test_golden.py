@@ -40,7 +40,7 @@ def llama_step(kv_quant: KVQuant) -> Program:
     shape = planner.Shape(concurrency=2, kv_quant=kv_quant, step_tokens=12, max_seqs=4, num_pages=9)
     pool = planner.kv_pool(src, shape, page_tokens=8, swap_pages=4)
     work = planner.step_work(src, pool, shape, planner.Workload(prompt_len=8, gen_len=8, context=64), BUILTIN["cpu"])
-    p = planner.annotate_step(planner.trace_step(src, 12, 4, lambda m: None), src, pool, work, 64, 4)
+    p = planner.annotate_step(planner.trace_step(src, 12, 4, lambda m: None), src, pool, work, 64, 4, BUILTIN["cpu"])
     p.generation = GenerationPlan(objective="throughput", step_tokens=12, max_seqs=4, context=64, prompt_len=8, gen_len=8,
                                   concurrency=2, quant_policy="fixed", kv_quant_policy=kv_quant.value,
                                   decode_step_s=0.0, tokens_per_s=0.0, binding="-")

@@ -43,6 +43,19 @@ def test_planned_peak_bounds_the_measured_peak_of_engine_steps(kv_quant, budget_
     assert 0 < rep.peak_hbm_bytes <= p.prediction.peak_hbm_bytes <= budget_bytes
 
 
+@pytest.mark.parametrize("kv_quant", ["none", "int8"])
+def test_a_plan_for_the_attention_kernel_bounds_the_reference_backends_peak(kv_quant):
+    """A plan for a card that runs the attention kernel holds no room for gathering half the pool; where the reference
+    backend runs it (here, the CPU), it gathers decode sequences in chunks within the plan's scratch."""
+    hw = CPU.model_copy(update={"attention": "kernel"})
+    p = plan_generation("tiny-llama", budget_bytes=3 << 20, hardware=hw, context=48, prompt_len=8, gen_len=8,
+                        quant="none", kv_page_tokens=4, dtype="f32", kv_quant=kv_quant)
+    rep, _, _ = serve(p, synthetic(40, (30, 40), (4, 8), 512, seed=2), RunOptions(device=torch.device("cpu")))
+    assert max(rep.kv_over_time) >= p.kv_pool.num_pages // 2     # decodes of many sequences at once
+    graphs = next(o.size_bytes for o in p.objects if o.name == "step.graphs")   # the CPU captures none
+    assert 0 < rep.peak_hbm_bytes <= p.prediction.peak_hbm_bytes - graphs
+
+
 @pytest.fixture(scope="module")
 def plan_1x64(tmp_path_factory):
     path = tmp_path_factory.mktemp("promise") / "p.json"

@@ -9,11 +9,13 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memintent.cli import _workload, main
 from memintent.compiler.compile import trace_ref
 from memintent.compiler.hardware import BUILTIN
-from memintent.compiler.planner import StepPredictor, is_attention, plan_generation
+from memintent.compiler.planner import StepPredictor, is_attention, plan_generation, pool_steps
 from memintent.compiler.workload import OpCosts, RunWorkload, StepTimes, Targets
 from memintent.engine.core import Engine
 from memintent.engine.pages import PagePool
@@ -320,3 +322,14 @@ def test_text_prompts_are_counted_with_the_folders_tokenizer(smollm2_dir, tmp_pa
     w = _workload(args, lambda m: None)
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir), local_files_only=True)
     assert w.prompt_lens == tuple(len(tok(t)["input_ids"]) for t in texts) and w.gen_lens == (5, 6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(work=st.integers(1, 5000), pool=st.integers(1, 300), step=st.integers(1, 400))
+def test_pool_steps_is_the_fewest_steps_that_hold_the_pools_work(work, pool, step):
+    """Step j holds at most min(pool, j x step) cached tokens: counted one step at a time."""
+    held, steps = 0, 0
+    while held < work:
+        steps += 1
+        held += min(pool, steps * step)
+    assert pool_steps(work, pool, step) == steps

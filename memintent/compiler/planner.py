@@ -68,9 +68,8 @@ from memintent.ir.model import (
     describe_admission,
 )
 from memintent.kv import attention
-from memintent.kv.attention import gather_tokens
 from memintent.kv.layout import layout_of
-from memintent.kv.paged_kernel import bucket
+from memintent.kv.paged_kernel import bucket, graph_buckets
 from memintent.models.refs import resolve
 from memintent.passes import schedule_program
 from memintent.passes.costs import (
@@ -180,6 +179,8 @@ class AffineStep:
         self.live = [(a, (b - a) / t1, (c - a) / s1) for a, b, c in zip(prof, prof_t, prof_s)]
         self.attention_steps = [s.index for s in self.p.steps if is_attention(s.op)]
         self.shapes = matmul_shapes(self.p)
+        last = set(self.p.steps[-1].defs) if self.p.steps else set()
+        self.outputs = [i for i, o in enumerate(self.p.objects) if o.name in last]   # the step's logits
 
     def at(self, tokens: int, seqs: int) -> Program:
         """The traced program at another shape (weights and structure shared, sizes and costs interpolated)."""
@@ -207,6 +208,12 @@ class AffineStep:
         return [stage_time_s(sum(device[st.first_step:st.last_step + 1]),
                              sum(kernels[st.first_step:st.last_step + 1]), hw) for st in self.p.stages]
 
+    def output_bytes(self, tokens: int, seqs: int) -> int:
+        """Bytes of the step's output (its logits) at (tokens, seqs)."""
+        dt, ds = tokens - self.base[0], seqs - self.base[1]
+        return sum(align_up(max(0, round(self.p.objects[i].size_bytes + a * dt + b * ds)))
+                   for i in self.outputs for a, b in (self.d_sizes[i],))
+
     def activation_peak(self, tokens: int, seqs: int, scratch_bytes: int) -> int:
         """Peak live activation bytes at (tokens, seqs), each attention op also holding ``scratch_bytes``."""
         dt, ds = tokens - self.base[0], seqs - self.base[1]
@@ -228,24 +235,24 @@ def kv_pool(src, shape: Shape, page_tokens: int, swap_pages: int) -> KVPool:
     return probe.model_copy(update={"page_bytes": layout_of(probe, src.torch_dtype).page_bytes})
 
 
-def step_scratch(src, pool: KVPool, context: int, step_tokens: int, max_seqs: int) -> tuple[int, int]:
-    """(each attention op's scratch, the step's attention metadata) in bytes: the bounds the runtime keeps to."""
-    layout = layout_of(pool, src.torch_dtype)
-    scratch = attention.scratch_bytes(
-        gather_tokens=gather_tokens(pool, context), kv_heads=pool.kv_heads, head_dim=pool.head_dim,
-        heads=src.n_heads, dtype=src.torch_dtype, quantized=layout.quantized, step_tokens=step_tokens,
-        max_seqs=max_seqs, context=context)
+def step_scratch(src, pool: KVPool, context: int, step_tokens: int, max_seqs: int, hw: HardwareProfile,
+                 graphs: bool = False) -> tuple[int, int]:
+    """(each attention op's scratch, the step's attention metadata) in bytes: the bounds the runtime keeps to. A
+    plan for the kernel (``hw.attention``) holds what either backend needs of it (``attention.Scratch``); the
+    decode graphs (``graphs``) run the kernel alone."""
+    scratch = attention.scratch_of(pool, src.torch_dtype, src.n_heads, context=context, step_tokens=step_tokens,
+                                   max_seqs=max_seqs)
     meta = attention.metadata_bytes(step_tokens=step_tokens, max_seqs=max_seqs, context=context,
                                     page_tokens=pool.page_tokens, num_pages=pool.num_pages)
-    return scratch, meta
+    return (scratch.kernel_bytes if graphs else scratch.bytes(hw.attention == "kernel")), meta
 
 
 def annotate_step(p: Program, src, pool: KVPool, work: attention.AttentionWork, context: int,
-                  max_seqs: int, graph_bytes: int = 0) -> Program:
+                  max_seqs: int, hw: HardwareProfile, graph_bytes: int = 0) -> Program:
     """Give the step's attention ops their cost for the workload, the KV pool as what they read and write, and
     their scratch; the step's attention metadata is a workspace held through the step (``step_scratch``), and so is
     the memory of its decode steps' CUDA graphs (``graph_bytes``, ``decode_graph_bytes``)."""
-    scratch, meta = step_scratch(src, pool, context, p.shape.seq, max_seqs)
+    scratch, meta = step_scratch(src, pool, context, p.shape.seq, max_seqs, hw)
     if graph_bytes:
         p.objects.append(Object(name="step.graphs", kind=ObjectKind.workspace, dtype="u8", shape=[graph_bytes],
                                 size_bytes=graph_bytes, home=Tier.hbm))
@@ -342,7 +349,7 @@ class Search:
         else:
             p = self.step.at(shape.step_tokens, shape.max_seqs)
         p = annotate_step(p, self.src, pool, step_work(self.src, pool, shape, self.w, self.hw), self.w.context,
-                          shape.max_seqs, self.graph_bytes(pool, shape))
+                          shape.max_seqs, self.hw, self.graph_bytes(pool, shape))
         # What the plan proves, before its prediction is known (verify, the pipeline's last pass, checks it).
         p.generation = GenerationPlan(
             objective=self.objective, step_tokens=shape.step_tokens, max_seqs=shape.max_seqs, context=self.w.context,
@@ -359,14 +366,16 @@ class Search:
         if self.hw.attention != "kernel" or not self.step.exact:
             return 0
         b = bucket(shape.max_seqs)
-        scratch, _ = step_scratch(self.src, pool, self.w.context, b, b)
-        return align_up(self.step.activation_peak(b, b, scratch)) + self.hw.workspace_bytes
+        scratch, _ = step_scratch(self.src, pool, self.w.context, b, b, self.hw, graphs=True)
+        # every graph keeps the logits it writes: the smaller buckets' beside the largest one's peak
+        kept = sum(self.step.output_bytes(s, s) for s in graph_buckets(b)[:-1])
+        return align_up(self.step.activation_peak(b, b, scratch)) + kept + self.hw.workspace_bytes
 
     def light(self, shape: Shape) -> Program:
         pool = kv_pool(self.src, shape, self.page_tokens, self.swap(shape))
         work = step_work(self.src, pool, shape, self.w, self.hw)
         times = self.step.stage_times(shape.step_tokens, shape.max_seqs, self.hw, work, attention_kind(pool))
-        scratch, meta = step_scratch(self.src, pool, self.w.context, shape.step_tokens, shape.max_seqs)
+        scratch, meta = step_scratch(self.src, pool, self.w.context, shape.step_tokens, shape.max_seqs, self.hw)
         held = (align_up(pool.num_pages * pool.page_bytes) + meta + self.graph_bytes(pool, shape)
                 + self.step.activation_peak(shape.step_tokens, shape.max_seqs, scratch))
         reserve = Object(name="kv.pool+activations", kind=ObjectKind.workspace, dtype="u8", shape=[held],
@@ -648,6 +657,30 @@ class Run:
         return (self.misses, self.run_s, s.num_pages, s.step_tokens, s.max_seqs)
 
 
+def kv_token_steps(w: RunWorkload) -> int:
+    """The KV pool's work in a run of ``w``: the j-th output token of a request is sampled with p + j - 1 of its
+    tokens cached, so the run's steps hold at least this many cached tokens in all."""
+    return sum(g * p + g * (g - 1) // 2 for p, g in zip(w.prompt_lens, w.gen_lens))
+
+
+def pool_steps(kv_token_steps: int, pool_tokens: int, step_tokens: int) -> int:
+    """The fewest steps whose pool of ``pool_tokens`` holds ``kv_token_steps`` cached tokens in all, when the pool
+    starts empty and each step caches at most ``step_tokens`` more: step j holds at most min(pool, j x step)
+    tokens. The fill is why a run of many requests at once cannot reach its full-concurrency rate (the 70B mix at
+    24 GiB with int8 KV: about 28 of its 190 fewest steps)."""
+    fill = pool_tokens // step_tokens                  # steps before the pool can be full
+    filled = step_tokens * fill * (fill + 1) // 2      # what those steps can hold in all
+    if kv_token_steps > filled:
+        return fill + math.ceil((kv_token_steps - filled) / pool_tokens)
+    # done while filling: the least j with T j (j + 1) / 2 >= work (the float root, then made exact)
+    j = max(1, math.ceil((math.sqrt(1 + 8 * kv_token_steps / step_tokens) - 1) / 2))
+    while j > 1 and step_tokens * (j - 1) * j // 2 >= kv_token_steps:
+        j -= 1
+    while step_tokens * j * (j + 1) // 2 < kv_token_steps:
+        j += 1
+    return j
+
+
 @dataclass(frozen=True, slots=True)
 class _Probe:
     """A step record of one decode token over a context of one: the cheapest step a plan runs."""
@@ -685,7 +718,7 @@ class RunSearch:
         w = workload
         tokens = sum(p + g - 1 for p, g in zip(w.prompt_lens, w.gen_lens))
         # KV token-steps: the j-th token of a request is sampled with p + j - 1 of its tokens cached
-        self._kv_token_steps = sum(g * p + g * (g - 1) // 2 for p, g in zip(w.prompt_lens, w.gen_lens))
+        self._kv_token_steps = kv_token_steps(w)
         self._tokens = tokens
         # longest-output's class of output lengths: a quarter of the workload's spread (engine/scheduler.py says why)
         self._longest_class = max(1, (max(w.gen_lens) - min(w.gen_lens)) // ADMISSION_CLASS_SPREAD)
@@ -727,7 +760,7 @@ class RunSearch:
         pool = kv_pool(self.search.src, s, self.search.page_tokens, 0)
         steps = max(math.ceil(self._tokens / s.step_tokens), math.ceil(w.generated_tokens / s.max_seqs),
                     max(math.ceil(p / s.step_tokens) + g - 1 for p, g in zip(w.prompt_lens, w.gen_lens)),
-                    math.ceil(self._kv_token_steps / ((pool.num_pages - 1) * pool.page_tokens)))
+                    pool_steps(self._kv_token_steps, (pool.num_pages - 1) * pool.page_tokens, s.step_tokens))
         return steps * times.predict_s(_Probe())
 
     def times(self, plan: Program, pool: KVPool) -> StepTimes:
@@ -869,7 +902,9 @@ class RunSearch:
                             admission_class_tokens=self.class_tokens(best.admission))
         if sim.prediction is None:
             raise MemintentError(f"the chosen plan cannot serve the workload: {sim.why}")
-        plan.generation = plan.generation.model_copy(update=dict(run=sim.prediction))
+        bound = self.bound_s(best.outcome, self.times(plan, plan.kv_pool))
+        plan.generation = plan.generation.model_copy(update=dict(
+            run=sim.prediction.model_copy(update=dict(bound_s=bound))))
         return plan
 
     def describe(self, chosen: Run) -> list[str]:

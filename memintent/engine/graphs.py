@@ -28,12 +28,7 @@ import torch
 
 from memintent.engine.step_inputs import StepLists
 from memintent.kv.attention import StepMeta
-from memintent.kv.paged_kernel import MetaSizes, bucket, meta_ints
-
-
-def graph_buckets(max_seqs: int) -> list[int]:
-    """The sequence counts a graph is captured for: powers of two up to the one that holds ``max_seqs``."""
-    return [1 << i for i in range(bucket(max(max_seqs, 1)).bit_length())]
+from memintent.kv.paged_kernel import MetaSizes, graph_buckets, meta_ints
 
 
 @dataclass(slots=True)
@@ -127,4 +122,4 @@ class DecodeGraphs:
         return _Captured(graph, logits)
 
 
-__all__ = ["DecodeGraphs", "graph_buckets"]
+__all__ = ["DecodeGraphs"]

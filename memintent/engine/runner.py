@@ -60,7 +60,10 @@ class ModelRunner:
         self.layout = layout_of(kv, src.torch_dtype)
         self.dtype = src.torch_dtype
         self.group = src.n_heads // src.n_kv_heads                # query heads per KV head
-        self.gather_tokens = attention.gather_tokens(kv, program.generation.context)
+        gen = program.generation
+        self.gather_tokens = attention.scratch_of(kv, src.torch_dtype, src.n_heads, context=gen.context,
+                                                  step_tokens=gen.step_tokens, max_seqs=gen.max_seqs
+                                                  ).gather_tokens(program.hardware.attention == "kernel")
         self.handle = None
         self.forward_stats: list = []                    # the runtime's per-step statistics, kept at close
         model = src.engine_build("meta")

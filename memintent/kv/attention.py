@@ -35,12 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from memintent.errors import MemintentError
-from memintent.ir.model import PAGED_ATTENTION_OP
+from memintent.ir.model import PAGED_ATTENTION_OP, KVQuant
 from memintent.kv.layout import PoolViews
 from memintent.kv.paged_kernel import (
+    MAX_PLANNED_SMS,
     MAX_SPLITS,
+    MIN_SPLIT_KEYS,
     PagedMeta,
     bucket,
+    decode_splits,
     paged_attention_varlen,
     prompt_block_m,
     write_kv_pages,
@@ -320,31 +323,96 @@ def attention_work(*, heads: int, head_dim: int, decode_context_tokens: int, pre
     return AttentionWork(flops=flops, hbm_bytes=hbm)
 
 
-def kernel_scratch_bytes(*, heads: int, head_dim: int, max_seqs: int) -> int:
+def kernel_scratch_bytes(*, heads: int, head_dim: int, kv_heads: int, max_seqs: int) -> int:
     """The kernel's own scratch in one call: the partial outputs (float32, with their max and sum) of decode tiles
-    whose keys are split over several programs, at most ``MAX_SPLITS`` splits of every decode tile of a step of
-    ``max_seqs`` sequences (padded to a power of two)."""
+    whose keys are split over several programs (``decode_splits``), at the worst padded tile count of a step of
+    up to ``max_seqs`` sequences, on a card of up to ``MAX_PLANNED_SMS`` and keys long enough for every split.
+    Splits shrink as tiles grow (they fill the SMs), so this is a few MiB, not ``MAX_SPLITS`` x the largest
+    bucket. Keys and values are written and read in place: nothing else."""
     hd = max(16, 1 << (head_dim - 1).bit_length())
-    return MAX_SPLITS * bucket(max_seqs) * heads * (hd + 2) * 4
+    worst = 0
+    tiles = 1
+    while tiles <= bucket(max_seqs):
+        splits = decode_splits(tiles, kv_heads, MAX_SPLITS * MIN_SPLIT_KEYS, MAX_PLANNED_SMS)
+        worst = max(worst, splits * tiles if splits > 1 else 0)
+        tiles *= 2
+    return worst * heads * (hd + 2) * 4
 
 
-def scratch_bytes(*, gather_tokens: int, kv_heads: int, head_dim: int, heads: int, dtype: torch.dtype,
-                  quantized: bool, step_tokens: int, max_seqs: int, context: int) -> int:
-    """Device memory one layer's attention holds beyond its output, at most: the larger of a decode chunk's and a
-    prompt chunk's temporaries (they run one after the other). A decode chunk gathers at most ``gather_tokens``
-    padded key positions (keys and values in the model dtype, plus, under int8 KV, the int8 gather and the
-    dequantization's temporaries), folds the queries of up to ``max_seqs`` sequences and holds its output; a prompt
-    chunk gathers one sequence's context, repeats its keys and values for every query head, and holds the queries'
-    output and the float mask SDPA makes of the boolean one (up to ``step_tokens`` tokens over ``context`` keys)."""
-    e = dtype.itemsize
-    per_value = 2 * e + 5 if quantized else 4 * e      # keys and values gathered (and any copy SDPA makes)
-    decode = gather_tokens * kv_heads * head_dim * per_value + gather_tokens + 2 * max_seqs * heads * head_dim * e
-    whole = context + 16                               # one sequence, padded to whole pages
-    prompt = (whole * kv_heads * head_dim * per_value + 2 * whole * heads * head_dim * e
-              + 4 * step_tokens * whole + 2 * step_tokens * heads * head_dim * e)
-    kernel = kernel_scratch_bytes(heads=heads, head_dim=head_dim, max_seqs=max_seqs)
-    # The plan holds for either backend (the CPU runs the reference, CUDA the kernel): the larger scratch.
-    return max(decode, prompt, kernel)
+@dataclass(frozen=True, slots=True)
+class Scratch:
+    """What one layer's attention holds beyond its output, at most, for a plan's shapes: the reference backend's
+    decode chunk (``decode_bytes``) and prompt chunk (``prompt_bytes``), which run one after the other, and the
+    kernel's split outputs (``kernel_bytes``). One rule for the plan's count (``bytes``) and the runner's decode
+    chunks (``gather_tokens``)."""
+
+    kv_heads: int
+    head_dim: int
+    heads: int
+    value_bytes: int              # the model dtype's bytes
+    quantized: bool               # int8 KV
+    step_tokens: int
+    max_seqs: int
+    context: int
+    page_tokens: int
+    capacity_tokens: int          # the pool's positions, the null page left out
+
+    @property
+    def _per_position(self) -> int:
+        """Bytes a gathered key position holds: keys and values in the model dtype (and any copy SDPA makes), under
+        int8 KV also the int8 gather and the dequantization's temporaries."""
+        e = self.value_bytes
+        return self.kv_heads * self.head_dim * (2 * e + 5 if self.quantized else 4 * e)
+
+    @property
+    def _whole(self) -> int:
+        """One sequence of the plan's context, padded to whole pages."""
+        return -(-self.context // self.page_tokens) * self.page_tokens
+
+    def decode_bytes(self, gather_tokens: int) -> int:
+        """A decode chunk of ``gather_tokens`` padded positions (and its mask), folding the queries of up to
+        ``max_seqs`` sequences and holding its output."""
+        folded = 2 * self.max_seqs * self.heads * self.head_dim * self.value_bytes
+        return gather_tokens * (self._per_position + 1) + folded
+
+    @property
+    def prompt_bytes(self) -> int:
+        """A prompt chunk: one sequence's context gathered, its keys and values repeated for every query head, the
+        queries' output and the float mask SDPA makes of the boolean one (``step_tokens`` tokens over the context)."""
+        whole, e = self.context + 16, self.value_bytes
+        return (whole * self._per_position + 2 * whole * self.heads * self.head_dim * e + 4 * self.step_tokens * whole
+                + 2 * self.step_tokens * self.heads * self.head_dim * e)
+
+    @property
+    def kernel_bytes(self) -> int:
+        return kernel_scratch_bytes(heads=self.heads, head_dim=self.head_dim, kv_heads=self.kv_heads,
+                                    max_seqs=self.max_seqs)
+
+    def gather_tokens(self, kernel: bool) -> int:
+        """Padded positions one decode chunk of the reference backend may gather, never less than one sequence.
+        A plan for the reference backend (``kernel`` False) lets it gather half the pool: decode sequences are
+        chunked shortest first, so a full pool's decodes take about two chunks per layer. A plan for the kernel
+        reads the pool in place and holds only what a prompt chunk needs; the reference backend, where it runs such
+        a plan (the CPU, ``--attention reference``), gathers in chunks within that."""
+        if kernel:
+            room = max(self.prompt_bytes, self.kernel_bytes) - self.decode_bytes(0)
+            want = room // (self._per_position + 1)
+        else:
+            want = -(-self.capacity_tokens // 2)
+        return min(self.capacity_tokens, max(self._whole, want))
+
+    def bytes(self, kernel: bool) -> int:
+        """The plan's scratch per attention op: it holds for either backend (the CPU runs the reference, CUDA the
+        kernel)."""
+        return max(self.decode_bytes(self.gather_tokens(kernel)), self.prompt_bytes, self.kernel_bytes)
+
+
+def scratch_of(pool, dtype: torch.dtype, heads: int, *, context: int, step_tokens: int, max_seqs: int) -> Scratch:
+    """The attention scratch of a plan with ``pool`` (an ``ir.KVPool``) and these shapes."""
+    return Scratch(kv_heads=pool.kv_heads, head_dim=pool.head_dim, heads=heads, value_bytes=dtype.itemsize,
+                   quantized=pool.quant == KVQuant.int8, step_tokens=step_tokens, max_seqs=max_seqs,
+                   context=context, page_tokens=pool.page_tokens,
+                   capacity_tokens=(pool.num_pages - 1) * pool.page_tokens)
 
 
 def metadata_bytes(*, step_tokens: int, max_seqs: int, context: int, page_tokens: int, num_pages: int) -> int:
@@ -355,17 +423,6 @@ def metadata_bytes(*, step_tokens: int, max_seqs: int, context: int, page_tokens
     decode = 8 * max_seqs * pages + max_seqs * pages * page_tokens + 24 * max_seqs   # tables, masks, indices
     prompt = step_tokens * context + 8 * step_tokens + 8 * num_pages                  # masks, positions, tables
     return ints + decode + prompt
-
-
-def gather_tokens(pool, context: int) -> int:
-    """Padded positions one decode chunk may gather (per layer): half the pool, and never less than one sequence of
-    the plan's context. Decode sequences are chunked shortest first, so the padding is small and a full pool's
-    decodes take about two chunks per layer (each chunk is a dozen kernel launches). The plan counts this scratch
-    (``scratch_bytes``) and the runner splits decode sequences into chunks within it (``plan_decode_chunks``): one
-    rule for both."""
-    capacity = (pool.num_pages - 1) * pool.page_tokens
-    whole = -(-context // pool.page_tokens) * pool.page_tokens
-    return min(capacity, max(whole, -(-capacity // 2)))
 
 
 def plan_decode_chunks(contexts: list[int], page_tokens: int, gather_tokens: int) -> list[list[int]]:

@@ -56,6 +56,7 @@ MIN_SPLIT_KEYS = 256             # a decode split reads at least this many keys 
 MAX_SPLITS = 16
 SPLIT_PROGRAMS_PER_SM = 2        # split decode keys until this many programs per SM (when the keys allow)
 DESIGN_SMS = 132                 # H200; the split rule's SM count where no CUDA device answers (the interpreter)
+MAX_PLANNED_SMS = 4 * DESIGN_SMS  # the split rule counts at most this many SMs: the plan bounds the splits' scratch
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,12 @@ DEFAULT_CONFIG = KernelConfig()
 def bucket(n: int) -> int:
     """The padded size of ``n`` things: 0, or the next power of two."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def graph_buckets(max_seqs: int) -> list[int]:
+    """The sequence counts the engine captures a decode graph for: powers of two up to the one that holds
+    ``max_seqs`` (the plan counts the memory they keep)."""
+    return [1 << i for i in range(bucket(max(max_seqs, 1)).bit_length())]
 
 
 def prompt_block_m(group: int, prompt_rows: int = PROMPT_ROWS) -> int:
@@ -452,7 +459,7 @@ def _kernels(interpret: bool):
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return min(torch.cuda.get_device_properties(device).multi_processor_count, MAX_PLANNED_SMS)
     return DESIGN_SMS
 
 
@@ -708,5 +715,6 @@ def kv_bytes_read(contexts: Sequence[int], kv_heads: int, head_dim: int, value_b
 
 
 __all__ = ["KernelConfig", "MetaSizes", "MetaStaging", "PagedMeta", "build_meta", "bucket", "decode_splits",
+           "graph_buckets",
            "meta_ints", "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen", "prompt_block_m",
            "interpreting", "WriteConfig", "write_kv_pages"]

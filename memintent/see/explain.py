@@ -107,7 +107,16 @@ def run_summary(g) -> str:
     return (f"predicted run of {r.workload}: {fmt_s(r.run_s)}, {r.tokens_per_s:.2f} tok/s ({r.generated_tokens} "
             f"tokens in {r.steps} steps, {r.preemptions} preemptions, admission {admission}); time to first token "
             f"median {fmt_s(r.ttft_median_s)}, p99 {fmt_s(r.ttft_p99_s)}; per output token median "
-            f"{fmt_s(r.tpot_median_s)}, p99 {fmt_s(r.tpot_p99_s)}")
+            f"{fmt_s(r.tpot_median_s)}, p99 {fmt_s(r.tpot_p99_s)}{_bound_note(r)}")
+
+
+def _bound_note(r) -> str:
+    """The run's ceiling under the plan (``RunPrediction.bound_s``), where the planner computed one."""
+    if not r.bound_s:
+        return ""
+    return (f"; no run of these requests under this plan is shorter than {fmt_s(r.bound_s)} "
+            f"({r.generated_tokens / r.bound_s:.2f} tok/s: its fewest steps, the pool's fill included, at its "
+            "cheapest step)")
 
 
 def _print_pool(p: Program, console: Console) -> None:
