@@ -26,6 +26,7 @@ from memintent.engine.simulate import simulate_run, workload_of
 from memintent.errors import MemintentError
 from memintent.ir.model import GemmRates, Residency, RunShape
 from memintent.ir.parser import parse
+from memintent.ir.plan_file import load_plan
 from memintent.ir.printer import dump
 from memintent.passes import schedule_program
 from memintent.passes.verify import verify
@@ -286,6 +287,9 @@ def test_compile_explain_generate_with_a_workload_file(tmp_path, capsys):
     assert main(["explain", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "predicted run of requests.jsonl" in out and "concurrency over the run" in out and "rejected:" in out
+    run = load_plan(plan).generation.run
+    assert 0 < run.bound_s <= run.run_s                  # a bound: no simulated run beats it
+    assert "no run of these requests under this plan is shorter than" in " ".join(out.split())
     assert main(["generate", str(plan), "--prompts", str(path), "--device", "cpu"]) == 0
     err = " ".join(capsys.readouterr().err.split())      # the console wraps long lines off a terminal
     predicted = re.search(r"run predicted .*? (\d+) steps, (\d+) preemptions", err)
