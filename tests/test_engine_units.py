@@ -254,11 +254,11 @@ def test_step_lists_place_every_token_at_its_page_and_slot():
     assert lists.contexts == [14, 10, 8, 8] and lists.rows == [10, 11, 22]
 
 
-def _scratch(num_pages: int = 8009, quantized: bool = True) -> attention.Scratch:
-    """The attention scratch of the 70B plan at 24 GiB with int8 KV (64 query heads, 8 KV heads of 128)."""
-    return attention.Scratch(kv_heads=8, head_dim=128, heads=64, value_bytes=2, quantized=quantized,
-                             step_tokens=2392, max_seqs=416, context=1152, page_tokens=16,
-                             capacity_tokens=(num_pages - 1) * 16)
+def _scratch() -> attention.Scratch:
+    """The attention scratch of the 70B plan at 24 GiB with int8 KV (64 query heads, 8 KV heads of 128), its pool
+    of 8009 pages as before the plan held the kernel's scratch."""
+    return attention.Scratch(kv_heads=8, head_dim=128, heads=64, value_bytes=2, quantized=True, step_tokens=2392,
+                             max_seqs=416, context=1152, page_tokens=16, capacity_tokens=8008 * 16)
 
 
 @pytest.mark.parametrize("kernel", [True, False])

@@ -28,7 +28,7 @@ import torch
 
 from memintent.engine.step_inputs import StepLists
 from memintent.kv.attention import StepMeta
-from memintent.kv.paged_kernel import MetaSizes, graph_buckets, meta_ints
+from memintent.kv.paged_kernel import MetaSizes, buckets, meta_ints
 
 
 @dataclass(slots=True)
@@ -42,7 +42,7 @@ class DecodeGraphs:
 
     def __init__(self, runner, max_seqs: int):
         self.runner = runner
-        self.buckets = graph_buckets(max_seqs)
+        self.buckets = buckets(max_seqs)
         g = runner.program.generation
         # Every graph's page table is as wide as the plan's longest sequence needs.
         self.pages = -(-g.context // runner.layout.page_tokens)

@@ -42,7 +42,7 @@ from memintent.kv.paged_kernel import (
     MAX_SPLITS,
     MIN_SPLIT_KEYS,
     PagedMeta,
-    bucket,
+    buckets,
     decode_splits,
     paged_attention_varlen,
     prompt_block_m,
@@ -330,13 +330,9 @@ def kernel_scratch_bytes(*, heads: int, head_dim: int, kv_heads: int, max_seqs: 
     Splits shrink as tiles grow (they fill the SMs), so this is a few MiB, not ``MAX_SPLITS`` x the largest
     bucket. Keys and values are written and read in place: nothing else."""
     hd = max(16, 1 << (head_dim - 1).bit_length())
-    worst = 0
-    tiles = 1
-    while tiles <= bucket(max_seqs):
-        splits = decode_splits(tiles, kv_heads, MAX_SPLITS * MIN_SPLIT_KEYS, MAX_PLANNED_SMS)
-        worst = max(worst, splits * tiles if splits > 1 else 0)
-        tiles *= 2
-    return worst * heads * (hd + 2) * 4
+    split = [(decode_splits(tiles, kv_heads, MAX_SPLITS * MIN_SPLIT_KEYS, MAX_PLANNED_SMS), tiles)
+             for tiles in buckets(max_seqs)]
+    return max((s * tiles for s, tiles in split if s > 1), default=0) * heads * (hd + 2) * 4
 
 
 @dataclass(frozen=True, slots=True)

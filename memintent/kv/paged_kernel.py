@@ -130,10 +130,10 @@ def bucket(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
-def graph_buckets(max_seqs: int) -> list[int]:
-    """The sequence counts the engine captures a decode graph for: powers of two up to the one that holds
-    ``max_seqs`` (the plan counts the memory they keep)."""
-    return [1 << i for i in range(bucket(max(max_seqs, 1)).bit_length())]
+def buckets(n: int) -> list[int]:
+    """Every padded size of 1 .. ``n`` things: powers of two up to ``bucket(n)``. A step's decode tiles pad to one
+    of them, and the engine captures a decode graph for each."""
+    return [1 << i for i in range(bucket(max(n, 1)).bit_length())]
 
 
 def prompt_block_m(group: int, prompt_rows: int = PROMPT_ROWS) -> int:
@@ -715,6 +715,6 @@ def kv_bytes_read(contexts: Sequence[int], kv_heads: int, head_dim: int, value_b
 
 
 __all__ = ["KernelConfig", "MetaSizes", "MetaStaging", "PagedMeta", "build_meta", "bucket", "decode_splits",
-           "graph_buckets",
+           "buckets",
            "meta_ints", "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen", "prompt_block_m",
            "interpreting", "WriteConfig", "write_kv_pages"]
