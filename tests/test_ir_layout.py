@@ -79,3 +79,34 @@ def test_costing_a_quantized_block_needs_no_runtime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=env).stdout.split()
     assert out == ["512", "False", "False"]
+
+
+def test_a_block_unpacks_by_weight_only_where_each_weight_has_one_linear_reader():
+    # weight_unpackers' rule, from the plan's own steps: tiny-llama's layers and head qualify, its embedding (read
+    # by index) does not; a second reader of one weight, or a reader in another module, takes its block out.
+    from memintent.compiler.compile import compile_model
+    from memintent.compiler.hardware import BUILTIN
+    from memintent.ir.layout import unpack_offsets, weight_unpackers
+
+    p = compile_model("tiny-llama", budget_bytes=1 << 20, hardware=BUILTIN["cpu"], batch=1, seq=16, depth=2,
+                      quant="int8")
+    by_weight = weight_unpackers(p)
+    assert {f"layers.{i}" for i in range(4)} | {"output"} == set(by_weight)
+    assert by_weight["layers.0"]["layers.0.feed_forward.w2.weight"] == "layers.0.feed_forward.w2"
+    w = "layers.1.attention.wq.weight"
+    twice = p.model_copy(deep=True)
+    next(s for s in twice.steps if w not in s.uses and s.block == "layers.1").uses.append(w)
+    assert "layers.1" not in weight_unpackers(twice) and "layers.0" in weight_unpackers(twice)
+    elsewhere = p.model_copy(deep=True)
+    next(s for s in elsewhere.steps if w in s.uses).module = "layers.1.attention"
+    assert "layers.1" not in weight_unpackers(elsewhere)
+    # the unpack layout: the two norms first, then one region every matrix shares, sized for the largest
+    objects = p.object_map()
+    block = p.block_map()["layers.0"]
+    offsets, size = unpack_offsets(block, objects, True)
+    norms = [n for n in block.weights if n.endswith("norm.weight")]
+    matrices = [n for n in block.weights if n not in norms]
+    assert sorted(offsets[n] for n in norms) == [0, 256] and len({offsets[m] for m in matrices}) == 1
+    assert size == offsets[matrices[0]] + max(objects[m].size_bytes for m in matrices) < block.size_bytes
+    assert unpack_offsets(block, objects, False) == ({n: objects[n].block_offset_bytes for n in block.weights},
+                                                    block.size_bytes)

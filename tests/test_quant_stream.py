@@ -22,7 +22,9 @@ from memintent.compiler.compile import compile_model
 from memintent.compiler.hardware import BUILTIN
 from memintent.models.refs import resolve
 from memintent.errors import MemintentError
+from memintent.ir.layout import weight_unpackers
 from memintent.ir.model import ActionKind, Program, Quant, Residency, SlotKind
+from memintent.passes.residency import unpack_need_bytes
 from memintent.runtime import POISON_BYTE, HostStore, attach, fill_from_module
 from memintent.runtime.host_store import torch_dtype
 from memintent.runtime.quant import Storage, dequantize_int4, dequantize_int4g, dequantize_int8, quantize_int4, quantize_int4g, quantize_int8, relative_error, weight_storage
@@ -209,6 +211,36 @@ def test_warming_the_unpacks_before_the_first_forward_changes_no_logit(quant):
     h.detach()
 
 
+def test_a_layer_unpacks_each_weight_right_before_its_linear():
+    # With an unpack slot, a decoder layer's quantized weights share one region of it: each is unpacked by its
+    # linear module's pre-hook, so at the moment each linear runs its weight is exactly dequant(quant(w)).
+    p = plan(TINY, "int4", 2)
+    by_weight = weight_unpackers(p)
+    layers = [b for b in p.blocks if b.name.startswith("layers.") and b.residency == Residency.streamed]
+    assert p.unpack_slot() is not None and layers and all(b.name in by_weight for b in layers)
+    assert "embed" not in by_weight     # an embedding reads its weight by index, not through a linear
+    exact = reference_values(p, fill_values(TINY, p))
+    model, h = attach_streamed(TINY, p)
+    modules = dict(model.named_modules())
+    seen: dict[str, int] = {}
+
+    def check(name):
+        def hook(module, args):
+            seen[name] = module.weight.data_ptr()
+            assert torch.equal(module.weight, exact[name + ".weight"]), name
+        return hook
+
+    names = [m for b in layers for m in by_weight[b.name].values()]
+    handles = [modules[m].register_forward_pre_hook(check(m)) for m in names]   # after the executor's own
+    with torch.no_grad():
+        model(*inputs(TINY, 0))
+    for k in handles:
+        k.remove()
+    h.detach()
+    assert set(seen) == set(names)
+    assert len(set(seen.values())) == 1, "every quantized weight of every layer starts the one shared region"
+
+
 def test_transfer_bytes_are_what_packing_produces():
     for ref in (TINY, TOY):
         for quant in ("int8", "int4", "int4g"):
@@ -329,7 +361,12 @@ def test_wrong_plans_are_refused():
         attach_streamed(TINY, p)
 
     p = base.model_copy(deep=True)
-    p.arena.slots[p.unpack_slot()].size_bytes = q.size_bytes - 256    # too small for the unpacked weights
+    by_weight = weight_unpackers(base)
+    layer = next(b for b in base.blocks if b.quant != Quant.none and b.residency == Residency.streamed
+                 and b.name in by_weight)
+    need = unpack_need_bytes(layer, base.object_map(), True)
+    assert need < layer.size_bytes      # a decoder layer unpacks one weight at a time (ir/layout.py)
+    p.arena.slots[p.unpack_slot()].size_bytes = need - 256    # too small for the unpacked weights
     with pytest.raises(MemintentError, match=r"unpack slot \d+ \(\d+ bytes\) cannot hold the unpacked weights"):
         attach_streamed(TINY, p)
 

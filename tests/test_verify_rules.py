@@ -31,7 +31,7 @@ def compiled(name: str) -> Program:
     if name == "int8":
         return compile_model("tiny-llama", budget_bytes=3 << 19, hardware=CPU, batch=1, seq=16, depth=2, quant="int8")
     if name == "mapped":
-        return compile_model("tiny-llama", budget_bytes=5 << 18, hardware=CPU, batch=1, seq=16, depth=2, quant="int8")
+        return compile_model("tiny-llama", budget_bytes=1 << 20, hardware=CPU, batch=1, seq=16, depth=2, quant="int8")
     return plan_generation("tiny-llama", budget_bytes=1200 << 10, hardware=CPU, context=64, prompt_len=8, gen_len=8,
                            quant="none", concurrency=2, kv_page_tokens=8)
 
@@ -168,12 +168,12 @@ def break_resident_slots(p):
 
 
 def break_resident_unquantized(p):
-    next(b for b in p.blocks if b.name == "embed").quant = Quant.int8
+    next(b for b in p.blocks if b.residency == Residency.resident and b.name.startswith("layers.")).quant = Quant.int8
 
 
 def break_hbm_store(p):
     stream = next(s.index for s in p.arena.slots if s.kind == SlotKind.stream)
-    next(b for b in p.blocks if b.quant != Quant.none).slot = stream
+    next(b for b in p.blocks if b.quant != Quant.none and b.residency == Residency.streamed).slot = stream
 
 
 def break_mapped_in_place(p):
@@ -298,7 +298,7 @@ CASES = {   # rule -> (base plan, edit, what the message must say)
     "slots-disjoint": ("stream", break_slots_disjoint, r"arena slots \d+ and \d+ overlap"),
     "resident-slots": ("stream", break_resident_slots,
         r"resident block '.+' names slot \d+, which is not a resident slot"),
-    "resident-unquantized": ("int8", break_resident_unquantized, r"resident block 'embed' is quantized \(int8\)"),
+    "resident-unquantized": ("int8", break_resident_unquantized, r"resident block 'layers\.\d+' is quantized \(int8\)"),
     "mapped-in-place": ("mapped", break_mapped_in_place,
         r"block 'output' is mapped, but only an embedding \(unquantized or int8\) or an int8 linear layer"),
     "hbm-store": ("int8", break_hbm_store, r"streamed block '.+' names slot \d+, which is not a store slot"),

@@ -13,6 +13,12 @@ quantized values followed by its scales (and, ``int4g``, its minimums), each par
 non-zero and a floating dtype in ``QUANTIZABLE_DTYPES`` is quantized; everything else (norms, biases, integer
 buffers, 0-D/3-D tensors) is stored raw. A block with ``quant == none`` has raw parts only, which is the block
 layout itself.
+
+Unpack layout (``unpack_offsets``): where a quantized visit's weights sit once dequantized in the plan's unpack
+slot. A block unpacks whole, in its block layout, unless each weight it quantizes is read by one linear step of its
+own module alone (``weight_unpackers``): then it unpacks one weight at a time, right before that module runs, and
+those weights share one region after the block's raw weights (norms, biases), sized for the largest. A 70B decoder
+layer then needs 0.44 GiB of unpack slot instead of 1.59.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from memintent.ir.dtypes import dtype_bytes
-from memintent.ir.model import ALIGN_BYTES, Block, Object, Quant, align_up
+from memintent.ir.model import ALIGN_BYTES, Block, Object, ObjectKind, Program, Quant, align_up
 
 INT4_GROUP = 128          # input columns per int4 scale
 INT4G_GROUP = 32          # input columns per int4g scale and minimum (chosen over 64 by perplexity: spec/runtime.md)
@@ -154,6 +160,64 @@ def quantized_block_bytes(block: Block, objects: dict[str, Object]) -> int:
         for p in e.parts():
             total = max(total, p.offset_bytes + align_up(p.size_bytes))
     return total
+
+
+# ---- unpack layout (module docstring) ---------------------------------------------------------------------------
+UNPACK_BY_WEIGHT_OPS = ("aten.linear.default",)   # steps whose module's pre-hook may unpack the weight they read
+
+
+def _quantizable(o: Object) -> bool:
+    """Whether a block quantized at any bit width quantizes ``o`` (int8, int4 and int4g take the same weights)."""
+    return weight_storage(Quant.int8, o) != Storage.raw
+
+
+def weight_unpackers(program: Program) -> dict[str, dict[str, str]]:
+    """{block: {weight: module whose forward pre-hook unpacks it}} for every block that can unpack one weight at a
+    time: it has weights to quantize, and each is read by exactly one step, an ``UNPACK_BY_WEIGHT_OPS`` step of
+    the module that owns the weight (``<module>.<name>``), with no two of those modules equal or nested (each
+    hook then runs right before its weight's only read, and after the previous one's read is enqueued)."""
+    objects = program.object_map()
+    readers: dict[str, list[tuple[str, str]]] = {}      # weight -> [(op, module)] of the steps that read it
+    for st in program.steps:
+        for u in st.uses:
+            o = objects.get(u)
+            if o is not None and o.kind == ObjectKind.weight:
+                readers.setdefault(u, []).append((st.op, st.module))
+    out = {}
+    for b in program.blocks:
+        hooks = _unpackers(b, objects, readers)
+        if hooks:
+            out[b.name] = hooks
+    return out
+
+
+def _unpackers(block: Block, objects: dict[str, Object], readers: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    hooks = {}
+    for w in block.weights:
+        if not _quantizable(objects[w]):
+            continue
+        uses = readers.get(w, [])
+        if len(uses) != 1 or uses[0][0] not in UNPACK_BY_WEIGHT_OPS or w.rpartition(".")[0] != uses[0][1]:
+            return {}
+        hooks[w] = uses[0][1]
+    mods = sorted(hooks.values())
+    if any(m == n or n.startswith(m + ".") for m, n in zip(mods, mods[1:])):
+        return {}       # sorted, a module's descendants follow it directly: neighbours show any nesting
+    return hooks
+
+
+def unpack_offsets(block: Block, objects: dict[str, Object], by_weight: bool) -> tuple[dict[str, int], int]:
+    """({weight: offset}, bytes) of ``block``'s unpacked weights in the unpack slot: its block layout
+    (``block_offset_bytes``, ``size_bytes``), or ``by_weight`` its raw weights at consecutive aligned offsets and
+    every weight it quantizes at one offset after them."""
+    if not by_weight:
+        return {w: objects[w].block_offset_bytes or 0 for w in block.weights}, align_up(block.size_bytes)
+    raw = [w for w in block.weights if not _quantizable(objects[w])]
+    offsets, shared = weight_offsets(objects[w].size_bytes for w in raw)
+    out = dict(zip(raw, offsets))
+    largest = max((objects[w].size_bytes for w in block.weights if w not in out), default=0)
+    out.update({w: shared for w in block.weights if w not in out})
+    return out, shared + align_up(largest)
 
 
 # ---- KV pool pages (spec/serving.md) --------------------------------------------------------------------------

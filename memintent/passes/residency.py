@@ -38,6 +38,7 @@ from memintent.ir.model import (
     ALIGN_BYTES,
     Arena,
     Block,
+    Object,
     ObjectKind,
     Program,
     Quant,
@@ -46,6 +47,7 @@ from memintent.ir.model import (
     SlotKind,
     align_up,
 )
+from memintent.ir.layout import unpack_offsets, weight_unpackers
 from memintent.passes.costs import (
     FOUR_BIT,
     MappedRead,
@@ -105,9 +107,11 @@ def slot_need_bytes(b: Block, shared_unpack: bool = False) -> int:
     return packed if shared_unpack else align_up(b.size_bytes) + packed
 
 
-def unpack_need_bytes(b: Block) -> int:
-    """Unpack-slot bytes a quantized visit of ``b`` needs: its unpacked weights (0 unquantized)."""
-    return align_up(b.size_bytes) if b.quant != Quant.none else 0
+def unpack_need_bytes(b: Block, objects: dict[str, Object], by_weight: bool) -> int:
+    """Unpack-slot bytes a quantized visit of ``b`` needs (0 unquantized): its unpacked weights, or ``by_weight``
+    (``ir.layout.weight_unpackers`` lists it) its raw weights and its largest quantized one
+    (``ir.layout.unpack_offsets``)."""
+    return unpack_offsets(b, objects, by_weight)[1] if b.quant != Quant.none else 0
 
 
 def slot_layout(k: int, in_slot: list[int], landing: list[int], unpacked: list[int],
@@ -123,11 +127,11 @@ def slot_layout(k: int, in_slot: list[int], landing: list[int], unpacked: list[i
     return shared if k * shared[0] + shared[1] < k * own[0] else own
 
 
-def stream_arena_bytes(blocks, k: int, shared_unpack: bool) -> tuple[int, int]:
-    """``slot_layout`` for streaming ``blocks`` through ``k`` slots."""
-    blocks = list(blocks)
+def stream_arena_bytes(p: Program, blocks, k: int, shared_unpack: bool) -> tuple[int, int]:
+    """``slot_layout`` for streaming ``blocks`` of ``p`` through ``k`` slots."""
+    blocks, objects, by_weight = list(blocks), p.object_map(), weight_unpackers(p)
     return slot_layout(k, [slot_need_bytes(b) for b in blocks], [slot_need_bytes(b, True) for b in blocks],
-                       [unpack_need_bytes(b) for b in blocks], shared_unpack)
+                       [unpack_need_bytes(b, objects, b.name in by_weight) for b in blocks], shared_unpack)
 
 
 class Choice(NamedTuple):
@@ -153,6 +157,7 @@ class _Search:
         for i, v in enumerate(program.visits):
             self.visits_of[v.block].append(i)
         self.nvisits = {name: len(idx) for name, idx in self.visits_of.items()}
+        self.objects, self.by_weight = program.object_map(), weight_unpackers(program)
         self.need, self.land, self.unpack, self.packed = {}, {}, {}, {}
         self.copy_s, self.store_copy_s, self.deq_s = {}, {}, {}
         self.quantized: set[str] = set()
@@ -169,7 +174,7 @@ class _Search:
         visits' copy (from the host and from the HBM store) and unpacking times."""
         self.need[block.name] = slot_need_bytes(block)
         self.land[block.name] = slot_need_bytes(block, True)
-        self.unpack[block.name] = unpack_need_bytes(block)
+        self.unpack[block.name] = unpack_need_bytes(block, self.objects, block.name in self.by_weight)
         self.packed[block.name] = align_up(block.transfer_bytes or 0)   # a store slot's bytes
         self.quantized.discard(block.name)
         if block.quant != Quant.none:
@@ -489,7 +494,7 @@ def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset = f
     ``prefetch``)."""
     bmap = p.block_map()
     quantized = {b for b in streamed if bmap[b].quant != Quant.none}
-    slot_bytes, unpack_bytes = stream_arena_bytes((bmap[b] for b in streamed), k,
+    slot_bytes, unpack_bytes = stream_arena_bytes(p, (bmap[b] for b in streamed), k,
                                                   unpack_shareable(p.stages, p.visits, quantized))
     slots = [Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes) for i in range(k)]
     if unpack_bytes:

@@ -33,7 +33,7 @@ from functools import cached_property
 from typing import Callable, NoReturn
 
 from memintent.errors import MemintentError, PlanVerificationError
-from memintent.ir.layout import kv_page_parts
+from memintent.ir.layout import kv_page_parts, weight_unpackers
 from memintent.ir.model import (
     ADMISSION_ORDERS,
     DTYPE_BITS,
@@ -61,7 +61,7 @@ from memintent.passes.graph import (
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
 from memintent.passes.prefetch import host_bytes
-from memintent.passes.residency import slot_need_bytes, workspace_bytes
+from memintent.passes.residency import slot_need_bytes, unpack_need_bytes, workspace_bytes
 from memintent.units import fmt_bytes
 
 TRACE_FORWARDS = 3   # a cold first forward, then two steady-state ones (each one's prefetch issued by the last)
@@ -507,8 +507,9 @@ def transfer_bytes_match(p: Program, f: Facts) -> None:
 def stream_slots_fit(p: Program, f: Facts) -> None:
     """Every action names a stream slot that holds its block's visit: the weights at the slot's start and, for a
     quantized block, its packed bytes at the slot's end, the two disjoint; with an unpack slot, a quantized visit's
-    stream slot holds only its packed bytes and the unpack slot its weights (``residency.slot_need_bytes``)."""
-    slots, unpack = p.arena.slots, p.unpack_slot()
+    stream slot holds only its packed bytes and the unpack slot its weights (``residency.slot_need_bytes``), whole
+    or, where the block unpacks one weight at a time, its raw weights and its largest (``unpack_need_bytes``)."""
+    slots, unpack, by_weight = p.arena.slots, p.unpack_slot(), weight_unpackers(p)
     if sum(1 for s in slots if s.kind == SlotKind.unpack) > 1:
         fail("the arena has more than one unpack slot: quantized visits share one")
     for a in p.actions:
@@ -516,9 +517,10 @@ def stream_slots_fit(p: Program, f: Facts) -> None:
         if s.kind != SlotKind.stream:
             fail(f"{a.kind.value} of {a.block!r} names slot {a.slot}, a {s.kind.value} slot, not a stream slot",
                  at_stage(p, a.stage))
-        if unpack is not None and b.quant != Quant.none and slots[unpack].size_bytes < b.size_bytes:
+        unpacked = unpack_need_bytes(b, f.omap, b.name in by_weight)
+        if unpack is not None and slots[unpack].size_bytes < unpacked:
             fail(f"unpack slot {unpack} ({slots[unpack].size_bytes} bytes) cannot hold the unpacked weights of "
-                 f"{a.block!r} ({b.size_bytes} bytes)", at_stage(p, a.stage))
+                 f"{a.block!r} ({unpacked} bytes)", at_stage(p, a.stage))
         need = slot_need_bytes(b, unpack is not None)
         if s.size_bytes >= need:
             continue

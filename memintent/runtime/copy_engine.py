@@ -273,7 +273,9 @@ class ForwardStats:
     stage_entries: hooks that fired (stage pre-hooks plus the root's two).
     max_hook_s: the slowest single hook, same accounting as host_overhead_s.
     visit_stall_s: stall per visit, keyed ``"block@visit_stage"`` (CUDA with timing only).
-    dequants: quantized visits dequantized in this forward (in their copy_done).
+    dequants: quantized visits dequantized in this forward (in their copy_done). A block that unpacks one weight
+        at a time (spec/runtime.md) copies only its raw weights there; its matrices unpack in their modules'
+        pre-hooks, timed with the compute, not in dequant_s.
     dequant_s: CUDA with timing: sum of the dequantizations' durations on the compute stream (events just before
         and after each one's kernels; on the critical path, after the arrival wait). CPU: measured synchronous
         time. None on CUDA without timing.

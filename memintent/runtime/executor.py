@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from memintent.errors import MemintentError, RuntimeFault
+from memintent.ir.layout import unpack_offsets, weight_unpackers
 from memintent.ir.model import (
     Action,
     ActionKind,
@@ -219,15 +220,27 @@ class StreamedModel:
         unpack = self.program.unpack_slot()
         return slot if unpack is None or self.program.blocks[bi].quant == Quant.none else unpack
 
+    def _weight_offsets(self, bi: int, slot: int) -> dict[str, int]:
+        """Where a visit's weights are bound in their slot: the block layout, or, for a block that unpacks one
+        weight at a time into the plan's unpack slot, its unpack layout (``ir.layout.unpack_offsets``)."""
+        b = self.program.blocks[bi]
+        by_weight = b.name in self._by_weight and self._weights_slot(bi, slot) != slot
+        return unpack_offsets(b, self._objects, by_weight)[0]
+
     def _unpacker(self, bi: int, slot: int) -> Callable[[], None]:
-        """The dequantization of a quantized visit: views built once (they alias the arena), so copy_done only
-        launches kernels. src: the packed region at the end of the stream slot; dst: uint8 [size_bytes] at the start
-        of the weights' slot, the unquantized layout the block's tensors are bound to."""
+        """The dequantization of a quantized visit at its copy_done: views built once (they alias the arena), so
+        copy_done only launches kernels. src: the packed region at the end of the stream slot; dst: the start of
+        the weights' slot, laid out as ``_weight_offsets`` says. A block that unpacks one weight at a time copies
+        its raw weights here; each quantized weight's op waits in ``_lazy`` for its module's pre-hook."""
         if (bi, slot) not in self._unpacks:
             b = self.program.blocks[bi]
             flat = self.arena.slot(self._weights_slot(bi, slot))
-            ops = prepare_unpack(b, self._objects, self._packed_region(bi, slot), flat[:b.size_bytes])
-            self._unpacks[(bi, slot)] = functools.partial(run_unpack, ops, self.dequant_backend)
+            ops = prepare_unpack(b, self._objects, self._packed_region(bi, slot), flat,
+                                 self._weight_offsets(bi, slot))
+            hooks = self._by_weight.get(b.name, {}) if self._weights_slot(bi, slot) != slot else {}
+            self._lazy[(bi, slot)] = {hooks[w]: op for w, op in zip(b.weights, ops) if w in hooks}
+            now = [op for w, op in zip(b.weights, ops) if w not in hooks]
+            self._unpacks[(bi, slot)] = functools.partial(run_unpack, now, self.dequant_backend)
         return self._unpacks[(bi, slot)]
 
     def warm_unpacks(self) -> int:
@@ -236,21 +249,23 @@ class StreamedModel:
         second. It writes only where a visit unpacks, which every visit rewrites before its weights are read.
         Returns the layouts run."""
         seen = set()
-        for (bi, _slot), unpack in self._unpacks.items():
+        for (bi, slot), unpack in self._unpacks.items():
             b = self.program.blocks[bi]
             key = (b.quant, tuple(tuple(self._objects[w].shape) for w in b.weights))
             if key not in seen:
                 seen.add(key)
                 unpack()
+                run_unpack(list(self._lazy[(bi, slot)].values()), self.dequant_backend)
         return len(seen)
 
     def _bindings(self, bi: int, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(model tensor, typed view into the weights' slot) pairs: a visit's copy_done rebinds them in one loop."""
         if (bi, slot) not in self._views:
             flat, objects = self.arena.slot(self._weights_slot(bi, slot)), self._objects
+            at = self._weight_offsets(bi, slot)
             self._views[(bi, slot)] = [
-                (self._tensors[w], typed_view(flat, objects[w].block_offset_bytes, torch_dtype(objects[w].dtype),
-                                              objects[w].shape)) for w in self.program.blocks[bi].weights]
+                (self._tensors[w], typed_view(flat, at[w], torch_dtype(objects[w].dtype), objects[w].shape))
+                for w in self.program.blocks[bi].weights]
         return self._views[(bi, slot)]
 
     def _number_visits(self) -> None:
@@ -278,7 +293,8 @@ class StreamedModel:
             # the statistics count host-to-device bytes: a copy out of the HBM store counts none
             return (_START, vid, a.slot, dst, src, 0 if b.in_hbm_store else size, a.next_forward)
         if a.kind == ActionKind.copy_done:
-            return (_DONE, vid, self._bindings(bi, a.slot), bi, self._unpacker(bi, a.slot) if quantized else None)
+            unpack = self._unpacker(bi, a.slot) if quantized else None
+            return (_DONE, vid, self._bindings(bi, a.slot), bi, unpack, self._lazy.get((bi, a.slot)))
         # checked mode poisons what the visit held: its stream slot and, unpacked elsewhere, its weights there
         held = (self.arena.slot(a.slot) if self._weights_slot(bi, a.slot) == a.slot
                 else [self.arena.slot(a.slot), self.arena.slot(self._weights_slot(bi, a.slot))])
@@ -327,6 +343,10 @@ class StreamedModel:
         self._block_names = [b.name for b in self.program.blocks]
         self._views: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._unpacks: dict[tuple[int, int], Callable[[], None]] = {}
+        # blocks that unpack one weight at a time (into the plan's unpack slot only: ir/layout.py says when)
+        self._by_weight = weight_unpackers(self.program) if self.program.unpack_slot() is not None else {}
+        self._lazy: dict[tuple[int, int], dict[str, Any]] = {}   # (block, slot) -> {module: its weight's unpack op}
+        self._lazy_now: dict[str, Any] = {}                      # module -> the op of the visit that copied last
         self._number_visits()
         self._build_actions()
         self._build_hook_order()
@@ -393,6 +413,8 @@ class StreamedModel:
         modules = dict(self.model.named_modules())
         for name, mid in self._mid_of.items():
             self._hooks.append(modules[name].register_forward_pre_hook(self._stage_hook(mid)))
+        for name in sorted({m for ops in self._lazy.values() for m in ops}):   # blocks streamed quantized
+            self._hooks.append(modules[name].register_forward_pre_hook(self._unpack_hook(name)))
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._root_post))
 
@@ -424,6 +446,18 @@ class StreamedModel:
 
         return hook
 
+    def _unpack_hook(self, name: str) -> Callable:
+        """Unpack the weight of module ``name`` (a block that unpacks one weight at a time) right before it runs,
+        from the packed bytes of its block's current visit, into the region the block's weights share."""
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            op = self._lazy_now.get(name) if self._in_forward else None
+            if op is None:
+                raise RuntimeFault(f"module {name!r} ran outside its block's visit in a forward of the attached "
+                                   f"model: its weight is only unpacked there")
+            run_unpack([op], self.dequant_backend)
+
+        return hook
+
     def _run(self, acts: list[tuple], first_forward: bool = False) -> None:
         e = self.engine
         for a in acts:
@@ -435,6 +469,8 @@ class StreamedModel:
                 e.copy_done(a[1], a[4])   # waits for the arrival, then dequantizes a quantized visit
                 for t, v in a[2]:
                     t.data = v   # [shape] view into the slot; no allocation
+                if a[5]:
+                    self._lazy_now.update(a[5])   # this visit's weights, for their modules' pre-hooks
             else:
                 e.free(a[1], a[2], a[3])
 
@@ -563,6 +599,7 @@ class StreamedModel:
             rebind(t, t.detach().to(home))
         # Every other reference to arena memory lives in these tables.
         self._acts, self._start_acts, self._views, self._unpacks = [], [], {}, {}
+        self._lazy, self._lazy_now = {}, {}
         self.arena.release()
         self._detached = True
         _ATTACHED.pop(self.model, None)

@@ -433,22 +433,24 @@ def _entry_op(e: QuantEntry, src: torch.Tensor, out: torch.Tensor) -> UnpackOp:
     return (e.storage, packed, meta, out)
 
 
-def prepare_unpack(block: Block, objects: dict[str, Object], src: torch.Tensor, dst: torch.Tensor
-                   ) -> list[UnpackOp]:
-    """The views ``unpack_block`` works on, built once: for each weight, its parts in ``src`` (flat uint8, the
-    packed buffer) and its output in ``dst`` (flat uint8 laid out like the unquantized block). The runtime builds
-    them at attach for each (block, stream slot), so a visit's dequantization is only kernel launches
-    (``run_unpack``); the views alias the arena and stay valid for its lifetime."""
+def prepare_unpack(block: Block, objects: dict[str, Object], src: torch.Tensor, dst: torch.Tensor,
+                   offsets: dict[str, int] | None = None) -> list[UnpackOp]:
+    """The views ``unpack_block`` works on, built once: for each weight (in block order), its parts in ``src``
+    (flat uint8, the packed buffer) and its output in ``dst`` (flat uint8 laid out like the unquantized block, or
+    each weight at ``offsets[name]``: ``ir.layout.unpack_offsets``). The runtime builds them at attach for each
+    (block, stream slot), so a visit's dequantization is only kernel launches (``run_unpack``); the views alias the
+    arena and stay valid for its lifetime."""
     layout = quant_layout(block, objects)
+    at = offsets or {e.name: e.dst_offset_bytes for e in layout}
     _check_flat(src, quantized_block_bytes(block, objects), f"unpack_block({block.name}) src")
-    _check_flat(dst, max((e.dst_offset_bytes + e.dst_size_bytes for e in layout), default=0),
+    _check_flat(dst, max((at[e.name] + e.dst_size_bytes for e in layout), default=0),
                 f"unpack_block({block.name}) dst")
     ops = []
     for e in layout:
         if e.storage == Storage.raw:
-            out = dst[e.dst_offset_bytes:e.dst_offset_bytes + e.values.size_bytes]   # uint8 [n]
+            out = dst[at[e.name]:at[e.name] + e.values.size_bytes]                  # uint8 [n]
         else:
-            out = typed_view(dst, e.dst_offset_bytes, _torch_dtype(e.dtype), e.shape)     # weight dtype (out, in)
+            out = typed_view(dst, at[e.name], _torch_dtype(e.dtype), e.shape)       # weight dtype (out, in)
         ops.append(_entry_op(e, src, out))
     return ops
 
