@@ -33,7 +33,7 @@ MiB = 1 << 20
 CPU = load_profile("cpu")
 # Small enough that every part streams weights (tiny-llama in f32 is 3.3 MiB), large enough for 8 sequences.
 BUDGET_BYTES = 2 * MiB
-PLAN = dict(budget_bytes=BUDGET_BYTES, hardware=CPU, context=256, prompt_len=32, gen_len=16, dtype="f32")
+PLAN = dict(budget_bytes=BUDGET_BYTES, hardware=CPU, context=256, prompt_len=32, gen_len=16, dtype="f32", quant="none")
 
 
 @pytest.fixture(scope="module")

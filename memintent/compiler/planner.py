@@ -51,6 +51,7 @@ from memintent.compiler.workload import (
     Targets,
 )
 from memintent.errors import MemintentError
+from memintent.ir.layout import weight_unpackers
 from memintent.ir.model import (
     ADMISSION_ORDERS,
     GenerationPlan,
@@ -340,6 +341,7 @@ class Search:
         # the exact plan gives them (their stream slots set the candidate's depth).
         self.vocab = vocab_blocks(step.p)
         self.reads = mappable_reads(step.p)    # blocks that can be read in place, from the traced step
+        self.by_weight = set(weight_unpackers(step.p))   # blocks that unpack one weight at a time, likewise
 
     def program(self, shape: Shape, exact: bool = False) -> Program:
         """The candidate's traced step, annotated: exactly traced, or interpolated from the three traces."""
@@ -406,7 +408,7 @@ class Search:
                 return Outcome(shape, p, shape.concurrency / pr.step_time_s, step_s=pr.step_time_s,
                                binding=pr.binding)
             reads = self.reads_of(shape)
-            residency(p, None, self.quant, vocab=self.vocab, reads=reads)
+            residency(p, None, self.quant, vocab=self.vocab, reads=reads, by_weight=self.by_weight)
         except PassContractError:
             raise          # a broken pass is a bug, not a candidate that does not fit
         except MemintentError as e:

@@ -24,11 +24,20 @@ layer then needs 0.44 GiB of unpack slot instead of 1.59.
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 from typing import Iterable
 
 from memintent.ir.dtypes import dtype_bytes
-from memintent.ir.model import ALIGN_BYTES, Block, Object, ObjectKind, Program, Quant, align_up
+from memintent.ir.model import (
+    ALIGN_BYTES,
+    Block,
+    Object,
+    ObjectKind,
+    Program,
+    Quant,
+    align_up,
+)
 
 INT4_GROUP = 128          # input columns per int4 scale
 INT4G_GROUP = 32          # input columns per int4g scale and minimum (chosen over 64 by perplexity: spec/runtime.md)
@@ -201,7 +210,7 @@ def _unpackers(block: Block, objects: dict[str, Object], readers: dict[str, list
             return {}
         hooks[w] = uses[0][1]
     mods = sorted(hooks.values())
-    if any(m == n or n.startswith(m + ".") for m, n in zip(mods, mods[1:])):
+    if any(m == n or n.startswith(m + ".") for m, n in itertools.pairwise(mods)):
         return {}       # sorted, a module's descendants follow it directly: neighbours show any nesting
     return hooks
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from memintent.errors import MemintentError
+from memintent.ir.layout import unpack_offsets, weight_unpackers
 from memintent.ir.model import (
     ALIGN_BYTES,
     Arena,
@@ -47,7 +48,6 @@ from memintent.ir.model import (
     SlotKind,
     align_up,
 )
-from memintent.ir.layout import unpack_offsets, weight_unpackers
 from memintent.passes.costs import (
     FOUR_BIT,
     MappedRead,
@@ -127,9 +127,12 @@ def slot_layout(k: int, in_slot: list[int], landing: list[int], unpacked: list[i
     return shared if k * shared[0] + shared[1] < k * own[0] else own
 
 
-def stream_arena_bytes(p: Program, blocks, k: int, shared_unpack: bool) -> tuple[int, int]:
-    """``slot_layout`` for streaming ``blocks`` of ``p`` through ``k`` slots."""
-    blocks, objects, by_weight = list(blocks), p.object_map(), weight_unpackers(p)
+def stream_arena_bytes(p: Program, blocks, k: int, shared_unpack: bool,
+                       by_weight: set[str] | None = None) -> tuple[int, int]:
+    """``slot_layout`` for streaming ``blocks`` of ``p`` through ``k`` slots; ``by_weight``: the blocks that unpack
+    one weight at a time (None: ``ir.layout.weight_unpackers`` of ``p``'s steps)."""
+    blocks, objects = list(blocks), p.object_map()
+    by_weight = set(weight_unpackers(p)) if by_weight is None else by_weight
     return slot_layout(k, [slot_need_bytes(b) for b in blocks], [slot_need_bytes(b, True) for b in blocks],
                        [unpack_need_bytes(b, objects, b.name in by_weight) for b in blocks], shared_unpack)
 
@@ -146,7 +149,8 @@ class Choice(NamedTuple):
 
 
 class _Search:
-    def __init__(self, program: Program, reads: dict[str, MappedRead] | None = None):
+    def __init__(self, program: Program, reads: dict[str, MappedRead] | None = None,
+                 by_weight: set[str] | None = None):
         self.p = program
         self.hw = program.hardware
         self.size = {b.name: align_up(b.size_bytes) for b in program.blocks}
@@ -157,7 +161,8 @@ class _Search:
         for i, v in enumerate(program.visits):
             self.visits_of[v.block].append(i)
         self.nvisits = {name: len(idx) for name, idx in self.visits_of.items()}
-        self.objects, self.by_weight = program.object_map(), weight_unpackers(program)
+        self.objects = program.object_map()
+        self.by_weight = set(weight_unpackers(program)) if by_weight is None else by_weight
         self.need, self.land, self.unpack, self.packed = {}, {}, {}, {}
         self.copy_s, self.store_copy_s, self.deq_s = {}, {}, {}
         self.quantized: set[str] = set()
@@ -339,7 +344,8 @@ def _set_quant(p: Program, block: Block, q: Quant, objects: dict | None = None) 
     block.transfer_bytes = transfer_bytes(block, p, objects)
 
 
-def _relax_quant(p: Program, c: Choice, k: int, room: int, reads: dict[str, MappedRead] | None) -> None:
+def _relax_quant(p: Program, c: Choice, k: int, room: int, reads: dict[str, MappedRead] | None,
+                 by_weight: set[str] | None) -> None:
     """``--quant auto``: starting from int4g everywhere (``starting_quant``), give each streamed block the widest
     bit width (bf16, then int8) that keeps the simulated forward within 1% of the all-int4g time and the plan
     within budget. Each width is weighed by the bytes its packed layout really copies (``costs.transfer_bytes``)
@@ -347,7 +353,7 @@ def _relax_quant(p: Program, c: Choice, k: int, room: int, reads: dict[str, Mapp
     bf16 and lose no accuracy. Blocks in the HBM store keep their width: the store is sized for it. A mapped block
     widens only as far as its module still reads it in place (an embedding to bf16; a head stays int8)."""
     bmap, objs = p.block_map(), p.object_map()
-    search = _Search(p, reads)
+    search = _Search(p, reads, by_weight)
     t_int4 = search.time(c.streamed, k, c.stored, c.mapped)
     order = {b.name: i for i, b in enumerate(p.blocks)}
     for name in sorted((c.streamed - c.stored) | c.mapped, key=order.__getitem__):
@@ -488,14 +494,15 @@ def _set_residencies(p: Program, resident: set[str], mapped: frozenset = frozens
             _set_quant(p, b, Quant.none)
 
 
-def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset = frozenset()) -> None:
+def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset = frozenset(),
+                  by_weight: set[str] | None = None) -> None:
     """``k`` stream slots sized for the largest streamed visit, when a streamed block is quantized and one unpack
     slot serves them all, that slot, and a store slot for each block of ``stored`` (offsets are laid out by
     ``prefetch``)."""
     bmap = p.block_map()
     quantized = {b for b in streamed if bmap[b].quant != Quant.none}
     slot_bytes, unpack_bytes = stream_arena_bytes(p, (bmap[b] for b in streamed), k,
-                                                  unpack_shareable(p.stages, p.visits, quantized))
+                                                  unpack_shareable(p.stages, p.visits, quantized), by_weight)
     slots = [Slot(index=i, kind=SlotKind.stream, offset_bytes=0, size_bytes=slot_bytes) for i in range(k)]
     if unpack_bytes:
         slots.append(Slot(index=k, kind=SlotKind.unpack, offset_bytes=0, size_bytes=unpack_bytes))
@@ -508,19 +515,20 @@ def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset = f
 
 
 def residency(program: Program, depth: int | None = None, quant: str = "none",
-              vocab: set[str] | None = None, reads: dict[str, MappedRead] | None = None) -> Program:
+              vocab: set[str] | None = None, reads: dict[str, MappedRead] | None = None,
+              by_weight: set[str] | None = None) -> Program:
     """``depth`` forces the number of stream slots (tests, experiments); None lets the cost model choose.
     ``quant``: bit width of streamed blocks' 2-D weights: none, int8, int4, int4g, or auto (chosen per block).
-    ``vocab``, ``reads``: the vocabulary blocks (``vocab_blocks``) and the blocks that can be read in place
-    (``costs.mappable_reads``), for a program without its steps (the planner's light candidates); None: found in
-    ``program``'s steps."""
+    ``vocab``, ``reads``, ``by_weight``: the vocabulary blocks (``vocab_blocks``), the blocks that can be read in
+    place (``costs.mappable_reads``) and those that unpack one weight at a time (``ir.layout.weight_unpackers``),
+    for a program without its steps (the planner's light candidates); None: found in ``program``'s steps."""
     p = program   # in place: run_passes hands the pipeline its own copy
     p.budget_bytes = p.budget_bytes if p.budget_bytes is not None else p.hardware.hbm_bytes
     res = reserved_bytes(p)
     room = p.budget_bytes - sum(res.values())
     forced = forced_resident(p)
     _initial_quant(p, quant, forced, vocab_blocks(p) if vocab is None else vocab)
-    search = _Search(p, reads)
+    search = _Search(p, reads, by_weight)
     if sum(search.size.values()) <= room:
         c, k = Choice(frozenset(b.name for b in p.blocks), frozenset(), frozenset(), 0.0), 0
     else:
@@ -530,8 +538,8 @@ def residency(program: Program, depth: int | None = None, quant: str = "none",
         c, k = chosen
     _set_residencies(p, set(c.resident), c.mapped)
     if quant == "auto" and c.streamed:
-        _relax_quant(p, c, k, room, reads)
-    _stream_slots(p, c.streamed, k, c.stored)
+        _relax_quant(p, c, k, room, reads, by_weight)
+    _stream_slots(p, c.streamed, k, c.stored, by_weight)
     return p
 
 

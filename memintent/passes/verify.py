@@ -61,7 +61,11 @@ from memintent.passes.graph import (
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass
 from memintent.passes.prefetch import host_bytes
-from memintent.passes.residency import slot_need_bytes, unpack_need_bytes, workspace_bytes
+from memintent.passes.residency import (
+    slot_need_bytes,
+    unpack_need_bytes,
+    workspace_bytes,
+)
 from memintent.units import fmt_bytes
 
 TRACE_FORWARDS = 3   # a cold first forward, then two steady-state ones (each one's prefetch issued by the last)
