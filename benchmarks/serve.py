@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import card_profile, fill, free, header, serve_row, table, write  # noqa: E402
 from memintent.compiler.planner import StepPredictor, plan_generation  # noqa: E402
 from memintent.engine.simulate import simulate_run, workload_of  # noqa: E402
+from memintent.ir.plan_file import load_plan  # noqa: E402
 from memintent.models.refs import resolve  # noqa: E402
 from memintent.engine.requests import synthetic  # noqa: E402
 from memintent.units import parse_bytes  # noqa: E402
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
                          "each case both ways")
     ap.add_argument("--graphs", choices=tuple(LOOKAHEAD), default="on",
                     help="decode steps replay CUDA graphs (on), or run eagerly (off), or each case both ways")
+    ap.add_argument("--plan-file", default=None,
+                    help="a plan saved beforehand (`compile`, or `save_plan`) for the one case given, instead of "
+                         "planning here: the plan is verified as it loads")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -84,13 +88,16 @@ def main(argv=None) -> int:
              "fixed": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="none"), fixed),
              "fixed-int8": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="int8"), fixed)}
     stores: dict[tuple, object] = {}
+    if args.plan_file and (len(args.cases) != 1 or args.plan == "both"):
+        ap.error("--plan-file serves one case with one plan: give one --cases and --plan steady or requests")
     runs = [(name, mode) for name in args.cases for mode in (("steady", "requests") if args.plan == "both"
                                                               else (args.plan,))]
     for name, mode in runs:
         kw, reqs = cases[name]
         if mode == "requests":     # what `compile --synthetic` does: the requests' lengths, the engine's simulated run
             kw = dict(kw, workload=workload_of(reqs, name), simulate=simulate_run)
-        plan = plan_generation(args.model, budget_bytes=budget, hardware=hw, quant=args.quant, dtype=args.dtype, **kw)
+        plan = (load_plan(args.plan_file) if args.plan_file else
+                plan_generation(args.model, budget_bytes=budget, hardware=hw, quant=args.quant, dtype=args.dtype, **kw))
         key = layout_key(plan)
         if key not in stores:       # plans with the same blocks at the same bit widths share one host store
             stores.clear()

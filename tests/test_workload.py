@@ -24,7 +24,7 @@ from memintent.engine.scheduler import Costs, Scheduler
 from memintent.engine.sequence import Request
 from memintent.engine.simulate import simulate_run, workload_of
 from memintent.errors import MemintentError
-from memintent.ir.model import GemmRates, Residency, RunShape
+from memintent.ir.model import ADMISSION_ORDERS, GemmRates, Residency, RunShape
 from memintent.ir.parser import parse
 from memintent.ir.plan_file import load_plan
 from memintent.ir.printer import dump
@@ -136,7 +136,8 @@ def small_pool_plan():
 
 
 @pytest.mark.parametrize("seed, admission, classes", [(0, "fcfs", 1), (1, "longest-output", 1), (2, "fcfs", 1),
-                                                      (3, "longest-output", 1), (4, "longest-output", 6)])
+                                                      (3, "longest-output", 1), (4, "longest-output", 6),
+                                                      (5, "output-density", 1)])
 def test_simulated_schedule_equals_the_engines(small_pool_plan, seed, admission, classes):
     plan = small_pool_plan.model_copy(update={"generation": small_pool_plan.generation.model_copy(
         update={"admission": admission, "admission_class_tokens": classes})})
@@ -192,7 +193,7 @@ def test_the_plans_recorded_run_is_the_engines(tmp_path):
     predictor = StepPredictor(plan)
     assert run.run_s == pytest.approx(sum(predictor.predict_s(s) for s in steps if s.tokens), rel=1e-9)
     assert parse(dump(plan)) == plan, "the run round-trips through the IR text"
-    assert plan.generation.admission in ("fcfs", "longest-output")
+    assert plan.generation.admission in ADMISSION_ORDERS
 
 
 def test_poisson_arrivals(small_pool_plan):
@@ -270,6 +271,30 @@ def test_longest_output_first_admits_the_longest_requests_first():
     assert [c.seq.request.id for c in classed.schedule().chunks] == [3, 1, 4]
     with pytest.raises(MemintentError, match="admission order 'lifo'"):
         Scheduler(pool, None, costs, max_seqs=2, step_tokens=64, context=64, admission="lifo")
+
+
+def test_output_density_admits_long_outputs_with_short_prompts_first():
+    costs = Costs(page_tokens=4, step_tokens=4096, evict_page_s=0.0, swap_in_page_s=0.0, recompute_page_s=0.0,
+                  copy_idle_s=0.0, compute_slack_s=0.0, urgency_s=0.0)
+    sched = Scheduler(PagePool(1024), None, costs, max_seqs=5, step_tokens=4096, context=2048,
+                      admission="output-density")
+    # (prompt tokens, max_new_tokens) and g*g / (p + g/2) by hand: 66.7, 71.4, 15.4, 3.6, 71.4
+    for i, (p, g) in enumerate([(100, 100), (10, 50), (1000, 128), (64, 16), (10, 50)]):
+        sched.add(Request(id=i, prompt_ids=(1,) * p, max_new_tokens=g))
+    # the densest first, ties first come; the longest output (128) waits behind shorter ones with short prompts
+    assert [c.seq.request.id for c in sched.schedule().chunks] == [1, 4, 0, 2, 3]
+
+
+def test_the_planner_weighs_output_density():
+    # A pool that holds about ten of 48 mixed requests: output-density's simulated run on the planner's plan is
+    # shorter than longest-output's and first come's, and the planner weighed it (its pick or an alternative).
+    w = workload_of(synthetic(48, (4, 40), (2, 24), 256, 0), "mix")
+    plan = tiny(budget_bytes=2 << 20, workload=w, simulate=simulate_run)
+    runs = {a: simulate_run(plan, w, StepPredictor(plan), admission=a, admission_class_tokens=1).prediction.run_s
+            for a in ADMISSION_ORDERS}
+    assert runs["output-density"] < min(runs["longest-output"], runs["fcfs"])
+    g = plan.generation
+    assert g.admission == "output-density" or any("output-density" in a for a in g.alternatives)
 
 
 # ---- the command line ----------------------------------------------------------------------------------------

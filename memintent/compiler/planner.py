@@ -633,7 +633,7 @@ def _finish(search: Search, chosen: Outcome, outs: list[Outcome], *, quant: str,
 REFINE_PROBES = 6          # concurrencies tried around the best run (ternary search)
 TOKEN_FACTORS = (2.0, 0.5)  # step token budgets tried around the best run's, each way until one does not help
 POOL_FACTORS = (1.25, 0.8)  # KV pools tried around the best run's, likewise
-ORDER_SHAPES = 3           # the best runs' shapes also tried longest-output first
+ORDER_SHAPES = 3           # the best runs' shapes also tried under every admission order
 ADMISSION_CLASS_SPREAD = 4   # longest-output's class: the workload's spread of output lengths over this
 
 
@@ -703,8 +703,8 @@ class RunSearch:
 
     The candidates: every shape the steady-state sweep found feasible (its own choice among them, so a workload
     plan's run is never longer than the steady-state plan's), every request at once with a pool for them as they
-    are, a ternary refinement of the concurrency around the best run, longest-output-first admission for the best
-    few shapes, then around the best: no more sequences than requests, the pool sized for the requests and walked
+    are, a ternary refinement of the concurrency around the best run, every admission order for the best few
+    shapes, then around the best: no more sequences than requests, the pool sized for the requests and walked
     larger and smaller, the step token budget doubled and halved. ``throughput`` picks the shortest run;
     ``latency`` the shortest run among those that meet the targets (p99 time to first token and per output
     token)."""
@@ -836,8 +836,9 @@ class RunSearch:
                 lo = a
 
     def _orders(self, kvq: KVQuant) -> None:
-        if len(set(self.workload.gen_lens)) == 1:
-            return             # every output as long: longest-output first is first come, first served
+        w = self.workload
+        if len(set(zip(w.prompt_lens, w.gen_lens))) == 1:
+            return             # every request alike: every order is first come, first served
         done = sorted((r for r in self.runs.values() if r.sim is not None and r.sim.prediction is not None
                        and r.outcome.shape.kv_quant == kvq), key=lambda r: r.key)
         shapes = list(dict.fromkeys(r.outcome.shape for r in done))[:ORDER_SHAPES]

@@ -32,6 +32,15 @@ planner chooses by simulating the run, ``engine/simulate.py``):
   The planner sets the class to a quarter of the workload's spread of output lengths. A later request with a longer
   output goes ahead of earlier ones still waiting: under a steady stream of long requests a short one can wait long
   (a batch of requests, which this order is for, has no such stream).
+- ``output-density``: the request with the largest ``g**2 / (p + g/2)`` first (``g``: its ``max_new_tokens``,
+  ``p``: its prompt tokens; ties: first come). ``g / (p + g/2)`` is the tokens it generates per token it holds in
+  the pool on average over its life; the second ``g`` keeps long outputs early, as longest-output does. Why: the
+  pool fills with the sequences that decode most per page, so the run reaches full decode sooner after the fill,
+  and it ends on requests with long prompts and short outputs, whose prompts the step's compute absorbs while
+  their few decode steps drain the pool quickly. Simulated on the 70B int8-KV mix (512 requests, prompts 64-1024,
+  outputs 16-128), three seeds: 271-280 tok/s against 242-255 with longest-output in classes of 28 tokens (ranking
+  by ``g / (p + g/2)`` alone: 271; by ``g**3`` or ``g**4`` over it: 274, 269). The same starvation caveat as
+  longest-output.
 
 Preemption by cost. A victim either swaps its pages to host memory (out now, back before it resumes, both on the
 copy engine that weight streaming also uses) or drops them and later prefills its prompt and generated tokens
@@ -81,7 +90,15 @@ def priority_key(admission: str, class_tokens: int = 1):
         return lambda s: s.seq_id
     if admission == "longest-output":
         return lambda s: (-(s.request.max_new_tokens // class_tokens), s.seq_id)
+    if admission == "output-density":
+        return lambda s: (-output_density(len(s.request.prompt_ids), s.request.max_new_tokens), s.seq_id)
     raise MemintentError(f"admission order {admission!r}: use one of {', '.join(ADMISSION_ORDERS)}")
+
+
+def output_density(prompt_tokens: int, max_new_tokens: int) -> float:
+    """output-density's rank of a request (higher first; module docstring): ``g**2 / (p + g/2)``."""
+    g = max_new_tokens
+    return g * g / (prompt_tokens + g / 2) if prompt_tokens + g > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -327,7 +327,7 @@ class KVPool(_Model):
     swap_pages: NonNeg = 0       # blocks of pinned host memory that swapped-out sequences wait in
 
 
-ADMISSION_ORDERS = ("fcfs", "longest-output")     # the scheduler's admission orders (engine/scheduler.py)
+ADMISSION_ORDERS = ("fcfs", "longest-output", "output-density")   # the scheduler's admission orders (engine/scheduler.py)
 
 
 def describe_admission(admission: str, class_tokens: int) -> str:
