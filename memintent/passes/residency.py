@@ -127,12 +127,10 @@ def slot_layout(k: int, in_slot: list[int], landing: list[int], unpacked: list[i
     return shared if k * shared[0] + shared[1] < k * own[0] else own
 
 
-def stream_arena_bytes(p: Program, blocks, k: int, shared_unpack: bool,
-                       by_weight: set[str] | None = None) -> tuple[int, int]:
+def stream_arena_bytes(p: Program, blocks, k: int, shared_unpack: bool, by_weight: set[str]) -> tuple[int, int]:
     """``slot_layout`` for streaming ``blocks`` of ``p`` through ``k`` slots; ``by_weight``: the blocks that unpack
-    one weight at a time (None: ``ir.layout.weight_unpackers`` of ``p``'s steps)."""
+    one weight at a time (``ir.layout.weight_unpackers``)."""
     blocks, objects = list(blocks), p.object_map()
-    by_weight = set(weight_unpackers(p)) if by_weight is None else by_weight
     return slot_layout(k, [slot_need_bytes(b) for b in blocks], [slot_need_bytes(b, True) for b in blocks],
                        [unpack_need_bytes(b, objects, b.name in by_weight) for b in blocks], shared_unpack)
 
@@ -149,8 +147,7 @@ class Choice(NamedTuple):
 
 
 class _Search:
-    def __init__(self, program: Program, reads: dict[str, MappedRead] | None = None,
-                 by_weight: set[str] | None = None):
+    def __init__(self, program: Program, reads: dict[str, MappedRead] | None, by_weight: set[str]):
         self.p = program
         self.hw = program.hardware
         self.size = {b.name: align_up(b.size_bytes) for b in program.blocks}
@@ -161,8 +158,7 @@ class _Search:
         for i, v in enumerate(program.visits):
             self.visits_of[v.block].append(i)
         self.nvisits = {name: len(idx) for name, idx in self.visits_of.items()}
-        self.objects = program.object_map()
-        self.by_weight = set(weight_unpackers(program)) if by_weight is None else by_weight
+        self.objects, self.by_weight = program.object_map(), by_weight
         self.need, self.land, self.unpack, self.packed = {}, {}, {}, {}
         self.copy_s, self.store_copy_s, self.deq_s = {}, {}, {}
         self.quantized: set[str] = set()
@@ -345,7 +341,7 @@ def _set_quant(p: Program, block: Block, q: Quant, objects: dict | None = None) 
 
 
 def _relax_quant(p: Program, c: Choice, k: int, room: int, reads: dict[str, MappedRead] | None,
-                 by_weight: set[str] | None) -> None:
+                 by_weight: set[str]) -> None:
     """``--quant auto``: starting from int4g everywhere (``starting_quant``), give each streamed block the widest
     bit width (bf16, then int8) that keeps the simulated forward within 1% of the all-int4g time and the plan
     within budget. Each width is weighed by the bytes its packed layout really copies (``costs.transfer_bytes``)
@@ -494,8 +490,7 @@ def _set_residencies(p: Program, resident: set[str], mapped: frozenset = frozens
             _set_quant(p, b, Quant.none)
 
 
-def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset = frozenset(),
-                  by_weight: set[str] | None = None) -> None:
+def _stream_slots(p: Program, streamed: frozenset, k: int, stored: frozenset, by_weight: set[str]) -> None:
     """``k`` stream slots sized for the largest streamed visit, when a streamed block is quantized and one unpack
     slot serves them all, that slot, and a store slot for each block of ``stored`` (offsets are laid out by
     ``prefetch``)."""
@@ -528,6 +523,7 @@ def residency(program: Program, depth: int | None = None, quant: str = "none",
     room = p.budget_bytes - sum(res.values())
     forced = forced_resident(p)
     _initial_quant(p, quant, forced, vocab_blocks(p) if vocab is None else vocab)
+    by_weight = set(weight_unpackers(p)) if by_weight is None else by_weight
     search = _Search(p, reads, by_weight)
     if sum(search.size.values()) <= room:
         c, k = Choice(frozenset(b.name for b in p.blocks), frozenset(), frozenset(), 0.0), 0
@@ -557,7 +553,7 @@ def given_residency(program: Program, streamed: set[str], k: int, quant: Quant =
         quantizable = b.name in set(streamed) | set(mapped) and any(len(objs[w].shape) == 2 for w in b.weights)
         _set_quant(p, b, block_quant(quant, b.name, vocab) if quantizable else Quant.none, objs)
     _set_residencies(p, {b.name for b in p.blocks} - set(streamed) - set(mapped), frozenset(mapped))
-    _stream_slots(p, frozenset(streamed), k, frozenset(stored))
+    _stream_slots(p, frozenset(streamed), k, frozenset(stored), set(weight_unpackers(p)))
     return p
 
 

@@ -220,12 +220,16 @@ class StreamedModel:
         unpack = self.program.unpack_slot()
         return slot if unpack is None or self.program.blocks[bi].quant == Quant.none else unpack
 
+    def _hooked(self, bi: int, slot: int) -> dict[str, str]:
+        """{weight: module whose pre-hook unpacks it} of a visit that unpacks one weight at a time (a quantized
+        visit into the plan's unpack slot of a block ``weight_unpackers`` lists); {} for any other visit."""
+        hooks = self._by_weight.get(self.program.blocks[bi].name, {})
+        return hooks if hooks and self._weights_slot(bi, slot) != slot else {}
+
     def _weight_offsets(self, bi: int, slot: int) -> dict[str, int]:
-        """Where a visit's weights are bound in their slot: the block layout, or, for a block that unpacks one
-        weight at a time into the plan's unpack slot, its unpack layout (``ir.layout.unpack_offsets``)."""
-        b = self.program.blocks[bi]
-        by_weight = b.name in self._by_weight and self._weights_slot(bi, slot) != slot
-        return unpack_offsets(b, self._objects, by_weight)[0]
+        """Where a visit's weights are bound in their slot: the block layout, or, for a visit that unpacks one
+        weight at a time, its unpack layout (``ir.layout.unpack_offsets``)."""
+        return unpack_offsets(self.program.blocks[bi], self._objects, bool(self._hooked(bi, slot)))[0]
 
     def _unpacker(self, bi: int, slot: int) -> Callable[[], None]:
         """The dequantization of a quantized visit at its copy_done: views built once (they alias the arena), so
@@ -237,7 +241,7 @@ class StreamedModel:
             flat = self.arena.slot(self._weights_slot(bi, slot))
             ops = prepare_unpack(b, self._objects, self._packed_region(bi, slot), flat,
                                  self._weight_offsets(bi, slot))
-            hooks = self._by_weight.get(b.name, {}) if self._weights_slot(bi, slot) != slot else {}
+            hooks = self._hooked(bi, slot)
             self._lazy[(bi, slot)] = {hooks[w]: op for w, op in zip(b.weights, ops) if w in hooks}
             now = [op for w, op in zip(b.weights, ops) if w not in hooks]
             self._unpacks[(bi, slot)] = functools.partial(run_unpack, now, self.dequant_backend)
