@@ -538,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     g.add_argument("--check", action="store_true",
                    help="poison returned KV pages and freed slots with NaN; check the pool after every step")
+    g.add_argument("--no-spare-pages", dest="spare_pages", action="store_false", default=None,
+                   help="never hold streamed blocks in the KV pool's spare pages (default: as the plan says)")
     g.add_argument("--verify", action="store_true",
                    help="compare the first requests' tokens and logits with the resident model running each alone")
     g.add_argument("--allow-code", action="store_true", help="allow a py: model factory named by the plan to run")

@@ -75,3 +75,18 @@ def test_cuda_pipeline_parts_run_eagerly_and_agree_with_the_model_alone():
     # float32: the kernel and the model's own attention differ by rounding only (tests/test_engine_cuda.py)
     assert a.agreeing == a.tokens == sum(len(o.token_ids) for o in outs)
     assert a.max_logit_error < 1e-3
+
+
+def test_blocks_held_in_spare_pages_give_the_streamed_engines_tokens_within_the_budget():
+    # int8 weights streamed packed; in the run's tail two of them are held in the pool's spare pages and copied from
+    # there, within HBM (engine/spare_pages.py). Both runs eager (see above): the same kernels on the same bytes.
+    plan = _plan(budget_bytes=int(75.5 * (1 << 20)), quant="int8", concurrency=12)
+    reqs = synthetic(24, (2, 30), (1, 14), 512, seed=7)
+    runs = []
+    for spare in (True, False):
+        rep, outs, eng = serve(plan, reqs, RunOptions(device=CUDA, graphs=False, check=True, spare_pages=spare))
+        runs.append(({o.id: o.token_ids for o in outs}, [s.spare_blocks for s in eng.stats.steps], rep))
+    (held, spare_steps, rep), (plain, plain_steps, _) = runs
+    assert max(spare_steps) == 2 and max(plain_steps) == 0
+    assert held == plain
+    assert rep.peak_hbm_bytes <= plan.budget_bytes, (rep.peak_hbm_bytes, plan.budget_bytes)

@@ -198,7 +198,7 @@ def _serve_into(proven: Proven, sources: PlanSources, todo, results, args, devic
             results.add(_with_text(out, tokenizer).as_json())
 
     options = RunOptions(device=device, check=args.check, preempt=args.preempt, allow_code=args.allow_code,
-                         log=lambda line: con.print(f"[dim]{line}[/dim]"))
+                         spare_pages=args.spare_pages, log=lambda line: con.print(f"[dim]{line}[/dim]"))
     try:
         with status(f"serving {len(todo)} requests", console=con) as st:
             rep, _, engine = serve(

@@ -356,7 +356,8 @@ class Search:
         p.generation = GenerationPlan(
             objective=self.objective, step_tokens=shape.step_tokens, max_seqs=shape.max_seqs, context=self.w.context,
             prompt_len=self.w.prompt_len, gen_len=self.w.gen_len, concurrency=shape.concurrency,
-            quant_policy=self.quant, kv_quant_policy=self.kv_quant, decode_step_s=0.0, tokens_per_s=0.0, binding="")
+            quant_policy=self.quant, kv_quant_policy=self.kv_quant, decode_step_s=0.0, tokens_per_s=0.0, binding="",
+            spare_pages="on")
         return p
 
     def graph_bytes(self, pool: KVPool, shape: Shape) -> int:
@@ -748,7 +749,7 @@ class RunSearch:
             objective=search.objective, step_tokens=s.step_tokens, max_seqs=s.max_seqs, context=search.w.context,
             prompt_len=search.w.prompt_len, gen_len=search.w.gen_len, concurrency=s.concurrency,
             quant_policy=search.quant, kv_quant_policy=search.kv_quant, decode_step_s=o.step_s,
-            tokens_per_s=o.tokens_per_s, binding=o.binding)
+            tokens_per_s=o.tokens_per_s, binding=o.binding, spare_pages="on")
         pr = Prediction.model_construct(step_time_s=o.step_s, compute_s=compute_s, streamed_bytes=streamed,
                                         mapped_bytes=mapped_link_bytes(p, search.reads_of(s)))
         return Program.model_construct(**{**dict(shell), "objects": [kv], "generation": g, "prediction": pr})
@@ -957,7 +958,8 @@ class StepPredictor:
                                       attention_kind(self.program.kv_pool))
         shell = self.program.model_copy(update={"stages": [st.model_copy(update={"time_s": t})
                                                            for st, t in zip(self.program.stages, times)]})
-        _, sim = schedule_of(shell, reads_at(self.reads, (record.tokens, record.sequences)))
+        _, sim = schedule_of(shell, reads_at(self.reads, (record.tokens, record.sequences)),
+                             from_pages=getattr(record, "spare_blocks", 0))
         return sim.step_time_s
 
 

@@ -37,7 +37,6 @@ from memintent.passes.costs import (
     MappedRead,
     attention_kind,
     attention_time_s,
-    copy_time_s,
     dequant_time_s,
     gemm_table,
     is_matmul,
@@ -46,6 +45,7 @@ from memintent.passes.costs import (
     reads_at,
     stage_link_s,
     table_tflops,
+    visit_copy_s,
 )
 from memintent.passes.schedule import make_schedule
 from memintent.passes.simulate import step_times
@@ -235,8 +235,9 @@ class StepTimes:
         k = sum(1 for s in program.arena.slots if s.kind == SlotKind.stream)
         self.sched = make_schedule(program.stages, program.visits, streamed, k)
         bmap = program.block_map()
-        self.copy_s = {i: copy_time_s(bmap[v.block], hw) for i, v in enumerate(program.visits)}
+        self.copy_s = visit_copy_s(program)
         self.deq_s = {i: dequant_time_s(bmap[v.block], hw) for i, v in enumerate(program.visits)}
+        self._spare_copy_s: dict[int, dict[int, float]] = {0: self.copy_s}   # blocks in spare pages -> copy_s
 
     def predict_all(self, records: list) -> np.ndarray:
         """(steps,) predicted seconds of each record's step."""
@@ -253,8 +254,18 @@ class StepTimes:
             kernels = kernels + self.ops.attn_per_stage * launches(work.flops, work.hbm_bytes)
             # stage_time_s over arrays: the device time, or the host's launches when they take longer
             cols.append(np.maximum(device + self.ops.attn_per_stage * attn_s, kernels * self.hw.launch_overhead_s))
-        return step_times(np.stack(cols, axis=1), self.sched, self.copy_s, self.deq_s,   # (stages, steps) -> (steps,)
-                          link_s=self._link_s(records))
+        return step_times(np.stack(cols, axis=1), self.sched, self._copies(records), self.deq_s,   # (stages, steps)
+                          link_s=self._link_s(records))                                          # -> (steps,)
+
+    def _copies(self, records: list) -> dict[int, float | np.ndarray]:
+        """Each visit's copy time, or, where some records held blocks in the KV pool's spare pages, (steps,) arrays:
+        those blocks copy within HBM in those steps (``costs.visit_copy_s``)."""
+        held = [getattr(r, "spare_blocks", 0) for r in records]
+        if not any(held):
+            return self.copy_s
+        for k in set(held) - set(self._spare_copy_s):
+            self._spare_copy_s[k] = visit_copy_s(self.program, k)
+        return {i: np.array([self._spare_copy_s[k][i] for k in held]) for i in self.copy_s}
 
     def _link_s(self, records: list) -> dict[int, np.ndarray]:
         """By stage, (steps,) seconds of the plan's mapped reads in each record's step (its tokens' rows, the head on

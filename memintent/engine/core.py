@@ -45,6 +45,7 @@ from memintent.engine.sampling import (
 )
 from memintent.engine.scheduler import Batch, Costs, Preemption, Scheduler
 from memintent.engine.sequence import Request, RequestOutput, Sequence, State
+from memintent.engine.spare_pages import SparePages
 from memintent.engine.step_inputs import Carried
 from memintent.errors import MemintentError, RuntimeFault
 from memintent.ir.model import Pipeline, Program
@@ -68,6 +69,7 @@ class RunOptions:
     attention: str = "auto"       # "kernel" (Triton, CUDA), "reference" (gather + SDPA), "auto": the kernel on CUDA
     graphs: bool = True           # decode steps replay CUDA graphs (CUDA, outside checked mode)
     lookahead: bool | None = None  # launch the next step before reading this one's tokens (None: on CUDA, one part)
+    spare_pages: bool | None = None   # hold streamed blocks in the pool's spare pages (None: as the plan says)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class StepRecord:
     decode_context_tokens: int = 0   # keys the decode tokens attended to (the sum of their contexts)
     prefill_context_tokens: int = 0  # keys the prompt chunks read (the sum of their contexts)
     prefill_pairs: int = 0        # (query, key) pairs the prompt chunks scored
+    spare_blocks: int = 0         # streamed blocks copied from the pool's spare pages, not the host (spare_pages)
 
 
 @dataclass(slots=True)
@@ -109,7 +112,8 @@ def record_step(batch: Batch, start_s: float, time_s: float, used_pages: int) ->
         preemptions=tuple(batch.preemptions), swapped_in=len(batch.swap_in),
         decode_context_tokens=sum(c.start + 1 for c in dec),
         prefill_context_tokens=sum(c.start + c.length for c in pre),
-        prefill_pairs=sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in pre))
+        prefill_pairs=sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in pre),
+        spare_blocks=batch.spare_blocks)
 
 
 def request_output(seq: Sequence) -> RequestOutput:
@@ -181,6 +185,7 @@ class Engine:
                                  context=g.context, preempt=opts.preempt, seq_ids=(i, self.n), stops=self.stops,
                                  admission=g.admission, admission_class_tokens=g.admission_class_tokens)
                        for i in range(self.n)]
+        self.spare = self._spare_pages(opts)
         self.stats = EngineStats(num_pages=kv.num_pages)
         self.tick, self._dealt, self._idle = 0, 0, 0
         self._inflight: dict[int, _InFlight] = {}
@@ -213,6 +218,15 @@ class Engine:
         self.reset_stats()
         sync(self.device)
         return perf_counter() - t0
+
+    def _spare_pages(self, opts: RunOptions) -> SparePages | None:
+        """The spare-page rules (``spare_pages``) where the plan asks for them (or ``opts.spare_pages`` says so) and
+        streams blocks from the host: one part, the streamed engine (not the resident reference)."""
+        wanted = opts.spare_pages if opts.spare_pages is not None else self.program.generation.spare_pages == "on"
+        if not wanted or self.n > 1 or opts.resident:
+            return None
+        spare = SparePages(self.program, self.pool)
+        return spare if spare.order else None
 
     def _lookahead(self, opts: RunOptions) -> bool:
         """Whether a step's successor is scheduled and launched before its tokens are read (``_step_ahead``): by
@@ -324,17 +338,26 @@ class Engine:
         if self._t0 is None:
             self._t0 = perf_counter()
         if self.lookahead:
-            return self._step_ahead()
-        t, start_s = self.tick, perf_counter()
-        entered = self._enter(t)
-        for r in self.local:
-            entry = self._inflight.get(t - r)
-            if entry is not None:
-                self._run_part(r, entry.batch)
-        finished = self._leave(t - (self.n - 1), start_s)
-        self.tick += 1
-        self._count_idle(entered)
+            finished = self._step_ahead()
+        else:
+            t, start_s = self.tick, perf_counter()
+            entered = self._enter(t)
+            for r in self.local:
+                entry = self._inflight.get(t - r)
+                if entry is not None:
+                    self._run_part(r, entry.batch)
+            finished = self._leave(t - (self.n - 1), start_s)
+            self.tick += 1
+            self._count_idle(entered)
+        if self.spare is not None and not self.has_work and self.pool.spare_pages:
+            self._release_spare()
         return finished
+
+    def _release_spare(self) -> None:
+        """Out of work: the blocks give their pages back now (``SparePages.release_all``), once the device has run
+        every copy that may read them, so the next requests find the whole pool."""
+        sync(self.device)
+        self.runners[0].hold(self.spare.release_all())
 
     def _count_idle(self, entered: bool) -> None:
         """A whole round of ticks in which no group could schedule a batch: the pool is too small for any."""
@@ -375,6 +398,8 @@ class Engine:
             self.log(p.describe())
         if not (batch.chunks or batch.freed_pages or batch.new_pages):
             return False
+        if self.spare is not None:
+            self.runners[0].hold(self.spare.update(self.groups, batch))
         self._inflight[t] = _InFlight(t % self.n, batch)
         return True
 

@@ -16,7 +16,9 @@ class PagePool:
     """Which page is free and which sequence owns each one; the only place pages change hands.
 
     Policy: free pages are handed out lowest id first (a deterministic order, so two engines fed the same
-    requests make the same tables); a finished or preempted sequence's pages go back at once."""
+    requests make the same tables); a finished or preempted sequence's pages go back at once. Owners with negative
+    ids are not sequences: streamed blocks held in spare pages (``spare_pages``); ``used_pages`` counts the
+    sequences' pages, ``spare_pages`` theirs."""
 
     def __init__(self, num_pages: int):
         if num_pages < 2:
@@ -25,6 +27,7 @@ class PagePool:
         self._free: list[int] = list(range(NULL_PAGE + 1, num_pages))      # a min-heap: lowest id first
         self.owner: list[int | None] = [None] * num_pages                       # page -> sequence id
         self.tables: dict[int, list[int]] = {}                                    # sequence id -> its pages
+        self.spare_pages = 0                                                      # pages of negative owners
 
     @property
     def free_pages(self) -> int:
@@ -32,7 +35,7 @@ class PagePool:
 
     @property
     def used_pages(self) -> int:
-        return self.num_pages - 1 - len(self._free)
+        return self.num_pages - 1 - len(self._free) - self.spare_pages
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
@@ -46,11 +49,15 @@ class PagePool:
         for b in got:
             self.owner[b] = seq
         table.extend(got)
+        if seq < 0:
+            self.spare_pages += n
         return got
 
     def release(self, seq: int) -> list[int]:
         """Return every page of ``seq`` to the free list; returns them (so the caller can poison them)."""
         table = self.tables.pop(seq, [])
+        if seq < 0:
+            self.spare_pages -= len(table)
         for b in table:
             self.owner[b] = None
         for b in table:

@@ -16,6 +16,7 @@ import torch
 from memintent.engine.graphs import DecodeGraphs
 from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.scheduler import Batch
+from memintent.engine.spare_pages import SpareStep
 from memintent.engine.step_inputs import Carried, StepLists, use_kernel
 from memintent.errors import RuntimeFault
 from memintent.ir.model import SlotKind
@@ -167,6 +168,13 @@ class ModelRunner:
         arrivals += self._copy_pages(ins)
         self._wait(arrivals)
 
+    def hold(self, spare: SpareStep) -> None:
+        """The step's streamed blocks held in or filling the pool's spare pages (``spare_pages``); the pages they
+        gave back are poisoned in checked mode, like a finished sequence's."""
+        if self.handle is not None:
+            self.handle.hold_in_pages(self.views.pages, spare.held, spare.filling)
+        self.poison(spare.released)
+
     def poison(self, pages: list[int]) -> None:
         """Checked mode: returned pages are filled with NaN (0xFF) so that a read of a page nobody owns shows."""
         if self.check:
@@ -234,7 +242,8 @@ class ModelRunner:
         before's tokens, still on the device, for the sequences whose last token the host has not read yet."""
         self.move_pages(batch)
         lists = self.lists(batch)
-        if self.graphs is not None and hidden is None and lists.decode_only:
+        held = self.handle is not None and self.handle.holds_pages      # such a forward is not captured
+        if self.graphs is not None and hidden is None and lists.decode_only and not held:
             return self.graphs.step(lists, lambda ids: self.fill(ids, lists, carried))
         ids, positions, rows, meta = self.inputs(lists)
         self.fill(ids[0], lists, carried)

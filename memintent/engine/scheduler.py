@@ -182,6 +182,7 @@ class Batch:
     swap_in: list[tuple[list[int], list[int]]] = field(default_factory=list)    # (host slots, device pages)
     preemptions: list[Preemption] = field(default_factory=list)
     skipped: set[int] = field(default_factory=set)   # sequences that finished while it was in flight (``advance``)
+    spare_blocks: int = 0         # streamed blocks its forward copies from the pool's spare pages (``spare_pages``)
 
     @property
     def tokens(self) -> int:

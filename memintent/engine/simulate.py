@@ -32,6 +32,7 @@ from memintent.engine.metrics import _quantile
 from memintent.engine.pages import PagePool, SwapSpace
 from memintent.engine.requests import SYNTHETIC
 from memintent.engine.scheduler import Costs, Scheduler
+from memintent.engine.spare_pages import SparePages
 from memintent.engine.sequence import Request, Sequence
 from memintent.errors import MemintentError
 from memintent.ir.model import Program, RunPrediction
@@ -96,6 +97,7 @@ def simulate_run(plan: Program, workload: RunWorkload, step_cost: StepCost, *, a
                       admission_class_tokens=admission_class_tokens or g.admission_class_tokens)
     order = sorted(range(workload.requests), key=lambda i: (workload.arrivals_s[i], i))
     clock, seqs, nxt = _Clock(step_cost), {}, 0
+    spare = SparePages(plan, pool) if g.spare_pages == "on" else None
     while True:
         while nxt < len(order) and workload.arrivals_s[order[nxt]] <= clock.now_s:
             i = order[nxt]
@@ -108,7 +110,7 @@ def simulate_run(plan: Program, workload: RunWorkload, step_cost: StepCost, *, a
                 break
             clock.now_s = next_arrival_s          # idle until the next request arrives
             continue
-        stuck = _run_steps(sched, pool, clock, clock.steps_before(next_arrival_s))
+        stuck = _run_steps(sched, pool, clock, clock.steps_before(next_arrival_s), spare)
         if stuck:
             return SimRun(None, clock.records, stuck)
         if give_up_s is not None and clock.now_s > give_up_s:
@@ -117,9 +119,9 @@ def simulate_run(plan: Program, workload: RunWorkload, step_cost: StepCost, *, a
     return SimRun(_prediction(workload, clock, seqs), clock.records)
 
 
-def _run_steps(sched: Scheduler, pool: PagePool, clock: _Clock, count: int) -> str:
-    """Schedule and record up to ``count`` steps (the engine's step, tokens sampled as 0), then cost them; why the
-    run cannot go on, or ""."""
+def _run_steps(sched: Scheduler, pool: PagePool, clock: _Clock, count: int, spare: SparePages | None) -> str:
+    """Schedule and record up to ``count`` steps (the engine's step, tokens sampled as 0, the spare pages' rules
+    applied as the engine applies them), then cost them; why the run cannot go on, or ""."""
     records: list[StepRecord] = []
     why = ""
     for _ in range(count):
@@ -130,6 +132,8 @@ def _run_steps(sched: Scheduler, pool: PagePool, clock: _Clock, count: int) -> s
             why = (f"no sequence can run at step {batch.index}: the KV pool cannot hold the next request's first "
                    f"chunk ({pool.free_pages} of {pool.num_pages - 1} pages free)")
             break
+        if spare is not None:
+            spare.update([sched], batch)
         # Postprocessed at its step's index; _prediction turns indices into the steps' predicted end times.
         sched.postprocess(batch, [0] * sum(1 for c in batch.chunks if c.sample), float(batch.index))
         records.append(record_step(batch, 0.0, 0.0, pool.used_pages))

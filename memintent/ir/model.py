@@ -382,6 +382,9 @@ class GenerationPlan(_Model):
     # fcfs
     admission_class_tokens: Pos = 1
     run: RunPrediction | None = None   # the simulated run of the requests planned for; None: planned for steady state
+    # "on": streamed blocks may be held in the KV pool's spare pages while no request waits (spec/runtime.md, "Spare
+    # pages"): their visits then copy within HBM, not over the host link
+    spare_pages: Literal["off", "on"] = "off"
 
 
 class Program(_Model):

@@ -72,6 +72,28 @@ def copy_time_s(block: Block, hw: HardwareProfile, from_hbm: bool | None = None)
     return hw.copy_latency_s + (block.transfer_bytes or block.size_bytes) / (rate_gbps * 1e9)
 
 
+def spare_page_blocks(p: Program) -> list[Block]:
+    """The blocks the engine may hold in the KV pool's spare pages (spec/runtime.md, "Spare pages"), in the order it
+    takes them: streamed from the host, visited once a forward, the last visited first (the forward's first
+    blocks keep streaming, so the host link starts a step busy and the held blocks' fast copies end it)."""
+    bmap = p.block_map()
+    visits: dict[str, int] = {}
+    for v in p.visits:
+        visits[v.block] = visits.get(v.block, 0) + 1
+    order = list(dict.fromkeys(v.block for v in reversed(p.visits)))
+    return [bmap[n] for n in order if visits[n] == 1 and bmap[n].residency == Residency.streamed
+            and not bmap[n].in_hbm_store]
+
+
+def visit_copy_s(p: Program, from_pages: int = 0) -> dict[int, float]:
+    """Each visit's copy time (``copy_time_s``), the first ``from_pages`` blocks of ``spare_page_blocks`` copied
+    within HBM, from the spare pages that hold them."""
+    held = {b.name for b in spare_page_blocks(p)[:from_pages]} if from_pages else set()
+    bmap = p.block_map()
+    return {i: copy_time_s(bmap[v.block], p.hardware, True if v.block in held else None)
+            for i, v in enumerate(p.visits)}
+
+
 def dequant_time_s(block: Block, hw: HardwareProfile) -> float:
     """A quantized visit's unpacking: its bf16 weights written at the profile's rate for its kernel (int8, or
     int4/int4g), or at half the HBM rate where the profile has none."""

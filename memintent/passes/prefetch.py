@@ -28,12 +28,12 @@ from memintent.ir.model import (
 )
 from memintent.passes.costs import (
     MappedRead,
-    copy_time_s,
     dequant_time_s,
     host_copy_bytes,
     link_busy_s,
     mapped_link_bytes,
     stage_link_s,
+    visit_copy_s,
 )
 from memintent.passes.lifetimes import activation_profile
 from memintent.passes.manager import Pass, PassContractError, ensure
@@ -43,16 +43,17 @@ from memintent.passes.simulate import SimResult, simulate
 from memintent.units import round_s
 
 
-def schedule_of(p: Program, reads: dict[str, MappedRead] | None = None):
+def schedule_of(p: Program, reads: dict[str, MappedRead] | None = None, from_pages: int = 0):
     """Rebuild the schedule and its simulation from a program whose residency and stream slots are decided; both
     None when the stream slots cannot hold the streamed blocks' schedule. Each visit's unpacking time is in the
     simulation (a copy's ``ready_s``), and the mapped blocks' reads (``costs.mapped_reads``: as traced, or as
-    ``reads`` counts them, for a program without steps or an engine step of another shape)."""
+    ``reads`` counts them, for a program without steps or an engine step of another shape). ``from_pages``: that
+    many blocks copy from the KV pool's spare pages (``costs.visit_copy_s``)."""
     streamed = {b.name for b in p.blocks if b.residency == Residency.streamed}
     k = sum(1 for s in p.arena.slots if s.kind == SlotKind.stream)
     sched = make_schedule(p.stages, p.visits, streamed, k)
     bmap = p.block_map()
-    copy_s = {i: copy_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
+    copy_s = visit_copy_s(p, from_pages)
     deq_s = {i: dequant_time_s(bmap[v.block], p.hardware) for i, v in enumerate(p.visits)}
     link_s = stage_link_s(p, reads=reads)
     return sched, None if sched is None else simulate(p.stages, p.visits, sched, copy_s, deq_s, link_s=link_s)

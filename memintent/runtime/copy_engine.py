@@ -36,6 +36,15 @@ import torch
 from memintent.runtime.arena import POISON_BYTE
 
 
+def copy_into(dst: torch.Tensor, src: torch.Tensor | Callable[[torch.Tensor], None], non_blocking: bool) -> None:
+    """dst: uint8 [n] slot bytes <- src: uint8 [n] (a pinned host buffer, or the HBM store's slot), or ``src(dst)``
+    (a block held in spare pages: ``PageRun.gather``), on the current stream."""
+    if callable(src):
+        src(dst)
+    else:
+        dst.copy_(src, non_blocking=non_blocking)
+
+
 class CpuBackend:
     """Synchronous copies on the host. Marks are ``perf_counter`` readings, so copy time is measured directly;
     there is no overlap, hence no stall to measure: the whole copy time is on the critical path. The marks of
@@ -57,9 +66,10 @@ class CpuBackend:
     def end_forward(self) -> Any:
         return None
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> tuple[Any, Any]:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor | Callable[[torch.Tensor], None], after: Any
+             ) -> tuple[Any, Any]:
         t0 = perf_counter()
-        dst.copy_(src)   # dst: uint8 [n] slot bytes; src: uint8 [n] host block buffer
+        copy_into(dst, src, non_blocking=False)
         t1 = perf_counter()
         self.sync_work_s += t1 - t0
         return t0, t1
@@ -173,7 +183,8 @@ class CudaBackend:
         e.record(self.compute)
         return e
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> tuple[Any, Any]:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor | Callable[[torch.Tensor], None], after: Any
+             ) -> tuple[Any, Any]:
         s = self.copy_stream
         if after is not None:
             s.wait_event(after)   # the slot's previous occupant's last reader has finished
@@ -185,7 +196,7 @@ class CudaBackend:
         # torch 2.11). Restoring ``compute`` assumes the forward does not switch streams itself (spec/runtime.md).
         torch.cuda.set_stream(s)
         try:
-            dst.copy_(src, non_blocking=True)   # dst: uint8 [n] slot bytes; src: uint8 [n] pinned host buffer
+            copy_into(dst, src, non_blocking=True)
         finally:
             torch.cuda.set_stream(self.compute)
         arrived = self._event()
@@ -376,8 +387,8 @@ class CopyEngine:
         self.arrival: list[Any] = [None] * n       # arrived event of a copy started and not yet waited on
 
     # -- the three actions --------------------------------------------------------------------------------------
-    def copy_start(self, vid: int, slot: int, dst: torch.Tensor, src: torch.Tensor, nbytes: int,
-                   for_next_forward: bool) -> None:
+    def copy_start(self, vid: int, slot: int, dst: torch.Tensor, src: torch.Tensor | Callable[[torch.Tensor], None],
+                   nbytes: int, for_next_forward: bool) -> None:
         if for_next_forward:
             rec = self._next
             if rec is None:

@@ -44,7 +44,7 @@ from memintent.ir.model import (
 )
 from memintent.ir.proven import Proven, require_proven
 from memintent.models.fingerprint import check_fingerprint, named_weights
-from memintent.passes.costs import mapped_op
+from memintent.passes.costs import mapped_op, spare_page_blocks
 from memintent.runtime import mapped
 from memintent.runtime.arena import DeviceArena, check_fits
 from memintent.runtime.copy_engine import (
@@ -61,6 +61,7 @@ from memintent.runtime.host_store import (
     torch_dtype,
     typed_view,
 )
+from memintent.runtime.page_run import PageRun
 from memintent.runtime.quant import prepare_unpack, run_unpack
 
 _START, _DONE, _FREE = 0, 1, 2
@@ -294,8 +295,9 @@ class StreamedModel:
             dst = self._packed_region(bi, a.slot) if quantized else self.arena.slot(a.slot)[:size]
             src = self.arena.slot(b.slot)[:size] if b.in_hbm_store else self.host_store.buffer(a.block)
             self._bindings(bi, a.slot)   # also where _bind_initial points the block before its first visit
+            self._copy_dst[(bi, a.slot)] = dst    # what a visit filling spare pages writes there (hold_in_pages)
             # the statistics count host-to-device bytes: a copy out of the HBM store counts none
-            return (_START, vid, a.slot, dst, src, 0 if b.in_hbm_store else size, a.next_forward)
+            return (_START, vid, a.slot, dst, src, 0 if b.in_hbm_store else size, a.next_forward, bi)
         if a.kind == ActionKind.copy_done:
             unpack = self._unpacker(bi, a.slot) if quantized else None
             return (_DONE, vid, self._bindings(bi, a.slot), bi, unpack, self._lazy.get((bi, a.slot)))
@@ -351,6 +353,10 @@ class StreamedModel:
         self._by_weight = weight_unpackers(self.program) if self.program.unpack_slot() is not None else {}
         self._lazy: dict[tuple[int, int], dict[str, Any]] = {}   # (block, slot) -> {module: its weight's unpack op}
         self._lazy_now: dict[str, Any] = {}                      # module -> the op of the visit that copied last
+        self._copy_dst: dict[tuple[int, int], torch.Tensor] = {}   # (block, slot) -> the region its copy lands in
+        self._from_pages: dict[int, PageRun] = {}   # block -> spare pages its visits copy from (hold_in_pages)
+        self._to_pages: dict[int, PageRun] = {}     # block -> spare pages its visits fill after their stage
+        self._page_runs: dict[tuple[int, tuple[int, ...]], PageRun] = {}
         self._number_visits()
         self._build_actions()
         self._build_hook_order()
@@ -467,8 +473,11 @@ class StreamedModel:
         for a in acts:
             k = a[0]
             if k == _START:
-                # a first forward issues next-forward copies for itself: they count towards this forward
-                e.copy_start(a[1], a[2], a[3], a[4], a[5], a[6] and not first_forward)
+                run = self._from_pages.get(a[7]) if self._from_pages else None
+                # a first forward issues next-forward copies for itself: they count towards this forward; a copy
+                # from spare pages stays in HBM and counts no host bytes
+                e.copy_start(a[1], a[2], a[3], a[4] if run is None else run.gather, a[5] if run is None else 0,
+                             a[6] and not first_forward)
             elif k == _DONE:
                 e.copy_done(a[1], a[4])   # waits for the arrival, then dequantizes a quantized visit
                 for t, v in a[2]:
@@ -476,6 +485,9 @@ class StreamedModel:
                 if a[5]:
                     self._lazy_now.update(a[5])   # this visit's weights, for their modules' pre-hooks
             else:
+                if self._to_pages and a[4] in self._to_pages:
+                    # on the compute stream after the stage's last reader, before the slot's free event
+                    self._to_pages[a[4]].scatter(self._copy_dst[(a[4], a[2])])
                 e.free(a[1], a[2], a[3])
 
     def _order_fault(self, mid: int, pos: int) -> None:
@@ -536,6 +548,40 @@ class StreamedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def hold_in_pages(self, pages: torch.Tensor | None, held: dict[str, list[int]],
+                      filling: dict[str, list[int]]) -> None:
+        """Between forwards: the blocks whose visits copy from KV pool pages (``held``), within HBM, instead of from
+        the host, and those whose visits, after their stage ran, write the bytes they copied into pages
+        (``filling``); each with its page ids in order. ``pages``: the pool, uint8 (N, page_bytes). Empty: every
+        visit copies from the host. Only ``costs.spare_page_blocks`` can be held (spec/runtime.md, "Spare pages");
+        a copy issued before this call keeps the source it was issued with."""
+        if self._in_forward:
+            raise MemintentError("blocks move into or out of spare pages between forwards, not inside one")
+        if held or filling:
+            allowed = {b.name for b in spare_page_blocks(self.program)}
+            wrong = sorted((set(held) | set(filling)) - allowed)
+            if wrong or set(held) & set(filling) or pages is None:
+                raise MemintentError(f"blocks {wrong or sorted(set(held) & set(filling))} cannot be held in spare "
+                                     "pages: only streamed blocks copied from the host, visited once a forward, "
+                                     "each either held or filling, over the pool's pages")
+        bidx = {n: i for i, n in enumerate(self._block_names)}
+        self._from_pages = {bidx[n]: self._page_run(pages, bidx[n], ids) for n, ids in held.items()}
+        self._to_pages = {bidx[n]: self._page_run(pages, bidx[n], ids) for n, ids in filling.items()}
+
+    def _page_run(self, pages: torch.Tensor, bi: int, ids: list[int]) -> PageRun:
+        key = (bi, tuple(ids))
+        run = self._page_runs.get(key)
+        if run is None:
+            run = PageRun(pages, ids, self._host_bytes[self._block_names[bi]])
+            self._page_runs = {k: v for k, v in self._page_runs.items() if k[0] != bi}   # one run per block
+            self._page_runs[key] = run
+        return run
+
+    @property
+    def holds_pages(self) -> bool:
+        """Some visits copy from or into spare pages (``hold_in_pages``): such a forward is not captured."""
+        return bool(self._from_pages or self._to_pages)
+
     @contextlib.contextmanager
     def capturing(self):
         """Run one forward inside it to capture it as a CUDA graph (enter it inside ``torch.cuda.graph``): the
@@ -546,6 +592,8 @@ class StreamedModel:
         slots inside the graph where the engine expects them between steps)."""
         if self.check:
             raise MemintentError("a forward in checked mode is not captured: run it eagerly")
+        if self.holds_pages:
+            raise MemintentError("a forward that copies from or into spare pages is not captured: run it eagerly")
         if not self._primed or self._in_forward:
             raise MemintentError("capture a forward after a whole forward has run (it reads what that one copied)")
         self.engine.begin_capture()
@@ -604,6 +652,7 @@ class StreamedModel:
         # Every other reference to arena memory lives in these tables.
         self._acts, self._start_acts, self._views, self._unpacks = [], [], {}, {}
         self._lazy, self._lazy_now = {}, {}
+        self._copy_dst, self._from_pages, self._to_pages, self._page_runs = {}, {}, {}, {}
         self.arena.release()
         self._detached = True
         _ATTACHED.pop(self.model, None)

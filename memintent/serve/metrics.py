@@ -26,6 +26,7 @@ class ServerMetrics:
     prompt_tokens: int = 0
     steps: int = 0
     used_pages: int = 0
+    spare_pages: int = 0             # pool pages holding streamed blocks (engine/spare_pages.py)
     waiting: int = 0
     running: int = 0
     swapped: int = 0
@@ -44,7 +45,7 @@ class ServerMetrics:
         self.generated_tokens += generated
         while self.recent and self.recent[0][0] < now - self.window_s:
             self.recent.popleft()
-        self.used_pages = pool.used_pages
+        self.used_pages, self.spare_pages = pool.used_pages, pool.spare_pages
         self.waiting, self.running = len(scheduler.waiting), len(scheduler.running) + len(scheduler.resuming)
         self.swapped = len(scheduler.swapped)
 
@@ -75,6 +76,8 @@ class ServerMetrics:
             ("requests_waiting", "gauge", "Requests waiting to be admitted (or to recompute).", [("", self.waiting)]),
             ("requests_swapped", "gauge", "Requests whose KV pages wait in host memory.", [("", self.swapped)]),
             ("kv_pool_pages_used", "gauge", "KV pool pages owned by requests.", [("", self.used_pages)]),
+            ("kv_pool_pages_holding_weights", "gauge", "Spare KV pool pages holding streamed blocks while no "
+             "request waits.", [("", self.spare_pages)]),
             ("kv_pool_pages_total", "gauge", "KV pool pages requests can own.", [("", usable)]),
             ("kv_pool_usage_ratio", "gauge", "Fraction of the KV pool in use.", [("", self.used_pages / usable)]),
             ("preemptions_total", "counter", "Preemptions by kind.",

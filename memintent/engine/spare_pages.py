@@ -1,0 +1,103 @@
+"""Streamed blocks held in the KV pool's spare pages (spec/runtime.md, "Spare pages").
+
+A streamed plan copies every streamed block over the host link each step. When no request waits, the pool's free
+pages beyond what the running sequences can still grow into hold nothing until the run ends: the weights the
+budget could not keep move into them. A block taken into spare pages is copied from the host once more (its
+"fill" step: after its stage ran, the executor writes the copy it streamed into the pages), and from the step
+after on its visits copy it from those pages, within HBM, instead of over the host link. The tail of a batch, whose
+sequences finish one by one, then runs faster each step, on the same budget: the pages are the pool's.
+
+The rules, applied once per scheduled batch (``SparePages.update``), in the order the engine needs them:
+- pages the blocks gave up at the step before go back to the pool now: a copy the step before issued (a next-step
+  prefetch) may still read them until that step's compute, which every later step's compute follows;
+- a waiting, swapped or resuming sequence gives every block up (its pages return at the next update): requests
+  need the pages, and the pool's owner must not have to preempt for weights;
+- otherwise the blocks filled at the step before are held, and more are taken, in ``costs.spare_page_blocks``'
+  order, while the free pages beyond the running sequences' growth (each to its prompt plus ``max_new_tokens``, or
+  the context) cover a block's pages. Held blocks are a prefix of that order; the batch records how many
+  (``Batch.spare_blocks``: the cost model's input, ``StepRecord.spare_blocks``).
+
+The pages are owned, in the ``PagePool``, by pseudo-sequences with negative ids (one per block), so the pool's
+invariants cover them. The simulated run (``engine.simulate``) applies the same rules, so the planner's prediction
+counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from memintent.engine.pages import PagePool
+from memintent.engine.scheduler import Batch, Scheduler
+from memintent.ir.model import Program
+from memintent.passes.costs import spare_page_blocks
+
+
+@dataclass(slots=True)
+class SpareStep:
+    """What one step does with the spare pages: blocks copied from them (``held``), blocks copied from the host
+    and then into them (``filling``), each with its pages in order; pages given back to the pool (``released``)."""
+
+    held: dict[str, list[int]] = field(default_factory=dict)
+    filling: dict[str, list[int]] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)
+
+
+class SparePages:
+    """The spare-page rules for one plan and its pool (module docstring)."""
+
+    def __init__(self, program: Program, pool: PagePool):
+        kv = program.kv_pool
+        self.pool, self.page_tokens, self.context = pool, kv.page_tokens, program.generation.context
+        # (block, pages it needs) in the order blocks are taken; owner ids -1, -2, ... in that order
+        self.order = [(b.name, math.ceil((b.transfer_bytes or b.size_bytes) / kv.page_bytes))
+                      for b in spare_page_blocks(program)]
+        self.held = 0             # blocks held: a prefix of ``order``
+        self.filling = 0          # blocks after them filled by the step scheduled last
+        self._returning: list[int] = []   # owners whose pages go back at the next update
+
+    def _owner(self, i: int) -> int:
+        return -1 - i
+
+    def growth_pages(self, groups: list[Scheduler]) -> int:
+        """Pages the running sequences may still take: each up to its prompt plus max_new_tokens, or the context."""
+        need = 0
+        for g in groups:
+            for s in g.running:
+                end = min(len(s.request.prompt_ids) + s.request.max_new_tokens, self.context)
+                need += max(0, math.ceil(end / self.page_tokens) - len(self.pool.table(s.seq_id)))
+        return need
+
+    def release_all(self) -> SpareStep:
+        """Every block gives its pages back at once: for an engine with no step in flight and its device idle (the
+        next batch then starts with the whole pool, as the simulated run does)."""
+        owners = [self._owner(i) for i in range(self.held + self.filling)] + self._returning
+        self.held = self.filling = 0
+        self._returning = []
+        return SpareStep(released=[p for owner in owners for p in self.pool.release(owner)])
+
+    def update(self, groups: list[Scheduler], batch: Batch) -> SpareStep:
+        """The spare pages for ``batch``, just scheduled (module docstring); sets ``batch.spare_blocks``."""
+        released = [p for owner in self._returning for p in self.pool.release(owner)]
+        self._returning = []
+        if any(g.waiting or g.swapped or g.resuming for g in groups):
+            self._returning = [self._owner(i) for i in range(self.held + self.filling)]
+            self.held = self.filling = 0
+            return SpareStep(released=released)
+        self.held += self.filling
+        self.filling = 0
+        spare = self.pool.free_pages - self.growth_pages(groups)
+        while self.held + self.filling < len(self.order) and self.order[self.held + self.filling][1] <= spare:
+            i = self.held + self.filling
+            self.pool.allocate(self._owner(i), self.order[i][1])
+            spare -= self.order[i][1]
+            self.filling += 1
+        batch.spare_blocks = self.held
+        return SpareStep(held=self._tables(0, self.held), filling=self._tables(self.held, self.held + self.filling),
+                         released=released)
+
+    def _tables(self, first: int, end: int) -> dict[str, list[int]]:
+        return {self.order[i][0]: self.pool.table(self._owner(i)) for i in range(first, end)}
+
+
+__all__ = ["SparePages", "SpareStep"]
