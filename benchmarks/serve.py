@@ -69,9 +69,9 @@ def main(argv=None) -> int:
                          "each case both ways")
     ap.add_argument("--graphs", choices=tuple(LOOKAHEAD), default="on",
                     help="decode steps replay CUDA graphs (on), or run eagerly (off), or each case both ways")
-    ap.add_argument("--plan-file", default=None,
-                    help="a plan saved beforehand (`compile`, or `save_plan`) for the one case given, instead of "
-                         "planning here: the plan is verified as it loads")
+    ap.add_argument("--plan-file", nargs="+", default=None,
+                    help="plans saved beforehand (`compile`, or `save_plan`), one per case in --cases' order, instead "
+                         "of planning here: each is verified as it loads")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -88,15 +88,16 @@ def main(argv=None) -> int:
              "fixed": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="none"), fixed),
              "fixed-int8": (dict(context=544, prompt_len=512, gen_len=32, kv_quant="int8"), fixed)}
     stores: dict[tuple, object] = {}
-    if args.plan_file and (len(args.cases) != 1 or args.plan == "both"):
-        ap.error("--plan-file serves one case with one plan: give one --cases and --plan steady or requests")
+    if args.plan_file and (len(args.cases) != len(args.plan_file) or args.plan == "both"):
+        ap.error("--plan-file serves each case with one plan: as many files as --cases, and --plan steady or "
+                 "requests")
     runs = [(name, mode) for name in args.cases for mode in (("steady", "requests") if args.plan == "both"
                                                               else (args.plan,))]
     for name, mode in runs:
         kw, reqs = cases[name]
         if mode == "requests":     # what `compile --synthetic` does: the requests' lengths, the engine's simulated run
             kw = dict(kw, workload=workload_of(reqs, name), simulate=simulate_run)
-        plan = (load_plan(args.plan_file) if args.plan_file else
+        plan = (load_plan(args.plan_file[args.cases.index(name)]) if args.plan_file else
                 plan_generation(args.model, budget_bytes=budget, hardware=hw, quant=args.quant, dtype=args.dtype, **kw))
         key = layout_key(plan)
         if key not in stores:       # plans with the same blocks at the same bit widths share one host store
