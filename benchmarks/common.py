@@ -119,7 +119,8 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
         row["prediction"] = prediction_errors(predictor, steps)
         row["step_records"] = [dict(tokens=s.tokens, decode=s.decode_tokens, prefill=s.prefill_tokens,
                                     seqs=s.sequences, decode_ctx=s.decode_context_tokens,
-                                    prefill_ctx=s.prefill_context_tokens, pairs=s.prefill_pairs, time_s=s.time_s,
+                                    prefill_ctx=s.prefill_context_tokens, pairs=s.prefill_pairs,
+                                    spare=s.spare_blocks, time_s=s.time_s,
                                     predicted_s=predictor.predict_s(s)) for s in steps]
     row["_outputs"] = {o.id: o.token_ids for o in outs}
     row["_steps"] = steps

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from memintent.commands.generate import serve
 from memintent.compiler.hardware import BUILTIN
 from memintent.compiler.planner import StepPredictor, is_attention, plan_generation
 from memintent.compiler.workload import OpCosts, StepTimes
 from memintent.engine import Engine
+from memintent.engine.core import RunOptions
 from memintent.engine.requests import synthetic
 from memintent.engine.sequence import Request
 from memintent.engine.simulate import simulate_run, workload_of
@@ -135,3 +137,11 @@ def test_only_streamed_blocks_visited_once_can_be_held(plan):
             handle.hold_in_pages(pages, {name: list(range(1, 8))}, {name: list(range(8, 15))})
         handle.hold_in_pages(pages, {}, {})
         assert not handle.holds_pages
+
+
+def test_the_run_report_counts_the_steps_that_copied_from_spare_pages(plan):
+    rep, _, engine = serve(plan, requests(), RunOptions(device=torch.device("cpu")))
+    held = [s.spare_blocks for s in engine.stats.steps]
+    assert rep.spare_steps == sum(1 for k in held if k) > 0 and rep.spare_blocks_max == max(held) == 4
+    off, _, _ = serve(plan, requests(), RunOptions(device=torch.device("cpu"), spare_pages=False))
+    assert off.spare_steps == off.spare_blocks_max == 0

@@ -256,6 +256,9 @@ def _print(program: Program, rep: ServeReport, con) -> None:
     used = 100 * rep.kv_peak_pages / max(rep.num_pages - 1, 1)
     con.print(f"KV pool: {rep.num_pages - 1} blocks; peak {used:.0f}%, mean "
               f"{100 * rep.kv_mean_pages / max(rep.num_pages - 1, 1):.0f}%; over time {rep.sparkline()}")
+    if rep.spare_steps:
+        con.print(f"spare pages: {rep.spare_steps} steps copied up to {rep.spare_blocks_max} streamed blocks from the "
+                  "KV pool's spare pages, within HBM")
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(rep.preemptions.items())) or "none"
     con.print(f"preemptions: {kinds}")
     if rep.peak_hbm_bytes is not None:

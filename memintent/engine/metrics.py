@@ -43,6 +43,8 @@ class ServeReport:
     kv_mean_pages: float
     kv_over_time: list[int] = field(default_factory=list)     # used pages after each step
     preemptions: dict[str, int] = field(default_factory=dict)
+    spare_steps: int = 0                # steps that copied streamed blocks from the pool's spare pages
+    spare_blocks_max: int = 0           # the most blocks one step copied from there
     h2d_gbps: float = 0.0
     streamed_bytes: int = 0
     link_bytes: int = 0                 # bytes over the host link per step: streamed copies and mapped reads
@@ -101,6 +103,8 @@ def summarize(stats: EngineStats, outputs: list[RequestOutput], *, total_s: floa
         tpot_median_s=_quantile(tpot, 0.5), tpot_p99_s=_quantile(tpot, 0.99),
         num_pages=stats.num_pages, kv_peak_pages=max(used, default=0),
         kv_mean_pages=statistics.fmean(used) if used else 0.0, kv_over_time=used, preemptions=kinds,
+        spare_steps=sum(1 for s in stats.steps if s.spare_blocks),
+        spare_blocks_max=max((s.spare_blocks for s in stats.steps), default=0),
         streamed_bytes=program.prediction.streamed_bytes,
         link_bytes=program.prediction.link_bytes,
         budget_bytes=program.budget_bytes or 0,
