@@ -59,6 +59,12 @@ class SparePages:
     def _owner(self, i: int) -> int:
         return -1 - i
 
+    def _give_up(self) -> list[int]:
+        """The owners of every block held or filling, which hold nothing from now on."""
+        owners = [self._owner(i) for i in range(self.held + self.filling)]
+        self.held = self.filling = 0
+        return owners
+
     def growth_pages(self, groups: list[Scheduler]) -> int:
         """Pages the running sequences may still take: each up to its prompt plus max_new_tokens, or the context."""
         need = 0
@@ -71,8 +77,7 @@ class SparePages:
     def release_all(self) -> SpareStep:
         """Every block gives its pages back at once: for an engine with no step in flight and its device idle (the
         next batch then starts with the whole pool, as the simulated run does)."""
-        owners = [self._owner(i) for i in range(self.held + self.filling)] + self._returning
-        self.held = self.filling = 0
+        owners = self._give_up() + self._returning
         self._returning = []
         return SpareStep(released=[p for owner in owners for p in self.pool.release(owner)])
 
@@ -81,8 +86,7 @@ class SparePages:
         released = [p for owner in self._returning for p in self.pool.release(owner)]
         self._returning = []
         if any(g.waiting or g.swapped or g.resuming for g in groups):
-            self._returning = [self._owner(i) for i in range(self.held + self.filling)]
-            self.held = self.filling = 0
+            self._returning = self._give_up()
             return SpareStep(released=released)
         self.held += self.filling
         self.filling = 0

@@ -13,6 +13,7 @@ pinned host-to-device bandwidth; a quantized block adds its dequantisation (outp
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import NamedTuple
 
@@ -77,9 +78,7 @@ def spare_page_blocks(p: Program) -> list[Block]:
     takes them: streamed from the host, visited once a forward, the last visited first (the forward's first
     blocks keep streaming, so the host link starts a step busy and the held blocks' fast copies end it)."""
     bmap = p.block_map()
-    visits: dict[str, int] = {}
-    for v in p.visits:
-        visits[v.block] = visits.get(v.block, 0) + 1
+    visits = collections.Counter(v.block for v in p.visits)
     order = list(dict.fromkeys(v.block for v in reversed(p.visits)))
     return [bmap[n] for n in order if visits[n] == 1 and bmap[n].residency == Residency.streamed
             and not bmap[n].in_hbm_store]

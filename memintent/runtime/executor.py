@@ -310,7 +310,7 @@ class StreamedModel:
         """Per stage (and at the forward's end, index ``len(stages)``) the actions to run, in plan order; the
         next-forward copies a first forward issues itself; each streamed block's first slot."""
         p = self.program
-        bidx = {n: i for i, n in enumerate(self._block_names)}
+        bidx = self._block_index
         self._acts: list[list[tuple]] = [[] for _ in range(len(p.stages) + 1)]
         self._start_acts: list[tuple] = []   # next-forward copies a first forward must issue itself
         self._first_slot: dict[int, tuple[int, int]] = {}   # block -> (visit_stage, slot) of its earliest visit
@@ -347,6 +347,7 @@ class StreamedModel:
         self._objects = self.program.object_map()
         self._tensors = named_weights(self.model)
         self._block_names = [b.name for b in self.program.blocks]
+        self._block_index = {n: i for i, n in enumerate(self._block_names)}
         self._views: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._unpacks: dict[tuple[int, int], Callable[[], None]] = {}
         # blocks that unpack one weight at a time (into the plan's unpack slot only: ir/layout.py says when)
@@ -357,6 +358,7 @@ class StreamedModel:
         self._from_pages: dict[int, PageRun] = {}   # block -> spare pages its visits copy from (hold_in_pages)
         self._to_pages: dict[int, PageRun] = {}     # block -> spare pages its visits fill after their stage
         self._page_runs: dict[tuple[int, tuple[int, ...]], PageRun] = {}
+        self._holdable = {b.name for b in spare_page_blocks(self.program)}   # what hold_in_pages accepts
         self._number_visits()
         self._build_actions()
         self._build_hook_order()
@@ -558,13 +560,12 @@ class StreamedModel:
         if self._in_forward:
             raise MemintentError("blocks move into or out of spare pages between forwards, not inside one")
         if held or filling:
-            allowed = {b.name for b in spare_page_blocks(self.program)}
-            wrong = sorted((set(held) | set(filling)) - allowed)
+            wrong = sorted((set(held) | set(filling)) - self._holdable)
             if wrong or set(held) & set(filling) or pages is None:
                 raise MemintentError(f"blocks {wrong or sorted(set(held) & set(filling))} cannot be held in spare "
                                      "pages: only streamed blocks copied from the host, visited once a forward, "
                                      "each either held or filling, over the pool's pages")
-        bidx = {n: i for i, n in enumerate(self._block_names)}
+        bidx = self._block_index
         self._from_pages = {bidx[n]: self._page_run(pages, bidx[n], ids) for n, ids in held.items()}
         self._to_pages = {bidx[n]: self._page_run(pages, bidx[n], ids) for n, ids in filling.items()}
 
