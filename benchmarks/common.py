@@ -23,6 +23,45 @@ from memintent.runtime.profile import measure_h2d_gbps  # noqa: E402
 GiB = 1 << 30
 
 
+class CompileLog:
+    """Every Triton kernel variant compiled while it is open: (kernel name, perf_counter start, seconds). A compile
+    inside a served run is a step that waits 0.3-1 s on the host: the engine's warm-up is meant to leave none."""
+
+    def __init__(self):
+        self.events: list[tuple[str, float, float]] = []
+        self._jit = None
+
+    def __enter__(self) -> "CompileLog":
+        try:
+            from triton.runtime import jit
+        except ImportError:           # no Triton: nothing compiles
+            return self
+        self._jit, inner = jit, jit.JITFunction._do_compile
+
+        def logged(fn, *args, **kwargs):
+            t = time.perf_counter()
+            out = inner(fn, *args, **kwargs)
+            self.events.append((getattr(fn, "__name__", str(fn)), t, time.perf_counter() - t))
+            return out
+
+        jit.JITFunction._do_compile, self._inner = logged, inner
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._jit is not None:
+            self._jit.JITFunction._do_compile = self._inner
+
+    def in_run(self, t0: float, steps) -> list[dict]:
+        """The compiles after ``t0`` (the run's perf_counter start), each with the step it fell in."""
+        out = []
+        for name, t, dur in self.events:
+            if t < t0:
+                continue
+            at = [s.index for s in steps if s.start_s <= t - t0]
+            out.append(dict(kernel=name, at_s=t - t0, compile_s=dur, step=at[-1] if at else None))
+        return out
+
+
 def event_time_s(fn, repeats: int, calls: int = 1) -> float:
     """Median seconds of one ``fn()`` on the current CUDA stream, by CUDA events around ``calls`` back-to-back calls,
     over ``repeats`` timings after one warm-up call."""
@@ -93,7 +132,8 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
     budget; ``predictor`` (a ``planner.StepPredictor``): the cost model's time for each step as it ran.
     ``options``: ``RunOptions`` fields besides the device."""
     t = time.perf_counter()
-    rep, outs, engine = serve(plan, requests, RunOptions(device=device, **options), store=store, warmup=True)
+    with CompileLog() as compiles:
+        rep, outs, engine = serve(plan, requests, RunOptions(device=device, **options), store=store, warmup=True)
     wall = time.perf_counter() - t
     g, pr = plan.generation, plan.prediction
     floor = pr.link_bytes / (h2d_gbps * 1e9)   # the link's bytes: copies and mapped reads
@@ -122,6 +162,10 @@ def serve_row(tag: str, plan, requests, device, h2d_gbps: float, store=None, pre
                                     prefill_ctx=s.prefill_context_tokens, pairs=s.prefill_pairs,
                                     spare=s.spare_blocks, time_s=s.time_s,
                                     predicted_s=predictor.predict_s(s)) for s in steps]
+    row["compiles_in_run"] = compiles.in_run(engine._t0, steps) if engine._t0 is not None else []
+    row["first_steps_s"] = [round(s.time_s, 4) for s in steps[:4]]
+    for c in row["compiles_in_run"]:
+        print(f"{tag}: compiled {c['kernel']} in step {c['step']} ({c['compile_s']:.2f} s)", flush=True)
     row["_outputs"] = {o.id: o.token_ids for o in outs}
     row["_steps"] = steps
     del engine                # closed: its graphs and arena go back before the next case

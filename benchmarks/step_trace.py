@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import card_profile, fill, free, header, serve_row, write  # noqa: E402
+from benchmarks.common import CompileLog, card_profile, fill, free, header, serve_row, write  # noqa: E402
 from memintent.compiler.planner import StepPredictor  # noqa: E402
 from memintent.engine import Engine  # noqa: E402
 from memintent.engine.requests import synthetic  # noqa: E402
@@ -85,17 +85,19 @@ def traced(plan, reqs, device, store, warm_steps: int, steps: int, out: Path | N
         while eng.has_work and len(eng.stats.steps) < warm_steps:
             eng.step()
         first = len(eng.stats.steps)
-        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]) as prof:
+        with CompileLog() as compiles, profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]) as prof:
             while eng.has_work and len(eng.stats.steps) < first + steps:
                 eng.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         recs = eng.stats.steps[first:]
+        compiled = compiles.in_run(eng._t0, eng.stats.steps) if eng._t0 is not None else []
     path = (out or Path("/tmp")) / "step_trace.trace.json"
     prof.export_chrome_trace(str(path))
     gaps = link_gaps(json.loads(path.read_text()))
     return dict(steps=[dict(index=s.index, time_ms=round(s.time_s * 1e3, 1), tokens=s.tokens,
-                            decode=s.decode_tokens, sequences=s.sequences) for s in recs], link=gaps)
+                            decode=s.decode_tokens, sequences=s.sequences) for s in recs], link=gaps,
+                compiles=compiled)
 
 
 def main(argv=None) -> int:
@@ -131,6 +133,8 @@ def main(argv=None) -> int:
     print("\nkernels (ms over the traced steps):")
     for k, v in link.get("kernels_ms", {}).items():
         print(f"  {v:9.2f}  {k}")
+    for c in doc["trace"]["compiles"]:
+        print(f"  traced steps: compiled {c['kernel']} in step {c['step']} ({c['compile_s']:.2f} s)")
     print("longest link gaps:", *link.get("longest", []), sep="\n  ")
     print(f"\n{'step':>5s} {'ms':>8s} {'tokens':>7s} {'decode':>7s}")
     for s in doc["trace"]["steps"]:

@@ -68,7 +68,11 @@ def dq_int4_groups(p_ptr, s_ptr, m_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_
     tl.store(o_ptr + row * o_row_stride + c, to_out(x, o_ptr.dtype.element_ty), mask=c < n_cols)
 
 
-@triton.jit
+# The per-step values of the two mapped kernels are not specialized on: Triton compiles a new variant when an
+# integer turns 1 or a multiple of 16, or a pointer loses 16-byte alignment, and such a compile (0.3-1 s) inside a
+# served step is a step that waits on the host. The token ids are a slice of the step's staged integers (their
+# alignment changes with the step), M is the step's sampled rows; neither is worth a variant (M only masks).
+@triton.jit(do_not_specialize_on_alignment=["ids_ptr"])
 def mapped_rows(ids_ptr, w_ptr, s_ptr, o_ptr, n_rows, n_cols, o_row_stride, BLOCK: tl.constexpr,
                 SCALED: tl.constexpr):
     # One program: one token, BLOCK consecutive columns of its embedding row, read in place from pinned host memory
@@ -89,7 +93,7 @@ def mapped_rows(ids_ptr, w_ptr, s_ptr, o_ptr, n_rows, n_cols, o_row_stride, BLOC
     tl.store(o_ptr + t * o_row_stride + cols, y, mask=cols < n_cols)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def mapped_linear_int8(x_ptr, q_ptr, s_ptr, o_ptr, M, N, K, x_row_stride, o_row_stride, BM: tl.constexpr,
                        BN: tl.constexpr, BK: tl.constexpr, F32_DOT: tl.constexpr):
     # One program: BN output columns (rows of the int8 weight, read in place from pinned host memory) for BM
