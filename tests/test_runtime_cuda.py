@@ -339,3 +339,31 @@ def bench() -> None:
 
 if __name__ == "__main__":
     bench()
+
+
+def test_cuda_staged_uploads_do_not_queue_behind_a_weight_copy():
+    # A step's metadata goes up by a kernel that loads the pinned staging in place (kv.paged_kernel.MetaStaging):
+    # a copy would queue on the copy engine behind the weight copy in flight, and the step's compute with it.
+    from memintent.kv.paged_kernel import MetaStaging, warm_uploads
+
+    dev = torch.device("cuda")
+    warm_uploads(dev)                     # compiled before: a compile on the host would outlast the copy
+    ints, wide, floats = MetaStaging(dev), MetaStaging(dev, torch.long), MetaStaging(dev, torch.float32)
+    weights = torch.empty(2 << 30, dtype=torch.uint8, pin_memory=True)              # ~40 ms over the host link
+    slot = torch.empty_like(weights, device=dev)
+    side = torch.cuda.Stream(dev)
+    torch.cuda.synchronize(dev)
+    with torch.cuda.stream(side):
+        slot.copy_(weights, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(side)
+    got = [ints.upload([-(2 ** 31), 7, 2 ** 31 - 1], "meta"), wide.upload([2 ** 40, -1], "ids"),
+           floats.upload(torch.tensor([[0.5, -1.25], [3.0, float("inf")]]), "rows")]
+    uploaded = torch.cuda.Event()
+    uploaded.record()
+    uploaded.synchronize()
+    assert not copied.query(), "the uploads waited for the weight copy"
+    assert got[0].tolist() == [-(2 ** 31), 7, 2 ** 31 - 1] and got[0].dtype == torch.int32
+    assert got[1].tolist() == [2 ** 40, -1] and got[1].dtype == torch.int64
+    assert got[2].tolist() == [0.5, -1.25, 3.0, float("inf")]
+    copied.synchronize()

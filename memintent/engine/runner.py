@@ -36,6 +36,7 @@ from memintent.kv.paged_kernel import (
     PagedMeta,
     build_meta,
     paged_attention_varlen,
+    warm_uploads,
 )
 from memintent.models import norm_kernel
 from memintent.models.plan_model import resident_model
@@ -103,6 +104,7 @@ class ModelRunner:
         dequantization kernels' variants and capture the decode graphs. Returns the seconds it took (the engine's
         start, not its run)."""
         t0 = perf_counter()
+        warm_uploads(self.device)
         if self.kernel:
             self._compile_kernels()
             norm_kernel.warm(self.model, self.device, self.dtype)

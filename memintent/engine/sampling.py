@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
 from memintent.errors import MemintentError
+from memintent.kv.paged_kernel import MetaStaging
 
 MAX_LOGPROBS = 20             # OpenAI's bound on top_logprobs
 LOGPROB_FLOOR = -9999.0       # a filtered-out token's log-probability, as reported (vLLM's convention)
@@ -184,6 +186,17 @@ class Sampler:
         self.device = torch.device(device)
         self.salt = secrets.randbits(64) if salt is None else salt
         self._vocab_keys: torch.Tensor | None = None          # (vocab,) int64: mix32 of each vocabulary index
+        self._staging: dict[torch.dtype, MetaStaging] = {}     # the rows' parameters on their way, by dtype
+
+    def upload(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """A host tensor on the device without waiting for the work queued there (``MetaStaging``: the engine's
+        next step, when it looks ahead, and the weight copy in flight)."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        staging = self._staging.get(x.dtype)
+        if staging is None:
+            staging = self._staging[x.dtype] = MetaStaging(self.device, x.dtype)
+        return staging.upload(x, key).view(x.shape)
 
     def seed_of(self, seq) -> int:
         seed = seq.request.sampling.seed
@@ -210,10 +223,10 @@ class Sampler:
     def draw_rows(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
                   histories: list[list[int]]) -> Drawn:
         """``sample`` without waiting (``Drawn``)."""
-        rows = _Rows.of(params, seeds, counters, self.device)
+        rows = _Rows.of(params, seeds, counters, self.upload)
         x = logits.float()                                                   # (S, V)
         if any(p.penalized for p in params):
-            x = _penalize(x, rows, histories)
+            x = _penalize(x, rows, histories, self.upload)
         tokens = x.argmax(-1)                                                # (S,) greedy
         want_logprobs = any(p.logprobs is not None for p in params)
         logp = None
@@ -252,7 +265,8 @@ class _Rows:
     any_sampled: bool
 
     @classmethod
-    def of(cls, params: list[SamplingParams], seeds: list[int], counters: list[int], device) -> "_Rows":
+    def of(cls, params: list[SamplingParams], seeds: list[int], counters: list[int],
+           upload: Callable[[torch.Tensor, str], torch.Tensor]) -> "_Rows":
         floats = torch.tensor([[1.0 if p.greedy else p.temperature for p in params],
                                [p.top_p if p.top_p < 1 else math.inf for p in params],
                                [p.min_p for p in params], [p.presence_penalty for p in params],
@@ -261,13 +275,14 @@ class _Rows:
         keys = [splitmix64(splitmix64(seed) ^ n) for seed, n in zip(seeds, counters)]
         ints = torch.tensor([[p.top_k if p.top_k > 0 else 1 << 62 for p in params],
                              [(k ^ (k >> 32)) & M32 for k in keys]], dtype=torch.long)                      # (2, S)
-        floats, ints = to_device(floats, device), to_device(ints, device)
+        floats, ints = upload(floats, "floats"), upload(ints, "ints")
         return cls(temperature=floats[0], top_p=floats[1], min_p=floats[2], presence=floats[3],
                    frequency=floats[4], sampled=floats[5] > 0, top_k=ints[0], keys=ints[1],
                    any_sampled=any(not p.greedy for p in params))
 
 
-def _penalize(x: torch.Tensor, rows: _Rows, histories: list[list[int]]) -> torch.Tensor:
+def _penalize(x: torch.Tensor, rows: _Rows, histories: list[list[int]],
+              upload: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
     """Logits (S, V) less each row's presence and frequency penalties over its generated tokens."""
     s, v = x.shape
     width = max((len(h) for h in histories), default=0)
@@ -276,7 +291,7 @@ def _penalize(x: torch.Tensor, rows: _Rows, histories: list[list[int]]) -> torch
     idx = torch.full((s, width), v, dtype=torch.long)             # (S, L) padded with an extra column, dropped below
     for r, h in enumerate(histories):
         idx[r, :len(h)] = torch.tensor(h, dtype=torch.long)
-    idx = to_device(idx, x.device)
+    idx = upload(idx, "histories")
     counts = torch.zeros(s, v + 1, device=x.device).scatter_add_(1, idx, torch.ones(idx.shape, device=x.device))
     counts = counts[:, :v]                                                                       # (S, V)
     return x - rows.frequency[:, None] * counts - rows.presence[:, None] * (counts > 0)
@@ -297,14 +312,6 @@ def truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: t
     keep[:, 0] = True
     mask = torch.empty_like(keep).scatter_(-1, order, keep)                    # back to vocabulary order
     return x.masked_fill(~mask, -math.inf)
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the work queued there: from pageable memory a copy to the GPU
-    first waits for its stream, which holds the next step when the engine looks ahead (``core``)."""
-    if torch.device(device).type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(slots=True)

@@ -178,12 +178,37 @@ def _check_sizes(sizes: MetaSizes, need: MetaSizes) -> None:
 
 # array.array's signed typecode of each staged dtype's width (C's int and long long on the usual platforms)
 _TYPECODES = {t: next(c for c in "ilq" if array.array(c).itemsize == t.itemsize) for t in (torch.int32, torch.int64)}
+_TYPECODES[torch.float32] = "f"
+HOST_READ_BLOCK = 1024           # elements per program of ``_host_read_kernel``
+
+
+@functools.lru_cache(maxsize=None)
+def _host_read_kernel():
+    """The kernel ``MetaStaging`` uploads with on CUDA (None without Triton): it loads pinned host memory in place."""
+    try:
+        import triton  # deferred: heavy, optional
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    # n is each upload's own length: specialized on, a length that turns a multiple of 16 would compile a variant
+    @triton.jit(do_not_specialize=["n"])
+    def read_host(SRC, DST, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        tl.store(DST + i, tl.load(SRC + i, mask=ok), mask=ok)
+
+    return read_host
 
 
 class MetaStaging:
     """Where a step's metadata goes on its way to the device: two pinned host buffers used in turn (the one being
     refilled waits for its previous copy, two steps back, to finish) and one device buffer per key (``MetaSizes``,
-    or the caller's own: the engine stages its token ids the same way, in int64).
+    or the caller's own: the engine stages its token ids the same way, in int64; the sampler its rows' parameters).
+
+    On CUDA a kernel on the current stream loads the pinned buffer in place (``_host_read_kernel``) rather than a
+    copy: copies to the device all queue on one copy engine, where this small one would wait behind the weight
+    copy in flight (up to its 8-20 ms), and the step's compute, which reads the metadata first, with it (H70, H72).
 
     The device buffer is reused: a meta built with the same sizes overwrites the previous one's tensors (in stream
     order, so a step's kernels read their own metadata), and a CUDA graph captured against it sees each new step."""
@@ -207,25 +232,41 @@ class MetaStaging:
             self._host[i] = buf
         return buf
 
-    def upload(self, flat: list[int], key) -> torch.Tensor:
-        """``flat`` -> the device buffer of ``key`` (``MetaSizes``: ``sizes.ints`` ints): one host->device copy. A
-        key's buffer keeps its address; a longer ``flat`` than it holds gets a new one."""
-        n = len(flat)
+    def upload(self, flat: list[int] | list[float] | torch.Tensor, key) -> torch.Tensor:
+        """``flat`` (a list, or a host tensor of this staging's dtype, flattened) -> the device buffer of ``key``
+        (``MetaSizes``: ``sizes.ints`` ints): one upload. A key's buffer keeps its address while its length does."""
+        n = flat.numel() if isinstance(flat, torch.Tensor) else len(flat)
         host = self._host_buffer(n)
-        if n:
+        if isinstance(flat, torch.Tensor):
+            host[:n].copy_(flat.reshape(-1))
+        elif n:
             # Through array.array: 5 x faster than torch.tensor(list) (50 us for the 4400 integers of a 64-sequence
             # decode step's metadata where torch.tensor took 260: host time every step waits for).
             host[:n].copy_(torch.frombuffer(array.array(_TYPECODES[self.dtype], flat), dtype=self.dtype))
         dev = self._device.get(key)
         if dev is None or dev.numel() != n:
             dev = self._device[key] = torch.empty(n, dtype=self.dtype, device=self.device)
-        dev.copy_(host[:n], non_blocking=self._pin)
+        kernel = _host_read_kernel() if self._pin else None
+        if kernel is None or not n:
+            dev.copy_(host[:n], non_blocking=self._pin)
+        else:
+            kernel[(-(-n // HOST_READ_BLOCK),)](host, dev, n, BLOCK=HOST_READ_BLOCK)
         if self._pin:
             ev = torch.cuda.Event()
             ev.record()
             self._copied[self._turn] = ev
         self._turn ^= 1
         return dev
+
+
+def warm_uploads(device: torch.device) -> None:
+    """Compile the upload kernel's variant for each dtype a staging holds (the engine's int32 and int64, the
+    sampler's float32) before a run: Triton compiles one on its first launch, which inside a step costs up to a
+    second. Nothing to do off CUDA."""
+    if torch.device(device).type != "cuda":
+        return
+    for dtype in (torch.int32, torch.int64, torch.float32):
+        MetaStaging(device, dtype).upload(torch.zeros(1, dtype=dtype), "warm")
 
 
 def build_meta(starts: Sequence[int], lengths: Sequence[int], contexts: Sequence[int],
@@ -714,7 +755,6 @@ def kv_bytes_read(contexts: Sequence[int], kv_heads: int, head_dim: int, value_b
     return per_token * sum(contexts)
 
 
-__all__ = ["KernelConfig", "MetaSizes", "MetaStaging", "PagedMeta", "build_meta", "bucket", "decode_splits",
-           "buckets",
-           "meta_ints", "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen", "prompt_block_m",
-           "interpreting", "WriteConfig", "write_kv_pages"]
+__all__ = ["KernelConfig", "MetaSizes", "MetaStaging", "PagedMeta", "build_meta", "bucket", "buckets",
+           "decode_splits", "meta_ints", "kv_bytes_read", "paged_attention_reference", "paged_attention_varlen",
+           "prompt_block_m", "interpreting", "warm_uploads", "WriteConfig", "write_kv_pages"]
