@@ -1,21 +1,24 @@
 """Streamed blocks held in the KV pool's spare pages (spec/runtime.md, "Spare pages").
 
-A streamed plan copies every streamed block over the host link each step. When no request waits, the pool's free
-pages beyond what the running sequences can still grow into hold nothing until the run ends: the weights the
-budget could not keep move into them. A block taken into spare pages is copied from the host once more (its
-"fill" step: after its stage ran, the executor writes the copy it streamed into the pages), and from the step
-after on its visits copy it from those pages, within HBM, instead of over the host link. The tail of a batch, whose
-sequences finish one by one, then runs faster each step, on the same budget: the pages are the pool's.
+A streamed plan copies every streamed block over the host link each step. The pool's pages that no schedule can
+allocate before they could be given back hold nothing (the pool fills over the run's first steps and empties in its
+tail): the weights the budget could not keep move into them. A block taken into spare pages is copied from the host
+once more (its "fill" step: after its stage ran, the executor writes the copy it streamed into the pages), and from
+the step after on its visits copy it from those pages, within HBM, instead of over the host link. The ramp's prompt
+steps then run at their compute rather than the link's pace, and the tail of a batch, whose sequences finish one by
+one, runs faster each step, on the same budget: the pages are the pool's.
 
 The rules, applied once per scheduled batch (``SparePages.update``), in the order the engine needs them:
 - pages the blocks gave up at the step before go back to the pool now: a copy the step before issued (a next-step
   prefetch) may still read them until that step's compute, which every later step's compute follows;
-- a waiting, swapped or resuming sequence gives every block up (its pages return at the next update): requests
-  need the pages, and the pool's owner must not have to preempt for weights;
-- otherwise the blocks filled at the step before are held, and more are taken, in ``costs.spare_page_blocks``'
-  order, while the free pages beyond the running sequences' growth (each to its prompt plus ``max_new_tokens``, or
-  the context) cover a block's pages. Held blocks are a prefix of that order; the batch records how many
-  (``Batch.spare_blocks``: the cost model's input, ``StepRecord.spare_blocks``).
+- a swapped or resuming sequence gives every block up (its pages return at the next update): a swap-in takes a
+  whole table at once;
+- otherwise the blocks filled at the step before are held, and the free pages are kept at least at the reserve
+  (``reserve_pages``: what the next two schedules can allocate, since pages given up now come back only after the
+  next one; while no request waits, the running sequences' growth where that is less): below it the last blocks
+  taken give theirs up; above it more are taken, in ``costs.spare_page_blocks``' order. Held blocks are a prefix of
+  that order; the batch records how many (``Batch.spare_blocks``: the cost model's input,
+  ``StepRecord.spare_blocks``).
 
 The pages are owned, in the ``PagePool``, by pseudo-sequences with negative ids (one per block), so the pool's
 invariants cover them. The simulated run (``engine.simulate``) applies the same rules, so the planner's prediction
@@ -48,7 +51,12 @@ class SparePages:
 
     def __init__(self, program: Program, pool: PagePool):
         kv = program.kv_pool
-        self.pool, self.page_tokens, self.context = pool, kv.page_tokens, program.generation.context
+        g = program.generation
+        self.pool, self.page_tokens, self.context = pool, kv.page_tokens, g.context
+        # The most pages one schedule can allocate: its tokens' pages, plus a page begun by each of its chunks (a
+        # chunk of n tokens starts at most ceil(n / page) pages). Swapping in is not bounded by it (a swapped
+        # sequence takes its whole table back at once): blocks give everything up while any sequence is swapped.
+        self.step_pages = math.ceil(g.step_tokens / self.page_tokens) + g.max_seqs
         # (block, pages it needs) in the order blocks are taken; owner ids -1, -2, ... in that order
         self.order = [(b.name, math.ceil((b.transfer_bytes or b.size_bytes) / kv.page_bytes))
                       for b in spare_page_blocks(program)]
@@ -85,13 +93,18 @@ class SparePages:
         """The spare pages for ``batch``, just scheduled (module docstring); sets ``batch.spare_blocks``."""
         released = [p for owner in self._returning for p in self.pool.release(owner)]
         self._returning = []
-        if any(g.waiting or g.swapped or g.resuming for g in groups):
+        if any(g.swapped or g.resuming for g in groups):
             self._returning = self._give_up()
             return SpareStep(released=released)
         self.held += self.filling
         self.filling = 0
-        spare = self.pool.free_pages - self.growth_pages(groups)
-        while self.held + self.filling < len(self.order) and self.order[self.held + self.filling][1] <= spare:
+        spare = self.pool.free_pages - self.reserve_pages(groups)
+        while spare < 0 and self.held:     # the last blocks taken go first: held blocks stay a prefix of the order
+            self.held -= 1
+            self._returning.append(self._owner(self.held))
+            spare += self.order[self.held][1]
+        while (not self._returning and self.held + self.filling < len(self.order)
+               and self.order[self.held + self.filling][1] <= spare):
             i = self.held + self.filling
             self.pool.allocate(self._owner(i), self.order[i][1])
             spare -= self.order[i][1]
@@ -99,6 +112,15 @@ class SparePages:
         batch.spare_blocks = self.held
         return SpareStep(held=self._tables(0, self.held), filling=self._tables(self.held, self.held + self.filling),
                          released=released)
+
+    def reserve_pages(self, groups: list[Scheduler]) -> int:
+        """Free pages the blocks leave to the sequences: what the next two schedules can allocate (pages given up
+        now come back only after the next schedule, so the one after it must find its pages free too), or, while
+        no request waits, the running sequences' growth where that is less (only they allocate then)."""
+        reserve = 2 * self.step_pages
+        if any(g.waiting for g in groups):
+            return reserve
+        return min(reserve, self.growth_pages(groups))
 
     def _tables(self, first: int, end: int) -> dict[str, list[int]]:
         return {self.order[i][0]: self.pool.table(self._owner(i)) for i in range(first, end)}

@@ -73,15 +73,26 @@ def copy_time_s(block: Block, hw: HardwareProfile, from_hbm: bool | None = None)
     return hw.copy_latency_s + (block.transfer_bytes or block.size_bytes) / (rate_gbps * 1e9)
 
 
+def spread_order(n: int) -> list[int]:
+    """0..n-1 such that every prefix is spread evenly over them: the bit-reversed counting order (0, n/2, n/4,
+    3n/4, ...), counted from the end (n - 1 first)."""
+    bits = max(1, (n - 1).bit_length())
+    rev = (int(format(k, f"0{bits}b")[::-1], 2) for k in range(1 << bits))
+    return [n - 1 - r for r in rev if r < n]
+
+
 def spare_page_blocks(p: Program) -> list[Block]:
     """The blocks the engine may hold in the KV pool's spare pages (spec/runtime.md, "Spare pages"), in the order it
-    takes them: streamed from the host, visited once a forward, the last visited first (the forward's first
-    blocks keep streaming, so the host link starts a step busy and the held blocks' fast copies end it)."""
+    takes them: streamed from the host, visited once a forward, spread over the forward (``spread_order``, the last
+    visited first). A prompt step's compute and its copies are near a balance: its streamed blocks' copies keep the
+    host link busy while the held blocks' copies within HBM let the copy stream run ahead of the compute, which
+    needs held blocks spread out (prefetch reaches only a few slots ahead), not bunched at the end."""
     bmap = p.block_map()
     visits = collections.Counter(v.block for v in p.visits)
-    order = list(dict.fromkeys(v.block for v in reversed(p.visits)))
-    return [bmap[n] for n in order if visits[n] == 1 and bmap[n].residency == Residency.streamed
-            and not bmap[n].in_hbm_store]
+    first = list(dict.fromkeys(v.block for v in p.visits))
+    eligible = [n for n in first if visits[n] == 1 and bmap[n].residency == Residency.streamed
+                and not bmap[n].in_hbm_store]
+    return [bmap[eligible[i]] for i in spread_order(len(eligible))]
 
 
 def visit_copy_s(p: Program, from_pages: int = 0) -> dict[int, float]:
