@@ -187,7 +187,7 @@ def _host_read_kernel():
     """The kernel ``MetaStaging`` uploads with on CUDA (None without Triton): it loads pinned host memory in place."""
     try:
         import triton  # deferred: heavy, optional
-        import triton.language as tl
+        import triton.language as tl  # deferred: heavy, optional
     except ImportError:
         return None
 
