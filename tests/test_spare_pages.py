@@ -178,3 +178,16 @@ def test_held_blocks_are_spread_over_the_forward(n):
         held = sorted(order[:m])
         gaps = [b - a - 1 for a, b in itertools.pairwise([-1, *held, n])]
         assert max(gaps) <= 2 * n / m, (m, held)
+
+
+def test_a_runs_bound_counts_the_steps_spare_pages_shorten():
+    # opt-30b at 24 GiB, 96 requests of 512 + 32 (the row; simulated, nothing runs): the ramp's steps hold
+    # layers in the pool's spare pages, cheaper than the cheapest step without them, so a bound at that step
+    # (18.57 s) was longer than the run it bounds (18.28 s)
+    reqs = [Request(f"r{i}", (1,) * 512, max_new_tokens=32) for i in range(96)]
+    plan = plan_generation("opt-30b", budget_bytes=24 << 30, hardware=BUILTIN["h200"], quant="auto", kv_quant="int8",
+                           context=544, prompt_len=512, gen_len=32, workload=workload_of(reqs, "fixed"),
+                           simulate=simulate_run)
+    run = plan.generation.run
+    assert plan.generation.spare_pages == "on" and run.steps > 0
+    assert 0 < run.bound_s <= run.run_s

@@ -85,6 +85,7 @@ from memintent.passes.costs import (
     matmul_shapes,
     op_time_s,
     reads_at,
+    spare_page_saving_s,
     stage_time_s,
 )
 from memintent.passes.lifetimes import activation_profile, lifetimes
@@ -686,13 +687,15 @@ def pool_steps(kv_token_steps: int, pool_tokens: int, step_tokens: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Probe:
-    """A step record of one decode token over a context of one: the cheapest step a plan runs."""
+    """A step record of one decode token over a context of one: the cheapest step a plan runs with
+    ``spare_blocks`` blocks in the KV pool's spare pages."""
 
     tokens: int = 1
     sequences: int = 1
     decode_context_tokens: int = 1
     prefill_context_tokens: int = 0
     prefill_pairs: int = 0
+    spare_blocks: int = 0
 
 
 class RunSearch:
@@ -764,7 +767,27 @@ class RunSearch:
         steps = max(math.ceil(self._tokens / s.step_tokens), math.ceil(w.generated_tokens / s.max_seqs),
                     max(math.ceil(p / s.step_tokens) + g - 1 for p, g in zip(w.prompt_lens, w.gen_lens)),
                     pool_steps(self._kv_token_steps, (pool.num_pages - 1) * pool.page_tokens, s.step_tokens))
-        return steps * times.predict_s(_Probe())
+        return self._cheapest_run_s(pool, steps, times)
+
+    def _cheapest_run_s(self, pool: KVPool, steps: int, times: StepTimes) -> float:
+        """No run of at least ``steps`` steps is shorter. Each step costs at least the cheapest step (``_Probe``)
+        less what the blocks in the pool's spare pages take off it: at most ``costs.spare_page_saving_s`` per free
+        page, and never below the cheapest step with every block held. The sequences leave free pages only where
+        they do not cache their ``kv_token_steps`` tokens, so N steps cost at least max(N held_s,
+        N (cheapest_s - per_page_s pages) + per_page_s kv_pages) (each step's floor is convex in its free pages):
+        the least over N >= steps is at ``steps``, or where the two meet when the second falls with N."""
+        per_page_s, blocks = spare_page_saving_s(times.program, pool.page_bytes)
+        cheapest_s = times.predict_s(_Probe())
+        held_s = times.predict_s(_Probe(spare_blocks=blocks)) if blocks else cheapest_s
+        if held_s >= cheapest_s:
+            return steps * cheapest_s
+        pages, kv_pages = pool.num_pages - 1, self._kv_token_steps / pool.page_tokens
+        slope_s = cheapest_s - per_page_s * pages          # what one more step adds to the second term
+        if slope_s < 0:                                    # the second term falls as N grows: the least is where
+            meet = per_page_s * kv_pages / (held_s - slope_s)   # it meets the first, if that is past ``steps``
+            if meet >= steps:
+                return meet * held_s
+        return max(steps * held_s, steps * slope_s + per_page_s * kv_pages)
 
     def times(self, plan: Program, pool: KVPool) -> StepTimes:
         return StepTimes(self.ops, plan, pool, self.search.src.n_heads, self.search.src.head_dim,

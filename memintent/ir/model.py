@@ -356,7 +356,8 @@ class RunPrediction(_Model):
     concurrency: list[NonNeg] = Field(default_factory=list)   # sequences in the step running at evenly spaced times
     series_interval_s: NonNegF = 0.0                          # the time between two points of ``concurrency``
     # No run of these requests under the plan is shorter: its fewest steps (tokens per step, sequences per step,
-    # the longest request, the pool's work while it fills) at its cheapest step's time. 0: not computed.
+    # the longest request, the pool's work while it fills) at its cheapest step's time, less what the pool's spare
+    # pages can take off them. 0: not computed.
     bound_s: NonNegF = 0.0
 
 
