@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from memintent.engine.pages import PagePool
 from memintent.engine.scheduler import Batch, Scheduler
 from memintent.ir.model import Program
-from memintent.passes.costs import spare_page_blocks
+from memintent.passes.costs import spare_page_blocks, spare_pages_of
 
 
 @dataclass(slots=True)
@@ -58,8 +58,7 @@ class SparePages:
         # sequence takes its whole table back at once): blocks give everything up while any sequence is swapped.
         self.step_pages = math.ceil(g.step_tokens / self.page_tokens) + g.max_seqs
         # (block, pages it needs) in the order blocks are taken; owner ids -1, -2, ... in that order
-        self.order = [(b.name, math.ceil((b.transfer_bytes or b.size_bytes) / kv.page_bytes))
-                      for b in spare_page_blocks(program)]
+        self.order = [(b.name, spare_pages_of(b, kv.page_bytes)) for b in spare_page_blocks(program)]
         self.held = 0             # blocks held: a prefix of ``order``
         self.filling = 0          # blocks after them filled by the step scheduled last
         self._returning: list[int] = []   # owners whose pages go back at the next update

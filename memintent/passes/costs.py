@@ -95,13 +95,18 @@ def spare_page_blocks(p: Program) -> list[Block]:
     return [bmap[eligible[i]] for i in spread_order(len(eligible))]
 
 
+def spare_pages_of(block: Block, page_bytes: int) -> int:
+    """The KV pool pages a block held there takes: its packed bytes, laid over whole pages and part of the last."""
+    return math.ceil((block.transfer_bytes or block.size_bytes) / page_bytes)
+
+
 def spare_page_saving_s(p: Program, page_bytes: int) -> tuple[float, int]:
     """(seconds, blocks): the most one KV pool page holding a block can take off a step (a held block's copy is a
     device copy instead of the host link's: removing time from one copy shortens the step by at most that much),
     and how many blocks the engine may hold (``spare_page_blocks``)."""
     blocks = spare_page_blocks(p)
     per_page = [(copy_time_s(b, p.hardware) - copy_time_s(b, p.hardware, True))
-                / math.ceil((b.transfer_bytes or b.size_bytes) / page_bytes) for b in blocks]
+                / spare_pages_of(b, page_bytes) for b in blocks]
     return max(per_page, default=0.0), len(blocks)
 
 
