@@ -176,7 +176,8 @@ def _check_sizes(sizes: MetaSizes, need: MetaSizes) -> None:
                                  f"{getattr(sizes, name)}: use a larger bucket")
 
 
-# array.array's signed typecode of each staged dtype's width (C's int and long long on the usual platforms)
+# array.array's typecode of each staged dtype: the signed integer of its width (C's int and long long on the usual
+# platforms), and C's float for the sampler's float32 parameters
 _TYPECODES = {t: next(c for c in "ilq" if array.array(c).itemsize == t.itemsize) for t in (torch.int32, torch.int64)}
 _TYPECODES[torch.float32] = "f"
 HOST_READ_BLOCK = 1024           # elements per program of ``_host_read_kernel``
@@ -203,7 +204,7 @@ def _host_read_kernel():
 
 class MetaStaging:
     """Where a step's metadata goes on its way to the device: two pinned host buffers used in turn (the one being
-    refilled waits for its previous copy, two steps back, to finish) and one device buffer per key (``MetaSizes``,
+    refilled waits for its previous upload, two uploads back, to finish) and one device buffer per key (``MetaSizes``,
     or the caller's own: the engine stages its token ids the same way, in int64; the sampler its rows' parameters).
 
     On CUDA a kernel on the current stream loads the pinned buffer in place (``_host_read_kernel``) rather than a

@@ -70,8 +70,9 @@ def dq_int4_groups(p_ptr, s_ptr, m_ptr, o_ptr, n_cols, n_bytes, n_groups, o_row_
 
 # The per-step values of the two mapped kernels are not specialized on: Triton compiles a new variant when an
 # integer turns 1 or a multiple of 16, or a pointer loses 16-byte alignment, and such a compile (0.3-1 s) inside a
-# served step is a step that waits on the host. The token ids are a slice of the step's staged integers (their
-# alignment changes with the step), M is the step's sampled rows; neither is worth a variant (M only masks).
+# served step is a step that waits on the host. M is the step's sampled rows (it only masks); the token ids are a
+# view of the caller's staged integers (the engine's start at offset 0 today; a view at another offset would
+# otherwise compile a variant), read one id per program, where alignment buys nothing.
 @triton.jit(do_not_specialize_on_alignment=["ids_ptr"])
 def mapped_rows(ids_ptr, w_ptr, s_ptr, o_ptr, n_rows, n_cols, o_row_stride, BLOCK: tl.constexpr,
                 SCALED: tl.constexpr):
